@@ -1,0 +1,89 @@
+"""The `cxr` command: wires the sub-commands together and maps errors to messages and exit codes.
+
+Exit codes: 0 success, 1 runtime error (a CXRError, one line on stderr), 2 usage error, 130 interrupted.
+Each command module imports the heavy library code inside its function, so `cxr --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from cli import (
+    data_demo,
+    data_import,
+    demo,
+    eval_generation,
+    eval_retrieval,
+    generate,
+    index_cmd,
+    query,
+    train,
+    vlm_train,
+)
+
+app = typer.Typer(
+    name="cxr",
+    help="Cross-modal chest X-ray retrieval and retrieval-augmented report generation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Import datasets into study manifests; build the demo corpus.", no_args_is_help=True)
+eval_app = typer.Typer(help="Measure retrieval and generation quality.", no_args_is_help=True)
+index_app = typer.Typer(help="Build, extend and inspect FAISS indexes.", no_args_is_help=True)
+vlm_app = typer.Typer(help="Train the multi-task vision-language model.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
+app.add_typer(index_app, name="index")
+app.add_typer(vlm_app, name="vlm")
+
+data_app.command("import")(data_import.import_cmd)
+data_app.command("validate")(data_import.validate_cmd)
+data_app.command("demo")(data_demo.demo_data_cmd)
+app.command("train")(train.train_cmd)
+eval_app.command("retrieval")(eval_retrieval.eval_retrieval_cmd)
+eval_app.command("generation")(eval_generation.eval_generation_cmd)
+index_app.command("build")(index_cmd.build_cmd)
+index_app.command("add")(index_cmd.add_cmd)
+index_app.command("info")(index_cmd.info_cmd)
+app.command("query")(query.query_cmd)
+vlm_app.command("train")(vlm_train.vlm_train_cmd)
+app.command("generate")(generate.generate_cmd)
+app.command("demo")(demo.demo_cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns (and exits with) the process exit code."""
+    from retrieval.errors import CXRError, UsageError
+
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="cxr", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:  # typer.Exit
+        code = e.exit_code
+    except click.ClickException as e:  # usage errors, bad parameters
+        e.show()
+        code = e.exit_code
+    except click.exceptions.Abort:
+        print("Aborted.", file=sys.stderr)
+        code = 130
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except CXRError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        code = 130
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

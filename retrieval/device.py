@@ -1,0 +1,28 @@
+"""Device and precision choices shared by encoding, training, indexing and generation."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """`None`/'auto' picks CUDA when torch sees it, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:
+    """Autocast context for `precision` (fp32 = no autocast). bf16 works on CPU and CUDA; fp16 only on CUDA."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 autocast needs a CUDA device; use bf16 on the CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

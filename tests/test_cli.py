@@ -1,0 +1,24 @@
+"""The `cxr` entry point: help, usage errors and error mapping."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from cli.main import main
+
+
+def test_help_lists_the_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("data", "train", "eval", "index", "query", "generate", "demo"):
+        assert name in out
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    assert main(["no-such-command"]) == 2
+
+
+def test_console_script_exit_code():
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "data", "import", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
