@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from cli import (
@@ -56,21 +55,15 @@ app.command("demo")(demo.demo_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script; returns (and exits with) the process exit code."""
+    """Entry point of the console script; returns (and, when called as the script, exits with) the exit code."""
     from retrieval.errors import CXRError, UsageError
 
-    command = typer.main.get_command(app)
     try:
-        rv = command.main(args=argv, prog_name="cxr", standalone_mode=False)
-        code = rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as e:  # typer.Exit
-        code = e.exit_code
-    except click.ClickException as e:  # usage errors, bad parameters
-        e.show()
-        code = e.exit_code
-    except click.exceptions.Abort:
-        print("Aborted.", file=sys.stderr)
-        code = 130
+        # standalone mode: click/typer print usage errors themselves and raise SystemExit(2).
+        app(args=argv, prog_name="cxr", standalone_mode=True)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
