@@ -17,7 +17,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def autocast(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:
-    """Autocast context for `precision` (fp32 = no autocast). bf16 works on CPU and CUDA; fp16 only on CUDA."""
+    """Autocast context for `precision` (fp32: none). bf16 on CPU and CUDA; fp16 on CUDA only."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32":

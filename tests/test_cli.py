@@ -20,5 +20,6 @@ def test_unknown_command_is_a_usage_error(capsys):
 
 
 def test_console_script_exit_code():
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "data", "import", "--help"], capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "cli.main", "data", "import", "--help"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
