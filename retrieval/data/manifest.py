@@ -1,0 +1,421 @@
+"""The study manifest: one row per image, the table every other part of the project reads.
+
+Columns (DESIGN.md section 4): image_id, study_id, patient_id, image_path, view, report, findings, impression,
+labels (list of str), boxes (list of {label, x1, y1, x2, y2} normalised to [0, 1]), split, source.
+Extra columns are kept. In memory `labels` is a list of str and `boxes` a list of dicts; Parquet stores `labels`
+as list<string> and `boxes` as a JSON string; CSV stores `labels` as JSON or '|'-separated and `boxes` as JSON.
+Image paths are relative to the manifest's folder (``df.attrs["root"]``) or absolute.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from retrieval.errors import ManifestError
+from retrieval.fileio import atomic_path
+
+COLUMNS: tuple[str, ...] = (
+    "image_id",
+    "study_id",
+    "patient_id",
+    "image_path",
+    "view",
+    "report",
+    "findings",
+    "impression",
+    "labels",
+    "boxes",
+    "split",
+    "source",
+)
+# Columns a manifest must carry; the others are filled with empty values when absent.
+REQUIRED: tuple[str, ...] = ("image_id", "study_id", "patient_id", "image_path")
+TEXT_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("labels", "boxes"))
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.8, "val": 0.1, "test": 0.1}
+# Other spellings of the split names (MIMIC-CXR writes "validate").
+SPLIT_ALIASES: dict[str, str] = {
+    "training": "train",
+    "valid": "val",
+    "validate": "val",
+    "validation": "val",
+    "dev": "val",
+    "testing": "test",
+}
+BOX_KEYS: tuple[str, ...] = ("x1", "y1", "x2", "y2")
+_PARSE_PROBLEMS = "manifest_parse_problems"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a manifest: the row (0-based position, None for the whole table), its image_id,
+    the column and the reason."""
+
+    row: int | None
+    column: str
+    message: str
+    image_id: str = ""
+
+    def __str__(self) -> str:
+        where = "manifest" if self.row is None else f"row {self.row}"
+        if self.image_id:
+            where += f" (image_id {self.image_id!r})"
+        return f"{where}: {self.column}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (for `--json` output)."""
+        return {"row": self.row, "image_id": self.image_id, "column": self.column, "message": self.message}
+
+
+# --------------------------------------------------------------------------------------------- cell parsing
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return value is pd.NA or value is pd.NaT
+
+
+def parse_labels(value: Any) -> list[str]:
+    """A labels cell as a list of str: a list/array, a JSON list, '|'-separated text, or empty.
+
+    Raises ValueError for a cell that looks like JSON but is not a list of strings."""
+    if _is_missing(value):
+        return []
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if not _is_missing(v) and str(v).strip()]
+    text = str(value).strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON ({e.msg})") from None
+        if not isinstance(parsed, list):
+            raise ValueError("JSON value is not a list")
+        return [str(v).strip() for v in parsed if v is not None and str(v).strip()]
+    return [part.strip() for part in text.split("|") if part.strip()]
+
+
+def parse_boxes(value: Any) -> list[dict[str, Any]]:
+    """A boxes cell as a list of dicts: a list, a JSON string, or empty. Raises ValueError when malformed.
+
+    Coordinates are converted to float; range checks are left to `validate_manifest`."""
+    if _is_missing(value):
+        return []
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("not a list of boxes")
+    boxes = []
+    for i, box in enumerate(value):
+        if not isinstance(box, Mapping):
+            raise ValueError(f"box {i} is not an object")
+        missing = [k for k in ("label", *BOX_KEYS) if k not in box]
+        if missing:
+            raise ValueError(f"box {i} lacks {', '.join(missing)}")
+        out = dict(box)
+        out["label"] = "" if _is_missing(box["label"]) else str(box["label"])
+        for k in BOX_KEYS:
+            try:
+                out[k] = float(box[k])
+            except (TypeError, ValueError):
+                raise ValueError(f"box {i}: {k}={box[k]!r} is not a number") from None
+        boxes.append(out)
+    return boxes
+
+
+def _text(value: Any) -> str:
+    if _is_missing(value):
+        return ""
+    return str(value).strip()
+
+
+# --------------------------------------------------------------------------------------------- table level
+
+
+def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of `df` in the in-memory form: optional columns added (empty), text columns as str, `labels` and
+    `boxes` as lists, split aliases mapped ("validate" -> "val"), schema columns first, extra columns kept.
+
+    Required columns that are absent stay absent (`validate_manifest` reports them). Cells that cannot be parsed
+    become empty lists and are recorded in ``df.attrs`` so that `validate_manifest` reports them."""
+    out = df.copy()
+    out.reset_index(drop=True, inplace=True)
+    problems: list[Problem] = list(df.attrs.get(_PARSE_PROBLEMS, []))
+    for col in COLUMNS:
+        if col not in out.columns and col not in REQUIRED:
+            out[col] = [[] for _ in range(len(out))] if col in ("labels", "boxes") else ""
+    ids = [_text(v) for v in out["image_id"]] if "image_id" in out.columns else [""] * len(out)
+    for col in TEXT_COLUMNS:
+        if col in out.columns:
+            out[col] = pd.Series([_text(v) for v in out[col]], index=out.index, dtype=object)
+    if "split" in out.columns:
+        out["split"] = pd.Series([SPLIT_ALIASES.get(s.lower(), s.lower()) for s in out["split"]], dtype=object)
+    for col, parse in (("labels", parse_labels), ("boxes", parse_boxes)):
+        values = []
+        for i, v in enumerate(out[col]):
+            try:
+                values.append(parse(v))
+            except ValueError as e:
+                problems.append(Problem(i, col, f"cannot parse {str(v)[:60]!r}: {e}", ids[i]))
+                values.append([])
+        out[col] = pd.Series(values, index=out.index, dtype=object)
+    order = [c for c in COLUMNS if c in out.columns] + [c for c in out.columns if c not in COLUMNS]
+    out = out[order]
+    out.attrs = dict(df.attrs)
+    out.attrs[_PARSE_PROBLEMS] = problems
+    return out
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest (.parquet, or .csv/.tsv) into the in-memory form; ``df.attrs["root"]`` is its folder.
+
+    Raises ManifestError when the file is missing or unreadable; bad rows are left for `validate_manifest`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            df = pd.read_parquet(path)
+        elif suffix in (".csv", ".csv.gz", ".tsv", ".tsv.gz"):
+            sep = "\t" if suffix.startswith(".tsv") else ","
+            df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+        else:
+            raise ManifestError(f"{path}: unknown manifest format {suffix!r} (use .parquet or .csv)")
+    except ManifestError:
+        raise
+    except Exception as e:  # pyarrow / pandas raise many types for a corrupt file
+        raise ManifestError(f"{path}: cannot read manifest: {type(e).__name__}: {e}") from None
+    df = normalize_manifest(df)
+    df.attrs["root"] = str(path.resolve().parent)
+    df.attrs["path"] = str(path)
+    return df
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write the manifest atomically as Parquet (or CSV when the name ends in .csv); returns the path.
+
+    Parquet: `labels` as list<string>, `boxes` as a JSON string. CSV: `labels` and `boxes` as JSON."""
+    path = Path(path)
+    out = normalize_manifest(df)
+    out.attrs = {}
+    out["boxes"] = [json.dumps(b) for b in out["boxes"]]
+    is_csv = path.suffix.lower() == ".csv"
+    if is_csv:
+        out["labels"] = [json.dumps(v) for v in out["labels"]]
+    for col in out.columns:  # extra list columns (e.g. `mesh`) as JSON in CSV
+        if is_csv and out[col].map(lambda v: isinstance(v, (list, dict, np.ndarray))).any():
+            out[col] = [json.dumps(v.tolist() if isinstance(v, np.ndarray) else v) for v in out[col]]
+    with atomic_path(path) as tmp:
+        if is_csv:
+            out.to_csv(tmp, index=False)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(out, preserve_index=False)
+            fields = [
+                pa.field("labels", pa.list_(pa.string())) if f.name == "labels" else f for f in table.schema
+            ]
+            table = table.cast(pa.schema(fields, metadata=table.schema.metadata))
+            pq.write_table(table, tmp)
+    return path
+
+
+def resolve_image_path(root: str | Path | None, image_path: str | Path) -> Path:
+    """The file an `image_path` cell names: absolute as is, otherwise relative to the manifest folder `root`."""
+    text = _text(image_path)
+    if not text:
+        raise ManifestError("image_path is empty (this row has no image file)")
+    p = Path(text).expanduser()
+    if p.is_absolute() or root is None:
+        return p
+    return Path(root) / p
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _vocabulary() -> tuple[str, ...]:
+    from retrieval.labels import LABELS  # imported lazily: labels.py is written alongside this module
+
+    return tuple(LABELS)
+
+
+def _box_problem(box: Mapping[str, Any]) -> str | None:
+    if not str(box.get("label", "")).strip():
+        return "box has an empty label"
+    coords = [box[k] for k in BOX_KEYS]
+    if not all(isinstance(c, (int, float)) and math.isfinite(c) for c in coords):
+        return f"box {box['label']!r} has a non-finite coordinate"
+    x1, y1, x2, y2 = coords
+    if any(c < 0.0 or c > 1.0 for c in coords):
+        return f"box {box['label']!r} ({x1:.3g}, {y1:.3g}, {x2:.3g}, {y2:.3g}) is outside [0, 1]"
+    if x2 <= x1 or y2 <= y1:
+        return f"box {box['label']!r} ({x1:.3g}, {y1:.3g}, {x2:.3g}, {y2:.3g}) has x2<=x1 or y2<=y1"
+    return None
+
+
+def validate_manifest(
+    df: pd.DataFrame,
+    root: str | Path | None = None,
+    check_files: bool = False,
+    vocabulary: Iterable[str] | None = None,
+) -> list[Problem]:
+    """Every problem in the manifest, one `Problem` per bad cell (empty list when the manifest is good).
+
+    Checks: required columns, empty ids, duplicate image_id, labels outside the vocabulary (default
+    `retrieval.labels.LABELS`), boxes out of [0, 1] or with x2<=x1/y2<=y1, unknown or empty split, a patient in
+    two splits, unparseable cells, and (with `check_files`) image files that do not exist under `root`
+    (default ``df.attrs["root"]``)."""
+    problems: list[Problem] = []
+    missing = [c for c in REQUIRED if c not in df.columns]
+    for col in missing:
+        problems.append(Problem(None, col, "required column is missing"))
+    if missing:
+        return problems
+    if not isinstance(df.attrs.get(_PARSE_PROBLEMS), list) or any(
+        not isinstance(v, list) for v in df.get("labels", pd.Series(dtype=object))
+    ):
+        df = normalize_manifest(df)
+    problems.extend(df.attrs.get(_PARSE_PROBLEMS, []))
+    vocab = set(_vocabulary() if vocabulary is None else vocabulary)
+    root = root if root is not None else df.attrs.get("root")
+
+    ids = [_text(v) for v in df["image_id"]]
+    seen: dict[str, int] = {}
+    for i, image_id in enumerate(ids):
+        for col in ("image_id", "study_id", "patient_id"):
+            if not _text(df[col].iat[i]):
+                problems.append(Problem(i, col, "empty id", image_id))
+        if image_id:
+            if image_id in seen:
+                problems.append(Problem(i, "image_id", f"duplicate of row {seen[image_id]}", image_id))
+            else:
+                seen[image_id] = i
+        for label in df["labels"].iat[i]:
+            if label not in vocab:
+                problems.append(Problem(i, "labels", f"{label!r} is not in the label vocabulary", image_id))
+        for box in df["boxes"].iat[i]:
+            reason = _box_problem(box)
+            if reason:
+                problems.append(Problem(i, "boxes", reason, image_id))
+        split = _text(df["split"].iat[i])
+        if not split:
+            problems.append(Problem(i, "split", "empty split (assign_splits fills it by patient)", image_id))
+        elif split not in SPLITS:
+            problems.append(Problem(i, "split", f"unknown split {split!r} (expected one of {SPLITS})", image_id))
+        if check_files:
+            try:
+                path = resolve_image_path(root, df["image_path"].iat[i])
+            except ManifestError as e:
+                problems.append(Problem(i, "image_path", str(e), image_id))
+            else:
+                if not path.is_file():
+                    problems.append(Problem(i, "image_path", f"file not found: {path}", image_id))
+
+    patient_splits: dict[str, dict[str, int]] = {}
+    for i, (patient, split) in enumerate(zip(df["patient_id"], df["split"], strict=True)):
+        patient, split = _text(patient), _text(split)
+        if patient and split:
+            patient_splits.setdefault(patient, {}).setdefault(split, i)
+    for patient, splits in patient_splits.items():
+        if len(splits) > 1:
+            rows = sorted(splits.values())
+            detail = ", ".join(f"{s} (row {r})" for s, r in sorted(splits.items(), key=lambda kv: kv[1]))
+            problems.append(Problem(rows[1], "patient_id", f"patient {patient!r} is in two splits: {detail}",
+                                    ids[rows[1]]))
+    problems.sort(key=lambda p: (-1 if p.row is None else p.row))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------- splits, summary
+
+
+def assign_splits(
+    df: pd.DataFrame,
+    fractions: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """A copy of `df` with `split` set by patient: every image of a patient lands in the same split.
+
+    Deterministic for a given set of patients and seed: the sorted patient ids are shuffled with
+    numpy's default_rng(seed) and cut at the cumulative `fractions` (default train 0.8, val 0.1, test 0.1).
+    Rows without a patient_id are grouped by study_id, then by image_id."""
+    fractions = dict(DEFAULT_FRACTIONS if fractions is None else fractions)
+    unknown = [s for s in fractions if s not in SPLITS]
+    if unknown or any(f < 0 for f in fractions.values()) or sum(fractions.values()) <= 0:
+        raise ManifestError(f"bad split fractions {fractions} (names {SPLITS}, non-negative, positive sum)")
+    out = df.copy()
+    groups = []
+    for i in range(len(out)):
+        key = ""
+        for col in ("patient_id", "study_id", "image_id"):
+            if col in out.columns and _text(out[col].iat[i]):
+                key = f"{col}:{_text(out[col].iat[i])}"
+                break
+        groups.append(key or f"row:{i}")
+    patients = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(len(patients))
+    total = sum(fractions.values())
+    names = list(fractions)
+    cuts = np.round(np.cumsum([fractions[n] / total for n in names]) * len(patients)).astype(int)
+    split_of: dict[str, str] = {}
+    start = 0
+    for name, end in zip(names, cuts, strict=True):
+        for j in order[start:end]:
+            split_of[patients[j]] = name
+        start = end
+    out["split"] = pd.Series([split_of[g] for g in groups], index=out.index, dtype=object)
+    return out
+
+
+def summarize_manifest(df: pd.DataFrame, problems: Sequence[Problem | str] | None = None) -> dict[str, Any]:
+    """Counts a person wants after an import: studies, images, patients, per-label image counts, boxes (total and
+    per label), splits, views, images without a file, and the problems (strings) passed in."""
+
+    def col(name: str) -> list[Any]:
+        return list(df[name]) if name in df.columns else []
+
+    label_counts = Counter(label for labels in col("labels") for label in labels)
+    box_counts = Counter(box.get("label", "") for boxes in col("boxes") for box in boxes)
+    problems = list(problems or [])
+    return {
+        "studies": len({_text(v) for v in col("study_id")} - {""}),
+        "images": len(df),
+        "patients": len({_text(v) for v in col("patient_id")} - {""}),
+        "labels": dict(label_counts.most_common()),
+        "images_with_labels": sum(1 for labels in col("labels") if labels),
+        "boxes": sum(box_counts.values()),
+        "boxes_per_label": dict(box_counts.most_common()),
+        "images_with_boxes": sum(1 for boxes in col("boxes") if boxes),
+        "splits": dict(Counter(_text(v) or "(none)" for v in col("split")).most_common()),
+        "views": dict(Counter(_text(v) or "(none)" for v in col("view")).most_common()),
+        "sources": dict(Counter(_text(v) or "(none)" for v in col("source")).most_common()),
+        "images_without_file": sum(1 for v in col("image_path") if not _text(v)),
+        "problems": [str(p) for p in problems],
+    }
