@@ -2,8 +2,9 @@
 
 Columns (DESIGN.md section 4): image_id, study_id, patient_id, image_path, view, report, findings, impression,
 labels (list of str), boxes (list of {label, x1, y1, x2, y2} normalised to [0, 1]), split, source.
-Extra columns are kept. In memory `labels` is a list of str and `boxes` a list of dicts; Parquet stores `labels`
-as list<string> and `boxes` as a JSON string; CSV stores `labels` as JSON or '|'-separated and `boxes` as JSON.
+Extra columns are kept. In memory `labels` is a list of str and `boxes` a list of dicts; Parquet stores
+`labels` as list<string> and `boxes` as a JSON string; CSV stores `labels` as JSON or '|'-separated and
+`boxes` as JSON.
 Image paths are relative to the manifest's folder (``df.attrs["root"]``) or absolute.
 """
 
@@ -76,7 +77,7 @@ class Problem:
         return {"row": self.row, "image_id": self.image_id, "column": self.column, "message": self.message}
 
 
-# --------------------------------------------------------------------------------------------- cell parsing
+# ------------------------------------------------------------------------------------------ cell parsing
 
 
 def _is_missing(value: Any) -> bool:
@@ -153,15 +154,15 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
-# --------------------------------------------------------------------------------------------- table level
+# ------------------------------------------------------------------------------------------ table level
 
 
 def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
     """A copy of `df` in the in-memory form: optional columns added (empty), text columns as str, `labels` and
     `boxes` as lists, split aliases mapped ("validate" -> "val"), schema columns first, extra columns kept.
 
-    Required columns that are absent stay absent (`validate_manifest` reports them). Cells that cannot be parsed
-    become empty lists and are recorded in ``df.attrs`` so that `validate_manifest` reports them."""
+    Required columns that are absent stay absent (`validate_manifest` reports them). Cells that cannot be
+    parsed become empty lists and are recorded in ``df.attrs`` so that `validate_manifest` reports them."""
     out = df.copy()
     out.reset_index(drop=True, inplace=True)
     problems: list[Problem] = list(df.attrs.get(_PARSE_PROBLEMS, []))
@@ -173,7 +174,9 @@ def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
         if col in out.columns:
             out[col] = pd.Series([_text(v) for v in out[col]], index=out.index, dtype=object)
     if "split" in out.columns:
-        out["split"] = pd.Series([SPLIT_ALIASES.get(s.lower(), s.lower()) for s in out["split"]], dtype=object)
+        out["split"] = pd.Series(
+            [SPLIT_ALIASES.get(s.lower(), s.lower()) for s in out["split"]], dtype=object
+        )
     for col, parse in (("labels", parse_labels), ("boxes", parse_boxes)):
         values = []
         for i, v in enumerate(out[col]):
@@ -247,7 +250,7 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def resolve_image_path(root: str | Path | None, image_path: str | Path) -> Path:
-    """The file an `image_path` cell names: absolute as is, otherwise relative to the manifest folder `root`."""
+    """The file an `image_path` cell names: absolute as is, else relative to the manifest folder `root`."""
     text = _text(image_path)
     if not text:
         raise ManifestError("image_path is empty (this row has no image file)")
@@ -257,7 +260,7 @@ def resolve_image_path(root: str | Path | None, image_path: str | Path) -> Path:
     return Path(root) / p
 
 
-# --------------------------------------------------------------------------------------------- validation
+# ------------------------------------------------------------------------------------------ validation
 
 
 def _vocabulary() -> tuple[str, ...]:
@@ -289,8 +292,8 @@ def validate_manifest(
     """Every problem in the manifest, one `Problem` per bad cell (empty list when the manifest is good).
 
     Checks: required columns, empty ids, duplicate image_id, labels outside the vocabulary (default
-    `retrieval.labels.LABELS`), boxes out of [0, 1] or with x2<=x1/y2<=y1, unknown or empty split, a patient in
-    two splits, unparseable cells, and (with `check_files`) image files that do not exist under `root`
+    `retrieval.labels.LABELS`), boxes out of [0, 1] or with x2<=x1/y2<=y1, unknown or empty split, a patient
+    in two splits, unparseable cells, and (with `check_files`) image files that do not exist under `root`
     (default ``df.attrs["root"]``)."""
     problems: list[Problem] = []
     missing = [c for c in REQUIRED if c not in df.columns]
@@ -328,7 +331,9 @@ def validate_manifest(
         if not split:
             problems.append(Problem(i, "split", "empty split (assign_splits fills it by patient)", image_id))
         elif split not in SPLITS:
-            problems.append(Problem(i, "split", f"unknown split {split!r} (expected one of {SPLITS})", image_id))
+            problems.append(
+                Problem(i, "split", f"unknown split {split!r} (expected one of {SPLITS})", image_id)
+            )
         if check_files:
             try:
                 path = resolve_image_path(root, df["image_path"].iat[i])
@@ -347,13 +352,16 @@ def validate_manifest(
         if len(splits) > 1:
             rows = sorted(splits.values())
             detail = ", ".join(f"{s} (row {r})" for s, r in sorted(splits.items(), key=lambda kv: kv[1]))
-            problems.append(Problem(rows[1], "patient_id", f"patient {patient!r} is in two splits: {detail}",
-                                    ids[rows[1]]))
-    problems.sort(key=lambda p: (-1 if p.row is None else p.row))
+            problems.append(
+                Problem(
+                    rows[1], "patient_id", f"patient {patient!r} is in two splits: {detail}", ids[rows[1]]
+                )
+            )
+    problems.sort(key=lambda p: -1 if p.row is None else p.row)
     return problems
 
 
-# --------------------------------------------------------------------------------------------- splits, summary
+# ------------------------------------------------------------------------------------------ splits, summary
 
 
 def assign_splits(
@@ -395,8 +403,8 @@ def assign_splits(
 
 
 def summarize_manifest(df: pd.DataFrame, problems: Sequence[Problem | str] | None = None) -> dict[str, Any]:
-    """Counts a person wants after an import: studies, images, patients, per-label image counts, boxes (total and
-    per label), splits, views, images without a file, and the problems (strings) passed in."""
+    """Counts a person wants after an import: studies, images, patients, per-label image counts, boxes (total
+    and per label), splits, views, images without a file, and the problems (strings) passed in."""
 
     def col(name: str) -> list[Any]:
         return list(df[name]) if name in df.columns else []
