@@ -1,6 +1,26 @@
-"""Label vocabulary (CheXpert-14 + Tuberculosis) and a rule-based, negation-aware report labeler."""
+"""Label vocabulary (CheXpert-14 + Tuberculosis) and a compact rule-based, negation-aware report labeler.
+
+The labeler follows the CheXpert labeler's idea (mention phrases, then negation and uncertainty rules) with
+our own small regular-expression rules, so it needs no parser or model:
+
+* a report is split into sentences, and each sentence into clauses at contrast words ("but", "however", ";");
+* a *mention* of a label is found by regular expressions ("effusion", "blunting of the costophrenic angle");
+* a mention is *negated* when a negation cue ("no", "without", "negative for", "free of", "resolved")
+  governs it inside its clause, and *uncertain* when a hedge governs it ("cannot exclude", "possible", "may",
+  "borderline"...). Uncertain mentions are not positive (the "U-zeros" policy), negated ones are not either;
+* `["No Finding"]` is returned when no label is positive.
+
+`labels_from_mesh` maps the Open-I (IU X-ray) MeSH terms to the same vocabulary; `evaluate_iu` measures the
+text labeler against those MeSH-implied labels on every IU report
+(`python -m retrieval.labels --evaluate-iu`).
+"""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 LABELS: list[str] = [
     "No Finding",
@@ -22,6 +42,378 @@ LABELS: list[str] = [
 NO_FINDING = "No Finding"
 
 
-def is_abnormal(labels: list[str]) -> bool:
+def is_abnormal(labels: Iterable[str]) -> bool:
     """True when any label other than `No Finding` is present."""
     return any(label != NO_FINDING for label in labels)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mention rules: label -> regular expressions (matched case-insensitively on lower-cased text).
+# ----------------------------------------------------------------------------------------------------
+_HEART = r"(?:heart|cardiac|cardio(?:mediastinal|pericardial)?)"
+_MENTIONS: dict[str, list[str]] = {
+    "Enlarged Cardiomediastinum": [
+        r"widen\w* (?:of )?(?:the )?(?:superior )?mediastin\w*",
+        r"mediastin\w* (?:silhouette |contours? )?(?:is |are |appears |remains )?(?:\w+ly )?"
+        r"(?:widen\w*|enlarg\w*)",
+        r"enlarged (?:cardio)?mediastin\w*",
+        r"mediastinal (?:widening|enlargement)",
+        r"(?:prominen\w*|enlarged) (?:of )?(?:the )?(?:superior )?mediastin\w*",
+        r"mediastin\w* (?:silhouette |contours? )?(?:is |are |appears )?(?:\w+ly )?prominent",
+    ],
+    "Cardiomegaly": [
+        r"cardiomegaly",
+        r"enlarge\w* (?:of )?(?:the )?" + _HEART + r"(?: (?:silhouette|shadow|size))?",
+        r"" + _HEART + r" (?:silhouette |shadow |size )?(?:is |are |appears |remains |was )?(?:again )?"
+        r"(?:\w+ly |mild to moderately |moderately to severely )?(?:enlarged|large|increased|prominent)",
+        r"(?:large|increased|prominent) (?:\w+ )?" + _HEART + r" (?:silhouette|shadow|size)",
+    ],
+    "Lung Opacity": [
+        r"opaci\w*",
+        r"infiltrat\w*",
+        r"airspace disease|air-space disease|air space disease",
+        r"(?<!soft tissue )densit(?:y|ies)",
+        r"interstitial (?:marking|pattern|lung disease|disease|prominence|opacit)\w*",
+        r"(?:prominent|increased|coarse\w*|chronic) interstitial",
+        r"reticul\w*",
+        r"(?<!pleural )scar(?:s|ring)?\b",
+        r"fibros\w*|fibrotic",
+        r"haziness|hazy",
+    ],
+    "Lung Lesion": [
+        r"(?<!calcified )nodul\w*",
+        r"\bmass(?:es)?\b",
+        r"lump",
+        r"cavitary lesion|cavitation|cavity",
+        r"carcinoma|neoplasm|tumou?r|malignan\w*|metasta\w*",
+        r"(?:lung|pulmonary) lesion",
+    ],
+    "Edema": [
+        r"edema",
+        r"heart failure|\bchf\b",
+        r"vascular congestion|pulmonary congestion|\bcongesti\w*",
+        r"vascular (?:prominence|engorgement|redistribution)|cephalization",
+        r"kerley",
+    ],
+    "Consolidation": [r"consolidat\w*"],
+    "Pneumonia": [r"pneumonia\w*|pneumonitis|bronchopneumonia|infectio\w*|infectious process"],
+    "Atelectasis": [r"atelecta\w*", r"collapse"],
+    "Pneumothorax": [r"pneumothora\w*|pneumothoraces|hydropneumothorax"],
+    "Pleural Effusion": [
+        r"effusion",
+        r"blunt\w* (?:of )?(?:the )?(?:\w+ )?(?:costophrenic|cp|costodiaphragmatic)",
+        r"(?:costophrenic|cp) (?:angle|sulcus|sulci|recess)\w* (?:is |are )?(?:\w+ly )?blunt",
+        r"hydropneumothorax|hemothorax|fluid in the (?:\w+ )?(?:fissure|pleural)",
+        r"pleural fluid",
+    ],
+    "Pleural Other": [
+        r"pleural (?:thickening|scar\w*|plaque\w*|calcification)",
+        r"thicken\w* (?:of )?(?:the )?(?:\w+ )?pleura",
+        r"pleural[- ]parenchymal scar\w*|pleuroparenchymal|fibrothorax",
+        r"apical (?:pleural )?(?:cap|capping)",
+    ],
+    "Fracture": [r"fractur\w*", r"\bfx\b"],
+    "Support Devices": [
+        r"pacemaker|pacer|defibrillator|\baicd\b|\bicd\b|cardiac device|generator",
+        r"catheter|central line|venous line|\bpicc\b|port-?a-?cath|\bport\b|swan|dialysis",
+        r"(?:central|venous|jugular|subclavian|picc|arterial|midline) (?:venous )?line",
+        r"(?:endotracheal|tracheostomy|nasogastric|feeding|chest|enteric|\bet\b|\bng\b|\bog\b|dobhoff) tube",
+        r"\b(?:et|ng|og) tube|tracheostomy",
+        r"sternotomy|sternal wires|median sternotomy|cabg|bypass graft",
+        r"surgical (?:clips?|staples|hardware)|\bclips?\b|staples",
+        r"stent\w*|valve replacement|prosthetic valve|annuloplasty",
+        r"(?:medical|support|monitoring) device|\bleads?\b|\bwires?\b",
+        r"hardware|prosthesis|implant\w*|\bdevice\b",
+    ],
+    "Tuberculosis": [r"tubercul\w*|\btb\b|mycobacter\w*|koch"],
+}
+_MENTION_RE: dict[str, re.Pattern[str]] = {
+    label: re.compile("|".join(f"(?:{p})" for p in pats)) for label, pats in _MENTIONS.items()
+}
+
+# Negation cues that govern mentions after them, up to the end of the clause.
+_PRE_NEG = re.compile(
+    r"\b(?:no|not|without|negative for|free of|clear of|absence of|absent|resolution of|resolved|"
+    r"rather than|removal of|removed|nor|never|neither|exclude[sd]?|ruled out|rule out|"
+    r"no evidence of|no signs? of|no radiographic evidence of|no definite|no acute|no focal|"
+    r"normal|unremarkable|within normal limits|negative|clear|cleared|interval clearing of|"
+    r"resolving|previously seen|has been removed|no longer)\b"
+)
+# Negation cues that govern a mention before them (e.g. "effusion has resolved", "heart size is normal").
+_POST_NEG = re.compile(
+    r"^[^.]{0,40}?\b(?:(?:is|are|was|were|has|have)(?: been)? (?:not|no longer) (?:seen|identified|present|"
+    r"visualized|evident|demonstrated|appreciated|noted|detected)|"
+    r"(?:has|have)(?: since)? (?:resolved|cleared)|"
+    r"resolved|is absent|are absent|(?:is|are|remains?|appears?) (?:within normal limits|normal|unremarkable|"
+    r"stable and normal|upper limits of normal)|within normal limits|not (?:seen|identified|present|"
+    r"appreciated|evident)|(?:has|have) been removed|removed)\b"
+)
+# Uncertainty cues (pre and post): such mentions are not positive.
+_PRE_UNC = re.compile(
+    r"\b(?:cannot (?:be )?(?:exclude|excluded|rule out|ruled out)|"
+    r"can not (?:be )?(?:exclude|excluded|rule out)|"
+    r"not (?:be )?excluded|may|might|could|possibl\w*|questionabl\w*|question of|suspicious|suspect\w*|"
+    r"suggest\w*|concern(?:ing)? for|differential|versus|\bvs\b|consider\w*|borderline|equivocal|"
+    r"indeterminate|uncertain|cannot be entirely|difficult to exclude|evaluate for|eval for|r/o|rule out)\b"
+)
+_STRONG_UNC = re.compile(
+    r"\b(?:cannot|can not|could not|not) (?:be )?(?:entirely |completely )?"
+    r"(?:exclude|excluded|rule out|ruled out)\b|"
+    r"\b(?:difficult to|unable to) (?:exclude|rule out)\b"
+)
+_POST_UNC = re.compile(
+    r"^[^.]{0,40}?\b(?:(?:is|are|are not|is not|cannot be|can not be|not) (?:excluded|ruled out)|"
+    r"(?:is|are) (?:possible|suspected|questioned|not excluded)|versus|\bvs\b|borderline|"
+    r"upper limits? of normal|not entirely excluded)\b"
+)
+# Clauses end at these words: a cue before them does not govern a mention after them.
+_CLAUSE_BREAK = re.compile(
+    r"\b(?:but|however|although|though|otherwise|whereas|which|except|apart from|aside from|"
+    r"there (?:is|are|has|have)|this|these|with (?:a|an|the|some|mild|moderate|small|large)|"
+    r"in addition|also|consistent with|compatible with|representing|due to|secondary to|likely|"
+    r"probabl\w*|and (?:a|an|the|mild|moderate|small|large|minimal|stable)|is seen|are seen)\b|[;:]"
+)
+_RANK = {"negative": 0, "uncertain": 1, "positive": 2}
+_SENT_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _clean(text: str) -> str:
+    """Lower-case, squash whitespace, drop de-identification tokens."""
+    text = text.lower().replace("x-xxxx", "x-ray")
+    text = re.sub(r"\bxxxx\b", " ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _clause_start(sentence: str, pos: int) -> int:
+    """Index where the clause holding `pos` starts (after the last clause break before it)."""
+    start = 0
+    for m in _CLAUSE_BREAK.finditer(sentence, 0, pos):
+        if m.end() <= pos:
+            start = m.start()
+    return start
+
+
+def _clause_end(sentence: str, pos: int) -> int:
+    """Index where the clause holding `pos` ends."""
+    m = _CLAUSE_BREAK.search(sentence, pos)
+    return m.start() if m else len(sentence)
+
+
+def mention_status(sentence: str, start: int, end: int) -> str:
+    """Classify one mention `sentence[start:end]` as 'positive', 'negative' or 'uncertain'."""
+    before = sentence[_clause_start(sentence, start) : start]
+    after = sentence[end : _clause_end(sentence, end)]
+    # Hedges like "cannot exclude" hold a negation word but are uncertain, so they are checked first.
+    if _STRONG_UNC.search(before) or _POST_UNC.search(after):
+        return "uncertain"
+    if _PRE_NEG.search(before) or _POST_NEG.search(after):
+        return "negative"
+    unc = bool(_PRE_UNC.search(before))
+    return "uncertain" if unc else "positive"
+
+
+def label_sentence(sentence: str) -> dict[str, str]:
+    """Per label, the strongest status of its mentions in one sentence (positive > uncertain > negative)."""
+    found: dict[str, str] = {}
+    for label, rx in _MENTION_RE.items():
+        for m in rx.finditer(sentence):
+            status = mention_status(sentence, m.start(), m.end())
+            if label not in found or _RANK[status] > _RANK[found[label]]:
+                found[label] = status
+    return found
+
+
+def label_report_detailed(text: str) -> dict[str, str]:
+    """Per label mentioned in `text`: 'positive', 'uncertain' or 'negative' (the strongest over sentences)."""
+    out: dict[str, str] = {}
+    for sentence in _SENT_SPLIT.split(_clean(text or "")):
+        for label, status in label_sentence(sentence).items():
+            if label not in out or _RANK[status] > _RANK[out[label]]:
+                out[label] = status
+    return out
+
+
+def label_report(text: str) -> list[str]:
+    """Positive labels of a free-text report in `LABELS` order; `["No Finding"]` when nothing is positive."""
+    status = label_report_detailed(text)
+    positive = [label for label in LABELS if status.get(label) == "positive"]
+    return positive or [NO_FINDING]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Open-I MeSH terms -> labels
+# ----------------------------------------------------------------------------------------------------
+# Head term (before the first "/") -> label. Qualifiers refine some of them below.
+_MESH_HEAD: dict[str, str] = {
+    "cardiomegaly": "Cardiomegaly",
+    "opacity": "Lung Opacity",
+    "density": "Lung Opacity",
+    "infiltrate": "Lung Opacity",
+    "airspace disease": "Lung Opacity",
+    "lung diseases, interstitial": "Lung Opacity",
+    "pulmonary fibrosis": "Lung Opacity",
+    "fibrosis": "Lung Opacity",
+    "nodule": "Lung Lesion",
+    "mass": "Lung Lesion",
+    "cavitation": "Lung Lesion",
+    "pulmonary edema": "Edema",
+    "pulmonary congestion": "Edema",
+    "heart failure": "Edema",
+    "consolidation": "Consolidation",
+    "pneumonia": "Pneumonia",
+    "bronchopneumonia": "Pneumonia",
+    "pulmonary atelectasis": "Atelectasis",
+    "pneumothorax": "Pneumothorax",
+    "hydropneumothorax": "Pneumothorax",
+    "hemopneumothorax": "Pneumothorax",
+    "pleural effusion": "Pleural Effusion",
+    "hemothorax": "Pleural Effusion",
+    "fractures, bone": "Fracture",
+    "catheters, indwelling": "Support Devices",
+    "implanted medical device": "Support Devices",
+    "surgical instruments": "Support Devices",
+    "tube, inserted": "Support Devices",
+    "medical device": "Support Devices",
+    "stents": "Support Devices",
+    "tuberculosis": "Tuberculosis",
+}
+_MESH_EXTRA: dict[str, list[str]] = {
+    "hydropneumothorax": ["Pleural Effusion"],
+    "hemopneumothorax": ["Pleural Effusion"],
+}
+# Qualifiers that make a term uncertain (not positive), mirroring the text labeler's policy.
+_MESH_UNCERTAIN = {"borderline"}
+
+
+def labels_from_mesh(mesh_terms: Iterable[str]) -> list[str]:
+    """Labels implied by Open-I MeSH terms ('Cardiomegaly/mild', 'Pleural Effusion/left/small', 'normal').
+
+    Head terms map to labels; a few qualified terms map by qualifier ('Cardiac Shadow/enlarged' ->
+    Cardiomegaly, 'Costophrenic Angle/blunted' -> Pleural Effusion, 'Thickening/pleura' -> Pleural Other,
+    'Cicatrix/lung' -> Lung Opacity, 'Mediastinum/enlarged|prominent|widened' -> Enlarged Cardiomediastinum).
+    'borderline' terms are uncertain and dropped. Labels in `LABELS` order; `["No Finding"]` when none apply.
+    """
+    found: set[str] = set()
+    for term in mesh_terms:
+        parts = [p.strip().lower() for p in str(term).split("/") if p.strip()]
+        if not parts:
+            continue
+        head, quals = parts[0], set(parts[1:])
+        if quals & _MESH_UNCERTAIN:
+            continue
+        if head in _MESH_HEAD:
+            found.add(_MESH_HEAD[head])
+            found.update(_MESH_EXTRA.get(head, []))
+        elif head in {"cardiac shadow", "heart", "heart ventricles", "heart atria"} and "enlarged" in quals:
+            found.add("Cardiomegaly")
+        elif head == "costophrenic angle" and "blunted" in quals:
+            found.add("Pleural Effusion")
+        elif head in {"thickening", "cicatrix", "calcinosis"} and "pleura" in quals:
+            found.add("Pleural Other")
+        elif head == "cicatrix" and "lung" in quals:
+            found.add("Lung Opacity")
+        elif head == "markings" and "interstitial" in quals:
+            found.add("Lung Opacity")
+        elif head == "mediastinum" and quals & {"enlarged", "prominent", "widened", "wide"}:
+            found.add("Enlarged Cardiomediastinum")
+    return [label for label in LABELS if label in found] or [NO_FINDING]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation against the IU X-ray MeSH terms
+# ----------------------------------------------------------------------------------------------------
+def score_labels(truth: list[list[str]], pred: list[list[str]]) -> dict[str, Any]:
+    """Per-label precision, recall, F1 and support (true count), plus micro and macro averages.
+
+    Macro averages over labels with support > 0; micro pools all labels (No Finding included).
+    """
+    rows: dict[str, dict[str, float]] = {}
+    tp_all = fp_all = fn_all = 0
+    for label in LABELS:
+        tp = sum(label in t and label in p for t, p in zip(truth, pred, strict=True))
+        fp = sum(label not in t and label in p for t, p in zip(truth, pred, strict=True))
+        fn = sum(label in t and label not in p for t, p in zip(truth, pred, strict=True))
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        rows[label] = {"precision": prec, "recall": rec, "f1": f1, "support": tp + fn, "predicted": tp + fp}
+        tp_all, fp_all, fn_all = tp_all + tp, fp_all + fp, fn_all + fn
+    mp = tp_all / (tp_all + fp_all) if tp_all + fp_all else 0.0
+    mr = tp_all / (tp_all + fn_all) if tp_all + fn_all else 0.0
+    present = [r for r in rows.values() if r["support"] > 0]
+    return {
+        "per_label": rows,
+        "micro": {"precision": mp, "recall": mr, "f1": 2 * mp * mr / (mp + mr) if mp + mr else 0.0},
+        "macro": {k: sum(r[k] for r in present) / len(present) for k in ("precision", "recall", "f1")},
+        "n_reports": len(truth),
+    }
+
+
+def evaluate_iu(src: str | None = None) -> dict[str, Any]:
+    """Score `label_report` (findings + impression) against `labels_from_mesh` on IU reports with text."""
+    from retrieval.data.demo import read_iu_reports
+
+    truth, pred = [], []
+    for r in read_iu_reports(src):
+        text = " ".join(x for x in (r["findings"], r["impression"]) if x)
+        if not text.strip() or not r["mesh"] or r["mesh"] == ["No Indexing"]:
+            continue
+        truth.append(labels_from_mesh(r["mesh"]))
+        pred.append(label_report(text))
+    return score_labels(truth, pred)
+
+
+def format_scores_markdown(scores: dict[str, Any], command: str) -> str:
+    """A markdown table of `score_labels` output, with the command that made it."""
+    lines = [
+        "# Report labeler vs IU X-ray MeSH-implied labels",
+        "",
+        f"Made by `{command}` on {scores['n_reports']} IU X-ray reports (findings + impression text;",
+        "reports without text or MeSH indexing skipped). Truth = `labels_from_mesh(MeSH major terms)`;",
+        "prediction = `label_report(text)`. Uncertain mentions count as negative on both sides.",
+        "",
+        "| label | precision | recall | F1 | support | predicted |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in scores["per_label"].items():
+        lines.append(
+            f"| {label} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} | "
+            f"{r['predicted']} |"
+        )
+    for name in ("micro", "macro"):
+        r = scores[name]
+        lines.append(f"| **{name}** | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from retrieval.fileio import atomic_path, write_json_atomic
+
+    ap = argparse.ArgumentParser(prog="python -m retrieval.labels", description=__doc__.splitlines()[0])
+    ap.add_argument("--evaluate-iu", action="store_true", help="score the labeler on every IU X-ray report")
+    ap.add_argument(
+        "--src", default=None, help="NLMCXR_reports.tgz (default: the copy inside torchxrayvision)"
+    )
+    ap.add_argument("--out", default="benchmarks/results/labeler_iu", help="output stem (.md and .json)")
+    ap.add_argument("text", nargs="*", help="report text to label")
+    args = ap.parse_args(argv)
+    if args.evaluate_iu:
+        scores = evaluate_iu(args.src)
+        command = "python -m retrieval.labels --evaluate-iu"
+        scores["command"] = command
+        md = format_scores_markdown(scores, command)
+        write_json_atomic(Path(args.out).with_suffix(".json"), scores)
+        with atomic_path(Path(args.out).with_suffix(".md")) as tmp:
+            tmp.write_text(md)
+        print(md)
+    elif args.text:
+        print(label_report(" ".join(args.text)))
+    else:
+        ap.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
