@@ -163,8 +163,7 @@ def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
 
     Required columns that are absent stay absent (`validate_manifest` reports them). Cells that cannot be
     parsed become empty lists and are recorded in ``df.attrs`` so that `validate_manifest` reports them."""
-    out = df.copy()
-    out.reset_index(drop=True, inplace=True)
+    out = df.reset_index(drop=True)
     problems: list[Problem] = list(df.attrs.get(_PARSE_PROBLEMS, []))
     for col in COLUMNS:
         if col not in out.columns and col not in REQUIRED:
@@ -346,7 +345,7 @@ def validate_manifest(
     patient_splits: dict[str, dict[str, int]] = {}
     for i, (patient, split) in enumerate(zip(df["patient_id"], df["split"], strict=True)):
         patient, split = _text(patient), _text(split)
-        if patient and split:
+        if patient and split in SPLITS:
             patient_splits.setdefault(patient, {}).setdefault(split, i)
     for patient, splits in patient_splits.items():
         if len(splits) > 1:
