@@ -1,0 +1,355 @@
+"""Searching an index: backends (faiss CPU, faiss GPU, exact torch matmul + top-k), query-time parameters, and
+the `Searcher` that `cxr query`, `cxr demo` and the VLM's retrieval-augmented generation call.
+
+Backend choice (`backend="auto"`): faiss GPU when `faiss.get_num_gpus() > 0`; else, when torch sees CUDA and
+the index keeps exact vectors (Flat, HNSW-Flat), an exact torch matmul + top-k with the vectors on the GPU;
+else faiss on the CPU. Queries exclude nothing unless asked (`exclude_patient`, `exclude_study`). Report
+searches return each study once (reports.faiss holds one vector per image row, so a study's report repeats
+per image).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from index.store import CXRIndex, open_index
+from retrieval.errors import UsageError
+
+BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
+RESULT_COLUMNS = [
+    "rank",
+    "score",
+    "row_id",
+    "image_id",
+    "study_id",
+    "patient_id",
+    "view",
+    "labels",
+    "report",
+    "image_path",
+    "split",
+]
+
+
+class FaissBackend:
+    """Search a FAISS index as is (CPU), or a GPU copy of it."""
+
+    def __init__(self, index: Any, gpu: bool = False):
+        import faiss
+
+        self.name = "faiss-gpu" if gpu else "faiss-cpu"
+        self.index = faiss.index_cpu_to_all_gpus(index) if gpu else index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (n_queries, k); ids are -1 where fewer than k results exist."""
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+class TorchBackend:
+    """Exact inner-product search as a torch matmul + top-k (on CUDA when there; works on CPU tensors too)."""
+
+    def __init__(
+        self, vectors: np.ndarray, device: str | None = None, precision: str = "fp32", query_chunk: int = 1024
+    ):
+        import torch
+
+        from retrieval.device import resolve_device
+
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise UsageError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        self.name = "torch"
+        self.device = resolve_device(device)
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.vectors = torch.as_tensor(np.ascontiguousarray(vectors, dtype=np.float32)).to(
+            self.device, self.dtype
+        )
+        self.query_chunk = query_chunk
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (n_queries, min(k, n)) padded to k with -inf / -1, as faiss does."""
+        import torch
+
+        n = self.vectors.shape[0]
+        kk = min(k, n)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        with torch.no_grad():
+            for lo in range(0, len(queries), self.query_chunk):
+                q = torch.as_tensor(
+                    np.ascontiguousarray(queries[lo : lo + self.query_chunk], dtype=np.float32)
+                )
+                sims = q.to(self.device, self.dtype) @ self.vectors.T
+                top = torch.topk(sims.float(), kk, dim=1)
+                scores[lo : lo + len(q), :kk] = top.values.cpu().numpy()
+                ids[lo : lo + len(q), :kk] = top.indices.cpu().numpy()
+        return scores, ids
+
+
+def exact_vectors(index: Any) -> np.ndarray | None:
+    """All vectors of an index that stores them exactly (Flat, HNSW-Flat), else None."""
+    import faiss
+
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexHNSWFlat):
+        idx = faiss.downcast_index(idx.storage)
+    if isinstance(idx, faiss.IndexFlat) and idx.metric_type == faiss.METRIC_INNER_PRODUCT:
+        return idx.reconstruct_n(0, idx.ntotal)
+    return None
+
+
+def make_backend(
+    index: Any, backend: str = "auto", device: str | None = None, precision: str = "fp32"
+) -> Any:
+    """The search backend for one FAISS index (see the module docstring for the `auto` rule)."""
+    import faiss
+
+    if backend not in BACKENDS:
+        raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "faiss":
+        return FaissBackend(index)
+    if backend == "faiss-gpu":
+        if faiss.get_num_gpus() == 0:
+            raise UsageError(
+                "backend 'faiss-gpu' needs faiss with GPU support (pip install 'cxr-retrieval[gpu]')"
+            )
+        return FaissBackend(index, gpu=True)
+    if backend == "torch":
+        vectors = exact_vectors(index)
+        if vectors is None:
+            raise UsageError("the torch backend does exact search and needs a Flat or HNSW-Flat index")
+        return TorchBackend(vectors, device, precision)
+    # auto
+    if faiss.get_num_gpus() > 0:
+        try:
+            return FaissBackend(index, gpu=True)
+        except RuntimeError:  # e.g. HNSW has no GPU version: search it on the CPU
+            return FaissBackend(index)
+    import torch
+
+    if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
+        vectors = exact_vectors(index)
+        if vectors is not None:
+            return TorchBackend(vectors, device or "cuda", precision)
+    return FaissBackend(index)
+
+
+def set_search_params(index: Any, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    """Set query-time parameters through faiss.ParameterSpace; one the index lacks is a usage error."""
+    import faiss
+
+    ps = faiss.ParameterSpace()
+    for flag, name, value in (("--nprobe", "nprobe", nprobe), ("--ef-search", "efSearch", ef_search)):
+        if value is None:
+            continue
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+        try:
+            ps.set_index_parameter(index, name, int(value))
+        except RuntimeError as e:
+            kind = type(faiss.downcast_index(index)).__name__
+            applies = "IVF indexes" if name == "nprobe" else "HNSW indexes"
+            raise UsageError(f"{flag} applies to {applies}; this index is {kind}") from e
+
+
+class Searcher:
+    """Query an index folder by image, text or vector; results are DataFrames of RESULT_COLUMNS.
+
+    `model` is needed for image and text queries (its fingerprint must match the index); vector queries need
+    none.
+    """
+
+    def __init__(
+        self,
+        index_dir: str | Path | CXRIndex,
+        model: Any = None,
+        backend: str = "auto",
+        device: str | None = None,
+        precision: str = "fp32",
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        mmap: bool = False,
+    ):
+        self.index = index_dir if isinstance(index_dir, CXRIndex) else open_index(index_dir, model, mmap=mmap)
+        if isinstance(index_dir, CXRIndex) and model is not None:
+            from index.store import check_model
+
+            check_model(self.index.info, model, self.index.path)
+        self.model = model
+        for idx in (self.index.images, self.index.reports):
+            set_search_params(idx, nprobe, ef_search)
+        self._backend_args = (backend, device, precision)
+        self._backends: dict[str, Any] = {}
+        meta = self.index.meta
+        self._patients = meta["patient_id"].astype(str).to_numpy()
+        self._studies = meta["study_id"].astype(str).to_numpy()
+        self._has_report = meta["has_report"].to_numpy(dtype=bool)
+
+    def backend(self, target: str) -> Any:
+        """The (lazily created) backend searching `target` ('images' or 'reports')."""
+        if target not in self._backends:
+            self._backends[target] = make_backend(self.index.target(target), *self._backend_args)
+        return self._backends[target]
+
+    def _need_model(self) -> Any:
+        if self.model is None:
+            raise UsageError("image and text queries need the model the index was built with")
+        return self.model
+
+    def _keep(self, ids: np.ndarray, target: str, patient: str | None, study: str | None) -> np.ndarray:
+        """The usable ids among `ids`, best first: valid, not excluded, one per study for reports."""
+        ids = ids[ids >= 0]
+        ok = np.ones(len(ids), dtype=bool)
+        if patient is not None:
+            ok &= self._patients[ids] != str(patient)
+        if study is not None:
+            ok &= self._studies[ids] != str(study)
+        if target == "reports":
+            ok &= self._has_report[ids]
+        ids = ids[ok]
+        if target == "reports" and len(ids):
+            _, first = np.unique(self._studies[ids], return_index=True)
+            ids = ids[np.sort(first)]
+        return ids
+
+    def search_vectors(
+        self,
+        queries: np.ndarray,
+        k: int = 5,
+        target: str = "reports",
+        exclude_patients: Sequence[str | None] | None = None,
+        exclude_studies: Sequence[str | None] | None = None,
+    ) -> list[pd.DataFrame]:
+        """Top-k rows for each query vector, with per-query exclusions (None = none); one frame per query."""
+        if k < 1:
+            raise UsageError(f"-k must be at least 1, got {k}")
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if queries.shape[1] != self.index.dim:
+            raise UsageError(f"query vectors have dim {queries.shape[1]}, the index has {self.index.dim}")
+        nq, n = len(queries), self.index.count
+        pats = list(exclude_patients) if exclude_patients is not None else [None] * nq
+        studs = list(exclude_studies) if exclude_studies is not None else [None] * nq
+        backend = self.backend(target)
+        # Over-fetch for exclusions and per-study de-duplication; widen until k usable rows or all rows.
+        fetch = min(n, k * (4 if target == "reports" else 1) + (16 if any(pats) or any(studs) else 0))
+        scores, ids = backend.search(queries, fetch)
+        results: list[pd.DataFrame | None] = [None] * nq
+        todo = list(range(nq))
+        while todo:
+            again = []
+            for q in todo:
+                keep = self._keep(ids[q], target, pats[q], studs[q])
+                if len(keep) >= k or fetch >= n:
+                    results[q] = self._frame(keep[:k], ids[q], scores[q])
+                else:
+                    again.append(q)
+            if not again:
+                break
+            fetch = min(n, fetch * 4)
+            sub_scores, sub_ids = backend.search(queries[again], fetch)
+            scores = np.zeros((nq, fetch), np.float32)
+            ids = np.full((nq, fetch), -1, np.int64)
+            scores[again], ids[again] = sub_scores, sub_ids
+            todo = again
+        return results  # type: ignore[return-value]
+
+    def _frame(self, keep: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+        score_of = dict(zip(ids.tolist(), scores.tolist(), strict=True))
+        meta = self.index.meta.iloc[keep]
+        out = pd.DataFrame(
+            {
+                "rank": np.arange(1, len(keep) + 1),
+                "score": np.asarray([score_of[i] for i in keep.tolist()], dtype=np.float32),
+                "row_id": keep.astype(np.int64),
+            }
+        )
+        for col in RESULT_COLUMNS[3:]:
+            out[col] = meta[col].to_numpy()
+        out["labels"] = [list(x) if x is not None else [] for x in out["labels"]]
+        return out
+
+    def query_vector(
+        self,
+        vector: np.ndarray,
+        k: int = 5,
+        target: str = "reports",
+        exclude_patient: str | None = None,
+        exclude_study: str | None = None,
+    ) -> pd.DataFrame:
+        """Top-k rows for one query vector."""
+        return self.search_vectors(vector, k, target, [exclude_patient], [exclude_study])[0]
+
+    def query_image(
+        self,
+        image: str | Path | np.ndarray,
+        k: int = 5,
+        target: str = "reports",
+        exclude_patient: str | None = None,
+        exclude_study: str | None = None,
+    ) -> pd.DataFrame:
+        """Top-k rows for an image (path to PNG/JPEG/DICOM, or an HxW float array in [0, 1])."""
+        from index.encode import embed_pixels
+
+        model = self._need_model()
+        if isinstance(image, str | Path):
+            from retrieval.data.image_io import read_image
+
+            image = read_image(image)
+        import torch
+
+        pixels = torch.as_tensor(model.image_transform()(np.asarray(image, dtype=np.float32))).unsqueeze(0)
+        return self.query_vector(embed_pixels(model, pixels), k, target, exclude_patient, exclude_study)
+
+    def query_text(
+        self,
+        text: str,
+        k: int = 5,
+        target: str = "reports",
+        exclude_patient: str | None = None,
+        exclude_study: str | None = None,
+    ) -> pd.DataFrame:
+        """Top-k rows for a sentence (e.g. 'right lower lobe consolidation')."""
+        if not str(text).strip():
+            raise UsageError("the text query is empty")
+        vec = np.asarray(self._need_model().encode_texts([str(text)]), dtype=np.float32)
+        return self.query_vector(vec, k, target, exclude_patient, exclude_study)
+
+    def query_images(
+        self,
+        paths: Sequence[str],
+        k: int = 5,
+        target: str = "reports",
+        exclude_patients: Sequence[str | None] | None = None,
+        batch_size: int = 64,
+        workers: int = 2,
+        progress: bool = True,
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Many image queries, decoded in worker processes: (results with a `query` column, bad images)."""
+        from index.encode import stream_image_vectors
+        from retrieval.progress import make_progress
+
+        model = self._need_model()
+        paths = [str(p) for p in paths]
+        pats = list(exclude_patients) if exclude_patients is not None else [None] * len(paths)
+        batches = [list(range(i, min(len(paths), i + batch_size))) for i in range(0, len(paths), batch_size)]
+        frames, bad = [], []
+        with make_progress(disable=not progress) as bar:
+            task = bar.add_task("Querying images", total=len(paths), unit="images")
+            for ids, vecs, bad_rows in stream_image_vectors(paths, model, batches, workers=workers):
+                if len(ids):
+                    found = self.search_vectors(vecs, k, target, [pats[i] for i in ids])
+                    for i, frame in zip(ids.tolist(), found, strict=True):
+                        frame.insert(0, "query", paths[i])
+                        frames.append(frame)
+                bad.extend({"path": paths[i], "reason": r} for i, r in bad_rows)
+                bar.advance(task, len(ids) + len(bad_rows))
+        results = (
+            pd.concat(frames, ignore_index=True)
+            if frames
+            else pd.DataFrame(columns=["query", *RESULT_COLUMNS])
+        )
+        return results, pd.DataFrame(bad, columns=["path", "reason"])
