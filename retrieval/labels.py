@@ -60,6 +60,8 @@ _MENTIONS: dict[str, list[str]] = {
         r"mediastinal (?:widening|enlargement)",
         r"(?:prominen\w*|enlarged) (?:of )?(?:the )?(?:superior )?mediastin\w*",
         r"mediastin\w* (?:silhouette |contours? )?(?:is |are |appears )?(?:\w+ly )?prominent",
+        r"(?:mediastinal|paratracheal) (?:fullness|prominence|soft tissue fullness)",
+        r"(?:fullness|prominence) (?:of |in )?(?:the )?(?:\w+ )?(?:mediastin|paratracheal)\w*",
     ],
     "Cardiomegaly": [
         r"cardiomegaly",
@@ -96,7 +98,7 @@ _MENTIONS: dict[str, list[str]] = {
         r"kerley",
     ],
     "Consolidation": [r"consolidat\w*"],
-    "Pneumonia": [r"pneumonia\w*|pneumonitis|bronchopneumonia|infectio\w*|infectious process"],
+    "Pneumonia": [r"pneumonia\w*|pneumonitis|bronchopneumonia"],
     "Atelectasis": [r"atelecta\w*", r"collapse"],
     "Pneumothorax": [r"pneumothora\w*|pneumothoraces|hydropneumothorax"],
     "Pleural Effusion": [
@@ -120,8 +122,9 @@ _MENTIONS: dict[str, list[str]] = {
         r"(?:endotracheal|tracheostomy|nasogastric|feeding|chest|enteric|\bet\b|\bng\b|\bog\b|dobhoff) tube",
         r"\b(?:et|ng|og) tube|tracheostomy",
         r"sternotomy|sternal wires|median sternotomy|cabg|bypass graft",
-        r"surgical (?:clips?|staples|hardware)|\bclips?\b|staples",
-        r"stent\w*|valve replacement|prosthetic valve|annuloplasty",
+        r"surgical (?:staples|hardware)|staples|(?<!cholecystectomy )(?<!surgical )(?:surgical )?clips",
+        r"\btip (?:at|in|overl\w*|project\w*|terminat\w*|approximat\w*|near)|shunt|tubing",
+        r"\bstent(?:s|ed|ing)?\b|valve replacement|prosthetic valve|annuloplasty",
         r"(?:medical|support|monitoring) device|\bleads?\b|\bwires?\b",
         r"hardware|prosthesis|implant\w*|\bdevice\b",
     ],
@@ -136,7 +139,7 @@ _PRE_NEG = re.compile(
     r"\b(?:no|not|without|negative for|free of|clear of|absence of|absent|resolution of|resolved|"
     r"rather than|removal of|removed|nor|never|neither|exclude[sd]?|ruled out|rule out|"
     r"no evidence of|no signs? of|no radiographic evidence of|no definite|no acute|no focal|"
-    r"normal|unremarkable|within normal limits|negative|clear|cleared|interval clearing of|"
+    r"interval clearing of|"
     r"resolving|previously seen|has been removed|no longer)\b"
 )
 # Negation cues that govern a mention before them (e.g. "effusion has resolved", "heart size is normal").
@@ -145,7 +148,7 @@ _POST_NEG = re.compile(
     r"visualized|evident|demonstrated|appreciated|noted|detected)|"
     r"(?:has|have)(?: since)? (?:resolved|cleared)|"
     r"resolved|is absent|are absent|(?:is|are|remains?|appears?) (?:within normal limits|normal|unremarkable|"
-    r"stable and normal|upper limits of normal)|within normal limits|not (?:seen|identified|present|"
+    r"stable and normal)|within (?:the )?(?:normal limits|limits of normal)|not (?:seen|identified|present|"
     r"appreciated|evident)|(?:has|have) been removed|removed)\b"
 )
 # Uncertainty cues (pre and post): such mentions are not positive.
@@ -170,8 +173,7 @@ _POST_UNC = re.compile(
 _CLAUSE_BREAK = re.compile(
     r"\b(?:but|however|although|though|otherwise|whereas|which|except|apart from|aside from|"
     r"there (?:is|are|has|have)|this|these|with (?:a|an|the|some|mild|moderate|small|large)|"
-    r"in addition|also|consistent with|compatible with|representing|due to|secondary to|likely|"
-    r"probabl\w*|and (?:a|an|the|mild|moderate|small|large|minimal|stable)|is seen|are seen)\b|[;:]"
+    r"in addition|also|and (?:a|an|the|mild|moderate|small|large|minimal|stable)|is seen|are seen)\b|[;:]"
 )
 _RANK = {"negative": 0, "uncertain": 1, "positive": 2}
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -301,6 +303,10 @@ def labels_from_mesh(mesh_terms: Iterable[str]) -> list[str]:
         head, quals = parts[0], set(parts[1:])
         if quals & _MESH_UNCERTAIN:
             continue
+        if head == "surgical instruments" and "abdomen" in quals:
+            continue  # cholecystectomy clips and the like: not a chest support device
+        if head in {"opacity", "density"} and "round" in quals:
+            found.add("Lung Lesion")  # a round (nodular) opacity is a nodule
         if head in _MESH_HEAD:
             found.add(_MESH_HEAD[head])
             found.update(_MESH_EXTRA.get(head, []))
