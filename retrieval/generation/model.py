@@ -1,0 +1,388 @@
+"""The multi-task VLM (seed 001, LiteGPT shape): frozen visual encoder(s) -> patch tokens concatenated along
+features -> every five adjacent tokens concatenated -> Linear-GELU-Linear projector -> a causal LM, with the
+image wrapped in `<image> ... </image>` embeddings.
+
+Visual encoders are frozen and kept outside the trainable module: their tokens are computed once (and cached
+by the trainer). An encoder is anything with `image_tokens(pixels) -> (B, N, D)`, `image_transform()` and
+`save(dir)`: the retrieval model (`CXRModel`, spec `cxr:NAME_OR_PATH`) or `FrozenPatchEncoder` (spec
+`patch:SEED`, a seeded random-feature patch tower, the cheap "second encoder").
+
+A saved VLM is a folder: `vlm_config.json`, `tokenizer/`, `lm/` (transformers `save_pretrained`, safetensors;
+a peft adapter when trained with LoRA), `projector.safetensors`, `encoders/<i>/`
+(each frozen encoder's own folder).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrieval.errors import ModelLoadError
+from retrieval.fileio import write_json_atomic
+from retrieval.generation.tokenizer import IMAGE_END, IMAGE_START, build_tokenizer, load_tokenizer
+
+GROUP = 5  # adjacent visual tokens concatenated into one (LiteGPT / MiniGPT-v2)
+TINY_LM = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512}
+
+
+# --------------------------------------------------------------------------------------------- visual side
+class _PatchTransform:
+    """Picklable HxW [0, 1] array -> (1, S, S) tensor, normalised to mean 0.5 / std 0.25."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(image, dtype=np.float32))[None, None]
+        t = F.interpolate(
+            t, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+        )
+        return (t[0] - 0.5) / 0.25
+
+
+class FrozenPatchEncoder(nn.Module):
+    """A seeded random-feature patch tower: conv patchify + GELU + conv mixing, never trained.
+
+    It exists so that the multi-encoder path can be exercised and measured without a second pretrained CXR
+    model on disk: frozen random convolutional features still carry position and intensity structure.
+    """
+
+    def __init__(self, seed: int = 1, image_size: int = 224, patch: int = 16, dim: int = 128):
+        super().__init__()
+        self.config = {"seed": seed, "image_size": image_size, "patch": patch, "dim": dim}
+        self.image_size = image_size
+        gen = torch.Generator().manual_seed(seed)
+        self.patchify = nn.Conv2d(1, dim, patch, stride=patch)
+        self.mix = nn.Conv2d(dim, dim, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / max(1, p[0].numel()) ** 0.5))
+        self.requires_grad_(False)
+        self.name = f"patch:{seed}"
+
+    def image_transform(self) -> _PatchTransform:
+        """HxW [0, 1] array -> (1, S, S) tensor."""
+        return _PatchTransform(self.image_size)
+
+    @torch.no_grad()
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 1 or 3, S, S) -> (B, (S/patch)^2, dim) patch tokens."""
+        if pixels.shape[1] != 1:
+            pixels = pixels.mean(dim=1, keepdim=True)
+        x = F.gelu(self.patchify(pixels))
+        x = x + F.gelu(self.mix(x))
+        x = x.flatten(2).transpose(1, 2)
+        return F.layer_norm(x, x.shape[-1:])
+
+    def save(self, out_dir: str | Path) -> None:
+        """Config + safetensors weights."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.contiguous() for k, v in self.state_dict().items()}, str(out / "patch_encoder.safetensors")
+        )
+        write_json_atomic(out / "patch_encoder.json", self.config)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FrozenPatchEncoder:
+        """Reload a folder written by `save`."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        try:
+            enc = cls(**json.loads((path / "patch_encoder.json").read_text()))
+            enc.load_state_dict(load_file(str(path / "patch_encoder.safetensors")))
+        except Exception as e:
+            raise ModelLoadError(f"{path}: cannot load patch encoder: {e}") from e
+        return enc
+
+
+def load_encoder(spec: str, device: str | torch.device | None = None) -> Any:
+    """`patch:SEED` -> FrozenPatchEncoder; `cxr:NAME_OR_PATH` (or a bare name/path) -> the retrieval model."""
+    if spec.startswith("patch:"):
+        return FrozenPatchEncoder(seed=int(spec.split(":", 1)[1]))
+    name = spec.split(":", 1)[1] if spec.startswith("cxr:") else spec
+    if Path(name).is_dir() and (Path(name) / "patch_encoder.json").is_file():
+        return FrozenPatchEncoder.load(name)
+    from retrieval.models import load_model
+
+    model = load_model(name, device=device)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def combine_tokens(token_sets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Several encoders' (B, N_i, D_i) tokens concatenated along features (counts pooled to the smallest)."""
+    n = min(t.shape[1] for t in token_sets)
+    pooled = [
+        t if t.shape[1] == n else F.adaptive_avg_pool1d(t.transpose(1, 2), n).transpose(1, 2)
+        for t in token_sets
+    ]
+    return torch.cat(pooled, dim=-1)
+
+
+def group_tokens(x: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+    """(B, N, D) -> (B, ceil(N/group), group*D): `group` adjacent tokens concatenated (zero-padded)."""
+    b, n, d = x.shape
+    pad = (-n) % group
+    if pad:
+        x = torch.cat([x, x.new_zeros(b, pad, d)], dim=1)
+    return x.reshape(b, (n + pad) // group, group * d)
+
+
+# --------------------------------------------------------------------------------------------- the VLM
+def _tiny_lm(vocab_size: int, tok, overrides: dict | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = {**TINY_LM, **(overrides or {})}
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        num_key_value_heads=cfg["num_attention_heads"],
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+        **cfg,
+    )
+    return LlamaForCausalLM(config)
+
+
+class VLM(nn.Module):
+    """Projector + causal LM. Inputs are visual tokens (already combined across encoders) and token ids."""
+
+    def __init__(self, tok, lm: nn.Module, visual_dim: int, config: dict):
+        super().__init__()
+        self.tok = tok
+        self.lm = lm
+        self.config = config
+        hidden = lm.get_input_embeddings().embedding_dim
+        self.projector = nn.Sequential(
+            nn.Linear(GROUP * visual_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+        )
+        self.img_start = tok.convert_tokens_to_ids(IMAGE_START)
+        self.img_end = tok.convert_tokens_to_ids(IMAGE_END)
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        visual_dim: int,
+        encoders: list[dict],
+        lm_path: str | None = None,
+        lora: bool = False,
+        lora_r: int = 8,
+        lm_overrides: dict | None = None,
+        seed: int = 0,
+        corpus: Sequence[str] | None = None,
+    ) -> VLM:
+        """A fresh VLM: tiny Llama from scratch on the MiniLM vocabulary (pruned to `corpus`'s pieces when
+        given), or a local causal LM (+ LoRA) on the full MiniLM vocabulary."""
+        torch.manual_seed(seed)
+        tok = build_tokenizer(corpus=corpus if lm_path is None else None)
+        if lm_path is None:
+            lm = _tiny_lm(len(tok), tok, lm_overrides)
+        else:
+            lm = _load_causal_lm(lm_path)
+            lm.resize_token_embeddings(len(tok))
+            if lora:
+                lm = _wrap_lora(lm, lora_r)
+        config = {
+            "visual_dim": visual_dim,
+            "group": GROUP,
+            "encoders": encoders,
+            "lm_path": lm_path,
+            "lora": bool(lora and lm_path is not None),
+            "lora_r": lora_r,
+        }
+        return cls(tok, lm, visual_dim, config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.projector.parameters()).device
+
+    # -- sequence building -------------------------------------------------------------------------
+    def _image_embeds(self, visual: torch.Tensor) -> torch.Tensor:
+        emb = self.lm.get_input_embeddings()
+        v = self.projector(group_tokens(visual.to(self.device, torch.float32)))
+        ids = torch.tensor([self.img_start, self.img_end], device=self.device)
+        se = emb(ids)
+        b = v.shape[0]
+        return torch.cat([se[0].expand(b, 1, -1), v, se[1].expand(b, 1, -1)], dim=1)
+
+    def forward(self, visual: torch.Tensor, prompts: Sequence[list[int]], targets: Sequence[list[int]]):
+        """Teacher-forced loss on the answer tokens only (image and prompt positions are masked out)."""
+        img = self._image_embeds(visual)
+        n_img = img.shape[1]
+        seqs = [list(p) + list(t) + [self.tok.sep_token_id] for p, t in zip(prompts, targets, strict=True)]
+        length = max(map(len, seqs))
+        pad = self.tok.pad_token_id
+        ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+        labels = torch.full((len(seqs), n_img + length), -100, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n_img + length), dtype=torch.long)
+        for i, (s, p) in enumerate(zip(seqs, prompts, strict=True)):
+            ids[i, : len(s)] = torch.tensor(s)
+            labels[i, n_img + len(p) : n_img + len(s)] = torch.tensor(s[len(p) :])
+            mask[i, : n_img + len(s)] = 1
+        text = self.lm.get_input_embeddings()(ids.to(self.device))
+        embeds = torch.cat([img, text], dim=1)
+        # The vocabulary projection is the costliest layer on a CPU: apply it only where there is a label.
+        hidden = self.lm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=mask.to(self.device)
+        ).last_hidden_state
+        labels = labels.to(self.device)
+        shift = labels[:, 1:]
+        keep = shift != -100
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), shift[keep])
+
+    @torch.no_grad()
+    def generate(
+        self, visual: torch.Tensor, prompts: Sequence[list[int]], max_new_tokens: int = 96
+    ) -> list[list[int]]:
+        """Greedy decoding (transformers `generate` on left-padded embeddings); returns new token ids."""
+        img = self._image_embeds(visual)
+        n_img = img.shape[1]
+        length = max(map(len, prompts))
+        pad = self.tok.pad_token_id
+        b = len(prompts)
+        ids = torch.full((b, length), pad, dtype=torch.long)
+        mask = torch.zeros((b, n_img + length), dtype=torch.long)
+        embeds = []
+        emb = self.lm.get_input_embeddings()
+        for i, p in enumerate(prompts):
+            ids[i, length - len(p) :] = torch.tensor(p)
+            mask[i, length - len(p) :] = 1
+        text = emb(ids.to(self.device))
+        for i, p in enumerate(prompts):
+            # Left padding: [pad ... pad] [image] [prompt]
+            k = length - len(p)
+            embeds.append(torch.cat([text[i, :k], img[i], text[i, k:]], dim=0))
+        embeds_t = torch.stack(embeds)
+        out = self.lm.generate(
+            inputs_embeds=embeds_t,
+            attention_mask=mask.to(self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=self.tok.sep_token_id,
+            pad_token_id=pad,
+        )
+        result = []
+        for row in out.tolist():
+            if self.tok.sep_token_id in row:
+                row = row[: row.index(self.tok.sep_token_id)]
+            result.append([t for t in row if t != pad])
+        return result
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save(self, out_dir: str | Path, encoders: Sequence[Any] | None = None) -> None:
+        """Write the folder (see the module docstring); `encoders` are saved beside it when given."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tok.save_pretrained(str(out / "tokenizer"))
+        self.lm.save_pretrained(str(out / "lm"), safe_serialization=True)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
+            str(out / "projector.safetensors"),
+        )
+        if encoders is not None:
+            for i, enc in enumerate(encoders):
+                enc.save(out / "encoders" / str(i))
+        write_json_atomic(out / "vlm_config.json", self.config)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> VLM:
+        """Reload a saved folder offline; missing or mismatched weights raise ModelLoadError."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_path = path / "vlm_config.json"
+        if not cfg_path.is_file():
+            raise ModelLoadError(f"{path}: not a VLM folder (no vlm_config.json)")
+        config = json.loads(cfg_path.read_text())
+        tok = load_tokenizer(path / "tokenizer")
+        try:
+            if config.get("lora"):
+                from peft import PeftModel
+
+                base = _load_causal_lm(config["lm_path"])
+                base.resize_token_embeddings(len(tok))
+                lm = PeftModel.from_pretrained(base, str(path / "lm"))
+            else:
+                lm = _load_causal_lm(path / "lm")
+            vlm = cls(tok, lm, config["visual_dim"], config)
+            vlm.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"{path}: cannot load VLM weights: {e}") from e
+        return vlm.to(device or "cpu").eval()
+
+    def load_encoders(self, path: str | Path, device: str | torch.device | None = None) -> list[Any]:
+        """The frozen visual encoders saved inside the VLM folder at `path`."""
+        out = []
+        for i, _ in enumerate(self.config["encoders"]):
+            d = Path(path) / "encoders" / str(i)
+            if not d.is_dir():
+                raise ModelLoadError(f"{path}: encoder folder encoders/{i} is missing")
+            out.append(load_encoder(str(d), device=device))
+        return out
+
+
+def _load_causal_lm(path: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: language model folder not found")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot load causal LM: {e}") from e
+
+
+def _wrap_lora(lm, r: int):
+    """LoRA on every linear layer; the resized embeddings and head stay trainable for the new tokens."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.05,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+        modules_to_save=["embed_tokens", "lm_head"] if hasattr(lm, "lm_head") else None,
+    )
+    return get_peft_model(lm, config)
+
+
+@torch.no_grad()
+def encode_visual(
+    encoders: Sequence[Any],
+    images: Sequence[np.ndarray],
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Combined (B, N, sum D_i) visual tokens for HxW [0, 1] arrays, through every frozen encoder."""
+    outs = []
+    transforms = [e.image_transform() for e in encoders]
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        sets = []
+        for enc, tf in zip(encoders, transforms, strict=True):
+            pix = torch.stack([tf(im) for im in chunk]).to(device)
+            sets.append(enc.image_tokens(pix).float().cpu())
+        outs.append(combine_tokens(sets))
+    return torch.cat(outs, dim=0)
