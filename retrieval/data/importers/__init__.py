@@ -1,0 +1,59 @@
+"""Importers: turn a dataset as downloaded into a study manifest (one module per source).
+
+`import_source(kind, src, **options)` returns the manifest DataFrame; rows that had to be skipped are listed
+in ``df.attrs["import_problems"]`` and facts worth telling in ``df.attrs["import_notes"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from retrieval.data.importers.common import NOTES, PROBLEMS, map_label, relativize_paths
+from retrieval.errors import UsageError
+
+KINDS: tuple[str, ...] = ("iu-xray", "mimic-cxr", "covid-cxr", "yolo", "coco", "csv")
+
+
+def _importer(kind: str) -> Callable[..., pd.DataFrame]:
+    if kind == "iu-xray":
+        from retrieval.data.importers.iu_xray import import_iu_xray
+
+        return import_iu_xray
+    if kind == "mimic-cxr":
+        from retrieval.data.importers.mimic_cxr import import_mimic_cxr
+
+        return import_mimic_cxr
+    if kind == "covid-cxr":
+        from retrieval.data.importers.covid_cxr import import_covid_cxr
+
+        return import_covid_cxr
+    if kind == "yolo":
+        from retrieval.data.importers.yolo import import_yolo
+
+        return import_yolo
+    if kind == "coco":
+        from retrieval.data.importers.coco import import_coco
+
+        return import_coco
+    if kind == "csv":
+        from retrieval.data.importers.csv_import import import_csv
+
+        return import_csv
+    raise UsageError(f"unknown import kind {kind!r} (choose from {', '.join(KINDS)})")
+
+
+def import_source(kind: str, src: str | Path, **options: Any) -> pd.DataFrame:
+    """Import dataset `src` of the given kind ('iu-xray', 'mimic-cxr', 'covid-cxr', 'yolo', 'coco', 'csv').
+
+    Options (each importer takes the ones it knows, ignores the rest): images (image folder), boxes (COCO box
+    file, covid-cxr), reports (MIMIC report folder), column_map (csv), seed (for patient-disjoint splits)."""
+    importer = _importer(kind)
+    options = {k: v for k, v in options.items() if v is not None}
+    return importer(src, **options)
+
+
+__all__ = ["KINDS", "NOTES", "PROBLEMS", "import_source", "map_label", "relativize_paths"]

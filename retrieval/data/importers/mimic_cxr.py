@@ -1,0 +1,177 @@
+"""MIMIC-CXR (-JPG): the PhysioNet CSVs, the free-text reports and the JPEG images.
+
+From `src` (the folder holding the CSVs): mimic-cxr-2.0.0-metadata.csv(.gz) (required), -split.csv(.gz) and
+-chexpert.csv(.gz) (optional). Reports: <reports>/files/pXX/pYYYYYYYY/sZZZZZZZZ.txt (default reports = src);
+FINDINGS and IMPRESSION sections are parsed out. Images: <images>/files/pXX/pYYYYYYYY/sZZZZZZZZ/<dicom_id>.jpg
+(default images = src). CheXpert labels: 1.0 positive, -1.0 uncertain counted as positive (the "U-Ones"
+policy of the CheXpert paper: uncertain mentions are usually present findings), 0.0 or blank negative; a study
+with no positive label is "No Finding". Studies missing from the CheXpert file are rule-labelled.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from retrieval.data.importers.common import finish, normalize_split, normalize_view
+from retrieval.errors import ImportError_
+from retrieval.progress import track
+
+PREFIX = "mimic-cxr-2.0.0-"
+_SECTION = re.compile(r"^[ \t]*([A-Z][A-Z &/()-]{2,}?)[ \t]*:", re.MULTILINE)
+
+
+def parse_sections(text: str) -> dict[str, str]:
+    """A MIMIC report's 'HEADER:' sections (FINDINGS, IMPRESSION, INDICATION ...), whitespace collapsed."""
+    out: dict[str, str] = {}
+    matches = list(_SECTION.finditer(text))
+    for m, nxt in zip(matches, matches[1:] + [None], strict=True):
+        body = text[m.end() : nxt.start() if nxt else len(text)]
+        out[m.group(1).strip()] = " ".join(body.split())
+    return out
+
+
+def _find_csv(folder: Path, name: str) -> Path | None:
+    for suffix in (".csv.gz", ".csv"):
+        for path in (folder / f"{PREFIX}{name}{suffix}", folder / f"{name}{suffix}"):
+            if path.is_file():
+                return path
+    return None
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise ImportError_(f"{path}: cannot read CSV: {type(e).__name__}: {e}") from None
+
+
+def _id(prefix: str, value: str) -> str:
+    value = str(value).strip()
+    if value.endswith(".0"):  # ids written as floats by some exports
+        value = value[:-2]
+    return value if value.startswith(prefix) or not value else f"{prefix}{value}"
+
+
+def chexpert_labels(row: dict[str, str], label_columns: list[str]) -> list[str]:
+    """Positive labels of one CheXpert row: 1.0 and -1.0 (uncertain, counted positive) -> present."""
+    positive = []
+    for col in label_columns:
+        value = str(row.get(col, "")).strip()
+        try:
+            number = float(value) if value else 0.0
+        except ValueError:
+            number = 0.0
+        if number in (1.0, -1.0):
+            positive.append(col)
+    if len(positive) > 1 and "No Finding" in positive:
+        positive.remove("No Finding")
+    return positive or ["No Finding"]
+
+
+def import_mimic_cxr(
+    src: str | Path,
+    images: str | Path | None = None,
+    reports: str | Path | None = None,
+    seed: int = 0,
+    **_: Any,
+) -> pd.DataFrame:
+    """A manifest from a MIMIC-CXR-JPG folder (CSV files + files/ tree) and its reports."""
+    from retrieval.labels import LABELS, label_report
+
+    src = Path(src)
+    if not src.is_dir():
+        raise ImportError_(f"{src}: not a folder (give the folder holding {PREFIX}metadata.csv.gz)")
+    meta_path = _find_csv(src, "metadata")
+    if meta_path is None:
+        raise ImportError_(f"{src}: {PREFIX}metadata.csv(.gz) not found")
+    meta = _read_csv(meta_path)
+    missing = [c for c in ("dicom_id", "subject_id", "study_id") if c not in meta.columns]
+    if missing:
+        raise ImportError_(f"{meta_path}: missing column(s) {', '.join(missing)}")
+    notes: list[str] = []
+    problems: list[str] = []
+
+    splits: dict[str, str] = {}
+    split_path = _find_csv(src, "split")
+    if split_path is not None:
+        split_df = _read_csv(split_path)
+        splits = {d: normalize_split(s) for d, s in zip(split_df["dicom_id"], split_df["split"], strict=True)}
+    else:
+        notes.append("no split file: splits assigned by patient")
+    chexpert: dict[str, list[str]] = {}
+    chex_path = _find_csv(src, "chexpert")
+    if chex_path is not None:
+        chex = _read_csv(chex_path)
+        cols = [c for c in chex.columns if c in LABELS]
+        for rec in chex.to_dict("records"):
+            chexpert[_id("s", rec["study_id"])] = chexpert_labels(rec, cols)
+    else:
+        notes.append("no CheXpert file: labels from the rule labeler on the report text")
+
+    report_root = Path(reports) if reports else src
+    image_root = Path(images) if images else src
+    have_images = (image_root / "files").is_dir()
+    if not have_images:
+        notes.append(f"no image tree at {image_root / 'files'}: image_path left empty")
+    report_cache: dict[str, tuple[str, str, str] | None] = {}
+    rows = []
+    labelled_by_rules = 0
+    for rec in track(meta.to_dict("records"), "mimic-cxr images", unit="images"):
+        dicom_id = rec["dicom_id"].strip()
+        subject, study = _id("p", rec["subject_id"]), _id("s", rec["study_id"])
+        if not dicom_id or subject == "" or study == "":
+            problems.append(f"{meta_path.name}: row with empty dicom_id/subject_id/study_id, skipped")
+            continue
+        rel = Path("files") / subject[:3] / subject / study
+        if study not in report_cache:
+            report_path = report_root / rel.with_suffix(".txt")
+            try:
+                text = report_path.read_text(errors="replace")
+            except OSError:
+                report_cache[study] = None
+            else:
+                sections = parse_sections(text)
+                findings, impression = sections.get("FINDINGS", ""), sections.get("IMPRESSION", "")
+                report = " ".join(x for x in (findings, impression) if x) or " ".join(
+                    re.sub(r"^\s*FINAL REPORT", "", text).split()
+                )
+                report_cache[study] = (report, findings, impression)
+        entry = report_cache[study]
+        if entry is None:
+            problems.append(f"{dicom_id}: report {rel.with_suffix('.txt')} not found, skipped")
+            continue
+        report, findings, impression = entry
+        path = ""
+        if have_images:
+            image = image_root / rel / f"{dicom_id}.jpg"
+            if not image.is_file():
+                problems.append(f"{dicom_id}: image {rel / (dicom_id + '.jpg')} not found, skipped")
+                continue
+            path = str(image.resolve())
+        labels = chexpert.get(study)
+        if labels is None:
+            labels = label_report(report)
+            labelled_by_rules += 1
+        rows.append(
+            {
+                "image_id": dicom_id,
+                "study_id": study,
+                "patient_id": subject,
+                "image_path": path,
+                "view": normalize_view(rec.get("ViewPosition", "")),
+                "report": report,
+                "findings": findings,
+                "impression": impression,
+                "labels": labels,
+                "split": splits.get(dicom_id, ""),
+            }
+        )
+    if labelled_by_rules and chexpert:
+        notes.append(
+            f"{labelled_by_rules} images of studies missing from the CheXpert file: rule labeler used"
+        )
+    return finish(rows, "mimic-cxr", seed=seed, problems=problems, notes=notes)
