@@ -1,13 +1,127 @@
-"""Placeholder: this command is not built yet (see the open issues)."""
+"""`cxr data import KIND SRC --out MANIFEST` and `cxr data validate MANIFEST`."""
 
-from retrieval.errors import CXRError
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+KIND_HELP = "Source kind: iu-xray | mimic-cxr | covid-cxr | yolo | coco | csv."
 
 
-def import_cmd() -> None:
-    """Not built yet."""
-    raise CXRError("`data_import` is not built yet")
+def import_cmd(
+    kind: str = typer.Argument(..., help=KIND_HELP),
+    src: str = typer.Argument(
+        ..., help="The dataset: a folder, a file (.tgz, .json, .csv, data.yaml), or 'builtin' for iu-xray."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Manifest to write (.parquet, or .csv)."),
+    images: Path = typer.Option(None, "--images", help="Image folder (iu-xray, mimic-cxr, coco, csv, yolo)."),
+    boxes: Path = typer.Option(
+        None, "--boxes", help="COCO box file (covid-cxr; default annotations/*.json)."
+    ),
+    reports: Path = typer.Option(None, "--reports", help="MIMIC-CXR report folder (default: SRC)."),
+    column_map: str = typer.Option(
+        None, "--column-map", help="csv: rename columns, e.g. 'image_id=dicom,report=text' (manifest=source)."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the patient-disjoint splits (when the source has none)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Import a dataset into a study manifest; skipped rows are reported, never fatal."""
+    from retrieval.data.importers import NOTES, PROBLEMS, import_source, relativize_paths
+    from retrieval.data.manifest import summarize_manifest, validate_manifest, write_manifest
+
+    df = import_source(
+        kind, src, images=images, boxes=boxes, reports=reports, column_map=column_map, seed=seed
+    )
+    problems = list(df.attrs.get(PROBLEMS, []))
+    notes = list(df.attrs.get(NOTES, []))
+    df = relativize_paths(df, out.resolve().parent)
+    problems += [f"manifest {p}" for p in validate_manifest(df)]
+    write_manifest(df, out)
+    summary = {
+        "kind": kind,
+        "src": str(src),
+        "out": str(out),
+        **summarize_manifest(df, problems),
+        "notes": notes,
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
 
 
-def validate_cmd() -> None:
-    """Not built yet."""
-    raise CXRError("`data_import` is not built yet")
+def _print_summary(s: dict[str, Any], max_problems: int = 10) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{s['kind']}[/bold] {s['src']} -> [bold]{s['out']}[/bold]")
+    counts = Table(show_header=False, box=None, pad_edge=False)
+    counts.add_column(style="bold")
+    counts.add_column()
+    for key in (
+        "studies",
+        "images",
+        "patients",
+        "images_without_file",
+        "images_with_labels",
+        "images_with_boxes",
+    ):
+        counts.add_row(key.replace("_", " "), f"{s[key]:,}")
+    counts.add_row("boxes", f"{s['boxes']:,}")
+    for key in ("splits", "views", "sources"):
+        counts.add_row(key, ", ".join(f"{k} {v:,}" for k, v in s[key].items()) or "-")
+    console.print(counts)
+    if s["labels"]:
+        table = Table(title="labels (images)", title_justify="left")
+        table.add_column("label")
+        table.add_column("images", justify="right")
+        for label, n in s["labels"].items():
+            table.add_row(label, f"{n:,}")
+        console.print(table)
+    if s["boxes_per_label"]:
+        table = Table(title="boxes", title_justify="left")
+        table.add_column("label")
+        table.add_column("boxes", justify="right")
+        for label, n in s["boxes_per_label"].items():
+            table.add_row(label, f"{n:,}")
+        console.print(table)
+    for note in s["notes"]:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    problems = s["problems"]
+    console.print(
+        f"problems: {len(problems)}" + (" (rows skipped and reported, import finished)" if problems else "")
+    )
+    for line in problems[:max_problems]:
+        console.print(f"  {line}", markup=False, highlight=False)
+    if len(problems) > max_problems:
+        console.print(f"  ... and {len(problems) - max_problems} more (--json lists all)")
+
+
+def validate_cmd(
+    manifest: Path = typer.Argument(..., help="Study manifest (.parquet or .csv)."),
+    check_files: bool = typer.Option(False, "--check-files", help="Also check that every image file exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the problems as JSON."),
+) -> None:
+    """Check a manifest: ids, duplicates, labels, boxes, splits (a patient in one split), files; exit 1 on
+    problems."""
+    from retrieval.data.manifest import read_manifest, validate_manifest
+
+    df = read_manifest(manifest)
+    problems = validate_manifest(df, check_files=check_files)
+    if as_json:
+        out = {"manifest": str(manifest), "rows": len(df), "problems": [p.to_dict() for p in problems]}
+        print(json.dumps(out, indent=2))
+    else:
+        for p in problems:
+            print(p)
+        verdict = "no problems" if not problems else f"{len(problems)} problem(s)"
+        files = ", files checked" if check_files else ""
+        print(f"{manifest}: {len(df):,} rows, {verdict}{files}")
+    if problems:
+        raise typer.Exit(1)
