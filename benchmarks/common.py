@@ -1,0 +1,97 @@
+"""Shared by the benchmarks: machine info, timing helpers, and writing results as JSON + markdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    """CPU, core count, memory, GPU and library versions, recorded beside every result."""
+    import faiss
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(mem_gib, 1),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def time_calls(fn: Callable[[], object], repeat: int, warmup: int = 1) -> np.ndarray:
+    """Wall time in seconds of each of `repeat` calls of fn, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = np.empty(repeat)
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out[i] = time.perf_counter() - t0
+    return out
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table of dict rows; floats get 4 significant digits."""
+    if not rows:
+        return "(no rows)\n"
+    columns = list(columns or rows[0].keys())
+
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(name: str, payload: dict, markdown: str, command: str) -> tuple[Path, Path]:
+    """Write results/<name>.json and results/<name>.md (with the command and machine info)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = payload.setdefault("machine", machine_info())
+    payload["command"] = command
+    json_path = RESULTS / f"{name}.json"
+    json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    md = [f"# {name}", "", f"Command: `{command}`", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), ""]
+    md_path = RESULTS / f"{name}.md"
+    md_path.write_text("\n".join(md) + "\n" + markdown)
+    return json_path, md_path
