@@ -24,10 +24,13 @@ from retrieval.progress import track
 
 
 def builtin_reports_path() -> Path:
-    """NLMCXR_reports.tgz inside torchxrayvision's data folder."""
-    import torchxrayvision
+    """NLMCXR_reports.tgz inside torchxrayvision's data folder (found without importing torch)."""
+    import importlib.util
 
-    return Path(torchxrayvision.__file__).parent / "data" / "NLMCXR_reports.tgz"
+    spec = importlib.util.find_spec("torchxrayvision")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError_("torchxrayvision is not installed: give NLMCXR_reports.tgz instead of 'builtin'")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "NLMCXR_reports.tgz"
 
 
 def parse_open_i_xml(data: bytes | str, name: str = "") -> dict[str, Any]:
@@ -90,7 +93,10 @@ def _image_keys(image_id: str) -> list[str]:
 
 def _views() -> dict[str, str]:
     """imageid -> view from torchxrayvision's NLMCXR DICOM metadata (empty when it is not there)."""
-    path = builtin_reports_path().parent / "nlmcxr_dicom_metadata.csv.gz"
+    try:
+        path = builtin_reports_path().parent / "nlmcxr_dicom_metadata.csv.gz"
+    except ImportError_:
+        return {}
     if not path.is_file():
         return {}
     meta = pd.read_csv(path, usecols=["imageid", "View Position"], dtype=str, keep_default_na=False)
@@ -125,6 +131,7 @@ def import_iu_xray(
         by_name = index_images(images)
     views = _views()
     rows = []
+    labels_of: dict[str, list[str]] = {}
     no_text = no_images = missing = 0
     for rep in track(reports, "iu-xray reports", unit="reports"):
         report = " ".join(x for x in (rep["findings"], rep["impression"]) if x)
@@ -136,7 +143,9 @@ def import_iu_xray(
             no_images += 1
             problems.append(f"{rep['study_id']}: report references no image, skipped")
             continue
-        labels = label_report(report)
+        if report not in labels_of:  # many reports repeat word for word ("No acute cardiopulmonary ...")
+            labels_of[report] = label_report(report)
+        labels = labels_of[report]
         for image_id in rep["images"]:
             keys = _image_keys(image_id)
             path = ""

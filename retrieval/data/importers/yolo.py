@@ -63,7 +63,9 @@ def _parse_simple_yaml(text: str) -> dict[str, Any]:
         body = line.strip()
         if indented and current is not None:
             if body.startswith("- "):
-                data.setdefault(current, []).append(_scalar(body[2:]))
+                if not isinstance(data.get(current), list):
+                    data[current] = []
+                data[current].append(_scalar(body[2:]))
             elif ":" in body:
                 key, value = body.split(":", 1)
                 if not isinstance(data.get(current), dict):
