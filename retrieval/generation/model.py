@@ -130,6 +130,24 @@ def combine_tokens(token_sets: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(pooled, dim=-1)
 
 
+def pool_grid(x: torch.Tensor, grid: int | None) -> torch.Tensor:
+    """(B, N, D) patch tokens -> (B, grid*grid, D) by 2-D average pooling of the square patch grid.
+
+    A leading CLS token (N = s*s + 1) is dropped. Fewer visual tokens make a CPU-trained LM affordable; `None`
+    or a grid at least as fine as the input keeps the tokens as they are. A non-square N is pooled in 1-D.
+    """
+    b, n, d = x.shape
+    if grid is None or n <= grid * grid:
+        return x
+    side = int(round(n**0.5))
+    if side * side != n and int(round((n - 1) ** 0.5)) ** 2 == n - 1:
+        x, n, side = x[:, 1:], n - 1, int(round((n - 1) ** 0.5))
+    if side * side != n:
+        return F.adaptive_avg_pool1d(x.transpose(1, 2), grid * grid).transpose(1, 2)
+    img = x.transpose(1, 2).reshape(b, d, side, side)
+    return F.adaptive_avg_pool2d(img, grid).flatten(2).transpose(1, 2)
+
+
 def group_tokens(x: torch.Tensor, group: int = GROUP) -> torch.Tensor:
     """(B, N, D) -> (B, ceil(N/group), group*D): `group` adjacent tokens concatenated (zero-padded)."""
     b, n, d = x.shape
@@ -303,8 +321,9 @@ class VLM(nn.Module):
         write_json_atomic(out / "vlm_config.json", self.config)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None) -> VLM:
-        """Reload a saved folder offline; missing or mismatched weights raise ModelLoadError."""
+    def load(cls, path: str | Path, device: str | torch.device | None = None, trainable: bool = False) -> VLM:
+        """Reload a saved folder offline (`trainable`: LoRA adapters stay trainable, to resume training);
+        missing or mismatched weights raise ModelLoadError."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -319,7 +338,7 @@ class VLM(nn.Module):
 
                 base = _load_causal_lm(config["lm_path"])
                 base.resize_token_embeddings(len(tok))
-                lm = PeftModel.from_pretrained(base, str(path / "lm"))
+                lm = PeftModel.from_pretrained(base, str(path / "lm"), is_trainable=trainable)
             else:
                 lm = _load_causal_lm(path / "lm")
             vlm = cls(tok, lm, config["visual_dim"], config)
@@ -328,7 +347,8 @@ class VLM(nn.Module):
             raise
         except Exception as e:
             raise ModelLoadError(f"{path}: cannot load VLM weights: {e}") from e
-        return vlm.to(device or "cpu").eval()
+        vlm = vlm.to(device or "cpu")
+        return vlm.train() if trainable else vlm.eval()
 
     def load_encoders(self, path: str | Path, device: str | torch.device | None = None) -> list[Any]:
         """The frozen visual encoders saved inside the VLM folder at `path`."""
@@ -372,17 +392,18 @@ def _wrap_lora(lm, r: int):
 def encode_visual(
     encoders: Sequence[Any],
     images: Sequence[np.ndarray],
+    grid: int | None = None,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """Combined (B, N, sum D_i) visual tokens for HxW [0, 1] arrays, through every frozen encoder."""
+    """Combined (B, N, sum D_i) visual tokens for HxW [0, 1] arrays (every encoder, pooled to `grid`)."""
     outs = []
     transforms = [e.image_transform() for e in encoders]
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         sets = []
         for enc, tf in zip(encoders, transforms, strict=True):
-            pix = torch.stack([tf(im) for im in chunk]).to(device)
-            sets.append(enc.image_tokens(pix).float().cpu())
+            pix = torch.stack([torch.as_tensor(tf(im)) for im in chunk]).to(device)
+            sets.append(pool_grid(enc.image_tokens(pix).float().cpu(), grid))
         outs.append(combine_tokens(sets))
     return torch.cat(outs, dim=0)

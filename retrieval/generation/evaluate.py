@@ -1,0 +1,236 @@
+"""`cxr eval generation`: every task of a trained VLM on one split, with its baselines in the same run.
+
+Conditions (one table row each):
+- `constant`: the most common training answer for the same task and prompt (e.g. the most common report);
+- `retrieval-only`: the answer of the top-1 retrieved training study (its report, labels or boxes);
+- `vlm k=0`: the VLM without retrieval;  `vlm k=K`: the VLM with the top-K retrieved reports in its prompt.
+Exemplars never come from the query's own study or patient, and only from the training split.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from retrieval.generation.boxes import parse_boxes
+from retrieval.generation.metrics import (
+    clinical_efficacy,
+    grounding_iou,
+    localisation_accuracy,
+    map50,
+    multilabel_prf,
+    parse_label_list,
+    text_metrics,
+    vqa_accuracy,
+)
+from retrieval.generation.tasks import Example, build_examples, row_examples
+from retrieval.generation.tokenizer import TASKS
+from retrieval.labels import LABELS
+
+DEFAULT_ANSWER = {
+    "report": "",
+    "vqa": "no",
+    "classify": "No Finding",
+    "identify": "no findings",
+    "ground": "",
+}
+
+
+def _cap(examples: dict[str, list[Example]], max_per_task: int | None, seed: int) -> dict[str, list[Example]]:
+    if not max_per_task:
+        return examples
+    rng = random.Random(seed)
+    return {
+        t: (rng.sample(exs, max_per_task) if len(exs) > max_per_task else exs) for t, exs in examples.items()
+    }
+
+
+def constant_answers(train_examples: dict[str, list[Example]]) -> tuple[dict, dict]:
+    """Most common target per (task, prompt) and per task, from the training examples."""
+    by_prompt: dict[tuple[str, str], Counter] = {}
+    by_task: dict[str, Counter] = {}
+    for t, exs in train_examples.items():
+        for e in exs:
+            by_prompt.setdefault((t, e.prompt), Counter())[e.target] += 1
+            by_task.setdefault(t, Counter())[e.target] += 1
+    return (
+        {k: c.most_common(1)[0][0] for k, c in by_prompt.items()},
+        {k: c.most_common(1)[0][0] for k, c in by_task.items()},
+    )
+
+
+def retrieval_answer(df: pd.DataFrame, study_rows: dict[str, int], ex: Example, exemplars: Sequence) -> str:
+    """The top-1 retrieved study's own answer to the same task and prompt (its report, labels, boxes)."""
+    if not exemplars:
+        return DEFAULT_ANSWER[ex.task]
+    top = exemplars[0]
+    if ex.task == "report":
+        return top.report
+    pos = study_rows.get(str(top.study_id))
+    if pos is None:
+        return DEFAULT_ANSWER[ex.task]
+    for other in row_examples(df.iloc[pos].to_dict(), pos, [ex.task]):
+        if other.prompt == ex.prompt:
+            return other.target
+    if ex.task == "vqa" and ex.prompt.startswith("is there"):
+        return "no"
+    return DEFAULT_ANSWER[ex.task]
+
+
+def score_task(task: str, examples: Sequence[Example], answers: Sequence[str], meteor: bool = True) -> dict:
+    """The task's metrics for answers aligned with examples."""
+    refs = [e.target for e in examples]
+    if task == "report":
+        return {
+            **text_metrics(refs, answers, meteor=meteor),
+            **{f"ce_{k}": v for k, v in clinical_efficacy(refs, answers).items()},
+        }
+    if task == "classify":
+        prf = multilabel_prf([parse_label_list(r) for r in refs], [parse_label_list(a) for a in answers])
+        return {**prf, "exact_match": vqa_accuracy(refs, answers)}
+    if task == "vqa":
+        out: dict[str, Any] = {"accuracy": vqa_accuracy(refs, answers)}
+        for kind in ("closed", "open", "where"):
+            sel = [i for i, e in enumerate(examples) if e.info.get("kind") == kind]
+            if sel:
+                out[f"accuracy_{kind}"] = vqa_accuracy([refs[i] for i in sel], [answers[i] for i in sel])
+        where = [i for i, e in enumerate(examples) if e.info.get("kind") == "where"]
+        if where:
+            g = grounding_iou(
+                [examples[i].info["boxes"] for i in where], [parse_boxes(answers[i]) for i in where]
+            )
+            out["where_mean_iou"] = g["mean_iou"]
+        return out
+    if task == "identify":
+        truth = [e.info.get("boxes", []) for e in examples]
+        preds = [parse_boxes(a, LABELS) for a in answers]
+        normal = [i for i, e in enumerate(examples) if not e.info.get("boxes")]
+        out = {**localisation_accuracy(truth, preds), "map@0.5": map50(truth, preds)}
+        if normal:
+            out["normal_says_no_findings"] = float(np.mean([not preds[i] for i in normal]))
+        return out
+    if task == "ground":
+        return grounding_iou([e.info["boxes"] for e in examples], [parse_boxes(a) for a in answers])
+    raise ValueError(task)
+
+
+def evaluate_generation(
+    vlm_dir: str | Path,
+    manifest: str | Path | pd.DataFrame,
+    index_dir: str | Path | None = None,
+    split: str = "test",
+    k: int = 3,
+    tasks: Sequence[str] | None = None,
+    max_per_task: int | None = 300,
+    meteor: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+    retrieval_model: Any = None,
+) -> dict:
+    """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K)."""
+    from retrieval.data.manifest import read_manifest
+    from retrieval.generation.features import exemplars_for_rows, visual_tokens_for_rows
+    from retrieval.generation.generate import Generator
+    from retrieval.generation.train import split_rows
+
+    t0 = time.time()
+    df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
+    gen = Generator(vlm_dir, index_dir, retrieval_model=retrieval_model)
+    tasks = [t for t in (tasks or gen.vlm.config.get("tasks") or TASKS)]
+    rows = split_rows(df, split)
+    train_rows = split_rows(df, "train")
+    examples = _cap(build_examples(df, tasks, rows, seed=seed), max_per_task, seed)
+    used = sorted({e.row for exs in examples.values() for e in exs})
+    visual, bad = visual_tokens_for_rows(df, used, gen.encoders, gen.grid, progress=progress)
+    examples = {t: [e for e in exs if e.row in visual] for t, exs in examples.items()}
+    examples = {t: exs for t, exs in examples.items() if exs}
+
+    k_ret = max(k, 1)
+    exemplars: dict[int, list] = {}
+    if gen.searcher is not None:
+        train_studies = {str(s) for s in df.iloc[train_rows]["study_id"]}
+        exemplars = exemplars_for_rows(
+            df, sorted(visual), gen.searcher, k_ret, allowed_studies=train_studies, model=retrieval_model
+        )
+    study_rows: dict[str, int] = {}
+    for pos in train_rows:
+        study_rows.setdefault(str(df.iloc[pos]["study_id"]), pos)
+    by_prompt, by_task = constant_answers(build_examples(df, tasks, train_rows, seed=seed))
+
+    results: dict[str, dict] = {}
+    samples: dict[str, list] = {}
+    conditions = ["constant"] + (["retrieval-only"] if exemplars else []) + ["vlm k=0"]
+    if k > 0 and exemplars:
+        conditions.append(f"vlm k={k}")
+    import torch
+
+    for task, exs in examples.items():
+        results[task] = {}
+        for cond in conditions:
+            if cond == "constant":
+                answers = [
+                    by_prompt.get((task, e.prompt), by_task.get(task, DEFAULT_ANSWER[task])) for e in exs
+                ]
+            elif cond == "retrieval-only":
+                answers = [retrieval_answer(df, study_rows, e, exemplars.get(e.row, [])) for e in exs]
+            else:
+                kk = 0 if cond == "vlm k=0" else k
+                vis = torch.stack([visual[e.row] for e in exs]).float()
+                ctx = [exemplars.get(e.row, [])[:kk] for e in exs]
+                outs = gen.generate(vis, [task] * len(exs), [e.prompt for e in exs], ctx)
+                answers = [o["text"] for o in outs]
+                samples.setdefault(task, [])
+                for e, o in list(zip(exs, outs, strict=True))[:3]:
+                    samples[task].append(
+                        {
+                            "condition": cond,
+                            "prompt": e.prompt,
+                            "target": e.target,
+                            "output": o["text"],
+                            "exemplars": o["exemplars"],
+                        }
+                    )
+            results[task][cond] = {"n": len(exs), **score_task(task, exs, answers, meteor=meteor)}
+    return {
+        "vlm": str(vlm_dir),
+        "index": str(index_dir) if index_dir else None,
+        "split": split,
+        "k": k,
+        "rows": len(rows),
+        "bad_rows": bad,
+        "tasks": results,
+        "samples": samples,
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.3f}"
+    return str(v)
+
+
+def results_markdown(res: dict) -> str:
+    """One markdown table per task: conditions as rows, metrics as columns."""
+    lines = []
+    for task, conds in res["tasks"].items():
+        cols = [c for c in next(iter(conds.values())) if c != "gt_boxes"]
+        lines += [
+            f"### [{task}]",
+            "",
+            "| condition | " + " | ".join(cols) + " |",
+            "|---" * (len(cols) + 1) + "|",
+        ]
+        for cond, m in conds.items():
+            lines.append(f"| {cond} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
+        lines.append("")
+    return "\n".join(lines)

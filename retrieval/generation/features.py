@@ -1,0 +1,140 @@
+"""What the VLM reads besides text, computed once per image: frozen visual tokens and retrieved exemplars.
+
+Visual tokens for many manifest rows are computed in batches (bad images skipped and reported, never fatal).
+Exemplars come from an index folder (`index.search.Searcher`): the query vector of a row is the index's stored
+image vector when the row's image is in the index (no model needed), else the retrieval model embeds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from retrieval.errors import CXRError
+from retrieval.generation.model import encode_visual
+from retrieval.generation.rag import Exemplar, retrieve_exemplars
+from retrieval.progress import make_progress
+
+
+def row_image_path(df: pd.DataFrame, pos: int) -> Path:
+    """The resolved image path of the manifest row at position `pos`."""
+    from retrieval.data.manifest import resolve_image_path
+
+    return resolve_image_path(df.attrs.get("root"), df.iloc[pos]["image_path"])
+
+
+def visual_tokens_for_rows(
+    df: pd.DataFrame,
+    rows: Sequence[int],
+    encoders: Sequence[Any],
+    grid: int | None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], list[dict]]:
+    """{row position: (N, D) float16 visual tokens} and the bad rows ({row, image_id, path, reason})."""
+    from retrieval.data.image_io import read_image
+
+    out: dict[int, torch.Tensor] = {}
+    bad: list[dict] = []
+    with make_progress(disable=not progress) as bar:
+        task = bar.add_task("visual tokens", total=len(rows), unit="images")
+        for start in range(0, len(rows), batch_size):
+            chunk, arrays = [], []
+            for pos in rows[start : start + batch_size]:
+                path = row_image_path(df, pos)
+                try:
+                    arrays.append(read_image(path))
+                    chunk.append(pos)
+                except CXRError as e:
+                    bad.append(
+                        {
+                            "row": int(pos),
+                            "image_id": str(df.iloc[pos]["image_id"]),
+                            "path": str(path),
+                            "reason": str(e),
+                        }
+                    )
+            if arrays:
+                toks = encode_visual(encoders, arrays, grid=grid, batch_size=batch_size)
+                for pos, t in zip(chunk, toks, strict=True):
+                    out[int(pos)] = t.to(torch.float16)
+            bar.advance(task, len(rows[start : start + batch_size]))
+    return out, bad
+
+
+def open_searcher(index_dir: str | Path, model: Any = None):
+    """A Searcher over `index_dir` (with `model` when given, checked against the index's fingerprint)."""
+    from index.search import Searcher
+
+    return Searcher(index_dir, model=model)
+
+
+def retrieval_model_for(searcher: Any, device: str | None = None) -> Any:
+    """The retrieval model an index was built with, from the folder recorded in its index_info.json."""
+    from retrieval.errors import IndexError_
+    from retrieval.models import load_model
+
+    rec = searcher.index.info.get("model", {})
+    path = rec.get("path")
+    if not path or not Path(path).is_dir():
+        raise IndexError_(
+            f"{searcher.index.path}: index_info.json names no model folder (model {rec.get('name')!r}); "
+            "images outside the index need the model the index was built with"
+        )
+    return load_model(path, device=device)
+
+
+def query_vectors(df: pd.DataFrame, rows: Sequence[int], searcher: Any, model: Any = None) -> np.ndarray:
+    """Image vectors of `rows`: the index's stored vector when the image_id is indexed, else embedded."""
+    from index.search import exact_vectors
+
+    meta = searcher.index.meta
+    where = {str(i): r for r, i in enumerate(meta["image_id"].astype(str))}
+    stored = exact_vectors(searcher.index.images)
+    out = np.zeros((len(rows), searcher.index.dim), dtype=np.float32)
+    missing = []
+    for j, pos in enumerate(rows):
+        r = where.get(str(df.iloc[pos]["image_id"]))
+        if r is not None and stored is not None:
+            out[j] = stored[r]
+        elif r is not None:
+            out[j] = searcher.index.images.reconstruct(int(r))
+        else:
+            missing.append(j)
+    if missing:
+        model = model or retrieval_model_for(searcher)
+        paths = [str(row_image_path(df, rows[j])) for j in missing]
+        out[missing] = np.asarray(model.encode_images(paths), dtype=np.float32)
+    return out
+
+
+def exemplars_for_rows(
+    df: pd.DataFrame,
+    rows: Sequence[int],
+    searcher: Any,
+    k: int,
+    allowed_studies: Collection[str] | None = None,
+    model: Any = None,
+) -> dict[int, list[Exemplar]]:
+    """Top-k exemplar reports per row: never the row's own study or patient; only `allowed_studies`."""
+    if k <= 0 or not len(rows):
+        return {int(p): [] for p in rows}
+    vecs = query_vectors(df, rows, searcher, model)
+    meta = searcher.index.meta
+    meta = meta.assign(report=meta["report"].where(meta["has_report"].astype(bool), ""))
+    backend = searcher.backend("reports")
+    found = retrieve_exemplars(
+        backend.search,
+        vecs,
+        meta,
+        k,
+        [str(df.iloc[p]["study_id"]) for p in rows],
+        [str(df.iloc[p]["patient_id"]) for p in rows],
+        allowed_studies,
+    )
+    return {int(p): ex for p, ex in zip(rows, found, strict=True)}

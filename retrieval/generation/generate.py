@@ -1,0 +1,173 @@
+"""Decoding with a trained VLM: image(s) + task (+ question / phrase) + top-k retrieved exemplars -> text.
+
+`generate_for_image(image, index_dir, vlm_dir)` is the one-call entry point (`cxr generate`, `cxr demo`): it
+returns the text, the task, the boxes parsed from it (identify / ground / where-questions) and the exemplars
+the prompt carried (study ids + scores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retrieval.errors import UsageError
+from retrieval.generation.boxes import parse_boxes
+from retrieval.generation.model import VLM, encode_visual
+from retrieval.generation.rag import Exemplar, build_prompt_ids
+from retrieval.generation.tasks import OPEN_QUESTION, PROMPTS
+from retrieval.generation.tokenizer import TASKS, decode
+from retrieval.labels import LABELS
+
+DEFAULT_BUDGET = 160
+MAX_NEW_TOKENS = {"report": 96, "vqa": 32, "classify": 32, "identify": 64, "ground": 24}
+
+
+def task_prompt(task: str, question: str | None = None, phrase: str | None = None) -> str:
+    """The instruction text for `task` (VQA needs a question, grounding a phrase)."""
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if task == "vqa":
+        return (question or OPEN_QUESTION).strip().lower()
+    if task == "ground":
+        if not phrase or not phrase.strip():
+            raise UsageError("--task ground needs --phrase (an anatomy or finding, e.g. 'right lung')")
+        return phrase.strip().lower()
+    return PROMPTS[task]
+
+
+class Generator:
+    """A loaded VLM (+ its frozen encoders) and, optionally, the index its exemplars come from."""
+
+    def __init__(
+        self,
+        vlm_dir: str | Path,
+        index_dir: str | Path | None = None,
+        device: str | None = None,
+        retrieval_model: Any = None,
+    ):
+        self.vlm_dir = Path(vlm_dir)
+        self.vlm = VLM.load(vlm_dir, device=device)
+        self.encoders = self.vlm.load_encoders(vlm_dir)
+        self.grid = self.vlm.config.get("visual_grid")
+        self.budget = int(self.vlm.config.get("prompt_budget", DEFAULT_BUDGET))
+        self.searcher = None
+        self._retrieval_model = retrieval_model
+        if index_dir is not None:
+            from retrieval.generation.features import open_searcher
+
+            self.searcher = open_searcher(index_dir)
+
+    def visual(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Combined, pooled visual tokens for HxW [0, 1] arrays."""
+        return encode_visual(self.encoders, images, grid=self.grid)
+
+    def retrieval_model(self) -> Any:
+        """The model the index was built with (a VLM encoder with the same fingerprint is reused)."""
+        if self._retrieval_model is None:
+            want = self.searcher.index.info.get("model", {}).get("fingerprint")
+            same = [e for e in self.encoders if str(getattr(e, "fingerprint", "")) == str(want)]
+            if same:
+                self._retrieval_model = same[0]
+            else:
+                from retrieval.generation.features import retrieval_model_for
+
+                self._retrieval_model = retrieval_model_for(self.searcher)
+        return self._retrieval_model
+
+    def exemplars_for_images(
+        self,
+        images: Sequence[np.ndarray],
+        k: int,
+        exclude_studies: Sequence[str | None] | None = None,
+        exclude_patients: Sequence[str | None] | None = None,
+    ) -> list[list[Exemplar]]:
+        """Top-k exemplars per image from the index (none when k = 0 or there is no index)."""
+        if k <= 0:
+            return [[] for _ in images]
+        if self.searcher is None:
+            raise UsageError("retrieval needs --index (or pass -k 0)")
+        from retrieval.generation.rag import retrieve_exemplars
+
+        vecs = np.asarray(self.retrieval_model().encode_images(list(images)), dtype=np.float32)
+        meta = self.searcher.index.meta
+        meta = meta.assign(report=meta["report"].where(meta["has_report"].astype(bool), ""))
+        n = len(images)
+        return retrieve_exemplars(
+            self.searcher.backend("reports").search,
+            vecs,
+            meta,
+            k,
+            list(exclude_studies or [None] * n),
+            list(exclude_patients or [None] * n),
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        visual: torch.Tensor,
+        tasks: Sequence[str],
+        prompts: Sequence[str],
+        exemplars: Sequence[Sequence[Exemplar]],
+        batch_size: int = 32,
+    ) -> list[dict]:
+        """One answer per (visual, task, prompt, exemplars): {text, task, prompt, exemplars, boxes}."""
+        tok = self.vlm.tok
+        out: list[dict] = []
+        for start in range(0, len(tasks), batch_size):
+            sl = slice(start, start + batch_size)
+            ids, used = [], []
+            for t, p, ex in zip(tasks[sl], prompts[sl], exemplars[sl], strict=True):
+                i, u = build_prompt_ids(tok, t, p, ex, self.budget)
+                ids.append(i)
+                used.append(u)
+            max_new = max(MAX_NEW_TOKENS[t] for t in tasks[sl])
+            gen = self.vlm.generate(visual[sl], ids, max_new_tokens=max_new)
+            for t, p, g, u in zip(tasks[sl], prompts[sl], gen, used, strict=True):
+                text = decode(tok, g)
+                rec = {"task": t, "prompt": p, "text": text, "exemplars": [e.to_dict(False) for e in u]}
+                if t in ("identify", "ground") or (t == "vqa" and "{" in text):
+                    rec["boxes"] = parse_boxes(text, LABELS)
+                out.append(rec)
+        return out
+
+
+def generate_for_image(
+    image: str | Path | np.ndarray,
+    index_dir: str | Path | None,
+    vlm_dir: str | Path,
+    task: str = "report",
+    k: int = 3,
+    question: str | None = None,
+    phrase: str | None = None,
+    generator: Generator | None = None,
+    retrieval_model: Any = None,
+    exclude_study: str | None = None,
+    exclude_patient: str | None = None,
+) -> dict:
+    """Image path (PNG/JPEG/DICOM) or HxW array -> {text, task, prompt, exemplars, boxes?}.
+
+    `index_dir=None` or `k=0` generates without retrieval. Exemplars never come from `exclude_study` /
+    `exclude_patient`; for an image file that is in the index, those default to its own study and patient.
+    `retrieval_model` defaults to the model recorded in the index's index_info.json; pass a loaded one (or a
+    `generator`) to reuse it across calls.
+    """
+    prompt = task_prompt(task, question, phrase)
+    gen = generator or Generator(vlm_dir, index_dir if k > 0 else None, retrieval_model=retrieval_model)
+    if isinstance(image, str | Path):
+        from retrieval.data.image_io import read_image
+
+        if gen.searcher is not None and exclude_study is None and exclude_patient is None:
+            # An image that is itself in the index never retrieves its own study or patient.
+            meta = gen.searcher.index.meta
+            hit = meta[meta["image_path"].astype(str) == str(Path(image).resolve())]
+            if len(hit):
+                exclude_study, exclude_patient = str(hit.iloc[0]["study_id"]), str(hit.iloc[0]["patient_id"])
+        image = read_image(image)
+    exemplars = [[]]
+    if k > 0 and gen.searcher is not None:
+        exemplars = gen.exemplars_for_images([image], k, [exclude_study], [exclude_patient])
+    return gen.generate(gen.visual([image]), [task], [prompt], exemplars)[0]

@@ -1,0 +1,270 @@
+"""Multi-task VLM training: resumable, with a progress bar.
+
+One run: build the examples of the training split, compute the frozen visual tokens once, precompute each
+row's exemplars once (retrieval model vectors from the index, never the same study or patient, only training
+studies), then train the projector + LM on batches drawn by inverse task size (optionally in two stages).
+A fraction of examples (`rag_dropout`) is trained without exemplars so that one model serves k = 0 and k > 0.
+Checkpoints (`OUT/checkpoint/`) hold model, optimiser, scheduler and sampler state; `resume=True` continues
+from there and draws the same batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from retrieval.errors import CXRError, UsageError
+from retrieval.fileio import write_json_atomic
+from retrieval.generation.model import VLM, load_encoder
+from retrieval.generation.rag import Exemplar, build_prompt_ids
+from retrieval.generation.sampling import TaskSampler, stage_tasks
+from retrieval.generation.tasks import Example, build_examples
+from retrieval.generation.tokenizer import TASKS
+from retrieval.progress import make_progress
+
+
+@dataclass
+class VLMTrainConfig:
+    """Everything a training run depends on (saved to train_info.json)."""
+
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    encoders: list[str] = field(default_factory=list)  # empty: the index's retrieval model, else patch:1
+    rag_k: int = 3
+    rag_dropout: float = 0.3
+    prompt_budget: int = 160
+    max_target_tokens: int = 80
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    two_stage: bool = False
+    stage1_fraction: float = 0.3
+    checkpoint_every: int = 50
+    visual_grid: int = 7
+    seed: int = 0
+    split: str = "train"
+    lm_path: str | None = None
+    lora: bool = False
+    lora_r: int = 8
+    lm_overrides: dict = field(default_factory=dict)
+
+
+def split_rows(df: pd.DataFrame, split: str) -> list[int]:
+    """Positions of the rows in `split` (an error naming the splits present when there are none)."""
+    if "split" not in df.columns:
+        raise UsageError("the manifest has no split column; assign splits first (by patient)")
+    rows = [i for i, s in enumerate(df["split"].astype(str)) if s == split]
+    if not rows:
+        present = sorted(set(df["split"].astype(str)))
+        raise UsageError(f"no rows in split {split!r}; the manifest has {present}")
+    return rows
+
+
+def resolve_encoders(specs: Sequence[str], searcher: Any | None) -> list[str]:
+    """Default visual encoder: the index's retrieval model (`cxr:PATH`) when known, else a patch tower."""
+    if specs:
+        return list(specs)
+    if searcher is not None:
+        path = searcher.index.info.get("model", {}).get("path")
+        if path and Path(path).is_dir():
+            return [f"cxr:{path}"]
+    return ["patch:1"]
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def encode_batch(
+    tok: Any,
+    batch: Sequence[Example],
+    exemplars: dict[int, list[Exemplar]],
+    ks: Sequence[int],
+    budget: int,
+    max_target: int,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt and target token ids for a batch; example i carries its row's first ks[i] exemplars."""
+    prompts, targets = [], []
+    for ex, k in zip(batch, ks, strict=True):
+        ids, _ = build_prompt_ids(tok, ex.task, ex.prompt, exemplars.get(ex.row, [])[:k], budget)
+        prompts.append(ids)
+        targets.append(tok(ex.target, add_special_tokens=False)["input_ids"][:max_target])
+    return prompts, targets
+
+
+def _save_checkpoint(out: Path, vlm: VLM, opt, sched, sampler: TaskSampler, step: int, losses: list) -> None:
+    ck = out / "checkpoint"
+    tmp = out / "checkpoint.tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    vlm.save(tmp / "vlm")
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
+    write_json_atomic(tmp / "state.json", {"step": step, "sampler": sampler.state_dict(), "losses": losses})
+    if ck.exists():
+        import shutil
+
+        shutil.rmtree(ck)
+    tmp.rename(ck)
+
+
+def train_vlm(
+    manifest: str | Path | pd.DataFrame,
+    out_dir: str | Path,
+    config: VLMTrainConfig | None = None,
+    index_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train on the manifest's training split; writes the VLM folder to `out_dir`; returns run info."""
+    from retrieval.data.manifest import read_manifest
+
+    config = config or VLMTrainConfig()
+    out = Path(out_dir)
+    if (out / "vlm_config.json").exists() and not resume and not (out / "checkpoint").exists():
+        raise UsageError(f"{out} already holds a trained VLM; choose another --out or pass --resume")
+    if (out / "checkpoint").exists() and not resume:
+        raise UsageError(
+            f"{out} holds a checkpoint of an unfinished run; pass --resume or choose another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    torch.manual_seed(config.seed)
+    df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
+    rows = split_rows(df, config.split)
+
+    searcher = None
+    if index_dir is not None:
+        from retrieval.generation.features import open_searcher
+
+        searcher = open_searcher(index_dir)
+    elif config.rag_k > 0:
+        raise UsageError("--rag-k > 0 needs --index (or pass --rag-k 0 to train without retrieval)")
+    config.encoders = resolve_encoders(config.encoders, searcher)
+    examples = build_examples(df, config.tasks, rows, seed=config.seed)
+    if not examples:
+        raise CXRError(f"the {config.split} split yields no examples for tasks {config.tasks}")
+
+    # Frozen visual tokens, once. Rows whose image cannot be read are dropped (and reported).
+    from retrieval.generation.features import exemplars_for_rows, visual_tokens_for_rows
+
+    encoders = [load_encoder(s) for s in config.encoders]
+    used_rows = sorted({ex.row for exs in examples.values() for ex in exs})
+    visual, bad = visual_tokens_for_rows(df, used_rows, encoders, config.visual_grid, progress=progress)
+    if not visual:
+        raise CXRError("no readable training image (see the bad rows above)")
+    examples = {t: [e for e in exs if e.row in visual] for t, exs in examples.items()}
+    examples = {t: exs for t, exs in examples.items() if exs}
+
+    exemplars: dict[int, list[Exemplar]] = {}
+    if searcher is not None and config.rag_k > 0:
+        train_studies = {str(s) for s in df.iloc[rows]["study_id"]}
+        exemplars = exemplars_for_rows(
+            df, sorted(visual), searcher, config.rag_k, allowed_studies=train_studies
+        )
+
+    corpus = [e.target for exs in examples.values() for e in exs] + [
+        e.prompt for exs in examples.values() for e in exs
+    ]
+    corpus += list({x.report for exs in exemplars.values() for x in exs})
+    visual_dim = next(iter(visual.values())).shape[-1]
+
+    ck = out / "checkpoint"
+    start = 0
+    losses: list[float] = []
+    if resume and ck.exists():
+        vlm = VLM.load(ck / "vlm", trainable=True)
+        state = json.loads((ck / "state.json").read_text())
+        start, losses = int(state["step"]), list(state["losses"])
+    else:
+        enc_meta = [
+            {"spec": s, "name": str(getattr(e, "name", s))}
+            for s, e in zip(config.encoders, encoders, strict=True)
+        ]
+        vlm = VLM.create(
+            visual_dim,
+            enc_meta,
+            config.lm_path,
+            config.lora,
+            config.lora_r,
+            config.lm_overrides,
+            config.seed,
+            corpus,
+        )
+    vlm.config.update(
+        visual_grid=config.visual_grid, prompt_budget=config.prompt_budget, tasks=list(examples)
+    )
+    vlm.train()
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.warmup_steps, config.steps))
+    sampler = TaskSampler(examples, seed=config.seed)
+    if resume and ck.exists():
+        opt_state = torch.load(ck / "optim.pt", weights_only=True)
+        opt.load_state_dict(opt_state["optimizer"])
+        sched.load_state_dict(opt_state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+
+    tok = vlm.tok
+    with make_progress(disable=not progress) as bar:
+        task = bar.add_task("training VLM", total=config.steps, completed=start, unit="steps")
+        for step in range(start, config.steps):
+            active = stage_tasks(step, config.steps, list(examples), config.two_stage, config.stage1_fraction)
+            batch = sampler.sample(config.batch_size, active)
+            rng = np.random.default_rng([config.seed, step])
+            ks = [0 if rng.random() < config.rag_dropout else config.rag_k for _ in batch]
+            prompts, targets = encode_batch(
+                tok, batch, exemplars, ks, config.prompt_budget, config.max_target_tokens
+            )
+            vis = torch.stack([visual[ex.row] for ex in batch]).float()
+            loss = vlm(vis, prompts, targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(round(float(loss.detach()), 4))
+            bar.update(task, advance=1, description=f"training VLM (loss {np.mean(losses[-20:]):.3f})")
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                _save_checkpoint(out, vlm, opt, sched, sampler, step + 1, losses)
+
+    vlm.eval()
+    vlm.save(out, encoders)
+    info = {
+        "config": asdict(config),
+        "index": str(index_dir) if index_dir else None,
+        "train_rows": len(rows),
+        "bad_rows": bad,
+        "task_sizes": {t: len(v) for t, v in examples.items()},
+        "task_weights": sampler.weights(),
+        "steps": config.steps,
+        "loss_first20": float(np.mean(losses[:20])) if losses else None,
+        "loss_last20": float(np.mean(losses[-20:])) if losses else None,
+        "losses": losses,
+        "params_trainable": int(sum(p.numel() for p in params)),
+        "vocab_size": len(tok),
+        "seconds": round(time.time() - t0, 1),
+    }
+    write_json_atomic(out / "train_info.json", info)
+    if ck.exists():
+        import shutil
+
+        shutil.rmtree(ck)
+    return info
