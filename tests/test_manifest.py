@@ -59,6 +59,15 @@ def test_round_trip(tmp_path, suffix):
     assert validate_manifest(back) == []
 
 
+def test_extra_list_column_round_trips_as_lists(tmp_path):
+    df = _good(2)
+    df["mesh"] = [["Cardiomegaly/mild", "Opacity"], []]
+    write_manifest(df, tmp_path / "m.parquet")
+    back = read_manifest(tmp_path / "m.parquet")
+    assert back["mesh"].tolist() == [["Cardiomegaly/mild", "Opacity"], []]
+    assert all(isinstance(v, list) for v in back["mesh"])
+
+
 def test_parquet_column_types(tmp_path):
     write_manifest(_good(), tmp_path / "m.parquet")
     schema = pq.read_schema(tmp_path / "m.parquet")
@@ -199,3 +208,7 @@ def test_summarize():
     assert s["splits"] == {"train": 2, "val": 2, "test": 2} and s["views"] == {"PA": 3, "LATERAL": 3}
     assert s["images_without_file"] == 1 and s["problems"] == ["row 9: skipped"]
     json.dumps(s)  # JSON-ready for --json
+    df.loc[1, "split"] = "holdout"
+    assert summarize_manifest(df)["problems"] == [
+        "row 1 (image_id 'i1'): split: unknown split 'holdout' (expected one of ('train', 'val', 'test'))"
+    ]

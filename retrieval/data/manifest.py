@@ -185,6 +185,14 @@ def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
                 problems.append(Problem(i, col, f"cannot parse {str(v)[:60]!r}: {e}", ids[i]))
                 values.append([])
         out[col] = pd.Series(values, index=out.index, dtype=object)
+    for col in out.columns:  # extra list columns (e.g. `mesh`) come back from Parquet as numpy arrays
+        if col not in COLUMNS and out[col].dtype == object:
+            if any(isinstance(v, np.ndarray) for v in out[col]):
+                out[col] = pd.Series(
+                    [v.tolist() if isinstance(v, np.ndarray) else v for v in out[col]],
+                    index=out.index,
+                    dtype=object,
+                )
     order = [c for c in COLUMNS if c in out.columns] + [c for c in out.columns if c not in COLUMNS]
     out = out[order]
     out.attrs = dict(df.attrs)
@@ -403,14 +411,16 @@ def assign_splits(
 
 def summarize_manifest(df: pd.DataFrame, problems: Sequence[Problem | str] | None = None) -> dict[str, Any]:
     """Counts a person wants after an import: studies, images, patients, per-label image counts, boxes (total
-    and per label), splits, views, images without a file, and the problems (strings) passed in."""
+    and per label), splits, views, images without a file, and the problems (strings) passed in, or by default
+    those `validate_manifest` finds (files not checked)."""
 
     def col(name: str) -> list[Any]:
         return list(df[name]) if name in df.columns else []
 
+    if problems is None:
+        problems = validate_manifest(df)
     label_counts = Counter(label for labels in col("labels") for label in labels)
     box_counts = Counter(box.get("label", "") for boxes in col("boxes") for box in boxes)
-    problems = list(problems or [])
     return {
         "studies": len({_text(v) for v in col("study_id")} - {""}),
         "images": len(df),
