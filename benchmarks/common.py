@@ -91,7 +91,8 @@ def write_results(name: str, payload: dict, markdown: str, command: str) -> tupl
     payload["command"] = command
     json_path = RESULTS / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    md = [f"# {name}", "", f"Command: `{command}`", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), ""]
+    machine = "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items())
+    md = [f"# {name}", "", f"Command: `{command}`", "", machine, ""]
     md_path = RESULTS / f"{name}.md"
     md_path.write_text("\n".join(md) + "\n" + markdown)
     return json_path, md_path

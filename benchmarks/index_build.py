@@ -1,0 +1,171 @@
+"""Index build speed and memory, files to index: images/s and peak RSS at several corpus sizes.
+
+    python -m benchmarks.index_build --sizes 10000 100000
+
+Synthetic 256x256 greyscale JPEG files (made once under --workdir, outside the repo) with report texts cycled from
+the IU X-ray reports. Each build runs `cxr index build` in its own process; a sampler sums the RSS of that process
+and its DataLoader workers every 0.1 s. The naive way (decode every image into a list, encode one image at a time
+with open_clip-style PIL preprocessing, then build) runs at the smallest size in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+
+from benchmarks.common import markdown_table, write_results
+
+
+def make_files(folder: Path, n: int, size: int = 256) -> list[str]:
+    """n distinct greyscale JPEGs (smooth gradients + noise, so they compress like radiographs)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i:07d}.jpg"
+        paths.append(str(p))
+        if p.exists():
+            continue
+        a, b, c = rng.uniform(0.2, 0.8, 3)
+        img = 255 * np.clip(a * xx + b * yy * (1 - yy) * 2 + c * 0.3 + 0.05 * rng.standard_normal((size, size)), 0, 1)
+        Image.fromarray(img.astype(np.uint8)).save(p, quality=90)
+    return paths
+
+
+def make_manifest(paths: list[str], out: Path) -> Path:
+    from retrieval.data.demo import read_iu_reports
+    from retrieval.data.manifest import normalize_manifest, write_manifest
+
+    reports = [r.get("report") or r.get("findings") or "" for r in read_iu_reports()]
+    reports = [r for r in reports if r.strip()] or ["No acute cardiopulmonary abnormality."]
+    n = len(paths)
+    df = pd.DataFrame({
+        "image_id": [f"i{i}" for i in range(n)],
+        "study_id": [f"s{i}" for i in range(n)],
+        "patient_id": [f"p{i}" for i in range(n)],
+        "image_path": paths,
+        "report": [reports[i % len(reports)] for i in range(n)],
+        "split": "train",
+        "source": "synthetic",
+    })
+    write_manifest(normalize_manifest(df), out)
+    return out
+
+
+def run_sampled(cmd: list[str]) -> tuple[float, float, str]:
+    """Run cmd; return (seconds, peak RSS of the process tree in MiB, stdout)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak = [0.0]
+
+    def sample() -> None:
+        try:
+            root = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                total = 0
+                for p in [root, *root.children(recursive=True)]:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                peak[0] = max(peak[0], total / 2**20)
+                time.sleep(0.1)
+        except psutil.Error:
+            pass
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    t.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    return time.perf_counter() - t0, peak[0], out
+
+
+NAIVE = """
+import sys, time, numpy as np, torch, faiss
+from PIL import Image
+from retrieval.data.manifest import read_manifest
+from retrieval.models import load_model
+model = load_model(sys.argv[2]); model.eval()
+df = read_manifest(sys.argv[1])
+t = model.image_transform()
+imgs = [np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255 for p in df["image_path"]]  # all in memory
+with torch.no_grad():
+    vecs = [model.project_images(model.image_features(t(im).unsqueeze(0))).numpy() for im in imgs]  # one at a time
+    rep = model.encode_texts(list(df["report"]))
+x = np.concatenate(vecs).astype(np.float32)
+for v in (x, rep):
+    ix = faiss.IndexFlatIP(v.shape[1]); ix.add(np.ascontiguousarray(v))
+print(len(x))
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "cxr-bench-build"))
+    p.add_argument("--model", default="cxr-tiny", help="model name or folder (architecture is what matters)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True)
+    a = p.parse_args()
+    work = Path(a.workdir)
+    model_dir = work / "model"
+    if not (model_dir / "model_info.json").exists():
+        from retrieval.models import load_model
+
+        load_model(a.model).save(model_dir)
+    files = make_files(work / "images", max(a.sizes))
+    rows = []
+    for n in sorted(a.sizes):
+        manifest = make_manifest(files[:n], work / f"manifest_{n}.parquet")
+        out = work / f"index_{n}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        cmd = [sys.executable, "-m", "cli.main", "index", "build", "--manifest", str(manifest), "--model",
+               str(model_dir), "--out", str(out), "--workers", str(a.workers), "--batch-size", str(a.batch_size),
+               "--json"]
+        secs, peak, _ = run_sampled(cmd)
+        dim = json.loads((out / "index_info.json").read_text())["dim"]
+        rows.append({"n": n, "method": "cxr index build", "seconds": secs, "images_per_s": n / secs,
+                     "peak_rss_mib": peak, "vectors_mib": 2 * n * 4 * dim / 2**20})
+        print(rows[-1], flush=True)
+        if a.naive and n == min(a.sizes):
+            secs, peak, _ = run_sampled([sys.executable, "-c", NAIVE, str(manifest), str(model_dir)])
+            rows.append({"n": n, "method": "naive (all in memory, one image at a time)", "seconds": secs,
+                         "images_per_s": n / secs, "peak_rss_mib": peak, "vectors_mib": rows[-1]["vectors_mib"]})
+            print(rows[-1], flush=True)
+    ours = [r for r in rows if r["method"] == "cxr index build"]
+    lines = []
+    if len(ours) >= 2:
+        lo, hi = ours[0], ours[-1]
+        growth = (hi["peak_rss_mib"] - lo["peak_rss_mib"]) - (hi["vectors_mib"] - lo["vectors_mib"])
+        lines.append(f"- Peak RSS {lo['peak_rss_mib']:.0f} MiB at {lo['n']:,} images, {hi['peak_rss_mib']:.0f} MiB at "
+                     f"{hi['n']:,}; growth beyond the vectors themselves: {growth:.0f} MiB.")
+    naive = [r for r in rows if r["method"].startswith("naive")]
+    if naive:
+        lines.append(f"- At {ours[0]['n']:,} images the streaming build runs "
+                     f"{ours[0]['images_per_s'] / naive[0]['images_per_s']:.1f}x the naive images/s with "
+                     f"{ours[0]['peak_rss_mib'] / naive[0]['peak_rss_mib']:.2f}x its peak RSS.")
+    md = "\n".join(lines) + "\n\n" + markdown_table(rows)
+    cmd = "python -m benchmarks.index_build --sizes " + " ".join(map(str, a.sizes))
+    print(md)
+    write_results("index_build_cpu", {"rows": rows, "model": a.model}, md, cmd)
+
+
+if __name__ == "__main__":
+    main()
