@@ -360,7 +360,7 @@ def evaluate_iu(src: str | None = None) -> dict[str, Any]:
     from retrieval.data.demo import read_iu_reports
 
     truth, pred = [], []
-    for r in read_iu_reports(src):
+    for r in read_iu_reports(src or "builtin"):
         text = " ".join(x for x in (r["findings"], r["impression"]) if x)
         if not text.strip() or not r["mesh"] or r["mesh"] == ["No Indexing"]:
             continue
