@@ -1,0 +1,386 @@
+"""CXRModel: open_clip image + text towers, projector heads, and the one encode API (sentence-transformers style).
+
+Pieces the trainer uses one by one (so frozen tower features can be cached):
+  pixels --image_features--> (B, D_img) --project_images--> (B, E) unit vectors --abnormal_logit--> (B,)
+  texts --tokenize--> ids --text_features--> (B, D_txt) --project_texts--> (B, E) unit vectors
+`encode_images` / `encode_texts` chain them for users and return float32 numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from retrieval.device import PRECISIONS, autocast, resolve_device
+from retrieval.errors import ImageReadError
+from retrieval.fileio import write_json_atomic
+from retrieval.models.checkpoint import PROJECTOR_FILE, TOWERS_FILE, fingerprint_state, save_safetensors
+from retrieval.models.preprocess import GreyImageTransform
+from retrieval.models.projector import ProjectorHeads
+from retrieval.models.towers import pad_token_id
+
+# Parameter names that belong to a tower's input stem (kept frozen by `unfreeze_last`).
+_STEM_NAMES = (
+    "conv1",
+    "class_embedding",
+    "positional_embedding",
+    "ln_pre",
+    "patch_embed",
+    "cls_token",
+    "pos_embed",
+    "reg_token",
+    "norm_pre",
+    "embeddings",
+    "token_embedding",
+    "cls_emb",
+)
+
+
+def _blocks(tower: nn.Module) -> list[nn.Module]:
+    """The tower's repeated blocks (transformer layers): its longest ModuleList/Sequential of one module class."""
+    best: list[nn.Module] = []
+    for mod in tower.modules():
+        if isinstance(mod, (nn.ModuleList, nn.Sequential)):
+            children = list(mod.children())
+            if len(children) >= 2 and len({type(c) for c in children}) == 1 and len(children) > len(best):
+                best = children
+    return best
+
+
+class _ImageItems(torch.utils.data.Dataset):
+    """Paths / HxW arrays / preprocessed tensors -> (index, 3xSxS tensor or None, error or None).
+
+    Errors travel back as strings so the main process can raise ImageReadError naming the file (an exception
+    raised inside a DataLoader worker would lose its type)."""
+
+    def __init__(self, items: Sequence[Any], transform: GreyImageTransform):
+        self.items = items
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        item = self.items[i]
+        try:
+            if isinstance(item, torch.Tensor):
+                return i, item.float(), None
+            if isinstance(item, (str, Path)):
+                from retrieval.data.image_io import read_image
+
+                item = read_image(item)
+            return i, self.transform(item), None
+        except ImageReadError as e:
+            return i, None, f"{e.path}\0{e.reason}"
+        except Exception as e:
+            where = str(item) if isinstance(item, (str, Path)) else f"images[{i}]"
+            return i, None, f"{where}\0{type(e).__name__}: {e}"
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> list:
+    return batch
+
+
+class CXRModel(nn.Module):
+    """Image and text towers (open_clip) + projector heads; see docs/ARCHITECTURE.md "Models"."""
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: Any,
+        projector: ProjectorHeads,
+        *,
+        name: str,
+        model_cfg: dict,
+        preprocess_cfg: dict,
+        trains_image_tower: bool = False,
+        description: str = "",
+    ):
+        super().__init__()
+        self.clip = clip
+        self.projector = projector
+        self.tokenizer = tokenizer
+        self.name = name
+        self.model_cfg = model_cfg
+        self.preprocess_cfg = preprocess_cfg
+        self.trains_image_tower = trains_image_tower  # True: the image tower is trained from scratch (cxr-tiny)
+        self.description = description
+
+    # ---- facts -------------------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return int(self.projector.cfg.embed_dim)
+
+    @property
+    def image_size(self) -> int:
+        size = self.clip.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", 77))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of all weights (towers + projector heads); recomputed on every access, so it follows training."""
+        return fingerprint_state(self.state_dict())
+
+    def refresh_fingerprint(self) -> str:
+        """The current fingerprint (the property is always fresh; kept for callers that want an explicit call)."""
+        return self.fingerprint
+
+    def towers(self) -> dict[str, nn.Module]:
+        """{"image": image tower, "text": text tower} (open_clip modules, projector heads excluded)."""
+        return {"image": self.clip.visual, "text": self.clip.text}
+
+    # ---- building blocks ---------------------------------------------------------------------------------
+    def image_transform(self) -> GreyImageTransform:
+        """Picklable HxW float [0,1] array -> (3, S, S) tensor: longest side to S, pad, grey x3, mean/std."""
+        cfg = self.preprocess_cfg
+        interpolation = cfg.get("interpolation", "bilinear")
+        if interpolation not in ("bilinear", "bicubic", "nearest", "area"):
+            interpolation = "bilinear"
+        return GreyImageTransform(
+            self.image_size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.25,) * 3), interpolation
+        )
+
+    def tokenize(self, texts: Sequence[str] | str) -> torch.Tensor:
+        """Token ids (B, L), truncated to the context length; trailing all-padding columns dropped (HF towers)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        tokens = self.tokenizer([str(t) for t in texts])
+        pad = pad_token_id(self.tokenizer)
+        if pad is not None and tokens.numel():
+            used = (tokens != pad).any(dim=0).nonzero()
+            width = int(used.max()) + 1 if used.numel() else 1
+            tokens = tokens[:, :width].contiguous()
+        return tokens
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, D_img): the image tower's pooled output (before the projector)."""
+        return self.clip.encode_image(pixels)
+
+    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, D_txt): the text tower's pooled output (before the projector)."""
+        return self.clip.encode_text(tokens)
+
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, D_tok): last-block patch tokens after the final norm (no class token), for the VLM."""
+        out = self.clip.visual.forward_intermediates(
+            pixels, indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NLC"
+        )
+        return out["image_intermediates"][-1]
+
+    def project_images(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, D_img) -> (B, embed_dim), L2-normalised float32."""
+        return self.projector.image(feats)
+
+    def project_texts(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, D_txt) -> (B, embed_dim), L2-normalised float32."""
+        return self.projector.text(feats)
+
+    def abnormal_logit(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim) embeddings -> (B,) abnormality logits (BCE; abnormal = any label but No Finding)."""
+        return self.projector.abnormal_logit(emb)
+
+    def forward(self, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> dict:
+        """Embeddings (and image abnormality logits) for whichever inputs are given."""
+        out: dict[str, torch.Tensor] = {}
+        if pixels is not None:
+            out["image_emb"] = self.project_images(self.image_features(pixels))
+            out["abnormal_logit"] = self.abnormal_logit(out["image_emb"])
+        if tokens is not None:
+            out["text_emb"] = self.project_texts(self.text_features(tokens))
+        return out
+
+    # ---- freezing ----------------------------------------------------------------------------------------
+    def freeze_towers(self) -> None:
+        """Freeze the whole open_clip model (both towers); the projector heads stay trainable."""
+        self.clip.requires_grad_(False)
+        self.projector.requires_grad_(True)
+
+    def unfreeze_last(self, n_blocks: int, towers: Sequence[str] = ("image", "text")) -> dict[str, int]:
+        """Freeze the towers, then unfreeze the last `n_blocks` blocks of each named tower plus its head (final
+        norm, pooling, projection); the stem (patch/token embeddings) stays frozen. Returns blocks per tower."""
+        if n_blocks < 0:
+            raise ValueError("n_blocks must be >= 0")
+        self.freeze_towers()
+        counts = {}
+        for kind in towers:
+            tower = self.towers()[kind]
+            blocks = _blocks(tower)
+            chosen = blocks[len(blocks) - min(n_blocks, len(blocks)) :] if n_blocks else []
+            for block in chosen:
+                block.requires_grad_(True)
+            if n_blocks:
+                in_blocks = {id(p) for b in blocks for p in b.parameters()}
+                for pname, p in tower.named_parameters():
+                    if id(p) not in in_blocks and not any(s in pname.split(".") for s in _STEM_NAMES):
+                        p.requires_grad_(True)
+            counts[kind] = len(chosen)
+        return counts
+
+    # ---- encode API --------------------------------------------------------------------------------------
+    def _prepare(self, device: str | torch.device | None, precision: str) -> torch.device:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if device is not None:
+            dev = resolve_device(device)
+            if dev != self.device:
+                self.to(dev)
+        return self.device
+
+    @torch.no_grad()
+    def encode_images(
+        self,
+        images: Sequence[Any] | torch.Tensor,
+        batch_size: int = 32,
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        show_progress_bar: bool = False,
+        num_workers: int = 0,
+    ) -> np.ndarray:
+        """Embed images -> float32 C-contiguous (N, embed_dim) L2-normalised array, in input order.
+
+        `images`: file paths (read by retrieval.data.image_io.read_image), HxW float [0,1] arrays, or
+        preprocessed (3, S, S) tensors (a (N, 3, S, S) tensor works too). `num_workers > 0` decodes and
+        preprocesses in DataLoader worker processes. A bad image raises ImageReadError naming it."""
+        from retrieval.progress import make_progress
+
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            images = list(images)
+        items = list(images)
+        dev = self._prepare(device, precision)
+        out = np.zeros((len(items), self.embed_dim), dtype=np.float32)
+        if not items:
+            return out
+        data = _ImageItems(items, self.image_transform())
+        loader = torch.utils.data.DataLoader(
+            data,
+            batch_size=max(1, int(batch_size)),
+            shuffle=False,
+            num_workers=max(0, int(num_workers)),
+            collate_fn=_collate,
+            persistent_workers=False,
+        )
+        was_training = self.training
+        self.eval()
+        try:
+            with make_progress(disable=not show_progress_bar) as progress:
+                task = progress.add_task("encoding images", total=len(items), unit="images")
+                for batch in loader:
+                    for _, tensor, err in batch:
+                        if err is not None:
+                            path, reason = err.split("\0", 1)
+                            raise ImageReadError(path, reason)
+                    idx = [i for i, _, _ in batch]
+                    pixels = torch.stack([t for _, t, _ in batch]).to(dev, non_blocking=True)
+                    with autocast(dev, precision):
+                        emb = self.project_images(self.image_features(pixels))
+                    out[idx] = emb.float().cpu().numpy()
+                    progress.advance(task, len(batch))
+        finally:
+            self.train(was_training)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    @torch.no_grad()
+    def encode_texts(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        show_progress_bar: bool = False,
+    ) -> np.ndarray:
+        """Embed report texts -> float32 C-contiguous (N, embed_dim) L2-normalised array, in input order."""
+        from retrieval.progress import make_progress
+
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        dev = self._prepare(device, precision)
+        out = np.zeros((len(texts), self.embed_dim), dtype=np.float32)
+        bs = max(1, int(batch_size))
+        was_training = self.training
+        self.eval()
+        try:
+            with make_progress(disable=not show_progress_bar) as progress:
+                task = progress.add_task("encoding texts", total=len(texts), unit="texts")
+                for start in range(0, len(texts), bs):
+                    chunk = texts[start : start + bs]
+                    tokens = self.tokenize(chunk).to(dev)
+                    with autocast(dev, precision):
+                        emb = self.project_texts(self.text_features(tokens))
+                    out[start : start + len(chunk)] = emb.float().cpu().numpy()
+                    progress.advance(task, len(chunk))
+        finally:
+            self.train(was_training)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    # ---- saving ------------------------------------------------------------------------------------------
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the self-describing folder `load_model(out_dir)` reloads offline (see checkpoint.py for the layout).
+
+        Files are written atomically one by one, `model_info.json` last, into `out_dir` (other files there are kept).
+        """
+        import open_clip
+        import transformers
+
+        import retrieval
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            out / "open_clip_config.json",
+            {"model_cfg": self.model_cfg, "preprocess_cfg": dict(self.clip.visual.preprocess_cfg)},
+        )
+        save_safetensors(self.clip, out / TOWERS_FILE)
+        write_json_atomic(out / "projector.json", self.projector.cfg.to_dict())
+        save_safetensors(self.projector, out / PROJECTOR_FILE)
+        hf_config = getattr(self.clip.text, "config", None)
+        if hf_config is not None:  # HF text tower: its architecture config + tokenizer, so reloading is offline
+            (out / "text").mkdir(exist_ok=True)
+            hf_config.save_pretrained(out / "text")
+            inner = getattr(self.tokenizer, "tokenizer", None)
+            if inner is not None:
+                inner.save_pretrained(out / "text")
+        info = {
+            "name": self.name,
+            "description": self.description,
+            "embed_dim": self.embed_dim,
+            "image_size": self.image_size,
+            "context_length": self.context_length,
+            "trains_image_tower": self.trains_image_tower,
+            "fingerprint": self.fingerprint,
+            "fingerprint_method": "sha256 over sorted (name, dtype, shape, bytes) of every weight tensor",
+            "files": [TOWERS_FILE, PROJECTOR_FILE],
+            "versions": {
+                "cxr-retrieval": getattr(retrieval, "__version__", "unknown"),
+                "torch": torch.__version__,
+                "open_clip": open_clip.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        write_json_atomic(out / "model_info.json", info)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, embed_dim={self.embed_dim}, image_size={self.image_size}"
+
+    def describe(self) -> str:
+        """One JSON line with the model's name, sizes and fingerprint (for logs)."""
+        return json.dumps({"name": self.name, "embed_dim": self.embed_dim, "fingerprint": self.fingerprint})

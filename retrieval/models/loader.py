@@ -1,0 +1,103 @@
+"""`load_model(name_or_path)`: resolve the name (registry), build towers + tokenizer (towers), attach projector heads,
+load saved weights strictly and check the fingerprint (checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from retrieval.device import resolve_device
+from retrieval.errors import ModelLoadError
+from retrieval.models.checkpoint import PROJECTOR_FILE, TOWERS_FILE, load_safetensors_strict
+from retrieval.models.encoder import CXRModel
+from retrieval.models.projector import ProjectorConfig, ProjectorHeads
+from retrieval.models.registry import ModelSpec, resolve
+from retrieval.models.towers import build_from_config, build_tokenizer, create_open_clip
+
+
+def _tower_dims(clip: torch.nn.Module) -> tuple[int, int]:
+    """Output sizes of the image and text towers (open_clip's embed_dim for both, read from the modules)."""
+    text_dim = int(getattr(clip.text, "output_dim", 0) or 0)
+    image_dim = int(getattr(clip.visual, "output_dim", 0) or 0)
+    if not image_dim or not text_dim:
+        with torch.no_grad():
+            size = clip.visual.image_size
+            size = size if isinstance(size, (tuple, list)) else (size, size)
+            image_dim = image_dim or int(clip.encode_image(torch.zeros(1, 3, *size)).shape[-1])
+            text_dim = text_dim or int(clip.encode_text(torch.ones(1, 4, dtype=torch.long)).shape[-1])
+    return image_dim, text_dim
+
+
+def _projector(spec: ModelSpec, clip: torch.nn.Module) -> ProjectorHeads:
+    image_dim, text_dim = _tower_dims(clip)
+    settings = {"image_dim": image_dim, "text_dim": text_dim, **spec.projector}
+    settings.setdefault("embed_dim", int(spec.model_cfg.get("embed_dim", 512)) if spec.model_cfg else 512)
+    try:
+        cfg = ProjectorConfig.from_dict(settings)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{spec.name}: bad projector config ({e})") from None
+    if (cfg.image_dim, cfg.text_dim) != (image_dim, text_dim):
+        raise ModelLoadError(
+            f"{spec.name}: projector expects tower outputs ({cfg.image_dim}, {cfg.text_dim}) "
+            f"but the towers give ({image_dim}, {text_dim})"
+        )
+    return ProjectorHeads(cfg)
+
+
+def build_model(spec: ModelSpec, cache_dir: str | None = None) -> CXRModel:
+    """Build (and for saved folders, load) the model a spec describes, on the CPU."""
+    if spec.kind in ("hf-hub", "local-dir"):
+        clip, model_cfg = create_open_clip(spec, cache_dir=cache_dir)
+        preprocess_cfg = dict(clip.visual.preprocess_cfg)
+    else:
+        model_cfg = spec.model_cfg
+        preprocess_cfg = spec.preprocess_cfg
+        clip = build_from_config(
+            model_cfg,
+            preprocess_cfg,
+            text_source=spec.text_local,
+            text_pretrained=spec.text_pretrained,
+            text_hf_config=spec.text_hf_config,
+        )
+    tokenizer = build_tokenizer(spec, model_cfg, cache_dir=cache_dir)
+    model = CXRModel(
+        clip,
+        tokenizer,
+        _projector(spec, clip),
+        name=spec.name,
+        model_cfg=model_cfg,
+        preprocess_cfg=preprocess_cfg,
+        trains_image_tower=spec.trains_image_tower,
+        description=spec.description,
+    )
+    if spec.kind == "saved":
+        _load_saved_weights(model, spec.path)
+    return model
+
+
+def _load_saved_weights(model: CXRModel, folder: Path) -> None:
+    import json
+
+    load_safetensors_strict(model.clip, folder / TOWERS_FILE)
+    load_safetensors_strict(model.projector, folder / PROJECTOR_FILE)
+    info = json.loads((folder / "model_info.json").read_text(encoding="utf-8"))
+    want = info.get("fingerprint")
+    if want and want != model.fingerprint:
+        raise ModelLoadError(
+            f"{folder / 'model_info.json'}: the weights' fingerprint {model.fingerprint[:12]}… differs from the "
+            f"recorded {str(want)[:12]}… (weights changed or corrupted after saving)"
+        )
+
+
+def load_model(
+    name_or_path: str | Path, device: str | torch.device | None = None, cache_dir: str | None = None
+) -> CXRModel:
+    """A CXRModel in eval mode on `device` (None: CUDA if present, else CPU).
+
+    `cxr-tiny`, `biomedclip`, `biomedclip-arch` (see `list_models()`), `hf-hub:ORG/REPO`, `local-dir:PATH` or a
+    folder written by `CXRModel.save`. Fresh models have untrained projector heads. Raises ModelLoadError."""
+    spec = resolve(name_or_path)
+    model = build_model(spec, cache_dir=cache_dir)
+    model.to(resolve_device(device))
+    return model.eval()
