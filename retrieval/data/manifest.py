@@ -97,6 +97,8 @@ def parse_labels(value: Any) -> list[str]:
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if isinstance(value, (list, tuple)):
+        if all(type(v) is str and v and v == v.strip() for v in value):  # the common, clean case
+            return list(value)
         return [str(v).strip() for v in value if not _is_missing(v) and str(v).strip()]
     text = str(value).strip()
     if not text:
@@ -122,7 +124,7 @@ def parse_boxes(value: Any) -> list[dict[str, Any]]:
         value = value.tolist()
     if isinstance(value, str):
         text = value.strip()
-        if not text:
+        if not text or text == "[]":
             return []
         try:
             value = json.loads(text)
@@ -157,6 +159,15 @@ def _text(value: Any) -> str:
 # ------------------------------------------------------------------------------------------ table level
 
 
+def _text_column(values: pd.Series) -> pd.Series:
+    """A column as stripped str cells with '' for missing values, object dtype (vectorised `_text`)."""
+    if isinstance(values.dtype, pd.StringDtype):  # Arrow-backed text (pandas >= 3): stay vectorised
+        return pd.Series(values.fillna("").str.strip().to_numpy(dtype=object), index=values.index, dtype=object)
+    obj = values.astype(object)
+    obj = obj.where(obj.notna(), "")
+    return pd.Series(obj.astype(str).str.strip().to_numpy(dtype=object), index=values.index, dtype=object)
+
+
 def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
     """A copy of `df` in the in-memory form: optional columns added (empty), text columns as str, `labels` and
     `boxes` as lists, split aliases mapped ("validate" -> "val"), schema columns first, extra columns kept.
@@ -168,14 +179,12 @@ def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
     for col in COLUMNS:
         if col not in out.columns and col not in REQUIRED:
             out[col] = [[] for _ in range(len(out))] if col in ("labels", "boxes") else ""
-    ids = [_text(v) for v in out["image_id"]] if "image_id" in out.columns else [""] * len(out)
     for col in TEXT_COLUMNS:
         if col in out.columns:
-            out[col] = pd.Series([_text(v) for v in out[col]], index=out.index, dtype=object)
+            out[col] = _text_column(out[col])
+    ids = out["image_id"].tolist() if "image_id" in out.columns else [""] * len(out)
     if "split" in out.columns:
-        out["split"] = pd.Series(
-            [SPLIT_ALIASES.get(s.lower(), s.lower()) for s in out["split"]], dtype=object
-        )
+        out["split"] = pd.Series([SPLIT_ALIASES.get(s.lower(), s.lower()) for s in out["split"]], dtype=object)
     for col, parse in (("labels", parse_labels), ("boxes", parse_boxes)):
         values = []
         for i, v in enumerate(out[col]):
@@ -248,9 +257,7 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
             import pyarrow.parquet as pq
 
             table = pa.Table.from_pandas(out, preserve_index=False)
-            fields = [
-                pa.field("labels", pa.list_(pa.string())) if f.name == "labels" else f for f in table.schema
-            ]
+            fields = [pa.field("labels", pa.list_(pa.string())) if f.name == "labels" else f for f in table.schema]
             table = table.cast(pa.schema(fields, metadata=table.schema.metadata))
             pq.write_table(table, tmp)
     return path
@@ -316,34 +323,34 @@ def validate_manifest(
     vocab = set(_vocabulary() if vocabulary is None else vocabulary)
     root = root if root is not None else df.attrs.get("root")
 
-    ids = [_text(v) for v in df["image_id"]]
+    ids = _text_column(df["image_id"]).tolist()
+    cols = {c: _text_column(df[c]).tolist() for c in ("study_id", "patient_id", "split", "image_path")}
+    cols["image_id"] = ids
     seen: dict[str, int] = {}
-    for i, image_id in enumerate(ids):
+    for i, (image_id, labels, boxes) in enumerate(zip(ids, df["labels"], df["boxes"], strict=True)):
         for col in ("image_id", "study_id", "patient_id"):
-            if not _text(df[col].iat[i]):
+            if not cols[col][i]:
                 problems.append(Problem(i, col, "empty id", image_id))
         if image_id:
             if image_id in seen:
                 problems.append(Problem(i, "image_id", f"duplicate of row {seen[image_id]}", image_id))
             else:
                 seen[image_id] = i
-        for label in df["labels"].iat[i]:
+        for label in labels:
             if label not in vocab:
                 problems.append(Problem(i, "labels", f"{label!r} is not in the label vocabulary", image_id))
-        for box in df["boxes"].iat[i]:
+        for box in boxes:
             reason = _box_problem(box)
             if reason:
                 problems.append(Problem(i, "boxes", reason, image_id))
-        split = _text(df["split"].iat[i])
+        split = cols["split"][i]
         if not split:
             problems.append(Problem(i, "split", "empty split (assign_splits fills it by patient)", image_id))
         elif split not in SPLITS:
-            problems.append(
-                Problem(i, "split", f"unknown split {split!r} (expected one of {SPLITS})", image_id)
-            )
+            problems.append(Problem(i, "split", f"unknown split {split!r} (expected one of {SPLITS})", image_id))
         if check_files:
             try:
-                path = resolve_image_path(root, df["image_path"].iat[i])
+                path = resolve_image_path(root, cols["image_path"][i])
             except ManifestError as e:
                 problems.append(Problem(i, "image_path", str(e), image_id))
             else:
@@ -351,8 +358,7 @@ def validate_manifest(
                     problems.append(Problem(i, "image_path", f"file not found: {path}", image_id))
 
     patient_splits: dict[str, dict[str, int]] = {}
-    for i, (patient, split) in enumerate(zip(df["patient_id"], df["split"], strict=True)):
-        patient, split = _text(patient), _text(split)
+    for i, (patient, split) in enumerate(zip(cols["patient_id"], cols["split"], strict=True)):
         if patient and split in SPLITS:
             patient_splits.setdefault(patient, {}).setdefault(split, i)
     for patient, splits in patient_splits.items():
@@ -360,9 +366,7 @@ def validate_manifest(
             rows = sorted(splits.values())
             detail = ", ".join(f"{s} (row {r})" for s, r in sorted(splits.items(), key=lambda kv: kv[1]))
             problems.append(
-                Problem(
-                    rows[1], "patient_id", f"patient {patient!r} is in two splits: {detail}", ids[rows[1]]
-                )
+                Problem(rows[1], "patient_id", f"patient {patient!r} is in two splits: {detail}", ids[rows[1]])
             )
     problems.sort(key=lambda p: -1 if p.row is None else p.row)
     return problems
@@ -386,14 +390,12 @@ def assign_splits(
     if unknown or any(f < 0 for f in fractions.values()) or sum(fractions.values()) <= 0:
         raise ManifestError(f"bad split fractions {fractions} (names {SPLITS}, non-negative, positive sum)")
     out = df.copy()
-    groups = []
-    for i in range(len(out)):
-        key = ""
-        for col in ("patient_id", "study_id", "image_id"):
-            if col in out.columns and _text(out[col].iat[i]):
-                key = f"{col}:{_text(out[col].iat[i])}"
-                break
-        groups.append(key or f"row:{i}")
+    keys = {c: _text_column(out[c]).tolist() if c in out.columns else [""] * len(out) for c in ("patient_id",
+            "study_id", "image_id")}  # fmt: skip
+    groups = [
+        f"patient_id:{p}" if p else f"study_id:{st}" if st else f"image_id:{im}" if im else f"row:{i}"
+        for i, (p, st, im) in enumerate(zip(keys["patient_id"], keys["study_id"], keys["image_id"], strict=True))
+    ]
     patients = sorted(set(groups))
     order = np.random.default_rng(seed).permutation(len(patients))
     total = sum(fractions.values())
@@ -415,24 +417,26 @@ def summarize_manifest(df: pd.DataFrame, problems: Sequence[Problem | str] | Non
     those `validate_manifest` finds (files not checked)."""
 
     def col(name: str) -> list[Any]:
-        return list(df[name]) if name in df.columns else []
+        if name not in df.columns:
+            return []
+        return list(df[name]) if name in ("labels", "boxes") else _text_column(df[name]).tolist()
 
     if problems is None:
         problems = validate_manifest(df)
     label_counts = Counter(label for labels in col("labels") for label in labels)
     box_counts = Counter(box.get("label", "") for boxes in col("boxes") for box in boxes)
     return {
-        "studies": len({_text(v) for v in col("study_id")} - {""}),
+        "studies": len(set(col("study_id")) - {""}),
         "images": len(df),
-        "patients": len({_text(v) for v in col("patient_id")} - {""}),
+        "patients": len(set(col("patient_id")) - {""}),
         "labels": dict(label_counts.most_common()),
         "images_with_labels": sum(1 for labels in col("labels") if labels),
         "boxes": sum(box_counts.values()),
         "boxes_per_label": dict(box_counts.most_common()),
         "images_with_boxes": sum(1 for boxes in col("boxes") if boxes),
-        "splits": dict(Counter(_text(v) or "(none)" for v in col("split")).most_common()),
-        "views": dict(Counter(_text(v) or "(none)" for v in col("view")).most_common()),
-        "sources": dict(Counter(_text(v) or "(none)" for v in col("source")).most_common()),
-        "images_without_file": sum(1 for v in col("image_path") if not _text(v)),
+        "splits": dict(Counter(v or "(none)" for v in col("split")).most_common()),
+        "views": dict(Counter(v or "(none)" for v in col("view")).most_common()),
+        "sources": dict(Counter(v or "(none)" for v in col("source")).most_common()),
+        "images_without_file": sum(1 for v in col("image_path") if not v),
         "problems": [str(p) for p in problems],
     }
