@@ -18,25 +18,19 @@ def import_cmd(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest to write (.parquet, or .csv)."),
     images: Path = typer.Option(None, "--images", help="Image folder (iu-xray, mimic-cxr, coco, csv, yolo)."),
-    boxes: Path = typer.Option(
-        None, "--boxes", help="COCO box file (covid-cxr; default annotations/*.json)."
-    ),
+    boxes: Path = typer.Option(None, "--boxes", help="COCO box file (covid-cxr; default annotations/*.json)."),
     reports: Path = typer.Option(None, "--reports", help="MIMIC-CXR report folder (default: SRC)."),
     column_map: str = typer.Option(
         None, "--column-map", help="csv: rename columns, e.g. 'image_id=dicom,report=text' (manifest=source)."
     ),
-    seed: int = typer.Option(
-        0, "--seed", help="Seed of the patient-disjoint splits (when the source has none)."
-    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the patient-disjoint splits (when the source has none)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Import a dataset into a study manifest; skipped rows are reported, never fatal."""
     from retrieval.data.importers import NOTES, PROBLEMS, import_source, relativize_paths
     from retrieval.data.manifest import summarize_manifest, validate_manifest, write_manifest
 
-    df = import_source(
-        kind, src, images=images, boxes=boxes, reports=reports, column_map=column_map, seed=seed
-    )
+    df = import_source(kind, src, images=images, boxes=boxes, reports=reports, column_map=column_map, seed=seed)
     problems = list(df.attrs.get(PROBLEMS, []))
     notes = list(df.attrs.get(NOTES, []))
     df = relativize_paths(df, out.resolve().parent)
@@ -94,9 +88,7 @@ def _print_summary(s: dict[str, Any], max_problems: int = 10) -> None:
     for note in s["notes"]:
         console.print(f"note: {note}", markup=False, highlight=False)
     problems = s["problems"]
-    console.print(
-        f"problems: {len(problems)}" + (" (rows skipped and reported, import finished)" if problems else "")
-    )
+    console.print(f"problems: {len(problems)}" + (" (rows skipped and reported, import finished)" if problems else ""))
     for line in problems[:max_problems]:
         console.print(f"  {line}", markup=False, highlight=False)
     if len(problems) > max_problems:

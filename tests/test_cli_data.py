@@ -53,9 +53,7 @@ def test_import_errors(tmp_path, capsys):
     assert "unknown import kind" in capsys.readouterr().err
     assert main(["data", "import", "covid-cxr", str(tmp_path), "--out", str(tmp_path / "m.parquet")]) == 1
     err = capsys.readouterr().err
-    assert (
-        err.startswith("error: ") and "metadata.csv not found" in err and len(err.strip().splitlines()) == 1
-    )
+    assert err.startswith("error: ") and "metadata.csv not found" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m.parquet").exists()
 
 

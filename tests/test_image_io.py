@@ -247,9 +247,7 @@ def test_monochrome2_without_window_is_stretched(tmp_path):
 
 def test_signed_pixels_with_multi_valued_window_uses_the_first(tmp_path):
     raw = _gradient(maxval=2000, seed=5) - 1000
-    path = _dicom(
-        tmp_path / "s.dcm", raw, bits=16, signed=True, WindowCenter=[0.0, 500.0], WindowWidth=[800.0, 50.0]
-    )
+    path = _dicom(tmp_path / "s.dcm", raw, bits=16, signed=True, WindowCenter=[0.0, 500.0], WindowWidth=[800.0, 50.0])
     np.testing.assert_allclose(read_image(path), _window(raw.astype(float), 0.0, 800.0), atol=1e-5)
 
 

@@ -77,9 +77,7 @@ def iu_folder(tmp_path) -> Path:
         _open_i_xml(1, "The heart is enlarged.", "Small right pleural effusion.", ["CXR1_1_IM-0001-3001",
                     "CXR1_1_IM-0001-4001"], ["Cardiomegaly/mild", "Pleural Effusion/right"])
     )  # fmt: skip
-    (xml / "2.xml").write_text(
-        _open_i_xml(2, "", "No acute cardiopulmonary abnormality.", ["CXR2_IM-0652-1001"], [])
-    )
+    (xml / "2.xml").write_text(_open_i_xml(2, "", "No acute cardiopulmonary abnormality.", ["CXR2_IM-0652-1001"], []))
     (xml / "3.xml").write_text(_open_i_xml(3, "", "", ["CXR3_IM-0001-1001"], []))  # no text: skipped
     (xml / "4.xml").write_text(_open_i_xml(4, "Clear lungs.", "", [], []))  # no image: skipped
     (xml / "5.xml").write_text("<eCitation><uId id='CXR5'")  # broken XML: skipped
@@ -89,14 +87,9 @@ def iu_folder(tmp_path) -> Path:
 def test_iu_xray_from_folder_without_images(iu_folder):
     df = import_source("iu-xray", iu_folder)
     assert df["image_id"].tolist() == ["CXR1_1_IM-0001-3001", "CXR1_1_IM-0001-4001", "CXR2_IM-0652-1001"]
-    assert df["study_id"].tolist() == ["CXR1", "CXR1", "CXR2"] and df["patient_id"].tolist() == [
-        "CXR1"
-    ] * 2 + ["CXR2"]
+    assert df["study_id"].tolist() == ["CXR1", "CXR1", "CXR2"] and df["patient_id"].tolist() == ["CXR1"] * 2 + ["CXR2"]
     first = df.iloc[0]
-    assert (
-        first["findings"] == "The heart is enlarged."
-        and first["impression"] == "Small right pleural effusion."
-    )
+    assert first["findings"] == "The heart is enlarged." and first["impression"] == "Small right pleural effusion."
     assert first["report"] == "The heart is enlarged. Small right pleural effusion."
     assert list(first["mesh"]) == ["Cardiomegaly/mild", "Pleural Effusion/right"]
     assert [list(v) for v in df["labels"]] == [label_report(r) for r in df["report"]]
@@ -212,9 +205,7 @@ def mimic_folder(tmp_path) -> Path:
         folder = root / "files" / f"p{su[:2]}" / f"p{su}"
         folder.mkdir(parents=True, exist_ok=True)
         if st != "50000005":
-            (folder / f"s{st}.txt").write_text(
-                REPORT if st != "50000003" else " FINDINGS: Right lower lobe pneumonia."
-            )
+            (folder / f"s{st}.txt").write_text(REPORT if st != "50000003" else " FINDINGS: Right lower lobe pneumonia.")
         if d != "d5":
             _png(folder / f"s{st}" / f"{d}.jpg")
     return root
@@ -373,11 +364,7 @@ def test_yolo(yolo_folder):
     assert list(df.iloc[1]["boxes"])[0]["x2"] == 1.0  # clipped at the edge
     assert [list(v) for v in df["labels"]][2:] == [[], []]
     problems = "\n".join(df.attrs["import_problems"])
-    assert (
-        "t2.txt line 2: class 7" in problems
-        and "t2.txt line 3" in problems
-        and "v1.png: no label file" in problems
-    )
+    assert "t2.txt line 2: class 7" in problems and "t2.txt line 3" in problems and "v1.png: no label file" in problems
     assert any("empty label file" in n for n in df.attrs["import_notes"])
     assert validate_manifest(df, check_files=True) == []
     with pytest.raises(ImportError_, match="data.yaml"):
@@ -484,9 +471,7 @@ def test_real_covid_cxr(shared_data):
 def test_real_yolo_tbx11k(shared_data):
     df = import_source("yolo", shared_data / "tbx11k-tb")
     s = summarize_manifest(df)
-    lines = [
-        ln for p in (shared_data / "tbx11k-tb" / "labels").glob("*.txt") for ln in p.read_text().splitlines()
-    ]
+    lines = [ln for p in (shared_data / "tbx11k-tb" / "labels").glob("*.txt") for ln in p.read_text().splitlines()]
     assert s["images"] == 600 and s["boxes"] == len([ln for ln in lines if ln.strip()])
     empty = [p for p in (shared_data / "tbx11k-tb" / "labels").glob("*.txt") if not p.read_text().strip()]
     assert s["labels"] == {"Tuberculosis": 600 - len(empty)}

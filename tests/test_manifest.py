@@ -184,8 +184,7 @@ def test_assign_splits_by_patient_is_deterministic_and_disjoint():
     df = pd.DataFrame({"image_id": ids, "patient_id": patients, "study_id": patients})
     a = assign_splits(df, seed=1)
     assert (
-        a["split"].tolist()
-        == assign_splits(df.sample(frac=1, random_state=3), seed=1).sort_index()["split"].tolist()
+        a["split"].tolist() == assign_splits(df.sample(frac=1, random_state=3), seed=1).sort_index()["split"].tolist()
     )
     assert a.groupby("patient_id")["split"].nunique().max() == 1  # never a patient in two splits
     per_split = a.groupby("split")["patient_id"].nunique()

@@ -165,9 +165,7 @@ def _transfer_syntax(ds: Any) -> Any:
     implicit, little = getattr(ds, "original_encoding", (None, None))
     if implicit is None:
         return None
-    syntax = (
-        ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-    )
+    syntax = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     if meta is None:
         ds.file_meta = meta = FileMetaDataset()
     meta.TransferSyntaxUID = syntax

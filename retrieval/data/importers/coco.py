@@ -54,14 +54,10 @@ def import_coco(
             width, height = sizes[ann["image_id"]]
             box = box_from_xywh(label, x, y, w, h, float(width or 0), float(height or 0))
         except (KeyError, TypeError, ValueError) as e:
-            problems.append(
-                f"{src.name}: annotation {ann.get('id', '?')}: malformed ({type(e).__name__}: {e})"
-            )
+            problems.append(f"{src.name}: annotation {ann.get('id', '?')}: malformed ({type(e).__name__}: {e})")
             continue
         if box is None:
-            problems.append(
-                f"{src.name}: annotation {ann.get('id', '?')}: empty box or unknown image size, skipped"
-            )
+            problems.append(f"{src.name}: annotation {ann.get('id', '?')}: empty box or unknown image size, skipped")
             continue
         by_image.setdefault(ann["image_id"], []).append(box)
 

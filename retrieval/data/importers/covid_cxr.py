@@ -40,18 +40,12 @@ def read_coco_boxes(path: str | Path) -> tuple[dict[str, list[dict[str, Any]]], 
             image = images[ann["image_id"]]
             x, y, w, h = (float(v) for v in ann["bbox"])
             label = names.get(ann["category_id"], str(ann["category_id"]))
-            box = box_from_xywh(
-                label, x, y, w, h, float(image.get("width", 0)), float(image.get("height", 0))
-            )
+            box = box_from_xywh(label, x, y, w, h, float(image.get("width", 0)), float(image.get("height", 0)))
         except (KeyError, TypeError, ValueError) as e:
-            problems.append(
-                f"{path.name}: annotation {ann.get('id', '?')}: malformed ({type(e).__name__}: {e})"
-            )
+            problems.append(f"{path.name}: annotation {ann.get('id', '?')}: malformed ({type(e).__name__}: {e})")
             continue
         if box is None:
-            problems.append(
-                f"{path.name}: annotation {ann.get('id', '?')}: empty box or unknown image size, skipped"
-            )
+            problems.append(f"{path.name}: annotation {ann.get('id', '?')}: empty box or unknown image size, skipped")
             continue
         boxes.setdefault(Path(image["file_name"]).name, []).append(box)
     return boxes, problems
@@ -69,9 +63,7 @@ def import_covid_cxr(
     meta_path = src / "metadata.csv" if src.is_dir() else src
     root = meta_path.parent
     if not meta_path.is_file():
-        raise ImportError_(
-            f"{meta_path}: metadata.csv not found (expected the ieee8023 covid-chestxray layout)"
-        )
+        raise ImportError_(f"{meta_path}: metadata.csv not found (expected the ieee8023 covid-chestxray layout)")
     try:
         meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
     except Exception as e:
@@ -93,9 +85,7 @@ def import_covid_cxr(
         name = rec["filename"].strip()
         modality = rec.get("modality", "X-ray").strip()
         if modality and modality.lower() not in ("x-ray", "xray", "cr", "dx"):
-            problems.append(
-                f"{meta_path.name} line {line} ({name}): modality {modality!r} is not an X-ray, skipped"
-            )
+            problems.append(f"{meta_path.name} line {line} ({name}): modality {modality!r} is not an X-ray, skipped")
             continue
         if not name or not rec["patientid"].strip():
             problems.append(f"{meta_path.name} line {line}: empty filename or patientid, skipped")
@@ -123,9 +113,7 @@ def import_covid_cxr(
         )
     unmatched = set(boxes_by_name) - {r["image_id"] for r in rows}
     if unmatched:
-        problems.append(
-            f"{len(unmatched)} box entries match no imported image (e.g. {sorted(unmatched)[0]!r})"
-        )
+        problems.append(f"{len(unmatched)} box entries match no imported image (e.g. {sorted(unmatched)[0]!r})")
     notes = []
     unlabelled = [r["finding"] for r in rows if not r["labels"]]
     if unlabelled:

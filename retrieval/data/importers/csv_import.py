@@ -22,15 +22,11 @@ def parse_column_map(text: str | Mapping[str, str] | None) -> dict[str, str]:
     """'image_id=dicom,report=text' (manifest column = source column) or a dict -> {source: manifest}."""
     if not text:
         return {}
-    pairs = (
-        text.items() if isinstance(text, Mapping) else (p.split("=", 1) for p in str(text).split(",") if p)
-    )
+    pairs = text.items() if isinstance(text, Mapping) else (p.split("=", 1) for p in str(text).split(",") if p)
     out: dict[str, str] = {}
     for pair in pairs:
         if len(pair) != 2 or not pair[0].strip() or not pair[1].strip():
-            raise ImportError_(
-                f"bad column map entry {'='.join(pair)!r}: expected manifest_column=source_column"
-            )
+            raise ImportError_(f"bad column map entry {'='.join(pair)!r}: expected manifest_column=source_column")
         target, source = pair[0].strip(), pair[1].strip()
         if target not in COLUMNS:
             raise ImportError_(f"column map: {target!r} is not a manifest column ({', '.join(COLUMNS)})")
@@ -71,10 +67,7 @@ def import_csv(
         if col not in df.columns:
             df[col] = ""
     df = normalize_manifest(df)
-    problems = [
-        f"{src.name} row {p.row}: {p.column}: {p.message}"
-        for p in df.attrs.get("manifest_parse_problems", [])
-    ]
+    problems = [f"{src.name} row {p.row}: {p.column}: {p.message}" for p in df.attrs.get("manifest_parse_problems", [])]
     base = Path(images) if images else src.parent
     rows = []
     for i, rec in enumerate(df.to_dict("records")):

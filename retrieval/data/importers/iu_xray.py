@@ -41,9 +41,7 @@ def parse_open_i_xml(data: bytes | str, name: str = "") -> dict[str, Any]:
         root = ET.fromstring(data)
     except ET.ParseError as e:
         raise ValueError(f"not valid XML ({e})") from None
-    sections = {
-        a.get("Label", "").upper(): " ".join((a.text or "").split()) for a in root.iter("AbstractText")
-    }
+    sections = {a.get("Label", "").upper(): " ".join((a.text or "").split()) for a in root.iter("AbstractText")}
     uid = root.find("uId")
     study = uid.get("id") if uid is not None and uid.get("id") else f"CXR{Path(name).stem}"
     return {
@@ -65,9 +63,7 @@ def iter_report_files(src: str | Path) -> Iterator[tuple[str, bytes]]:
             yield xml.name, xml.read_bytes()
         return
     if not path.is_file():
-        raise ImportError_(
-            f"{path}: not found (give 'builtin', NLMCXR_reports.tgz, or a folder of report XMLs)"
-        )
+        raise ImportError_(f"{path}: not found (give 'builtin', NLMCXR_reports.tgz, or a folder of report XMLs)")
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:

@@ -171,7 +171,5 @@ def import_mimic_cxr(
             }
         )
     if labelled_by_rules and chexpert:
-        notes.append(
-            f"{labelled_by_rules} images of studies missing from the CheXpert file: rule labeler used"
-        )
+        notes.append(f"{labelled_by_rules} images of studies missing from the CheXpert file: rule labeler used")
     return finish(rows, "mimic-cxr", seed=seed, problems=problems, notes=notes)

@@ -96,9 +96,7 @@ def import_yolo(src: str | Path, images: str | Path | None = None, seed: int = 0
     """A manifest from a YOLO folder (with data.yaml) or from its data.yaml."""
     src = Path(src)
     yaml_path = (
-        src
-        if src.is_file()
-        else next((src / n for n in ("data.yaml", "data.yml") if (src / n).is_file()), None)
+        src if src.is_file() else next((src / n for n in ("data.yaml", "data.yml") if (src / n).is_file()), None)
     )
     if yaml_path is None:
         raise ImportError_(f"{src}: no data.yaml (YOLO class names) found")
@@ -170,8 +168,6 @@ def import_yolo(src: str | Path, images: str | Path | None = None, seed: int = 0
     unmapped = sorted(n for i, n in names.items() if not mapped[i])
     notes = [f"class names with no vocabulary label (boxes only): {', '.join(unmapped)}"] if unmapped else []
     if empty:
-        notes.append(
-            f"{len(empty)} images have an empty label file (no boxes, no labels): {', '.join(empty[:5])}"
-        )
+        notes.append(f"{len(empty)} images have an empty label file (no boxes, no labels): {', '.join(empty[:5])}")
     notes.append("YOLO has no patient ids: each image is its own study and patient")
     return finish(rows, "yolo", seed=seed, problems=problems, notes=notes)
