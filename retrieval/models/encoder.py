@@ -100,7 +100,6 @@ class CXRModel(nn.Module):
         *,
         name: str,
         model_cfg: dict,
-        preprocess_cfg: dict,
         trains_image_tower: bool = False,
         description: str = "",
     ):
@@ -110,7 +109,6 @@ class CXRModel(nn.Module):
         self.tokenizer = tokenizer
         self.name = name
         self.model_cfg = model_cfg
-        self.preprocess_cfg = preprocess_cfg
         self.trains_image_tower = trains_image_tower  # True: the image tower is trained from scratch (cxr-tiny)
         self.description = description
 
@@ -123,6 +121,11 @@ class CXRModel(nn.Module):
     def image_size(self) -> int:
         size = self.clip.visual.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def preprocess_cfg(self) -> dict:
+        """open_clip's preprocess config of the image tower (size, mean, std, interpolation)."""
+        return dict(self.clip.visual.preprocess_cfg)
 
     @property
     def context_length(self) -> int:
@@ -344,7 +347,7 @@ class CXRModel(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
             out / "open_clip_config.json",
-            {"model_cfg": self.model_cfg, "preprocess_cfg": dict(self.clip.visual.preprocess_cfg)},
+            {"model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg},
         )
         save_safetensors(self.clip, out / TOWERS_FILE)
         write_json_atomic(out / "projector.json", self.projector.cfg.to_dict())

@@ -3,6 +3,8 @@ load saved weights strictly and check the fingerprint (checkpoint)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,17 +47,36 @@ def _projector(spec: ModelSpec, clip: torch.nn.Module) -> ProjectorHeads:
     return ProjectorHeads(cfg)
 
 
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars while towers are built (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def build_model(spec: ModelSpec, cache_dir: str | None = None) -> CXRModel:
     """Build (and for saved folders, load) the model a spec describes, on the CPU."""
+    with _quiet_transformers():
+        return _build_model(spec, cache_dir)
+
+
+def _build_model(spec: ModelSpec, cache_dir: str | None) -> CXRModel:
     if spec.kind in ("hf-hub", "local-dir"):
         clip, model_cfg = create_open_clip(spec, cache_dir=cache_dir)
-        preprocess_cfg = dict(clip.visual.preprocess_cfg)
     else:
         model_cfg = spec.model_cfg
-        preprocess_cfg = spec.preprocess_cfg
         clip = build_from_config(
             model_cfg,
-            preprocess_cfg,
+            spec.preprocess_cfg,
             text_source=spec.text_local,
             text_pretrained=spec.text_pretrained,
             text_hf_config=spec.text_hf_config,
@@ -67,7 +88,6 @@ def build_model(spec: ModelSpec, cache_dir: str | None = None) -> CXRModel:
         _projector(spec, clip),
         name=spec.name,
         model_cfg=model_cfg,
-        preprocess_cfg=preprocess_cfg,
         trains_image_tower=spec.trains_image_tower,
         description=spec.description,
     )

@@ -31,6 +31,7 @@ def _preprocess_cfg(model: nn.Module, preprocess_cfg: dict) -> dict:
 
     cfg = merge_preprocess_dict(asdict(PreprocessCfg()), preprocess_cfg or {})
     cfg["size"] = model.visual.image_size
+    cfg["resize_mode"] = "longest"  # keep the whole radiograph (pad), as GreyImageTransform does
     return cfg
 
 
