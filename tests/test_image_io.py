@@ -330,3 +330,26 @@ def test_dicom_pixel_limit(tmp_path):
     path = _dicom(tmp_path / "big.dcm", _gradient(), bits=8)
     with pytest.raises(ImageReadError, match="over the limit"):
         read_image(path, max_pixels=100)
+
+
+def test_monochrome1_without_window_is_stretched_then_inverted(tmp_path):
+    raw = _gradient(maxval=4095, seed=8)
+    path = _dicom(tmp_path / "m1.dcm", raw, "MONOCHROME1", bits=12)
+    np.testing.assert_allclose(read_image(path), 1.0 - (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-6)
+
+
+@pytest.mark.realdata
+def test_real_images_read_in_every_mode(shared_data):
+    paths = (
+        sorted((shared_data / "covid-cxr" / "images").iterdir())[::15]
+        + sorted((shared_data / "tbx11k-tb" / "images").iterdir())[:5]
+    )
+    modes = set()
+    for path in paths:
+        with Image.open(path) as img:
+            modes.add(img.mode)
+            size = img.size
+        out = read_image(path)
+        _check(out, (size[1], size[0]))
+        assert out.std() > 0.01  # a real radiograph, not a blank
+    assert {"L", "RGB"} <= modes  # the set mixes grey and colour files
