@@ -107,6 +107,20 @@ def test_write_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m.parquet"]
 
 
+def test_write_refuses_unknown_format(tmp_path):
+    with pytest.raises(ManifestError, match=".parquet or .csv"):
+        write_manifest(_good(), tmp_path / "m.pq")
+    assert not list(tmp_path.iterdir())
+
+
+def test_read_errors(tmp_path):
+    with pytest.raises(ManifestError, match="not found"):
+        read_manifest(tmp_path / "none.parquet")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ManifestError, match="cannot read manifest"):
+        read_manifest(tmp_path / "bad.parquet")
+
+
 def test_resolve_image_path(tmp_path):
     assert resolve_image_path(tmp_path, "img/a.png") == tmp_path / "img" / "a.png"
     assert resolve_image_path(tmp_path, "/data/a.png").as_posix() == "/data/a.png"

@@ -240,6 +240,8 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
 
     Parquet: `labels` as list<string>, `boxes` as a JSON string. CSV: `labels` and `boxes` as JSON."""
     path = Path(path)
+    if path.suffix.lower() not in (".parquet", ".csv"):
+        raise ManifestError(f"{path}: a manifest is written as .parquet or .csv, not {path.suffix or 'no suffix'!r}")
     out = normalize_manifest(df)
     out.attrs = {}
     out["boxes"] = [json.dumps(b) for b in out["boxes"]]
