@@ -7,14 +7,12 @@ frozen, unfrozen and hashed the same way). Hub and local-dir models go through `
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from copy import deepcopy
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from retrieval.errors import ModelLoadError
@@ -148,12 +146,3 @@ def pad_token_id(tokenizer: Any) -> int | None:
     """Pad id of an HF tokenizer (used to trim all-padding columns), None for open_clip's SimpleTokenizer."""
     inner = getattr(tokenizer, "tokenizer", None)
     return getattr(inner, "pad_token_id", None) if inner is not None else None
-
-
-def offline_env() -> bool:
-    """True when the HF hub is forced offline (HF_HUB_OFFLINE=1)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def torch_dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
