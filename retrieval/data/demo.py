@@ -21,6 +21,7 @@ existing corpus at once.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -39,7 +40,12 @@ MANIFEST_NAME = "manifest.parquet"
 
 def read_iu_reports(src: str | Path = "builtin") -> list[dict[str, Any]]:
     """Every Open-I report (study_id, findings, impression, mesh, images ...) through the IU X-ray importer's
-    reader, in report-number order."""
+    reader, in report-number order (parsed once per process and source)."""
+    return [dict(r) for r in _read_iu_reports_cached(str(src))]
+
+
+@functools.lru_cache(maxsize=4)
+def _read_iu_reports_cached(src: str) -> tuple[dict[str, Any], ...]:
     from retrieval.data.importers.iu_xray import _report_number, iter_report_files, parse_open_i_xml
 
     out = []
@@ -51,7 +57,7 @@ def read_iu_reports(src: str | Path = "builtin") -> list[dict[str, Any]]:
         rec["number"] = _report_number(name)
         out.append(rec)
     out.sort(key=lambda r: r["number"])
-    return out
+    return tuple(out)
 
 
 def study_seed(seed: int, study_id: str) -> int:

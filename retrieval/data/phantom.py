@@ -435,7 +435,6 @@ def _stream(seed: int, *keys: Any) -> np.random.Generator:
 def render_findings(findings: list[Finding], size: int = 256, seed: int = 0) -> Phantom:
     """Draw a phantom with the given findings. Anatomy and noise depend only on `seed`."""
     rng = _stream(seed, "anatomy")
-    names = {f.name for f in findings}
     S = int(size)
     eps = 2.0 / S
     # ---- patient variation and the rotated grid ------------------------------------------------------------
@@ -610,12 +609,7 @@ def render_findings(findings: list[Finding], size: int = 256, seed: int = 0) -> 
     # gastric bubble under the left dome
     gx = m + 0.15 + rng.uniform(-0.03, 0.03)
     gy = A.masks["left_ydiaphragm"][min(S - 1, int(yb[1] * S)), min(S - 1, int(gx * S))] + 0.045
-    D -= (
-        0.35
-        * _ellipse(X, Y, gx, gy, 0.045, 0.025, eps)
-        * _sig(Y - gy + 0.005, 0.003)
-        * (not names & {"Hiatal Hernia"})
-    )
+    D -= 0.35 * _ellipse(X, Y, gx, gy, 0.045, 0.025, eps) * _sig(Y - gy + 0.005, 0.003)
     # breast shadows for some patients
     if rng.random() < 0.45:
         for sg in (-1, 1):
@@ -625,6 +619,12 @@ def render_findings(findings: list[Finding], size: int = 256, seed: int = 0) -> 
                 * _sig(Y - (base - 0.1), 0.02)
             )
     # ---- findings ------------------------------------------------------------------------------------------
+    # The display window comes from the anatomy alone, so a finding never changes pixels outside its own area.
+    nr = _stream(seed, "noise")
+    k = nr.uniform(1.1, 1.5)
+    anat = 1.0 - np.exp(-k * np.maximum(D + 0.2 * lung_vessels, 0)[::4, ::4])
+    lo, hi = (float(v) for v in np.percentile(anat, [0.5, 99.8]))
+    hi = lo + (hi - lo) * 1.15  # headroom: metal and calcium show brighter than the mediastinum
     finding_boxes: list[dict[str, Any]] = []
     for idx, f in enumerate(findings):
         fr = _stream(seed, "finding", f.name, f.side, idx)
@@ -634,13 +634,10 @@ def render_findings(findings: list[Finding], size: int = 256, seed: int = 0) -> 
     D += 0.2 * lung_vessels
     D = np.maximum(D, 0)
     # ---- exposure, blur, noise -----------------------------------------------------------------------------
-    nr = _stream(seed, "noise")
     D = D * (1 + 0.05 * _smooth_noise(nr, (S, S), S / 16))
-    k = nr.uniform(1.1, 1.5)
     img = 1.0 - np.exp(-k * D)
     img = ndimage.gaussian_filter(img, 0.7 * S / 256)
     img = img + nr.normal(0, nr.uniform(0.006, 0.02), img.shape).astype(np.float32)
-    lo, hi = np.percentile(img, [0.5, 99.8])
     img = np.clip((img - lo) / max(hi - lo, 1e-3), 0, 1)
     gamma = nr.uniform(0.85, 1.2)
     img = img**gamma
@@ -701,7 +698,6 @@ def _point_in_lung(rng, A: _Anatomy, lungs, side: str, zone: str | None, X, Y) -
     if len(xs) == 0:
         ys, xs = np.nonzero(mask)
     j = rng.integers(len(xs))
-    S = mask.shape[0]
     return float(X[ys[j], xs[j]]), float(Y[ys[j], xs[j]])
 
 
@@ -787,16 +783,19 @@ def _draw_finding(f, rng, X, Y, A: _Anatomy, lungs, rib_paths, eps, lung_vessels
                 tex = 0.8 + 0.2 * _smooth_noise(rng, X.shape, S / 80)
                 o = lung * haze * tex
                 out += 0.4 * (0.7 + 0.3 * f.severity) * o
-                lung_vessels[:] = ndimage.gaussian_filter(lung_vessels, 1.2)
+                w_h = np.clip(o * 1.5, 0, 1)  # vessels go indistinct inside the haze only
+                lung_vessels[:] = lung_vessels * (1 - w_h) + ndimage.gaussian_filter(lung_vessels, 1.2) * w_h
                 _add_box(boxes, name, o, 0.35)
                 continue
             if name == "Interstitial Markings":
                 y0, y1 = _zone_range(f.zone or "lower", A, i)
-                zmask = lung * _sig(Y - y0, 0.03) * _sig(y1 + 0.05 - Y, 0.03)
-                net = np.abs(_smooth_noise(rng, X.shape, S / 110))
-                ret = np.clip(1.2 - net * 1.6, 0, 1) ** 2  # a network of thin lines
+                yc, hh = (y0 + y1) / 2 + 0.02, (y1 - y0) / 2 + 0.04
+                zmask = lung * np.exp(-(((Y - yc) / hh) ** 4))
+                # the zero crossings of smooth noise form a network of thin curved lines (reticulation)
+                n1, n2 = _smooth_noise(rng, X.shape, S / 36), _smooth_noise(rng, X.shape, S / 24)
+                ret = np.maximum(np.exp(-((n1 / 0.22) ** 2)), 0.7 * np.exp(-((n2 / 0.2) ** 2)))
                 o = zmask * ret
-                out += 0.22 * o
+                out += 0.2 * o
                 _add_box(boxes, name, zmask, 0.5)
                 continue
             cx, cy = _point_in_lung(rng, A, lungs, side, f.zone, X, Y)
@@ -871,7 +870,8 @@ def _draw_finding(f, rng, X, Y, A: _Anatomy, lungs, rib_paths, eps, lung_vessels
                     o - 0.85 * _ellipse(X, Y, cx + 0.005, cy - 0.004, rr * 0.55, rr * 0.5, eps), 0, None
                 )
             out += dens * np.clip(o, 0, 1.3)
-            _add_box(boxes, name, _ellipse(X, Y, cx, cy, rr, rr, eps), 0.5)
+            pad = 2.0 / S  # the blur spreads small findings by a pixel or two
+            _add_box(boxes, name, _ellipse(X, Y, cx, cy, rr + pad, rr + pad, eps), 0.5)
         return out
     if name == "Calcified Lymph Nodes":
         for side in _sides(f, rng):
@@ -911,8 +911,9 @@ def _draw_finding(f, rng, X, Y, A: _Anatomy, lungs, rib_paths, eps, lung_vessels
     if name == "Hiatal Hernia":
         hx, hy = 0.5 + 0.02, A.heart[1] + 0.01
         o = _ellipse(X, Y, hx, hy, 0.06 * f.severity, 0.045 * f.severity, eps)
-        gas = o * _sig(hy - 0.005 - Y, eps)  # air-fluid level
-        out += 0.3 * o - 0.45 * gas
+        gas = _ellipse(X, Y, hx, hy, 0.05 * f.severity, 0.036 * f.severity, eps) * _sig(hy - 0.005 - Y, eps)
+        wall = np.clip(o - _ellipse(X, Y, hx, hy, 0.052 * f.severity, 0.038 * f.severity, eps), 0, 1)
+        out += 0.25 * o + 0.3 * wall - 0.75 * gas  # a retrocardiac gas bubble with an air-fluid level
         _add_box(boxes, name, o, 0.5)
         return out
     if name == "Degenerative Spine":
@@ -926,7 +927,7 @@ def _draw_finding(f, rng, X, Y, A: _Anatomy, lungs, rib_paths, eps, lung_vessels
                     xs = np.array([sxm + sg * 0.03, sxm + sg * 0.048])
                     ys = np.array([ly - 0.004, ly + 0.006 * rng.choice([-1, 1])])
                     o = np.maximum(o, _band(X, Y, xs, ys, 0.0045, eps))
-        out += 0.55 * o
+        out += 1.4 * o
         _add_box(boxes, name, o, 0.3)
         return out
     if name == "Rib Fracture":
@@ -997,7 +998,7 @@ def _draw_finding(f, rng, X, Y, A: _Anatomy, lungs, rib_paths, eps, lung_vessels
                 X, Y, 0.5 + 0.005, cy, 0.007, 0.004, eps
             )
             o = np.maximum(o, np.clip(ring, 0, 1))
-        out += 1.5 * o
+        out += 3.0 * o
         _add_box(boxes, name, o, 0.3)
         return out
     if name == "Surgical Clips":

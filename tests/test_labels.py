@@ -1,0 +1,155 @@
+"""The rule labeler: vocabulary, negation and uncertainty, MeSH mapping, scoring, and its measured floor on IU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.labels import (
+    LABELS,
+    NO_FINDING,
+    is_abnormal,
+    label_report,
+    labels_from_mesh,
+    score_labels,
+)
+
+
+def test_vocabulary_is_chexpert14_plus_tb():
+    assert len(LABELS) == 15 and len(set(LABELS)) == 15
+    assert LABELS[0] == NO_FINDING and LABELS[-1] == "Tuberculosis"
+    assert {"Cardiomegaly", "Pleural Effusion", "Support Devices", "Enlarged Cardiomediastinum"} <= set(
+        LABELS
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "No pleural effusion.",
+        "There is no pneumothorax or pleural effusion.",
+        "Lungs are clear without pneumothorax.",
+        "Normal heart size. Lungs are clear.",
+        "The heart size is within normal limits.",
+        "Negative for pneumonia.",
+        "The previously seen left effusion has resolved.",
+        "There are no XXXX of a pleural effusion.",
+        "No focal consolidation, pneumothorax or effusion.",
+        "Heart size is borderline enlarged.",
+        "Cannot exclude early pneumonia.",
+        "Possible small left effusion.",
+        "Pneumothorax is not excluded.",
+    ],
+)
+def test_negated_or_uncertain_mentions_give_no_finding(text):
+    assert label_report(text) == [NO_FINDING]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Mild cardiomegaly.", {"Cardiomegaly"}),
+        ("The heart is enlarged.", {"Cardiomegaly"}),
+        ("Small left pleural effusion.", {"Pleural Effusion"}),
+        ("Blunting of the right costophrenic angle.", {"Pleural Effusion"}),
+        ("Right apical pneumothorax.", {"Pneumothorax"}),
+        ("Left basilar atelectasis. No effusion.", {"Atelectasis"}),
+        ("No pneumothorax. Right lower lobe pneumonia.", {"Pneumonia"}),
+        ("Heart is enlarged without pneumothorax.", {"Cardiomegaly"}),
+        ("Right IJ central venous catheter tip in the SVC.", {"Support Devices"}),
+        ("Old healed left rib fractures.", {"Fracture"}),
+        ("1 cm nodule in the right upper lobe.", {"Lung Lesion"}),
+        ("Mild pulmonary edema and cardiomegaly, no effusion.", {"Edema", "Cardiomegaly"}),
+        ("There is no effusion, but there is left lower lobe consolidation.", {"Consolidation"}),
+        ("Findings consistent with prior tuberculosis.", {"Tuberculosis"}),
+    ],
+)
+def test_positive_mentions(text, expected):
+    assert set(label_report(text)) == expected
+
+
+def test_labels_come_in_vocabulary_order_and_empty_text_is_no_finding():
+    assert label_report("Left effusion. Cardiomegaly.") == ["Cardiomegaly", "Pleural Effusion"]
+    assert label_report("") == [NO_FINDING]
+    assert label_report(None) == [NO_FINDING]  # type: ignore[arg-type]
+
+
+def test_is_abnormal():
+    assert not is_abnormal([NO_FINDING])
+    assert not is_abnormal([])
+    assert is_abnormal(["Cardiomegaly"])
+    assert is_abnormal([NO_FINDING, "Fracture"])
+
+
+@pytest.mark.parametrize(
+    "mesh, expected",
+    [
+        (["normal"], [NO_FINDING]),
+        (["Cardiomegaly/mild"], ["Cardiomegaly"]),
+        (["Cardiomegaly/borderline"], [NO_FINDING]),  # uncertain, as in the text labeler
+        (
+            ["Pulmonary Atelectasis/base/left", "Pleural Effusion/bilateral/small"],
+            ["Atelectasis", "Pleural Effusion"],
+        ),
+        (["Costophrenic Angle/left/blunted"], ["Pleural Effusion"]),
+        (["Opacity/lung/middle lobe/right/round"], ["Lung Opacity", "Lung Lesion"]),
+        (["Thickening/pleura/apex/bilateral"], ["Pleural Other"]),
+        (["Surgical Instruments/abdomen/right"], [NO_FINDING]),
+        (
+            ["Catheters, Indwelling/right", "Fractures, Bone/ribs/left/healed"],
+            ["Fracture", "Support Devices"],
+        ),
+        (["Spine/degenerative", "Calcified Granuloma/lung/upper lobe/left"], [NO_FINDING]),
+        (["Hydropneumothorax/right"], ["Pneumothorax", "Pleural Effusion"]),
+    ],
+)
+def test_labels_from_mesh(mesh, expected):
+    assert labels_from_mesh(mesh) == [label for label in LABELS if label in expected]
+
+
+def test_score_labels_matches_sklearn():
+    metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is the reference implementation")
+    rng = np.random.default_rng(0)
+    truth = [[lab for lab in LABELS if rng.random() < 0.2] for _ in range(300)]
+    pred = [[lab for lab in LABELS if rng.random() < 0.25] for _ in range(300)]
+    scores = score_labels(truth, pred)
+    Y = np.array([[lab in t for lab in LABELS] for t in truth])
+    P = np.array([[lab in p for lab in LABELS] for p in pred])
+    prec, rec, f1, sup = metrics.precision_recall_fscore_support(Y, P, zero_division=0)
+    for j, lab in enumerate(LABELS):
+        row = scores["per_label"][lab]
+        assert row["precision"] == pytest.approx(prec[j])
+        assert row["recall"] == pytest.approx(rec[j])
+        assert row["f1"] == pytest.approx(f1[j])
+        assert row["support"] == sup[j]
+    micro = metrics.precision_recall_fscore_support(Y, P, average="micro", zero_division=0)
+    assert scores["micro"]["f1"] == pytest.approx(micro[2])
+    assert scores["macro"]["f1"] == pytest.approx(f1[sup > 0].mean())
+
+
+@pytest.fixture(scope="module")
+def iu_scores():
+    from retrieval.data.importers.iu_xray import builtin_reports_path
+    from retrieval.labels import evaluate_iu
+
+    if not builtin_reports_path().is_file():
+        pytest.skip("torchxrayvision's NLMCXR_reports.tgz is not installed")
+    return evaluate_iu()
+
+
+def test_measured_floor_on_iu_reports(iu_scores):
+    """Floors a little below benchmarks/results/labeler_iu.md (micro F1 0.939), so a regression fails."""
+    assert iu_scores["n_reports"] > 3800
+    assert iu_scores["micro"]["f1"] >= 0.92
+    assert iu_scores["macro"]["f1"] >= 0.82
+    floors = {
+        "No Finding": 0.94,
+        "Cardiomegaly": 0.95,
+        "Lung Opacity": 0.93,
+        "Atelectasis": 0.92,
+        "Pleural Effusion": 0.88,
+        "Support Devices": 0.80,
+        "Lung Lesion": 0.82,
+    }
+    for label, floor in floors.items():
+        assert iu_scores["per_label"][label]["f1"] >= floor, label
