@@ -65,8 +65,16 @@ def train_size(index: Any, n: int) -> int:
 
 def train_index(index: Any, sample: np.ndarray, factory: str = "") -> None:
     """Train `index` on `sample` when its type needs it (IVF, PQ, OPQ); a clear error when too few vectors."""
+    import faiss
+
     if index.is_trained:
         return
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        if hasattr(ivf, "do_polysemous_training"):
+            ivf.do_polysemous_training = False  # only used by polysemous search (not ours); costs minutes
+    except RuntimeError:
+        pass
     try:
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
     except RuntimeError as e:
