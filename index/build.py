@@ -98,18 +98,14 @@ def prepare_rows(manifest: pd.DataFrame | str | Path) -> pd.DataFrame:
         raise ManifestError(f"{df.attrs.get('root', 'manifest')}: the manifest has no rows")
     dup = df["image_id"][df["image_id"].duplicated()]
     if len(dup):
-        raise ManifestError(
-            f"image_id {dup.iloc[0]!r} appears more than once ({len(dup)} duplicates) in the manifest"
-        )
+        raise ManifestError(f"image_id {dup.iloc[0]!r} appears more than once ({len(dup)} duplicates) in the manifest")
     root = df.attrs.get("root")
     rows = pd.DataFrame(
         {
             "image_id": df["image_id"].astype(str),
             "study_id": df["study_id"].astype(str),
             "patient_id": df["patient_id"].astype(str),
-            "image_path": [
-                str(resolve_image_path(root, p)) if str(p).strip() else "" for p in df["image_path"]
-            ],
+            "image_path": [str(resolve_image_path(root, p)) if str(p).strip() else "" for p in df["image_path"]],
             "view": df["view"].astype(str),
             "report": [report_text(r) for r in df.to_dict("records")],
             "labels": [list(x) for x in df["labels"]],
@@ -307,9 +303,7 @@ def build_index(
     t0 = time.perf_counter()
     out = Path(out_dir)
     if (out / store.INFO_FILE).exists():
-        raise IndexError_(
-            f"{out}: already holds an index; extend it with `cxr index add` or choose another --out"
-        )
+        raise IndexError_(f"{out}: already holds an index; extend it with `cxr index add` or choose another --out")
     if factory is not None:
         make_index(factory, int(model.embed_dim))  # a bad --factory fails now, not after encoding
     rows = prepare_rows(manifest)
@@ -353,9 +347,7 @@ def _extend(path: Path, index: Any, work: Path, key: str, base: int, target: int
     if index.ntotal == target:
         return index, False
     if index.ntotal != base:
-        raise IndexError_(
-            f"{path}: has {index.ntotal} rows, expected {base} or {target}; the index is damaged"
-        )
+        raise IndexError_(f"{path}: has {index.ntotal} rows, expected {base} or {target}; the index is damaged")
     add_chunks(index, _iter_shards(work, key))
     return index, True
 
@@ -422,6 +414,4 @@ def add_to_index(
     info["manifests"] = records + [_manifest_record(manifest, rows, len(good), len(bad), digest)]
     store.save_index(out, images, reports, meta, info, all_bad)
     shutil.rmtree(work, ignore_errors=True)
-    return BuildResult(
-        out, target, len(good), bad, info["factory"], encoded, resumed, time.perf_counter() - t0
-    )
+    return BuildResult(out, target, len(good), bad, info["factory"], encoded, resumed, time.perf_counter() - t0)

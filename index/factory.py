@@ -103,9 +103,7 @@ def build_from_vectors(vectors: np.ndarray, factory: str | None = None) -> tuple
     if not index.is_trained:
         rng = np.random.default_rng(0)
         n = train_size(index, len(vectors))
-        sample = (
-            vectors if n == len(vectors) else vectors[np.sort(rng.choice(len(vectors), n, replace=False))]
-        )
+        sample = vectors if n == len(vectors) else vectors[np.sort(rng.choice(len(vectors), n, replace=False))]
         train_index(index, sample, factory)
     index.add(vectors)
     return index, factory

@@ -65,9 +65,7 @@ class TorchBackend:
         self.name = "torch"
         self.device = resolve_device(device)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        self.vectors = torch.as_tensor(np.ascontiguousarray(vectors, dtype=np.float32)).to(
-            self.device, self.dtype
-        )
+        self.vectors = torch.as_tensor(np.ascontiguousarray(vectors, dtype=np.float32)).to(self.device, self.dtype)
         self.query_chunk = query_chunk
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,9 +78,7 @@ class TorchBackend:
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         with torch.no_grad():
             for lo in range(0, len(queries), self.query_chunk):
-                q = torch.as_tensor(
-                    np.ascontiguousarray(queries[lo : lo + self.query_chunk], dtype=np.float32)
-                )
+                q = torch.as_tensor(np.ascontiguousarray(queries[lo : lo + self.query_chunk], dtype=np.float32))
                 sims = q.to(self.device, self.dtype) @ self.vectors.T
                 top = torch.topk(sims.float(), kk, dim=1)
                 scores[lo : lo + len(q), :kk] = top.values.cpu().numpy()
@@ -102,9 +98,7 @@ def exact_vectors(index: Any) -> np.ndarray | None:
     return None
 
 
-def make_backend(
-    index: Any, backend: str = "auto", device: str | None = None, precision: str = "fp32"
-) -> Any:
+def make_backend(index: Any, backend: str = "auto", device: str | None = None, precision: str = "fp32") -> Any:
     """The search backend for one FAISS index (see the module docstring for the `auto` rule)."""
     import faiss
 
@@ -114,9 +108,7 @@ def make_backend(
         return FaissBackend(index)
     if backend == "faiss-gpu":
         if faiss.get_num_gpus() == 0:
-            raise UsageError(
-                "backend 'faiss-gpu' needs faiss with GPU support (pip install 'cxr-retrieval[gpu]')"
-            )
+            raise UsageError("backend 'faiss-gpu' needs faiss with GPU support (pip install 'cxr-retrieval[gpu]')")
         return FaissBackend(index, gpu=True)
     if backend == "torch":
         vectors = exact_vectors(index)
@@ -347,9 +339,5 @@ class Searcher:
                         frames.append(frame)
                 bad.extend({"path": paths[i], "reason": r} for i, r in bad_rows)
                 bar.advance(task, len(ids) + len(bad_rows))
-        results = (
-            pd.concat(frames, ignore_index=True)
-            if frames
-            else pd.DataFrame(columns=["query", *RESULT_COLUMNS])
-        )
+        results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["query", *RESULT_COLUMNS])
         return results, pd.DataFrame(bad, columns=["path", "reason"])

@@ -279,14 +279,10 @@ def index_summary(index_dir: str | Path) -> dict:
     path = Path(index_dir)
     info = read_info(path)
     try:
-        meta = pd.read_parquet(
-            path / META_FILE, columns=["study_id", "patient_id", "labels", "split", "has_report"]
-        )
+        meta = pd.read_parquet(path / META_FILE, columns=["study_id", "patient_id", "labels", "split", "has_report"])
     except Exception as e:
         raise IndexError_(f"{path / META_FILE}: missing or corrupt ({e})") from e
-    labels = pd.Series(
-        [lab for labs in meta["labels"] for lab in (labs if labs is not None else [])], dtype=str
-    )
+    labels = pd.Series([lab for labs in meta["labels"] for lab in (labs if labs is not None else [])], dtype=str)
     summary = dict(info)
     summary["path"] = str(path.resolve())
     summary["rows"] = len(meta)
