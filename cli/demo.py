@@ -1,8 +1,67 @@
-"""Placeholder: this command is not built yet (see the open issues)."""
+"""`cxr demo`: the README's main job, end to end and offline, on the embedded demo corpus."""
 
-from retrieval.errors import CXRError
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
 
 
-def demo_cmd() -> None:
-    """Not built yet."""
-    raise CXRError("`demo` is not built yet")
+def demo_cmd(
+    workdir: Path = typer.Option(
+        None, "--workdir", help="Where the corpus, model, index and VLM are cached [default: $CXR_HOME/demo]"
+    ),
+    size: int = typer.Option(256, help="Demo image size in pixels."),
+    seed: int = typer.Option(0, help="Seed for the corpus and the training runs."),
+    k: int = typer.Option(5, "-k", help="How many reports to retrieve."),
+    limit: int = typer.Option(None, help="Only the first N IU reports (a quicker, smaller demo)."),
+    no_generate: bool = typer.Option(False, "--no-generate", help="Stop after retrieval."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Build the demo corpus, train cxr-tiny, index it, query a held-out image, and draft its report."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from retrieval.demo_pipeline import DEFAULT_WORKDIR, run_demo
+    from retrieval.progress import console as err_console
+
+    t0 = time.perf_counter()
+    res = run_demo(
+        workdir or DEFAULT_WORKDIR,
+        size=size,
+        seed=seed,
+        k=k,
+        limit=limit,
+        generate=not no_generate,
+        log=lambda msg: err_console.print(f"[bold cyan]{msg}[/]"),
+    )
+    total = time.perf_counter() - t0
+    if as_json:
+        out = res.as_dict()
+        out["total_s"] = round(total, 2)
+        typer.echo(json.dumps(out, indent=2, default=str))
+        return
+
+    con = Console()
+    q = res.query
+    con.rule("Query (held-out test study, never indexed)")
+    con.print(f"[bold]{Path(q['image']).name}[/]  study {q['study_id']}  labels: {', '.join(q['labels'])}")
+    con.print(f"[dim]true report:[/] {q['report']}")
+    table = Table(title=f"Top {len(res.retrieved)} retrieved reports", show_lines=True)
+    for col in ("rank", "score", "study", "labels", "report"):
+        table.add_column(col, overflow="fold")
+    for r in res.retrieved.itertuples():
+        labels = ", ".join(r.labels) if len(r.labels) else ""
+        table.add_row(str(r.rank), f"{r.score:.3f}", str(r.study_id), labels, str(r.report)[:300])
+    con.print(table)
+    if res.generated is not None:
+        g = res.generated
+        con.rule("Generated report (retrieval-augmented)")
+        con.print(g.get("text", ""))
+        ex = g.get("exemplars") or []
+        if ex:
+            con.print("[dim]exemplars used: " + ", ".join(f"{e.get('study_id')} ({e.get('score', 0):.3f})" for e in ex))
+    steps = ", ".join(f"{name} {sec:.1f}s" for name, sec in res.timings.items())
+    con.print(f"[dim]steps: {steps}; total {total:.1f}s; cached in {res.workdir}[/]")

@@ -1,0 +1,150 @@
+"""The end-to-end demo behind `cxr demo`: corpus -> train cxr-tiny -> index -> query -> generated report.
+
+Every step caches its output under one work folder and is skipped when that output is complete, so the first run
+does the work (minutes on 2 CPU cores) and later runs only load and query (seconds). Each step's own code resumes
+after a kill (the corpus, training checkpoints and index shards), so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+DEFAULT_WORKDIR = Path(os.environ.get("CXR_HOME", Path.home() / ".cache" / "cxr-retrieval")) / "demo"
+
+# Small enough to train from scratch on 2 CPU cores inside the demo's time budget.
+TRAIN_EPOCHS = 6
+VLM_STEPS = 300
+
+
+@dataclass
+class DemoResult:
+    """What the demo did and found; `timings` holds seconds per step and `cached` which steps were reused."""
+
+    workdir: Path
+    query: dict[str, Any]
+    retrieved: pd.DataFrame
+    generated: dict[str, Any] | None
+    timings: dict[str, float] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "workdir": str(self.workdir),
+            "query": self.query,
+            "retrieved": self.retrieved.to_dict(orient="records"),
+            "generated": self.generated,
+            "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
+            "cached": self.cached,
+        }
+
+
+def _timed(result: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+    t0 = time.perf_counter()
+    out = fn()
+    result[name] = time.perf_counter() - t0
+    return out
+
+
+def _pick_query(manifest: pd.DataFrame) -> pd.Series:
+    """A held-out (test split) study with an abnormal finding and a report: deterministic for the corpus."""
+    test = manifest[(manifest["split"] == "test") & (manifest["report"].str.len() > 0)]
+    abnormal = test[test["labels"].map(lambda ls: any(lab != "No Finding" for lab in ls))]
+    pool = abnormal if len(abnormal) else test
+    return pool.sort_values("image_id").iloc[0]
+
+
+def run_demo(
+    workdir: str | Path = DEFAULT_WORKDIR,
+    size: int = 256,
+    seed: int = 0,
+    k: int = 5,
+    limit: int | None = None,
+    generate: bool = True,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> DemoResult:
+    """Run (or reuse) each step of the demo and return the query, what it retrieved and the generated report."""
+    from index.build import build_index
+    from index.search import Searcher
+    from index.store import INFO_FILE
+    from retrieval.data.demo import build_demo_corpus
+    from retrieval.data.manifest import resolve_image_path
+    from retrieval.models import load_model
+    from retrieval.train import train
+
+    work = Path(workdir)
+    corpus_dir, model_dir, index_dir, vlm_dir = (work / n for n in ("corpus", "model", "index", "vlm"))
+    timings: dict[str, float] = {}
+    cached: dict[str, bool] = {}
+
+    cached["corpus"] = (corpus_dir / "demo_info.json").exists()
+    log(f"[1/5] demo corpus -> {corpus_dir}" + (" (cached)" if cached["corpus"] else ""))
+    manifest = _timed(
+        timings,
+        "corpus",
+        lambda: build_demo_corpus(corpus_dir, size=size, seed=seed, limit=limit, show_progress=show_progress),
+    )
+    manifest.attrs.setdefault("root", str(corpus_dir))
+
+    cached["model"] = (model_dir / "model_info.json").exists() and not (model_dir / "checkpoint").exists()
+    log(f"[2/5] train cxr-tiny -> {model_dir}" + (" (cached)" if cached["model"] else ""))
+    if cached["model"]:
+        model = _timed(timings, "train", lambda: load_model(model_dir))
+    else:
+        model = _timed(
+            timings,
+            "train",
+            lambda: train(
+                manifest, "cxr-tiny", model_dir, epochs=TRAIN_EPOCHS, seed=seed, show_progress=show_progress
+            ),
+        )
+    model.eval()
+
+    gallery = manifest[manifest["split"].isin(["train", "val"])]
+    cached["index"] = (index_dir / INFO_FILE).exists()
+    log(f"[3/5] index {len(gallery):,} train+val studies -> {index_dir}" + (" (cached)" if cached["index"] else ""))
+    if not cached["index"]:
+        _timed(
+            timings,
+            "index",
+            lambda: build_index(gallery, model, index_dir, model_path=model_dir, progress=show_progress),
+        )
+    searcher = _timed(timings, "open_index", lambda: Searcher(index_dir, model))
+
+    row = _pick_query(manifest)
+    image_path = resolve_image_path(corpus_dir, row["image_path"])
+    log(f"[4/5] query a held-out test image: {image_path.name}")
+    retrieved = _timed(timings, "query", lambda: searcher.query_image(image_path, k=k, target="reports"))
+    query = {
+        "image": str(image_path),
+        "study_id": str(row["study_id"]),
+        "labels": list(row["labels"]),
+        "report": str(row["report"]),
+    }
+
+    generated = None
+    if generate:
+        from retrieval.generation.generate import generate_for_image
+        from retrieval.generation.train import VLMTrainConfig, train_vlm
+
+        cached["vlm"] = (vlm_dir / "vlm_config.json").exists() and not (vlm_dir / "checkpoint").exists()
+        log(f"[5/5] report generation (RAG, k=3) -> {vlm_dir}" + (" (cached)" if cached["vlm"] else ""))
+        if not cached["vlm"]:
+            resume = (vlm_dir / "checkpoint").exists()
+            config = VLMTrainConfig(steps=VLM_STEPS, seed=seed)
+            _timed(
+                timings,
+                "vlm_train",
+                lambda: train_vlm(
+                    manifest, vlm_dir, config, index_dir=index_dir, resume=resume, progress=show_progress
+                ),
+            )
+        generated = _timed(timings, "generate", lambda: generate_for_image(image_path, index_dir, vlm_dir, k=3))
+    return DemoResult(work, query, retrieved, generated, timings, cached)
