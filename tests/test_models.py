@@ -49,7 +49,6 @@ TEXTS = ["No acute cardiopulmonary abnormality.", "Large right pleural effusion 
 
 
 def tiny_model(hf_text: bool = False, seed: int = 0) -> CXRModel:
-    torch.manual_seed(seed)
     if hf_text:
         spec = ModelSpec(
             name="tiny-hf",
@@ -61,12 +60,11 @@ def tiny_model(hf_text: bool = False, seed: int = 0) -> CXRModel:
         )
     else:
         spec = ModelSpec(name="tiny", kind="config", model_cfg=TINY_CLIP_CFG, projector=PROJ)
-    return build_model(spec).eval()
+    return build_model(spec, seed=seed).eval()
 
 
 @pytest.fixture(scope="module")
 def cxr_tiny() -> CXRModel:
-    torch.manual_seed(0)
     return load_model("cxr-tiny", device="cpu")
 
 
@@ -221,7 +219,11 @@ def test_fingerprint_is_stable_and_follows_every_weight():
     model = tiny_model()
     fp = model.fingerprint
     assert fp == model.fingerprint and len(fp) == 64
-    assert tiny_model().fingerprint == fp  # same seed, same weights
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    assert tiny_model().fingerprint == fp  # built from a fixed seed: same weights
+    assert torch.equal(torch.random.get_rng_state(), state)  # and the caller's RNG is untouched
+    assert tiny_model(seed=1).fingerprint != fp
     with torch.no_grad():
         model.clip.visual.transformer.resblocks[0].mlp.c_fc.bias[3] += 1e-3
     fp2 = model.fingerprint

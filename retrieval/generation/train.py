@@ -50,7 +50,7 @@ class VLMTrainConfig:
     two_stage: bool = False
     stage1_fraction: float = 0.3
     checkpoint_every: int = 50
-    visual_grid: int = 7
+    visual_grid: int = 8
     seed: int = 0
     split: str = "train"
     lm_path: str | None = None

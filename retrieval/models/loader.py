@@ -63,9 +63,13 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def build_model(spec: ModelSpec, cache_dir: str | None = None) -> CXRModel:
-    """Build (and for saved folders, load) the model a spec describes, on the CPU."""
-    with _quiet_transformers():
+def build_model(spec: ModelSpec, cache_dir: str | None = None, seed: int = 0) -> CXRModel:
+    """Build (and for saved folders, load) the model a spec describes, on the CPU.
+
+    Randomly initialised parts (cxr-tiny's image tower, fresh projector heads) come from `seed`, so loading the
+    same name twice gives the same weights and fingerprint; the global torch RNG is left untouched."""
+    with _quiet_transformers(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         return _build_model(spec, cache_dir)
 
 
@@ -111,13 +115,17 @@ def _load_saved_weights(model: CXRModel, folder: Path) -> None:
 
 
 def load_model(
-    name_or_path: str | Path, device: str | torch.device | None = None, cache_dir: str | None = None
+    name_or_path: str | Path,
+    device: str | torch.device | None = None,
+    cache_dir: str | None = None,
+    seed: int = 0,
 ) -> CXRModel:
     """A CXRModel in eval mode on `device` (None: CUDA if present, else CPU).
 
     `cxr-tiny`, `biomedclip`, `biomedclip-arch` (see `list_models()`), `hf-hub:ORG/REPO`, `local-dir:PATH` or a
-    folder written by `CXRModel.save`. Fresh models have untrained projector heads. Raises ModelLoadError."""
+    folder written by `CXRModel.save`. Fresh models have untrained projector heads, initialised from `seed`
+    (deterministic). `cache_dir`: the HF hub cache for hub models. Raises ModelLoadError."""
     spec = resolve(name_or_path)
-    model = build_model(spec, cache_dir=cache_dir)
+    model = build_model(spec, cache_dir=cache_dir, seed=seed)
     model.to(resolve_device(device))
     return model.eval()
