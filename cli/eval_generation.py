@@ -1,8 +1,50 @@
-"""Placeholder: this command is not built yet (see the open issues)."""
+"""`cxr eval generation --vlm DIR --index IDX --manifest M --split test`: every task with its baselines."""
 
-from retrieval.errors import CXRError
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
 
 
-def eval_generation_cmd() -> None:
-    """Not built yet."""
-    raise CXRError("`eval_generation` is not built yet")
+def eval_generation_cmd(
+    vlm: Path = typer.Option(..., "--vlm", help="A VLM folder written by `cxr vlm train`."),
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest with splits."),
+    index: Path = typer.Option(
+        None, "--index", help="Index folder for exemplars and the retrieval baseline."
+    ),
+    split: str = typer.Option("test", "--split", help="Split to evaluate."),
+    k: int = typer.Option(3, "-k", help="Exemplar reports for the RAG condition."),
+    tasks: str = typer.Option(
+        None, "--tasks", help="Comma-separated tasks (default: those the VLM learned)."
+    ),
+    max_per_task: int = typer.Option(300, "--max-per-task", help="Examples per task (sampled; 0 = all)."),
+    no_meteor: bool = typer.Option(False, "--no-meteor", help="Skip METEOR (it starts Java)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Also write the results: OUT.json and OUT.md."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """BLEU/METEOR/ROUGE-L/CIDEr, clinical efficacy, VQA, classification, localisation and grounding metrics,
+    with constant, retrieval-only, no-RAG and RAG rows in one table per task."""
+    from retrieval.fileio import atomic_path, write_json_atomic
+    from retrieval.generation.evaluate import evaluate_generation, results_markdown
+
+    res = evaluate_generation(
+        vlm,
+        manifest,
+        index,
+        split=split,
+        k=k,
+        tasks=[t.strip() for t in tasks.split(",")] if tasks else None,
+        max_per_task=max_per_task or None,
+        meteor=not no_meteor,
+    )
+    md = results_markdown(res)
+    if out is not None:
+        write_json_atomic(out.with_suffix(".json"), res)
+        with atomic_path(out.with_suffix(".md")) as tmp:
+            tmp.write_text(md)
+    if as_json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(md)

@@ -1,8 +1,45 @@
-"""Placeholder: this command is not built yet (see the open issues)."""
+"""`cxr generate IMAGE --index IDX --vlm DIR`: a report (or answer, diagnoses, boxes) for one radiograph."""
 
-from retrieval.errors import CXRError
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
 
 
-def generate_cmd() -> None:
-    """Not built yet."""
-    raise CXRError("`generate` is not built yet")
+def generate_cmd(
+    image: Path = typer.Argument(..., help="A radiograph: PNG, JPEG or DICOM."),
+    vlm: Path = typer.Option(..., "--vlm", help="A VLM folder written by `cxr vlm train`."),
+    index: Path = typer.Option(None, "--index", help="Index folder to retrieve exemplar reports from."),
+    task: str = typer.Option("report", "--task", help="report | vqa | classify | identify | ground."),
+    question: str = typer.Option(None, "--question", help="The question for --task vqa."),
+    phrase: str = typer.Option(None, "--phrase", help="The anatomy or finding for --task ground."),
+    k: int = typer.Option(3, "-k", help="Exemplar reports in the prompt (0 = no retrieval)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Generate for one image; the output names the exemplar studies the prompt carried."""
+    from retrieval.errors import UsageError
+    from retrieval.generation.generate import generate_for_image
+
+    if k < 0:
+        raise UsageError("-k must be >= 0")
+    if k > 0 and index is None:
+        raise UsageError("retrieval needs --index (or pass -k 0)")
+    res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase)
+    if as_json:
+        print(json.dumps(res, indent=2))
+        return
+    from rich.console import Console
+
+    c = Console()
+    c.print(f"[bold][{res['task']}][/bold] {res['prompt']}")
+    c.print(res["text"] or "[dim](empty)[/dim]")
+    for b in res.get("boxes", []):
+        c.print(
+            f"  box {b['label'] or '-'}: x1={b['x1']:.2f} y1={b['y1']:.2f} x2={b['x2']:.2f} y2={b['y2']:.2f}"
+        )
+    if res["exemplars"]:
+        c.print("exemplars: " + ", ".join(f"{e['study_id']} ({e['score']:.3f})" for e in res["exemplars"]))
+    else:
+        c.print("[dim]no exemplars (retrieval off)[/dim]")

@@ -1,8 +1,98 @@
-"""Placeholder: this command is not built yet (see the open issues)."""
+"""`cxr vlm train --manifest M --index IDX --out DIR`: train the multi-task VLM (resumable, with progress)."""
 
-from retrieval.errors import CXRError
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
 
 
-def vlm_train_cmd() -> None:
-    """Not built yet."""
-    raise CXRError("`vlm_train` is not built yet")
+def vlm_train_cmd(
+    manifest: Path = typer.Option(
+        ..., "--manifest", "-m", help="Study manifest (Parquet or CSV) with splits."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the VLM to (and its checkpoints)."),
+    index: Path = typer.Option(None, "--index", help="Index folder the exemplar reports come from."),
+    tasks: str = typer.Option(
+        "report,vqa,classify,identify,ground", "--tasks", help="Comma-separated tasks to train."
+    ),
+    rag_k: int = typer.Option(3, "--rag-k", help="Exemplar reports in each prompt (0 = no retrieval)."),
+    steps: int = typer.Option(300, "--steps", help="Optimiser steps."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Examples per step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
+    two_stage: bool = typer.Option(
+        False, "--two-stage", help="Grounded findings (identify/ground) first, then every task (LiteGPT)."
+    ),
+    encoder: list[str] = typer.Option(
+        None,
+        "--encoder",
+        help="Frozen visual encoder (repeatable): cxr:MODEL_DIR_OR_NAME or patch:SEED. "
+        "Default: the index's retrieval model.",
+    ),
+    lm: Path = typer.Option(
+        None, "--lm", help="A local transformers causal LM folder (default: tiny Llama)."
+    ),
+    lora: bool = typer.Option(False, "--lora", help="Wrap --lm with peft LoRA adapters."),
+    grid: int = typer.Option(
+        8, "--grid", help="Visual tokens pooled to GRID x GRID before the 5-token concat."
+    ),
+    budget: int = typer.Option(
+        160, "--prompt-budget", help="Prompt token budget (exemplars are cut to fit)."
+    ),
+    rag_dropout: float = typer.Option(
+        0.3, "--rag-dropout", help="Share of examples trained without exemplars."
+    ),
+    hidden: int = typer.Option(256, "--hidden", help="Tiny LM hidden size."),
+    layers: int = typer.Option(4, "--layers", help="Tiny LM layers."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+) -> None:
+    """Train the multi-task VLM on the manifest's train split, with exemplars retrieved from --index."""
+    import torch
+
+    from retrieval.errors import UsageError
+    from retrieval.generation.train import VLMTrainConfig, train_vlm
+
+    if threads:
+        torch.set_num_threads(threads)
+    if rag_k < 0 or steps < 1 or batch_size < 1:
+        raise UsageError("--rag-k must be >= 0, --steps and --batch-size >= 1")
+    config = VLMTrainConfig(
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        encoders=list(encoder or []),
+        rag_k=rag_k,
+        rag_dropout=rag_dropout,
+        prompt_budget=budget,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        two_stage=two_stage,
+        checkpoint_every=checkpoint_every,
+        visual_grid=grid,
+        seed=seed,
+        lm_path=str(lm) if lm else None,
+        lora=lora,
+        lm_overrides={"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": 2 * hidden},
+    )
+    info = train_vlm(manifest, out, config, index_dir=index, resume=resume)
+    summary = {k: v for k, v in info.items() if k != "losses"}
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    from rich.console import Console
+
+    c = Console()
+    c.print(f"[bold]VLM[/bold] -> {out}  ({info['steps']} steps, {info['seconds']} s)")
+    c.print(f"loss {info['loss_first20']:.3f} (first 20 steps) -> {info['loss_last20']:.3f} (last 20)")
+    c.print(
+        "tasks: "
+        + ", ".join(f"{t} {n} ex (p={info['task_weights'][t]:.2f})" for t, n in info["task_sizes"].items())
+    )
+    if info["bad_rows"]:
+        c.print(
+            f"[yellow]{len(info['bad_rows'])} image(s) skipped[/yellow], e.g. {info['bad_rows'][0]['reason']}"
+        )

@@ -72,8 +72,9 @@ def boxes_tensor(boxes: Sequence[dict]) -> torch.Tensor:
 
 
 def iou(a: dict, b: dict) -> float:
-    """Intersection over union of two normalised boxes (torchvision's box_iou)."""
-    return float(box_iou(boxes_tensor([a]), boxes_tensor([b]))[0, 0])
+    """Intersection over union of two normalised boxes (torchvision's box_iou; 0 for two empty boxes)."""
+    v = float(box_iou(boxes_tensor([a]), boxes_tensor([b]))[0, 0])
+    return 0.0 if v != v else v
 
 
 def merge_boxes(boxes: Sequence[dict], iou_threshold: float = 0.5) -> list[dict]:

@@ -121,7 +121,7 @@ def vqa_accuracy(references: Sequence[str], hypotheses: Sequence[str]) -> float:
 def _iou_matrix(a: Sequence[dict], b: Sequence[dict]) -> np.ndarray:
     if not a or not b:
         return np.zeros((len(a), len(b)))
-    return box_iou(boxes_tensor(a), boxes_tensor(b)).numpy()
+    return np.nan_to_num(box_iou(boxes_tensor(a), boxes_tensor(b)).numpy(), nan=0.0)
 
 
 def localisation_accuracy(

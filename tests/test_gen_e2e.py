@@ -1,0 +1,123 @@
+"""A tiny end-to-end run on CPU: train (with RAG) -> resume -> generate -> evaluate -> CLI, on synthetic data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from retrieval.generation.evaluate import evaluate_generation
+from retrieval.generation.generate import generate_for_image
+from retrieval.generation.model import VLM
+from retrieval.generation.train import VLMTrainConfig, train_vlm
+from tests.gen_synth import SynthRetrievalModel, make_index, make_manifest
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a loaded 2-core machine, more threads make small matmuls far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    df = make_manifest(root)
+    return root, df, make_index(df, root / "index")
+
+
+def config(steps: int) -> VLMTrainConfig:
+    return VLMTrainConfig(
+        encoders=["patch:1"],
+        steps=steps,
+        batch_size=8,
+        lm_overrides=TINY,
+        rag_k=2,
+        visual_grid=4,
+        checkpoint_every=20,
+        lr=3e-3,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(corpus):
+    root, df, idx = corpus
+    info = train_vlm(df, root / "vlm", config(120), index_dir=idx, progress=False)
+    return root / "vlm", info
+
+
+def test_training_learns_and_saves(trained):
+    vlm_dir, info = trained
+    assert info["loss_last20"] < 0.5 * info["loss_first20"]
+    assert set(info["task_sizes"]) == {"report", "vqa", "classify", "identify", "ground"}
+    # inverse-size weights: the smallest task gets the largest share
+    sizes, w = info["task_sizes"], info["task_weights"]
+    assert max(w, key=w.get) == min(sizes, key=sizes.get)
+    assert not (vlm_dir / "checkpoint").exists()
+    assert VLM.load(vlm_dir).config["encoders"][0]["spec"] == "patch:1"
+
+
+def test_generate_names_exemplars_never_own_study_or_patient(trained, corpus):
+    root, df, idx = corpus
+    row = df.iloc[0]
+    model = SynthRetrievalModel()
+    res = generate_for_image(root / row["image_path"], idx, trained[0], task="report", k=2, retrieval_model=model)
+    assert res["task"] == "report" and res["text"]
+    assert len(res["exemplars"]) == 2
+    assert all(e["study_id"] != row["study_id"] and e["patient_id"] != row["patient_id"] for e in res["exemplars"])
+    assert {"score", "study_id"} <= set(res["exemplars"][0])
+    off = generate_for_image(root / row["image_path"], None, trained[0], task="ground", k=0, phrase="right lung")
+    assert off["exemplars"] == [] and "boxes" in off
+
+
+def test_resume_continues_where_it_stopped(corpus, monkeypatch):
+    root, df, idx = corpus
+    full = train_vlm(df, root / "a", config(40), index_dir=idx, progress=False)
+    import retrieval.generation.train as tr
+
+    real, calls = tr.encode_batch, {"n": 0}
+
+    def dies_at_25(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 26:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "encode_batch", dies_at_25)
+    with pytest.raises(KeyboardInterrupt):
+        train_vlm(df, root / "b", config(40), index_dir=idx, progress=False)
+    assert json.loads((root / "b" / "checkpoint" / "state.json").read_text())["step"] == 20
+    monkeypatch.setattr(tr, "encode_batch", real)
+    resumed = train_vlm(df, root / "b", config(40), index_dir=idx, resume=True, progress=False)
+    assert resumed["losses"] == pytest.approx(full["losses"], abs=1e-3)
+
+
+def test_evaluation_has_every_baseline(trained, corpus):
+    root, df, idx = corpus
+    res = evaluate_generation(trained[0], df, idx, split="test", k=2, meteor=False, progress=False)
+    assert set(res["tasks"]) == {"report", "vqa", "classify", "identify", "ground"}
+    for task, conds in res["tasks"].items():
+        assert list(conds) == ["constant", "retrieval-only", "vlm k=0", "vlm k=2"], task
+    # the synthetic images' classes are separable by the retrieval vectors: top-1 retrieval is exact
+    assert res["tasks"]["classify"]["retrieval-only"]["micro_f1"] == pytest.approx(1.0)
+    assert "bleu4" in res["tasks"]["report"]["vlm k=2"] and "acc@0.5" in res["tasks"]["identify"]["vlm k=0"]
+
+
+def test_cli_generate_and_usage_errors(trained, corpus, capsys):
+    from cli.main import main
+
+    root, df, idx = corpus
+    img = str(root / df.iloc[3]["image_path"])
+    assert main(["generate", img, "--vlm", str(trained[0]), "-k", "0", "--task", "classify", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["task"] == "classify" and out["exemplars"] == []
+    assert main(["generate", img, "--vlm", str(trained[0]), "-k", "2"]) == 2  # retrieval without --index
+    assert main(["generate", img, "--vlm", str(trained[0]), "-k", "0", "--task", "ground"]) == 2  # no --phrase
+    assert main(["generate", img, "--vlm", str(root / "nope"), "-k", "0"]) == 1
+    assert "not a VLM folder" in capsys.readouterr().err

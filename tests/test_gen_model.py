@@ -1,0 +1,128 @@
+"""The VLM's pieces: token grouping, pooling, the answer-only loss, decoding, save/load, the tokenizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.errors import ModelLoadError
+from retrieval.generation.model import VLM, FrozenPatchEncoder, combine_tokens, encode_visual, group_tokens, pool_grid
+from retrieval.generation.rag import build_prompt_ids
+from retrieval.generation.tokenizer import COORD_TOKENS, TASK_TOKENS, build_tokenizer, decode
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a loaded 2-core machine, more threads make small matmuls far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+
+
+def test_group_tokens_concatenates_five_adjacent():
+    x = torch.arange(2 * 12 * 3, dtype=torch.float32).reshape(2, 12, 3)
+    g = group_tokens(x)
+    assert g.shape == (2, 3, 15)
+    assert torch.equal(g[1, 0], x[1, :5].reshape(-1))  # tokens 0..4 side by side
+    assert torch.equal(g[0, 2, :6], x[0, 10:12].reshape(-1)) and not g[0, 2, 6:].any()  # zero-padded tail
+
+
+def test_pool_grid_and_combine():
+    x = torch.randn(2, 64, 4)
+    assert pool_grid(x, 8) is x
+    p = pool_grid(x, 4)
+    img = x.transpose(1, 2).reshape(2, 4, 8, 8)
+    assert torch.allclose(p[0, 0], img[0, :, :2, :2].mean((1, 2)))  # top-left 2x2 patch mean
+    assert pool_grid(torch.randn(1, 65, 4), 4).shape == (1, 16, 4)  # class token dropped
+    c = combine_tokens([torch.randn(2, 16, 3), torch.randn(2, 16, 5)])
+    assert c.shape == (2, 16, 8)
+
+
+def test_multi_encoder_features_concatenate():
+    imgs = [np.random.default_rng(i).random((40, 50)).astype(np.float32) for i in range(3)]
+    e1, e2 = FrozenPatchEncoder(1, 64, 16, 8), FrozenPatchEncoder(2, 64, 8, 6)
+    v = encode_visual([e1, e2], imgs, grid=4)
+    assert v.shape == (3, 16, 14)
+    assert torch.allclose(v[..., :8], encode_visual([e1], imgs, grid=4))
+    assert not torch.allclose(FrozenPatchEncoder(1).patchify.weight, FrozenPatchEncoder(2).patchify.weight)
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    torch.manual_seed(0)
+    return VLM.create(12, [{"spec": "test"}], lm_overrides=TINY, corpus=["the heart is normal.", "no"])
+
+
+def _batch(vlm):
+    tok = vlm.tok
+    prompts = [
+        build_prompt_ids(tok, "report", "describe.", [], 32)[0],
+        build_prompt_ids(tok, "vqa", "is it?", [], 32)[0],
+    ]
+    targets = [
+        tok("the heart is normal.", add_special_tokens=False)["input_ids"],
+        tok("no", add_special_tokens=False)["input_ids"],
+    ]
+    return torch.randn(2, 16, 12), prompts, targets
+
+
+def test_loss_only_on_answer_tokens_matches_full_lm_loss(vlm):
+    visual, prompts, targets = _batch(vlm)
+    loss = vlm(visual, prompts, targets)
+    # reference: the LM's own loss over the full padded sequence with everything but answers masked
+    tok = vlm.tok
+    img = vlm._image_embeds(visual)
+    n = img.shape[1]
+    seqs = [p + t + [tok.sep_token_id] for p, t in zip(prompts, targets)]
+    length = max(map(len, seqs))
+    ids = torch.full((2, length), tok.pad_token_id)
+    labels = torch.full((2, n + length), -100)
+    mask = torch.zeros((2, n + length), dtype=torch.long)
+    for i, (s, p) in enumerate(zip(seqs, prompts)):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, n + len(p) : n + len(s)] = torch.tensor(s[len(p) :])
+        mask[i, : n + len(s)] = 1
+    emb = torch.cat([img, vlm.lm.get_input_embeddings()(ids)], 1)
+    ref = vlm.lm(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
+    assert torch.allclose(loss, ref, atol=1e-5)
+
+
+def test_overfits_and_decodes_with_left_padding(vlm, tmp_path):
+    visual, prompts, targets = _batch(vlm)
+    opt = torch.optim.AdamW(vlm.parameters(), 1e-2)
+    for _ in range(60):
+        loss = vlm(visual, prompts, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vlm.eval()
+    out = vlm.generate(visual, prompts, max_new_tokens=10)
+    assert out == targets  # different prompt lengths: left padding must not change the answers
+    alone = vlm.generate(visual[1:], prompts[1:], max_new_tokens=10)
+    assert alone == targets[1:]
+    vlm.save(tmp_path / "v", encoders=[FrozenPatchEncoder(3, 32, 8, 12)])
+    back = VLM.load(tmp_path / "v")
+    assert back.generate(visual, prompts, max_new_tokens=10) == targets
+    encs = back.load_encoders(tmp_path / "v")
+    assert torch.equal(encs[0].patchify.weight, FrozenPatchEncoder(3, 32, 8, 12).patchify.weight)
+    with pytest.raises(ModelLoadError):
+        VLM.load(tmp_path / "missing")
+
+
+def test_tokenizer_keeps_task_and_coordinate_tokens():
+    tok = build_tokenizer(corpus=["cardiomegaly"])
+    text = "[identify] cardiomegaly {<20><45><70><80>}"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert pieces[0] == TASK_TOKENS["identify"] and "<45>" in pieces and len(ids) == 1 + 4 + 6
+    assert decode(tok, ids) == "[identify] cardiomegaly { <20> <45> <70> <80> }"
+    full = build_tokenizer()
+    assert len(tok) < len(full) / 5  # pruned to the corpus + single characters
+    assert all(tok.convert_tokens_to_ids(c) != tok.unk_token_id for c in COORD_TOKENS)
+    # a word the corpus never used still tokenizes (character pieces), never to [UNK]
+    assert tok.unk_token_id not in tok("pneumothorax", add_special_tokens=False)["input_ids"]
