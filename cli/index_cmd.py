@@ -1,18 +1,121 @@
-"""Placeholder: this command is not built yet (see the open issues)."""
+"""`cxr index build | add | info`: thin commands over index.build and index.store."""
 
-from retrieval.errors import CXRError
+from __future__ import annotations
 
+import json
+from pathlib import Path
 
-def build_cmd() -> None:
-    """Not built yet."""
-    raise CXRError("`index_cmd` is not built yet")
-
-
-def add_cmd() -> None:
-    """Not built yet."""
-    raise CXRError("`index_cmd` is not built yet")
+import typer
 
 
-def info_cmd() -> None:
-    """Not built yet."""
-    raise CXRError("`index_cmd` is not built yet")
+def _load_model(name_or_path: str, device: str | None):
+    from retrieval.models import load_model
+
+    return load_model(name_or_path, device=None if device in (None, "auto") else device)
+
+
+def _print_result(result, as_json: bool, verb: str) -> None:
+    from rich.console import Console
+
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    d = result.as_dict()
+    console = Console()
+    console.print(
+        f"{verb} [bold]{d['index']}[/]: {d['added']:,} images ({d['count']:,} in the index, factory {d['factory']}) "
+        f"in {d['seconds']:.1f} s; {d['resumed_rows']:,} rows were already done from an interrupted run"
+    )
+    if d["bad_images"]:
+        console.print(f"[yellow]skipped {d['bad_images']} unreadable image(s); see {d['bad_list']}[/]")
+
+
+def build_cmd(
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest (.parquet or .csv)."),
+    model: str = typer.Option(..., "--model", help="Model folder (saved by `cxr train`) or model name."),
+    out: Path = typer.Option(..., "--out", "-o", help="Index folder to create (rerun the same command to resume)."),
+    factory: str | None = typer.Option(
+        None, "--factory", help="faiss index_factory string; default by size: Flat, HNSW32,Flat, IVF..,PQ.."
+    ),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per encoder batch."),
+    workers: int = typer.Option(2, "--workers", min=0, help="DataLoader processes decoding images."),
+    shard_rows: int = typer.Option(1024, "--shard-rows", min=1, help="Rows per committed shard (resume unit)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: CUDA when present)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Build an image + report index from a manifest: streaming, resumable after a kill, bad images skipped."""
+    from index.build import build_index
+
+    m = _load_model(model, device)
+    result = build_index(manifest, m, out, factory, batch_size, workers, shard_rows, model_path=model)
+    _print_result(result, as_json, "built")
+
+
+def add_cmd(
+    index: Path = typer.Option(..., "--index", "-i", help="Existing index folder."),
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="Manifest of the studies to append."),
+    model: str | None = typer.Option(None, "--model", help="Model (default: the folder recorded in the index)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    workers: int = typer.Option(2, "--workers", min=0),
+    shard_rows: int = typer.Option(1024, "--shard-rows", min=1),
+    device: str | None = typer.Option(None, "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Append studies to an index (same model fingerprint; image_ids already in the index are refused)."""
+    from index.build import add_to_index
+    from index.store import read_info
+
+    m = _load_model(model or recorded_model(read_info(index), index), device)
+    result = add_to_index(index, manifest, m, batch_size, workers, shard_rows)
+    _print_result(result, as_json, "added to")
+
+
+def recorded_model(info: dict, index: Path) -> str:
+    """The model folder recorded in index_info.json, when it still exists; else a usage error."""
+    from retrieval.errors import UsageError
+
+    path = info.get("model", {}).get("path")
+    if path and Path(path).is_dir():
+        return path
+    name = info.get("model", {}).get("name")
+    raise UsageError(
+        f"{index}: pass --model (the index was built with {name!r}"
+        + (f" from {path}, which no longer exists)" if path else ", whose folder was not recorded)")
+    )
+
+
+def info_cmd(
+    index: Path = typer.Argument(..., help="Index folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Summarise an index: size, factory, model, label and split counts, skipped images, files."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from index.store import index_summary
+
+    s = index_summary(index)
+    if as_json:
+        typer.echo(json.dumps(s, indent=2, default=str))
+        return
+    t = Table(title=f"index {s['path']}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    model = s["model"]
+    rows = [
+        ("images (rows)", f"{s['rows']:,}"),
+        ("studies / patients", f"{s['studies']:,} / {s['patients']:,}"),
+        ("with report text", f"{s['with_report']:,}"),
+        ("factory / metric", f"{s['factory']} / {s['metric']} (L2-normalised, dim {s['dim']})"),
+        ("reports", s.get("reports", "")),
+        ("model", f"{model.get('name')}  fingerprint {model.get('fingerprint')}  {model.get('path', '')}"),
+        ("splits", ", ".join(f"{k or '(none)'} {v:,}" for k, v in s["splits"].items())),
+        ("labels", ", ".join(f"{k} {v:,}" for k, v in s["labels"].items())),
+        ("skipped images", f"{s['bad_images']:,}" + (" (bad_images.csv)" if s["bad_images"] else "")),
+        ("created / updated", f"{s.get('created', '')} / {s.get('updated', '-')}"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in s.get("versions", {}).items())),
+        ("files", ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in s["files"].items())),
+    ]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    Console().print(t)

@@ -1,8 +1,157 @@
-"""Placeholder: this command is not built yet (see the open issues)."""
+"""`cxr query IMAGE | --text "..."`: the most similar reports (or images) of an index, as a table or JSON.
 
-from retrieval.errors import CXRError
+IMAGE may also be a folder of images or a manifest (.parquet/.csv): then every image is a query and the results
+go to a Parquet file (`--out`), with bad images skipped and listed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
+MANIFEST_SUFFIXES = {".parquet", ".csv", ".tsv"}
 
 
-def query_cmd() -> None:
-    """Not built yet."""
-    raise CXRError("`query` is not built yet")
+def _excerpt(text: str, width: int = 110) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _records(frame) -> list[dict]:
+    out = []
+    for r in frame.to_dict("records"):
+        r["score"] = round(float(r["score"]), 6)
+        r["labels"] = [str(x) for x in r["labels"]]
+        out.append({k: (int(v) if k in ("rank", "row_id") else v) for k, v in r.items()})
+    return out
+
+
+def _batch_queries(image: Path) -> tuple[list[str], list[str | None]]:
+    """The image paths of a folder (recursive, sorted) or manifest, with each query's patient id when known."""
+    from retrieval.errors import UsageError
+
+    if image.is_dir():
+        paths = sorted(str(p) for p in image.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise UsageError(f"{image}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+        return paths, [None] * len(paths)
+    from retrieval.data.manifest import read_manifest, resolve_image_path
+
+    df = read_manifest(image)
+    root = df.attrs.get("root")
+    paths = [str(resolve_image_path(root, p)) if str(p).strip() else "" for p in df["image_path"]]
+    return paths, list(df["patient_id"].astype(str)) if "patient_id" in df.columns else [None] * len(paths)
+
+
+def query_cmd(
+    image: Path | None = typer.Argument(
+        None, help="Query image (PNG/JPEG/DICOM), or a folder / manifest of query images (needs --out)."
+    ),
+    index: Path = typer.Option(..., "--index", "-i", help="Index folder (cxr index build)."),
+    text: str | None = typer.Option(None, "--text", "-t", help="Query by a sentence instead of an image."),
+    model: str | None = typer.Option(None, "--model", help="Model (default: the folder recorded in the index)."),
+    k: int = typer.Option(5, "-k", min=1, help="How many results."),
+    target: str = typer.Option("reports", "--target", help="Search 'reports' (one per study) or 'images'."),
+    nprobe: int | None = typer.Option(None, "--nprobe", min=1, help="IVF indexes: inverted lists to visit."),
+    ef_search: int | None = typer.Option(None, "--ef-search", min=1, help="HNSW indexes: search breadth."),
+    exclude_patient: str | None = typer.Option(None, "--exclude-patient", help="Leave out this patient's rows."),
+    mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index (IVF only)."),
+    backend: str = typer.Option("auto", "--backend", help="auto, faiss, faiss-gpu or torch."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda (default: CUDA when present)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Results Parquet for folder/manifest queries."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    workers: int = typer.Option(2, "--workers", min=0),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON (for scripts)."),
+) -> None:
+    """Find the reports (or images) most similar to an image or a sentence."""
+    from retrieval.errors import UsageError
+
+    if (image is None) == (text is None):
+        raise UsageError('give either an IMAGE or --text "..." (exactly one)')
+    if target not in ("reports", "images"):
+        raise UsageError(f"--target must be 'reports' or 'images', got {target!r}")
+    batch = image is not None and (image.is_dir() or image.suffix.lower() in MANIFEST_SUFFIXES)
+    if batch and out is None:
+        raise UsageError(f"{image}: a folder or manifest of queries writes a results file; pass --out results.parquet")
+    if not batch and out is not None:
+        raise UsageError("--out is for folder or manifest queries; a single query prints its results")
+
+    from cli.index_cmd import _load_model, recorded_model
+    from index.search import Searcher
+    from index.store import read_info
+
+    m = _load_model(model or recorded_model(read_info(index), index), device)
+    searcher = Searcher(index, m, backend=backend, device=device, nprobe=nprobe, ef_search=ef_search, mmap=mmap)
+
+    if batch:
+        _run_batch(searcher, image, out, k, target, exclude_patient, batch_size, workers, as_json)
+        return
+    if text is not None:
+        hits = searcher.query_text(text, k, target, exclude_patient=exclude_patient)
+        query = {"text": text}
+    else:
+        hits = searcher.query_image(image, k, target, exclude_patient=exclude_patient)
+        query = {"image": str(image)}
+    if as_json:
+        doc = {**query, "index": str(index), "target": target, "k": k, "results": _records(hits)}
+        typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+        return
+    _print_table(hits, query, target)
+
+
+def _print_table(hits, query: dict, target: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"{target} like " + (f'"{query["text"]}"' if "text" in query else query["image"])
+    t = Table(title=title)
+    t.add_column("rank", justify="right")
+    t.add_column("score", justify="right")
+    t.add_column("study")
+    if target == "images":
+        t.add_column("image")
+    t.add_column("labels")
+    t.add_column("report", overflow="fold")
+    for r in hits.to_dict("records"):
+        cells = [str(r["rank"]), f"{r['score']:.3f}", str(r["study_id"])]
+        if target == "images":
+            cells.append(Path(r["image_path"]).name)
+        cells += [", ".join(r["labels"]), _excerpt(r["report"]) or "[dim](no report)[/]"]
+        t.add_row(*cells)
+    Console().print(t)
+
+
+def _run_batch(searcher, image: Path, out: Path, k, target, exclude_patient, batch_size, workers, as_json) -> None:
+    from rich.console import Console
+
+    from retrieval.fileio import atomic_path
+
+    paths, _ = _batch_queries(image)
+    excl = [exclude_patient] * len(paths)
+    results, bad = searcher.query_images(paths, k, target, excl, batch_size=batch_size, workers=workers)
+    results = results.copy()
+    results["labels"] = [list(x) for x in results["labels"]]
+    with atomic_path(out) as tmp:
+        results.to_parquet(tmp, index=False)
+    bad_path = out.with_name(out.stem + ".bad_images.csv")
+    if len(bad):
+        with atomic_path(bad_path) as tmp:
+            bad.to_csv(tmp, index=False)
+    n_ok = results["query"].nunique() if len(results) else 0
+    summary = {
+        "queries": len(paths),
+        "answered": int(n_ok),
+        "bad_images": len(bad),
+        "results": str(out),
+        "bad_list": str(bad_path) if len(bad) else None,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    console = Console()
+    console.print(f"{n_ok:,} of {len(paths):,} queries answered, top-{k} {target} each -> [bold]{out}[/]")
+    if len(bad):
+        console.print(f"[yellow]skipped {len(bad)} unreadable image(s); see {bad_path}[/]")
