@@ -184,6 +184,16 @@ def test_bad_image_raises_naming_the_file(model, png_paths, tmp_path, num_worker
 def test_bad_array_is_reported_with_its_position(model):
     with pytest.raises(ImageReadError, match=r"images\[1\]"):
         model.encode_images([grey_images(1)[0], np.zeros((3, 4, 5, 6), np.float32)])
+    with pytest.raises(ImageReadError, match=r"images\[0\].*\(3, 32, 32\)"):
+        model.encode_images([torch.zeros(3, 16, 16)])
+
+
+def test_single_image_inputs(model, png_paths):
+    a = grey_images(1)[0]
+    np.testing.assert_allclose(model.encode_images(a), model.encode_images([a]), atol=1e-6)
+    np.testing.assert_allclose(model.encode_images(torch.from_numpy(a)), model.encode_images([a]), atol=1e-6)
+    np.testing.assert_allclose(model.encode_images(str(png_paths[0])), model.encode_images(png_paths[:1]), atol=1e-6)
+    np.testing.assert_allclose(model.encode_texts(TEXTS[0]), model.encode_texts(TEXTS[:1]), atol=1e-6)
 
 
 # ---- preprocessing -------------------------------------------------------------------------------------------

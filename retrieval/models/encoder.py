@@ -71,8 +71,13 @@ class _ImageItems(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         item = self.items[i]
         try:
-            if isinstance(item, torch.Tensor):
+            if isinstance(item, torch.Tensor) and item.ndim == 3:
+                size = self.transform.size
+                if tuple(item.shape) != (3, size, size):
+                    raise ValueError(f"a preprocessed image must be (3, {size}, {size}), got {tuple(item.shape)}")
                 return i, item.float(), None
+            if isinstance(item, torch.Tensor):
+                item = item.detach().cpu().float().numpy()
             if isinstance(item, (str, Path)):
                 from retrieval.data.image_io import read_image
 
@@ -262,7 +267,9 @@ class CXRModel(nn.Module):
         preprocesses in DataLoader worker processes. A bad image raises ImageReadError naming it."""
         from retrieval.progress import make_progress
 
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
+        if isinstance(images, (str, Path)) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 2):
+            images = [images]  # one image
+        elif isinstance(images, torch.Tensor) and images.ndim == 4:
             images = list(images)
         items = list(images)
         dev = self._prepare(device, precision)
