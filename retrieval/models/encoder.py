@@ -263,7 +263,8 @@ class CXRModel(nn.Module):
         """Embed images -> float32 C-contiguous (N, embed_dim) L2-normalised array, in input order.
 
         `images`: file paths (read by retrieval.data.image_io.read_image), HxW float [0,1] arrays, or
-        preprocessed (3, S, S) tensors (a (N, 3, S, S) tensor works too). `num_workers > 0` decodes and
+        preprocessed (3, S, S) tensors (a (N, 3, S, S) tensor works too); a single image is accepted. `device`
+        moves the model there (as sentence-transformers does; None keeps its device). `num_workers > 0` decodes and
         preprocesses in DataLoader worker processes. A bad image raises ImageReadError naming it."""
         from retrieval.progress import make_progress
 
