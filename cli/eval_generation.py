@@ -11,15 +11,14 @@ import typer
 def eval_generation_cmd(
     vlm: Path = typer.Option(..., "--vlm", help="A VLM folder written by `cxr vlm train`."),
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest with splits."),
-    index: Path = typer.Option(
-        None, "--index", help="Index folder for exemplars and the retrieval baseline."
-    ),
+    index: Path = typer.Option(None, "--index", help="Index folder for exemplars and the retrieval baseline."),
     split: str = typer.Option("test", "--split", help="Split to evaluate."),
     k: int = typer.Option(3, "-k", help="Exemplar reports for the RAG condition."),
-    tasks: str = typer.Option(
-        None, "--tasks", help="Comma-separated tasks (default: those the VLM learned)."
-    ),
+    tasks: str = typer.Option(None, "--tasks", help="Comma-separated tasks (default: those the VLM learned)."),
     max_per_task: int = typer.Option(300, "--max-per-task", help="Examples per task (sampled; 0 = all)."),
+    retrieval_target: str = typer.Option(
+        "reports", "--retrieval-target", help="reports (image->report) | images (image->image, sets without text)."
+    ),
     no_meteor: bool = typer.Option(False, "--no-meteor", help="Skip METEOR (it starts Java)."),
     out: Path = typer.Option(None, "--out", "-o", help="Also write the results: OUT.json and OUT.md."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
@@ -38,6 +37,7 @@ def eval_generation_cmd(
         tasks=[t.strip() for t in tasks.split(",")] if tasks else None,
         max_per_task=max_per_task or None,
         meteor=not no_meteor,
+        retrieval_target=retrieval_target,
     )
     md = results_markdown(res)
     if out is not None:

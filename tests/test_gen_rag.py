@@ -32,6 +32,9 @@ def test_excludes_own_study_and_patient_dedupes_and_skips_empty():
     assert select_exemplars(scores, ids, META, 0) == []
     ex = select_exemplars(scores, ids, META, 3, "s1", "p1", allowed_studies={"s4"})
     assert [e.study_id for e in ex] == ["s4"]
+    # image-to-image neighbours of a set without reports keep text-less studies
+    ex = select_exemplars(scores, ids, META, 3, "s1", "p1", require_report=False)
+    assert [e.study_id for e in ex] == ["s6", "s3", "s4"]
 
 
 def test_retrieve_searches_deeper_when_exclusions_empty_the_first_page():
@@ -88,6 +91,11 @@ def test_task_prompt_never_truncated_even_over_budget(tok):
     ids, used = build_prompt_ids(tok, "vqa", long_prompt, [Exemplar("s", "p", 1.0, "text")], budget=10)
     assert used == []
     assert ids[2:-1] == tok(long_prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_empty_exemplar_text_is_skipped(tok):
+    ids, used = build_prompt_ids(tok, "identify", "describe.", [Exemplar("s", "p", 1.0, "")], budget=64)
+    assert used == [] and REF_TOKEN not in tok.convert_ids_to_tokens(ids)
 
 
 def test_exemplar_truncated_to_fill_budget(tok):

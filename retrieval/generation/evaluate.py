@@ -47,9 +47,7 @@ def _cap(examples: dict[str, list[Example]], max_per_task: int | None, seed: int
     if not max_per_task:
         return examples
     rng = random.Random(seed)
-    return {
-        t: (rng.sample(exs, max_per_task) if len(exs) > max_per_task else exs) for t, exs in examples.items()
-    }
+    return {t: (rng.sample(exs, max_per_task) if len(exs) > max_per_task else exs) for t, exs in examples.items()}
 
 
 def constant_answers(train_examples: dict[str, list[Example]]) -> tuple[dict, dict]:
@@ -103,9 +101,7 @@ def score_task(task: str, examples: Sequence[Example], answers: Sequence[str], m
                 out[f"accuracy_{kind}"] = vqa_accuracy([refs[i] for i in sel], [answers[i] for i in sel])
         where = [i for i, e in enumerate(examples) if e.info.get("kind") == "where"]
         if where:
-            g = grounding_iou(
-                [examples[i].info["boxes"] for i in where], [parse_boxes(answers[i]) for i in where]
-            )
+            g = grounding_iou([examples[i].info["boxes"] for i in where], [parse_boxes(answers[i]) for i in where])
             out["where_mean_iou"] = g["mean_iou"]
         return out
     if task == "identify":
@@ -133,6 +129,7 @@ def evaluate_generation(
     seed: int = 0,
     progress: bool = True,
     retrieval_model: Any = None,
+    retrieval_target: str = "reports",
 ) -> dict:
     """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K)."""
     from retrieval.data.manifest import read_manifest
@@ -157,7 +154,13 @@ def evaluate_generation(
     if gen.searcher is not None:
         train_studies = {str(s) for s in df.iloc[train_rows]["study_id"]}
         exemplars = exemplars_for_rows(
-            df, sorted(visual), gen.searcher, k_ret, allowed_studies=train_studies, model=retrieval_model
+            df,
+            sorted(visual),
+            gen.searcher,
+            k_ret,
+            allowed_studies=train_studies,
+            model=retrieval_model or gen.retrieval_model,  # loaded only for images outside the index
+            target=retrieval_target,
         )
     study_rows: dict[str, int] = {}
     for pos in train_rows:
@@ -175,9 +178,7 @@ def evaluate_generation(
         results[task] = {}
         for cond in conditions:
             if cond == "constant":
-                answers = [
-                    by_prompt.get((task, e.prompt), by_task.get(task, DEFAULT_ANSWER[task])) for e in exs
-                ]
+                answers = [by_prompt.get((task, e.prompt), by_task.get(task, DEFAULT_ANSWER[task])) for e in exs]
             elif cond == "retrieval-only":
                 answers = [retrieval_answer(df, study_rows, e, exemplars.get(e.row, [])) for e in exs]
             else:
@@ -203,6 +204,7 @@ def evaluate_generation(
         "index": str(index_dir) if index_dir else None,
         "split": split,
         "k": k,
+        "retrieval_target": retrieval_target,
         "rows": len(rows),
         "bad_rows": bad,
         "tasks": results,

@@ -90,7 +90,8 @@ def retrieval_model_for(searcher: Any, device: str | None = None) -> Any:
 
 
 def query_vectors(df: pd.DataFrame, rows: Sequence[int], searcher: Any, model: Any = None) -> np.ndarray:
-    """Image vectors of `rows`: the index's stored vector when the image_id is indexed, else embedded."""
+    """Image vectors of `rows`: the index's stored vector when the image_id is indexed, else embedded by
+    `model` (a model, a zero-argument loader, or None for the model named in index_info.json)."""
     from index.search import exact_vectors
 
     meta = searcher.index.meta
@@ -107,6 +108,8 @@ def query_vectors(df: pd.DataFrame, rows: Sequence[int], searcher: Any, model: A
         else:
             missing.append(j)
     if missing:
+        if callable(model) and not hasattr(model, "encode_images"):
+            model = model()  # a loader, called only when needed
         model = model or retrieval_model_for(searcher)
         paths = [str(row_image_path(df, rows[j])) for j in missing]
         out[missing] = np.asarray(model.encode_images(paths), dtype=np.float32)
@@ -120,14 +123,19 @@ def exemplars_for_rows(
     k: int,
     allowed_studies: Collection[str] | None = None,
     model: Any = None,
+    target: str = "reports",
 ) -> dict[int, list[Exemplar]]:
-    """Top-k exemplar reports per row: never the row's own study or patient; only `allowed_studies`."""
+    """Top-k exemplars per row: never the row's own study or patient; only `allowed_studies`.
+
+    `target="reports"` searches image-to-report; `"images"` image-to-image (for sets without reports, where the
+    neighbours serve the retrieval-only baseline).
+    """
     if k <= 0 or not len(rows):
         return {int(p): [] for p in rows}
     vecs = query_vectors(df, rows, searcher, model)
     meta = searcher.index.meta
     meta = meta.assign(report=meta["report"].where(meta["has_report"].astype(bool), ""))
-    backend = searcher.backend("reports")
+    backend = searcher.backend(target)
     found = retrieve_exemplars(
         backend.search,
         vecs,
@@ -136,5 +144,6 @@ def exemplars_for_rows(
         [str(df.iloc[p]["study_id"]) for p in rows],
         [str(df.iloc[p]["patient_id"]) for p in rows],
         allowed_studies,
+        require_report=target == "reports",
     )
     return {int(p): ex for p, ex in zip(rows, found, strict=True)}

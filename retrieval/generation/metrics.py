@@ -61,9 +61,7 @@ def text_metrics(references: Sequence[str], hypotheses: Sequence[str], meteor: b
                     m.close()
     out["cider"] = float(Cider().compute_score(refs, hyps)[0])
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    out["rougeL"] = float(
-        np.mean([scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(references, hypotheses)])
-    )
+    out["rougeL"] = float(np.mean([scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(references, hypotheses)]))
     out["sacrebleu"] = float(BLEU().corpus_score(list(hypotheses), [list(references)]).score)
     return out
 
@@ -90,9 +88,7 @@ def multilabel_prf(
         if len(cols) == 0:
             p = r = f = 0.0
         else:
-            p, r, f, _ = precision_recall_fscore_support(
-                y_true[:, cols], y_pred[:, cols], average=avg, zero_division=0
-            )
+            p, r, f, _ = precision_recall_fscore_support(y_true[:, cols], y_pred[:, cols], average=avg, zero_division=0)
         out[f"{avg}_precision"], out[f"{avg}_recall"], out[f"{avg}_f1"] = float(p), float(r), float(f)
     return out
 
@@ -174,9 +170,7 @@ def map50(truth: Sequence[Sequence[dict]], preds: Sequence[Sequence[dict]]) -> f
         for rank, b in enumerate(bs):
             name = str(b.get("label", "")).lower()
             if name in cat:
-                dets.append(
-                    {"image_id": img, "category_id": cat[name], "bbox": xywh(b), "score": 1.0 / (1 + rank)}
-                )
+                dets.append({"image_id": img, "category_id": cat[name], "bbox": xywh(b), "score": 1.0 / (1 + rank)})
     if not dets:
         return 0.0
     with contextlib.redirect_stdout(io.StringIO()):

@@ -41,9 +41,7 @@ class _PatchTransform:
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         t = torch.as_tensor(np.asarray(image, dtype=np.float32))[None, None]
-        t = F.interpolate(
-            t, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
-        )
+        t = F.interpolate(t, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         return (t[0] - 0.5) / 0.25
 
 
@@ -87,9 +85,7 @@ class FrozenPatchEncoder(nn.Module):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in self.state_dict().items()}, str(out / "patch_encoder.safetensors")
-        )
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(out / "patch_encoder.safetensors"))
         write_json_atomic(out / "patch_encoder.json", self.config)
 
     @classmethod
@@ -123,10 +119,7 @@ def load_encoder(spec: str, device: str | torch.device | None = None) -> Any:
 def combine_tokens(token_sets: Sequence[torch.Tensor]) -> torch.Tensor:
     """Several encoders' (B, N_i, D_i) tokens concatenated along features (counts pooled to the smallest)."""
     n = min(t.shape[1] for t in token_sets)
-    pooled = [
-        t if t.shape[1] == n else F.adaptive_avg_pool1d(t.transpose(1, 2), n).transpose(1, 2)
-        for t in token_sets
-    ]
+    pooled = [t if t.shape[1] == n else F.adaptive_avg_pool1d(t.transpose(1, 2), n).transpose(1, 2) for t in token_sets]
     return torch.cat(pooled, dim=-1)
 
 
@@ -184,9 +177,7 @@ class VLM(nn.Module):
         self.lm = lm
         self.config = config
         hidden = lm.get_input_embeddings().embedding_dim
-        self.projector = nn.Sequential(
-            nn.Linear(GROUP * visual_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)
-        )
+        self.projector = nn.Sequential(nn.Linear(GROUP * visual_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.img_start = tok.convert_tokens_to_ids(IMAGE_START)
         self.img_end = tok.convert_tokens_to_ids(IMAGE_END)
 
@@ -254,9 +245,7 @@ class VLM(nn.Module):
         text = self.lm.get_input_embeddings()(ids.to(self.device))
         embeds = torch.cat([img, text], dim=1)
         # The vocabulary projection is the costliest layer on a CPU: apply it only where there is a label.
-        hidden = self.lm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=mask.to(self.device)
-        ).last_hidden_state
+        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask.to(self.device)).last_hidden_state
         labels = labels.to(self.device)
         shift = labels[:, 1:]
         keep = shift != -100
@@ -264,9 +253,7 @@ class VLM(nn.Module):
         return F.cross_entropy(logits.float(), shift[keep])
 
     @torch.no_grad()
-    def generate(
-        self, visual: torch.Tensor, prompts: Sequence[list[int]], max_new_tokens: int = 96
-    ) -> list[list[int]]:
+    def generate(self, visual: torch.Tensor, prompts: Sequence[list[int]], max_new_tokens: int = 96) -> list[list[int]]:
         """Greedy decoding (transformers `generate` on left-padded embeddings); returns new token ids."""
         img = self._image_embeds(visual)
         n_img = img.shape[1]

@@ -44,11 +44,13 @@ def select_exemplars(
     query_study: str | None = None,
     query_patient: str | None = None,
     allowed_studies: Collection[str] | None = None,
+    require_report: bool = True,
 ) -> list[Exemplar]:
     """The first `k` hits (by rank) that are not the query's study or patient, one per study, with a report.
 
     `ids` index `meta` rows (-1 = no hit, as faiss pads); `allowed_studies` restricts candidates (e.g. to the
-    training split so that evaluation prompts never carry other test reports).
+    training split so that evaluation prompts never carry other test reports). `require_report=False` keeps
+    studies without text (image-to-image neighbours of a set without reports; the prompt skips empty text).
     """
     out: list[Exemplar] = []
     seen: set[str] = set()
@@ -60,7 +62,7 @@ def select_exemplars(
         r = meta.iloc[int(rid)]
         study, patient = str(r["study_id"]), str(r["patient_id"])
         report = "" if pd.isna(r.get("report")) else str(r.get("report", "")).strip()
-        if study in seen or not report:
+        if study in seen or (require_report and not report):
             continue
         if query_study is not None and study == str(query_study):
             continue
@@ -84,6 +86,7 @@ def retrieve_exemplars(
     query_patients: Sequence[str | None],
     allowed_studies: Collection[str] | None = None,
     max_depth: int | None = None,
+    require_report: bool = True,
 ) -> list[list[Exemplar]]:
     """Top-k exemplars for each query vector; searches deeper (doubling) while exclusions leave fewer than k.
 
@@ -101,7 +104,7 @@ def retrieve_exemplars(
         again = []
         for j, q in enumerate(todo):
             ex = select_exemplars(
-                scores[j], ids[j], meta, k, query_studies[q], query_patients[q], allowed_studies
+                scores[j], ids[j], meta, k, query_studies[q], query_patients[q], allowed_studies, require_report
             )
             if len(ex) < k and depth < max_depth:
                 again.append(q)
@@ -131,6 +134,8 @@ def build_prompt_ids(
     for ex in exemplars:
         if room - 1 < MIN_EXEMPLAR_TOKENS:
             break
+        if not ex.report.strip():
+            continue
         ids = tok(ex.report, add_special_tokens=False)["input_ids"][: room - 1]
         body += [ref_id, *ids]
         room -= 1 + len(ids)

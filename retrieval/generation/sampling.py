@@ -22,9 +22,7 @@ def inverse_size_weights(sizes: Mapping[str, int]) -> dict[str, float]:
     return {t: v / total for t, v in inv.items()}
 
 
-def stage_tasks(
-    step: int, total_steps: int, tasks: Sequence[str], two_stage: bool, stage1_fraction: float
-) -> list:
+def stage_tasks(step: int, total_steps: int, tasks: Sequence[str], two_stage: bool, stage1_fraction: float) -> list:
     """The tasks active at `step`: stage 1 (grounded findings) for the first fraction of steps, then all."""
     if not two_stage:
         return list(tasks)

@@ -141,9 +141,7 @@ def train_vlm(
     if (out / "vlm_config.json").exists() and not resume and not (out / "checkpoint").exists():
         raise UsageError(f"{out} already holds a trained VLM; choose another --out or pass --resume")
     if (out / "checkpoint").exists() and not resume:
-        raise UsageError(
-            f"{out} holds a checkpoint of an unfinished run; pass --resume or choose another --out"
-        )
+        raise UsageError(f"{out} holds a checkpoint of an unfinished run; pass --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     torch.manual_seed(config.seed)
@@ -176,13 +174,9 @@ def train_vlm(
     exemplars: dict[int, list[Exemplar]] = {}
     if searcher is not None and config.rag_k > 0:
         train_studies = {str(s) for s in df.iloc[rows]["study_id"]}
-        exemplars = exemplars_for_rows(
-            df, sorted(visual), searcher, config.rag_k, allowed_studies=train_studies
-        )
+        exemplars = exemplars_for_rows(df, sorted(visual), searcher, config.rag_k, allowed_studies=train_studies)
 
-    corpus = [e.target for exs in examples.values() for e in exs] + [
-        e.prompt for exs in examples.values() for e in exs
-    ]
+    corpus = [e.target for exs in examples.values() for e in exs] + [e.prompt for exs in examples.values() for e in exs]
     corpus += list({x.report for exs in exemplars.values() for x in exs})
     visual_dim = next(iter(visual.values())).shape[-1]
 
@@ -195,8 +189,7 @@ def train_vlm(
         start, losses = int(state["step"]), list(state["losses"])
     else:
         enc_meta = [
-            {"spec": s, "name": str(getattr(e, "name", s))}
-            for s, e in zip(config.encoders, encoders, strict=True)
+            {"spec": s, "name": str(getattr(e, "name", s))} for s, e in zip(config.encoders, encoders, strict=True)
         ]
         vlm = VLM.create(
             visual_dim,
@@ -208,9 +201,7 @@ def train_vlm(
             config.seed,
             corpus,
         )
-    vlm.config.update(
-        visual_grid=config.visual_grid, prompt_budget=config.prompt_budget, tasks=list(examples)
-    )
+    vlm.config.update(visual_grid=config.visual_grid, prompt_budget=config.prompt_budget, tasks=list(examples))
     vlm.train()
     params = [p for p in vlm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -230,9 +221,7 @@ def train_vlm(
             batch = sampler.sample(config.batch_size, active)
             rng = np.random.default_rng([config.seed, step])
             ks = [0 if rng.random() < config.rag_dropout else config.rag_k for _ in batch]
-            prompts, targets = encode_batch(
-                tok, batch, exemplars, ks, config.prompt_budget, config.max_target_tokens
-            )
+            prompts, targets = encode_batch(tok, batch, exemplars, ks, config.prompt_budget, config.max_target_tokens)
             vis = torch.stack([visual[ex.row] for ex in batch]).float()
             loss = vlm(vis, prompts, targets)
             opt.zero_grad(set_to_none=True)
