@@ -112,6 +112,32 @@ def test_biomedclip_without_offline_cache_is_a_clear_error(tmp_path, monkeypatch
     assert "docs/models.md" in msg and "\n" not in msg
 
 
+def test_biomedclip_goes_through_open_clip_with_the_hub_name(monkeypatch):
+    import open_clip
+    import open_clip.factory
+
+    hub = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    calls = {}
+
+    def fake_config(model_id, cache_dir=None):
+        calls["config"] = (model_id, cache_dir)
+        return {"model_cfg": resolve("biomedclip-arch").model_cfg}
+
+    def fake_create(name, **kwargs):
+        calls["create"] = (name, kwargs)
+        raise RuntimeError("no network in this test")
+
+    monkeypatch.setattr(open_clip.factory, "_get_hf_config", fake_config)
+    monkeypatch.setattr(open_clip, "create_model", fake_create)
+    with pytest.raises(ModelLoadError, match="no network in this test"):
+        load_model("biomedclip", device="cpu", cache_dir="/tmp/hf-cache")
+    assert calls["config"] == (hub, "/tmp/hf-cache")
+    name, kwargs = calls["create"]
+    assert name == f"hf-hub:{hub}"
+    assert kwargs["require_pretrained"] and kwargs["force_custom_text"] and kwargs["cache_dir"] == "/tmp/hf-cache"
+    assert "text_cfg" not in kwargs  # the hub's own text config (BiomedBERT from the cache) is used as is
+
+
 def test_biomedclip_arch_config_matches_biomedclip():
     spec = resolve("biomedclip-arch")
     cfg = spec.model_cfg
