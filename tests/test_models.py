@@ -390,6 +390,18 @@ def test_local_dir_open_clip_folder(tmp_path):
     assert model.encode_texts(TEXTS).shape == (2, 24)
 
 
+def test_local_dir_with_mismatched_weights(tmp_path):
+    from open_clip.model import CLIP
+
+    state = CLIP(**TINY_CLIP_CFG).state_dict()
+    state.pop("visual.proj")
+    _write_open_clip_folder(tmp_path / "oc", TINY_CLIP_CFG, state)
+    with pytest.raises(ModelLoadError) as e:
+        load_model(f"local-dir:{tmp_path / 'oc'}", device="cpu")
+    msg = str(e.value)
+    assert str(tmp_path / "oc") in msg and "state_dict" in msg and "docs/models.md" not in msg
+
+
 def test_local_dir_with_hf_text_needs_a_local_copy_or_cache(tmp_path):
     hf_model = tiny_model(hf_text=True)
     _write_open_clip_folder(tmp_path / "oc", TINY_HF_CFG, hf_model.clip.state_dict())

@@ -108,8 +108,15 @@ def create_open_clip(spec: ModelSpec, cache_dir: str | None = None) -> tuple[nn.
         raise
     except Exception as e:
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:400]
-        raise ModelLoadError(f"{where}: cannot load the open_clip model ({msg}); {OFFLINE_HINT}") from None
+        hint = f"; {OFFLINE_HINT}" if _looks_offline(e) else ""
+        raise ModelLoadError(f"{where}: cannot load the open_clip model ({msg}){hint}") from None
     return model, model_cfg
+
+
+def _looks_offline(e: Exception) -> bool:
+    """A failure to find something on the hub / in the cache (as opposed to, say, mismatched weights)."""
+    words = ("hub", "cache", "connection", "offline", "download", "internet")
+    return isinstance(e, OSError) or any(w in str(e).lower() for w in words)
 
 
 def _hf_tokenizer(source: str | Path, context_length: int, text_cfg: dict, cache_dir: str | None) -> Any:
