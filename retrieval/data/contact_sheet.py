@@ -20,6 +20,33 @@ def first_sentence(text: str, width: int = 48, lines: int = 2) -> str:
     return "\n".join(wrapped)
 
 
+def _finding_names(boxes: list[dict]) -> set[str]:
+    return {b["label"] for b in boxes if not b["label"].startswith("anatomy:")}
+
+
+def _pick(df: pd.DataFrame, n: int) -> list:
+    """Row labels of `n` studies to show: abnormal studies that each add a finding not shown yet (so the sheet
+    covers many kinds), then more abnormal ones, then about a quarter normal studies, in manifest order."""
+    from retrieval.labels import is_abnormal
+
+    abnormal = [i for i, labels in zip(df.index, df["labels"], strict=True) if is_abnormal(list(labels))]
+    normal = [i for i in df.index if i not in set(abnormal)]
+    k_normal = min(len(normal), max(1, n // 4))
+    picked, seen = [], set()
+    for i in abnormal:
+        names = _finding_names(df.at[i, "boxes"])
+        if names - seen and len(picked) < n - k_normal:
+            picked.append(i)
+            seen |= names
+    for i in abnormal:
+        if len(picked) >= n - k_normal:
+            break
+        if i not in picked and _finding_names(df.at[i, "boxes"]):
+            picked.append(i)
+    picked += normal[: n - len(picked)]
+    return picked
+
+
 def contact_sheet(
     manifest: pd.DataFrame | str | Path,
     out_png: str | Path,
@@ -29,8 +56,8 @@ def contact_sheet(
 ) -> Path:
     """Save a grid of `n` studies (or those in `ids`) with the first report sentence and the finding boxes drawn.
 
-    Abnormal studies come first (they are the interesting ones to look at), then normal ones, in manifest
-    order; anatomy boxes (labels starting with 'anatomy:') are drawn only with `show_anatomy`."""
+    Abnormal studies that add a finding kind not shown yet come first, then normal ones; anatomy boxes
+    (labels starting with 'anatomy:') are drawn only with `show_anatomy`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,17 +66,12 @@ def contact_sheet(
 
     from retrieval.data.image_io import read_image
     from retrieval.data.manifest import read_manifest, resolve_image_path
-    from retrieval.labels import is_abnormal
-
     df = read_manifest(manifest) if not isinstance(manifest, pd.DataFrame) else manifest
     root = df.attrs.get("root")
     if ids is not None:
         rows = df[df["image_id"].isin(ids)]
     else:
-        drawn = df["boxes"].map(lambda bs: any(not b["label"].startswith("anatomy:") for b in bs))
-        abnormal = df["labels"].map(lambda labels: is_abnormal(list(labels)))
-        k_normal = max(1, n // 4)
-        rows = pd.concat([df[drawn & abnormal].head(n - k_normal), df[~abnormal].head(k_normal)]).head(n)
+        rows = df.loc[_pick(df, n)]
     cols = 4
     nrows = max(1, -(-len(rows) // cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(cols * 3.6, nrows * 4.0))
@@ -84,7 +106,7 @@ def contact_sheet(
         "(red: finding boxes)",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.975))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)

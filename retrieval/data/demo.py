@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -46,7 +47,7 @@ def read_iu_reports(src: str | Path = "builtin") -> list[dict[str, Any]]:
 
 @functools.lru_cache(maxsize=4)
 def _read_iu_reports_cached(src: str) -> tuple[dict[str, Any], ...]:
-    from retrieval.data.importers.iu_xray import _report_number, iter_report_files, parse_open_i_xml
+    from retrieval.data.importers.iu_xray import iter_report_files, parse_open_i_xml
 
     out = []
     for name, data in iter_report_files(src):
@@ -54,7 +55,7 @@ def _read_iu_reports_cached(src: str) -> tuple[dict[str, Any], ...]:
             rec = parse_open_i_xml(data, name)
         except ValueError:
             continue  # a broken XML is skipped; the importer reports such files
-        rec["number"] = _report_number(name)
+        rec["number"] = int(re.sub(r"\D", "", name) or 0)
         out.append(rec)
     out.sort(key=lambda r: r["number"])
     return tuple(out)
@@ -79,7 +80,7 @@ def _render_one(task: tuple[dict[str, Any], str, int, int]) -> dict[str, Any]:
     rel = f"images/{rec['study_id']}.png"
     path = Path(out_dir) / rel
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(np.round(ph.image * 255).astype(np.uint8), mode="L").save(tmp, format="PNG")
+    Image.fromarray(np.round(ph.image * 255).astype(np.uint8), mode="L").save(tmp, format="PNG", compress_level=1)
     os.replace(tmp, path)
     text_labels = label_report(report)
     indexed = bool(rec["mesh"]) and rec["mesh"] != ["No Indexing"]

@@ -99,7 +99,7 @@ FINDING_RULES: list[tuple[str, str, tuple[str, ...]]] = [
     ),
     (
         "Elevated Hemidiaphragm",
-        r"elevat\w* (?:of )?(?:the )?(?:right |left )?hemidiaphragm|hemidiaphragm (?:is )?"
+        r"elevat\w* (?:of )?(?:the )?(?:right |left )?(?:hemi)?diaphragm|(?:hemi)?diaphragm (?:is )?"
         r"(?:\w+ly )?elevated|eventration",
         (),
     ),
@@ -139,7 +139,8 @@ _RULE_RE = [(name, re.compile(rx), covers) for name, rx, covers in FINDING_RULES
 _UNRENDERED_RE = re.compile(
     r"kyphos\w*|osteopeni\w*|demineraliz\w*|pectus\w*|bronchiectasis|lymphadenopathy|adenopathy|pneumoperitoneum|"
     r"free air|subcutaneous emphysema|pneumomediastinum|mastectomy|breast implant\w*|arthritis|arthropathy|"
-    r"bullae|bulla|bleb\w*|cyst\w*|pericardial effusion|azygos lobe|foreign bod\w*|hilar (?:prominence|enlargement)"
+    r"bullae|bulla|bleb\w*|\bcyst(?:s|ic)?\b|pericardial effusion|azygos lobe|foreign bod\w*|"
+    r"hilar (?:prominence|enlargement)"
 )
 # Findings that change the whole chest (drawn once whatever the side words say).
 _GLOBAL = {
@@ -645,15 +646,6 @@ def render_findings(findings: list[Finding], size: int = 256, seed: int = 0) -> 
     return Phantom(img.astype(np.float32), finding_boxes, anatomy_boxes, list(findings))
 
 
-def _spine_x(sx: np.ndarray | float, y: float) -> float:
-    """Spine centre x at height y (sx is a grid or a constant)."""
-    if np.ndim(sx) == 0:
-        return float(sx)
-    S = sx.shape[0]
-    row = min(S - 1, max(0, int(y * S)))
-    return float(np.median(sx[row]))
-
-
 def _zone_range(zone: str | None, A: _Anatomy, i: int) -> tuple[float, float]:
     top, bot = A.ya, A.yb[i] - A.dome[i] * 0.4
     h = bot - top
@@ -937,16 +929,11 @@ def _draw_finding(f, rng, X, Y, A: _Anatomy, lungs, rib_paths, eps, lung_vessels
             xs, ys = rib_paths[(side, k)]
             j = int(rng.integers(5, 9))
             px, py = xs[j], ys[j]
-            gap = _ellipse(X, Y, px, py, 0.006, 0.02, eps)
-            callus = (
-                _ellipse(X, Y, px, py, 0.017, 0.017, eps)
-                * A.masks["ribs"].clip(0, None)
-                / max(A.masks["ribs"].max(), 1e-6)
-            )
-            o = 0.6 * _ellipse(X, Y, px, py, 0.016, 0.016, eps) * _band(
-                X, Y, xs, ys, 0.016, eps
-            ) - 0.25 * gap * _band(X, Y, xs, ys, 0.01, eps)
-            out += 0.7 * o + 0.0 * callus
+            # a healing fracture: a bright callus on the rib around a thin lucent fracture line
+            on_rib = _band(X, Y, xs, ys, 0.016, eps)
+            callus = _ellipse(X, Y, px, py, 0.016, 0.016, eps) * on_rib
+            gap = _ellipse(X, Y, px, py, 0.006, 0.02, eps) * _band(X, Y, xs, ys, 0.01, eps)
+            out += 0.42 * callus - 0.18 * gap
             _add_box(boxes, name, _ellipse(X, Y, px, py, 0.02, 0.02, eps), 0.5)
         return out
     # ---- support devices: very dense, thin ----------------------------------------------------------------
@@ -1062,13 +1049,14 @@ def _anatomy_boxes(A: _Anatomy, clav: dict[str, np.ndarray]) -> list[dict[str, A
         _add_box(
             boxes,
             f"{side.capitalize()} Hemidiaphragm",
-            (d & (A.masks[f"{side}_lung"] > 0.0) | d & _near(lung)).astype(np.float32),
+            (d & _near(lung)).astype(np.float32),
             0.5,
         )
     return boxes
 
 
 def _near(mask: np.ndarray) -> np.ndarray:
+    """The mask grown by a few pixels."""
     return ndimage.binary_dilation(mask, iterations=max(1, mask.shape[0] // 64))
 
 
