@@ -208,15 +208,16 @@ class Searcher:
             ids = ids[np.sort(first)]
         return ids
 
-    def search_vectors(
+    def search_ids(
         self,
         queries: np.ndarray,
         k: int = 5,
         target: str = "reports",
         exclude_patients: Sequence[str | None] | None = None,
         exclude_studies: Sequence[str | None] | None = None,
-    ) -> list[pd.DataFrame]:
-        """Top-k rows for each query vector, with per-query exclusions (None = none); one frame per query."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, row ids), each (n_queries, k), after exclusions and per-study de-duplication of reports;
+        padded with -inf / -1 where fewer than k rows qualify. The fast path for evaluation and RAG."""
         if k < 1:
             raise UsageError(f"-k must be at least 1, got {k}")
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
@@ -226,36 +227,45 @@ class Searcher:
         pats = list(exclude_patients) if exclude_patients is not None else [None] * nq
         studs = list(exclude_studies) if exclude_studies is not None else [None] * nq
         backend = self.backend(target)
+        out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
+        out_ids = np.full((nq, k), -1, dtype=np.int64)
         # Over-fetch for exclusions and per-study de-duplication; widen until k usable rows or all rows.
         fetch = min(n, k * (4 if target == "reports" else 1) + (16 if any(pats) or any(studs) else 0))
-        scores, ids = backend.search(queries, fetch)
-        results: list[pd.DataFrame | None] = [None] * nq
-        todo = list(range(nq))
-        while todo:
+        todo = np.arange(nq)
+        while len(todo):
+            scores, ids = backend.search(queries[todo], fetch)
             again = []
-            for q in todo:
-                keep = self._keep(ids[q], target, pats[q], studs[q])
+            for j, q in enumerate(todo):
+                keep = self._keep(ids[j], target, pats[q], studs[q])
                 if len(keep) >= k or fetch >= n:
-                    results[q] = self._frame(keep[:k], ids[q], scores[q])
+                    keep = keep[:k]
+                    pos = {r: i for i, r in enumerate(ids[j].tolist())}
+                    out_ids[q, : len(keep)] = keep
+                    out_scores[q, : len(keep)] = scores[j, [pos[r] for r in keep.tolist()]]
                 else:
                     again.append(q)
-            if not again:
-                break
+            todo = np.asarray(again, dtype=np.int64)
             fetch = min(n, fetch * 4)
-            sub_scores, sub_ids = backend.search(queries[again], fetch)
-            scores = np.zeros((nq, fetch), np.float32)
-            ids = np.full((nq, fetch), -1, np.int64)
-            scores[again], ids[again] = sub_scores, sub_ids
-            todo = again
-        return results  # type: ignore[return-value]
+        return out_scores, out_ids
 
-    def _frame(self, keep: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
-        score_of = dict(zip(ids.tolist(), scores.tolist(), strict=True))
+    def search_vectors(
+        self,
+        queries: np.ndarray,
+        k: int = 5,
+        target: str = "reports",
+        exclude_patients: Sequence[str | None] | None = None,
+        exclude_studies: Sequence[str | None] | None = None,
+    ) -> list[pd.DataFrame]:
+        """Top-k rows for each query vector, with per-query exclusions (None = none); one frame per query."""
+        scores, ids = self.search_ids(queries, k, target, exclude_patients, exclude_studies)
+        return [self._frame(i[i >= 0], s[i >= 0]) for s, i in zip(scores, ids, strict=True)]
+
+    def _frame(self, keep: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
         meta = self.index.meta.iloc[keep]
         out = pd.DataFrame(
             {
                 "rank": np.arange(1, len(keep) + 1),
-                "score": np.asarray([score_of[i] for i in keep.tolist()], dtype=np.float32),
+                "score": np.asarray(scores, dtype=np.float32),
                 "row_id": keep.astype(np.int64),
             }
         )

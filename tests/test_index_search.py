@@ -205,3 +205,19 @@ def test_nprobe_on_a_flat_index_is_refused_by_the_searcher(tmp_path):
         Searcher(path, nprobe=8)
     with pytest.raises(UsageError, match="image and text queries need the model"):
         Searcher(path).query_text("effusion")
+
+
+def test_search_ids_is_the_same_ranking_without_frames(tmp_path):
+    x = clustered(300, 16, clusters=4, seed=12)
+    path, _ = _vector_index(tmp_path, x)
+    searcher = Searcher(path)
+    q = clustered(20, 16, clusters=4, seed=13)
+    scores, ids = searcher.search_ids(q, 6, "reports", exclude_patients=["p1"] * 20)
+    frames = searcher.search_vectors(q, 6, "reports", exclude_patients=["p1"] * 20)
+    for j, (s, i, f) in enumerate(zip(scores, ids, frames, strict=True)):
+        assert list(i) == list(f["row_id"])
+        np.testing.assert_allclose(s, x[i] @ q[j], atol=1e-5)  # scores are inner products
+        np.testing.assert_allclose(s, f["score"], atol=1e-6)
+    # fewer qualifying rows than k: padded with -1 / -inf
+    s, i = searcher.search_ids(q[:1], 500, "images")
+    assert (i[0, 300:] == -1).all() and np.isneginf(s[0, 300:]).all() and sorted(i[0, :300]) == list(range(300))
