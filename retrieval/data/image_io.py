@@ -59,9 +59,10 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         arr = _read_pil(path, max_pixels)
     if arr.ndim != 2 or arr.size == 0:
         raise ImageReadError(path, f"decoded to an array of shape {arr.shape}, expected a 2-D image")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)  # no copy when the decoder already gave float32
     if not np.isfinite(arr).all():
         raise ImageReadError(path, "pixel values are not finite")
-    return np.ascontiguousarray(np.clip(arr, 0.0, 1.0), dtype=np.float32)
+    return np.clip(arr, 0.0, 1.0, out=arr if arr.flags.writeable else None)
 
 
 # --------------------------------------------------------------------------------------------- PNG / JPEG
@@ -99,10 +100,11 @@ def _pil_to_grey(img: Any) -> np.ndarray:
     mode = img.mode
     if mode == "1":
         return np.asarray(img, dtype=np.float64)
+    # 8- and 16-bit grey (nearly every radiograph) straight to float32: half the memory traffic of float64
     if mode == "L":
-        return np.asarray(img, dtype=np.float64) / 255.0
+        return np.asarray(img, dtype=np.float32) / np.float32(255.0)
     if mode.startswith("I;16"):
-        return np.asarray(img).astype(np.float64) / 65535.0
+        return np.asarray(img).astype(np.float32) / np.float32(65535.0)
     if mode in ("I", "F"):
         arr = np.asarray(img).astype(np.float64)
         if mode == "I" and arr.min() >= 0 and arr.max() <= 65535:  # 16-bit data in a 32-bit container
