@@ -121,3 +121,20 @@ def test_cli_generate_and_usage_errors(trained, corpus, capsys):
     assert main(["generate", img, "--vlm", str(trained[0]), "-k", "0", "--task", "ground"]) == 2  # no --phrase
     assert main(["generate", img, "--vlm", str(root / "nope"), "-k", "0"]) == 1
     assert "not a VLM folder" in capsys.readouterr().err
+
+
+def test_cli_eval_generation_writes_tables(trained, corpus, tmp_path, capsys):
+    from cli.main import main
+    from retrieval.data.manifest import write_manifest
+
+    root, df, idx = corpus
+    manifest = write_manifest(df, root / "manifest.parquet")
+    out = tmp_path / "generation_synth"
+    args = ["eval", "generation", "--vlm", str(trained[0]), "--manifest", str(manifest), "--index", str(idx)]
+    args += ["-k", "0", "--tasks", "classify", "--out", str(out), "--json"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert list(res["tasks"]["classify"]) == ["constant", "retrieval-only", "vlm k=0"]
+    assert "| retrieval-only |" in (out.with_suffix(".md")).read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["split"] == "test"
+
