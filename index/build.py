@@ -19,6 +19,7 @@ only one shard of vectors is held while encoding, and one shard at a time is rea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -39,6 +40,7 @@ from retrieval.fileio import atomic_path, write_json_atomic
 SHARD_ROWS = 1024
 BUILD_DIR = ".build"
 ADD_DIR = ".add"
+LOCK_FILE = ".lock"
 REPORTS_NOTE = (
     "one report vector per image row (same row ids as images.faiss; a study's report repeats per image); "
     "report searches return each study once"
@@ -124,6 +126,24 @@ def manifest_digest(rows: pd.DataFrame) -> str:
         h.update("\x1f".join(rows[col]).encode())
         h.update(b"\x1e")
     return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` so that two builds/adds never write it at once. The OS drops the lock
+    when the process dies (SIGKILL included), so a rerun after a kill is never blocked."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexError_(f"{folder}: another `cxr index build/add` is writing this folder right now") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _shard_path(work: Path, s: int) -> Path:
@@ -300,8 +320,14 @@ def build_index(
     progress: bool = True,
 ) -> BuildResult:
     """Build (or resume building) an index folder at `out_dir` from a manifest with `model`."""
+    with exclusive(Path(out_dir)):
+        return _build(
+            manifest, model, Path(out_dir), factory, batch_size, workers, shard_rows, model_path, precision, progress
+        )
+
+
+def _build(manifest, model, out: Path, factory, batch_size, workers, shard_rows, model_path, precision, progress):
     t0 = time.perf_counter()
-    out = Path(out_dir)
     if (out / store.INFO_FILE).exists():
         raise IndexError_(f"{out}: already holds an index; extend it with `cxr index add` or choose another --out")
     if factory is not None:
@@ -363,8 +389,13 @@ def add_to_index(
     progress: bool = True,
 ) -> BuildResult:
     """Append a manifest's images to an existing index (same model fingerprint, new image_ids); resumable."""
+    store.read_info(index_dir)  # a missing index is an error before anything is written
+    with exclusive(Path(index_dir)):
+        return _add(Path(index_dir), manifest, model, batch_size, workers, shard_rows, precision, progress)
+
+
+def _add(out: Path, manifest, model, batch_size, workers, shard_rows, precision, progress) -> BuildResult:
     t0 = time.perf_counter()
-    out = Path(index_dir)
     info = store.read_info(out)
     store.check_model(info, model, out)
     rows = prepare_rows(manifest)

@@ -18,7 +18,7 @@ import torch
 from test_index_helpers import FakeModel, FakeTransform, make_corpus
 
 from index import store
-from index.build import BUILD_DIR, add_to_index, build_index
+from index.build import BUILD_DIR, add_to_index, build_index, exclusive
 from index.search import Searcher
 from retrieval.data.image_io import read_image
 from retrieval.data.manifest import read_manifest, write_manifest
@@ -87,6 +87,15 @@ def test_existing_index_and_other_inputs_are_refused(built, corpus, tmp_path):
     (out / BUILD_DIR / "plan.json").write_text('{"kind": "build", "manifest_digest": "other"}')
     with pytest.raises(IndexError_, match="different manifest_digest"):
         build_index(corpus, FakeModel(), out, workers=0, progress=False)
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_folder(corpus, tmp_path):
+    out = tmp_path / "busy"
+    with exclusive(out):
+        with pytest.raises(IndexError_, match="another `cxr index build/add` is writing"):
+            build_index(corpus, FakeModel(), out, workers=0, progress=False)
+    build_index(corpus, FakeModel(), out, workers=0, progress=False)  # released: works
+    assert store.open_index(out).count == 40
 
 
 def test_add_appends_and_equals_a_single_build(corpus, built, tmp_path):
