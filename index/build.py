@@ -130,20 +130,24 @@ def manifest_digest(rows: pd.DataFrame) -> str:
 
 @contextlib.contextmanager
 def exclusive(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` so that two builds/adds never write it at once. The OS drops the lock
-    when the process dies (SIGKILL included), so a rerun after a kill is never blocked."""
+    """Hold an exclusive lock on `folder` so that two builds/adds never write it at once. A POSIX record lock:
+    it belongs to this process only (forked DataLoader workers do not inherit it) and the OS drops it when the
+    process dies (SIGKILL included), so a rerun after a kill is never blocked."""
+    import errno
     import fcntl
 
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK_FILE, "a") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             raise IndexError_(f"{folder}: another `cxr index build/add` is writing this folder right now") from None
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def _shard_path(work: Path, s: int) -> Path:

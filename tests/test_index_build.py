@@ -18,7 +18,7 @@ import torch
 from test_index_helpers import FakeModel, FakeTransform, make_corpus
 
 from index import store
-from index.build import BUILD_DIR, add_to_index, build_index, exclusive
+from index.build import BUILD_DIR, add_to_index, build_index
 from index.search import Searcher
 from retrieval.data.image_io import read_image
 from retrieval.data.manifest import read_manifest, write_manifest
@@ -89,12 +89,21 @@ def test_existing_index_and_other_inputs_are_refused(built, corpus, tmp_path):
         build_index(corpus, FakeModel(), out, workers=0, progress=False)
 
 
-def test_a_second_writer_is_refused_while_the_first_holds_the_folder(corpus, tmp_path):
+def test_a_second_writer_is_refused_while_another_process_holds_the_folder(corpus, tmp_path):
     out = tmp_path / "busy"
-    with exclusive(out):
+    holder = "import sys, time; sys.path.insert(0, {repo!r}); from pathlib import Path; from index.build import "
+    holder += "exclusive\nwith exclusive(Path({out!r})):\n    print('locked', flush=True); time.sleep(60)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder.format(repo=str(TESTS.parent), out=str(out))], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(IndexError_, match="another `cxr index build/add` is writing"):
             build_index(corpus, FakeModel(), out, workers=0, progress=False)
-    build_index(corpus, FakeModel(), out, workers=0, progress=False)  # released: works
+    finally:
+        proc.kill()  # a killed holder releases the lock
+        proc.wait()
+    build_index(corpus, FakeModel(), out, workers=0, progress=False)
     assert store.open_index(out).count == 40
 
 
