@@ -28,6 +28,8 @@ ANATOMY = {
     "Left Clavicle",
     "Right Costophrenic Angle",
     "Left Costophrenic Angle",
+    "Right Hemidiaphragm",
+    "Left Hemidiaphragm",
 }
 
 

@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from retrieval.labels import _SENT_SPLIT, _clean, label_report, mention_status
 
-VERSION = 1
+VERSION = 2
 
 # ------------------------------------------------------------------------------------------------------------
 # Report -> findings
@@ -1025,7 +1025,6 @@ def _anatomy_boxes(A: _Anatomy, clav: dict[str, np.ndarray]) -> list[dict[str, A
     _add_box(boxes, "Right Clavicle", clav["right"], 0.5)
     _add_box(boxes, "Left Clavicle", clav["left"], 0.5)
     S = A.masks["lung"].shape[0]
-    Yg = np.arange(S, dtype=np.float32)[:, None] / S
     for side in ("right", "left"):
         lung = A.masks[f"{side}_lung"] > 0.5
         ys, xs = np.nonzero(lung)
@@ -1045,13 +1044,10 @@ def _anatomy_boxes(A: _Anatomy, clav: dict[str, np.ndarray]) -> list[dict[str, A
                 "y2": round(min(1, cy + r * 0.5), 4),
             }
         )
-        d = np.abs(Yg - A.masks[f"{side}_ydiaphragm"]) < 0.012
-        _add_box(
-            boxes,
-            f"{side.capitalize()} Hemidiaphragm",
-            (d & _near(lung)).astype(np.float32),
-            0.5,
-        )
+        # the hemidiaphragm: the lung's lower border (lung pixels with no lung below), in the lung's lower half
+        floor = lung & ~np.vstack([lung[1:], np.zeros((1, lung.shape[1]), bool)])
+        floor[: int((ys.min() + ys.max()) / 2)] = False
+        _add_box(boxes, f"{side.capitalize()} Hemidiaphragm", _near(floor).astype(np.float32), 0.5)
     return boxes
 
 
