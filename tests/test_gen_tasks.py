@@ -95,3 +95,18 @@ def test_anatomy_prefix_and_fine_finding_names():
     assert {e.prompt for e in t["ground"]} == {"heart", "calcified granuloma"}
     assert [e.prompt for e in t["vqa"] if e.info["kind"] == "where"] == ["where is the calcified granuloma?"]
 
+
+
+def test_constant_baseline_most_common_answer_and_mean_box():
+    from retrieval.generation.evaluate import constant_answers
+
+    rows = [
+        {"labels": ["Edema"], "boxes": [{"label": "anatomy:Heart", "x1": 0.2, "y1": 0.4, "x2": 0.6, "y2": 0.8}]},
+        {"labels": ["Edema"], "boxes": [{"label": "anatomy:Heart", "x1": 0.4, "y1": 0.6, "x2": 0.8, "y2": 1.0}]},
+        {"labels": ["No Finding"], "boxes": []},
+    ]
+    ex = build_examples(pd.DataFrame(rows), ["classify", "ground"])
+    by_prompt, by_task = constant_answers(ex)
+    assert by_prompt[("classify", "which diagnoses are present?")] == "Edema"
+    assert by_prompt[("ground", "heart")] == "{<30><50><70><90>}"
+    assert by_task["classify"] == "Edema"

@@ -1,7 +1,8 @@
 """`cxr eval generation`: every task of a trained VLM on one split, with its baselines in the same run.
 
 Conditions (one table row each):
-- `constant`: the most common training answer for the same task and prompt (e.g. the most common report);
+- `constant`: the most common training answer for the same task and prompt (e.g. the most common report; for
+  `[ground]` the phrase's mean training box);
 - `retrieval-only`: the answer of the top-1 retrieved training study (its report, labels or boxes);
 - `vlm k=0`: the VLM without retrieval;  `vlm k=K`: the VLM with the top-K retrieved reports in its prompt.
 Exemplars never come from the query's own study or patient, and only from the training split.
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from retrieval.generation.boxes import parse_boxes
+from retrieval.generation.boxes import format_box, parse_boxes
 from retrieval.generation.metrics import (
     clinical_efficacy,
     grounding_iou,
@@ -51,17 +52,22 @@ def _cap(examples: dict[str, list[Example]], max_per_task: int | None, seed: int
 
 
 def constant_answers(train_examples: dict[str, list[Example]]) -> tuple[dict, dict]:
-    """Most common target per (task, prompt) and per task, from the training examples."""
+    """The constant baseline per (task, prompt) and per task, from the training examples: the most common
+    target, except for `[ground]` where it is the mean training box of the phrase (boxes rarely repeat)."""
     by_prompt: dict[tuple[str, str], Counter] = {}
     by_task: dict[str, Counter] = {}
+    boxes: dict[str, list[dict]] = {}
     for t, exs in train_examples.items():
         for e in exs:
             by_prompt.setdefault((t, e.prompt), Counter())[e.target] += 1
             by_task.setdefault(t, Counter())[e.target] += 1
-    return (
-        {k: c.most_common(1)[0][0] for k, c in by_prompt.items()},
-        {k: c.most_common(1)[0][0] for k, c in by_task.items()},
-    )
+            if t == "ground" and e.info.get("boxes"):
+                boxes.setdefault(e.prompt, []).append(e.info["boxes"][0])
+    const = {k: c.most_common(1)[0][0] for k, c in by_prompt.items()}
+    for phrase, bs in boxes.items():
+        mean = {k: float(np.mean([b[k] for b in bs])) for k in ("x1", "y1", "x2", "y2")}
+        const[("ground", phrase)] = format_box(mean)
+    return const, {k: c.most_common(1)[0][0] for k, c in by_task.items()}
 
 
 def retrieval_answer(df: pd.DataFrame, study_rows: dict[str, int], ex: Example, exemplars: Sequence) -> str:
