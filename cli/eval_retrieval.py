@@ -1,8 +1,59 @@
-"""Placeholder: this command is not built yet (see the open issues)."""
+"""`cxr eval retrieval`: retrieval quality on a manifest split, beside zero-shot and random baselines."""
 
-from retrieval.errors import CXRError
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
 
 
-def eval_retrieval_cmd() -> None:
-    """Not built yet."""
-    raise CXRError("`eval_retrieval` is not built yet")
+def eval_retrieval_cmd(
+    model: str = typer.Option(..., "--model", help="A trained model folder (or a model name)."),
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest (Parquet or CSV)."),
+    split: str = typer.Option("test", "--split", help="Split to evaluate (train | val | test | all)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Encoding batch size."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 autocast while encoding."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the zero-shot projector and the random baseline."),
+    no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the zero-shot and random rows."),
+    plot: Path = typer.Option(None, "--plot", help="Write a 2-D map of the image embeddings to this PNG."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the full result (all metrics, per label) as JSON."
+    ),
+) -> None:
+    """Recall@1/5/10, MRR, exact and label mAP, label precision@K for image->report, report->image and
+    image->image (own patient excluded), next to the untrained-projector and random baselines."""
+    from retrieval.device import resolve_device
+    from retrieval.evaluate import evaluate_retrieval, format_per_label, format_table
+    from retrieval.models import load_model
+
+    dev = resolve_device(None if device == "auto" else device)
+    loaded = load_model(model, device=dev)
+    result = evaluate_retrieval(
+        loaded,
+        manifest,
+        split=None if split == "all" else split,
+        batch_size=batch_size,
+        device=str(dev),
+        precision=precision,
+        baselines=not no_baselines,
+        seed=seed,
+        show_progress_bar=not as_json,
+        plot=plot,
+    )
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    print(
+        f"model {result['model']} ({result['fingerprint'][:12]}), split {split}: {result['images']} images, "
+        f"{result['studies']} studies, {result['patients']} patients, {result['abnormal_images']} abnormal; "
+        f"{len(result['skipped'])} skipped"
+    )
+    print(format_table(result))
+    print("\nper label, image->report (model):")
+    print(format_per_label(result))
+    for line in result["skipped"][:5]:
+        print(f"skipped: {line}")
+    if result.get("plot"):
+        print(f"plot: {result['plot']}")

@@ -1,8 +1,88 @@
-"""Placeholder: this command is not built yet (see the open issues)."""
+"""`cxr train`: fine-tune a model's projector (and optionally towers) with the CLIP + SupCon + BCE loss."""
 
-from retrieval.errors import CXRError
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
 
 
-def train_cmd() -> None:
-    """Not built yet."""
-    raise CXRError("`train` is not built yet")
+def train_cmd(
+    manifest: Path = typer.Option(
+        ..., "--manifest", "-m", help="Study manifest (Parquet or CSV) with splits."
+    ),
+    model: str = typer.Option(
+        "cxr-tiny", "--model", help="biomedclip | cxr-tiny | local-dir:PATH | a saved model folder."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output folder: the trained model, checkpoints, cache."
+    ),
+    epochs: int = typer.Option(
+        8, "--epochs", help="Maximum epochs (early stopping on val mAP may end sooner)."
+    ),
+    batch_size: int = typer.Option(64, "--batch-size", help="Studies per batch."),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate of projectors and head."),
+    loss_weights: str = typer.Option("1,1,1", "--loss-weights", help="Weights clip,supcon,bce (0 = off)."),
+    positive_rule: str = typer.Option(
+        None, "--positive-rule", help="SupCon positives: same-set | binary | overlap (default: overlap)."
+    ),
+    unfreeze_last: int = typer.Option(0, "--unfreeze-last", help="Unfreeze the last N blocks of each tower."),
+    patience: int = typer.Option(3, "--patience", help="Early-stop after N epochs without val improvement."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (the run is deterministic for a seed)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU) | fp32 | bf16 | fp16."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Re-run frozen towers every epoch (slow)."),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="Ignore an existing checkpoint in --out and start over."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the training summary as JSON."),
+) -> None:
+    """Train on the manifest's train split, validate on val each epoch, save the best model to --out.
+
+    Re-running the same command after an interruption resumes from the last checkpoint."""
+    from retrieval.errors import UsageError
+    from retrieval.losses import DEFAULT_POSITIVE_RULE, parse_loss_weights
+    from retrieval.train import TrainConfig, train
+
+    try:
+        weights = parse_loss_weights(loss_weights)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        loss_weights=weights,
+        positive_rule=positive_rule or DEFAULT_POSITIVE_RULE,
+        unfreeze_last=unfreeze_last,
+        patience=patience,
+        seed=seed,
+        device=None if device == "auto" else device,
+        precision=precision,
+        feature_cache=not no_cache,
+        show_progress=not as_json,
+    )
+    trained = train(manifest, model, out, config, fresh=fresh)
+    info = trained.train_info
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cxr train: {model} -> {out}")
+    keys = [k for k in info["history"][0] if k != "epoch"] if info["history"] else []
+    table.add_column("epoch", justify="right")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for row in info["history"]:
+        mark = " *" if row["epoch"] == info["best_epoch"] else ""
+        table.add_row(f"{row['epoch']}{mark}", *(f"{row[k]:.4f}" if k in row else "" for k in keys))
+    console = Console()
+    console.print(table)
+    console.print(
+        f"best epoch {info['best_epoch']} ({info['monitor']} {info['best_metric']}); "
+        f"towers: {info['towers']}; {info['train_studies']} train studies, {info['val_images']} val images; "
+        f"{len(info['skipped'])} skipped; total {info['timings']['total_s']:.1f}s; saved to {out}"
+    )

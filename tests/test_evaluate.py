@@ -99,9 +99,7 @@ def test_label_relevance_matrices():
 
 def _items() -> SplitItems:
     # 6 studies, 10 images, 4 patients; study labels = image labels
-    study_sets = [
-        ["No Finding"], ["Edema"], ["Edema", "Cardiomegaly"], ["No Finding"], ["Pneumothorax"], ["Edema"]
-    ]
+    study_sets = [["No Finding"], ["Edema"], ["Edema", "Cardiomegaly"], ["No Finding"], ["Pneumothorax"], ["Edema"]]
     image_study = np.array([0, 0, 1, 2, 2, 3, 4, 4, 5, 5])
     patient_of_study = np.array([0, 0, 1, 2, 3, 3])
     m = multi_hot(study_sets).numpy()
@@ -204,3 +202,98 @@ def test_plot_writes_png(tmp_path):
     assert used == "PCA" and xy.shape == (40, 2)
     # PCA's first axis carries the most variance
     assert xy[:, 0].var() >= xy[:, 1].var()
+
+
+def _synthetic_manifest(root, n: int = 24):
+    """Tiny manifest: grey images with a bright patch for abnormal studies, matching one-line reports."""
+    from PIL import Image
+
+    from retrieval.data.manifest import write_manifest
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        abnormal = i % 2 == 1
+        img = rng.normal(0.4, 0.05, (48, 48))
+        if abnormal:
+            img[10:30, 10:30] += 0.4
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(root / f"{i}.png")
+        rows.append(
+            {
+                "image_id": f"i{i}",
+                "study_id": f"s{i}",
+                "patient_id": f"p{i // 4}",
+                "image_path": f"{i}.png",
+                "report": "The heart is enlarged." if abnormal else "The lungs are clear.",
+                "labels": ["Cardiomegaly"] if abnormal else ["No Finding"],
+                "split": "test" if i < 16 else "train",
+            }
+        )
+    path = root / "manifest.parquet"
+    write_manifest(pd.DataFrame(rows), path)
+    return path
+
+
+@pytest.mark.slow
+def test_eval_cli_on_tiny_manifest(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from cli.main import main
+    from retrieval.models import load_model
+
+    manifest = _synthetic_manifest(tmp_path)
+    torch.manual_seed(0)
+    load_model("cxr-tiny").save(tmp_path / "model")  # an untrained seed-0 model: equals its zero-shot baseline
+    plot = tmp_path / "emb.png"
+    code = main(
+        [
+            "eval",
+            "retrieval",
+            "--model",
+            str(tmp_path / "model"),
+            "--manifest",
+            str(manifest),
+            "--split",
+            "test",
+            "--json",
+            "--plot",
+            str(plot),
+        ]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 16 and result["studies"] == 16 and result["patients"] == 4
+    systems = result["systems"]
+    assert set(systems) == {"model", "zero-shot", "random"}
+    for direction in ("image->report", "report->image", "image->image"):
+        assert systems["model"]["metrics"][direction] == systems["zero-shot"]["metrics"][direction]
+    assert systems["model"]["metrics"]["image->report"] != systems["random"]["metrics"]["image->report"]
+    assert "Cardiomegaly" in systems["model"]["per_label"]["image->report"]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+    # the human-readable table, and a clear error for a missing split
+    assert (
+        main(
+            [
+                "eval",
+                "retrieval",
+                "--model",
+                str(tmp_path / "model"),
+                "--manifest",
+                str(manifest),
+                "--split",
+                "test",
+                "--no-baselines",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "image->report" in out and "R@1" in out and "random" not in out
+    assert (
+        main(["eval", "retrieval", "--model", str(tmp_path / "model"), "--manifest", str(manifest), "--split", "val"])
+        == 1
+    )
+    assert "no rows in split 'val'" in capsys.readouterr().err

@@ -1,0 +1,246 @@
+"""Training: a tiny CPU run learns, resume reproduces an uninterrupted run, the feature cache, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+SENTENCES = {
+    "No Finding": ["The lungs are clear.", "No acute cardiopulmonary abnormality.", "Normal chest."],
+    "Cardiomegaly": ["The heart is enlarged.", "Cardiomegaly is present.", "Enlarged cardiac silhouette."],
+    "Pleural Effusion": [
+        "Left pleural effusion.",
+        "There is a small left effusion.",
+        "Blunted left costophrenic angle.",
+    ],
+    "Pneumothorax": ["Right apical pneumothorax.", "There is a right pneumothorax.", "Pneumothorax on the right."],
+}
+
+
+def make_manifest(root: Path, n: int, seed: int = 0, size: int = 64) -> Path:
+    """`n` synthetic studies (one image each) whose picture and report agree on the label:
+    a bright central blob (cardiomegaly), a bright lower-left band (effusion), a dark upper-right patch
+    (pneumothorax), or nothing (normal). Patients split 70/15/15."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    labels = list(SENTENCES)
+    rows = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        img = rng.normal(0.45, 0.06, (size, size))
+        s = size // 8
+        if label == "Cardiomegaly":
+            img[3 * s : 6 * s, 2 * s : 6 * s] += 0.35
+        elif label == "Pleural Effusion":
+            img[5 * s :, : 4 * s] += 0.35
+        elif label == "Pneumothorax":
+            img[: 3 * s, 4 * s :] -= 0.3
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(root / f"img{i}.png")
+        text = " ".join(rng.choice(SENTENCES[label], size=2, replace=False)) + f" Study {i}."
+        split = "train" if i % 20 < 14 else "val" if i % 20 < 17 else "test"
+        rows.append(
+            {
+                "image_id": f"i{i}",
+                "study_id": f"s{i}",
+                "patient_id": f"p{i}",
+                "image_path": f"img{i}.png",
+                "report": text,
+                "labels": [label],
+                "split": split,
+            }
+        )
+    from retrieval.data.manifest import write_manifest
+
+    path = root / "manifest.parquet"
+    write_manifest(pd.DataFrame(rows), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_manifest(tmp_path_factory) -> Path:
+    return make_manifest(tmp_path_factory.mktemp("synthetic"), 160)
+
+
+def _label_precision_at_5(trainer, split: str) -> float:
+    from retrieval.evaluate import evaluate_embeddings
+
+    items, img, rep = trainer.embed(split)
+    return evaluate_embeddings(items, img, rep)["metrics"]["image->report"]["LP@5"]
+
+
+@pytest.mark.slow
+def test_tiny_training_beats_untrained_projector(small_manifest, tmp_path):
+    from retrieval.train import TrainConfig, Trainer
+
+    # frozen (random-init) image tower: the projectors alone must learn; keeps the test fast on 2 cores
+    config = TrainConfig(
+        epochs=15, batch_size=32, lr=3e-3, patience=15, seed=0, image_tower="frozen", show_progress=False
+    )
+    untrained = Trainer(small_manifest, "cxr-tiny", tmp_path / "zs", config)
+    untrained.setup()
+    before = _label_precision_at_5(untrained, "test")
+
+    trainer = Trainer(small_manifest, "cxr-tiny", tmp_path / "run", config)
+    model = trainer.run()
+    after = _label_precision_at_5(trainer, "test")
+    assert after > before + 0.15, (before, after)
+    assert after > 0.6, after  # 4 balanced classes: chance is ~0.25
+
+    # the folder is a normal model folder that reloads with the same embeddings
+    from retrieval.models import load_model
+
+    info = json.loads((tmp_path / "run" / "train_info.json").read_text())
+    assert info["base_model"] == "cxr-tiny" and info["towers"] == {"image": "frozen", "text": "frozen"}
+    assert info["best_epoch"] >= 1 and len(info["history"]) == info["epochs_run"]
+    reloaded = load_model(tmp_path / "run")
+    items, img, _ = trainer.embed("test")
+    again = reloaded.encode_images(items.image_paths[:8])
+    assert np.allclose(again, model.encode_images(items.image_paths[:8]), atol=1e-5)
+
+
+class _Kill(Exception):
+    pass
+
+
+def _kill_after_first(epoch: int, state: dict) -> None:
+    if epoch == 1:
+        raise _Kill
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    return load_file(str(out / "checkpoint" / state["weights"]))
+
+
+@pytest.mark.parametrize("image_tower", ["train", "frozen"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, image_tower):
+    from retrieval.train import train
+
+    manifest = make_manifest(tmp_path / "data", 40)
+    kw = dict(epochs=2, batch_size=16, patience=5, image_tower=image_tower, show_progress=False)
+    train(manifest, "cxr-tiny", tmp_path / "straight", **kw)
+    with pytest.raises(_Kill):
+        train(manifest, "cxr-tiny", tmp_path / "killed", on_epoch_end=_kill_after_first, **kw)
+    state = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 1
+    train(manifest, "cxr-tiny", tmp_path / "killed", **kw)  # resumes from epoch 1
+
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and len(a) > 2
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    hist_a = json.loads((tmp_path / "straight" / "train_info.json").read_text())["history"]
+    hist_b = json.loads((tmp_path / "killed" / "train_info.json").read_text())["history"]
+    assert [h["loss"] for h in hist_a] == [h["loss"] for h in hist_b]
+    # a different seed really gives different weights (the comparison above can fail)
+    train(manifest, "cxr-tiny", tmp_path / "other", seed=1, **kw)
+    c = _final_weights(tmp_path / "other")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    from retrieval.errors import CXRError
+    from retrieval.train import train
+
+    manifest = make_manifest(tmp_path / "data", 40)
+    kw = dict(epochs=1, batch_size=16, image_tower="frozen", show_progress=False)
+    train(manifest, "cxr-tiny", tmp_path / "run", **kw)
+    with pytest.raises(CXRError, match="different run"):
+        train(manifest, "cxr-tiny", tmp_path / "run", lr=0.5, **kw)
+    train(manifest, "cxr-tiny", tmp_path / "run", lr=0.5, fresh=True, **kw)
+
+
+def test_feature_cache_hits_and_matches_recomputed_features(tmp_path):
+    from safetensors.torch import load_file
+
+    from retrieval.train import TrainConfig, Trainer
+
+    manifest = make_manifest(tmp_path / "data", 40)
+    config = TrainConfig(epochs=1, batch_size=16, image_tower="frozen", val_split=None, show_progress=False)
+    first = Trainer(manifest, "cxr-tiny", tmp_path / "a", config)
+    first.run()
+    assert first.cache_hits == {"image/train": False, "text/train": False}
+    second = Trainer(manifest, "cxr-tiny", tmp_path / "a", config)
+    second.run(fresh=True)
+    assert second.cache_hits == {"image/train": True, "text/train": True}
+
+    # the cached text features are the tower's features of the reports
+    files = sorted((tmp_path / "a" / "feature_cache").glob("text-train-*.safetensors"))
+    assert len(files) == 1
+    cached = load_file(str(files[0]))["features"]
+    model = second.model
+    items = second.train_split.items
+    with torch.no_grad():
+        direct = model.text_features(model.tokenize(items.reports[:5]))
+    assert torch.allclose(cached[:5], direct.float(), atol=1e-5)
+
+    # a changed report invalidates the text cache (new key), not the image cache
+    df = pd.read_parquet(manifest)
+    df.loc[0, "report"] = "Completely different words."
+    df.to_parquet(manifest)
+    third = Trainer(manifest, "cxr-tiny", tmp_path / "a", config)
+    third.run(fresh=True)
+    assert third.cache_hits == {"image/train": True, "text/train": False}
+
+
+def test_unfreeze_last_blocks():
+    from retrieval.models import load_model
+    from retrieval.train import set_trainable, tower_modules
+
+    model = load_model("cxr-tiny")
+    status = set_trainable(model, [], 1)
+    assert status == {"image": "last 1 blocks", "text": "last 1 blocks"}
+    text = dict(tower_modules(model)["text"].named_parameters())
+    last = max(int(n.split("layer.")[1].split(".")[0]) for n in text if "layer." in n)
+    assert all(p.requires_grad for n, p in text.items() if f"layer.{last}." in n)
+    assert not any(p.requires_grad for n, p in text.items() if "layer.0." in n or "embeddings" in n)
+
+    status = set_trainable(model, ["image"], 0)  # cxr-tiny: image tower from scratch, text frozen
+    assert status == {"image": "trained (from scratch)", "text": "frozen"}
+    towers = tower_modules(model)
+    assert all(p.requires_grad for p in towers["image"].parameters())
+    assert not any(p.requires_grad for p in towers["text"].parameters())
+    assert all(p.requires_grad for p in model.projector.parameters())  # projectors and head always train
+
+
+def test_train_cli_json_and_errors(tmp_path, capsys):
+    from cli.main import main
+
+    manifest = make_manifest(tmp_path / "data", 40)
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--loss-weights",
+            "1,1,0",
+            "--positive-rule",
+            "same-set",
+            "--json",
+        ]
+    )
+    assert code == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["loss_weights"] == [1.0, 1.0, 0.0]
+    assert info["config"]["positive_rule"] == "same-set"
+    assert "bce" not in info["history"][0] and "supcon" in info["history"][0]
+    assert (out / "train_info.json").is_file()
+
+    assert main(["train", "--manifest", str(manifest), "--out", str(out), "--loss-weights", "1,1"]) == 2
+    assert "three numbers" in capsys.readouterr().err
+    assert main(["train", "--manifest", str(tmp_path / "nope.parquet"), "--out", str(out)]) == 1
+    assert "manifest not found" in capsys.readouterr().err
