@@ -35,6 +35,8 @@ def machine_info() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_avg_1min": round(os.getloadavg()[0], 1),
         "memory_gib": round(mem_gib, 1),
         "gpu": gpu,
         "python": platform.python_version(),

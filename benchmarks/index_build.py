@@ -10,9 +10,12 @@ with open_clip-style PIL preprocessing, then build) runs at the smallest size in
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by the build processes: no OpenMP spin-waiting
+
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile

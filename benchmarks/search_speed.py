@@ -1,22 +1,29 @@
 """Search speed: queries/s, p50/p99 latency, recall@10 and memory for each index type, against numpy brute force.
 
-    python -m benchmarks.search_speed --sizes 10000 100000 1000000
+    python -m benchmarks.search_speed --sizes 10000 100000
+    python -m benchmarks.search_speed --sizes 1000000 --append      # adds the 1M rows to the same results file
 
 Vectors are synthetic, clustered (as real embeddings are) and L2-normalised, dim 512 (BiomedCLIP's embedding size).
-The naive baseline is numpy brute force (matrix product + argpartition) in the same run. The index types are built the
-way `index/` builds them (faiss index_factory, inner product); the torch CUDA backend runs where torch sees a GPU.
+The naive baseline is numpy brute force (matrix product + argpartition) in the same run. The indexes are made the
+way `index/` makes them (`index.factory.make_index` / `train_index` / `train_size`, inner product) and searched
+through the project's backends (`index.search.FaissBackend`, and `TorchBackend` on the CPU as "exact torch"); the
+torch backend on CUDA runs where torch sees a GPU. OMP_WAIT_POLICY defaults to PASSIVE: faiss's OpenMP threads
+spin-wait otherwise, which is catastrophically slow on a machine shared with other busy processes.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
+import os
 
-import faiss
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before faiss/torch load libgomp
 
-from benchmarks.common import current_rss_mib, markdown_table, time_calls, write_results
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import RESULTS, current_rss_mib, markdown_table, time_calls, write_results  # noqa: E402
 
 K = 10
 
@@ -47,107 +54,186 @@ def numpy_search(base: np.ndarray, queries: np.ndarray, k: int, chunk: int = 128
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of the true top-k found in the returned top-k."""
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)]))
 
 
-def measure(search, queries: np.ndarray, truth: np.ndarray, budget_s: float) -> dict:
-    """Batch-1 latency percentiles and batch-1024 throughput for one search function."""
-    # batch 1: as many single queries as fit in the time budget (at least 5)
+def measure(search, queries: np.ndarray, truth: np.ndarray, budget_s: float, batch: int = 1024) -> dict:
+    """Batch-1 latency percentiles (as many single queries as fit in budget_s, 5 to 500) and batch throughput."""
     t0 = time.perf_counter()
     search(queries[:1])
     one = time.perf_counter() - t0
     n_single = int(max(5, min(500, budget_s / max(one, 1e-6))))
     lat = np.array([time_calls(lambda q=queries[i : i + 1]: search(q), repeat=1, warmup=0)[0] for i in range(n_single)])
-    batch = queries[:1024]
+    big = queries[:batch]
     t0 = time.perf_counter()
-    found = search(batch)
+    found = search(big)
     batch_s = time.perf_counter() - t0
     return {
         "p50_ms_b1": float(np.percentile(lat, 50) * 1e3),
         "p99_ms_b1": float(np.percentile(lat, 99) * 1e3),
         "qps_b1": float(1.0 / lat.mean()),
-        "qps_b1024": float(len(batch) / batch_s),
-        "recall@10": recall_at_k(found, truth[: len(batch)]),
+        "qps_b1024": float(len(big) / batch_s),
+        "recall@10": recall_at_k(found, truth[: len(big)]),
         "single_queries_timed": n_single,
     }
 
 
-def faiss_searcher(index: faiss.Index):
+def backend_searcher(backend):
+    """A search function returning ids only, through an `index.search` backend."""
+
     def search(q: np.ndarray) -> np.ndarray:
-        return index.search(q, K)[1]
+        return backend.search(q, K)[1]
 
     return search
 
 
-def torch_searcher(base: np.ndarray, device: str, dtype: torch.dtype):
-    """Exact search as one matmul + top-k on a torch device (the index's GPU backend)."""
-    xb = torch.from_numpy(base).to(device=device, dtype=dtype)
-
+def numpy_searcher(base: np.ndarray):
     def search(q: np.ndarray) -> np.ndarray:
-        qt = torch.from_numpy(q).to(device=device, dtype=dtype)
-        idx = torch.topk(qt @ xb.T, K, dim=1).indices
-        return idx.cpu().numpy()
+        return numpy_search(base, q, K)
 
     return search
 
 
-def build(factory: str, base: np.ndarray, train_n: int) -> tuple[faiss.Index, float, float]:
-    """Build a faiss index by factory string; returns it with build seconds and RSS growth in MiB."""
+def build(factory: str, base: np.ndarray, ef_construction: int | None = None, kmeans_iters: int | None = None):
+    """Build an index the way index/ does; returns (index, build seconds, RSS growth in MiB)."""
+    import faiss
+
+    from index.factory import make_index, train_index, train_size
+
     rss0 = current_rss_mib()
     t0 = time.perf_counter()
-    index = faiss.index_factory(base.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    index = make_index(factory, base.shape[1])
+    if ef_construction is not None:
+        faiss.downcast_index(index).hnsw.efConstruction = ef_construction
     if not index.is_trained:
+        if kmeans_iters is not None:
+            faiss.extract_index_ivf(index).cp.niter = kmeans_iters
+        n = train_size(index, len(base))
         rng = np.random.default_rng(0)
-        sample = base[rng.choice(len(base), min(train_n, len(base)), replace=False)]
-        index.train(sample)
-    index.add(base)
+        train_index(index, base[np.sort(rng.choice(len(base), n, replace=False))], factory)
+    for s in range(0, len(base), 100_000):
+        index.add(base[s : s + 100_000])
     return index, time.perf_counter() - t0, current_rss_mib() - rss0
 
 
-def run(sizes: list[int], dim: int, budget_s: float) -> dict:
-    rows = []
+def run(
+    n: int,
+    dim: int,
+    budget_s: float,
+    ef_construction: int,
+    log,
+    compare_blas: bool = False,
+    default_threshold: int = 20,
+    ef_search: tuple[int, ...] = (16, 32, 64, 128, 256),
+    ivf: bool = True,
+) -> list[dict]:
+    """Every method at one corpus size."""
+    import faiss
+    import torch
+
+    from index.factory import choose_factory
+    from index.search import FaissBackend, TorchBackend
+
+    rows: list[dict] = []
+
+    def add(method: str, params: str, build_s: float, mem: float, r: dict) -> None:
+        rows.append({"n": n, "method": method, "params": params, "build_s": build_s, "mem_mib": mem, **r})
+        log(rows[-1])
+
     rng = np.random.default_rng(1)
-    for n in sizes:
-        base = clustered_vectors(n, dim, n_centers=max(100, n // 500), seed=0)
-        queries = clustered_vectors(2048, dim, n_centers=max(100, n // 500), seed=0)  # same centres, new points
-        queries = (queries + 0.05 * rng.standard_normal(queries.shape, dtype=np.float32)).astype(np.float32)
-        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-        truth = numpy_search(base, queries[:1024], K)
-        base_mib = base.nbytes / 2**20
+    n_centers = max(100, n // 500)
+    base = clustered_vectors(n, dim, n_centers=n_centers, seed=0)
+    queries = clustered_vectors(2048, dim, n_centers=n_centers, seed=0)  # same centres, new points
+    queries = (queries + 0.05 * rng.standard_normal(queries.shape, dtype=np.float32)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    t0 = time.perf_counter()
+    truth = numpy_search(base, queries[:1024], K)
+    log(f"n={n:,}: data and exact truth ready ({time.perf_counter() - t0:.0f} s for the truth)")
+    base_mib = base.nbytes / 2**20
 
-        r = measure(lambda q: numpy_search(base, q, K), queries, truth, budget_s)
-        rows.append({"n": n, "method": "numpy brute force", "params": "", "build_s": 0.0, "mem_mib": base_mib, **r})
+    add("numpy brute force (naive)", "", 0.0, base_mib, measure(numpy_searcher(base), queries, truth, budget_s))
 
-        flat, bs, mem = build("Flat", base, 0)
-        r = measure(faiss_searcher(flat), queries, truth, budget_s)
-        rows.append({"n": n, "method": "faiss Flat (CPU)", "params": "", "build_s": bs, "mem_mib": base_mib, **r})
-        del flat
+    torch_exact = TorchBackend(base, device="cpu")
+    add(
+        "exact torch (TorchBackend, CPU)",
+        "",
+        0.0,
+        base_mib,
+        measure(backend_searcher(torch_exact), queries, truth, budget_s),
+    )
+    del torch_exact
 
-        hnsw, bs, mem = build("HNSW32,Flat", base, 0)
-        hnsw_mem = mem
-        for ef in (16, 32, 64, 128, 256):
-            faiss.ParameterSpace().set_index_parameter(hnsw, "efSearch", ef)
-            r = measure(faiss_searcher(hnsw), queries, truth, budget_s)
-            rows.append({"n": n, "method": "faiss HNSW32 (CPU)", "params": f"efSearch={ef}", "build_s": bs,
-                         "mem_mib": hnsw_mem, **r})
-        del hnsw
+    flat, bs, _ = build("Flat", base)
+    add(
+        "faiss Flat (FaissBackend)",
+        "",
+        bs,
+        base_mib,
+        measure(backend_searcher(FaissBackend(flat)), queries, truth, budget_s),
+    )
+    del flat
 
-        nlist = int(min(4096, max(16, 4 * np.sqrt(n) // 16 * 16)))
-        ivf, bs, mem = build(f"IVF{nlist},PQ{dim // 8}", base, train_n=min(n, 64 * nlist))
+    hnsw, bs, _ = build("HNSW32,Flat", base, ef_construction=ef_construction)
+    g = faiss.downcast_index(hnsw).hnsw
+    mem = (base.nbytes + g.neighbors.size() * 4 + g.levels.size() * 4 + g.offsets.size() * 8) / 2**20
+    log(f"n={n:,}: HNSW32 built in {bs:.0f} s ({n / bs:.0f} vectors/s)")
+    for ef in ef_search:
+        faiss.ParameterSpace().set_index_parameter(hnsw, "efSearch", ef)
+        add(
+            "faiss HNSW32,Flat (FaissBackend)",
+            f"efC={ef_construction} efSearch={ef}",
+            bs,
+            mem,
+            measure(backend_searcher(FaissBackend(hnsw)), queries, truth, budget_s),
+        )
+    del hnsw
+
+    if ivf:
+        factory = choose_factory(max(n, 1_000_000), dim)  # the rule's IVF-PQ at n >= 1M; scaled nlist below that
+        if n < 1_000_000:
+            import math
+
+            nlist = max(16, min(2 ** round(math.log2(4 * math.sqrt(n))), 2 ** int(math.log2(n / 39))))
+            factory = f"IVF{nlist},PQ{dim // 8}"
+        if compare_blas:  # before/after: faiss 1.15's default BLAS threshold vs 20 for the k-means of IVF-PQ training
+            for th in (default_threshold, 20):
+                faiss.cvar.distance_compute_blas_threshold = th
+                _, secs, _ = build(factory, base, kmeans_iters=10)
+                rows.append(
+                    {
+                        "n": n,
+                        "method": f"faiss {factory} build",
+                        "params": f"distance_compute_blas_threshold={th}",
+                        "build_s": secs,
+                    }
+                )
+                log(rows[-1])
+            faiss.cvar.distance_compute_blas_threshold = 20
+        ivf, bs, _ = build(factory, base, kmeans_iters=10)
+        log(f"n={n:,}: {factory} built in {bs:.0f} s")
+        code_mib = ivf.sa_code_size() * n / 2**20
         for nprobe in (8, 32, 128):
             faiss.ParameterSpace().set_index_parameter(ivf, "nprobe", nprobe)
-            r = measure(faiss_searcher(ivf), queries, truth, budget_s)
-            rows.append({"n": n, "method": f"faiss IVF{nlist},PQ{dim // 8} (CPU)", "params": f"nprobe={nprobe}",
-                         "build_s": bs, "mem_mib": ivf.sa_code_size() * n / 2**20, **r})
+            add(
+                f"faiss {factory} (FaissBackend)",
+                f"nprobe={nprobe}",
+                bs,
+                code_mib,
+                measure(backend_searcher(FaissBackend(ivf)), queries, truth, budget_s),
+            )
         del ivf
 
-        if torch.cuda.is_available():
-            for dt in (torch.float32, torch.bfloat16):
-                r = measure(torch_searcher(base, "cuda", dt), queries, truth, budget_s)
-                rows.append({"n": n, "method": f"torch exact (GPU, {str(dt)[6:]})", "params": "", "build_s": 0.0,
-                             "mem_mib": base_mib * (0.5 if dt == torch.bfloat16 else 1), **r})
-        print(markdown_table([x for x in rows if x["n"] == n]), flush=True)
-    return {"dim": dim, "k": K, "rows": rows}
+    if torch.cuda.is_available():
+        for prec in ("fp32", "bf16"):
+            add(
+                f"exact torch (TorchBackend, GPU {prec})",
+                "",
+                0.0,
+                base_mib * (0.5 if prec == "bf16" else 1),
+                measure(backend_searcher(TorchBackend(base, "cuda", prec)), queries, truth, budget_s),
+            )
+    return rows
 
 
 def summary(rows: list[dict]) -> str:
@@ -155,18 +241,33 @@ def summary(rows: list[dict]) -> str:
     lines = []
     for n in sorted({r["n"] for r in rows}):
         at = [r for r in rows if r["n"] == n]
-        naive = next(r for r in at if r["method"] == "numpy brute force")
-        flat = next(r for r in at if r["method"] == "faiss Flat (CPU)")
-        ok = [r for r in at if r["method"].startswith("faiss HNSW") and r["recall@10"] >= 0.95]
+        for r in at:
+            if r["method"].endswith(" build"):
+                lines.append(f"- n={n:,}: {r['method']} with {r['params']}: {r['build_s']:.1f} s")
+        naive = next(r for r in at if r["method"].startswith("numpy"))
+        flat = next(r for r in at if r["method"].startswith("faiss Flat"))
+        torch_cpu = next(r for r in at if r["method"].startswith("exact torch (TorchBackend, CPU"))
+        ok = [r for r in at if "HNSW" in r["method"] and r.get("recall@10", 0) >= 0.95]
         best = max(ok, key=lambda r: r["qps_b1"]) if ok else None
-        msg = f"- n={n:,}: faiss Flat b1 {flat['qps_b1'] / naive['qps_b1']:.1f}x numpy, b1024 " \
-              f"{flat['qps_b1024'] / naive['qps_b1024']:.1f}x numpy."
+        msg = (
+            f"- n={n:,}: faiss Flat {flat['qps_b1'] / naive['qps_b1']:.1f}x numpy's queries/s at batch 1, "
+            f"{flat['qps_b1024'] / naive['qps_b1024']:.1f}x at batch 1024; exact torch (CPU) "
+            f"{torch_cpu['qps_b1'] / naive['qps_b1']:.1f}x / {torch_cpu['qps_b1024'] / naive['qps_b1024']:.1f}x."
+        )
         if best:
-            msg += f" HNSW at recall@10 {best['recall@10']:.3f} ({best['params']}): " \
-                   f"{best['qps_b1'] / flat['qps_b1']:.0f}x Flat's queries/s at batch 1, " \
-                   f"{best['qps_b1024'] / flat['qps_b1024']:.1f}x at batch 1024."
+            msg += (
+                f" HNSW at recall@10 {best['recall@10']:.3f} ({best['params']}): "
+                f"{best['qps_b1'] / flat['qps_b1']:.0f}x Flat's queries/s at batch 1, "
+                f"{best['qps_b1024'] / flat['qps_b1024']:.1f}x at batch 1024."
+            )
+        else:
+            top = max((r for r in at if "HNSW" in r["method"]), key=lambda r: r.get("recall@10", 0))
+            msg += f" HNSW never reached recall@10 0.95 (best {top['recall@10']:.3f}, {top['params']})."
         lines.append(msg)
     return "\n".join(lines) + "\n"
+
+
+COLUMNS = ["n", "method", "params", "qps_b1", "p50_ms_b1", "p99_ms_b1", "qps_b1024", "recall@10", "mem_mib", "build_s"]
 
 
 def main() -> None:
@@ -174,16 +275,69 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--budget", type=float, default=3.0, help="seconds of single queries per configuration")
+    p.add_argument("--ef-construction", type=int, default=40, help="HNSW build effort (faiss default 40)")
+    p.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    p.add_argument("--no-ivf", action="store_true", help="skip IVF-PQ (its k-means at 1M is long on 2 cores)")
+    p.add_argument("--threads", type=int, default=None, help="faiss/torch threads (default: all cores)")
+    p.add_argument(
+        "--blas-threshold",
+        type=int,
+        default=20,
+        help="faiss.cvar.distance_compute_blas_threshold (faiss 1.15 ships a huge one: slow PQ training)",
+    )
+    p.add_argument(
+        "--compare-blas",
+        action="store_true",
+        help="at the first size, build IVF-PQ with faiss's default threshold and with --blas-threshold",
+    )
+    p.add_argument("--append", action="store_true", help="keep rows of other sizes already in the results file")
     p.add_argument("--name", default="search_speed_cpu")
     a = p.parse_args()
-    faiss.omp_set_num_threads(torch.get_num_threads())
-    result = run(a.sizes, a.dim, a.budget)
-    cols = ["n", "method", "params", "qps_b1", "p50_ms_b1", "p99_ms_b1", "qps_b1024", "recall@10", "mem_mib",
-            "build_s"]
-    md = summary(result["rows"]) + "\n" + markdown_table(result["rows"], cols)
-    cmd = "python -m benchmarks.search_speed --sizes " + " ".join(map(str, a.sizes))
-    print(md)
-    print(write_results(a.name, result, md, cmd))
+    import faiss
+    import torch
+
+    threads = a.threads or os.cpu_count() or 1
+    default_threshold = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = a.blas_threshold
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
+    rows: list[dict] = []
+    old = RESULTS / f"{a.name}.json"
+    if a.append and old.exists():
+        rows = [r for r in json.loads(old.read_text())["rows"] if r["n"] not in a.sizes]
+    cmd = "python -m benchmarks.search_speed --sizes " + " ".join(map(str, a.sizes)) + (" --append" * a.append)
+    t_start = time.perf_counter()
+
+    def log(x: object) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f} s] {x}", flush=True)
+
+    for n in a.sizes:
+        rows += run(
+            n,
+            a.dim,
+            a.budget,
+            a.ef_construction,
+            log,
+            a.compare_blas and n == a.sizes[0],
+            default_threshold,
+            tuple(a.ef_search),
+            not a.no_ivf,
+        )
+        rows.sort(key=lambda r: r["n"])
+        md = summary(rows) + "\n" + markdown_table(rows, COLUMNS)
+        result = {
+            "dim": a.dim,
+            "k": K,
+            "threads": threads,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "faiss_default_blas_threshold": default_threshold,
+            "blas_threshold": a.blas_threshold,
+            "ef_construction": a.ef_construction,
+            "ef_search": a.ef_search,
+            "rows": rows,
+        }
+        write_results(a.name, result, md, cmd)  # after every size, so a long run keeps what it has
+        print(md, flush=True)
 
 
 if __name__ == "__main__":
