@@ -75,6 +75,11 @@ def train_index(index: Any, sample: np.ndarray, factory: str = "") -> None:
             ivf.do_polysemous_training = False  # only used by polysemous search (not ours); costs minutes
     except RuntimeError:
         pass
+    # faiss 1.15 ships distance_compute_blas_threshold = 128000: k-means on fewer points (every PQ sub-quantizer,
+    # IVF on small samples) then runs scalar distance loops. BLAS from 20 points on trains IVF256,PQ64 on 10k
+    # vectors in 5.5 s instead of 89 s (benchmarks/results/search_speed_cpu.md).
+    threshold = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = min(threshold, 20)
     try:
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
     except RuntimeError as e:
@@ -83,6 +88,8 @@ def train_index(index: Any, sample: np.ndarray, factory: str = "") -> None:
             f"cannot train {factory or 'the index'} on {len(sample)} vectors ({msg[-200:]}); "
             "use a smaller nlist/PQ or the default factory for this corpus size"
         ) from e
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = threshold
 
 
 def add_chunks(index: Any, chunks: Iterable[np.ndarray]) -> int:
