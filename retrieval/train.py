@@ -330,6 +330,19 @@ def cached_features(
     return feats, False
 
 
+def _keep_first_studies(split: _Split, n: int) -> None:
+    """Cut a prepared split to its first `n` studies (images, decoded pixels and cached features alike)."""
+    items = split.items
+    keep = [i for i in range(len(items.image_ids)) if items.image_study[i] < n]
+    split.items = drop_unreadable(items, set(range(len(items.image_ids))) - set(keep))
+    if split.decoded is not None:
+        split.decoded = [split.decoded[i] for i in keep]
+    if split.image_feats is not None:
+        split.image_feats = split.image_feats[keep]
+    if split.text_feats is not None:
+        split.text_feats = split.text_feats[:n]
+
+
 # ------------------------------------------------------------------------------------------ the trainer
 
 
@@ -391,9 +404,6 @@ class Trainer:
             if split == cfg.train_split:
                 raise
             return None
-        if max_studies is not None and max_studies < len(items.study_ids):
-            beyond = {i for i in range(len(items.image_ids)) if items.image_study[i] >= max_studies}
-            items = drop_unreadable(items, beyond)
         towers = tower_modules(self.model)
         t0 = time.perf_counter()
         image_cache = cfg.feature_cache and tower_frozen(towers["image"])
@@ -443,6 +453,9 @@ class Trainer:
                 return self._report_features(items.reports, f"text features ({split})")
 
             split_obj.text_feats, self.cache_hits[f"text/{split}"] = cached_features(path, key, compute_text)
+        if max_studies is not None and max_studies < len(split_obj.items.study_ids):
+            _keep_first_studies(split_obj, max_studies)  # after the cache, so subsets share the split's cache
+        items = split_obj.items
         split_obj.labels = torch.as_tensor(items.study_labels, dtype=torch.bool)
         study_images: list[list[int]] = [[] for _ in items.study_ids]
         for i, s in enumerate(items.image_study):

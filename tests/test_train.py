@@ -189,6 +189,16 @@ def test_feature_cache_hits_and_matches_recomputed_features(tmp_path):
     third.run(fresh=True)
     assert third.cache_hits == {"image/train": True, "text/train": False}
 
+    # a subset of the split (max_train_studies) is cut after the cache, so it reuses the split's features
+    config.max_train_studies = 10
+    fourth = Trainer(manifest, "cxr-tiny", tmp_path / "a", config)
+    fourth.run(fresh=True)
+    assert fourth.cache_hits == {"image/train": True, "text/train": True}
+    sub = fourth.train_split
+    assert len(sub.study_images) == 10 and sub.items.study_ids == third.train_split.items.study_ids[:10]
+    assert torch.equal(sub.image_feats, third.train_split.image_feats[:10])
+    assert torch.equal(sub.text_feats, third.train_split.text_feats[:10])
+
 
 def test_unfreeze_last_blocks():
     from retrieval.models import load_model
