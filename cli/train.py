@@ -9,18 +9,12 @@ import typer
 
 
 def train_cmd(
-    manifest: Path = typer.Option(
-        ..., "--manifest", "-m", help="Study manifest (Parquet or CSV) with splits."
-    ),
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest (Parquet or CSV) with splits."),
     model: str = typer.Option(
         "cxr-tiny", "--model", help="biomedclip | cxr-tiny | local-dir:PATH | a saved model folder."
     ),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Output folder: the trained model, checkpoints, cache."
-    ),
-    epochs: int = typer.Option(
-        8, "--epochs", help="Maximum epochs (early stopping on val mAP may end sooner)."
-    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: the trained model, checkpoints, cache."),
+    epochs: int = typer.Option(8, "--epochs", help="Maximum epochs (early stopping on val mAP may end sooner)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Studies per batch."),
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate of projectors and head."),
     loss_weights: str = typer.Option("1,1,1", "--loss-weights", help="Weights clip,supcon,bce (0 = off)."),
@@ -28,14 +22,17 @@ def train_cmd(
         None, "--positive-rule", help="SupCon positives: same-set | binary | overlap (default: overlap)."
     ),
     unfreeze_last: int = typer.Option(0, "--unfreeze-last", help="Unfreeze the last N blocks of each tower."),
+    image_tower: str = typer.Option(
+        "auto", "--image-tower", help="auto (cxr-tiny trains it from scratch) | train | frozen."
+    ),
+    max_train_studies: int = typer.Option(None, "--max-train-studies", help="Train on the first N studies."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Frozen-feature cache (default OUT/feature_cache)."),
     patience: int = typer.Option(3, "--patience", help="Early-stop after N epochs without val improvement."),
     seed: int = typer.Option(0, "--seed", help="Random seed (the run is deterministic for a seed)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU) | fp32 | bf16 | fp16."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-run frozen towers every epoch (slow)."),
-    fresh: bool = typer.Option(
-        False, "--fresh", help="Ignore an existing checkpoint in --out and start over."
-    ),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in --out and start over."),
     as_json: bool = typer.Option(False, "--json", help="Print the training summary as JSON."),
 ) -> None:
     """Train on the manifest's train split, validate on val each epoch, save the best model to --out.
@@ -56,6 +53,9 @@ def train_cmd(
         loss_weights=weights,
         positive_rule=positive_rule or DEFAULT_POSITIVE_RULE,
         unfreeze_last=unfreeze_last,
+        image_tower=image_tower,
+        max_train_studies=max_train_studies,
+        cache_dir=None if cache_dir is None else str(cache_dir),
         patience=patience,
         seed=seed,
         device=None if device == "auto" else device,
