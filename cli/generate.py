@@ -36,9 +36,7 @@ def generate_cmd(
     c.print(f"[bold][{res['task']}][/bold] {res['prompt']}")
     c.print(res["text"] or "[dim](empty)[/dim]")
     for b in res.get("boxes", []):
-        c.print(
-            f"  box {b['label'] or '-'}: x1={b['x1']:.2f} y1={b['y1']:.2f} x2={b['x2']:.2f} y2={b['y2']:.2f}"
-        )
+        c.print(f"  box {b['label'] or '-'}: x1={b['x1']:.2f} y1={b['y1']:.2f} x2={b['x2']:.2f} y2={b['y2']:.2f}")
     if res["exemplars"]:
         c.print("exemplars: " + ", ".join(f"{e['study_id']} ({e['score']:.3f})" for e in res["exemplars"]))
     else:

@@ -9,14 +9,10 @@ import typer
 
 
 def vlm_train_cmd(
-    manifest: Path = typer.Option(
-        ..., "--manifest", "-m", help="Study manifest (Parquet or CSV) with splits."
-    ),
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest (Parquet or CSV) with splits."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the VLM to (and its checkpoints)."),
     index: Path = typer.Option(None, "--index", help="Index folder the exemplar reports come from."),
-    tasks: str = typer.Option(
-        "report,vqa,classify,identify,ground", "--tasks", help="Comma-separated tasks to train."
-    ),
+    tasks: str = typer.Option("report,vqa,classify,identify,ground", "--tasks", help="Comma-separated tasks to train."),
     rag_k: int = typer.Option(3, "--rag-k", help="Exemplar reports in each prompt (0 = no retrieval)."),
     steps: int = typer.Option(300, "--steps", help="Optimiser steps."),
     batch_size: int = typer.Option(16, "--batch-size", help="Examples per step."),
@@ -30,19 +26,11 @@ def vlm_train_cmd(
         help="Frozen visual encoder (repeatable): cxr:MODEL_DIR_OR_NAME or patch:SEED. "
         "Default: the index's retrieval model.",
     ),
-    lm: Path = typer.Option(
-        None, "--lm", help="A local transformers causal LM folder (default: tiny Llama)."
-    ),
+    lm: Path = typer.Option(None, "--lm", help="A local transformers causal LM folder (default: tiny Llama)."),
     lora: bool = typer.Option(False, "--lora", help="Wrap --lm with peft LoRA adapters."),
-    grid: int = typer.Option(
-        8, "--grid", help="Visual tokens pooled to GRID x GRID before the 5-token concat."
-    ),
-    budget: int = typer.Option(
-        160, "--prompt-budget", help="Prompt token budget (exemplars are cut to fit)."
-    ),
-    rag_dropout: float = typer.Option(
-        0.3, "--rag-dropout", help="Share of examples trained without exemplars."
-    ),
+    grid: int = typer.Option(8, "--grid", help="Visual tokens pooled to GRID x GRID before the 5-token concat."),
+    budget: int = typer.Option(160, "--prompt-budget", help="Prompt token budget (exemplars are cut to fit)."),
+    rag_dropout: float = typer.Option(0.3, "--rag-dropout", help="Share of examples trained without exemplars."),
     hidden: int = typer.Option(256, "--hidden", help="Tiny LM hidden size."),
     layers: int = typer.Option(4, "--layers", help="Tiny LM layers."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints."),
@@ -89,10 +77,7 @@ def vlm_train_cmd(
     c.print(f"[bold]VLM[/bold] -> {out}  ({info['steps']} steps, {info['seconds']} s)")
     c.print(f"loss {info['loss_first20']:.3f} (first 20 steps) -> {info['loss_last20']:.3f} (last 20)")
     c.print(
-        "tasks: "
-        + ", ".join(f"{t} {n} ex (p={info['task_weights'][t]:.2f})" for t, n in info["task_sizes"].items())
+        "tasks: " + ", ".join(f"{t} {n} ex (p={info['task_weights'][t]:.2f})" for t, n in info["task_sizes"].items())
     )
     if info["bad_rows"]:
-        c.print(
-            f"[yellow]{len(info['bad_rows'])} image(s) skipped[/yellow], e.g. {info['bad_rows'][0]['reason']}"
-        )
+        c.print(f"[yellow]{len(info['bad_rows'])} image(s) skipped[/yellow], e.g. {info['bad_rows'][0]['reason']}")

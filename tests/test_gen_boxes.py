@@ -24,8 +24,13 @@ coord = st.integers(0, 100)
 def grid_boxes(draw, labels=LABELS[1:]):
     x = sorted([draw(coord), draw(coord)])
     y = sorted([draw(coord), draw(coord)])
-    return {"label": draw(st.sampled_from(labels)), "x1": x[0] / 100, "y1": y[0] / 100,
-            "x2": x[1] / 100, "y2": y[1] / 100}
+    return {
+        "label": draw(st.sampled_from(labels)),
+        "x1": x[0] / 100,
+        "y1": y[0] / 100,
+        "x2": x[1] / 100,
+        "y2": y[1] / 100,
+    }
 
 
 def naive_iou(a: dict, b: dict) -> float:

@@ -137,4 +137,3 @@ def test_cli_eval_generation_writes_tables(trained, corpus, tmp_path, capsys):
     assert list(res["tasks"]["classify"]) == ["constant", "retrieval-only", "vlm k=0"]
     assert "| retrieval-only |" in (out.with_suffix(".md")).read_text()
     assert json.loads(out.with_suffix(".json").read_text())["split"] == "test"
-

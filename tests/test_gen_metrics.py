@@ -48,8 +48,9 @@ def test_clinical_efficacy_uses_labeler():
 
 
 def test_vqa_and_label_parsing():
-    assert vqa_accuracy(["yes", "no", "Cardiomegaly, edema"], ["yes ", "yes", "cardiomegaly ,  edema"]) == \
-        pytest.approx(2 / 3)
+    assert vqa_accuracy(
+        ["yes", "no", "Cardiomegaly, edema"], ["yes ", "yes", "cardiomegaly ,  edema"]
+    ) == pytest.approx(2 / 3)
     assert parse_label_list("cardiomegaly, pleural effusion, banana") == ["Cardiomegaly", "Pleural Effusion"]
 
 
@@ -59,6 +60,7 @@ def naive_acc(truth, preds, t):
         ih = max(0, min(a["y2"], b["y2"]) - max(a["y1"], b["y1"]))
         u = (a["x2"] - a["x1"]) * (a["y2"] - a["y1"]) + (b["x2"] - b["x1"]) * (b["y2"] - b["y1"]) - iw * ih
         return iw * ih / u if u > 0 else 0
+
     hits = n = 0
     for gt, pr in zip(truth, preds):
         for g in gt:

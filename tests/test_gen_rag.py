@@ -40,8 +40,13 @@ def test_excludes_own_study_and_patient_dedupes_and_skips_empty():
 def test_retrieve_searches_deeper_when_exclusions_empty_the_first_page():
     rng = np.random.default_rng(0)
     n = 200
-    meta = pd.DataFrame({"study_id": [f"s{i}" for i in range(n)], "patient_id": ["p0"] * 190 +
-                         [f"p{i}" for i in range(190, n)], "report": ["r"] * n})
+    meta = pd.DataFrame(
+        {
+            "study_id": [f"s{i}" for i in range(n)],
+            "patient_id": ["p0"] * 190 + [f"p{i}" for i in range(190, n)],
+            "report": ["r"] * n,
+        }
+    )
     vecs = rng.normal(size=(n, 8)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     calls = []

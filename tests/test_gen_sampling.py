@@ -17,8 +17,11 @@ def test_weights_are_inverse_sizes():
 
 
 def test_empirical_task_frequencies_match_inverse_sizes():
-    data = {"report": [("report", i) for i in range(100)], "vqa": [("vqa", i) for i in range(400)],
-            "ground": [("ground", i) for i in range(50)]}
+    data = {
+        "report": [("report", i) for i in range(100)],
+        "vqa": [("vqa", i) for i in range(400)],
+        "ground": [("ground", i) for i in range(50)],
+    }
     sampler = TaskSampler(data, seed=3)
     draws = [ex[0] for _ in range(200) for ex in sampler.sample(64)]
     freq = {t: draws.count(t) / len(draws) for t in data}

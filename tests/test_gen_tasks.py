@@ -68,11 +68,13 @@ def test_normal_row_and_missing_data():
 
 
 def test_build_examples_limits_negatives_to_present_labels():
-    df = pd.DataFrame([
-        {**ROW, "labels": ["Cardiomegaly"]},
-        {**ROW, "labels": ["Edema"], "boxes": []},
-        {**ROW, "labels": ["No Finding"], "boxes": []},
-    ])
+    df = pd.DataFrame(
+        [
+            {**ROW, "labels": ["Cardiomegaly"]},
+            {**ROW, "labels": ["Edema"], "boxes": []},
+            {**ROW, "labels": ["No Finding"], "boxes": []},
+        ]
+    )
     ex = build_examples(df, ["vqa", "classify"])
     assert set(ex) == {"vqa", "classify"} and len(ex["classify"]) == 3
     asked = {e.prompt for e in ex["vqa"] if e.info["kind"] == "closed"}
@@ -94,7 +96,6 @@ def test_anatomy_prefix_and_fine_finding_names():
     assert t["identify"][0].target == "Calcified Granuloma {<20><20><30><30>}"
     assert {e.prompt for e in t["ground"]} == {"heart", "calcified granuloma"}
     assert [e.prompt for e in t["vqa"] if e.info["kind"] == "where"] == ["where is the calcified granuloma?"]
-
 
 
 def test_constant_baseline_most_common_answer_and_mean_box():
