@@ -31,10 +31,11 @@ def generate_cmd(
         print(json.dumps(res, indent=2))
         return
     from rich.console import Console
+    from rich.markup import escape
 
     c = Console()
-    c.print(f"[bold][{res['task']}][/bold] {res['prompt']}")
-    c.print(res["text"] or "[dim](empty)[/dim]")
+    c.print(f"[bold]{escape('[' + res['task'] + ']')}[/bold] {escape(res['prompt'])}")
+    c.print(escape(res["text"]) if res["text"] else "[dim](empty)[/dim]")
     for b in res.get("boxes", []):
         c.print(f"  box {b['label'] or '-'}: x1={b['x1']:.2f} y1={b['y1']:.2f} x2={b['x2']:.2f} y2={b['y2']:.2f}")
     if res["exemplars"]:
