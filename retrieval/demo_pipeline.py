@@ -21,6 +21,7 @@ DEFAULT_WORKDIR = Path(os.environ.get("CXR_HOME", Path.home() / ".cache" / "cxr-
 # Small enough to train from scratch on 2 CPU cores inside the demo's time budget.
 TRAIN_EPOCHS = 6
 VLM_STEPS = 300
+VLM_SIZE = {"hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256}
 
 
 @dataclass
@@ -138,7 +139,7 @@ def run_demo(
         log(f"[5/5] report generation (RAG, k=3) -> {vlm_dir}" + (" (cached)" if cached["vlm"] else ""))
         if not cached["vlm"]:
             resume = (vlm_dir / "checkpoint").exists()
-            config = VLMTrainConfig(steps=VLM_STEPS, seed=seed)
+            config = VLMTrainConfig(steps=VLM_STEPS, seed=seed, prompt_budget=128, lm_overrides=dict(VLM_SIZE))
             _timed(
                 timings,
                 "vlm_train",
