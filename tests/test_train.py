@@ -120,6 +120,7 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "checkpoint" / state["weights"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_tower", ["train", "frozen"])
 def test_resume_reproduces_uninterrupted_run(tmp_path, image_tower):
     from retrieval.train import train
@@ -145,6 +146,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, image_tower):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_run(tmp_path):
     from retrieval.errors import CXRError
     from retrieval.train import train
@@ -157,6 +159,7 @@ def test_resume_refuses_a_different_run(tmp_path):
     train(manifest, "cxr-tiny", tmp_path / "run", lr=0.5, fresh=True, **kw)
 
 
+@pytest.mark.slow
 def test_feature_cache_hits_and_matches_recomputed_features(tmp_path):
     from safetensors.torch import load_file
 
