@@ -56,15 +56,17 @@ def make_manifest(paths: list[str], out: Path) -> Path:
     reports = [r.get("report") or r.get("findings") or "" for r in read_iu_reports()]
     reports = [r for r in reports if r.strip()] or ["No acute cardiopulmonary abnormality."]
     n = len(paths)
-    df = pd.DataFrame({
-        "image_id": [f"i{i}" for i in range(n)],
-        "study_id": [f"s{i}" for i in range(n)],
-        "patient_id": [f"p{i}" for i in range(n)],
-        "image_path": paths,
-        "report": [reports[i % len(reports)] for i in range(n)],
-        "split": "train",
-        "source": "synthetic",
-    })
+    df = pd.DataFrame(
+        {
+            "image_id": [f"i{i}" for i in range(n)],
+            "study_id": [f"s{i}" for i in range(n)],
+            "patient_id": [f"p{i}" for i in range(n)],
+            "image_path": paths,
+            "report": [reports[i % len(reports)] for i in range(n)],
+            "split": "train",
+            "source": "synthetic",
+        }
+    )
     write_manifest(normalize_manifest(df), out)
     return out
 
@@ -139,35 +141,77 @@ def main() -> None:
         manifest = make_manifest(files[:n], work / f"manifest_{n}.parquet")
         out = work / f"index_{n}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
-        cmd = [sys.executable, "-m", "cli.main", "index", "build", "--manifest", str(manifest), "--model",
-               str(model_dir), "--out", str(out), "--workers", str(a.workers), "--batch-size", str(a.batch_size),
-               "--json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "index",
+            "build",
+            "--manifest",
+            str(manifest),
+            "--model",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--workers",
+            str(a.workers),
+            "--batch-size",
+            str(a.batch_size),
+            "--json",
+        ]
         secs, peak, _ = run_sampled(cmd)
         dim = json.loads((out / "index_info.json").read_text())["dim"]
-        rows.append({"n": n, "method": "cxr index build", "seconds": secs, "images_per_s": n / secs,
-                     "peak_rss_mib": peak, "vectors_mib": 2 * n * 4 * dim / 2**20})
+        rows.append(
+            {
+                "n": n,
+                "method": "cxr index build",
+                "seconds": secs,
+                "images_per_s": n / secs,
+                "peak_rss_mib": peak,
+                "vectors_mib": 2 * n * 4 * dim / 2**20,
+            }
+        )
         print(rows[-1], flush=True)
+        report(rows, a.sizes, a.model)
         if a.naive and n == min(a.sizes):
             secs, peak, _ = run_sampled([sys.executable, "-c", NAIVE, str(manifest), str(model_dir)])
-            rows.append({"n": n, "method": "naive (all in memory, one image at a time)", "seconds": secs,
-                         "images_per_s": n / secs, "peak_rss_mib": peak, "vectors_mib": rows[-1]["vectors_mib"]})
+            rows.append(
+                {
+                    "n": n,
+                    "method": "naive (all in memory, one image at a time)",
+                    "seconds": secs,
+                    "images_per_s": n / secs,
+                    "peak_rss_mib": peak,
+                    "vectors_mib": rows[-1]["vectors_mib"],
+                }
+            )
             print(rows[-1], flush=True)
+            report(rows, a.sizes, a.model)
+    print(report(rows, a.sizes, a.model))
+
+
+def report(rows: list[dict], sizes: list[int], model: str) -> str:
+    """Write results/index_build_cpu.{json,md} from the rows so far (called after every row); the markdown."""
     ours = [r for r in rows if r["method"] == "cxr index build"]
     lines = []
     if len(ours) >= 2:
         lo, hi = ours[0], ours[-1]
         growth = (hi["peak_rss_mib"] - lo["peak_rss_mib"]) - (hi["vectors_mib"] - lo["vectors_mib"])
-        lines.append(f"- Peak RSS {lo['peak_rss_mib']:.0f} MiB at {lo['n']:,} images, {hi['peak_rss_mib']:.0f} MiB at "
-                     f"{hi['n']:,}; growth beyond the vectors themselves: {growth:.0f} MiB.")
+        lines.append(
+            f"- Peak RSS {lo['peak_rss_mib']:.0f} MiB at {lo['n']:,} images, {hi['peak_rss_mib']:.0f} MiB at "
+            f"{hi['n']:,}; growth beyond the vectors themselves: {growth:.0f} MiB."
+        )
     naive = [r for r in rows if r["method"].startswith("naive")]
     if naive:
-        lines.append(f"- At {ours[0]['n']:,} images the streaming build runs "
-                     f"{ours[0]['images_per_s'] / naive[0]['images_per_s']:.1f}x the naive images/s with "
-                     f"{ours[0]['peak_rss_mib'] / naive[0]['peak_rss_mib']:.2f}x its peak RSS.")
+        lines.append(
+            f"- At {ours[0]['n']:,} images the streaming build runs "
+            f"{ours[0]['images_per_s'] / naive[0]['images_per_s']:.1f}x the naive images/s with "
+            f"{ours[0]['peak_rss_mib'] / naive[0]['peak_rss_mib']:.2f}x its peak RSS."
+        )
     md = "\n".join(lines) + "\n\n" + markdown_table(rows)
-    cmd = "python -m benchmarks.index_build --sizes " + " ".join(map(str, a.sizes))
-    print(md)
-    write_results("index_build_cpu", {"rows": rows, "model": a.model}, md, cmd)
+    cmd = "python -m benchmarks.index_build --sizes " + " ".join(map(str, sizes))
+    write_results("index_build_cpu", {"rows": rows, "model": model}, md, cmd)
+    return md
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/faiss load libgomp: no spin-waiting
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -24,7 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
 from benchmarks.encode_speed import make_files  # noqa: E402
 
 
@@ -40,12 +41,20 @@ def random_index(folder: Path, model, n: int) -> Path:
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     images, factory = build_from_vectors(vecs)
     reports, _ = build_from_vectors(vecs[::-1].copy(), factory)
-    meta = pd.DataFrame({
-        "row_id": np.arange(n), "image_id": [f"i{i}" for i in range(n)], "study_id": [f"s{i}" for i in range(n)],
-        "patient_id": [f"p{i}" for i in range(n)], "image_path": [f"/data/i{i}.jpg" for i in range(n)],
-        "report": ["Heart size is normal. The lungs are clear. No pleural effusion or pneumothorax."] * n,
-        "labels": [["No Finding"]] * n, "split": "train", "has_report": True,
-    })
+    meta = pd.DataFrame(
+        {
+            "row_id": np.arange(n),
+            "image_id": [f"i{i}" for i in range(n)],
+            "study_id": [f"s{i}" for i in range(n)],
+            "patient_id": [f"p{i}" for i in range(n)],
+            "image_path": [f"/data/i{i}.jpg" for i in range(n)],
+            "report": ["Heart size is normal. The lungs are clear. No pleural effusion or pneumothorax."] * n,
+            "labels": [["No Finding"]] * n,
+            "view": "PA",
+            "split": "train",
+            "has_report": True,
+        }
+    )
     info = {"factory": factory, "normalized": True, "model": model_record(model), "versions": versions()}
     save_index(folder, images, reports, meta, info)
     return folder
@@ -101,6 +110,7 @@ def main() -> None:
     p.add_argument("--gallery", type=int, default=100_000)
     p.add_argument("--queries", type=int, default=50)
     p.add_argument("--file-size", type=int, default=1024)
+    p.add_argument("--append", action="store_true", help="keep rows of other models already in the results file")
     a = p.parse_args()
     from index.search import Searcher
     from index.store import open_index
@@ -125,14 +135,38 @@ def main() -> None:
         if vecs is not None:
             t = naive(model, vecs, idx.meta, paths)
             p50, p99 = percentiles(t)
-            rows.append({"model": name, "gallery": a.gallery, "factory": "numpy brute force",
-                         "method": "naive (PIL preprocess + numpy)", "total_p50_ms": p50, "total_p99_ms": p99})
+            rows.append(
+                {
+                    "model": name,
+                    "gallery": a.gallery,
+                    "factory": "numpy brute force",
+                    "method": "naive (PIL preprocess + numpy)",
+                    "total_p50_ms": p50,
+                    "total_p99_ms": p99,
+                }
+            )
             print(rows[-1], flush=True)
-    cols = ["model", "gallery", "method", "factory", "decode_p50_ms", "preprocess_p50_ms", "encode_p50_ms",
-            "search+meta_p50_ms", "total_p50_ms", "total_p99_ms"]
-    md = markdown_table(rows, cols)
+    cols = [
+        "model",
+        "gallery",
+        "method",
+        "factory",
+        "decode_p50_ms",
+        "preprocess_p50_ms",
+        "encode_p50_ms",
+        "search+meta_p50_ms",
+        "total_p50_ms",
+        "total_p99_ms",
+    ]
     cmd = "python -m benchmarks.query_latency " + " ".join(sys.argv[1:])
-    write_results("query_latency_cpu", {"rows": rows}, md, cmd)
+    commands = [cmd]
+    old = RESULTS / "query_latency_cpu.json"
+    if a.append and old.exists():
+        prev = json.loads(old.read_text())
+        rows = [r for r in prev["rows"] if r["model"] not in a.models] + rows
+        commands = prev.get("commands", [prev.get("command", "")]) + commands
+    md = markdown_table(rows, cols)
+    write_results("query_latency_cpu", {"rows": rows, "commands": commands}, md, " ; ".join(commands))
     print(md)
 
 
