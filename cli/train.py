@@ -19,7 +19,7 @@ def train_cmd(
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate of projectors and head."),
     loss_weights: str = typer.Option("1,1,1", "--loss-weights", help="Weights clip,supcon,bce (0 = off)."),
     positive_rule: str = typer.Option(
-        None, "--positive-rule", help="SupCon positives: same-set | binary | overlap (default: overlap)."
+        None, "--positive-rule", help="SupCon positives: same-set | binary | overlap (default: binary)."
     ),
     unfreeze_last: int = typer.Option(0, "--unfreeze-last", help="Unfreeze the last N blocks of each tower."),
     image_tower: str = typer.Option(
