@@ -28,6 +28,9 @@ def train_cmd(
     max_train_studies: int = typer.Option(None, "--max-train-studies", help="Train on the first N studies."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Frozen-feature cache (default OUT/feature_cache)."),
     patience: int = typer.Option(3, "--patience", help="Early-stop after N epochs without val improvement."),
+    monitor: str = typer.Option(
+        "i2r_map_label", "--monitor", help="Val metric to early-stop on: i2r_map_label | i2r_map_exact."
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed (the run is deterministic for a seed)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU) | fp32 | bf16 | fp16."),
@@ -57,6 +60,7 @@ def train_cmd(
         max_train_studies=max_train_studies,
         cache_dir=None if cache_dir is None else str(cache_dir),
         patience=patience,
+        monitor=monitor,
         seed=seed,
         device=None if device == "auto" else device,
         precision=precision,
