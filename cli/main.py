@@ -6,7 +6,13 @@ Each command module imports the heavy library code inside its function, so `cxr 
 
 from __future__ import annotations
 
+import os
 import sys
+
+# Sleep, don't spin, in OpenMP waits (torch, faiss): on a busy 2-core machine spinning threads starved each other
+# (cxr-tiny batch-1 encode 1.2 -> 48 images/s, benchmarks/results/profiles/torch_threads_cpu.txt). Must be set
+# before torch or faiss load OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer
 
