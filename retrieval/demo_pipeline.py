@@ -94,7 +94,7 @@ def run_demo(
     )
     manifest.attrs.setdefault("root", str(corpus_dir))
 
-    cached["model"] = (model_dir / "model_info.json").exists() and not (model_dir / "checkpoint").exists()
+    cached["model"] = (model_dir / "train_info.json").exists()  # written when a training run completes
     log(f"[2/5] train cxr-tiny -> {model_dir}" + (" (cached)" if cached["model"] else ""))
     if cached["model"]:
         model = _timed(timings, "train", lambda: load_model(model_dir))
