@@ -212,10 +212,12 @@ def test_projector_outputs_unit_vectors_and_one_logit():
     assert logits.shape == (5,)
     ref = emb @ model.projector.abnormal.weight[0] + model.projector.abnormal.bias[0]
     torch.testing.assert_close(logits, ref)
-    # Linear-GELU-Linear, then L2 normalisation (naive reference)
+    # standardise (running statistics), Linear-GELU-Linear, then L2 normalisation (naive reference)
     net = model.projector.image.net
-    h = torch.nn.functional.gelu(feats @ net[0].weight.T + net[0].bias)
-    ref = h @ net[3].weight.T + net[3].bias
+    bn = net[0]
+    x = (feats - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+    h = torch.nn.functional.gelu(x @ net[1].weight.T + net[1].bias)
+    ref = h @ net[4].weight.T + net[4].bias
     torch.testing.assert_close(emb, ref / ref.norm(dim=-1, keepdim=True))
 
 
@@ -255,8 +257,12 @@ def test_fingerprint_is_stable_and_follows_every_weight():
     fp2 = model.fingerprint
     assert fp2 != fp
     with torch.no_grad():
-        model.projector.text.net[3].weight[0, 0] += 1e-3
-    assert model.fingerprint not in (fp, fp2)
+        model.projector.text.net[4].weight[0, 0] += 1e-3
+    fp3 = model.fingerprint
+    assert fp3 not in (fp, fp2)
+    with torch.no_grad():  # the standardiser's running statistics are weights too
+        model.projector.image.net[0].running_mean[0] += 1e-3
+    assert model.fingerprint not in (fp, fp2, fp3)
 
 
 def test_save_load_round_trip(saved_hf):
