@@ -98,3 +98,23 @@ def write_results(name: str, payload: dict, markdown: str, command: str) -> tupl
     md_path = RESULTS / f"{name}.md"
     md_path.write_text("\n".join(md) + "\n" + markdown)
     return json_path, md_path
+
+
+def synthetic_radiographs(folder: Path, n: int, size: int = 256, fmt: str = "jpg") -> list[str]:
+    """n distinct greyscale files (smooth gradients + noise, so they compress like radiographs); made once, reused."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i:07d}.{fmt}"
+        paths.append(str(p))
+        a, b, c = rng.uniform(0.2, 0.8, 3)
+        noise = rng.standard_normal((size, size))
+        if p.exists():
+            continue
+        img = 255 * np.clip(a * xx + b * yy * (1 - yy) * 2 + c * 0.3 + 0.05 * noise, 0, 1)
+        Image.fromarray(img.astype(np.uint8)).save(p, **({"quality": 90} if fmt == "jpg" else {}))
+    return paths

@@ -21,28 +21,10 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, markdown_table, synthetic_radiographs, write_results  # noqa: E402
 from retrieval.device import autocast, resolve_device  # noqa: E402
-
-
-def make_files(folder: Path, n: int, size: int, fmt: str) -> list[str]:
-    """n greyscale radiograph-like files (gradient + noise) of size x size."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    out = []
-    for i in range(n):
-        p = folder / f"img{i:05d}.{fmt}"
-        out.append(str(p))
-        if not p.exists():
-            img = np.clip(0.5 * xx + yy * (1 - yy) + 0.05 * rng.standard_normal((size, size)), 0, 1)
-            Image.fromarray((img * 255).astype(np.uint8)).save(p)
-    return out
 
 
 def images_per_s(fn, n_images: int, min_time: float, max_iters: int = 50) -> float:
@@ -112,7 +94,7 @@ def main() -> None:
 
     device = resolve_device(a.device)
     work = Path(os.environ.get("CXR_BENCH_DIR", tempfile.gettempdir())) / "cxr-bench-encode"
-    files = {fmt: make_files(work / fmt, a.files, a.file_size, fmt) for fmt in ("jpg", "png")}
+    files = {fmt: synthetic_radiographs(work / fmt, a.files, a.file_size, fmt) for fmt in ("jpg", "png")}
     rows = []
     for name in a.models:
         model = load_model(name).to(device).eval()

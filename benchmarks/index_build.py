@@ -23,30 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import psutil
 
-from benchmarks.common import markdown_table, write_results
-
-
-def make_files(folder: Path, n: int, size: int = 256) -> list[str]:
-    """n distinct greyscale JPEGs (smooth gradients + noise, so they compress like radiographs)."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    paths = []
-    for i in range(n):
-        p = folder / f"img{i:07d}.jpg"
-        paths.append(str(p))
-        if p.exists():
-            continue
-        a, b, c = rng.uniform(0.2, 0.8, 3)
-        img = 255 * np.clip(a * xx + b * yy * (1 - yy) * 2 + c * 0.3 + 0.05 * rng.standard_normal((size, size)), 0, 1)
-        Image.fromarray(img.astype(np.uint8)).save(p, quality=90)
-    return paths
+from benchmarks.common import markdown_table, synthetic_radiographs, write_results
 
 
 def make_manifest(paths: list[str], out: Path) -> Path:
@@ -135,7 +115,7 @@ def main() -> None:
         from retrieval.models import load_model
 
         load_model(a.model).save(model_dir)
-    files = make_files(work / "images", max(a.sizes))
+    files = synthetic_radiographs(work / "images", max(a.sizes))
     rows = []
     for n in sorted(a.sizes):
         manifest = make_manifest(files[:n], work / f"manifest_{n}.parquet")

@@ -25,8 +25,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, markdown_table, write_results  # noqa: E402
-from benchmarks.encode_speed import make_files  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    markdown_table,
+    synthetic_radiographs,
+    write_results,
+)
 
 
 def random_index(folder: Path, model, n: int) -> Path:
@@ -117,7 +121,7 @@ def main() -> None:
     from retrieval.models import load_model
 
     work = Path(os.environ.get("CXR_BENCH_DIR", tempfile.gettempdir())) / "cxr-bench-query"
-    paths = make_files(work / "files", a.queries, a.file_size, "jpg")
+    paths = synthetic_radiographs(work / "files", a.queries, a.file_size, "jpg")
     rows = []
     for name in a.models:
         model = load_model(name).eval()
