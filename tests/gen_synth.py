@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
+import torch
 from PIL import Image
 
 REPORTS = {
@@ -18,6 +20,15 @@ BOXES = {
     "Cardiomegaly": (0.30, 0.45, 0.75, 0.85),
     "Pleural Effusion": (0.05, 0.60, 0.40, 0.95),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a loaded 2-core machine, more threads make small matmuls far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_manifest(root: Path, n: int = 36, size: int = 64, seed: int = 0) -> pd.DataFrame:

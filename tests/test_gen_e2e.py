@@ -5,24 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from retrieval.generation.evaluate import evaluate_generation
 from retrieval.generation.generate import generate_for_image
 from retrieval.generation.model import VLM
 from retrieval.generation.train import VLMTrainConfig, train_vlm
-from tests.gen_synth import SynthRetrievalModel, make_index, make_manifest
+from tests.gen_synth import SynthRetrievalModel, make_index, make_manifest, one_thread  # noqa: F401 (an autouse fixture)
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a loaded 2-core machine, more threads make small matmuls far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

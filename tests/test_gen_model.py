@@ -10,16 +10,7 @@ from retrieval.errors import ModelLoadError
 from retrieval.generation.model import VLM, FrozenPatchEncoder, combine_tokens, encode_visual, group_tokens, pool_grid
 from retrieval.generation.rag import build_prompt_ids
 from retrieval.generation.tokenizer import COORD_TOKENS, TASK_TOKENS, build_tokenizer, decode
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a loaded 2-core machine, more threads make small matmuls far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+from tests.gen_synth import one_thread  # noqa: F401 (an autouse fixture)
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 
