@@ -71,20 +71,15 @@ def _print_summary(s: dict[str, Any], max_problems: int = 10) -> None:
     for key in ("splits", "views", "sources"):
         counts.add_row(key, ", ".join(f"{k} {v:,}" for k, v in s[key].items()) or "-")
     console.print(counts)
-    if s["labels"]:
-        table = Table(title="labels (images)", title_justify="left")
-        table.add_column("label")
-        table.add_column("images", justify="right")
-        for label, n in s["labels"].items():
-            table.add_row(label, f"{n:,}")
-        console.print(table)
-    if s["boxes_per_label"]:
-        table = Table(title="boxes", title_justify="left")
-        table.add_column("label")
-        table.add_column("boxes", justify="right")
-        for label, n in s["boxes_per_label"].items():
-            table.add_row(label, f"{n:,}")
-        console.print(table)
+    per_label_tables = (("labels (images)", "images", s["labels"]), ("boxes", "boxes", s["boxes_per_label"]))
+    for title, unit, per_label in per_label_tables:
+        if per_label:
+            table = Table(title=title, title_justify="left")
+            table.add_column("label")
+            table.add_column(unit, justify="right")
+            for label, n in per_label.items():
+                table.add_row(label, f"{n:,}")
+            console.print(table)
     for note in s["notes"]:
         console.print(f"note: {note}", markup=False, highlight=False)
     problems = s["problems"]
