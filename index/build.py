@@ -191,7 +191,7 @@ def encode_shards(
     progress: bool = True,
 ) -> tuple[int, int]:
     """Encode every shard not yet in `work`; returns (rows encoded now, rows found already done)."""
-    from index.encode import encode_texts_unique, stream_image_vectors
+    from index.encode import stream_image_vectors
     from retrieval.progress import make_progress
 
     _clean_partial(work)
@@ -227,7 +227,7 @@ def encode_shards(
             if batches_left[s] == 0:
                 all_ids = np.concatenate(ids_l)
                 img = np.concatenate(vecs_l) if len(all_ids) else np.zeros((0, model.embed_dim), np.float32)
-                txt = encode_texts_unique(model, list(texts[all_ids]), batch_size=batch_size)
+                txt = np.asarray(model.encode_texts(list(texts[all_ids]), batch_size=batch_size), np.float32)
                 with atomic_path(_shard_path(work, s)) as tmp, open(tmp, "wb") as f:
                     np.savez(
                         f,

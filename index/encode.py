@@ -100,12 +100,3 @@ def stream_image_vectors(
         else:
             vecs = embed_pixels(model, pixels, precision)
         yield np.asarray(ids, dtype=np.int64), vecs, bad
-
-
-def encode_texts_unique(model: Any, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """Encode texts once per distinct string (a study's report repeats for each of its images)."""
-    if not len(texts):
-        return np.zeros((0, int(model.embed_dim)), dtype=np.float32)
-    uniq, inverse = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
-    vecs = np.asarray(model.encode_texts(list(uniq), batch_size=batch_size), dtype=np.float32)
-    return np.ascontiguousarray(vecs[inverse.reshape(-1)])

@@ -41,6 +41,8 @@ from retrieval.evaluate import (
 )
 from retrieval.fileio import atomic_path, write_json_atomic
 from retrieval.losses import DEFAULT_POSITIVE_RULE, POSITIVE_RULES, CompositeLoss
+from retrieval.models import text_features
+from retrieval.models.checkpoint import fingerprint_state
 from retrieval.progress import console, make_progress
 
 MONITORS = ("i2r_map_label", "i2r_map_exact")
@@ -58,9 +60,7 @@ class TrainConfig:
     epochs: int = 8
     batch_size: int = 64
     lr: float = 1e-3
-    tower_lr: float | None = (
-        None  # None: lr for a tower trained from scratch, lr/10 for unfrozen pretrained blocks
-    )
+    tower_lr: float | None = None  # None: lr for a tower trained from scratch, lr/10 for unfrozen pretrained blocks
     weight_decay: float = 1e-4
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # clip, supcon, bce
     positive_rule: str = DEFAULT_POSITIVE_RULE
@@ -102,9 +102,7 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 2:
             raise CXRError("epochs must be >= 1 and batch size >= 2")
         if self.positive_rule not in POSITIVE_RULES:
-            raise CXRError(
-                f"positive rule must be one of {', '.join(POSITIVE_RULES)}, got {self.positive_rule!r}"
-            )
+            raise CXRError(f"positive rule must be one of {', '.join(POSITIVE_RULES)}, got {self.positive_rule!r}")
         if self.monitor not in MONITORS:
             raise CXRError(f"monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}")
         if len(self.loss_weights) != 3 or min(self.loss_weights) < 0 or max(self.loss_weights) == 0:
@@ -152,17 +150,6 @@ def tower_frozen(tower: nn.Module) -> bool:
     return not any(p.requires_grad for p in tower.parameters())
 
 
-def weights_hash(module: nn.Module) -> str:
-    """sha256 of a module's state dict (names, shapes, bytes): the key of its cached features."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _set_modes(model: nn.Module) -> None:
     """eval() everywhere (frozen towers: no dropout, fixed BN), train() on modules whose weights all train."""
     model.eval()
@@ -175,11 +162,7 @@ def _set_modes(model: nn.Module) -> None:
 def trainable_state(model: nn.Module, loss: nn.Module) -> dict[str, torch.Tensor]:
     """What training changes: trained parameters, all buffers (e.g. BatchNorm stats), loss parameters."""
     keep = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
-    out = {
-        f"model.{k}": v.detach().cpu().clone().contiguous()
-        for k, v in model.state_dict().items()
-        if k in keep
-    }
+    out = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items() if k in keep}
     out.update({f"loss.{k}": v.detach().cpu().clone().contiguous() for k, v in loss.state_dict().items()})
     return out
 
@@ -295,9 +278,7 @@ class _Split:
     text_feats: torch.Tensor | None = None  # (S, D) when the text tower is frozen and cached
 
 
-def _features_in_batches(
-    fn: Callable, n: int, batch_size: int, show: bool, desc: str, unit: str
-) -> torch.Tensor:
+def _features_in_batches(fn: Callable, n: int, batch_size: int, show: bool, desc: str, unit: str) -> torch.Tensor:
     out = []
     with make_progress(disable=not show, transient=True) as progress:
         task = progress.add_task(desc, total=n, unit=unit)
@@ -309,9 +290,7 @@ def _features_in_batches(
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def cached_features(
-    path: Path, key: dict[str, str], compute: Callable[[], torch.Tensor]
-) -> tuple[torch.Tensor, bool]:
+def cached_features(path: Path, key: dict[str, str], compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
     """Load features from `path` when its metadata matches `key`, else compute and store them atomically.
     Returns (features, hit)."""
     from safetensors import safe_open
@@ -464,22 +443,15 @@ class Trainer:
         self.timings[f"prepare_{split}_s"] = round(time.perf_counter() - t0, 3)
         return split_obj
 
-    @torch.no_grad()
     def _report_features(self, reports: Sequence[str], desc: str) -> torch.Tensor:
-        """Text-tower features of each report, computed once per distinct text, in batches of similar length
-        (the tokenizer pads a batch to its longest report, so sorting by length saves most of the padding)."""
-        unique = sorted(set(reports), key=lambda t: (len(t), t))
-        where = {t: i for i, t in enumerate(unique)}
-        bs = max(self.config.batch_size, 64)
-        feats = _features_in_batches(
-            lambda idx: self.model.text_features(self.model.tokenize([unique[i] for i in idx]).to(self.device)),
-            len(unique),
-            bs,
-            self.config.show_progress,
-            desc,
-            "reports",
+        """Text-tower features of each report (once per distinct text, in batches of similar length)."""
+        return text_features.pooled_features(
+            lambda chunk: self.model.text_features(self.model.tokenize(chunk).to(self.device)),
+            reports,
+            max(self.config.batch_size, 64),
+            show_progress=self.config.show_progress,
+            desc=desc,
         )
-        return feats[torch.tensor([where[t] for t in reports], dtype=torch.long)]
 
     def _image_size(self) -> int:
         return int(getattr(self.model, "image_size", 224))
@@ -542,9 +514,7 @@ class Trainer:
         sums: dict[str, float] = {}
         batches = self._epoch_batches(epoch)
         with make_progress(disable=not self.config.show_progress, transient=True) as progress:
-            task = progress.add_task(
-                f"epoch {epoch + 1}/{self.config.epochs}", total=len(batches), unit="batches"
-            )
+            task = progress.add_task(f"epoch {epoch + 1}/{self.config.epochs}", total=len(batches), unit="batches")
             for image_idx, study_idx in batches:
                 with autocast(self.device, self.precision):
                     img, txt = self._embed(self.train_split, image_idx, study_idx)
@@ -667,7 +637,7 @@ class Trainer:
         self.scratch = self._scratch_towers()
         self.tower_status = set_trainable(self.model, self.scratch, cfg.unfreeze_last)
         towers = tower_modules(self.model)
-        self.tower_hash = {k: weights_hash(t) for k, t in towers.items() if tower_frozen(t)}
+        self.tower_hash = {k: fingerprint_state(t.state_dict()) for k, t in towers.items() if tower_frozen(t)}
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / CACHE_DIR
         return self.model
 
@@ -776,6 +746,15 @@ class Trainer:
 
     def _save_model(self) -> None:
         self.model.save(self.out)
+        self.model.source_dir = self.out  # the returned model now reads its folder's text-feature store
+        splits = [sp for sp in (self.train_split, self.val_split) if sp is not None and sp.text_feats is not None]
+        if "text" in self.tower_hash and splits:  # frozen text tower: keep its features for `encode_texts`
+            text_features.save_store(
+                self.out,
+                [t for sp in splits for t in sp.items.reports],
+                torch.cat([sp.text_feats for sp in splits]),
+                self.tower_hash["text"],
+            )
         info = {
             "base_model": self.model_name,
             "manifest": self.manifest_label,

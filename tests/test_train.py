@@ -203,6 +203,40 @@ def test_feature_cache_hits_and_matches_recomputed_features(tmp_path):
     assert torch.equal(sub.text_feats, third.train_split.text_feats[:10])
 
 
+@pytest.mark.slow
+def test_saved_text_feature_store_skips_the_tower_and_matches_it(tmp_path, monkeypatch):
+    from retrieval.models import load_model
+    from retrieval.models.text_features import STORE_FILE
+    from retrieval.train import TrainConfig, Trainer
+
+    manifest = make_manifest(tmp_path / "data", 40)
+    config = TrainConfig(epochs=1, batch_size=16, show_progress=False)
+    Trainer(manifest, "cxr-tiny", tmp_path / "m", config).run()
+    assert (tmp_path / "m" / STORE_FILE).is_file()
+    reports = pd.read_parquet(manifest)["report"].tolist()
+    seen = [r for r, s in zip(reports, pd.read_parquet(manifest)["split"], strict=True) if s != "test"]
+    unseen = ["A report the training run never saw.", "Nor this one."]
+
+    model = load_model(tmp_path / "m")
+    plain = load_model(tmp_path / "m")
+    plain.source_dir = None  # no store: the naive way, every text through the tower
+    want = plain.encode_texts(seen + unseen, batch_size=7)
+
+    ran: list[str] = []
+    tokenize = model.tokenize
+    monkeypatch.setattr(model, "tokenize", lambda texts: (ran.extend(texts), tokenize(texts))[1])
+    got = model.encode_texts(seen + unseen, batch_size=7)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert sorted(ran) == sorted(unseen)  # the stored reports skipped the tower
+
+    # a store made by other text-tower weights is ignored, never trusted
+    with torch.no_grad():
+        next(model.clip.text.parameters()).add_(0.01)
+    ran.clear()
+    model.encode_texts(seen[:3])
+    assert sorted(ran) == sorted(set(seen[:3]))
+
+
 def test_unfreeze_last_blocks():
     from retrieval.models import load_model
     from retrieval.train import set_trainable, tower_modules

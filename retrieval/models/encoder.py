@@ -22,6 +22,7 @@ from torch import nn
 from retrieval.device import PRECISIONS, autocast, resolve_device
 from retrieval.errors import ImageReadError
 from retrieval.fileio import write_json_atomic
+from retrieval.models import text_features
 from retrieval.models.checkpoint import PROJECTOR_FILE, TOWERS_FILE, fingerprint_state, save_safetensors
 from retrieval.models.preprocess import GreyImageTransform
 from retrieval.models.projector import ProjectorHeads
@@ -116,6 +117,7 @@ class CXRModel(nn.Module):
         self.model_cfg = model_cfg
         self.trains_image_tower = trains_image_tower  # True: the image tower is trained from scratch (cxr-tiny)
         self.description = description
+        self.source_dir: Path | None = None  # the saved folder it was loaded from (for its text-feature store)
 
     # ---- facts -------------------------------------------------------------------------------------------
     @property
@@ -315,30 +317,48 @@ class CXRModel(nn.Module):
         precision: str = "fp32",
         show_progress_bar: bool = False,
     ) -> np.ndarray:
-        """Embed report texts -> float32 C-contiguous (N, embed_dim) L2-normalised array, in input order."""
-        from retrieval.progress import make_progress
+        """Embed report texts -> float32 C-contiguous (N, embed_dim) L2-normalised array, in input order.
 
+        Each distinct text runs through the tower once, in batches of similar length; texts found in the saved
+        model's text-feature store (see text_features.py) skip the tower."""
         if isinstance(texts, str):
             texts = [texts]
-        texts = list(texts)
+        texts = [str(t) for t in texts]
         dev = self._prepare(device, precision)
-        out = np.zeros((len(texts), self.embed_dim), dtype=np.float32)
-        bs = max(1, int(batch_size))
+        if not texts:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
         was_training = self.training
         self.eval()
         try:
-            with make_progress(disable=not show_progress_bar) as progress:
-                task = progress.add_task("encoding texts", total=len(texts), unit="texts")
-                for start in range(0, len(texts), bs):
-                    chunk = texts[start : start + bs]
-                    tokens = self.tokenize(chunk).to(dev)
-                    with autocast(dev, precision):
-                        emb = self.project_texts(self.text_features(tokens))
-                    out[start : start + len(chunk)] = emb.float().cpu().numpy()
-                    progress.advance(task, len(chunk))
+
+            def featurize(chunk: list[str]) -> torch.Tensor:
+                with autocast(dev, precision):
+                    return self.text_features(self.tokenize(chunk).to(dev))
+
+            pooled = text_features.pooled_features(
+                featurize,
+                texts,
+                batch_size,
+                known=self._known_text_features(precision) if len(texts) > 1 else None,
+                show_progress=show_progress_bar,
+                desc="encoding texts",
+            )
+            out = np.empty((len(texts), self.embed_dim), dtype=np.float32)
+            for s in range(0, len(texts), 4096):
+                with autocast(dev, precision):
+                    emb = self.project_texts(pooled[s : s + 4096].to(dev))
+                out[s : s + len(emb)] = emb.float().cpu().numpy()
         finally:
             self.train(was_training)
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return out
+
+    def _known_text_features(self, precision: str) -> dict[bytes, torch.Tensor]:
+        """The saved folder's stored text features, when they match this text tower and precision."""
+        if self.source_dir is None or precision != text_features.STORE_PRECISION:
+            return {}
+        if not (self.source_dir / text_features.STORE_FILE).is_file():
+            return {}
+        return text_features.load_store(self.source_dir, text_features.tower_hash(self.clip.text))
 
     # ---- saving ------------------------------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> Path:

@@ -97,6 +97,7 @@ def _build_model(spec: ModelSpec, cache_dir: str | None) -> CXRModel:
     )
     if spec.kind == "saved":
         _load_saved_weights(model, spec.path)
+        model.source_dir = Path(spec.path)
     return model
 
 
