@@ -46,7 +46,7 @@ def build_tokenizer(base: str | Path | None = None, corpus: Iterable[str] | None
         vocab = (base / "vocab.txt").read_text(encoding="utf-8").splitlines()
         used: set[int] = set()
         specials = set(tok.all_special_tokens)
-        for ids in tok(list(corpus), add_special_tokens=False)["input_ids"]:
+        for ids in tok(sorted(set(corpus)), add_special_tokens=False)["input_ids"]:  # each distinct text once
             used.update(ids)
         keep = [
             piece
