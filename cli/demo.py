@@ -8,12 +8,14 @@ from pathlib import Path
 
 import typer
 
+from retrieval.demo_pipeline import DEMO_SIZE
+
 
 def demo_cmd(
     workdir: Path = typer.Option(
         None, "--workdir", help="Where the corpus, model, index and VLM are cached [default: $CXR_HOME/demo]"
     ),
-    size: int = typer.Option(256, help="Demo image size in pixels."),
+    size: int = typer.Option(DEMO_SIZE, help="Demo image size in pixels."),
     seed: int = typer.Option(0, help="Seed for the corpus and the training runs."),
     k: int = typer.Option(5, "-k", help="How many reports to retrieve."),
     limit: int = typer.Option(None, help="Only the first N IU reports (a quicker, smaller demo)."),
