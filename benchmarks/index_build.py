@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by the build pr
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -111,9 +112,13 @@ def main() -> None:
     a = p.parse_args()
     work = Path(a.workdir)
     model_dir = work / "model"
-    if not (model_dir / "model_info.json").exists():
-        from retrieval.models import load_model
+    from retrieval.errors import ModelLoadError
+    from retrieval.models import load_model
 
+    try:
+        load_model(model_dir)
+    except ModelLoadError:  # none yet, or saved by another version of the code
+        shutil.rmtree(model_dir, ignore_errors=True)
         load_model(a.model).save(model_dir)
     files = synthetic_radiographs(work / "images", max(a.sizes))
     rows = []
