@@ -22,7 +22,7 @@ DEFAULT_WORKDIR = Path(os.environ.get("CXR_HOME", Path.home() / ".cache" / "cxr-
 # Small enough to run cold in under 5 minutes on 2 CPU cores (docs: README "Performance").
 DEMO_SIZE = 192  # pixels: half the render time of 256, still above cxr-tiny's 128-pixel input
 TRAIN_EPOCHS = 2
-VLM_STEPS = 100
+VLM_STEPS = 200
 VLM_SIZE = {"hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256}
 
 
