@@ -125,7 +125,7 @@ def main() -> None:
     rows = []
     for name in a.models:
         model = load_model(name).eval()
-        folder = random_index(work / f"index_{name}_{a.gallery}", model, a.gallery)
+        folder = random_index(work / f"index_{name}_{a.gallery}_{model.fingerprint[:12]}", model, a.gallery)
         searcher = Searcher(folder, model)
         idx = open_index(folder, model)
         vecs = idx.images.reconstruct_n(0, idx.count) if hasattr(idx.images, "reconstruct_n") else None
