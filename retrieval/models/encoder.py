@@ -118,6 +118,7 @@ class CXRModel(nn.Module):
         self.trains_image_tower = trains_image_tower  # True: the image tower is trained from scratch (cxr-tiny)
         self.description = description
         self.source_dir: Path | None = None  # the saved folder it was loaded from (for its text-feature store)
+        self._text_store: tuple[tuple[str, str], dict] | None = None  # ((folder, text tower hash), store read)
 
     # ---- facts -------------------------------------------------------------------------------------------
     @property
@@ -353,12 +354,16 @@ class CXRModel(nn.Module):
         return out
 
     def _known_text_features(self, precision: str) -> dict[bytes, torch.Tensor]:
-        """The saved folder's stored text features, when they match this text tower and precision."""
+        """The saved folder's stored text features, when they match this text tower and precision. Read once per
+        tower weights: batch callers (an index build, shard by shard) pay one hash per call, not one file read."""
         if self.source_dir is None or precision != text_features.STORE_PRECISION:
             return {}
         if not (self.source_dir / text_features.STORE_FILE).is_file():
             return {}
-        return text_features.load_store(self.source_dir, text_features.tower_hash(self.clip.text))
+        key = (str(self.source_dir), fingerprint_state(self.clip.text.state_dict()))
+        if self._text_store is None or self._text_store[0] != key:
+            self._text_store = (key, text_features.load_store(self.source_dir, key[1]))
+        return self._text_store[1]
 
     # ---- saving ------------------------------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> Path:

@@ -5,9 +5,9 @@ kept beside a saved model.
   most of the padding (IU X-ray reports run from 35 to 128 tokens).
 * A model folder may hold `text_features.safetensors`: the pooled (pre-projector) features of the texts a training
   run saw with a frozen text tower, keyed by the sha256 of each text, valid only for the text tower whose weights
-  hash it records. `CXRModel.encode_texts` looks texts up there before running the tower, so indexing the training
-  reports right after training (`cxr demo`) does not encode them a second time. A store whose hash differs from
-  the tower's is ignored, never trusted.
+  hash (`checkpoint.fingerprint_state` of its state dict) it records. `CXRModel.encode_texts` looks texts up there
+  before running the tower, so indexing the training reports right after training (`cxr demo`) does not encode
+  them a second time. A store whose hash differs from the tower's is ignored, never trusted.
 """
 
 from __future__ import annotations
@@ -18,19 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from retrieval.fileio import atomic_path
-from retrieval.models.checkpoint import fingerprint_state
 from retrieval.progress import make_progress
 
 STORE_FILE = "text_features.safetensors"
 STORE_PRECISION = "fp32"  # training computes a frozen tower's features without autocast
-
-
-def tower_hash(tower: nn.Module) -> str:
-    """sha256 of a tower's weights: what a stored feature is valid for."""
-    return fingerprint_state(tower.state_dict())
 
 
 def text_digests(texts: Sequence[str]) -> np.ndarray:
