@@ -22,7 +22,7 @@ def demo_cmd(
     no_generate: bool = typer.Option(False, "--no-generate", help="Stop after retrieval."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Build the demo corpus, train cxr-tiny, index it, query a held-out image, and draft its report."""
+    """Build the demo corpus, train cxr-small, index it, query a held-out abnormal image, and draft its report."""
     from rich.console import Console
     from rich.table import Table
 
@@ -52,12 +52,16 @@ def demo_cmd(
     con.print(f"[bold]{Path(q['image']).name}[/]  study {q['study_id']}  labels: {', '.join(q['labels'])}")
     con.print(f"[dim]true report:[/] {q['report']}")
     table = Table(title=f"Top {len(res.retrieved)} retrieved reports", show_lines=True)
-    for col in ("rank", "score", "study", "labels", "report"):
+    for col in ("rank", "score", "study", "labels", "shares", "report"):
         table.add_column(col, overflow="fold")
-    for r in res.retrieved.itertuples():
+    shared = q["shared_findings"]
+    for r, common in zip(res.retrieved.itertuples(), shared, strict=True):
         labels = ", ".join(r.labels) if len(r.labels) else ""
-        table.add_row(str(r.rank), f"{r.score:.3f}", str(r.study_id), labels, str(r.report)[:300])
+        mark = ", ".join(common) if common else "-"
+        table.add_row(str(r.rank), f"{r.score:.3f}", str(r.study_id), labels, mark, str(r.report)[:300])
     con.print(table)
+    n_shared = sum(1 for c in shared if c)
+    con.print(f"[bold]{n_shared} of the top {len(shared)} reports share a finding with the query[/]")
     if res.generated is not None:
         g = res.generated
         con.rule("Generated report (retrieval-augmented)")

@@ -292,17 +292,10 @@ class Searcher:
         exclude_study: str | None = None,
     ) -> pd.DataFrame:
         """Top-k rows for an image (path to PNG/JPEG/DICOM, or an HxW float array in [0, 1])."""
-        from index.encode import embed_pixels
+        from retrieval.models.image_stream import encode_image_items
 
-        model = self._need_model()
-        if isinstance(image, str | Path):
-            from retrieval.data.image_io import read_image
-
-            image = read_image(image)
-        import torch
-
-        pixels = torch.as_tensor(model.image_transform()(np.asarray(image, dtype=np.float32))).unsqueeze(0)
-        return self.query_vector(embed_pixels(model, pixels), k, target, exclude_patient, exclude_study)
+        vector, _, _ = encode_image_items(self._need_model(), [image], output="embeddings", on_error="raise")
+        return self.query_vector(vector, k, target, exclude_patient, exclude_study)
 
     def query_text(
         self,

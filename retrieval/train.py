@@ -278,18 +278,6 @@ class _Split:
     text_feats: torch.Tensor | None = None  # (S, D) when the text tower is frozen and cached
 
 
-def _features_in_batches(fn: Callable, n: int, batch_size: int, show: bool, desc: str, unit: str) -> torch.Tensor:
-    out = []
-    with make_progress(disable=not show, transient=True) as progress:
-        task = progress.add_task(desc, total=n, unit=unit)
-        for start in range(0, n, batch_size):
-            idx = list(range(start, min(n, start + batch_size)))
-            with torch.no_grad():
-                out.append(fn(idx).float().cpu())
-            progress.advance(task, len(idx))
-    return torch.cat(out) if out else torch.zeros(0)
-
-
 def cached_features(path: Path, key: dict[str, str], compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
     """Load features from `path` when its metadata matches `key`, else compute and store them atomically.
     Returns (features, hit)."""
@@ -385,33 +373,36 @@ class Trainer:
             return None
         towers = tower_modules(self.model)
         t0 = time.perf_counter()
-        image_cache = cfg.feature_cache and tower_frozen(towers["image"])
         text_cache = cfg.feature_cache and tower_frozen(towers["text"])
         decoded = None
         split_obj = _Split(items=items, labels=torch.zeros(0), study_images=[])
-        if image_cache:
+        if cfg.feature_cache and self.image_cut is not None:
+            kind, forward = self.image_cut
             key = {
-                "kind": "image",
-                "tower": self.tower_hash["image"],
+                "kind": kind,
+                "tower": self.tower_hash["image_front"],
                 "items": _items_hash(items, "image"),
                 "image_size": str(getattr(self.model, "image_size", "")),
             }
-            path = self.cache_dir / f"image-{split}-{key['tower'][:12]}-{key['items'][:12]}.safetensors"
+            path = self.cache_dir / f"{kind}-{split}-{key['tower'][:12]}-{key['items'][:12]}.safetensors"
             holder: dict[str, Any] = {}
 
             def compute() -> torch.Tensor:
-                nonlocal items
-                items, dec = decode_images(items, self._image_size(), cfg.show_progress, f"decode {split}")
-                holder["items"] = items
-                source = _ImageSource(items.image_paths, self.model.image_transform(), dec)
-                return _features_in_batches(
-                    lambda idx: self.model.image_features(self._pixels(source, idx)),
-                    len(items.image_paths),
-                    max(cfg.batch_size, 64),
-                    cfg.show_progress,
-                    f"image features ({split})",
-                    "images",
+                from retrieval.models.image_stream import encode_image_items
+
+                feats, _, bad = encode_image_items(
+                    self.model,
+                    items.image_paths,
+                    output=forward,
+                    batch_size=max(cfg.batch_size, 64),
+                    num_workers=cfg.num_workers,
+                    precision=self.precision,
+                    on_error="skip",
+                    progress=f"image {kind} ({split})" if cfg.show_progress else None,
                 )
+                items.skipped.extend(f"{items.image_ids[i]}: {reason}" for i, reason in bad)
+                holder["items"] = drop_unreadable(items, {i for i, _ in bad})
+                return feats.to(torch.float16) if kind == "front" else feats
 
             feats, hit = cached_features(path, key, compute)
             self.cache_hits[f"image/{split}"] = hit
@@ -420,7 +411,7 @@ class Trainer:
                 items = holder["items"]
             elif feats.shape[0] != len(items.image_ids):  # images that were unreadable when cached
                 raise CXRError(f"{path}: cache does not match the split; delete it and retry")
-        elif not tower_frozen(towers["image"]):
+        elif not tower_frozen(towers["image"]) or not cfg.feature_cache:
             items, decoded = decode_images(items, self._image_size(), cfg.show_progress, f"decode {split}")
         split_obj.items = items
         split_obj.decoded = decoded
@@ -463,18 +454,10 @@ class Trainer:
 
     def _image_feats(self, split: _Split, idx: Sequence[int]) -> torch.Tensor:
         if split.image_feats is not None:
-            return split.image_feats[list(idx)].to(self.device)
+            feats = split.image_feats[list(idx)].to(self.device)
+            return self.image_back(feats.float()) if self.image_back is not None else feats
         source = _ImageSource(split.items.image_paths, self.transform, split.decoded)
-        if self.config.num_workers > 0 and split.decoded is None:
-            loader = torch.utils.data.DataLoader(
-                torch.utils.data.Subset(source, list(idx)),
-                batch_size=len(idx),
-                num_workers=self.config.num_workers,
-            )
-            pixels = next(iter(loader)).to(self.device)
-        else:
-            pixels = self._pixels(source, idx)
-        return self.model.image_features(pixels)
+        return self.model.image_features(self._pixels(source, idx))
 
     def _text_feats(self, split: _Split, study_idx: Sequence[int]) -> torch.Tensor:
         if split.text_feats is not None:
@@ -638,8 +621,26 @@ class Trainer:
         self.tower_status = set_trainable(self.model, self.scratch, cfg.unfreeze_last)
         towers = tower_modules(self.model)
         self.tower_hash = {k: fingerprint_state(t.state_dict()) for k, t in towers.items() if tower_frozen(t)}
+        self._plan_image_cache(towers["image"])
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / CACHE_DIR
         return self.model
+
+    def _plan_image_cache(self, tower: nn.Module) -> None:
+        """What the image feature cache holds: the pooled features of a frozen tower ("image"), or for a CNN tower
+        whose last stages train, the activations at the frozen boundary ("front"), so epochs run only the back."""
+        from retrieval.models.tower_parts import split_cnn
+
+        self.image_cut, self.image_back = None, None
+        if tower_frozen(tower):
+            self.image_cut = ("image", "features")
+            self.tower_hash["image_front"] = self.tower_hash["image"]
+            return
+        parts = None if "image" in self.scratch else split_cnn(tower, self.config.unfreeze_last)
+        if parts is not None:
+            front, self.image_back = parts
+            self.image_cut = ("front", lambda model, pixels: front(pixels))
+            initial = fingerprint_state(tower.state_dict())  # the front never trains: its start state is its state
+            self.tower_hash["image_front"] = f"{initial}-front{self.config.unfreeze_last}"
 
     def run(self, fresh: bool = False, on_epoch_end: Callable[[int, dict], None] | None = None) -> nn.Module:
         """Train (or resume) to the end, restore the best epoch's weights, save the model folder."""
@@ -746,7 +747,7 @@ class Trainer:
 
     def _save_model(self) -> None:
         self.model.save(self.out)
-        self.model.source_dir = self.out  # the returned model now reads its folder's text-feature store
+        self.model.source_dir = self.out  # the returned model now reads its folder's feature stores
         splits = [sp for sp in (self.train_split, self.val_split) if sp is not None and sp.text_feats is not None]
         if "text" in self.tower_hash and splits:  # frozen text tower: keep its features for `encode_texts`
             text_features.save_store(
@@ -754,6 +755,17 @@ class Trainer:
                 [t for sp in splits for t in sp.items.reports],
                 torch.cat([sp.text_feats for sp in splits]),
                 self.tower_hash["text"],
+            )
+        images = [sp for sp in (self.train_split, self.val_split) if sp is not None and sp.image_feats is not None]
+        if self.image_cut is not None and self.image_cut[0] == "image" and images:  # frozen image tower: likewise
+            from retrieval.models import feature_store
+
+            feature_store.save_store(
+                self.out / feature_store.IMAGE_STORE,
+                feature_store.file_digests([p for sp in images for p in sp.items.image_paths]),
+                torch.cat([sp.image_feats for sp in images]),
+                self.tower_hash["image"],
+                self.precision,
             )
         info = {
             "base_model": self.model_name,

@@ -86,7 +86,7 @@ class SynthRetrievalModel:
         from retrieval.generation.model import encode_visual
 
         arrays = [read_image(x) if isinstance(x, str | Path) else x for x in images]
-        v = encode_visual([self.enc], arrays).mean(1).numpy().astype(np.float32)
+        v = encode_visual([self.enc], arrays)[0].mean(1).numpy().astype(np.float32)
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 

@@ -37,9 +37,9 @@ def test_pool_grid_and_combine():
 def test_multi_encoder_features_concatenate():
     imgs = [np.random.default_rng(i).random((40, 50)).astype(np.float32) for i in range(3)]
     e1, e2 = FrozenPatchEncoder(1, 64, 16, 8), FrozenPatchEncoder(2, 64, 8, 6)
-    v = encode_visual([e1, e2], imgs, grid=4)
+    v = encode_visual([e1, e2], imgs, grid=4)[0]
     assert v.shape == (3, 16, 14)
-    assert torch.allclose(v[..., :8], encode_visual([e1], imgs, grid=4))
+    assert torch.allclose(v[..., :8], encode_visual([e1], imgs, grid=4)[0])
     assert not torch.allclose(FrozenPatchEncoder(1).patchify.weight, FrozenPatchEncoder(2).patchify.weight)
 
 

@@ -15,10 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from retrieval.errors import CXRError
 from retrieval.generation.model import encode_visual
 from retrieval.generation.rag import Exemplar, retrieve_exemplars
-from retrieval.progress import make_progress
 
 
 def row_image_path(df: pd.DataFrame, pos: int) -> Path:
@@ -37,34 +35,16 @@ def visual_tokens_for_rows(
     progress: bool = True,
 ) -> tuple[dict[int, torch.Tensor], list[dict]]:
     """{row position: (N, D) float16 visual tokens} and the bad rows ({row, image_id, path, reason})."""
-    from retrieval.data.image_io import read_image
-
-    out: dict[int, torch.Tensor] = {}
-    bad: list[dict] = []
-    with make_progress(disable=not progress) as bar:
-        task = bar.add_task("visual tokens", total=len(rows), unit="images")
-        for start in range(0, len(rows), batch_size):
-            chunk, arrays = [], []
-            for pos in rows[start : start + batch_size]:
-                path = row_image_path(df, pos)
-                try:
-                    arrays.append(read_image(path))
-                    chunk.append(pos)
-                except CXRError as e:
-                    bad.append(
-                        {
-                            "row": int(pos),
-                            "image_id": str(df.iloc[pos]["image_id"]),
-                            "path": str(path),
-                            "reason": str(e),
-                        }
-                    )
-            if arrays:
-                toks = encode_visual(encoders, arrays, grid=grid, batch_size=batch_size)
-                for pos, t in zip(chunk, toks, strict=True):
-                    out[int(pos)] = t.to(torch.float16)
-            bar.advance(task, len(rows[start : start + batch_size]))
-    return out, bad
+    rows = list(rows)
+    paths = [str(row_image_path(df, pos)) for pos in rows]
+    desc = "visual tokens" if progress else None
+    toks, kept, bad = encode_visual(encoders, paths, grid, batch_size, on_error="skip", progress=desc)
+    out = {int(rows[j]): toks[n].to(torch.float16) for n, j in enumerate(kept.tolist())}
+    bad_rows = [
+        {"row": int(rows[j]), "image_id": str(df.iloc[rows[j]]["image_id"]), "path": paths[j], "reason": reason}
+        for j, reason in bad
+    ]
+    return out, bad_rows
 
 
 def open_searcher(index_dir: str | Path, model: Any = None):

@@ -63,7 +63,7 @@ class Generator:
 
     def visual(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Combined, pooled visual tokens for HxW [0, 1] arrays."""
-        return encode_visual(self.encoders, images, grid=self.grid)
+        return encode_visual(self.encoders, images, grid=self.grid)[0]
 
     def retrieval_model(self) -> Any:
         """The model the index was built with (a VLM encoder with the same fingerprint is reused)."""

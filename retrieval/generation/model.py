@@ -375,22 +375,32 @@ def _wrap_lora(lm, r: int):
     return get_peft_model(lm, config)
 
 
-@torch.no_grad()
 def encode_visual(
     encoders: Sequence[Any],
-    images: Sequence[np.ndarray],
+    images: Sequence[Any],
     grid: int | None = None,
     batch_size: int = 32,
-    device: str | torch.device = "cpu",
-) -> torch.Tensor:
-    """Combined (B, N, sum D_i) visual tokens for HxW [0, 1] arrays (every encoder, pooled to `grid`)."""
-    outs = []
-    transforms = [e.image_transform() for e in encoders]
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        sets = []
-        for enc, tf in zip(encoders, transforms, strict=True):
-            pix = torch.stack([torch.as_tensor(tf(im)) for im in chunk]).to(device)
-            sets.append(pool_grid(enc.image_tokens(pix).float().cpu(), grid))
-        outs.append(combine_tokens(sets))
-    return torch.cat(outs, dim=0)
+    on_error: str = "raise",
+    progress: str | None = None,
+) -> tuple[torch.Tensor, np.ndarray, list[tuple[int, str]]]:
+    """Combined (B, N, sum D_i) visual tokens of the readable `images` (paths or HxW [0, 1] arrays): every encoder
+    through the one image path (`image_stream`), pooled to `grid`. Returns (tokens, positions kept, bad items);
+    with several encoders an image counts as readable only when every encoder read it."""
+    from retrieval.models.image_stream import encode_image_items
+
+    def pooled_tokens(enc: Any, pixels: torch.Tensor) -> torch.Tensor:  # pooled per batch: memory stays small
+        return pool_grid(enc.image_tokens(pixels), grid)
+
+    sets, kept, bad = [], None, {}
+    for enc in encoders:
+        toks, pos, bad_i = encode_image_items(
+            enc, images, output=pooled_tokens, batch_size=batch_size, on_error=on_error, progress=progress
+        )
+        sets.append((toks, pos))
+        bad.update(dict(bad_i))
+        kept = set(pos.tolist()) if kept is None else kept & set(pos.tolist())
+    keep = np.array(sorted(kept or ()), dtype=np.int64)
+    if not len(keep):
+        return torch.zeros(0), keep, sorted(bad.items())
+    aligned = [t[np.searchsorted(pos, keep)] for t, pos in sets]
+    return combine_tokens(aligned), keep, sorted(bad.items())

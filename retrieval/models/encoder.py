@@ -8,7 +8,6 @@ Pieces the trainer uses one by one (so frozen tower features can be cached):
 
 from __future__ import annotations
 
-import json
 import platform
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -19,80 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrieval.device import PRECISIONS, autocast, resolve_device
-from retrieval.errors import ImageReadError
+from retrieval.device import autocast, resolve_device, resolve_precision
 from retrieval.fileio import write_json_atomic
-from retrieval.models import text_features
+from retrieval.models import feature_store, text_features, tower_parts
 from retrieval.models.checkpoint import PROJECTOR_FILE, TOWERS_FILE, fingerprint_state, save_safetensors
 from retrieval.models.preprocess import GreyImageTransform
 from retrieval.models.projector import ProjectorHeads
 from retrieval.models.towers import pad_token_id
-
-# Parameter names that belong to a tower's input stem (kept frozen by `unfreeze_last`).
-_STEM_NAMES = (
-    "conv1",
-    "class_embedding",
-    "positional_embedding",
-    "ln_pre",
-    "patch_embed",
-    "cls_token",
-    "pos_embed",
-    "reg_token",
-    "norm_pre",
-    "embeddings",
-    "token_embedding",
-    "cls_emb",
-)
-
-
-def _blocks(tower: nn.Module) -> list[nn.Module]:
-    """The tower's repeated blocks (transformer layers): its longest ModuleList/Sequential of one module class."""
-    best: list[nn.Module] = []
-    for mod in tower.modules():
-        if isinstance(mod, (nn.ModuleList, nn.Sequential)):
-            children = list(mod.children())
-            if len(children) >= 2 and len({type(c) for c in children}) == 1 and len(children) > len(best):
-                best = children
-    return best
-
-
-class _ImageItems(torch.utils.data.Dataset):
-    """Paths / HxW arrays / preprocessed tensors -> (index, 3xSxS tensor or None, error or None).
-
-    Errors travel back as strings so the main process can raise ImageReadError naming the file (an exception
-    raised inside a DataLoader worker would lose its type)."""
-
-    def __init__(self, items: Sequence[Any], transform: GreyImageTransform):
-        self.items = items
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        item = self.items[i]
-        try:
-            if isinstance(item, torch.Tensor) and item.ndim == 3:
-                size = self.transform.size
-                if tuple(item.shape) != (3, size, size):
-                    raise ValueError(f"a preprocessed image must be (3, {size}, {size}), got {tuple(item.shape)}")
-                return i, item.float(), None
-            if isinstance(item, torch.Tensor):
-                item = item.detach().cpu().float().numpy()
-            if isinstance(item, (str, Path)):
-                from retrieval.data.image_io import read_image
-
-                item = read_image(item)
-            return i, self.transform(item), None
-        except ImageReadError as e:
-            return i, None, f"{e.path}\0{e.reason}"
-        except Exception as e:
-            where = str(item) if isinstance(item, (str, Path)) else f"images[{i}]"
-            return i, None, f"{where}\0{type(e).__name__}: {e}"
-
-
-def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]) -> list:
-    return batch
 
 
 class CXRModel(nn.Module):
@@ -118,7 +50,10 @@ class CXRModel(nn.Module):
         self.trains_image_tower = trains_image_tower  # True: the image tower is trained from scratch (cxr-tiny)
         self.description = description
         self.source_dir: Path | None = None  # the saved folder it was loaded from (for its text-feature store)
-        self._text_store: tuple[tuple[str, str], dict] | None = None  # ((folder, text tower hash), store read)
+        self._stores: dict[str, tuple[tuple, dict]] = {}  # feature-store file -> (its key, the store read)
+        self.cnn_tower = tower_parts.cnn_trunk(clip.visual) is not None
+        if self.cnn_tower:
+            clip.visual.to(memory_format=torch.channels_last)
 
     # ---- facts -------------------------------------------------------------------------------------------
     @property
@@ -147,10 +82,6 @@ class CXRModel(nn.Module):
     def fingerprint(self) -> str:
         """sha256 of all weights (towers + projector heads); recomputed on every access, so it follows training."""
         return fingerprint_state(self.state_dict())
-
-    def refresh_fingerprint(self) -> str:
-        """The current fingerprint (the property is always fresh; kept for callers that want an explicit call)."""
-        return self.fingerprint
 
     def towers(self) -> dict[str, nn.Module]:
         """{"image": image tower, "text": text tower} (open_clip modules, projector heads excluded)."""
@@ -181,14 +112,17 @@ class CXRModel(nn.Module):
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, D_img): the image tower's pooled output (before the projector)."""
-        return self.clip.encode_image(pixels)
+        return self.clip.encode_image(tower_parts.channels_last(pixels) if self.cnn_tower else pixels)
 
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, D_txt): the text tower's pooled output (before the projector)."""
         return self.clip.encode_text(tokens)
 
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, N, D_tok): last-block patch tokens after the final norm (no class token), for the VLM."""
+        """(B, 3, S, S) -> (B, N, D_tok) for the VLM: a CNN tower's last feature map as a grid of tokens, else the
+        last-block patch tokens after the final norm (no class token)."""
+        if self.cnn_tower:
+            return tower_parts.cnn_grid_tokens(self.clip.visual, pixels)
         out = self.clip.visual.forward_intermediates(
             pixels, indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NLC"
         )
@@ -228,38 +162,23 @@ class CXRModel(nn.Module):
         if n_blocks < 0:
             raise ValueError("n_blocks must be >= 0")
         self.freeze_towers()
-        counts = {}
-        for kind in towers:
-            tower = self.towers()[kind]
-            blocks = _blocks(tower)
-            chosen = blocks[len(blocks) - min(n_blocks, len(blocks)) :] if n_blocks else []
-            for block in chosen:
-                block.requires_grad_(True)
-            if n_blocks:
-                in_blocks = {id(p) for b in blocks for p in b.parameters()}
-                for pname, p in tower.named_parameters():
-                    if id(p) not in in_blocks and not any(s in pname.split(".") for s in _STEM_NAMES):
-                        p.requires_grad_(True)
-            counts[kind] = len(chosen)
-        return counts
+        return {kind: tower_parts.unfreeze_last(self.towers()[kind], n_blocks) for kind in towers}
 
     # ---- encode API --------------------------------------------------------------------------------------
     def _prepare(self, device: str | torch.device | None, precision: str) -> torch.device:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        resolve_precision(precision, self.device)  # validates
         if device is not None:
             dev = resolve_device(device)
             if dev != self.device:
                 self.to(dev)
         return self.device
 
-    @torch.no_grad()
     def encode_images(
         self,
         images: Sequence[Any] | torch.Tensor,
         batch_size: int = 32,
         device: str | torch.device | None = None,
-        precision: str = "fp32",
+        precision: str = "auto",
         show_progress_bar: bool = False,
         num_workers: int = 0,
     ) -> np.ndarray:
@@ -268,46 +187,26 @@ class CXRModel(nn.Module):
         `images`: file paths (read by retrieval.data.image_io.read_image), HxW float [0,1] arrays, or
         preprocessed (3, S, S) tensors (a (N, 3, S, S) tensor works too); a single image is accepted. `device`
         moves the model there (as sentence-transformers does; None keeps its device). `num_workers > 0` decodes and
-        preprocesses in DataLoader worker processes. A bad image raises ImageReadError naming it."""
-        from retrieval.progress import make_progress
+        preprocesses in DataLoader worker processes. A bad image raises ImageReadError naming it. This is
+        `image_stream.stream_images`, the one image path every caller shares."""
+        from retrieval.models.image_stream import encode_image_items
 
         if isinstance(images, (str, Path)) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 2):
             images = [images]  # one image
         elif isinstance(images, torch.Tensor) and images.ndim == 4:
             images = list(images)
-        items = list(images)
-        dev = self._prepare(device, precision)
-        out = np.zeros((len(items), self.embed_dim), dtype=np.float32)
-        if not items:
-            return out
-        data = _ImageItems(items, self.image_transform())
-        loader = torch.utils.data.DataLoader(
-            data,
-            batch_size=max(1, int(batch_size)),
-            shuffle=False,
-            num_workers=max(0, int(num_workers)),
-            collate_fn=_collate,
-            persistent_workers=False,
+        self._prepare(device, precision)
+        vecs, _, _ = encode_image_items(
+            self,
+            list(images),
+            output="embeddings",
+            batch_size=batch_size,
+            num_workers=num_workers,
+            precision=precision,
+            on_error="raise",
+            progress="encoding images" if show_progress_bar else None,
         )
-        was_training = self.training
-        self.eval()
-        try:
-            with make_progress(disable=not show_progress_bar) as progress:
-                task = progress.add_task("encoding images", total=len(items), unit="images")
-                for batch in loader:
-                    for _, tensor, err in batch:
-                        if err is not None:
-                            path, reason = err.split("\0", 1)
-                            raise ImageReadError(path, reason)
-                    idx = [i for i, _, _ in batch]
-                    pixels = torch.stack([t for _, t, _ in batch]).to(dev, non_blocking=True)
-                    with autocast(dev, precision):
-                        emb = self.project_images(self.image_features(pixels))
-                    out[idx] = emb.float().cpu().numpy()
-                    progress.advance(task, len(batch))
-        finally:
-            self.train(was_training)
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return vecs
 
     @torch.no_grad()
     def encode_texts(
@@ -315,7 +214,7 @@ class CXRModel(nn.Module):
         texts: Sequence[str],
         batch_size: int = 64,
         device: str | torch.device | None = None,
-        precision: str = "fp32",
+        precision: str = "auto",
         show_progress_bar: bool = False,
     ) -> np.ndarray:
         """Embed report texts -> float32 C-contiguous (N, embed_dim) L2-normalised array, in input order.
@@ -326,6 +225,7 @@ class CXRModel(nn.Module):
             texts = [texts]
         texts = [str(t) for t in texts]
         dev = self._prepare(device, precision)
+        precision = resolve_precision(precision, dev)
         if not texts:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         was_training = self.training
@@ -354,16 +254,35 @@ class CXRModel(nn.Module):
         return out
 
     def _known_text_features(self, precision: str) -> dict[bytes, torch.Tensor]:
-        """The saved folder's stored text features, when they match this text tower and precision. Read once per
-        tower weights: batch callers (an index build, shard by shard) pay one hash per call, not one file read."""
-        if self.source_dir is None or precision != text_features.STORE_PRECISION:
+        """The saved folder's stored text features, when they match this text tower and precision."""
+        if precision != text_features.STORE_PRECISION:
             return {}
-        if not (self.source_dir / text_features.STORE_FILE).is_file():
+        return self._store(feature_store.TEXT_STORE, "text", precision)
+
+    def stored_image_features(self, items: Sequence[Any], precision: str) -> dict[int, torch.Tensor]:
+        """{position: pooled image-tower feature} for the file paths among `items` that the saved folder's image
+        store holds for this image tower and precision (the image path skips the tower for them)."""
+        positions = [i for i, item in enumerate(items) if isinstance(item, (str, Path)) and str(item)]
+        if not positions:
             return {}
-        key = (str(self.source_dir), fingerprint_state(self.clip.text.state_dict()))
-        if self._text_store is None or self._text_store[0] != key:
-            self._text_store = (key, text_features.load_store(self.source_dir, key[1]))
-        return self._text_store[1]
+        known = self._store(feature_store.IMAGE_STORE, "image", precision)
+        if not known:
+            return {}
+        digests = feature_store.file_digests([items[i] for i in positions])
+        found = {i: known.get(d.tobytes()) for i, d in zip(positions, digests, strict=True)}
+        return {i: f for i, f in found.items() if f is not None}
+
+    def _store(self, file: str, tower: str, precision: str) -> dict[bytes, torch.Tensor]:
+        """A feature store of the saved folder, read once per (file, tower weights, precision): batch callers (an
+        index build, shard by shard) pay one weights hash per call, not one file read."""
+        if self.source_dir is None or not (self.source_dir / file).is_file():
+            return {}
+        key = (str(self.source_dir / file), fingerprint_state(self.towers()[tower].state_dict()), precision)
+        cached = self._stores.get(file)
+        if cached is None or cached[0] != key:
+            cached = (key, feature_store.load_store(self.source_dir / file, key[1], precision))
+            self._stores[file] = cached
+        return cached[1]
 
     # ---- saving ------------------------------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> Path:
@@ -416,7 +335,3 @@ class CXRModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, embed_dim={self.embed_dim}, image_size={self.image_size}"
-
-    def describe(self) -> str:
-        """One JSON line with the model's name, sizes and fingerprint (for logs)."""
-        return json.dumps({"name": self.name, "embed_dim": self.embed_dim, "fingerprint": self.fingerprint})

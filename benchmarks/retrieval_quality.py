@@ -1,0 +1,375 @@
+"""Retrieval quality as a user meets it, with the baselines in the same run (issue: retrieval that reads the image).
+
+demo (the demo corpus; its test split is the held-out set):
+- image -> report as `cxr query` runs it: an index of the train+val studies (`build_index`), each test image a
+  query (`Searcher.query_images`, top 5 reports, one per study). Label-overlap P@5 over all queries and over
+  abnormal ones, and per finding (queries carrying F: overlap P@5, and P@5 of reports that carry F).
+- within the test split: `evaluate_retrieval` image->report LP@5 (model, its untrained projector, random).
+- text -> report: each finding's phrase ("pleural effusion", ...) queries the train+val reports; P@5 of reports
+  carrying the finding, for the projected model and for raw MiniLM cosine on the same reports; and every test
+  report as a query (label-overlap P@5).
+Systems: cxr-small trained (each seed), cxr-small with its untrained projector, cxr-tiny trained as `cxr demo`
+trained it (each seed), random vectors.
+
+real (../shared/data, the importers' patient-disjoint splits; test images query the train+val images):
+- covid-cxr image -> image P@5 of the same view (PA vs AP); TBX11K P@5 of the same lesion side (left, right or
+  both lungs, from the boxes). Systems: cxr-small (trained on covid-cxr's train split, and untrained), cxr-tiny
+  (trained on the same split), random.
+
+Run:  .venv/bin/python -m benchmarks.retrieval_quality demo [--seeds 0 1 2]
+      .venv/bin/python -m benchmarks.retrieval_quality real [--data ../shared/data]
+Writes benchmarks/results/quality_demo.{json,md} or quality_real.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.common import machine_info, markdown_table, write_results
+
+WORK = Path("/tmp/cxr-quality")
+COMMAND = ".venv/bin/python -m benchmarks.retrieval_quality"
+FINDING_PHRASES = {
+    "Cardiomegaly": "cardiomegaly",
+    "Lung Opacity": "lung opacity",
+    "Lung Lesion": "pulmonary nodule",
+    "Edema": "pulmonary edema",
+    "Consolidation": "consolidation",
+    "Pneumonia": "pneumonia",
+    "Atelectasis": "atelectasis",
+    "Pneumothorax": "pneumothorax",
+    "Pleural Effusion": "pleural effusion",
+    "Pleural Other": "pleural thickening",
+    "Fracture": "rib fracture",
+    "Support Devices": "sternotomy wires",
+    "Enlarged Cardiomediastinum": "enlarged cardiomediastinum",
+    "No Finding": "no acute cardiopulmonary abnormality",
+}
+NO_FINDING = "No Finding"
+
+
+# ------------------------------------------------------------------------------------------ shared pieces
+
+
+def topk_overlap(
+    q_labels: list[list[str]], g_labels: list[list[str]], scores: np.ndarray, k: int = 5
+) -> list[list[list[str]]]:
+    """The label lists of each query's top-k gallery items (numpy ranking, for systems without an index)."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[g_labels[j] for j in row] for row in order]
+
+
+def label_precision(q_labels: list[list[str]], retrieved: list[list[list[str]]]) -> dict[str, Any]:
+    """Overlap P@k over all / abnormal queries, and per finding (overlap P@k and "carries F" P@k)."""
+    overlap, abnormal, per = [], [], {}
+    for q, got in zip(q_labels, retrieved, strict=True):
+        qs = set(q)
+        hits = [bool(qs & set(g)) for g in got]
+        p = float(np.mean(hits)) if hits else 0.0
+        overlap.append(p)
+        if qs - {NO_FINDING}:
+            abnormal.append(p)
+        for f in qs - {NO_FINDING}:
+            row = per.setdefault(f, {"queries": 0, "overlap": [], "carries": []})
+            row["queries"] += 1
+            row["overlap"].append(p)
+            row["carries"].append(float(np.mean([f in g for g in got])) if got else 0.0)
+    per_out = {
+        f: {
+            "queries": r["queries"],
+            "P@5 overlap": float(np.mean(r["overlap"])),
+            "P@5 carries": float(np.mean(r["carries"])),
+        }
+        for f, r in sorted(per.items(), key=lambda kv: -kv[1]["queries"])
+    }
+    return {
+        "P@5 all": float(np.mean(overlap)),
+        "P@5 abnormal": float(np.mean(abnormal)) if abnormal else float("nan"),
+        "queries": len(overlap),
+        "abnormal_queries": len(abnormal),
+        "per_finding": per_out,
+    }
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> str:
+    return markdown_table([dict(zip(columns, r, strict=True)) for r in rows], columns)
+
+
+# ------------------------------------------------------------------------------------------ demo
+
+
+def _query_index(model: Any, model_path: Path | None, gallery: pd.DataFrame, test: pd.DataFrame, index_dir: Path):
+    from index.build import build_index
+    from index.search import Searcher
+    from index.store import INFO_FILE
+
+    if not (index_dir / INFO_FILE).exists():
+        build_index(gallery, model, index_dir, model_path=model_path, progress=False)
+    searcher = Searcher(index_dir, model)
+    paths = [str(Path(gallery.attrs["root"]) / p) for p in test["image_path"]]
+    results, bad = searcher.query_images(paths, k=5, target="reports", progress=False)
+    assert not len(bad), bad
+    by_query = {q: list(g["labels"]) for q, g in results.groupby("query", sort=False)}
+    retrieved = [[list(x) for x in by_query[p]] for p in paths]
+    return retrieved, searcher
+
+
+def _text_queries(model: Any, reports: list[str], labels: list[list[str]], raw: bool) -> dict[str, Any]:
+    """Each finding's phrase against the gallery reports: P@5 of reports that carry it (projected or raw MiniLM)."""
+    phrases = {f: p for f, p in FINDING_PHRASES.items() if any(f in ls for ls in labels)}
+    if raw:
+        gal = _raw_text(model, reports)
+        qv = _raw_text(model, list(phrases.values()))
+    else:
+        gal = model.encode_texts(reports)
+        qv = model.encode_texts(list(phrases.values()))
+    order = np.argsort(-(qv @ gal.T), axis=1, kind="stable")[:, :5]
+    return {f: float(np.mean([f in labels[j] for j in row])) for f, row in zip(phrases, order, strict=True)}
+
+
+def _raw_text(model: Any, texts: list[str]) -> np.ndarray:
+    """Raw MiniLM sentence vectors (the text tower's pooled output, L2-normalised), no projector."""
+    import torch
+
+    from retrieval.models import text_features
+
+    with torch.no_grad():
+        feats = text_features.pooled_features(
+            lambda chunk: model.text_features(model.tokenize(chunk)), texts, 64, show_progress=False
+        )
+    v = feats.float().numpy()
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def run_demo(seeds: list[int], epochs: int, tiny_epochs: int) -> dict[str, Any]:
+    from retrieval.data.demo import build_demo_corpus
+    from retrieval.demo_pipeline import DEFAULT_WORKDIR, DEMO_SIZE
+    from retrieval.evaluate import evaluate_retrieval, random_embeddings
+    from retrieval.models import load_model
+    from retrieval.train import train
+
+    manifest = build_demo_corpus(DEFAULT_WORKDIR / "corpus", size=DEMO_SIZE, seed=0, show_progress=False)
+    manifest.attrs.setdefault("root", str(DEFAULT_WORKDIR / "corpus"))
+    gallery = manifest[manifest["split"].isin(["train", "val"])]
+    gallery.attrs["root"] = manifest.attrs["root"]
+    test = manifest[(manifest["split"] == "test") & (manifest["report"].str.len() > 0)]
+    q_labels = [list(x) for x in test["labels"]]
+    studies = gallery.drop_duplicates("study_id")
+    g_reports, g_labels = list(studies["report"]), [list(x) for x in studies["labels"]]
+
+    systems: dict[str, dict[str, Any]] = {}
+    timings: dict[str, float] = {}
+
+    def measure(name: str, model: Any, model_path: Path | None, index_dir: Path, raw_text: bool = False) -> None:
+        t0 = time.perf_counter()
+        retrieved, _ = _query_index(model, model_path, gallery, test, index_dir)
+        row = label_precision(q_labels, retrieved)
+        row["within_test_i2r_LP@5"] = evaluate_retrieval(model, manifest, "test", baselines=False)["systems"][
+            "model"
+        ]["metrics"]["image->report"]["LP@5"]
+        row["text_phrase_P@5"] = _text_queries(model, g_reports, g_labels, raw=False)
+        if raw_text:
+            row["text_phrase_P@5_raw_minilm"] = _text_queries(model, g_reports, g_labels, raw=True)
+        systems[name] = row
+        timings[name] = round(time.perf_counter() - t0, 1)
+        print(f"{name}: P@5 all {row['P@5 all']:.3f}, abnormal {row['P@5 abnormal']:.3f}", flush=True)
+
+    for seed in seeds:
+        out = WORK / f"demo-small-s{seed}"
+        t0 = time.perf_counter()
+        model = train(manifest, "cxr-small", out, epochs=epochs, seed=seed, show_progress=False)
+        timings[f"train cxr-small s{seed}"] = round(time.perf_counter() - t0, 1)
+        measure(f"cxr-small trained (seed {seed})", model, out, WORK / f"idx-small-s{seed}", raw_text=seed == seeds[0])
+        untrained = load_model("cxr-small", seed=seed)
+        measure(f"cxr-small untrained projector (seed {seed})", untrained, None, WORK / f"idx-small-zs-s{seed}")
+        out = WORK / f"demo-tiny-s{seed}"
+        t0 = time.perf_counter()
+        tiny = train(manifest, "cxr-tiny", out, epochs=tiny_epochs, seed=seed, show_progress=False)
+        timings[f"train cxr-tiny s{seed}"] = round(time.perf_counter() - t0, 1)
+        measure(f"cxr-tiny trained (seed {seed})", tiny, out, WORK / f"idx-tiny-s{seed}")
+        # random vectors: the same queries against one vector per study, ranked by numpy
+        qv, gv = random_embeddings(len(test), len(studies), 256, seed)
+        row = label_precision(q_labels, topk_overlap(q_labels, g_labels, qv @ gv.T))
+        systems[f"random vectors (seed {seed})"] = row
+    return {"systems": systems, "timings_s": timings, "test_queries": len(test), "gallery_studies": len(studies)}
+
+
+def _mean_rows(systems: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean and spread over seeds of each system's headline figures."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for name, row in systems.items():
+        groups.setdefault(name.split(" (seed")[0], []).append(row)
+    out = {}
+    for name, rows in groups.items():
+        out[name] = {}
+        for key in ("P@5 all", "P@5 abnormal", "within_test_i2r_LP@5"):
+            vals = [r[key] for r in rows if key in r]
+            if vals:
+                out[name][key] = (float(np.mean(vals)), float(np.std(vals)), len(vals))
+    return out
+
+
+def demo_markdown(result: dict[str, Any]) -> str:
+    systems = result["systems"]
+    lines = [
+        "# Retrieval quality on the demo corpus",
+        "",
+        f"Queries: {result['test_queries']} test images (held out); gallery: an index of the "
+        f"{result['gallery_studies']} train+val studies, searched as `cxr query` searches it (top 5 reports, one "
+        "per study). P@5 = fraction of the top 5 reports sharing a label with the query (No Finding counts as a "
+        "label). Targets: P@5 >= 0.70 over all queries, >= 0.50 over abnormal ones.",
+        "",
+        "## Headline (mean ± std over seeds)",
+        "",
+    ]
+    rows = []
+    for name, vals in _mean_rows(systems).items():
+        cells = [name]
+        for key in ("P@5 all", "P@5 abnormal", "within_test_i2r_LP@5"):
+            if key in vals:
+                m, s, n = vals[key]
+                cells.append(f"{m:.3f} ± {s:.3f} (n={n})")
+            else:
+                cells.append("-")
+        rows.append(cells)
+    lines.append(_table(["system", "image->report P@5 (all)", "P@5 (abnormal)", "within-test i2r LP@5"], rows))
+    first = next(n for n in systems if n.startswith("cxr-small trained"))
+    tiny = next(n for n in systems if n.startswith("cxr-tiny trained"))
+    rand = next(n for n in systems if n.startswith("random"))
+    zs = next(n for n in systems if n.startswith("cxr-small untrained"))
+    lines += ["", f"## Per finding ({first} vs baselines; findings with >= 10 test queries)", ""]
+    per_rows = []
+    for f, r in systems[first]["per_finding"].items():
+        if r["queries"] < 10:
+            continue
+        cells = [f, str(r["queries"])]
+        for sysname in (first, zs, tiny, rand):
+            q = systems[sysname]["per_finding"].get(f)
+            cells.append("-" if q is None else f"{q['P@5 overlap']:.2f} / {q['P@5 carries']:.2f}")
+        per_rows.append(cells)
+    columns = ["finding", "queries", "cxr-small trained", "untrained projector", "cxr-tiny", "random"]
+    lines.append(_table(columns, per_rows))
+    lines += ["", "Cells: overlap P@5 / P@5 of reports that carry the finding.", ""]
+    lines += ["## Text -> report (finding phrase, P@5 of reports carrying it)", ""]
+    proj, raw = systems[first]["text_phrase_P@5"], systems[first].get("text_phrase_P@5_raw_minilm", {})
+    tiny_t = systems[tiny]["text_phrase_P@5"]
+    t_rows = [[f, FINDING_PHRASES[f], f"{proj[f]:.2f}", f"{raw.get(f, float('nan')):.2f}", f"{tiny_t.get(f, 0):.2f}"]
+              for f in proj]
+    t_rows.append(["mean", "", f"{np.mean(list(proj.values())):.3f}", f"{np.mean(list(raw.values())):.3f}",
+                   f"{np.mean(list(tiny_t.values())):.3f}"])
+    lines.append(_table(["finding", "phrase", "cxr-small projected", "raw MiniLM cosine", "cxr-tiny"], t_rows))
+    lines += ["", f"Timings (s): {result['timings_s']}", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ real images
+
+
+def _side(boxes: list[dict]) -> str:
+    """Lesion side from YOLO boxes in image coordinates (a PA film: image left = the patient's right lung)."""
+    sides = {"right" if (b["x1"] + b["x2"]) / 2 < 0.5 else "left" for b in boxes if "x1" in b}
+    return "both" if len(sides) == 2 else (sides.pop() if sides else "none")
+
+
+def _i2i_precision(model: Any, df: pd.DataFrame, key: str) -> float:
+    """Test images query the train+val images: mean fraction of the top 5 with the query's `key`."""
+    from retrieval.data.manifest import resolve_image_path
+
+    root = df.attrs.get("root")
+    paths = [str(resolve_image_path(root, p)) for p in df["image_path"]]
+    is_test = (df["split"] == "test").to_numpy()
+    if model is None:
+        rng = np.random.default_rng(0)
+        v = rng.standard_normal((len(df), 256)).astype(np.float32)
+    else:
+        v = model.encode_images(paths)
+    q, g = v[is_test], v[~is_test]
+    qk, gk = df[key].to_numpy()[is_test], df[key].to_numpy()[~is_test]
+    qp, gp = df["patient_id"].to_numpy()[is_test], df["patient_id"].to_numpy()[~is_test]
+    scores = q @ g.T
+    scores[qp[:, None] == gp[None, :]] = -np.inf  # never the query's own patient
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+    return float(np.mean(gk[order] == qk[:, None]))
+
+
+def run_real(data: Path, epochs: int) -> dict[str, Any]:
+    from retrieval.data.importers import import_source
+    from retrieval.models import load_model
+    from retrieval.train import train
+
+    out: dict[str, Any] = {}
+    covid = import_source("covid-cxr", data / "covid-cxr")
+    covid["view_key"] = covid["view"].astype(str).str.upper().str.replace(" ", "")
+    covid = covid[covid["view_key"].isin(["PA", "AP"])].copy()
+    covid.attrs["root"] = str(data / "covid-cxr")
+    small = train(covid, "cxr-small", WORK / "covid-small", epochs=epochs, seed=0, show_progress=False, val_split=None)
+    tiny = train(covid, "cxr-tiny", WORK / "covid-tiny", epochs=epochs, seed=0, show_progress=False, val_split=None)
+    out["covid-cxr same view P@5"] = {
+        "cxr-small trained": _i2i_precision(small, covid, "view_key"),
+        "cxr-small untrained projector": _i2i_precision(load_model("cxr-small"), covid, "view_key"),
+        "cxr-tiny trained": _i2i_precision(tiny, covid, "view_key"),
+        "random": _i2i_precision(None, covid, "view_key"),
+        "test queries": int((covid["split"] == "test").sum()),
+        "views (all rows)": covid["view_key"].value_counts().to_dict(),
+    }
+    tb = import_source("yolo", data / "tbx11k-tb")
+    tb.attrs["root"] = str(data / "tbx11k-tb")
+    tb["side"] = [_side(b) for b in tb["boxes"]]
+    tb = tb[tb["side"] != "none"].copy()
+    tb.attrs["root"] = str(data / "tbx11k-tb")
+    out["tbx11k same lesion side P@5"] = {
+        "cxr-small untrained projector": _i2i_precision(load_model("cxr-small"), tb, "side"),
+        "cxr-tiny untrained": _i2i_precision(load_model("cxr-tiny"), tb, "side"),
+        "random": _i2i_precision(None, tb, "side"),
+        "test queries": int((tb["split"] == "test").sum()),
+        "sides (all rows)": tb["side"].value_counts().to_dict(),
+    }
+    return out
+
+
+def real_markdown(result: dict[str, Any]) -> str:
+    lines = ["# Retrieval quality on real images (../shared/data)", ""]
+    for name, row in result.items():
+        if not isinstance(row, dict) or name == "machine":
+            continue
+        lines += [f"## {name}", ""]
+        rows = [[k, f"{v:.3f}"] for k, v in row.items() if isinstance(v, float)]
+        lines.append(_table(["system", "P@5"], rows))
+        extra = {k: v for k, v in row.items() if not isinstance(v, float)}
+        lines += ["", f"{extra}", ""]
+    lines += [
+        "Test images (the importers' patient-disjoint test split) query the train+val images; the query's own "
+        "patient is never counted. TBX11K has no reports, so its models are not trained here.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["demo", "real"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--tiny-epochs", type=int, default=2, help="as `cxr demo` trains cxr-tiny")
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    if a.what == "demo":
+        result = run_demo(a.seeds, a.epochs, a.tiny_epochs)
+        result["machine"] = machine_info()
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        write_results("quality_demo", result, demo_markdown(result), COMMAND + " demo")
+    else:
+        result = run_real(a.data, a.epochs)
+        result["machine"] = machine_info()
+        write_results("quality_real", result, real_markdown(result), COMMAND + " real")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""A store of a frozen tower's pooled (pre-projector) features, kept beside a saved model and keyed by a sha256 per
+input: each text for the text tower (`text_features.safetensors`), each image file (its path, size and mtime) for
+the image tower (`image_features.safetensors`).
+
+Training writes them for the train and val inputs of every tower it kept frozen; `CXRModel.encode_texts` and the
+image path (`image_stream.stream_images`) look inputs up there before running a tower, so indexing the training
+studies right after training (`cxr demo`) encodes nothing twice. A store is valid only for the tower whose weights
+hash (`checkpoint.fingerprint_state`) and precision it records: anything else is ignored, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrieval.fileio import atomic_path
+
+TEXT_STORE = "text_features.safetensors"
+IMAGE_STORE = "image_features.safetensors"
+
+
+def text_digests(texts: Sequence[str]) -> np.ndarray:
+    """(N, 32) uint8: the sha256 of each text (UTF-8)."""
+    return _digests(str(t).encode() for t in texts)
+
+
+def file_digests(paths: Sequence[str | Path]) -> np.ndarray:
+    """(N, 32) uint8: the sha256 of each file's absolute path, size and mtime (an edited file gets a new key); a
+    file that cannot be stat'ed gets an all-zero key, which no store holds."""
+    keys = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            keys.append(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        except OSError:
+            keys.append(None)
+    return _digests(keys)
+
+
+def _digests(keys) -> np.ndarray:
+    keys = list(keys)
+    out = np.zeros((len(keys), 32), dtype=np.uint8)
+    for i, k in enumerate(keys):
+        if k is not None:
+            out[i] = np.frombuffer(hashlib.sha256(k).digest(), dtype=np.uint8)
+    return out
+
+
+def save_store(path: Path, digests: np.ndarray, features: torch.Tensor, tower: str, precision: str) -> Path:
+    """Write digests -> features (first occurrence of a repeated digest kept) for tower hash `tower`."""
+    from safetensors.torch import save_file
+
+    first: dict[bytes, int] = {}
+    for i, d in enumerate(digests):
+        first.setdefault(d.tobytes(), i)
+    rows = list(first.values())
+    tensors = {
+        "sha256": torch.from_numpy(np.ascontiguousarray(digests[rows])),
+        "features": features[rows].float().contiguous(),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"tower": tower, "precision": precision})
+    return path
+
+
+def load_store(path: Path | None, tower: str, precision: str) -> dict[bytes, torch.Tensor]:
+    """{sha256 digest: feature} when the store at `path` was made by the tower with hash `tower` at `precision`;
+    an empty dict when there is none, it belongs to other weights, or it cannot be read (only speed is lost)."""
+    from safetensors import safe_open
+
+    if path is None or not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("tower") != tower or meta.get("precision", "fp32") != precision:
+                return {}
+            digests = f.get_tensor("sha256").numpy()
+            feats = f.get_tensor("features")
+    except Exception:
+        return {}
+    return {d.tobytes(): feats[i] for i, d in enumerate(digests)}
