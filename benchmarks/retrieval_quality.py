@@ -165,6 +165,7 @@ def run_demo(seeds: list[int], epochs: int, tiny_epochs: int) -> dict[str, Any]:
 
     systems: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
+    cache = WORK / "feature_cache"  # frozen towers' features, computed once and shared by every seed
 
     def measure(name: str, model: Any, model_path: Path | None, index_dir: Path, raw_text: bool = False) -> None:
         t0 = time.perf_counter()
@@ -183,14 +184,16 @@ def run_demo(seeds: list[int], epochs: int, tiny_epochs: int) -> dict[str, Any]:
     for seed in seeds:
         out = WORK / f"demo-small-s{seed}"
         t0 = time.perf_counter()
-        model = train(manifest, "cxr-small", out, epochs=epochs, seed=seed, show_progress=False)
+        model = train(manifest, "cxr-small", out, epochs=epochs, seed=seed, show_progress=False, cache_dir=str(cache))
         timings[f"train cxr-small s{seed}"] = round(time.perf_counter() - t0, 1)
         measure(f"cxr-small trained (seed {seed})", model, out, WORK / f"idx-small-s{seed}", raw_text=seed == seeds[0])
         untrained = load_model("cxr-small", seed=seed)
         measure(f"cxr-small untrained projector (seed {seed})", untrained, None, WORK / f"idx-small-zs-s{seed}")
         out = WORK / f"demo-tiny-s{seed}"
         t0 = time.perf_counter()
-        tiny = train(manifest, "cxr-tiny", out, epochs=tiny_epochs, seed=seed, show_progress=False)
+        tiny = train(
+            manifest, "cxr-tiny", out, epochs=tiny_epochs, seed=seed, show_progress=False, cache_dir=str(cache)
+        )
         timings[f"train cxr-tiny s{seed}"] = round(time.perf_counter() - t0, 1)
         measure(f"cxr-tiny trained (seed {seed})", tiny, out, WORK / f"idx-tiny-s{seed}")
         # random vectors: the same queries against one vector per study, ranked by numpy

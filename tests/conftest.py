@@ -10,6 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "CXR_ONNX_DIR" not in os.environ:  # exported ONNX graphs of frozen towers: a folder of this session's own
+    import tempfile
+
+    os.environ["CXR_ONNX_DIR"] = tempfile.mkdtemp(prefix="cxr-test-onnx-")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -68,6 +68,32 @@ def test_every_caller_gets_the_naive_vectors(small, files, tmp_path):
     torch.testing.assert_close(tokens.mean(1), feats, atol=1e-4, rtol=1e-4)  # the grid pools to the feature
 
 
+def test_onnx_runtime_gives_the_torch_numbers_and_only_for_frozen_inference(small, monkeypatch):
+    from retrieval.models import onnx_tower
+
+    x = torch.randn(3, 3, SIZE, SIZE)
+    tower = small.clip.visual
+    with torch.no_grad():
+        fast_feats, fast_map = onnx_tower.run(tower, x, "features"), onnx_tower.run(tower, x, "fmap")
+        monkeypatch.setenv("CXR_IMAGE_RUNTIME", "torch")
+        assert onnx_tower.run(tower, x, "features") is None
+        torch_feats, torch_map = small.image_features(x), tower.trunk.forward_features(x)
+        monkeypatch.delenv("CXR_IMAGE_RUNTIME")
+    torch.testing.assert_close(fast_feats, torch_feats, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast_map, torch_map, atol=1e-4, rtol=1e-4)
+    assert onnx_tower.run(tower, x, "features") is None  # autograd on: PyTorch
+    with torch.no_grad():
+        tower.trunk.blocks[-1].requires_grad_(True)
+        assert onnx_tower.run(tower, x, "features") is None  # a weight that trains: PyTorch
+        tower.requires_grad_(False)
+        before = onnx_tower.run(tower, x, "features")
+        tower.trunk.conv_head.weight.mul_(0.5)  # changed in place: a new export, never the stale graph
+        fresh = onnx_tower.run(tower, x, "features")
+        torch.testing.assert_close(fresh, small.clip.encode_image(x), atol=1e-4, rtol=1e-4)
+        tower.trunk.conv_head.weight.mul_(2.0)
+        torch.testing.assert_close(onnx_tower.run(tower, x, "features"), before, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_items_raise_or_skip_by_one_rule(small, files):
     with pytest.raises(ImageReadError, match="broken.png"):
         small.encode_images(files)

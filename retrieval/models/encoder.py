@@ -20,7 +20,7 @@ from torch import nn
 
 from retrieval.device import autocast, resolve_device, resolve_precision
 from retrieval.fileio import write_json_atomic
-from retrieval.models import feature_store, text_features, tower_parts
+from retrieval.models import feature_store, onnx_tower, text_features, tower_parts
 from retrieval.models.checkpoint import PROJECTOR_FILE, TOWERS_FILE, fingerprint_state, save_safetensors
 from retrieval.models.preprocess import GreyImageTransform
 from retrieval.models.projector import ProjectorHeads
@@ -112,7 +112,10 @@ class CXRModel(nn.Module):
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, D_img): the image tower's pooled output (before the projector)."""
-        return self.clip.encode_image(tower_parts.channels_last(pixels) if self.cnn_tower else pixels)
+        if not self.cnn_tower:
+            return self.clip.encode_image(pixels)
+        fast = onnx_tower.run(self.clip.visual, pixels, "features")  # None unless frozen inference on the CPU
+        return fast if fast is not None else self.clip.encode_image(tower_parts.channels_last(pixels))
 
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, D_txt): the text tower's pooled output (before the projector)."""
@@ -122,6 +125,9 @@ class CXRModel(nn.Module):
         """(B, 3, S, S) -> (B, N, D_tok) for the VLM: a CNN tower's last feature map as a grid of tokens, else the
         last-block patch tokens after the final norm (no class token)."""
         if self.cnn_tower:
+            fmap = onnx_tower.run(self.clip.visual, pixels, "fmap")
+            if fmap is not None:
+                return fmap.flatten(2).transpose(1, 2)
             return tower_parts.cnn_grid_tokens(self.clip.visual, pixels)
         out = self.clip.visual.forward_intermediates(
             pixels, indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NLC"

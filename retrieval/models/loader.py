@@ -129,8 +129,10 @@ def load_model(
 
     `cxr-tiny`, `biomedclip`, `biomedclip-arch` (see `list_models()`), `hf-hub:ORG/REPO`, `local-dir:PATH` or a
     folder written by `CXRModel.save`. Fresh models have untrained projector heads, initialised from `seed`
-    (deterministic). `cache_dir`: the HF hub cache for hub models. Raises ModelLoadError."""
+    (deterministic). Its towers come frozen (`requires_grad=False`); the projector heads do not. `cache_dir`: the
+    HF hub cache for hub models. Raises ModelLoadError."""
     spec = resolve(name_or_path)
     model = build_model(spec, cache_dir=cache_dir, seed=seed)
+    model.freeze_towers()  # inference by default; training unfreezes what it trains (train.set_trainable)
     model.to(resolve_device(device))
     return model.eval()
