@@ -11,7 +11,9 @@ import typer
 def train_cmd(
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest (Parquet or CSV) with splits."),
     model: str = typer.Option(
-        "cxr-tiny", "--model", help="biomedclip | cxr-tiny | local-dir:PATH | a saved model folder."
+        "cxr-small",
+        "--model",
+        help="cxr-small (offline default) | biomedclip (with the hub) | cxr-tiny | local-dir:PATH | a saved folder.",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: the trained model, checkpoints, cache."),
     epochs: int = typer.Option(8, "--epochs", help="Maximum epochs (early stopping on val mAP may end sooner)."),

@@ -358,10 +358,7 @@ class Trainer:
     def _scratch_towers(self) -> list[str]:
         if self.config.image_tower != "auto":
             return ["image"] if self.config.image_tower == "train" else []
-        from_scratch = getattr(self.model, "trains_image_tower", None)
-        if from_scratch is None:
-            from_scratch = str(getattr(self.model, "name", "")) == "cxr-tiny"
-        return ["image"] if from_scratch else []
+        return ["image"] if getattr(self.model, "trains_image_tower", False) else []
 
     def _prepare_split(self, split: str, max_studies: int | None) -> _Split | None:
         cfg = self.config
@@ -795,7 +792,7 @@ class Trainer:
 
 def train(
     manifest: Any,
-    model_name: str = "cxr-tiny",
+    model_name: str = "cxr-small",
     out_dir: str | Path = "runs/cxr",
     config: TrainConfig | None = None,
     fresh: bool = False,
