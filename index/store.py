@@ -296,7 +296,9 @@ def writer_lock(folder: Path) -> Iterator[None]:
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
-            raise IndexError_(f"{folder}: another `cxr index build/add` is writing this folder right now (or a gc)") from None
+            raise IndexError_(
+                f"{folder}: another `cxr index build/add` is writing this folder right now (or a gc)"
+            ) from None
         try:
             yield
         finally:

@@ -75,20 +75,21 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def clean_temporaries(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """Delete the `.NAME.XXXX.tmp` files that `atomic_path` leaves when its writer is killed; returns them.
+def clean_temporaries(*folders: str | Path, recursive: bool = False) -> list[Path]:
+    """Delete the `.NAME.XXXX.tmp` files that `atomic_path` leaves in `folders` when its writer is killed
+    (index builds, train's checkpoint and feature-cache folders); returns them.
 
     Call it only while holding the folder's writer lock (or where no other writer can be running): a live
     writer's temporary looks the same as a dead one's."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    pattern = "**/.*.tmp" if recursive else ".*.tmp"
     removed = []
-    for p in folder.glob(pattern):
-        if p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for p in folder.glob("**/.*.tmp" if recursive else ".*.tmp"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
     if removed:
-        log.info("removed %d temporary file(s) left by an interrupted run in %s", len(removed), folder)
+        where = ", ".join(map(str, folders))
+        log.info("removed %d temporary file(s) left by an interrupted run in %s", len(removed), where)
     return removed

@@ -295,9 +295,7 @@ def resolve_image_path(root: str | Path | None, image_path: str | Path, allow_ou
         paths.append(Path(os.path.normpath(p)))
     path = next((p for p in paths if p.exists()), paths[-1])
     if not allow_outside and root is not None and not is_inside(root, path):
-        raise ManifestError(
-            f"image_path {text!r} is outside the manifest folder {root}; pass --allow-outside to read it"
-        )
+        raise ManifestError(f"{_short(text, 80)!r} is outside the manifest folder (pass --allow-outside to read it)")
     return path
 
 
@@ -413,6 +411,10 @@ def validate_manifest(
 # ------------------------------------------------------------------------------------------ the shared gate
 
 
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def blocks_use(problem: Problem) -> bool:
     """True for a problem that makes a row unusable for build, add and training: an empty or duplicate id, a
     cell that cannot be parsed, comma-joined labels, an unknown (e.g. numeric) split, or a path that leaves the
@@ -470,10 +472,13 @@ def check_manifest(
         logging.getLogger(__name__).warning("%s: %d warning(s), e.g. %s", where, len(warnings), warnings[0])
     bad_rows = sorted({p.row for p in fatal})
     if fatal and not skip_bad_rows:
-        shown = "; ".join(str(p) for p in fatal[:3]) + (f"; and {len(fatal) - 3} more" if len(fatal) > 3 else "")
+        shown = "; ".join(_short(str(p)) for p in fatal[:2])
+        shown += f"; and {len(fatal) - 2} more" if len(fatal) > 2 else ""
+        outside = any(p.column == "image_path" for p in fatal)
         raise ManifestError(
-            f"{where}: {len(bad_rows)} row(s) cannot be used ({shown}); fix them, or pass --skip-bad-rows "
-            "to skip them (they are listed in the bad-rows report)"
+            f"{where}: {len(bad_rows)} row(s) cannot be used ({shown}); fix them"
+            + (", pass --allow-outside for paths outside the manifest's folder" if outside else "")
+            + ", or pass --skip-bad-rows to skip them (they are listed in the bad-rows report)"
         )
     reasons: dict[int, list[str]] = {}
     for p in fatal:
@@ -494,6 +499,22 @@ def check_manifest(
     rows.attrs = dict(df.attrs)
     rows.attrs[_PARSE_PROBLEMS] = []
     return CheckedManifest(rows, keep, refused, warnings)
+
+
+def gate_manifest(
+    path: str | Path, allow_outside: bool = False, skip_bad_rows: bool = False
+) -> str | Path | pd.DataFrame:
+    """For the training commands: run `check_manifest` on a manifest file before any work; returns the path
+    itself when every row is usable (so nothing downstream changes), else the usable rows (with `skip_bad_rows`,
+    after logging how many were skipped)."""
+    import logging
+
+    checked = check_manifest(read_manifest(path), allow_outside=allow_outside, skip_bad_rows=skip_bad_rows)
+    if not len(checked.refused):
+        return path
+    logging.getLogger(__name__).warning("%s: skipped %d unusable row(s): %s", path, len(checked.refused),
+                                        "; ".join(checked.refused["reason"].head(3)))  # fmt: skip
+    return checked.rows
 
 
 # ------------------------------------------------------------------------------------------ splits, summary
