@@ -78,7 +78,7 @@ META_COLUMNS = [
 ]
 BAD_COLUMNS = ["row", "image_id", "path", "reason"]
 _GEN_RE = re.compile(r"^gen-(\d{6,})$")
-_POINTER_RE = re.compile(r"^(gen-\d{6,}) ([0-9a-f]{64})\n?$")
+_POINTER_RE = re.compile(r"\A(gen-\d{6,}) ([0-9a-f]{64})\n\Z")  # exactly as written: any change is damage
 
 
 # ----------------------------------------------------------------------------------------- info schema

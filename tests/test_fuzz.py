@@ -209,6 +209,7 @@ COLS = ["image_id", "study_id", "patient_id", "image_path", "labels", "boxes", "
     fmt=st.sampled_from(["csv", "parquet"]),
 )
 @example(rows=[{c: "" for c in COLS}], drop=set(), fmt="csv")
+@example(rows=[{**{c: "x" for c in COLS}, "image_path": "~0"}], drop=set(), fmt="csv")  # found: expanduser raised
 def test_manifest_reader_and_validator(scratch, rows, drop, fmt):
     df = pd.DataFrame(rows, columns=COLS).drop(columns=sorted(drop))
     path = scratch / f"m.{fmt}"
@@ -314,3 +315,29 @@ def monkeypatch_module():
     mp = pytest.MonkeyPatch()
     yield mp
     mp.undo()
+
+
+# ----------------------------------------------------------------------------------------------- regressions
+# Crashes the fuzzers found (HYPOTHESIS_PROFILE=fuzz), kept as plain examples.
+
+
+def test_regression_dicom_with_an_unknown_vr_is_an_image_read_error(scratch):
+    """A damaged VR byte made pydicom raise NotImplementedError on first access to the element."""
+    pixels = np.random.default_rng(0).random((8, 8)).astype(np.float32)
+    path = float_dicom(scratch / "vr.dcm", pixels)
+    raw = path.read_bytes()
+    at = raw.index(b"\x28\x00\x04\x00CS")  # (0028,0004) PhotometricInterpretation, VR CS
+    path.write_bytes(raw[: at + 5] + b"\x00" + raw[at + 6 :])
+    with pytest.raises(ImageReadError, match="vr.dcm"):
+        read_image(path)
+
+
+def test_regression_a_pointer_without_its_newline_is_damage(pristine, scratch):
+    """CURRENT cut by one byte (its newline) used to pass; the pointer must be exactly as written."""
+    root = scratch / "ptr"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(pristine["Flat"], root)
+    p = root / store.CURRENT_FILE
+    p.write_bytes(p.read_bytes()[:-1])
+    with pytest.raises(IndexError_, match="CURRENT: damaged pointer"):
+        store.open_index(root)

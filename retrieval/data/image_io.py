@@ -175,9 +175,9 @@ def _try_dicom_without_preamble(path: Path, max_pixels: int) -> np.ndarray | Non
 
     try:
         ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        if "Rows" not in ds or "Columns" not in ds:  # (pixel data itself is not read with stop_before_pixels)
+            return None
     except Exception:
-        return None
-    if "Rows" not in ds or "Columns" not in ds:  # (pixel data itself is not read with stop_before_pixels)
         return None
     return _read_dicom(path, max_pixels, force=True)
 
@@ -216,6 +216,17 @@ def _transfer_syntax(ds: Any) -> Any:
 
 
 def _read_dicom(path: Path, max_pixels: int, force: bool = False) -> np.ndarray:
+    """Decode a DICOM; pydicom parses elements lazily, so a damaged header can raise anything on first access
+    (found by fuzzing: NotImplementedError for an unknown VR): every such error becomes an ImageReadError."""
+    try:
+        return _decode_dicom(path, max_pixels, force)
+    except ImageReadError:
+        raise
+    except Exception as e:
+        raise ImageReadError(path, f"corrupt DICOM: {type(e).__name__}: {str(e)[:160]}") from None
+
+
+def _decode_dicom(path: Path, max_pixels: int, force: bool = False) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array

@@ -289,7 +289,11 @@ def resolve_image_path(root: str | Path | None, image_path: str | Path, allow_ou
     candidates = [raw, text] if raw != text else [text]
     paths = []
     for cell in candidates:
-        p = Path(cell).expanduser()
+        p = Path(cell)
+        try:
+            p = p.expanduser()
+        except RuntimeError:  # '~name' of a user that does not exist (found by fuzzing): the path as written
+            pass
         if not p.is_absolute() and root is not None:
             p = Path(root) / p
         paths.append(Path(os.path.normpath(p)))
