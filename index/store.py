@@ -262,6 +262,9 @@ def check_files(gen_dir: Path, info: dict, full: bool, skip_full: tuple[str, ...
     files = info.get("files")
     if files is None:  # a folder written before generations: no checksums to check
         return
+    unknown = sorted(set(files) - {IMAGES_FILE, REPORTS_FILE, META_FILE, BAD_FILE})
+    if unknown:  # never follow a name the info file makes up (e.g. '../../etc/passwd')
+        raise IndexError_(f"{gen_dir / INFO_FILE}: corrupt, lists unknown file {unknown[0][:60]!r}")
     for name, rec in files.items():
         p = gen_dir / name
         if not p.is_file():
