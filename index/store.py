@@ -615,6 +615,8 @@ def commit_generation(
     gen.mkdir()
     faiss.write_index(images, str(gen / IMAGES_FILE))
     faiss.write_index(reports, str(gen / REPORTS_FILE))
+    meta = meta.copy()
+    meta.attrs = {}  # pandas would try to store attrs (e.g. numpy arrays) as JSON in the file
     meta.to_parquet(gen / META_FILE, index=False)
     names = [IMAGES_FILE, REPORTS_FILE, META_FILE]
     info = dict(info)

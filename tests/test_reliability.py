@@ -483,7 +483,7 @@ def test_paths_outside_the_manifest_folder_need_allow_outside(tmp_path):
 
 def test_a_trailing_space_belongs_to_the_file_name(tmp_path):
     m = _rows_manifest(tmp_path / "data", image_path=(1, "spaced.png "))
-    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "data" / "spaced.png ")
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "data" / "spaced.png ", format="PNG")
     res = build_index(m, FakeModel(), tmp_path / "idx", workers=0, progress=False)
     assert res.count == 6 and len(res.bad) == 0
     assert store.open_index(tmp_path / "idx").meta["image_path"][1].endswith("spaced.png ")
