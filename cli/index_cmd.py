@@ -1,4 +1,4 @@
-"""`cxr index build | add | info`: thin commands over index.build and index.store."""
+"""`cxr index build | add | info | verify | gc`: thin commands over index.build and index.store."""
 
 from __future__ import annotations
 
@@ -22,12 +22,31 @@ def _print_result(result, as_json: bool, verb: str) -> None:
         return
     d = result.as_dict()
     console = Console()
+    if d["already_done"]:
+        console.print(
+            f"nothing to do: [bold]{d['index']}[/] already holds this {'build' if verb == 'built' else 'add'} "
+            f"({d['count']:,} images, {d['generation']}); leftovers of an interrupted run were removed"
+        )
+        return
     console.print(
         f"{verb} [bold]{d['index']}[/]: {d['added']:,} images ({d['count']:,} in the index, factory {d['factory']}) "
         f"in {d['seconds']:.1f} s; {d['resumed_rows']:,} rows were already done from an interrupted run"
     )
     if d["bad_images"]:
-        console.print(f"[yellow]skipped {d['bad_images']} unreadable image(s); see {d['bad_list']}[/]")
+        console.print(
+            f"[yellow]skipped {d['bad_images']} row(s) ({d['refused_rows']} refused by the manifest check, "
+            f"the rest unreadable images); see {d['bad_list']}[/]"
+        )
+
+
+ALLOW_OUTSIDE = typer.Option(
+    False, "--allow-outside", help="Allow image paths outside the manifest's folder (`..`, other absolute paths)."
+)
+SKIP_BAD_ROWS = typer.Option(
+    False,
+    "--skip-bad-rows",
+    help="Skip manifest rows that fail the check (listed in bad_images.csv) instead of failing.",
+)
 
 
 def build_cmd(
@@ -41,13 +60,19 @@ def build_cmd(
     workers: int = typer.Option(2, "--workers", min=0, help="DataLoader processes decoding images."),
     shard_rows: int = typer.Option(1024, "--shard-rows", min=1, help="Rows per committed shard (resume unit)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: CUDA when present)."),
+    allow_outside: bool = ALLOW_OUTSIDE,
+    skip_bad_rows: bool = SKIP_BAD_ROWS,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Build an image + report index from a manifest: streaming, resumable after a kill, bad images skipped."""
-    from index.build import build_index
+    from index.build import build_index, prepare
 
+    prepare(manifest, allow_outside, skip_bad_rows)  # a bad manifest fails before the model loads
     m = _load_model(model, device)
-    result = build_index(manifest, m, out, factory, batch_size, workers, shard_rows, model_path=model)
+    result = build_index(
+        manifest, m, out, factory, batch_size, workers, shard_rows, model_path=model,
+        allow_outside=allow_outside, skip_bad_rows=skip_bad_rows,
+    )  # fmt: skip
     _print_result(result, as_json, "built")
 
 
@@ -59,14 +84,20 @@ def add_cmd(
     workers: int = typer.Option(2, "--workers", min=0),
     shard_rows: int = typer.Option(1024, "--shard-rows", min=1),
     device: str | None = typer.Option(None, "--device"),
+    allow_outside: bool = ALLOW_OUTSIDE,
+    skip_bad_rows: bool = SKIP_BAD_ROWS,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Append studies to an index (same model fingerprint; image_ids already in the index are refused)."""
-    from index.build import add_to_index
+    from index.build import add_to_index, prepare
     from index.store import read_info
 
-    m = _load_model(model or recorded_model(read_info(index), index), device)
-    result = add_to_index(index, manifest, m, batch_size, workers, shard_rows)
+    info = read_info(index)
+    prepare(manifest, allow_outside, skip_bad_rows)  # a bad manifest fails before the model loads
+    m = _load_model(model or recorded_model(info, index), device)
+    result = add_to_index(
+        index, manifest, m, batch_size, workers, shard_rows, allow_outside=allow_outside, skip_bad_rows=skip_bad_rows
+    )
     _print_result(result, as_json, "added to")
 
 
@@ -112,6 +143,7 @@ def info_cmd(
         ("splits", ", ".join(f"{k or '(none)'} {v:,}" for k, v in s["splits"].items())),
         ("labels", ", ".join(f"{k} {v:,}" for k, v in s["labels"].items())),
         ("skipped images", f"{s['bad_images']:,}" + (" (bad_images.csv)" if s["bad_images"] else "")),
+        ("generation", s.get("generation", "")),
         ("created / updated", f"{s.get('created', '')} / {s.get('updated', '-')}"),
         ("versions", ", ".join(f"{k} {v}" for k, v in s.get("versions", {}).items())),
         ("files", ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in s["files"].items())),
@@ -119,3 +151,38 @@ def info_cmd(
     for k, v in rows:
         t.add_row(k, str(v))
     Console().print(t)
+
+
+def verify_cmd(
+    index: Path = typer.Argument(..., help="Index folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Check every file of the current generation against its recorded size and sha256 (exit 1 if damaged)."""
+    from index.store import verify_index
+
+    r = verify_index(index)
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    typer.echo(
+        f"ok: {r['index']} ({r['generation']}, {r['rows']:,} rows): {len(r['files'])} files, "
+        f"{r['bytes'] / 1e6:.2f} MB verified in {r['seconds']:.2f} s"
+    )
+
+
+def gc_cmd(
+    index: Path = typer.Argument(..., help="Index folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Remove superseded generations no reader holds, unfinished ones and temporary files."""
+    from index.store import gc_index
+
+    r = gc_index(index)
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    typer.echo(
+        f"{index}: removed {len(r['removed'])} generation(s)"
+        + (f" ({', '.join(r['removed'])})" if r["removed"] else "")
+        + (f"; kept {', '.join(r['kept'])} (a reader holds it)" if r["kept"] else "")
+    )

@@ -1,6 +1,7 @@
 """The `cxr` command: wires the sub-commands together and maps errors to messages and exit codes.
 
-Exit codes: 0 success, 1 runtime error (a CXRError, one line on stderr), 2 usage error, 130 interrupted.
+Exit codes: 0 success, 1 runtime error (a CXRError, or any other exception: one line on stderr, newlines folded;
+CXR_TRACEBACK=1 re-raises unexpected ones), 2 usage error, 130 interrupted.
 Each command module imports the heavy library code inside its function, so `cxr --help` stays fast.
 """
 
@@ -56,10 +57,18 @@ eval_app.command("generation")(eval_generation.eval_generation_cmd)
 index_app.command("build")(index_cmd.build_cmd)
 index_app.command("add")(index_cmd.add_cmd)
 index_app.command("info")(index_cmd.info_cmd)
+index_app.command("verify")(index_cmd.verify_cmd)
+index_app.command("gc")(index_cmd.gc_cmd)
 app.command("query")(query.query_cmd)
 vlm_app.command("train")(vlm_train.vlm_train_cmd)
 app.command("generate")(generate.generate_cmd)
 app.command("demo")(demo.demo_cmd)
+
+
+def one_line(error: BaseException, limit: int = 600) -> str:
+    """An error message on one line: libraries (torch's refused pickles, pyarrow) raise multi-line ones."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,14 +82,24 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         code = 2
     except CXRError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         code = 130
+    except Exception as e:  # a bug or an unexpected library error: still one line, never a traceback
+        if os.environ.get("CXR_TRACEBACK"):
+            raise
+        where = getattr(e, "filename", None)
+        print(
+            f"error: {where + ': ' if where else ''}{type(e).__name__}: {one_line(e)} "
+            "(unexpected; set CXR_TRACEBACK=1 for the traceback)",
+            file=sys.stderr,
+        )
+        code = 1
     if argv is None:
         sys.exit(code)
     return code

@@ -81,10 +81,18 @@ def query_cmd(
 
     from cli.index_cmd import _load_model, recorded_model
     from index.search import Searcher
-    from index.store import read_info
+    from index.store import open_index
 
-    m = _load_model(model or recorded_model(read_info(index), index), device)
-    searcher = Searcher(index, m, backend=backend, device=device, nprobe=nprobe, ef_search=ef_search, mmap=mmap)
+    # The cheap checks first: a damaged index or an unreadable query image fails in well under a second,
+    # before the model (seconds) is loaded.
+    opened = open_index(index, mmap=mmap)
+    pixels = None
+    if image is not None and not batch:
+        from retrieval.data.image_io import read_image
+
+        pixels = read_image(image)
+    m = _load_model(model or recorded_model(opened.info, index), device)
+    searcher = Searcher(opened, m, backend=backend, device=device, nprobe=nprobe, ef_search=ef_search, mmap=mmap)
 
     if batch:
         _run_batch(searcher, image, out, k, target, exclude_patient, batch_size, workers, as_json)
@@ -93,7 +101,7 @@ def query_cmd(
         hits = searcher.query_text(text, k, target, exclude_patient=exclude_patient)
         query = {"text": text}
     else:
-        hits = searcher.query_image(image, k, target, exclude_patient=exclude_patient)
+        hits = searcher.query_image(pixels, k, target, exclude_patient=exclude_patient)
         query = {"image": str(image)}
     if as_json:
         doc = {**query, "index": str(index), "target": target, "k": k, "results": _records(hits)}

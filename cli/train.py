@@ -38,11 +38,14 @@ def train_cmd(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU) | fp32 | bf16 | fp16."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-run frozen towers every epoch (slow)."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in --out and start over."),
+    allow_outside: bool = typer.Option(False, "--allow-outside", help="Allow image paths outside the manifest folder."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip manifest rows that fail the check."),
     as_json: bool = typer.Option(False, "--json", help="Print the training summary as JSON."),
 ) -> None:
     """Train on the manifest's train split, validate on val each epoch, save the best model to --out.
 
     Re-running the same command after an interruption resumes from the last checkpoint."""
+    from retrieval.data.manifest import gate_manifest
     from retrieval.errors import UsageError
     from retrieval.losses import DEFAULT_POSITIVE_RULE, parse_loss_weights
     from retrieval.train import TrainConfig, train
@@ -69,7 +72,7 @@ def train_cmd(
         feature_cache=not no_cache,
         show_progress=not as_json,
     )
-    trained = train(manifest, model, out, config, fresh=fresh)
+    trained = train(gate_manifest(manifest, allow_outside, skip_bad_rows), model, out, config, fresh=fresh)
     info = trained.train_info
     if as_json:
         print(json.dumps(info, indent=2, default=str))

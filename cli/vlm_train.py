@@ -37,11 +37,14 @@ def vlm_train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    allow_outside: bool = typer.Option(False, "--allow-outside", help="Allow image paths outside the manifest folder."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip manifest rows that fail the check."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
 ) -> None:
     """Train the multi-task VLM on the manifest's train split, with exemplars retrieved from --index."""
     import torch
 
+    from retrieval.data.manifest import gate_manifest
     from retrieval.errors import UsageError
     from retrieval.generation.train import VLMTrainConfig, train_vlm
 
@@ -66,7 +69,8 @@ def vlm_train_cmd(
         lora=lora,
         lm_overrides={"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": 2 * hidden},
     )
-    info = train_vlm(manifest, out, config, index_dir=index, resume=resume)
+    checked = gate_manifest(manifest, allow_outside, skip_bad_rows)  # the shared validator, before any work
+    info = train_vlm(checked, out, config, index_dir=index, resume=resume)
     summary = {k: v for k, v in info.items() if k != "losses"}
     if as_json:
         print(json.dumps(summary, indent=2, default=str))

@@ -2,16 +2,21 @@
 
 How a build survives a kill at any moment (SIGKILL included):
 
-* The manifest's rows are cut into fixed shards of `shard_rows` consecutive rows. Each shard is encoded
-  (images in DataLoader workers, reports with `encode_texts`) and written as ONE file,
-  `OUT/.build/shard-NNNNNN.npz` (row ids, image vectors, report vectors, bad rows + reasons), under a
-  temporary name renamed into place. A shard file that exists is complete; a partial one only ever exists
-  under a temporary name and is deleted.
-* `OUT/.build/plan.json` pins the manifest (a digest of its image ids and paths), the model fingerprint and
-  the shard size: a rerun with the same inputs encodes only the missing shards; different inputs are refused.
-* When every shard is there, the FAISS indexes are trained (on a sample) and filled shard by shard, the
-  folder is written (index/store.py, index_info.json last) and `.build` is removed. Rows come out in manifest
-  order, so a resumed build equals an uninterrupted one.
+* The manifest first goes through the shared validator (`retrieval.data.manifest.check_manifest`): rows with
+  empty ids, unparseable labels, unknown splits or paths outside the manifest folder (without
+  `allow_outside`) fail the command before any work, or are skipped into bad_images.csv (`skip_bad_rows`).
+* The rows are cut into fixed shards of `shard_rows` consecutive rows. Each shard is encoded (images in
+  DataLoader workers, reports with `encode_texts`) and written as ONE file, `OUT/.build/shard-NNNNNN.npz`
+  (row ids, image vectors, report vectors, bad rows + reasons, and a sha256 of them all), under a temporary
+  name renamed into place. A shard that fails its checksum or does not cover its rows is refused by name.
+* `OUT/.build/plan.json` pins the manifest (a digest of its rows), the model fingerprint and the shard size,
+  and carries its own sha256: a rerun with the same inputs encodes only the missing shards; other inputs, or a
+  damaged plan, are refused with one line.
+* When every shard is there, the FAISS indexes are trained (on a sample) and filled shard by shard, and the
+  result is committed as a new generation (index/store.py: files fsynced and hashed, then CURRENT switched).
+  Rows come out in manifest order, so a resumed build equals an uninterrupted one.
+* A rerun after the commit (a kill between the commit and the clean-up, or simply the same command twice)
+  finds its manifest recorded in the current generation, removes the leftovers and exits 0 saying so.
 
 Memory stays flat in the number of images apart from the vectors themselves (and the manifest's metadata):
 only one shard of vectors is held while encoding, and one shard at a time is read while filling FAISS.
@@ -19,13 +24,13 @@ only one shard of vectors is held while encoding, and one shard at a time is rea
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +40,35 @@ import pandas as pd
 from index import store
 from index.factory import add_chunks, choose_factory, make_index, train_index, train_size
 from retrieval.errors import IndexError_, ManifestError
-from retrieval.fileio import atomic_path, write_json_atomic
+from retrieval.fileio import atomic_path, clean_temporaries, write_json_atomic
 
+log = logging.getLogger(__name__)
 SHARD_ROWS = 1024
 BUILD_DIR = ".build"
 ADD_DIR = ".add"
-LOCK_FILE = ".lock"
+LOCK_FILE = store.LOCK_FILE
+PLAN_FILE = "plan.json"
+SHARD_KEYS = ("ids", "images", "reports", "bad_ids", "bad_reasons")
 REPORTS_NOTE = (
     "one report vector per image row (same row ids as images.faiss; a study's report repeats per image); "
     "report searches return each study once"
 )
+exclusive = store.writer_lock  # the writer lock (kept under its old name)
+
+
+@dataclass
+class BuildOptions:
+    """How a build or add runs (everything but the manifest, the model and the folder)."""
+
+    factory: str | None = None
+    batch_size: int = 64
+    workers: int = 2
+    shard_rows: int = SHARD_ROWS
+    model_path: str | Path | None = None
+    precision: str | None = None
+    progress: bool = True
+    allow_outside: bool = False
+    skip_bad_rows: bool = False
 
 
 @dataclass
@@ -59,6 +83,9 @@ class BuildResult:
     encoded_rows: int
     resumed_rows: int
     seconds: float
+    already_done: bool = False
+    generation: str = ""
+    refused: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=store.BAD_COLUMNS))
 
     def as_dict(self) -> dict:
         """JSON-friendly summary for `--json`."""
@@ -67,11 +94,14 @@ class BuildResult:
             "count": self.count,
             "added": self.added,
             "bad_images": int(len(self.bad)),
-            "bad_list": str(self.index_dir / store.BAD_FILE) if len(self.bad) else None,
+            "bad_list": str(self.index_dir / self.generation / store.BAD_FILE) if len(self.bad) else None,
+            "refused_rows": int(len(self.refused)),
             "factory": self.factory,
             "encoded_rows": self.encoded_rows,
             "resumed_rows": self.resumed_rows,
             "seconds": round(self.seconds, 2),
+            "already_done": self.already_done,
+            "generation": self.generation,
         }
 
 
@@ -83,31 +113,40 @@ def report_text(row: Any) -> str:
     return text
 
 
-def prepare_rows(manifest: pd.DataFrame | str | Path) -> pd.DataFrame:
-    """The manifest as the rows an index stores (meta columns, resolved absolute image paths, report text)."""
-    from retrieval.data.manifest import normalize_manifest, read_manifest, resolve_image_path
+def prepare(
+    manifest: pd.DataFrame | str | Path, allow_outside: bool = False, skip_bad_rows: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The manifest as the rows an index stores (meta columns, normalised absolute image paths, report text),
+    after the shared validator; and the refused rows (row, image_id, path, reason), with `skip_bad_rows`.
+
+    rows.attrs["positions"] holds each kept row's position in the manifest."""
+    from retrieval.data.manifest import check_manifest, normalize_manifest, read_manifest, resolve_image_path
 
     if isinstance(manifest, str | Path):
         df = read_manifest(manifest)
     else:
-        root = manifest.attrs.get("root")
+        attrs = dict(manifest.attrs)
         df = normalize_manifest(manifest)
-        df.attrs["root"] = root
+        df.attrs.update({k: v for k, v in attrs.items() if k in ("root", "path")})
     missing = [c for c in ("image_id", "study_id", "patient_id", "image_path") if c not in df.columns]
     if missing:
         raise ManifestError(f"{df.attrs.get('path', 'manifest')}: missing column(s) {', '.join(missing)}")
     if len(df) == 0:
-        raise ManifestError(f"{df.attrs.get('root', 'manifest')}: the manifest has no rows")
-    dup = df["image_id"][df["image_id"].duplicated()]
-    if len(dup):
-        raise ManifestError(f"image_id {dup.iloc[0]!r} appears more than once ({len(dup)} duplicates) in the manifest")
+        raise ManifestError(f"{df.attrs.get('path') or df.attrs.get('root') or 'manifest'}: the manifest has no rows")
+    checked = check_manifest(df, allow_outside=allow_outside, skip_bad_rows=skip_bad_rows)
+    df = checked.rows
+    if len(df) == 0:
+        raise ManifestError(f"{df.attrs.get('path', 'manifest')}: every row was refused; see the reasons above")
     root = df.attrs.get("root")
     rows = pd.DataFrame(
         {
             "image_id": df["image_id"].astype(str),
             "study_id": df["study_id"].astype(str),
             "patient_id": df["patient_id"].astype(str),
-            "image_path": [str(resolve_image_path(root, p)) if str(p).strip() else "" for p in df["image_path"]],
+            "image_path": [
+                str(resolve_image_path(root, p, allow_outside=allow_outside)) if str(p).strip() else ""
+                for p in df["image_path"]
+            ],
             "view": df["view"].astype(str),
             "report": [report_text(r) for r in df.to_dict("records")],
             "labels": [list(x) for x in df["labels"]],
@@ -116,68 +155,128 @@ def prepare_rows(manifest: pd.DataFrame | str | Path) -> pd.DataFrame:
         }
     )
     rows["has_report"] = rows["report"].str.len() > 0
-    return rows.reset_index(drop=True)
+    rows = rows.reset_index(drop=True)
+    rows.attrs["positions"] = checked.positions
+    return rows, checked.refused
+
+
+def prepare_rows(manifest: pd.DataFrame | str | Path, allow_outside: bool = True) -> pd.DataFrame:
+    """The rows an index stores (see `prepare`); a manifest with unusable rows is a ManifestError."""
+    return prepare(manifest, allow_outside=allow_outside)[0]
 
 
 def manifest_digest(rows: pd.DataFrame) -> str:
-    """A digest of the rows' ids, paths and texts: a resumed build must see the same manifest."""
+    """A digest of every stored column of the rows: a resumed build must see the same manifest, and a rerun
+    after the commit is recognised as done only for the very same rows."""
     h = hashlib.sha256()
-    for col in ("image_id", "image_path", "report"):
-        h.update("\x1f".join(rows[col]).encode())
+    for col in ("image_id", "study_id", "patient_id", "image_path", "view", "report", "split", "source"):
+        h.update("\x1f".join(rows[col].astype(str)).encode())
         h.update(b"\x1e")
+    h.update(json.dumps([list(v) for v in rows["labels"]]).encode())
     return h.hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def exclusive(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` so that two builds/adds never write it at once. A POSIX record lock:
-    it belongs to this process only (forked DataLoader workers do not inherit it) and the OS drops it when the
-    process dies (SIGKILL included), so a rerun after a kill is never blocked."""
-    import errno
-    import fcntl
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a") as f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
-            raise IndexError_(f"{folder}: another `cxr index build/add` is writing this folder right now") from None
-        try:
-            yield
-        finally:
-            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def _shard_path(work: Path, s: int) -> Path:
     return work / f"shard-{s:06d}.npz"
 
 
+def _plan_sha(plan: dict) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def read_plan(work: Path) -> dict | None:
+    """The plan of an unfinished run in `work` (None when there is none); a damaged one is refused by name."""
+    path = work / PLAN_FILE
+    if not path.is_file():
+        return None
+    hint = f"delete {work} to start over (finished shards are only a cache)"
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise IndexError_(f"{path}: damaged build plan ({type(e).__name__}); {hint}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("plan"), dict) or doc.get("sha256") != _plan_sha(
+        doc["plan"]
+    ):
+        raise IndexError_(f"{path}: damaged build plan (its checksum does not match); {hint}")
+    return doc["plan"]
+
+
 def _check_plan(work: Path, plan: dict) -> None:
-    """Create plan.json, or check that the unfinished run in `work` had the same inputs."""
-    path = work / "plan.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = None
-        if old is not None:
-            diff = [k for k in plan if old.get(k) != plan[k]]
-            if diff:
-                raise IndexError_(
-                    f"{work}: an unfinished run with other inputs is here (different {', '.join(diff)}); "
-                    f"rerun it with the same manifest and model, or delete {work} to start over"
-                )
-            return
+    """Create plan.json (with its own sha256), or check that the unfinished run in `work` had the same inputs."""
+    old = read_plan(work)
+    if old is not None:
+        diff = [k for k in plan if old.get(k) != plan[k]]
+        if diff:
+            raise IndexError_(
+                f"{work}: an unfinished run with other inputs is here (different {', '.join(diff)}); "
+                f"rerun it with the same manifest and model, or delete {work} to start over"
+            )
+        return
     work.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, plan)
+    write_json_atomic(work / PLAN_FILE, {"plan": plan, "sha256": _plan_sha(plan)})
 
 
 def _clean_partial(work: Path) -> None:
     """Delete temporary files a killed run left behind (completed shards are never temporary)."""
-    for p in work.glob(".*.tmp"):
-        p.unlink(missing_ok=True)
+    clean_temporaries(work)
+
+
+def _shard_digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in SHARD_KEYS:
+        a = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def load_shard(path: Path, lo: int | None = None, hi: int | None = None, dim: int | None = None) -> dict:
+    """One shard's arrays, checked: no pickles, its own sha256, and (given lo/hi) that its good and bad row ids
+    are exactly rows lo..hi-1. A damaged shard is an IndexError_ naming the file."""
+    hint = f"delete it to re-encode it (or delete {path.parent} to start over)"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in (*SHARD_KEYS, "sha256")}
+    except Exception as e:  # zip, format and pickle refusals come in many types
+        why = (str(e).splitlines() or [""])[0][:80]
+        raise IndexError_(f"{path}: damaged shard ({type(e).__name__}: {why}); {hint}") from None
+    if str(arrays.pop("sha256")) != _shard_digest(arrays):
+        raise IndexError_(f"{path}: damaged shard (checksum mismatch); {hint}")
+    ids, bad_ids = arrays["ids"], arrays["bad_ids"]
+    n = len(ids)
+    if arrays["images"].shape[0] != n or arrays["reports"].shape[0] != n or len(arrays["bad_reasons"]) != len(bad_ids):
+        raise IndexError_(f"{path}: damaged shard (array lengths disagree); {hint}")
+    if lo is not None and hi is not None:
+        got = np.sort(np.concatenate([ids, bad_ids]).astype(np.int64))
+        if not np.array_equal(got, np.arange(lo, hi)):
+            raise IndexError_(f"{path}: shard does not hold rows {lo}..{hi - 1} of this manifest; {hint}")
+    if dim is not None and n and (arrays["images"].shape[1] != dim or arrays["reports"].shape[1] != dim):
+        raise IndexError_(f"{path}: shard vectors have dim {arrays['images'].shape[1]}, the model {dim}; {hint}")
+    return arrays
+
+
+def _write_shard(path: Path, ids: np.ndarray, img: np.ndarray, txt: np.ndarray, bad: list) -> None:
+    arrays = {
+        "ids": np.asarray(ids, dtype=np.int64),
+        "images": img.astype(np.float32),
+        "reports": txt.astype(np.float32),
+        "bad_ids": np.asarray([i for i, _ in bad], dtype=np.int64),
+        "bad_reasons": np.asarray([r for _, r in bad], dtype=str),
+    }
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, sha256=np.asarray(_shard_digest(arrays)), **arrays)
+
+
+def check_shards(work: Path, n: int, shard_rows: int, dim: int) -> None:
+    """Refuse a resume over shards that are damaged or belong to other rows (before any new work)."""
+    for p in sorted(work.glob("shard-*.npz")):
+        try:
+            s = int(p.stem.split("-")[1])
+        except (IndexError, ValueError):
+            raise IndexError_(f"{p}: not a shard of this build; delete {work} to start over") from None
+        if s * shard_rows >= n:
+            raise IndexError_(f"{p}: beyond the manifest's {n} rows; delete {work} to start over")
+        load_shard(p, s * shard_rows, min(n, (s + 1) * shard_rows), dim)
 
 
 def encode_shards(
@@ -196,6 +295,7 @@ def encode_shards(
 
     _clean_partial(work)
     n = len(rows)
+    check_shards(work, n, shard_rows, int(model.embed_dim))
     n_shards = (n + shard_rows - 1) // shard_rows
     pending = [s for s in range(n_shards) if not _shard_path(work, s).is_file()]
     done_rows = n - sum(min(shard_rows, n - s * shard_rows) for s in pending)
@@ -228,15 +328,7 @@ def encode_shards(
                 all_ids = np.concatenate(ids_l)
                 img = np.concatenate(vecs_l) if len(all_ids) else np.zeros((0, model.embed_dim), np.float32)
                 txt = np.asarray(model.encode_texts(list(texts[all_ids]), batch_size=batch_size), np.float32)
-                with atomic_path(_shard_path(work, s)) as tmp, open(tmp, "wb") as f:
-                    np.savez(
-                        f,
-                        ids=all_ids,
-                        images=img.astype(np.float32),
-                        reports=txt.astype(np.float32),
-                        bad_ids=np.asarray([i for i, _ in bad_l], dtype=np.int64),
-                        bad_reasons=np.asarray([r for _, r in bad_l], dtype=str),
-                    )
+                _write_shard(_shard_path(work, s), all_ids, img, txt, bad_l)
                 del acc[s]
             encoded += len(ids) + len(bad)
             bar.advance(task, len(ids) + len(bad))
@@ -245,24 +337,28 @@ def encode_shards(
 
 def _iter_shards(work: Path, key: str) -> Iterator[np.ndarray]:
     for p in sorted(work.glob("shard-*.npz")):
-        with np.load(p) as z:
+        with np.load(p, allow_pickle=False) as z:
             yield z[key]
 
 
 def _collect(work: Path, rows: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame, int]:
-    """The good row ids (manifest order) and the bad rows of a finished shard set, and the vector dim."""
+    """The good row ids (manifest order) and the bad rows of a finished shard set, and the vector dim.
+
+    A bad row's `row` is its position in the manifest (rows refused by the validator are not in `rows`)."""
     ids, bad_ids, reasons, dim = [], [], [], 0
     for p in sorted(work.glob("shard-*.npz")):
-        with np.load(p) as z:
-            ids.append(z["ids"])
-            bad_ids.extend(z["bad_ids"].tolist())
-            reasons.extend(z["bad_reasons"].tolist())
-            dim = dim or int(z["images"].shape[1])
+        z = load_shard(p)
+        ids.append(z["ids"])
+        bad_ids.extend(z["bad_ids"].tolist())
+        reasons.extend(z["bad_reasons"].tolist())
+        dim = dim or int(z["images"].shape[1])
     good = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     bad_ids = np.asarray(bad_ids, dtype=np.int64)
+    positions = rows.attrs.get("positions")
+    positions = np.arange(len(rows)) if positions is None else np.asarray(positions)
     bad = pd.DataFrame(
         {
-            "row": bad_ids,
+            "row": positions[bad_ids] if len(bad_ids) else np.zeros(0, np.int64),
             "image_id": rows["image_id"].to_numpy()[bad_ids] if len(bad_ids) else [],
             "path": rows["image_path"].to_numpy()[bad_ids] if len(bad_ids) else [],
             "reason": reasons,
@@ -296,19 +392,38 @@ def _fill(work: Path, key: str, factory: str, dim: int, n: int) -> Any:
 def _meta(rows: pd.DataFrame, good: np.ndarray, start: int = 0) -> pd.DataFrame:
     meta = rows.iloc[good].reset_index(drop=True)
     meta.insert(0, "row_id", np.arange(start, start + len(meta), dtype=np.int64))
-    return meta[store.META_COLUMNS]
+    meta = meta[store.META_COLUMNS].copy()
+    meta.attrs = {}
+    return meta
 
 
-def _manifest_record(manifest: Any, rows: pd.DataFrame, indexed: int, bad: int, digest: str) -> dict:
+def _manifest_record(manifest: Any, rows: pd.DataFrame, indexed: int, bad: int, digest: str, kind: str) -> dict:
     src = str(Path(manifest).resolve()) if isinstance(manifest, str | Path) else "<DataFrame>"
     return {
         "manifest": src,
+        "kind": kind,
         "rows": len(rows),
         "indexed": indexed,
         "bad_images": bad,
         "digest": digest,
         "at": store.now_iso(),
     }
+
+
+def _all_bad(bad: pd.DataFrame, refused: pd.DataFrame) -> pd.DataFrame:
+    """Unreadable images and rows the validator refused, in manifest order: the bad-rows report."""
+    frames = [f.astype({"row": np.int64}) for f in (bad, refused) if len(f)]
+    if not frames:
+        return pd.DataFrame(columns=store.BAD_COLUMNS)
+    return pd.concat(frames, ignore_index=True).sort_values("row", kind="stable").reset_index(drop=True)
+
+
+def _options(opts: BuildOptions | None, **kw: Any) -> BuildOptions:
+    opts = opts or BuildOptions()
+    for k, v in kw.items():
+        if v is not None:
+            setattr(opts, k, v)
+    return opts
 
 
 def build_index(
@@ -322,23 +437,53 @@ def build_index(
     model_path: str | Path | None = None,
     precision: str | None = None,
     progress: bool = True,
+    allow_outside: bool = False,
+    skip_bad_rows: bool = False,
+    options: BuildOptions | None = None,
 ) -> BuildResult:
-    """Build (or resume building) an index folder at `out_dir` from a manifest with `model`."""
-    with exclusive(Path(out_dir)):
-        return _build(
-            manifest, model, Path(out_dir), factory, batch_size, workers, shard_rows, model_path, precision, progress
-        )
+    """Build (or resume building) an index folder at `out_dir` from a manifest with `model`.
+
+    Rerunning a build whose result is already committed returns at once (`already_done`)."""
+    opts = options or BuildOptions(
+        factory, batch_size, workers, shard_rows, model_path, precision, progress, allow_outside, skip_bad_rows
+    )
+    out = Path(out_dir)
+    with store.writer_lock(out):
+        return _build(manifest, model, out, opts)
 
 
-def _build(manifest, model, out: Path, factory, batch_size, workers, shard_rows, model_path, precision, progress):
+def _done(out: Path, info: dict, digest: str, work: Path, t0: float, kind: str) -> BuildResult | None:
+    """The result of an already committed run with this digest (its leftovers removed), else None."""
+    rec = next((m for m in info.get("manifests", []) if m.get("digest") == digest), None)
+    if rec is None or (kind == "build" and len(info.get("manifests", [])) != 1):
+        return None
+    shutil.rmtree(work, ignore_errors=True)
+    ref = store.resolve(out)
+    bad = store.read_bad(out)
+    n = int(info["count"])
+    log.info("%s: this %s is already committed (%s)", out, kind, ref.name)
+    return BuildResult(
+        out, n, 0, bad.iloc[0:0], info["factory"], 0, int(rec.get("rows", 0)), time.perf_counter() - t0, True, ref.name
+    )
+
+
+def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildResult:
     t0 = time.perf_counter()
-    if (out / store.INFO_FILE).exists():
-        raise IndexError_(f"{out}: already holds an index; extend it with `cxr index add` or choose another --out")
-    if factory is not None:
-        make_index(factory, int(model.embed_dim))  # a bad --factory fails now, not after encoding
-    rows = prepare_rows(manifest)
-    digest = manifest_digest(rows)
     work = out / BUILD_DIR
+    store.collect_garbage(out)  # leftovers of a killed commit: unfinished generations, temporaries
+    if opts.factory is not None:
+        make_index(opts.factory, int(model.embed_dim))  # a bad --factory fails now, not after encoding
+    if store.has_index(out):
+        info = store.read_info(out)
+        rows, _ = prepare(manifest, opts.allow_outside, opts.skip_bad_rows)
+        same_model = info["model"].get("fingerprint") == str(model.fingerprint)
+        same_factory = opts.factory is None or opts.factory == info["factory"]
+        done = _done(out, info, manifest_digest(rows), work, t0, "build") if same_model and same_factory else None
+        if done is not None:
+            return done
+        raise IndexError_(f"{out}: already holds an index; extend it with `cxr index add` or choose another --out")
+    rows, refused = prepare(manifest, opts.allow_outside, opts.skip_bad_rows)
+    digest = manifest_digest(rows)
     _check_plan(
         work,
         {
@@ -346,40 +491,37 @@ def _build(manifest, model, out: Path, factory, batch_size, workers, shard_rows,
             "manifest_digest": digest,
             "rows": len(rows),
             "model_fingerprint": str(model.fingerprint),
-            "shard_rows": shard_rows,
+            "shard_rows": opts.shard_rows,
         },
     )
-    encoded, resumed = encode_shards(work, rows, model, batch_size, workers, shard_rows, precision, progress)
+    encoded, resumed = encode_shards(
+        work, rows, model, opts.batch_size, opts.workers, opts.shard_rows, opts.precision, opts.progress
+    )
 
     good, bad, dim = _collect(work, rows)
+    all_bad = _all_bad(bad, refused)
     if len(good) == 0:
-        store.write_bad(bad, out / store.BAD_FILE)
+        store.write_bad(all_bad, out / store.BAD_FILE)
         raise IndexError_(f"{out}: none of the {len(rows)} images could be read; see {out / store.BAD_FILE}")
-    factory = factory or choose_factory(len(good), dim)
+    factory = opts.factory or choose_factory(len(good), dim)
     images = _fill(work, "images", factory, dim, len(good))
     reports = _fill(work, "reports", factory, dim, len(good))
     info = {
         "factory": factory,
         "normalized": True,
-        "model": store.model_record(model, model_path),
+        "model": store.model_record(model, opts.model_path),
         "reports": REPORTS_NOTE,
         "versions": store.versions(),
         "created": store.now_iso(),
-        "manifests": [_manifest_record(manifest, rows, len(good), len(bad), digest)],
+        "manifests": [_manifest_record(manifest, rows, len(good), len(all_bad), digest, "build")],
     }
-    store.save_index(out, images, reports, _meta(rows, good), info, bad)
+    (out / store.BAD_FILE).unlink(missing_ok=True)  # a failed earlier attempt's list
+    gen = store.commit_generation(out, images, reports, _meta(rows, good), info, all_bad)
     shutil.rmtree(work, ignore_errors=True)
-    return BuildResult(out, len(good), len(good), bad, factory, encoded, resumed, time.perf_counter() - t0)
-
-
-def _extend(path: Path, index: Any, work: Path, key: str, base: int, target: int) -> tuple[Any, bool]:
-    """Append this add's vectors unless the file already holds them (a resumed, half-written add)."""
-    if index.ntotal == target:
-        return index, False
-    if index.ntotal != base:
-        raise IndexError_(f"{path}: has {index.ntotal} rows, expected {base} or {target}; the index is damaged")
-    add_chunks(index, _iter_shards(work, key))
-    return index, True
+    return BuildResult(
+        out, len(good), len(good), all_bad, factory, encoded, resumed, time.perf_counter() - t0, False, gen.name,
+        refused,
+    )
 
 
 def add_to_index(
@@ -391,24 +533,33 @@ def add_to_index(
     shard_rows: int = SHARD_ROWS,
     precision: str | None = None,
     progress: bool = True,
+    allow_outside: bool = False,
+    skip_bad_rows: bool = False,
+    options: BuildOptions | None = None,
 ) -> BuildResult:
-    """Append a manifest's images to an existing index (same model fingerprint, new image_ids); resumable."""
+    """Append a manifest's images to an existing index (same model fingerprint, new image_ids) as a new
+    generation; resumable, and a rerun after the commit returns at once (`already_done`)."""
+    opts = options or BuildOptions(
+        None, batch_size, workers, shard_rows, None, precision, progress, allow_outside, skip_bad_rows
+    )
     store.read_info(index_dir)  # a missing index is an error before anything is written
-    with exclusive(Path(index_dir)):
-        return _add(Path(index_dir), manifest, model, batch_size, workers, shard_rows, precision, progress)
+    with store.writer_lock(Path(index_dir)):
+        return _add(Path(index_dir), manifest, model, opts)
 
 
-def _add(out: Path, manifest, model, batch_size, workers, shard_rows, precision, progress) -> BuildResult:
+def _add(out: Path, manifest: Any, model: Any, opts: BuildOptions) -> BuildResult:
     t0 = time.perf_counter()
-    info = store.read_info(out)
-    store.check_model(info, model, out)
-    rows = prepare_rows(manifest)
+    store.collect_garbage(out)
+    current = store.open_index(out, model, full=True)  # the generation this add extends, fully checked
+    info = current.info
+    rows, refused = prepare(manifest, opts.allow_outside, opts.skip_bad_rows)
     digest = manifest_digest(rows)
     work = out / ADD_DIR
-    plan_path = work / "plan.json"
-    base = int(json.loads(plan_path.read_text())["base_count"]) if plan_path.is_file() else int(info["count"])
-    meta = pd.read_parquet(out / store.META_FILE)
-    existing = set(meta["image_id"].iloc[:base])
+    done = _done(out, info, digest, work, t0, "add")
+    if done is not None:
+        return done
+    base = current.count
+    existing = set(current.meta["image_id"])
     dup = [i for i in rows["image_id"] if i in existing]
     if dup:
         raise IndexError_(
@@ -422,31 +573,29 @@ def _add(out: Path, manifest, model, batch_size, workers, shard_rows, precision,
             "manifest_digest": digest,
             "rows": len(rows),
             "model_fingerprint": str(model.fingerprint),
-            "shard_rows": shard_rows,
-            "base_count": base,
+            "shard_rows": opts.shard_rows,
         },
     )
-    encoded, resumed = encode_shards(work, rows, model, batch_size, workers, shard_rows, precision, progress)
+    encoded, resumed = encode_shards(
+        work, rows, model, opts.batch_size, opts.workers, opts.shard_rows, opts.precision, opts.progress
+    )
     good, bad, _ = _collect(work, rows)
     target = base + len(good)
-
-    images, _ = _extend(
-        out / store.IMAGES_FILE, store.read_faiss(out / store.IMAGES_FILE), work, "images", base, target
-    )
-    reports, _ = _extend(
-        out / store.REPORTS_FILE, store.read_faiss(out / store.REPORTS_FILE), work, "reports", base, target
-    )
-    if len(meta) == base:
-        meta = pd.concat([meta, _meta(rows, good, start=base)], ignore_index=True)
-    elif len(meta) != target:
-        raise IndexError_(f"{out / store.META_FILE}: has {len(meta)} rows, expected {base} or {target}")
+    images, reports = current.images, current.reports  # in memory: the files of the old generation stay as they are
+    add_chunks(images, _iter_shards(work, "images"))
+    add_chunks(reports, _iter_shards(work, "reports"))
+    meta = pd.concat([current.meta, _meta(rows, good, start=base)], ignore_index=True)
+    new_bad = _all_bad(bad, refused).astype(str)
     old_bad = store.read_bad(out)
-    new_bad = bad.astype(str)
     all_bad = pd.concat([old_bad, new_bad], ignore_index=True).drop_duplicates(subset=["image_id", "path"])
-    info = dict(info)
+    info = {k: v for k, v in info.items() if k != "files"}
     info["updated"] = store.now_iso()
-    records = [m for m in info.get("manifests", []) if m.get("digest") != digest]
-    info["manifests"] = records + [_manifest_record(manifest, rows, len(good), len(bad), digest)]
-    store.save_index(out, images, reports, meta, info, all_bad)
+    info["manifests"] = list(info.get("manifests", [])) + [
+        _manifest_record(manifest, rows, len(good), len(new_bad), digest, "add")
+    ]
+    gen = store.commit_generation(out, images, reports, meta, info, all_bad)
     shutil.rmtree(work, ignore_errors=True)
-    return BuildResult(out, target, len(good), bad, info["factory"], encoded, resumed, time.perf_counter() - t0)
+    return BuildResult(
+        out, target, len(good), new_bad, info["factory"], encoded, resumed, time.perf_counter() - t0, False,
+        gen.name, refused,
+    )

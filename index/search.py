@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from index.store import CXRIndex, open_index
-from retrieval.errors import UsageError
+from retrieval.errors import IndexError_, UsageError
 
 BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
 RESULT_COLUMNS = [
@@ -130,6 +130,35 @@ def make_backend(index: Any, backend: str = "auto", device: str | None = None, p
     return FaissBackend(index)
 
 
+SCORE_SLACK = 1e-3
+_APPROXIMATE_CODES = ("PQ", "SQ", "LSH", "RaBitQ")
+
+
+def scores_are_bounded(info: dict) -> bool:
+    """True when every score of the index must lie in [-1, 1]: normalised vectors, inner product, and a factory
+    that keeps exact vectors (or re-ranks with them). Compressed codes (PQ, SQ, ...) may stray a little."""
+    factory = str(info.get("factory", ""))
+    exact = not any(code in factory for code in _APPROXIMATE_CODES) or "RFlat" in factory or "Refine" in factory
+    return bool(info.get("normalized", True)) and info.get("metric", "inner_product") == "inner_product" and exact
+
+
+def check_scores(scores: np.ndarray, ids: np.ndarray, where: Any, norms: np.ndarray | None = None) -> None:
+    """The last guard against a damaged index: a score outside [-1 - 1e-3, 1 + 1e-3] (or NaN) among real hits
+    cannot come from unit vectors, so the search is refused instead of answered. `norms` (one per query) widens
+    the bound for queries that are not unit vectors (|q . x| <= |q| for a unit x)."""
+    limit = 1 + SCORE_SLACK
+    if norms is not None:
+        limit = np.maximum(np.asarray(norms, dtype=np.float64), 1.0)[:, None] * limit
+    limit = np.broadcast_to(limit, scores.shape)
+    real = ids >= 0
+    bad = scores[real & ~((scores >= -limit) & (scores <= limit))]
+    if len(bad):
+        raise IndexError_(
+            f"{where}: damaged, search returned score {float(bad[0]):.6g} outside [-1, 1] on a normalised "
+            "inner-product index; run `cxr index verify` and rebuild"
+        )
+
+
 def set_search_params(index: Any, nprobe: int | None = None, ef_search: int | None = None) -> None:
     """Set query-time parameters through faiss.ParameterSpace; one the index lacks is a usage error."""
     import faiss
@@ -180,6 +209,7 @@ class Searcher:
         self._patients = meta["patient_id"].astype(str).to_numpy()
         self._studies = meta["study_id"].astype(str).to_numpy()
         self._has_report = meta["has_report"].to_numpy(dtype=bool)
+        self._bounded = scores_are_bounded(self.index.info)
 
     def backend(self, target: str) -> Any:
         """The (lazily created) backend searching `target` ('images' or 'reports')."""
@@ -234,6 +264,8 @@ class Searcher:
         todo = np.arange(nq)
         while len(todo):
             scores, ids = backend.search(queries[todo], fetch)
+            if self._bounded:
+                check_scores(scores, ids, self.index.file(target), np.linalg.norm(queries[todo], axis=1))
             again = []
             for j, q in enumerate(todo):
                 keep = self._keep(ids[j], target, pats[q], studs[q])

@@ -91,7 +91,7 @@ def run_demo(
     """Run (or reuse) each step of the demo and return the query, what it retrieved and the generated report."""
     from index.build import build_index
     from index.search import Searcher
-    from index.store import INFO_FILE
+    from index.store import has_index
     from retrieval.data.demo import build_demo_corpus
     from retrieval.data.manifest import resolve_image_path
     from retrieval.models import load_model
@@ -126,7 +126,7 @@ def run_demo(
     model.eval()
 
     gallery = manifest[manifest["split"].isin(["train", "val"])]
-    cached["index"] = (index_dir / INFO_FILE).exists()
+    cached["index"] = has_index(index_dir)
     log(f"[3/5] index {len(gallery):,} train+val studies -> {index_dir}" + (" (cached)" if cached["index"] else ""))
     if not cached["index"]:
         _timed(

@@ -39,7 +39,7 @@ from retrieval.evaluate import (
     ranked_relevance,
     split_items,
 )
-from retrieval.fileio import atomic_path, write_json_atomic
+from retrieval.fileio import atomic_path, clean_temporaries, write_json_atomic
 from retrieval.losses import DEFAULT_POSITIVE_RULE, POSITIVE_RULES, CompositeLoss
 from retrieval.models import text_features
 from retrieval.models.checkpoint import fingerprint_state
@@ -620,6 +620,7 @@ class Trainer:
         self.tower_hash = {k: fingerprint_state(t.state_dict()) for k, t in towers.items() if tower_frozen(t)}
         self._plan_image_cache(towers["image"])
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / CACHE_DIR
+        clean_temporaries(self.out, self.ckpt_dir, self.cache_dir)  # what a killed run left behind
         return self.model
 
     def _plan_image_cache(self, tower: nn.Module) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,11 +19,11 @@ import torch
 from test_index_helpers import FakeModel, FakeTransform, make_corpus
 
 from index import store
-from index.build import BUILD_DIR, add_to_index, build_index
+from index.build import BUILD_DIR, _plan_sha, add_to_index, build_index
 from index.search import Searcher
 from retrieval.data.image_io import read_image
 from retrieval.data.manifest import read_manifest, write_manifest
-from retrieval.errors import IndexError_
+from retrieval.errors import IndexError_, ManifestError
 
 faiss.omp_set_num_threads(1)
 TESTS = Path(__file__).resolve().parent
@@ -80,12 +81,21 @@ def test_an_indexed_image_finds_itself(built, corpus):
 
 
 def test_existing_index_and_other_inputs_are_refused(built, corpus, tmp_path):
+    again = build_index(corpus, FakeModel(), built, progress=False)  # the same build, already committed
+    assert again.already_done and again.count == 40 and again.encoded_rows == 0
+    other = tmp_path / "other.parquet"
+    write_manifest(read_manifest(corpus).iloc[:10].assign(image_path=lambda d: [
+        str(Path(read_manifest(corpus).attrs["root"]) / p) for p in d["image_path"]]), other)  # fmt: skip
     with pytest.raises(IndexError_, match="already holds an index"):
-        build_index(corpus, FakeModel(), built, progress=False)
+        build_index(other, FakeModel(), built, progress=False, allow_outside=True)
     out = tmp_path / "i"
     (out / BUILD_DIR).mkdir(parents=True)
-    (out / BUILD_DIR / "plan.json").write_text('{"kind": "build", "manifest_digest": "other"}')
+    plan = {"kind": "build", "manifest_digest": "other"}
+    (out / BUILD_DIR / "plan.json").write_text(json.dumps({"plan": plan, "sha256": _plan_sha(plan)}))
     with pytest.raises(IndexError_, match="different manifest_digest"):
+        build_index(corpus, FakeModel(), out, workers=0, progress=False)
+    (out / BUILD_DIR / "plan.json").write_text('{"kind": "build", "manifest_digest": "other"}')  # no checksum
+    with pytest.raises(IndexError_, match="plan.json: damaged build plan"):
         build_index(corpus, FakeModel(), out, workers=0, progress=False)
 
 
@@ -117,10 +127,12 @@ def test_add_appends_and_equals_a_single_build(corpus, built, tmp_path):
         df["image_path"] = [str(Path(manifest.attrs["root"]) / x) for x in df["image_path"]]
         write_manifest(df, p)
     out = tmp_path / "idx"
-    build_index(first, FakeModel(), out, workers=0, shard_rows=8, progress=False)
+    with pytest.raises(ManifestError, match="outside the manifest folder"):  # absolute paths elsewhere: explicit
+        build_index(first, FakeModel(), out, workers=0, shard_rows=8, progress=False)
+    build_index(first, FakeModel(), out, workers=0, shard_rows=8, progress=False, allow_outside=True)
     with pytest.raises(IndexError_, match="fingerprint"):
-        add_to_index(out, second, FakeModel(seed=1), workers=0, progress=False)
-    res = add_to_index(out, second, FakeModel(), workers=0, shard_rows=8, progress=False)
+        add_to_index(out, second, FakeModel(seed=1), workers=0, progress=False, allow_outside=True)
+    res = add_to_index(out, second, FakeModel(), workers=0, shard_rows=8, progress=False, allow_outside=True)
     assert (res.added, res.count, len(res.bad)) == (22, 40, 0)  # rows 20..41; both bad images were in `first`
     whole, part = store.open_index(built), store.open_index(out)
     assert part.count == whole.count == 40
@@ -128,8 +140,12 @@ def test_add_appends_and_equals_a_single_build(corpus, built, tmp_path):
     np.testing.assert_allclose(part.reports.reconstruct_n(0, 40), whole.reports.reconstruct_n(0, 40), atol=1e-6)
     pd.testing.assert_frame_equal(part.meta, whole.meta)
     assert len(store.read_bad(out)) == 2 and len(part.info["manifests"]) == 2
+    again = add_to_index(out, second, FakeModel(), workers=0, progress=False, allow_outside=True)
+    assert again.already_done and again.count == 40  # the same add, already committed: nothing to do
+    third = tmp_path / "c.parquet"
+    write_manifest(read_manifest(second).iloc[:3], third)
     with pytest.raises(IndexError_, match="already in the index"):
-        add_to_index(out, second, FakeModel(), workers=0, progress=False)
+        add_to_index(out, third, FakeModel(), workers=0, progress=False, allow_outside=True)
 
 
 def test_build_with_an_hnsw_factory(corpus, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from index import store
 from index.factory import build_from_vectors
 from retrieval.errors import IndexError_
+from retrieval.fileio import sha256_file
 
 faiss.omp_set_num_threads(1)
 
@@ -55,8 +56,10 @@ def saved(tmp_path):
 
 def test_round_trip(saved):
     path, x, model = saved
-    assert sorted(p.name for p in path.iterdir()) == sorted(
-        [store.IMAGES_FILE, store.REPORTS_FILE, store.META_FILE, store.INFO_FILE, store.BAD_FILE]
+    assert sorted(p.name for p in path.iterdir()) == [store.LOCK_FILE, store.CURRENT_FILE, "gen-000001"]
+    gen = store.resolve(path).gen_dir
+    assert sorted(p.name for p in gen.iterdir()) == sorted(
+        [store.READ_LOCK, store.IMAGES_FILE, store.REPORTS_FILE, store.META_FILE, store.INFO_FILE, store.BAD_FILE]
     )
     idx = store.open_index(path, model)
     assert idx.count == 20 and idx.dim == 8
@@ -64,11 +67,12 @@ def test_round_trip(saved):
     np.testing.assert_array_equal(idx.reports.reconstruct_n(0, 20), x[::-1])
     pd.testing.assert_frame_equal(idx.meta.drop(columns="labels"), _meta(20).drop(columns="labels"))
     assert [list(v) for v in idx.meta["labels"]] == list(_meta(20)["labels"])
-    info = json.loads((path / store.INFO_FILE).read_text())
+    info = json.loads((gen / store.INFO_FILE).read_text())
     assert info["metric"] == "inner_product" and info["count"] == 20 and info["dim"] == 8
+    assert sorted(info["files"]) == sorted([store.IMAGES_FILE, store.REPORTS_FILE, store.META_FILE, store.BAD_FILE])
     assert info["bad_images"] == 1
     assert list(store.read_bad(path)["reason"]) == ["empty file"]
-    assert not list(path.glob(".*.tmp"))  # no temporary files left
+    assert not list(path.glob("**/.*.tmp"))  # no temporary files left
 
 
 def test_fingerprint_mismatch_is_refused_naming_both(saved):
@@ -86,24 +90,36 @@ def test_missing_and_corrupt_folders(saved, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(IndexError_, match="not an index folder"):
         store.open_index(tmp_path / "empty")
-    (path / store.IMAGES_FILE).write_bytes(b"garbage")
-    with pytest.raises(IndexError_, match="corrupt FAISS file"):
+    gen = store.resolve(path).gen_dir
+    (gen / store.IMAGES_FILE).write_bytes(b"garbage")
+    with pytest.raises(IndexError_, match="images.faiss: damaged"):
         store.open_index(path, model)
+
+
+def _repoint(path, text: str) -> None:
+    """Rewrite the info file and re-sign the pointer (so only the schema check stands in the way)."""
+    gen = store.resolve(path).gen_dir
+    (gen / store.INFO_FILE).write_text(text)
+    (path / store.CURRENT_FILE).write_text(f"{gen.name} {sha256_file(gen / store.INFO_FILE)}\n")
 
 
 def test_bad_info_json(saved):
     path, _, _ = saved
-    (path / store.INFO_FILE).write_text("{not json")
+    _repoint(path, "{not json")
     with pytest.raises(IndexError_, match="unreadable"):
         store.open_index(path)
-    (path / store.INFO_FILE).write_text("{}")
-    with pytest.raises(IndexError_, match="missing 'count'"):
+    _repoint(path, "{}")
+    with pytest.raises(IndexError_, match="missing 'factory'"):
         store.open_index(path)
 
 
 def test_inconsistent_row_counts_are_detected(saved):
     path, _, model = saved
-    store.write_meta(_meta(18), path / store.META_FILE)  # as if a crash hit between renames
+    gen = store.resolve(path).gen_dir
+    info = json.loads((gen / store.INFO_FILE).read_text())
+    store.write_meta(_meta(18), gen / store.META_FILE)  # files that disagree, with matching checksums
+    info["files"][store.META_FILE] = store.file_record(gen / store.META_FILE)
+    _repoint(path, json.dumps(info))
     with pytest.raises(IndexError_, match="meta.parquet has 18"):
         store.open_index(path, model)
 

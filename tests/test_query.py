@@ -146,7 +146,9 @@ def test_exit_codes(index, corpus, tmp_path, capsys):
     empty = Path(read_manifest(corpus).attrs["root"]) / "images" / "empty.png"
     assert main(["query", str(empty), "--index", idx, "--model", "fake-0"]) == 1
     assert "empty.png" in capsys.readouterr().err
-    assert main(["index", "build", "-m", str(corpus), "--model", "fake-0", "--out", idx]) == 1  # exists
+    assert main(["index", "build", "-m", str(corpus), "--model", "fake-0", "--out", idx]) == 0  # done already
+    assert "nothing to do" in capsys.readouterr().out
+    assert main(["index", "build", "-m", str(corpus), "--model", "fake-0", "--out", idx, "--factory", "HNSW8"]) == 1
     assert (
         main(
             [
@@ -176,14 +178,24 @@ def test_add_via_cli(corpus, tmp_path, fake_models, capsys):
     out = str(tmp_path / "idx")
     assert (
         main(["index", "build", "-m", str(tmp_path / "a.parquet"), "--model", "fake-0", "--out", out, "--workers", "0"])
+        == 1
+    )  # absolute paths outside the manifest's folder need --allow-outside
+    assert "--allow-outside" in capsys.readouterr().err
+    assert (
+        main(["index", "build", "-m", str(tmp_path / "a.parquet"), "--model", "fake-0", "--out", out, "--workers", "0",
+              "--allow-outside"])  # fmt: skip
         == 0
     )
     args = ["index", "add", "--index", out, "-m", str(tmp_path / "b.parquet"), "--model", "fake-0", "--workers", "0"]
+    args.append("--allow-outside")
     capsys.readouterr()
     assert main([*args, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert (result["count"], result["added"], result["bad_images"]) == (24, 16, 0)  # both bad rows were in a
-    assert main(args) == 1  # the same image_ids again
+    assert main(args) == 0  # the same add again: already committed, nothing to do
+    assert "nothing to do" in capsys.readouterr().out
+    write_manifest(df.iloc[12:14], tmp_path / "c.parquet")
+    assert main([*args[:5], str(tmp_path / "c.parquet"), *args[6:]]) == 1  # image_ids already in the index
     assert "already in the index" in capsys.readouterr().err
 
 

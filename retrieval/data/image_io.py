@@ -4,7 +4,9 @@ PNG/JPEG go through Pillow (8 and 16 bit; grey, RGB, RGBA, palette; the EXIF ori
 DICOM goes through pydicom and follows the display pipeline of the standard (PS3.4 N.2; seed 001 appendix
 A.1; torchxrayvision's `read_xray_dcm`): modality LUT / rescale slope+intercept, then the VOI LUT or window
 centre/width, then MONOCHROME1 inversion. DICOM is recognised by its content (the 'DICM' preamble), not only
-by its extension. Every failure is an `ImageReadError(path, reason)`.
+by its extension, and so are PNG/JPEG/TIFF (a PNG named `.dcm` is read as a PNG). NaN/Inf pixels are refused on
+the raw (and rescaled) values, before any min/max stretch could hide them. Every failure is an
+`ImageReadError(path, reason)`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,41 @@ _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 # Colour DICOMs (secondary captures) are turned into grey; pydicom already converts YBR to RGB when decoding.
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
 _LUMA = np.array([0.299, 0.587, 0.114])
+
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"BM", "bmp"),
+    (b"GIF8", "gif"),
+)
+
+
+def sniff(path: str | Path) -> str | None:
+    """What the file is by its content: 'dicom' ('DICM' at byte 128), 'png', 'jpeg', 'tiff', 'bmp', 'gif', or
+    None when its first bytes say nothing (a DICOM without preamble, or not an image)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return None
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return "dicom"
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    return None
+
+
+def _check_finite(path: Path, arr: np.ndarray, stage: str) -> None:
+    """Refuse NaN/Inf before any scaling: a min/max stretch would turn one NaN pixel into an all-black image."""
+    if arr.dtype.kind in "fc":
+        finite = np.isfinite(arr)
+        if not finite.all():
+            bad = int(arr.size - np.count_nonzero(finite))
+            raise ImageReadError(path, f"{bad} of {arr.size} {stage} pixel values are not finite (NaN or Inf)")
 
 
 def is_dicom(path: str | Path) -> bool:
@@ -53,8 +90,11 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageReadError(path, "not a file")
     if size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
-    if is_dicom(path) or path.suffix.lower() in DICOM_SUFFIXES:
-        arr = _read_dicom(path, max_pixels, force=not is_dicom(path))
+    kind = sniff(path)  # the content decides; the extension only when the content says nothing
+    if kind == "dicom":
+        arr = _read_dicom(path, max_pixels)
+    elif kind is None and path.suffix.lower() in DICOM_SUFFIXES:
+        arr = _read_dicom(path, max_pixels, force=True)
     else:
         arr = _read_pil(path, max_pixels)
     if arr.ndim != 2 or arr.size == 0:
@@ -80,7 +120,7 @@ def _read_pil(path: Path, max_pixels: int) -> np.ndarray:
                     raise ImageReadError(path, f"{w}x{h} pixels is over the limit of {max_pixels} pixels")
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                return _pil_to_grey(img)
+                return _pil_to_grey(img, path)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -94,7 +134,7 @@ def _read_pil(path: Path, max_pixels: int) -> np.ndarray:
         raise ImageReadError(path, f"corrupt or truncated image: {e}") from None
 
 
-def _pil_to_grey(img: Any) -> np.ndarray:
+def _pil_to_grey(img: Any, path: Path | None = None) -> np.ndarray:
     """Pillow image -> float grey in [0, 1], by mode: bit depth decides the scale, colour becomes luminance,
     transparency is composited over black."""
     mode = img.mode
@@ -107,6 +147,7 @@ def _pil_to_grey(img: Any) -> np.ndarray:
         return np.asarray(img).astype(np.float32) / np.float32(65535.0)
     if mode in ("I", "F"):
         arr = np.asarray(img).astype(np.float64)
+        _check_finite(path or Path(getattr(img, "filename", "") or "image"), arr, "raw")
         if mode == "I" and arr.min() >= 0 and arr.max() <= 65535:  # 16-bit data in a 32-bit container
             return arr / 65535.0
         lo, hi = float(arr.min()), float(arr.max())
@@ -134,9 +175,9 @@ def _try_dicom_without_preamble(path: Path, max_pixels: int) -> np.ndarray | Non
 
     try:
         ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        if "Rows" not in ds or "Columns" not in ds:  # (pixel data itself is not read with stop_before_pixels)
+            return None
     except Exception:
-        return None
-    if "Rows" not in ds or "Columns" not in ds:  # (pixel data itself is not read with stop_before_pixels)
         return None
     return _read_dicom(path, max_pixels, force=True)
 
@@ -175,6 +216,17 @@ def _transfer_syntax(ds: Any) -> Any:
 
 
 def _read_dicom(path: Path, max_pixels: int, force: bool = False) -> np.ndarray:
+    """Decode a DICOM; pydicom parses elements lazily, so a damaged header can raise anything on first access
+    (found by fuzzing: NotImplementedError for an unknown VR): every such error becomes an ImageReadError."""
+    try:
+        return _decode_dicom(path, max_pixels, force)
+    except ImageReadError:
+        raise
+    except Exception as e:
+        raise ImageReadError(path, f"corrupt DICOM: {type(e).__name__}: {str(e)[:160]}") from None
+
+
+def _decode_dicom(path: Path, max_pixels: int, force: bool = False) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
@@ -212,6 +264,7 @@ def _read_dicom(path: Path, max_pixels: int, force: bool = False) -> np.ndarray:
     except Exception as e:  # short pixel data, bad encapsulation, decoder failure
         raise ImageReadError(path, f"cannot decode DICOM pixel data: {type(e).__name__}: {e}") from None
 
+    _check_finite(path, arr, "raw")
     if photometric in _COLOUR:
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise ImageReadError(path, f"{photometric} DICOM decoded to shape {arr.shape}")
@@ -221,6 +274,7 @@ def _read_dicom(path: Path, max_pixels: int, force: bool = False) -> np.ndarray:
 
     try:
         arr = apply_modality_lut(arr, ds)
+        _check_finite(path, np.asarray(arr), "rescaled")
         has_lut = bool(ds.get("VOILUTSequence"))
         has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
         if has_lut or has_window:
@@ -238,6 +292,8 @@ def _read_dicom(path: Path, max_pixels: int, force: bool = False) -> np.ndarray:
     except Exception as e:  # malformed LUT or window values
         raise ImageReadError(path, f"cannot apply the DICOM LUT/window: {type(e).__name__}: {e}") from None
     arr = np.asarray(arr, dtype=np.float64)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ImageReadError(path, f"the DICOM display range is not finite ({lo}, {hi}): bad window or LUT values")
     out = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     out = np.clip(out, 0.0, 1.0)
     if photometric == "MONOCHROME1":  # 0 = white in MONOCHROME1; inverted after the VOI transform

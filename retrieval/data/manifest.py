@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ SPLIT_ALIASES: dict[str, str] = {
     "testing": "test",
 }
 BOX_KEYS: tuple[str, ...] = ("x1", "y1", "x2", "y2")
+COMMA_JOINED = "looks like several labels joined by a comma; separate them with '|' or write a JSON list"
 _PARSE_PROBLEMS = "manifest_parse_problems"
 
 
@@ -168,6 +170,14 @@ def _text_column(values: pd.Series) -> pd.Series:
     return pd.Series(obj.astype(str).str.strip().to_numpy(dtype=object), index=values.index, dtype=object)
 
 
+def _path_column(values: pd.Series) -> pd.Series:
+    """image_path cells as str, NOT stripped (a space may belong to the file's name); blank cells become ''."""
+    obj = values.astype(object)
+    obj = obj.where(obj.notna(), "")
+    cells = [str(v) for v in obj]
+    return pd.Series([c if c.strip() else "" for c in cells], index=values.index, dtype=object)
+
+
 def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
     """A copy of `df` in the in-memory form: optional columns added (empty), text columns as str, `labels` and
     `boxes` as lists, split aliases mapped ("validate" -> "val"), schema columns first, extra columns kept.
@@ -181,7 +191,7 @@ def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
             out[col] = [[] for _ in range(len(out))] if col in ("labels", "boxes") else ""
     for col in TEXT_COLUMNS:
         if col in out.columns:
-            out[col] = _text_column(out[col])
+            out[col] = _path_column(out[col]) if col == "image_path" else _text_column(out[col])
     ids = out["image_id"].tolist() if "image_id" in out.columns else [""] * len(out)
     if "split" in out.columns:
         out["split"] = pd.Series([SPLIT_ALIASES.get(s.lower(), s.lower()) for s in out["split"]], dtype=object)
@@ -265,15 +275,39 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
-def resolve_image_path(root: str | Path | None, image_path: str | Path) -> Path:
-    """The file an `image_path` cell names: absolute as is, else relative to the manifest folder `root`."""
-    text = _text(image_path)
+def resolve_image_path(root: str | Path | None, image_path: str | Path, allow_outside: bool = True) -> Path:
+    """The file an `image_path` cell names: absolute as is, else relative to the manifest folder `root`;
+    lexically normalised (`a/../b` -> `b`, symlinks are not followed).
+
+    Spaces around the cell are kept when a file of that exact name exists (they belong to its name) and dropped
+    otherwise. With `allow_outside=False` a path that leaves `root` (`..`, or an absolute path elsewhere) is a
+    ManifestError."""
+    raw = "" if _is_missing(image_path) else str(image_path)
+    text = raw.strip()
     if not text:
         raise ManifestError("image_path is empty (this row has no image file)")
-    p = Path(text).expanduser()
-    if p.is_absolute() or root is None:
-        return p
-    return Path(root) / p
+    candidates = [raw, text] if raw != text else [text]
+    paths = []
+    for cell in candidates:
+        p = Path(cell)
+        try:
+            p = p.expanduser()
+        except RuntimeError:  # '~name' of a user that does not exist (found by fuzzing): the path as written
+            pass
+        if not p.is_absolute() and root is not None:
+            p = Path(root) / p
+        paths.append(Path(os.path.normpath(p)))
+    path = next((p for p in paths if p.exists()), paths[-1])
+    if not allow_outside and root is not None and not is_inside(root, path):
+        raise ManifestError(f"{_short(text, 80)!r} is outside the manifest folder (pass --allow-outside to read it)")
+    return path
+
+
+def is_inside(root: str | Path, path: str | Path) -> bool:
+    """True when `path` is `root` or below it, compared lexically on normalised absolute paths."""
+    r = os.path.normpath(os.path.abspath(root))
+    p = os.path.normpath(os.path.abspath(path))
+    return os.path.commonpath([r, p]) == r
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -304,13 +338,14 @@ def validate_manifest(
     root: str | Path | None = None,
     check_files: bool = False,
     vocabulary: Iterable[str] | None = None,
+    allow_outside: bool = True,
 ) -> list[Problem]:
     """Every problem in the manifest, one `Problem` per bad cell (empty list when the manifest is good).
 
     Checks: required columns, empty ids, duplicate image_id, labels outside the vocabulary (default
     `retrieval.labels.LABELS`), boxes out of [0, 1] or with x2<=x1/y2<=y1, unknown or empty split, a patient
-    in two splits, unparseable cells, and (with `check_files`) image files that do not exist under `root`
-    (default ``df.attrs["root"]``)."""
+    in two splits, unparseable cells, labels joined by a comma, (without `allow_outside`) image paths that leave
+    `root` (default ``df.attrs["root"]``), and (with `check_files`) image files that do not exist."""
     problems: list[Problem] = []
     missing = [c for c in REQUIRED if c not in df.columns]
     for col in missing:
@@ -326,7 +361,8 @@ def validate_manifest(
     root = root if root is not None else df.attrs.get("root")
 
     ids = _text_column(df["image_id"]).tolist()
-    cols = {c: _text_column(df[c]).tolist() for c in ("study_id", "patient_id", "split", "image_path")}
+    cols = {c: _text_column(df[c]).tolist() for c in ("study_id", "patient_id", "split")}
+    cols["image_path"] = _path_column(df["image_path"]).tolist()
     cols["image_id"] = ids
     seen: dict[str, int] = {}
     for i, (image_id, labels, boxes) in enumerate(zip(ids, df["labels"], df["boxes"], strict=True)):
@@ -339,7 +375,9 @@ def validate_manifest(
             else:
                 seen[image_id] = i
         for label in labels:
-            if label not in vocab:
+            if "," in label:
+                problems.append(Problem(i, "labels", f"{label!r} {COMMA_JOINED}", image_id))
+            elif label not in vocab:
                 problems.append(Problem(i, "labels", f"{label!r} is not in the label vocabulary", image_id))
         for box in boxes:
             reason = _box_problem(box)
@@ -350,13 +388,13 @@ def validate_manifest(
             problems.append(Problem(i, "split", "empty split (assign_splits fills it by patient)", image_id))
         elif split not in SPLITS:
             problems.append(Problem(i, "split", f"unknown split {split!r} (expected one of {SPLITS})", image_id))
-        if check_files:
+        if check_files or (not allow_outside and cols["image_path"][i]):
             try:
-                path = resolve_image_path(root, cols["image_path"][i])
+                path = resolve_image_path(root, cols["image_path"][i], allow_outside=allow_outside)
             except ManifestError as e:
                 problems.append(Problem(i, "image_path", str(e), image_id))
             else:
-                if not path.is_file():
+                if check_files and not path.is_file():
                     problems.append(Problem(i, "image_path", f"file not found: {path}", image_id))
 
     patient_splits: dict[str, dict[str, int]] = {}
@@ -372,6 +410,115 @@ def validate_manifest(
             )
     problems.sort(key=lambda p: -1 if p.row is None else p.row)
     return problems
+
+
+# ------------------------------------------------------------------------------------------ the shared gate
+
+
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def blocks_use(problem: Problem) -> bool:
+    """True for a problem that makes a row unusable for build, add and training: an empty or duplicate id, a
+    cell that cannot be parsed, comma-joined labels, an unknown (e.g. numeric) split, or a path that leaves the
+    manifest folder. Labels outside the vocabulary, empty splits and box ranges are warnings."""
+    if problem.row is None:
+        return True
+    col, msg = problem.column, problem.message
+    if col in ("image_id", "study_id") or (col == "patient_id" and msg == "empty id"):
+        return True
+    if col in ("labels", "boxes") and msg.startswith("cannot parse"):
+        return True
+    if col == "labels" and msg.endswith(COMMA_JOINED):
+        return True
+    if col == "split" and msg.startswith("unknown split"):
+        return True
+    return col == "image_path" and "outside the manifest folder" in msg
+
+
+@dataclass
+class CheckedManifest:
+    """What `check_manifest` lets through: the usable rows (index reset), their positions in the manifest, the
+    refused rows (row, image_id, path, reason) and the warnings."""
+
+    rows: pd.DataFrame
+    positions: np.ndarray
+    refused: pd.DataFrame
+    warnings: list[Problem]
+
+
+def check_manifest(
+    df: pd.DataFrame,
+    root: str | Path | None = None,
+    allow_outside: bool = False,
+    skip_bad_rows: bool = False,
+    what: str = "",
+) -> CheckedManifest:
+    """The validator every entry point runs (build, add, train, VLM training): `validate_manifest`, then rows
+    with a problem that `blocks_use` are refused, failing before any work with one line that lists them, or,
+    with `skip_bad_rows`, dropped and returned in `refused` for the bad-rows report. Never stored."""
+    import logging
+
+    where = what or df.attrs.get("path") or "manifest"
+    if not isinstance(df.attrs.get(_PARSE_PROBLEMS), list):
+        attrs = dict(df.attrs)
+        df = normalize_manifest(df)
+        df.attrs.update({k: v for k, v in attrs.items() if k != _PARSE_PROBLEMS})
+    root = root if root is not None else df.attrs.get("root")
+    problems = validate_manifest(df, root, allow_outside=allow_outside)
+    table = [p for p in problems if p.row is None]
+    if table:
+        raise ManifestError(f"{where}: " + "; ".join(f"{p.column}: {p.message}" for p in table))
+    fatal = [p for p in problems if blocks_use(p)]
+    warnings = [p for p in problems if not blocks_use(p)]
+    if warnings:
+        logging.getLogger(__name__).warning("%s: %d warning(s), e.g. %s", where, len(warnings), warnings[0])
+    bad_rows = sorted({p.row for p in fatal})
+    if fatal and not skip_bad_rows:
+        shown = "; ".join(_short(str(p)) for p in fatal[:2])
+        shown += f"; and {len(fatal) - 2} more" if len(fatal) > 2 else ""
+        outside = any(p.column == "image_path" for p in fatal)
+        raise ManifestError(
+            f"{where}: {len(bad_rows)} row(s) cannot be used ({shown}); fix them"
+            + (", pass --allow-outside for paths outside the manifest's folder" if outside else "")
+            + ", or pass --skip-bad-rows to skip them (they are listed in the bad-rows report)"
+        )
+    reasons: dict[int, list[str]] = {}
+    for p in fatal:
+        reasons.setdefault(p.row, []).append(f"manifest: {p.column}: {p.message}")
+    paths = _path_column(df["image_path"]).tolist()
+    ids = _text_column(df["image_id"]).tolist()
+    refused = pd.DataFrame(
+        {
+            "row": bad_rows,
+            "image_id": [ids[r] for r in bad_rows],
+            "path": [paths[r] for r in bad_rows],
+            "reason": ["; ".join(reasons[r]) for r in bad_rows],
+        },
+        columns=["row", "image_id", "path", "reason"],
+    )
+    keep = np.setdiff1d(np.arange(len(df)), np.asarray(bad_rows, dtype=np.int64))
+    rows = df.iloc[keep].reset_index(drop=True)
+    rows.attrs = dict(df.attrs)
+    rows.attrs[_PARSE_PROBLEMS] = []
+    return CheckedManifest(rows, keep, refused, warnings)
+
+
+def gate_manifest(
+    path: str | Path, allow_outside: bool = False, skip_bad_rows: bool = False
+) -> str | Path | pd.DataFrame:
+    """For the training commands: run `check_manifest` on a manifest file before any work; returns the path
+    itself when every row is usable (so nothing downstream changes), else the usable rows (with `skip_bad_rows`,
+    after logging how many were skipped)."""
+    import logging
+
+    checked = check_manifest(read_manifest(path), allow_outside=allow_outside, skip_bad_rows=skip_bad_rows)
+    if not len(checked.refused):
+        return path
+    logging.getLogger(__name__).warning("%s: skipped %d unusable row(s): %s", path, len(checked.refused),
+                                        "; ".join(checked.refused["reason"].head(3)))  # fmt: skip
+    return checked.rows
 
 
 # ------------------------------------------------------------------------------------------ splits, summary
