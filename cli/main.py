@@ -25,6 +25,7 @@ from cli import (
     generate,
     index_cmd,
     query,
+    serve,
     train,
     vlm_train,
 )
@@ -60,6 +61,7 @@ app.command("query")(query.query_cmd)
 vlm_app.command("train")(vlm_train.vlm_train_cmd)
 app.command("generate")(generate.generate_cmd)
 app.command("demo")(demo.demo_cmd)
+app.command("serve")(serve.serve_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:
