@@ -42,7 +42,8 @@ def serve(
         raise UsageError(f"`cxr serve` needs the serve extra: pip install 'cxr-retrieval[serve]' ({e})") from e
     if max_upload_mb <= 0:
         raise UsageError("--max-upload-mb must be positive")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("retrieval").setLevel(logging.INFO)  # reloads and failures; not faiss's loader chatter
     warning = bind_warning(host, token)
     if warning:
         print(warning, file=sys.stderr)

@@ -28,7 +28,13 @@ from cli.main import main  # noqa: E402
 from index.build import add_to_index, build_index  # noqa: E402
 from retrieval.serve.app import bind_warning, create_app, is_loopback  # noqa: E402
 from retrieval.serve.batching import EmbedBatcher  # noqa: E402
-from retrieval.serve.service import ServeConfig, ServeService, shared_sentences, split_sentences  # noqa: E402
+from retrieval.serve.service import (  # noqa: E402
+    ServeConfig,
+    ServeService,
+    matched_report_sentences,
+    shared_sentences,
+    split_sentences,
+)
 from retrieval.serve.uploads import sniff  # noqa: E402
 from tests.gen_synth import make_manifest, one_thread  # noqa: E402, F401 (an autouse fixture)
 
@@ -296,6 +302,12 @@ def test_shared_sentences():
     text = "the heart is enlarged. there is a right pleural effusion. no pneumothorax."
     report = "There is a right pleural effusion.  The lungs are otherwise clear.\nNo pneumothorax"
     assert shared_sentences(text, report) == ["there is a right pleural effusion.", "no pneumothorax."]
+    clause = "The lungs are clear, and without focal airspace opacity. No effusion."
+    assert shared_sentences("the lungs are clear. no.", clause) == ["the lungs are clear."]  # words in a row
+    assert matched_report_sentences("the lungs are clear.", clause) == [
+        "The lungs are clear, and without focal airspace opacity."
+    ]
+    assert shared_sentences("lungs clear.", "The lungs are clear.") == []  # not the same words in a row
     assert split_sentences("a. b! c? {<1><2><3><4>}") == ["a.", "b!", "c?", "{<1><2><3><4>}"]
 
 

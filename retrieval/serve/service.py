@@ -127,9 +127,35 @@ def _norm(sentence: str) -> str:
 
 
 def shared_sentences(text: str, report: str) -> list[str]:
-    """The sentences of `text` that `report` also contains (case and punctuation ignored), in `text`'s order."""
-    have = {_norm(s) for s in split_sentences(report)}
-    return [s for s in split_sentences(text) if _norm(s) in have]
+    """The sentences of `text` that `report` also says, in `text`'s order: the same sentence (case and punctuation
+    ignored), or, for three words or more, the same words in a row inside one of the report's sentences
+    ("the lungs are clear" in "The lungs are clear, and without focal airspace opacity")."""
+    out: list[str] = []
+    for s, _ in _matches(text, report):
+        if s not in out:  # a draft that repeats a sentence shares it once
+            out.append(s)
+    return out
+
+
+def matched_report_sentences(text: str, report: str) -> list[str]:
+    """The sentences of `report` that contain a sentence of `text` (what the viewer highlights in an exemplar)."""
+    out: list[str] = []
+    for _, r in _matches(text, report):
+        if r not in out:
+            out.append(r)
+    return out
+
+
+def _matches(text: str, report: str) -> list[tuple[str, str]]:
+    rep = [(r, f" {_norm(r)} ") for r in split_sentences(report)]
+    pairs = []
+    for s in split_sentences(text):
+        n = _norm(s)
+        for r, padded in rep:
+            if n and (padded.strip() == n or (len(n.split()) >= 3 and f" {n} " in padded)):
+                pairs.append((s, r))
+                break
+    return pairs
 
 
 def recorded_model_path(info: dict, index: str | Path) -> str:
@@ -372,6 +398,7 @@ class ServeService:
                     "report": report,
                     "labels": study["labels"] if study else [],
                     "shared": shared_sentences(res["text"], report),
+                    "matched": matched_report_sentences(res["text"], report),
                 }
             )
         res["exemplars"] = exemplars

@@ -184,11 +184,11 @@ async function draft() {
     for (const e of res.exemplars) {
       const a = el("a", { class: "exemplar", href: `#study/${encodeURIComponent(e.study_id)}`, text: e.study_id });
       a.addEventListener("click", (ev) => { ev.preventDefault(); openStudy(e.study_id); });
-      const shared = new Set(e.shared.map((s) => s.toLowerCase().replace(/[^a-z0-9]+/g, " ").trim()));
+      const matched = new Set(e.matched);  // the report's sentences that say a sentence of the draft
       const rep = el("p", { class: "report" });
       for (const s of e.report.match(/[^.!?\n]+[.!?]?/g) || []) {
-        const key = s.toLowerCase().replace(/[^a-z0-9]+/g, " ").trim();
-        rep.append(shared.has(key) ? el("mark", { text: s.trim() }) : document.createTextNode(s.trim()), " ");
+        const t = s.trim();
+        rep.append(matched.has(t) ? el("mark", { text: t }) : document.createTextNode(t), " ");
       }
       list.append(el("li", {}, a, el("span", { class: "score", text: ` ${e.score.toFixed(3)}` }),
         el("span", { class: "muted small", text: ` · ${e.shared.length} shared sentence(s)` }), labelsEl(e.labels), rep));
@@ -215,7 +215,7 @@ function drawBoxes(boxes, task) {
 
 async function boxesTask(button, task, extra, describe) {
   busy(button, true);
-  const out = $("#answer");
+  const out = $(task === "vqa" ? "#vqa-answer" : "#box-answer");
   out.textContent = `${task}…`;
   try {
     const res = await generate(task, extra);
@@ -233,7 +233,8 @@ async function boxesTask(button, task, extra, describe) {
 function setFile(file) {
   state.file = file;
   $("#overlay").replaceChildren();
-  $("#answer").textContent = "";
+  $("#box-answer").textContent = "";
+  $("#vqa-answer").textContent = "";
   $("#draft-out").hidden = true;
   $("#query-view").hidden = false;
   $("#tools").hidden = false;
