@@ -590,3 +590,20 @@ def test_a_broken_index_on_disk_keeps_the_old_one_serving(growing, fake_models):
             assert c.get("/health").json()["count"] == 24
     finally:
         svc.close()
+
+
+def test_demo_serve_serves_the_demo_folder(monkeypatch, tmp_path, capsys):
+    import pandas as pd
+
+    import retrieval.demo_pipeline as dp
+
+    (tmp_path / "vlm").mkdir()
+    (tmp_path / "vlm" / "vlm_config.json").write_text("{}")
+    result = dp.DemoResult(tmp_path, {"image": "q.png", "study_id": "s", "labels": [], "report": ""}, pd.DataFrame(),
+                           None)
+    monkeypatch.setattr(dp, "run_demo", lambda *a, **k: result)
+    calls = []
+    monkeypatch.setattr("cli.serve.serve", lambda index, vlm, **kw: calls.append((index, vlm, kw)))
+    assert main(["demo", "--json", "--serve", "--port", "8123"]) == 0
+    assert calls == [(tmp_path / "index", tmp_path / "vlm", {"host": "127.0.0.1", "port": 8123})]
+    assert json.loads(capsys.readouterr().out)["workdir"] == str(tmp_path)

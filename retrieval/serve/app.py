@@ -306,13 +306,15 @@ def create_app(
         if p.image is None and text is None:
             raise UsageError('send an image (multipart field "image", or the raw bytes) or {"text": "..."}')
 
-        def work() -> dict:
+        def begin():
             if p.image is None:
-                return service.search(text=text, k=k, target=target, exclude_patient=excl)
+                return service.search_begin(text=text, k=k, target=target, exclude_patient=excl)
             image = service.decode(p.image, p.filename, p.content_type)
-            return service.search(image=image, k=k, target=target, exclude_patient=excl, name=p.filename)
+            return service.search_begin(image=image, k=k, target=target, exclude_patient=excl, name=p.filename)
 
-        return await pool(work)
+        job = await pool(begin)  # decode + preprocess in a worker thread
+        await asyncio.wrap_future(job.vector)  # the model thread's batch: no worker thread held meanwhile
+        return await pool(service.search_finish, job)
 
     @app.post("/generate", tags=["generation"], dependencies=[Depends(auth)], openapi_extra=GENERATE_BODY)
     async def generate(request: Request) -> dict:

@@ -67,11 +67,19 @@ class EmbedBatcher:
 
     def embed_image(self, pixels: Any, timeout: float | None = None) -> np.ndarray:
         """One preprocessed image tensor (3, S, S) -> its L2-normalised (D,) float32 vector."""
-        return self._submit("image", pixels).result(timeout)
+        return self.submit_image(pixels).result(timeout)
 
     def embed_text(self, text: str, timeout: float | None = None) -> np.ndarray:
         """One sentence -> its L2-normalised (D,) float32 vector."""
-        return self._submit("text", str(text)).result(timeout)
+        return self.submit_text(text).result(timeout)
+
+    def submit_image(self, pixels: Any) -> Future:
+        """Queue one preprocessed image; the future's result is its vector (await it with asyncio.wrap_future)."""
+        return self._submit("image", pixels)
+
+    def submit_text(self, text: str) -> Future:
+        """Queue one sentence; the future's result is its vector."""
+        return self._submit("text", str(text))
 
     def encode_images(self, images: list[np.ndarray], **_: Any) -> np.ndarray:
         """The `encode_images` the VLM's retrieval calls: HxW arrays -> (N, D), through the model thread."""

@@ -24,7 +24,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,18 @@ class IndexSnapshot:
     generation: int
     loaded_at: str
     study_rows: dict[str, np.ndarray]
+
+
+@dataclass
+class SearchJob:
+    """A query between `search_begin` and `search_finish`: its index snapshot and its vector to come."""
+
+    snapshot: IndexSnapshot
+    vector: Future
+    query: dict
+    k: int
+    target: str
+    exclude: str | None
 
 
 def folder_signature(path: str | Path) -> tuple:
@@ -248,6 +260,8 @@ class ServeService:
         searcher = Searcher(
             self.index_path, self.model, backend=c.backend, device=c.device, nprobe=c.nprobe, ef_search=c.ef_search
         )
+        for target in TARGETS:  # made now, not lazily by two request threads at once
+            searcher.backend(target)
         studies = searcher.index.meta["study_id"].astype(str).to_numpy()
         order = np.argsort(studies, kind="stable")
         names, starts = np.unique(studies[order], return_index=True)
@@ -337,6 +351,23 @@ class ServeService:
         name: str = "upload",
     ) -> dict:
         """Top-k reports or images for an image (HxW array in [0, 1]) or a sentence, as `cxr query --json`."""
+        job = self.search_begin(image, text, k, target, exclude_patient, name)
+        job.vector.result()
+        return self.search_finish(job)
+
+    def search_begin(
+        self,
+        image: np.ndarray | None = None,
+        text: str | None = None,
+        k: int = 5,
+        target: str = "reports",
+        exclude_patient: str | None = None,
+        name: str = "upload",
+    ) -> SearchJob:
+        """First half of `search`: check the query, take the current index, preprocess, and queue the embedding.
+
+        The HTTP app awaits `job.vector` on its event loop instead of holding a worker thread while the model
+        thread runs, so queries waiting for the model pile up in its queue and share a forward pass."""
         if (image is None) == (text is None):
             raise UsageError('give either an image or {"text": "..."} (exactly one)')
         self._check_query(k, target)
@@ -344,13 +375,21 @@ class ServeService:
         if text is not None:
             if not str(text).strip():
                 raise UsageError("the text query is empty")
-            vec = self.batcher.embed_text(text)
-            query: dict = {"text": text}
-        else:
-            vec = self.batcher.embed_image(self._transform(np.asarray(image, dtype=np.float32)))
-            query = {"image": name}
-        hits = snap.searcher.query_vector(vec[None, :], k, target, exclude_patient=exclude_patient or None)
-        return {**query, "index": str(self.index_path), "target": target, "k": k, "results": result_records(hits)}
+            return SearchJob(snap, self.batcher.submit_text(text), {"text": text}, k, target, exclude_patient)
+        pixels = self._transform(np.asarray(image, dtype=np.float32))
+        return SearchJob(snap, self.batcher.submit_image(pixels), {"image": name}, k, target, exclude_patient)
+
+    def search_finish(self, job: SearchJob) -> dict:
+        """Second half of `search`: the index search on the job's snapshot, once its vector is there."""
+        vec = job.vector.result()
+        hits = job.snapshot.searcher.query_vector(vec[None, :], job.k, job.target, exclude_patient=job.exclude or None)
+        return {
+            **job.query,
+            "index": str(self.index_path),
+            "target": job.target,
+            "k": job.k,
+            "results": result_records(hits),
+        }
 
     def generate(
         self,
