@@ -86,8 +86,12 @@ def random_index(folder: Path, model_dir: Path, n: int) -> Path:
 
 def pct(xs: list[float]) -> dict:
     a = np.asarray(xs) * 1e3
-    return {"n": len(a), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
-            "mean_ms": float(a.mean())}
+    return {
+        "n": len(a),
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+    }
 
 
 def http_latency(url: str, files: list[str], n: int, warmup: int = 5) -> tuple[list[float], dict]:

@@ -85,8 +85,9 @@ class RSSSampler(threading.Thread):
                 return
 
 
-async def drive(url: str, good: list[tuple[str, bytes]], bad: list, clients: int, duration: float,
-                bad_fraction: float, k: int = 5) -> dict:
+async def drive(
+    url: str, good: list[tuple[str, bytes]], bad: list, clients: int, duration: float, bad_fraction: float, k: int = 5
+) -> dict:
     """`clients` tasks post uploads until `duration` seconds have passed; every 1/bad_fraction-th is bad."""
     import httpx
 
@@ -150,8 +151,17 @@ def scenario(name: str, index: Path, good, bad, a) -> dict:
     import httpx
 
     max_batch = 1 if name == "unbatched" else a.max_batch
-    args = ["--index", str(index), "--no-vlm", "--watch-interval", "0", "--max-upload-mb", str(UPLOAD_LIMIT_MB),
-            "--max-batch", str(max_batch)]
+    args = [
+        "--index",
+        str(index),
+        "--no-vlm",
+        "--watch-interval",
+        "0",
+        "--max-upload-mb",
+        str(UPLOAD_LIMIT_MB),
+        "--max-batch",
+        str(max_batch),
+    ]
     proc, url = start_server(args, WORK / f"serve_{name}.log")
     try:
         asyncio.run(drive(url, good, bad, a.clients, 3.0, 0.0))  # warm-up: allocator, caches, thread pools
@@ -165,10 +175,18 @@ def scenario(name: str, index: Path, good, bad, a) -> dict:
         after = httpx.get(url + "/info").json()["batching"]
         passes, jobs = after["passes"] - before["passes"], after["jobs"] - before["jobs"]
         res.update(
-            scenario=name, clients=a.clients, duration_s=duration, max_batch=max_batch,
-            rss_before_mib=rss0, rss_after_mib=rss_mib(proc.pid), rss_peak_mib=max(sampler.peak, rss0),
-            forward_passes=passes, mean_batch=jobs / passes if passes else 0.0, load_avg_before=la0,
-            load_avg_after=load_avg(), alive_after=httpx.get(url + "/health").status_code == 200,
+            scenario=name,
+            clients=a.clients,
+            duration_s=duration,
+            max_batch=max_batch,
+            rss_before_mib=rss0,
+            rss_after_mib=rss_mib(proc.pid),
+            rss_peak_mib=max(sampler.peak, rss0),
+            forward_passes=passes,
+            mean_batch=jobs / passes if passes else 0.0,
+            load_avg_before=la0,
+            load_avg_after=load_avg(),
+            alive_after=httpx.get(url + "/health").status_code == 200,
         )
         return res
     finally:
@@ -185,8 +203,7 @@ def main() -> None:
     p.add_argument("--compare-duration", type=float, default=30.0, help="seconds of the unbatched scenario")
     p.add_argument("--bad-fraction", type=float, default=0.1)
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--scenarios", nargs="+", default=["good", "bad", "unbatched"],
-                   choices=["good", "bad", "unbatched"])
+    p.add_argument("--scenarios", nargs="+", default=["good", "bad", "unbatched"], choices=["good", "bad", "unbatched"])
     p.add_argument("--files", type=int, default=20)
     p.add_argument("--name", default="serve_load_cpu")
     a = p.parse_args()
@@ -203,20 +220,45 @@ def main() -> None:
         r.update(model=info["model"]["name"], rows=info["count"], factory=info["factory"])
         rows.append(r)
         print({k: v for k, v in r.items() if k != "bad_kinds"}, flush=True)
-    cols = ["scenario", "model", "rows", "clients", "duration_s", "max_batch", "requests", "throughput_rps",
-            "p50_ms", "p99_ms", "errors", "rss_before_mib", "rss_after_mib", "rss_peak_mib", "mean_batch",
-            "load_avg_before", "load_avg_after"]
+    cols = [
+        "scenario",
+        "model",
+        "rows",
+        "clients",
+        "duration_s",
+        "max_batch",
+        "requests",
+        "throughput_rps",
+        "p50_ms",
+        "p99_ms",
+        "errors",
+        "rss_before_mib",
+        "rss_after_mib",
+        "rss_peak_mib",
+        "mean_batch",
+        "load_avg_before",
+        "load_avg_after",
+    ]
     md = markdown_table(rows, cols)
     for r in rows:
         if r["bad_kinds"]:
             md += f"\nBad uploads in `{r['scenario']}` ({r['bad']} of {r['requests']} requests; good ones failed: "
             md += f"{r['good_failed']}):\n\n"
             md += markdown_table(
-                [{"kind": k, "sent": v["sent"], "expected": v["expected"],
-                  "got": ", ".join(f"{s}: {n}" for s, n in sorted(v["got"].items()))} for k, v in r["bad_kinds"].items()]
+                [
+                    {
+                        "kind": k,
+                        "sent": v["sent"],
+                        "expected": v["expected"],
+                        "got": ", ".join(f"{s}: {n}" for s, n in sorted(v["got"].items())),
+                    }
+                    for k, v in r["bad_kinds"].items()
+                ]
             )
-    md += ("\np50/p99: good requests only, wall time at the client. errors: good requests without 200 + k results, "
-           "plus bad ones without exactly their 4xx. mean_batch: queries per forward pass, counted by the server.\n")
+    md += (
+        "\np50/p99: good requests only, wall time at the client. errors: good requests without 200 + k results, "
+        "plus bad ones without exactly their 4xx. mean_batch: queries per forward pass, counted by the server.\n"
+    )
     cmd = "python -m benchmarks.serve_load " + " ".join(sys.argv[1:])
     write_results(a.name, {"rows": rows}, md, cmd)
     print(md)

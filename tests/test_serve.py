@@ -599,8 +599,9 @@ def test_demo_serve_serves_the_demo_folder(monkeypatch, tmp_path, capsys):
 
     (tmp_path / "vlm").mkdir()
     (tmp_path / "vlm" / "vlm_config.json").write_text("{}")
-    result = dp.DemoResult(tmp_path, {"image": "q.png", "study_id": "s", "labels": [], "report": ""}, pd.DataFrame(),
-                           None)
+    result = dp.DemoResult(
+        tmp_path, {"image": "q.png", "study_id": "s", "labels": [], "report": ""}, pd.DataFrame(), None
+    )
     monkeypatch.setattr(dp, "run_demo", lambda *a, **k: result)
     calls = []
     monkeypatch.setattr("cli.serve.serve", lambda index, vlm, **kw: calls.append((index, vlm, kw)))
