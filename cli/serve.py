@@ -63,7 +63,7 @@ def serve(
     )
     service = ServeService(config)
     try:
-        app = create_app(service, token=token, cors_origins=cors_origins)
+        app = create_app(service, token=token, cors_origins=cors_origins, close_on_shutdown=True)
         info = service.info()
         shown = f"[{host}]" if ":" in host else host
         print(

@@ -49,12 +49,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], log: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:
-    """`cxr serve ARGS` on a free loopback port; returns (process, base URL) once /health answers."""
+def start_server(args: list[str], log: Path, tmp: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """`cxr serve ARGS` on a free loopback port, its temporary files under `tmp`; returns (process, base URL)
+    once /health answers."""
     import httpx
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "TMPDIR": str(tmp)}
     cmd = [sys.executable, "-m", "cli.main", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -125,10 +126,15 @@ def served(tmp_path_factory):
         checkpoint_every=1000,
     )
     train_vlm(df, root / "vlm", cfg, index_dir=root / "idx", progress=False)
-    log = root / "serve.log"
-    proc, url = start_server(["--index", str(root / "idx"), "--vlm", str(root / "vlm"), "--watch-interval", "0"], log)
+    log, tmp = root / "serve.log", root / "tmp"
+    tmp.mkdir()
+    args = ["--index", str(root / "idx"), "--vlm", str(root / "vlm"), "--watch-interval", "0"]
+    proc, url = start_server(args, log, tmp)
+    assert [p.name for p in tmp.iterdir()][0].startswith("cxr-serve-uploads-")
     yield url, root
     stop_server(proc)
+    # SIGTERM: uvicorn shuts the app down (which closes the service) and the upload folder goes with it
+    assert proc.returncode is not None and list(tmp.iterdir()) == [], list(tmp.iterdir())
 
 
 def image_with_boxes(url: str, root: Path) -> Path:

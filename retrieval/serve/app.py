@@ -22,6 +22,7 @@ given.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -217,11 +218,22 @@ def create_app(
     service: ServeService,
     token: str | None = None,
     cors_origins: list[str] | None = None,
+    close_on_shutdown: bool = False,
 ) -> FastAPI:
     """The HTTP app over `service`. `token` requires `Authorization: Bearer TOKEN` on the data endpoints;
-    `cors_origins` turns CORS on for those origins only (off by default)."""
+    `cors_origins` turns CORS on for those origins only (off by default). With `close_on_shutdown` the app
+    closes the service when the server shuts down: uvicorn re-raises SIGTERM/SIGINT after its shutdown, so
+    code after `uvicorn.run` never runs then, but the app's shutdown does."""
     limit = int(service.config.max_upload_mb * 2**20)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        if close_on_shutdown:
+            await asyncio.to_thread(service.close)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="cxr-retrieval",
         version=service.info()["versions"].get("cxr-retrieval", "0"),
         description="Cross-modal chest X-ray retrieval and retrieval-augmented report drafting.",

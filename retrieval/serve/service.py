@@ -553,7 +553,9 @@ class ServeService:
         return self.pool.submit(fn, *args, **kwargs)
 
     def close(self) -> None:
-        """Stop the watcher, the model thread and the pool; remove the upload folder."""
+        """Stop the watcher, the model thread and the pool; remove the upload folder. Safe to call twice."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
