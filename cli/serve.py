@@ -79,9 +79,9 @@ def serve(
 
 
 def serve_cmd(
-    index: Path = typer.Option(None, "--index", "-i", help="Index folder [default: the cxr demo work folder's]."),
+    index: Path = typer.Option(None, "--index", "-i", help="Index folder (default: the `cxr demo` work folder's)."),
     vlm: Path = typer.Option(
-        None, "--vlm", help="VLM folder for /generate [default: the demo's, when serving the demo index]."
+        None, "--vlm", help="VLM folder for /generate (default: the demo's, when serving the demo index)."
     ),
     no_vlm: bool = typer.Option(False, "--no-vlm", help="Serve retrieval only."),
     model: str | None = typer.Option(None, "--model", help="Model (default: the folder recorded in the index)."),
@@ -90,7 +90,7 @@ def serve_cmd(
     token: str | None = typer.Option(
         None, "--token", envvar="CXR_SERVE_TOKEN", help="Require 'Authorization: Bearer TOKEN' (env CXR_SERVE_TOKEN)."
     ),
-    workers: int | None = typer.Option(None, "--workers", min=1, help="Worker threads [default: one per core]."),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="Worker threads (default: one per core)."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most queries per forward pass (1 = no batching)."),
     max_wait_ms: float = typer.Option(0.0, "--max-wait-ms", min=0, help="Wait this long for a batch to fill."),
     watch_interval: float = typer.Option(
