@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.gen_synth import make_manifest, one_thread  # noqa: F401 (an autouse fixture)
+from gen_synth import make_manifest, one_thread  # noqa: F401 (an autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CXR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

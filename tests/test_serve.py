@@ -22,6 +22,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (the serve extra)")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from gen_synth import make_manifest, one_thread  # noqa: E402, F401 (an autouse fixture)
 from test_index_helpers import FakeModel  # noqa: E402
 
 from cli.main import main  # noqa: E402
@@ -36,7 +37,6 @@ from retrieval.serve.service import (  # noqa: E402
     split_sentences,
 )
 from retrieval.serve.uploads import sniff  # noqa: E402
-from tests.gen_synth import make_manifest, one_thread  # noqa: E402, F401 (an autouse fixture)
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 
