@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: install demo test fuzz lint clean
+.PHONY: install demo test fuzz lint clean chromium serve
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,19 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/cxr demo
+
+# the API and web viewer over the demo (http://127.0.0.1:8000/)
+serve: install
+	$(VENV)/bin/cxr serve
+
+# Debian's chromium for tests/test_browser.py (playwright drives it; no browser download). Idempotent: does nothing
+# when chromium is already there; needs apt-get and root (or sudo), else says so and leaves the test to skip.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get here: tests/test_browser.py will skip"; \
+	else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+		|| echo "WARNING: could not install chromium (apt-get failed): tests/test_browser.py will skip"; fi
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: install

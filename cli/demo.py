@@ -21,11 +21,11 @@ def demo_cmd(
     limit: int = typer.Option(None, help="Only the first N IU reports (a quicker, smaller demo)."),
     no_generate: bool = typer.Option(False, "--no-generate", help="Stop after retrieval."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    serve: bool = typer.Option(False, "--serve", help="Then serve the demo: the API and web viewer (cxr serve)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="With --serve: the address to bind."),
+    port: int = typer.Option(8000, "--port", help="With --serve: the port."),
 ) -> None:
     """Build the demo corpus, train cxr-small, index it, query a held-out abnormal image, and draft its report."""
-    from rich.console import Console
-    from rich.table import Table
-
     from retrieval.demo_pipeline import DEFAULT_WORKDIR, run_demo
     from retrieval.progress import console as err_console
 
@@ -44,7 +44,18 @@ def demo_cmd(
         out = res.as_dict()
         out["total_s"] = round(total, 2)
         typer.echo(json.dumps(out, indent=2, default=str))
-        return
+    else:
+        _print_demo(res, total)
+    if serve:
+        from cli.serve import serve as start_server
+
+        vlm = res.workdir / "vlm"
+        start_server(res.workdir / "index", vlm if (vlm / "vlm_config.json").exists() else None, host=host, port=port)
+
+
+def _print_demo(res, total: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
 
     con = Console()
     q = res.query

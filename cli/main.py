@@ -26,6 +26,7 @@ from cli import (
     generate,
     index_cmd,
     query,
+    serve,
     train,
     vlm_train,
 )
@@ -63,6 +64,7 @@ app.command("query")(query.query_cmd)
 vlm_app.command("train")(vlm_train.vlm_train_cmd)
 app.command("generate")(generate.generate_cmd)
 app.command("demo")(demo.demo_cmd)
+app.command("serve")(serve.serve_cmd)
 
 
 def one_line(error: BaseException, limit: int = 600) -> str:

@@ -1,0 +1,564 @@
+"""The object `cxr serve` holds in memory: model, index and VLM, loaded once, and the calls the API makes.
+
+Everything here is a library call (`Searcher.query_vector`, `Generator`, `read_image`); the FastAPI app in
+`app.py` only parses requests and maps errors to statuses. What this object adds to those calls:
+
+- a worker pool (threads, sized to the cores) that request handlers run their blocking work in;
+- one model thread (`EmbedBatcher`) that embeds concurrent queries in one forward pass;
+- the index as an immutable snapshot: a query takes the current one when it starts and finishes on it, while a
+  reload (on `POST /reload`, or by the watcher when the folder's files change, e.g. after `cxr index add`)
+  opens the new index beside it and swaps it in; a failed reload keeps serving the old one;
+- study ids looked up in the index's meta rows, never joined into file paths;
+- the exemplars a drafted report rests on, with their reports and the sentences the draft shares with each.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.errors import IndexError_, UsageError
+from retrieval.serve.batching import EmbedBatcher
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("reports", "images")
+THUMB_SIZES = (16, 1024)
+
+
+def default_workers() -> int:
+    """Worker threads: one per core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class ServeConfig:
+    """What `cxr serve` loads and how it serves (see `cxr serve --help` for each option)."""
+
+    index: Path
+    model: str | None = None  # default: the model folder recorded in the index's index_info.json
+    vlm: Path | None = None
+    device: str | None = None
+    backend: str = "auto"
+    nprobe: int | None = None
+    ef_search: int | None = None
+    workers: int = field(default_factory=default_workers)
+    max_batch: int = 32  # 1 = no batching
+    max_wait_ms: float = 0.0
+    watch_interval: float = 2.0  # seconds between checks of the index folder; 0 = only POST /reload
+    max_upload_mb: float = 50.0
+    max_pixels: int | None = None  # default: read_image's limit
+    max_k: int = 1000
+    thumbnail_cache: int = 512
+
+
+@dataclass(frozen=True)
+class IndexSnapshot:
+    """One opened index; never changed after creation, so a query holding it sees one consistent index."""
+
+    searcher: Any
+    signature: tuple
+    generation: int
+    loaded_at: str
+    study_rows: dict[str, np.ndarray]
+
+
+@dataclass
+class SearchJob:
+    """A query between `search_begin` and `search_finish`: its index snapshot and its vector to come."""
+
+    snapshot: IndexSnapshot
+    vector: Future
+    query: dict
+    k: int
+    target: str
+    exclude: str | None
+
+
+def folder_signature(path: str | Path) -> tuple:
+    """(name, inode, size, mtime) of the index folder's visible entries: it changes whenever a build, an add or
+    a generation switch renames a file into place. Hidden entries (`.build` work folders, locks) are left out
+    so that an add in progress does not trigger a reload per shard."""
+    out = []
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError:
+        return ()
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        try:
+            st = e.stat()
+        except OSError:
+            continue
+        out.append((e.name, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
+
+
+def result_records(frame: Any) -> list[dict]:
+    """Result rows as `cxr query --json` prints them (score rounded to 6 places, labels as strings)."""
+    out = []
+    for r in frame.to_dict("records"):
+        r["score"] = round(float(r["score"]), 6)
+        r["labels"] = [str(x) for x in r["labels"]]
+        out.append({k: (int(v) if k in ("rank", "row_id") else v) for k, v in r.items()})
+    return out
+
+
+_SENTENCE = re.compile(r"[^.!?\n]+[.!?]?")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a report, as written (a sentence ends at . ! ? or a line break)."""
+    return [s.strip() for s in _SENTENCE.findall(str(text or "")) if re.search(r"\w", s)]
+
+
+def _norm(sentence: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", sentence.lower()).strip()
+
+
+def shared_sentences(text: str, report: str) -> list[str]:
+    """The sentences of `text` that `report` also says, in `text`'s order: the same sentence (case and punctuation
+    ignored), or, for three words or more, the same words in a row inside one of the report's sentences
+    ("the lungs are clear" in "The lungs are clear, and without focal airspace opacity")."""
+    out: list[str] = []
+    for s, _ in _matches(text, report):
+        if s not in out:  # a draft that repeats a sentence shares it once
+            out.append(s)
+    return out
+
+
+def matched_report_sentences(text: str, report: str) -> list[str]:
+    """The sentences of `report` that contain a sentence of `text` (what the viewer highlights in an exemplar)."""
+    out: list[str] = []
+    for _, r in _matches(text, report):
+        if r not in out:
+            out.append(r)
+    return out
+
+
+def _matches(text: str, report: str) -> list[tuple[str, str]]:
+    rep = [(r, f" {_norm(r)} ") for r in split_sentences(report)]
+    pairs = []
+    for s in split_sentences(text):
+        n = _norm(s)
+        for r, padded in rep:
+            if n and (padded.strip() == n or (len(n.split()) >= 3 and f" {n} " in padded)):
+                pairs.append((s, r))
+                break
+    return pairs
+
+
+def recorded_model_path(info: dict, index: str | Path) -> str:
+    """The model folder index_info.json records; a usage error naming `--model` when there is none."""
+    rec = info.get("model", {})
+    path = rec.get("path")
+    if path and Path(path).is_dir():
+        return str(path)
+    raise UsageError(
+        f"{index}: pass --model (the index was built with {rec.get('name')!r}"
+        + (f" from {path}, which no longer exists)" if path else ", whose folder was not recorded)")
+    )
+
+
+def library_versions() -> dict:
+    """Versions reported by /info."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for dist in ("cxr-retrieval", "torch", "faiss-cpu", "open_clip_torch", "fastapi", "uvicorn", "numpy"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+class ServeService:
+    """Model, index (as swappable snapshots) and VLM, loaded once; the operations the HTTP API exposes.
+
+    Pass `model` to use an already loaded model (tests, notebooks); otherwise `config.model` or the folder the
+    index records is loaded. Call `close()` when done (it stops the threads and removes the upload folder).
+    """
+
+    def __init__(self, config: ServeConfig, model: Any = None, start_watcher: bool = True):
+        from index.store import read_info
+
+        self.config = config
+        self.index_path = Path(config.index)
+        if model is None:
+            from retrieval.models import load_model
+
+            name = config.model or recorded_model_path(read_info(self.index_path), self.index_path)
+            model = load_model(name, device=None if config.device in (None, "auto") else config.device)
+        if hasattr(model, "eval"):
+            model.eval()
+        self.model = model
+        self._transform = model.image_transform()
+        self._reload_lock = threading.Lock()
+        self._generation = 0
+        self.reload_error: str | None = None
+        self._failed_signature: tuple | None = None
+        self._snapshot = self._open()  # refuses a model of another fingerprint, like `cxr query`
+        self.batcher = EmbedBatcher(model, config.max_batch, config.max_wait_ms)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, int(config.workers)), thread_name_prefix="cxr-serve")
+        self.upload_dir = Path(tempfile.mkdtemp(prefix="cxr-serve-uploads-"))
+        self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
+        self._thumb_lock = threading.Lock()
+        self._gen_lock = threading.Lock()
+        self.generator = None
+        if config.vlm is not None:
+            from retrieval.generation.generate import Generator
+
+            self.generator = Generator(config.vlm, None, device=config.device, retrieval_model=self.batcher)
+        self._stop = threading.Event()
+        self._watcher = None
+        if start_watcher and config.watch_interval > 0:
+            self._watcher = threading.Thread(target=self._watch, name="cxr-index-watch", daemon=True)
+            self._watcher.start()
+        log.info(
+            "serving %s (%d rows) with model %s",
+            self.index_path,
+            self.snapshot.searcher.index.count,
+            getattr(model, "name", "?"),
+        )
+
+    # ------------------------------------------------------------------ index snapshots and reload
+
+    @property
+    def snapshot(self) -> IndexSnapshot:
+        """The index queries start on now."""
+        return self._snapshot
+
+    def _open(self) -> IndexSnapshot:
+        from index.search import Searcher
+
+        signature = folder_signature(self.index_path)
+        c = self.config
+        searcher = Searcher(
+            self.index_path, self.model, backend=c.backend, device=c.device, nprobe=c.nprobe, ef_search=c.ef_search
+        )
+        for target in TARGETS:  # made now, not lazily by two request threads at once
+            searcher.backend(target)
+        studies = searcher.index.meta["study_id"].astype(str).to_numpy()
+        order = np.argsort(studies, kind="stable")
+        names, starts = np.unique(studies[order], return_index=True)
+        rows = dict(zip(names.tolist(), np.split(order, starts[1:]), strict=True)) if len(order) else {}
+        self._generation += 1
+        return IndexSnapshot(searcher, signature, self._generation, _now(), rows)
+
+    def reload(self, force: bool = True) -> dict:
+        """Reopen the index folder and swap it in (when `force`, or when its files changed since the last load).
+
+        Queries already running finish on the snapshot they started with. A folder that cannot be opened (a
+        write in progress, a model of another fingerprint) leaves the old index serving and raises IndexError_."""
+        with self._reload_lock:
+            old = self._snapshot
+            if not force and folder_signature(self.index_path) == old.signature:
+                return {"reloaded": False, **self._index_state(old)}
+            try:
+                new = self._open()
+            except Exception as e:
+                self.reload_error = str(e)
+                raise IndexError_(f"reload failed, still serving generation {old.generation}: {e}") from e
+            self._snapshot = new
+            self.reload_error = None
+            self._failed_signature = None
+            with self._thumb_lock:
+                self._thumbs.clear()
+            log.info(
+                "index reloaded: %d -> %d rows (generation %d)",
+                old.searcher.index.count,
+                new.searcher.index.count,
+                new.generation,
+            )
+            return {"reloaded": True, "previous_count": old.searcher.index.count, **self._index_state(new)}
+
+    def check_for_change(self) -> bool:
+        """Reload when the folder's files changed; True when a new index was swapped in. Errors are logged once
+        per folder state and retried when the folder changes again."""
+        sig = folder_signature(self.index_path)
+        if sig == self._snapshot.signature or sig == self._failed_signature:
+            return False
+        try:
+            return bool(self.reload(force=False)["reloaded"])
+        except IndexError_ as e:
+            self._failed_signature = sig
+            log.warning("%s", e)
+            return False
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.config.watch_interval):
+            try:
+                self.check_for_change()
+            except Exception:  # the watcher must never die
+                log.exception("index watcher")
+
+    def _index_state(self, snap: IndexSnapshot) -> dict:
+        idx = snap.searcher.index
+        return {
+            "count": idx.count,
+            "studies": len(snap.study_rows),
+            "generation": snap.generation,
+            "loaded_at": snap.loaded_at,
+        }
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_query(self, k: int, target: str) -> None:
+        if not isinstance(k, int) or k < 1 or k > self.config.max_k:
+            raise UsageError(f"k must be an integer from 1 to {self.config.max_k}, got {k!r}")
+        if target not in TARGETS:
+            raise UsageError(f"target must be 'reports' or 'images', got {target!r}")
+
+    # ------------------------------------------------------------------ operations
+
+    def decode(self, data: bytes, filename: str = "", content_type: str = "") -> np.ndarray:
+        """An uploaded image's pixels (UploadError 415/422 when it is not a readable PNG, JPEG or DICOM)."""
+        from retrieval.serve.uploads import decode_upload
+
+        return decode_upload(data, filename, content_type, self.upload_dir, self.config.max_pixels)
+
+    def search(
+        self,
+        image: np.ndarray | None = None,
+        text: str | None = None,
+        k: int = 5,
+        target: str = "reports",
+        exclude_patient: str | None = None,
+        name: str = "upload",
+    ) -> dict:
+        """Top-k reports or images for an image (HxW array in [0, 1]) or a sentence, as `cxr query --json`."""
+        job = self.search_begin(image, text, k, target, exclude_patient, name)
+        job.vector.result()
+        return self.search_finish(job)
+
+    def search_begin(
+        self,
+        image: np.ndarray | None = None,
+        text: str | None = None,
+        k: int = 5,
+        target: str = "reports",
+        exclude_patient: str | None = None,
+        name: str = "upload",
+    ) -> SearchJob:
+        """First half of `search`: check the query, take the current index, preprocess, and queue the embedding.
+
+        The HTTP app awaits `job.vector` on its event loop instead of holding a worker thread while the model
+        thread runs, so queries waiting for the model pile up in its queue and share a forward pass."""
+        if (image is None) == (text is None):
+            raise UsageError('give either an image or {"text": "..."} (exactly one)')
+        self._check_query(k, target)
+        snap = self._snapshot  # this query finishes on this index, whatever a reload does meanwhile
+        if text is not None:
+            if not str(text).strip():
+                raise UsageError("the text query is empty")
+            return SearchJob(snap, self.batcher.submit_text(text), {"text": text}, k, target, exclude_patient)
+        pixels = self._transform(np.asarray(image, dtype=np.float32))
+        return SearchJob(snap, self.batcher.submit_image(pixels), {"image": name}, k, target, exclude_patient)
+
+    def search_finish(self, job: SearchJob) -> dict:
+        """Second half of `search`: the index search on the job's snapshot, once its vector is there."""
+        vec = job.vector.result()
+        hits = job.snapshot.searcher.query_vector(vec[None, :], job.k, job.target, exclude_patient=job.exclude or None)
+        return {
+            **job.query,
+            "index": str(self.index_path),
+            "target": job.target,
+            "k": job.k,
+            "results": result_records(hits),
+        }
+
+    def generate(
+        self,
+        image: np.ndarray,
+        task: str = "report",
+        question: str | None = None,
+        phrase: str | None = None,
+        k: int = 3,
+        exclude_patient: str | None = None,
+        exclude_study: str | None = None,
+    ) -> dict:
+        """The VLM's output for one image: text, boxes, and the exemplars the prompt carried (with their reports
+        and the sentences of the text that each exemplar's report also contains)."""
+        from retrieval.generation.generate import generate_for_image, task_prompt
+
+        if self.generator is None:
+            raise UsageError("this server has no VLM; start it with --vlm DIR (a folder from `cxr vlm train`)")
+        if not isinstance(k, int) or k < 0 or k > 32:
+            raise UsageError(f"k must be an integer from 0 to 32, got {k!r}")
+        task_prompt(task, question, phrase)  # unknown task, or ground without a phrase: a usage error
+        snap = self._snapshot
+        with self._gen_lock:  # one decode at a time: the VLM and its encoders are not shared between threads
+            self.generator.searcher = snap.searcher if k > 0 else None
+            res = generate_for_image(
+                np.asarray(image, dtype=np.float32),
+                None,
+                self.generator.vlm_dir,
+                task=task,
+                k=k,
+                question=question,
+                phrase=phrase,
+                generator=self.generator,
+                exclude_study=exclude_study or None,
+                exclude_patient=exclude_patient or None,
+            )
+        res.setdefault("boxes", [])
+        exemplars = []
+        for e in res.get("exemplars", []):
+            study = self._study_record(snap, str(e["study_id"]))
+            report = study["report"] if study else ""
+            exemplars.append(
+                {
+                    **e,
+                    "score": round(float(e["score"]), 6),
+                    "report": report,
+                    "labels": study["labels"] if study else [],
+                    "shared": shared_sentences(res["text"], report),
+                    "matched": matched_report_sentences(res["text"], report),
+                }
+            )
+        res["exemplars"] = exemplars
+        res["sentences"] = [
+            {"text": s, "exemplars": [e["study_id"] for e in exemplars if s in e["shared"]]}
+            for s in split_sentences(res["text"])
+        ]
+        return res
+
+    def _study_record(self, snap: IndexSnapshot, study_id: str) -> dict | None:
+        rows = snap.study_rows.get(str(study_id))
+        if rows is None:
+            return None
+        meta = snap.searcher.index.meta.iloc[rows]
+        labels: list[str] = []
+        for labs in meta["labels"]:
+            for lab in labs if labs is not None else []:
+                if str(lab) not in labels:
+                    labels.append(str(lab))
+        with_report = meta[meta["has_report"].astype(bool)]
+        first = meta.iloc[0]
+        return {
+            "study_id": str(study_id),
+            "patient_id": str(first["patient_id"]),
+            "report": str(with_report.iloc[0]["report"]) if len(with_report) else "",
+            "labels": labels,
+            "split": str(first["split"]),
+            "images": [
+                {"image_id": str(r["image_id"]), "row_id": int(r["row_id"]), "view": str(r["view"])}
+                for r in meta.to_dict("records")
+            ],
+        }
+
+    def study(self, study_id: str) -> dict | None:
+        """The study's report, labels and images, looked up in the index meta (None when it is not there)."""
+        return self._study_record(self._snapshot, study_id)
+
+    def thumbnail(self, study_id: str, size: int = 256, image_id: str | None = None) -> bytes | None:
+        """A PNG of the study's first image (or of `image_id`, which must belong to the study), its longer side
+        `size` pixels. The file is the one the index meta names; None when the study or image is unknown.
+        Raises ImageReadError when that file can no longer be read."""
+        from PIL import Image
+
+        from retrieval.data.image_io import read_image
+
+        lo, hi = THUMB_SIZES
+        if not isinstance(size, int) or not lo <= size <= hi:
+            raise UsageError(f"size must be an integer from {lo} to {hi}, got {size!r}")
+        snap = self._snapshot
+        rows = snap.study_rows.get(str(study_id))
+        if rows is None:
+            return None
+        meta = snap.searcher.index.meta
+        if image_id is not None:
+            rows = [r for r in rows if str(meta.iloc[r]["image_id"]) == str(image_id)]
+            if not rows:
+                return None
+        row = int(rows[0])
+        key = (snap.generation, row, size)
+        with self._thumb_lock:
+            if key in self._thumbs:
+                self._thumbs.move_to_end(key)
+                return self._thumbs[key]
+        pixels = read_image(str(meta.iloc[row]["image_path"]))
+        img = Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
+        scale = size / max(img.size)  # the longer side becomes `size`, down (Lanczos) or up (bicubic)
+        if scale != 1:
+            method = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), method)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", optimize=False)
+        data = buf.getvalue()
+        with self._thumb_lock:
+            self._thumbs[key] = data
+            while len(self._thumbs) > self.config.thumbnail_cache:
+                self._thumbs.popitem(last=False)
+        return data
+
+    def health(self) -> dict:
+        """Liveness plus the row count of the index being served."""
+        return {"status": "ok", "count": self._snapshot.searcher.index.count}
+
+    def info(self) -> dict:
+        """Model name and fingerprint, index size and factory, VLM, versions, workers and batching counts."""
+        snap = self._snapshot
+        idx = snap.searcher.index
+        m = self.model
+        return {
+            "model": {
+                "name": str(getattr(m, "name", "?")),
+                "fingerprint": str(getattr(m, "fingerprint", "")),
+                "embed_dim": int(getattr(m, "embed_dim", idx.dim)),
+            },
+            "index": {
+                "path": str(self.index_path),
+                "factory": idx.info.get("factory"),
+                "dim": idx.dim,
+                "created": idx.info.get("created"),
+                "backends": {t: b.name for t, b in snap.searcher._backends.items()},
+                "reload_error": self.reload_error,
+                **self._index_state(snap),
+            },
+            "vlm": {"path": str(self.config.vlm) if self.config.vlm else None, "loaded": self.generator is not None},
+            "versions": library_versions(),
+            "workers": self.config.workers,
+            "batching": {"max_batch": self.batcher.max_batch, **self.batcher.stats.as_dict()},
+            "max_upload_mb": self.config.max_upload_mb,
+            "watch_interval_s": self.config.watch_interval,
+        }
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any):
+        """Submit blocking work to the worker pool (a concurrent.futures.Future)."""
+        return self.pool.submit(fn, *args, **kwargs)
+
+    def close(self) -> None:
+        """Stop the watcher, the model thread and the pool; remove the upload folder. Safe to call twice."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.batcher.close()
+        shutil.rmtree(self.upload_dir, ignore_errors=True)

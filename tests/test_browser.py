@@ -1,0 +1,235 @@
+"""The web viewer in a real browser: `cxr serve` (uvicorn, a separate process) over a tiny index, driven by
+playwright through Debian's headless Chromium (`apt-get install chromium`; never a downloaded browser build).
+
+Skips, saying why, only where Chromium or playwright is absent; `.ci/run` installs both.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from gen_synth import make_manifest, one_thread  # noqa: F401 (an autouse fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("CXR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+K = 4
+
+if not Path(CHROMIUM).is_file():
+    pytest.skip(
+        f"Chromium not found at {CHROMIUM}: install Debian's package (apt-get install chromium), as .ci/run does",
+        allow_module_level=True,
+    )
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'")
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], log: Path, tmp: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """`cxr serve ARGS` on a free loopback port, its temporary files under `tmp`; returns (process, base URL)
+    once /health answers."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "TMPDIR": str(tmp)}
+    cmd = [sys.executable, "-m", "cli.main", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"cxr serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError(f"cxr serve did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def wait_js(page, fn: str, timeout: float = 60) -> object:
+    """Poll `fn` (a JS function) in the page until it returns something truthy. Not `wait_for_function`: that
+    evaluates a string with eval, which the viewer's Content-Security-Policy (rightly) refuses."""
+    deadline = time.time() + timeout
+    while True:
+        got = page.evaluate(fn)
+        if got:
+            return got
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {fn}")
+        time.sleep(0.1)
+
+
+def launch(p):
+    """Debian's Chromium, headless, with nothing that reaches the network by itself."""
+    return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A real cxr-tiny model folder, an index over 36 synthetic studies, a tiny VLM, and `cxr serve` over them."""
+    from index.build import build_index
+    from retrieval.generation.train import VLMTrainConfig, train_vlm
+    from retrieval.models import load_model
+
+    root = tmp_path_factory.mktemp("browser")
+    df = make_manifest(root, n=36)
+    model = load_model("cxr-tiny", device="cpu")
+    model.save(root / "model")
+    build_index(df, model, root / "idx", model_path=root / "model", workers=0, progress=False)
+    # report + identify only: in 200 steps (~10 s) this tiny VLM learns to draft the synthetic reports and to
+    # draw boxes for the images with findings; with all five tasks it often draws none yet
+    cfg = VLMTrainConfig(
+        tasks=["report", "identify"],
+        encoders=["patch:1"],
+        steps=200,
+        batch_size=8,
+        lm_overrides=TINY,
+        rag_k=2,
+        visual_grid=4,
+        lr=3e-3,
+        checkpoint_every=1000,
+    )
+    train_vlm(df, root / "vlm", cfg, index_dir=root / "idx", progress=False)
+    log, tmp = root / "serve.log", root / "tmp"
+    tmp.mkdir()
+    args = ["--index", str(root / "idx"), "--vlm", str(root / "vlm"), "--watch-interval", "0"]
+    proc, url = start_server(args, log, tmp)
+    assert [p.name for p in tmp.iterdir()][0].startswith("cxr-serve-uploads-")
+    yield url, root
+    stop_server(proc)
+    # SIGTERM: uvicorn shuts the app down (which closes the service) and the upload folder goes with it
+    assert proc.returncode is not None and list(tmp.iterdir()) == [], list(tmp.iterdir())
+
+
+def image_with_boxes(url: str, root: Path) -> Path:
+    """The first synthetic image whose `[identify]` output (through the API) holds a box. The tiny VLM's output
+    depends on its 200 training steps; the test checks that the page draws what the server returns, so it asks
+    the server first instead of hoping that one fixed image gets a box."""
+    import httpx
+
+    for i in range(36):
+        path = root / "img" / f"{i}.png"
+        files = {"image": (path.name, path.read_bytes(), "image/png")}
+        res = httpx.post(url + "/generate", files=files, data={"task": "identify"}, timeout=60).json()
+        if res["boxes"]:
+            return path
+    raise AssertionError("the tiny VLM drew no [identify] box for any of the 36 images")
+
+
+def test_viewer_search_draft_and_boxes_in_chromium(served, tmp_path):
+    url, root = served
+    query = image_with_boxes(url, root)
+    errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1360, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            wait_js(page, "() => document.querySelector('#info').textContent.includes('VLM loaded')")
+            page.fill("#k", str(K))
+            page.set_input_files("#file", str(query))
+
+            # the neighbour grid: k cards, each with a score, labels, a report and a loaded thumbnail
+            wait_js(page, f"() => document.querySelectorAll('#grid .card').length === {K}")
+            scores = page.locator("#grid .card .score").all_inner_texts()
+            assert len(scores) == K and all(re.fullmatch(r"-?\d\.\d{3}", s) for s in scores), scores
+            assert [float(s) for s in scores] == sorted((float(s) for s in scores), reverse=True)
+            wait_js(
+                page,
+                "() => [...document.querySelectorAll('#grid img.thumb')].filter(i => i.complete && i.naturalWidth > 0)"
+                f".length === {K}",
+            )
+            assert page.locator("#grid .card .report").count() == K
+            assert page.locator("#grid .card .labels .label").count() >= K
+
+            # a click opens the study
+            first = page.locator("#grid .card").first
+            sid = first.get_attribute("data-study")
+            first.click()
+            wait_js(page, "() => document.querySelector('#study').open")
+            wait_js(page, "() => !document.querySelector('#study-report').textContent.includes('loading')")
+            assert sid in page.inner_text("#study-title")
+            assert page.inner_text("#study-report").strip()
+            page.keyboard.press("Escape")
+
+            # Draft report: the text and the exemplars it rests on, as links
+            page.click("#draft")
+            wait_js(page, "() => document.querySelectorAll('#exemplars a.exemplar').length >= 1")
+            text = page.inner_text("#draft-text").strip()
+            assert text and text != "drafting…", text
+            links = page.locator("#exemplars a.exemplar")
+            assert links.count() >= 1 and (links.first.get_attribute("href") or "").startswith("#study/")
+
+            # [identify]: a box drawn over the query image
+            page.click("#identify")
+            page.wait_for_selector("#overlay .box[data-task=identify]", timeout=60_000)
+            box = page.locator("#overlay .box[data-task=identify]").first.bounding_box()
+            img = page.locator("#query-img").bounding_box()
+            assert box and img and box["width"] > 0 and box["height"] > 0
+            assert img["x"] - 2 <= box["x"] <= img["x"] + img["width"]
+
+            # a question
+            page.fill("#question", "is there a pleural effusion?")
+            page.click("#vqa-form button")
+            wait_js(page, "() => document.querySelector('#vqa-answer').textContent.startsWith('[vqa]')")
+            page.screenshot(path=str(os.environ.get("CXR_BROWSER_SCREENSHOT") or tmp_path / "viewer.png"))
+        finally:
+            browser.close()
+    assert errors == [], errors
+
+
+def test_text_search_and_a_bad_upload_in_chromium(served, tmp_path):
+    url, root = served
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"this is not a picture")
+    with sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.fill("#k", "3")
+            page.fill("#text", "right pleural effusion")
+            page.click("#text-form button")
+            wait_js(page, "() => document.querySelectorAll('#grid .card').length === 3")
+            page.set_input_files("#file", str(bad))
+            wait_js(page, "() => document.querySelector('#status').classList.contains('error')")
+            assert page.inner_text("#status").startswith("415")
+        finally:
+            browser.close()
