@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from gen_synth import SynthRetrievalModel, make_index, make_manifest, one_thread  # noqa: F401 (an autouse fixture)
 
 from retrieval.generation.evaluate import evaluate_generation
 from retrieval.generation.generate import generate_for_image
 from retrieval.generation.model import VLM
 from retrieval.generation.train import VLMTrainConfig, train_vlm
-from tests.gen_synth import SynthRetrievalModel, make_index, make_manifest, one_thread  # noqa: F401 (an autouse fixture)
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gen_synth import one_thread  # noqa: F401 (an autouse fixture)
 
 from retrieval.errors import ModelLoadError
 from retrieval.generation.model import VLM, FrozenPatchEncoder, combine_tokens, encode_visual, group_tokens, pool_grid
 from retrieval.generation.rag import build_prompt_ids
 from retrieval.generation.tokenizer import COORD_TOKENS, TASK_TOKENS, build_tokenizer, decode
-from tests.gen_synth import one_thread  # noqa: F401 (an autouse fixture)
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 

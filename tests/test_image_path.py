@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train import make_manifest
 
 from retrieval.errors import ImageReadError
 from retrieval.models import load_model
 from retrieval.models.image_stream import encode_image_items, stream_images
-from tests.test_train import make_manifest
 
 SIZE = 64  # the CNN is fully convolutional: a small input keeps these tests fast on 2 cores
 
