@@ -134,14 +134,15 @@ class EmbedBatcher:
     def _pass(self, kind: str, group: list[_Job]) -> None:
         import torch
 
-        from index.encode import embed_pixels
+        from retrieval.models.image_stream import run_pixels
 
         live = [j for j in group if j.future.set_running_or_notify_cancel()]
         if not live:
             return
         try:
             if kind == "image":
-                vecs = embed_pixels(self.model, torch.stack([torch.as_tensor(j.payload) for j in live]), self.precision)
+                pixels = torch.stack([torch.as_tensor(j.payload) for j in live])
+                vecs = run_pixels(self.model, pixels, "embeddings", self.precision)
             else:
                 vecs = np.asarray(self.model.encode_texts([j.payload for j in live]), dtype=np.float32)
         except BaseException as e:  # one bad pass fails its jobs, never the thread
