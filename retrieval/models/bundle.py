@@ -75,12 +75,14 @@ def _files(folder: Path) -> list[str]:
 
 
 def _canonical_config(folder: Path) -> bytes:
-    """open_clip_config.json with this folder's own text path written as `text` (machine-local, see relink)."""
+    """open_clip_config.json with an absolute `.../text` tower path written as `text`: the path is machine-local
+    (it changes when the folder moves, see relink), so it is left out of the checksum; a stale one is reported by
+    `verify` on its own."""
     data = json.loads((folder / OC_CONFIG).read_text(encoding="utf-8"))
     text_cfg = data.get("model_cfg", {}).get("text_cfg", {})
-    own = {str((folder / TEXT_DIR).resolve()), str(folder / TEXT_DIR)}
     for key in ("hf_model_name", "hf_tokenizer_name"):
-        if text_cfg.get(key) in own:
+        value = text_cfg.get(key)
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).name == TEXT_DIR:
             text_cfg[key] = TEXT_DIR
     return json.dumps(data, sort_keys=True).encode()
 
