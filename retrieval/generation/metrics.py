@@ -191,8 +191,10 @@ def chexbert_f1(
 ) -> dict[str, float]:
     """CheXbert-label F1 (f1chexbert, ReXrank's protocol): micro/macro over the 14 CheXpert labels and over the
     5 (Cardiomegaly, Edema, Consolidation, Atelectasis, Pleural Effusion); positive = present or uncertain."""
-    from appdirs import user_cache_dir
-
+    try:
+        from appdirs import user_cache_dir  # f1chexbert's own cache location
+    except ImportError:
+        raise MetricUnavailable(f"chexbert: the f1chexbert package is not installed ({EXTRA_HINT})") from None
     folder = _weights_dir("chexbert", metrics_dir, user_cache_dir("chexbert"))
     key = ("chexbert", str(folder))
     if key not in _SCORERS:  # built once per process: an evaluation scores many rows
