@@ -20,6 +20,15 @@ def eval_generation_cmd(
         "reports", "--retrieval-target", help="reports (image->report) | images (image->image, sets without text)."
     ),
     no_meteor: bool = typer.Option(False, "--no-meteor", help="Skip METEOR (it starts Java)."),
+    metrics: str = typer.Option(
+        "default",
+        "--metrics",
+        help="Report metrics: default (BLEU-1..4, METEOR, ROUGE-L, CIDEr, labeler F1; offline) plus any of chexbert "
+        "(CheXbert-label F1), radgraph (RadGraph F1): pip install 'cxr-retrieval[metrics]'. ReXrank's BLEU = bleu2.",
+    ),
+    metrics_dir: Path = typer.Option(
+        None, "--metrics-dir", help="Folder holding chexbert/ and radgraph/ from `cxr models prefetch NAME --to`."
+    ),
     out: Path = typer.Option(None, "--out", "-o", help="Also write the results: OUT.json and OUT.md."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
@@ -27,19 +36,24 @@ def eval_generation_cmd(
     with constant, retrieval-only, no-RAG and RAG rows in one table per task."""
     from retrieval.fileio import atomic_path, write_json_atomic
     from retrieval.generation.evaluate import evaluate_generation, results_markdown
+    from retrieval.generation.metrics import BLEU_NOTE, check_report_metrics, parse_metrics, use_report_metrics
 
-    res = evaluate_generation(
-        vlm,
-        manifest,
-        index,
-        split=split,
-        k=k,
-        tasks=[t.strip() for t in tasks.split(",")] if tasks else None,
-        max_per_task=max_per_task or None,
-        meteor=not no_meteor,
-        retrieval_target=retrieval_target,
-    )
-    md = results_markdown(res)
+    extra = parse_metrics(metrics)
+    check_report_metrics(extra, metrics_dir)  # a missing library or weight: one line naming the fix, before any work
+    with use_report_metrics(extra, metrics_dir):
+        res = evaluate_generation(
+            vlm,
+            manifest,
+            index,
+            split=split,
+            k=k,
+            tasks=[t.strip() for t in tasks.split(",")] if tasks else None,
+            max_per_task=max_per_task or None,
+            meteor=not no_meteor,
+            retrieval_target=retrieval_target,
+        )
+    res["bleu"] = BLEU_NOTE
+    md = results_markdown(res) + f"\n{BLEU_NOTE}\n"
     if out is not None:
         write_json_atomic(out.with_suffix(".json"), res)
         with atomic_path(out.with_suffix(".md")) as tmp:

@@ -25,6 +25,7 @@ from cli import (
     eval_retrieval,
     generate,
     index_cmd,
+    models_cmd,
     query,
     serve,
     train,
@@ -48,6 +49,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 app.add_typer(index_app, name="index")
 app.add_typer(vlm_app, name="vlm")
+app.add_typer(models_cmd.app, name="models")
 
 data_app.command("import")(data_import.import_cmd)
 data_app.command("validate")(data_import.validate_cmd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Sequence
+from copy import deepcopy
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -294,29 +295,34 @@ class CXRModel(nn.Module):
     def save(self, out_dir: str | Path) -> Path:
         """Write the self-describing folder `load_model(out_dir)` reloads offline (see checkpoint.py for the layout).
 
-        Files are written atomically one by one, `model_info.json` last, into `out_dir` (other files there are kept).
+        Files are written atomically one by one, `model_info.json` and then `checksums.sha256` last, into `out_dir`
+        (other files there are kept). An HF text tower is named by the folder's own `text/` path, so plain open_clip
+        loads the folder as `local-dir:DIR` offline (bundle.py).
         """
         import open_clip
         import transformers
 
         import retrieval
+        from retrieval.models import bundle
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(
-            out / "open_clip_config.json",
-            {"model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg},
-        )
+        hf_config = getattr(self.clip.text, "config", None)
+        model_cfg = deepcopy(self.model_cfg)
+        if hf_config is not None:  # plain open_clip reads `local-dir:` text towers by this name: the folder's copy
+            own = str((out / bundle.TEXT_DIR).resolve())
+            model_cfg["text_cfg"].update(hf_model_name=own, hf_tokenizer_name=own)
+        write_json_atomic(out / bundle.OC_CONFIG, {"model_cfg": model_cfg, "preprocess_cfg": self.preprocess_cfg})
         save_safetensors(self.clip, out / TOWERS_FILE)
         write_json_atomic(out / "projector.json", self.projector.cfg.to_dict())
         save_safetensors(self.projector, out / PROJECTOR_FILE)
-        hf_config = getattr(self.clip.text, "config", None)
         if hf_config is not None:  # HF text tower: its architecture config + tokenizer, so reloading is offline
             (out / "text").mkdir(exist_ok=True)
             hf_config.save_pretrained(out / "text")
             inner = getattr(self.tokenizer, "tokenizer", None)
             if inner is not None:
                 inner.save_pretrained(out / "text")
+                bundle.copy_tokenizer_to_root(out)  # plain open_clip's get_tokenizer("local-dir:") reads the root
         info = {
             "name": self.name,
             "description": self.description,
@@ -337,6 +343,7 @@ class CXRModel(nn.Module):
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         write_json_atomic(out / "model_info.json", info)
+        bundle.write_checksums(out)  # last: `cxr models verify` checks every file above against it
         return out
 
     def extra_repr(self) -> str:

@@ -1,0 +1,202 @@
+"""`cxr models list|info|verify|export|unpack|relink` and the saved folder's plain-open_clip offline contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_models import TEXTS, tiny_model
+
+from cli.main import main
+from retrieval.models import load_model
+from retrieval.models.bundle import CHECKSUMS_FILE, linked_text_path, read_checksums
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A tiny model with an HF text tower, saved as `cxr train` saves (folder, fingerprint)."""
+    model = tiny_model(hf_text=True)
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    model.save(folder)
+    return folder, model.fingerprint
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "copy"
+    shutil.copytree(folder, dest)
+    return dest
+
+
+def test_save_writes_checksums_and_links_its_own_text_copy(saved: tuple[Path, str]) -> None:
+    folder, fp = saved
+    listed = read_checksums(folder)
+    assert {"open_clip_model.safetensors", "projector.safetensors", "model_info.json", "text/config.json"} <= set(
+        listed
+    )
+    assert linked_text_path(folder) == str((folder / "text").resolve())
+    assert (folder / "tokenizer_config.json").is_file()  # plain open_clip's get_tokenizer reads the root
+    assert load_model(folder, device="cpu").fingerprint == fp  # the loader ignores the path; fingerprint unchanged
+
+
+OFFLINE = r"""
+import json, sys
+import numpy as np, torch, open_clip
+oc, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + sys.argv[1])
+tok = open_clip.get_tokenizer("local-dir:" + sys.argv[1])
+oc.eval()
+px = torch.from_numpy(np.load(sys.argv[3]))
+with torch.no_grad():
+    np.savez(sys.argv[2], img=oc.encode_image(px).numpy(), txt=oc.encode_text(tok(json.loads(sys.argv[4]))).numpy())
+"""
+
+
+@pytest.mark.slow
+def test_saved_folder_loads_in_plain_open_clip_offline(saved: tuple[Path, str], tmp_path: Path) -> None:
+    """open_clip's own create_model_and_transforms + get_tokenizer, HF_HUB_OFFLINE=1, an empty HF cache, the folder
+    moved and relinked: the same tower outputs as this project's loader."""
+    folder = copy_of(saved[0], tmp_path)
+    assert main(["models", "relink", str(folder)]) == 0
+    px = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "px.npy", px)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf"), "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            OFFLINE,
+            str(folder),
+            str(tmp_path / "o.npz"),
+            str(tmp_path / "px.npy"),
+            json.dumps(TEXTS),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = np.load(tmp_path / "o.npz")
+    ours = load_model(folder, device="cpu")
+    with torch.no_grad():
+        np.testing.assert_allclose(got["img"], ours.image_features(torch.from_numpy(px)).numpy(), atol=1e-5)
+        np.testing.assert_allclose(got["txt"], ours.text_features(ours.tokenize(TEXTS)).numpy(), atol=1e-5)
+
+
+def test_verify_ok_builds_and_encodes(saved: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+    folder, fp = saved
+    code, out, _ = run_cli(capsys, "models", "verify", str(folder), "--json")
+    res = json.loads(out)
+    assert code == 0 and res["ok"] and res["problems"] == []
+    assert res["fingerprint"] == fp and res["checked"] == len(read_checksums(folder))
+    assert abs(res["image_norm"] - 1) < 1e-4 and abs(res["text_norm"] - 1) < 1e-4
+
+
+@pytest.mark.parametrize("victim", ["open_clip_model.safetensors", "text/config.json", "projector.json"])
+def test_verify_names_an_altered_byte(
+    saved: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture, victim: str
+) -> None:
+    folder = copy_of(saved[0], tmp_path)
+    data = bytearray((folder / victim).read_bytes())
+    data[len(data) // 2] ^= 0x20
+    (folder / victim).write_bytes(bytes(data))
+    code, out, _ = run_cli(capsys, "models", "verify", str(folder))
+    assert code == 1
+    assert f"FAIL {victim}: sha256 differs" in out
+
+
+def test_verify_names_a_missing_file_and_a_missing_list(
+    saved: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = copy_of(saved[0], tmp_path)
+    (folder / "projector.safetensors").unlink()
+    code, out, _ = run_cli(capsys, "models", "verify", str(folder))
+    assert code == 1 and "FAIL projector.safetensors: missing" in out
+    (folder / CHECKSUMS_FILE).unlink()
+    code, out, _ = run_cli(capsys, "models", "verify", str(folder))
+    assert code == 1 and f"{CHECKSUMS_FILE}: no checksum list" in out
+
+
+def test_moved_folder_is_flagged_then_relinked(saved: tuple[Path, str], tmp_path: Path, capsys) -> None:
+    folder = copy_of(saved[0], tmp_path)  # still names the original folder's text/
+    code, out, _ = run_cli(capsys, "models", "verify", str(folder), "--no-encode")
+    assert code == 1 and "cxr models relink" in out
+    assert main(["models", "relink", str(folder)]) == 0
+    code, out, _ = run_cli(capsys, "models", "verify", str(folder), "--no-encode")
+    assert code == 0, out  # relinking changes the path only: the checksum of open_clip_config.json still holds
+
+
+def test_export_unpack_round_trip(saved: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder, fp = saved
+    (folder / "text_features.safetensors").write_bytes(b"a cache: never exported")
+    try:
+        code, out, _ = run_cli(capsys, "models", "export", str(folder), "--to", str(tmp_path / "m.tar"), "--json")
+    finally:
+        (folder / "text_features.safetensors").unlink()
+    assert code == 0 and json.loads(out)["bytes"] > 0
+    code, out, _ = run_cli(capsys, "models", "unpack", str(tmp_path / "m.tar"), "--to", str(tmp_path / "elsewhere"))
+    assert code == 0, out
+    new = tmp_path / "elsewhere" / folder.name
+    assert not (new / "text_features.safetensors").exists()
+    assert linked_text_path(new) == str((new / "text").resolve())
+    code, out, _ = run_cli(capsys, "models", "verify", str(new), "--json")
+    assert code == 0 and json.loads(out)["fingerprint"] == fp
+
+
+def test_export_refuses_an_altered_folder(saved: tuple[Path, str], tmp_path: Path, capsys) -> None:
+    folder = copy_of(saved[0], tmp_path)
+    (folder / "projector.json").write_text("{}")
+    code, _, err = run_cli(capsys, "models", "export", str(folder), "--to", str(tmp_path / "m.tar"))
+    assert code == 1 and "projector.json" in err and not (tmp_path / "m.tar").exists()
+
+
+def test_unpack_refuses_path_escapes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(tmp_path / "evil.tar", "w") as tar:
+        info = tarfile.TarInfo("m/../../escaped.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    code, _, err = run_cli(capsys, "models", "unpack", str(tmp_path / "evil.tar"), "--to", str(tmp_path / "u"))
+    assert code == 1 and "cannot unpack" in err
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_list_and_info(saved: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_cli(capsys, "models", "list", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert code == 0
+    assert rows["cxr-tiny"]["offline"] is True and rows["cxr-small"]["offline"] is True
+    assert {"biomedclip", "biomedclip-arch", "chexbert", "radgraph"} <= set(rows)
+    folder, fp = saved
+    code, out, _ = run_cli(capsys, "models", "info", str(folder), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["fingerprint"] == fp and info["kind"] == "saved"
+    sizes = {f["path"]: f["bytes"] for f in info["files"]}
+    assert sizes["open_clip_model.safetensors"] == (folder / "open_clip_model.safetensors").stat().st_size
+    assert info["embed_dim"] == 16 and info["preprocess"]["resize_mode"] == "longest"
+
+
+def test_info_and_verify_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run_cli(capsys, "models", "info", "no-such-model")
+    assert code == 1 and err.startswith("error: unknown model 'no-such-model'") and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "models", "verify", str(tmp_path / "nope"))
+    assert code == 1 and "not a folder" in err

