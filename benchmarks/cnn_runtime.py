@@ -55,7 +55,7 @@ def model_only(sizes: list[int], batch: int, seconds: float) -> list[dict]:
                 "ONNX Runtime img/s": round(ort, 1),
                 "ORT / NCHW": round(ort / nchw, 2),
                 "ORT / channels_last": round(ort / cl, 2),
-                "max |ORT - torch|": float((out - ref).abs().max()),
+                "max abs(ORT - torch)": float((out - ref).abs().max()),
                 "first call (export) s": round(export_s, 1),
                 "load_avg_1min": round(os.getloadavg()[0], 1),
             }

@@ -147,7 +147,7 @@ def _raw_text(model: Any, texts: list[str]) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def run_demo(seeds: list[int], epochs: int, tiny_epochs: int) -> dict[str, Any]:
+def run_demo(seeds: list[int], epochs: int, tiny_epochs: int, tiny_seeds: list[int]) -> dict[str, Any]:
     from retrieval.data.demo import build_demo_corpus
     from retrieval.demo_pipeline import DEFAULT_WORKDIR, DEMO_SIZE
     from retrieval.evaluate import evaluate_retrieval, random_embeddings
@@ -181,14 +181,7 @@ def run_demo(seeds: list[int], epochs: int, tiny_epochs: int) -> dict[str, Any]:
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"{name}: P@5 all {row['P@5 all']:.3f}, abnormal {row['P@5 abnormal']:.3f}", flush=True)
 
-    for seed in seeds:
-        out = WORK / f"demo-small-s{seed}"
-        t0 = time.perf_counter()
-        model = train(manifest, "cxr-small", out, epochs=epochs, seed=seed, show_progress=False, cache_dir=str(cache))
-        timings[f"train cxr-small s{seed}"] = round(time.perf_counter() - t0, 1)
-        measure(f"cxr-small trained (seed {seed})", model, out, WORK / f"idx-small-s{seed}", raw_text=seed == seeds[0])
-        untrained = load_model("cxr-small", seed=seed)
-        measure(f"cxr-small untrained projector (seed {seed})", untrained, None, WORK / f"idx-small-zs-s{seed}")
+    def _tiny(seed: int) -> None:  # cxr-tiny as `cxr demo` trained it before cxr-small
         out = WORK / f"demo-tiny-s{seed}"
         t0 = time.perf_counter()
         tiny = train(
@@ -196,6 +189,18 @@ def run_demo(seeds: list[int], epochs: int, tiny_epochs: int) -> dict[str, Any]:
         )
         timings[f"train cxr-tiny s{seed}"] = round(time.perf_counter() - t0, 1)
         measure(f"cxr-tiny trained (seed {seed})", tiny, out, WORK / f"idx-tiny-s{seed}")
+
+    for seed in seeds:
+        out = WORK / f"demo-small-s{seed}"
+        t0 = time.perf_counter()
+        model = train(manifest, "cxr-small", out, epochs=epochs, seed=seed, show_progress=False, cache_dir=str(cache))
+        timings[f"train cxr-small s{seed}"] = round(time.perf_counter() - t0, 1)
+        measure(f"cxr-small trained (seed {seed})", model, out, WORK / f"idx-small-s{seed}", raw_text=seed == seeds[0])
+        untrained = load_model("cxr-small", seed=seed)
+        untrained.source_dir = out  # same frozen towers: the trained folder's feature stores are valid for it too
+        measure(f"cxr-small untrained projector (seed {seed})", untrained, None, WORK / f"idx-small-zs-s{seed}")
+        if seed in tiny_seeds:
+            _tiny(seed)
         # random vectors: the same queries against one vector per study, ranked by numpy
         qv, gv = random_embeddings(len(test), len(studies), 256, seed)
         row = label_precision(q_labels, topk_overlap(q_labels, g_labels, qv @ gv.T))
@@ -359,12 +364,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("what", choices=["demo", "real"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--tiny-epochs", type=int, default=2, help="as `cxr demo` trains cxr-tiny")
+    ap.add_argument("--tiny-epochs", type=int, default=2, help="as `cxr demo` trained cxr-tiny")
+    ap.add_argument("--tiny-seeds", type=int, nargs="*", default=None, help="seeds for cxr-tiny [default: --seeds]")
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     if a.what == "demo":
-        result = run_demo(a.seeds, a.epochs, a.tiny_epochs)
+        result = run_demo(a.seeds, a.epochs, a.tiny_epochs, a.seeds if a.tiny_seeds is None else a.tiny_seeds)
         result["machine"] = machine_info()
         result["seconds"] = round(time.perf_counter() - t0, 1)
         write_results("quality_demo", result, demo_markdown(result), COMMAND + " demo")
