@@ -573,20 +573,23 @@ def test_a_broken_index_on_disk_keeps_the_old_one_serving(growing, fake_models):
     svc = ServeService(ServeConfig(index=idx, workers=1, watch_interval=0), model=FakeModel())
     try:
         with TestClient(create_app(svc)) as c:
-            info = (idx / "index_info.json").read_text()
-            (idx / "index_info.json").write_text("{ half written")
+            from index.store import INFO_FILE, resolve
+
+            info_path = resolve(idx).gen_dir / INFO_FILE
+            info = info_path.read_text()
+            info_path.write_text("{ half written")
             r = c.post("/reload")
             assert r.status_code == 409 and "still serving generation 1" in r.json()["detail"]
             assert c.post("/search", json={"text": "effusion", "k": 2}).status_code == 200
             assert c.get("/info").json()["index"]["reload_error"]
             assert svc.check_for_change() is False  # the watcher's path: logged once, old index kept
-            (idx / "index_info.json").write_text(info)
+            info_path.write_text(info)
             assert c.post("/reload").json()["generation"] == 2
             other = json.loads(info)
             other["model"]["fingerprint"] = "someone-else"
-            (idx / "index_info.json").write_text(json.dumps(other))
+            info_path.write_text(json.dumps(other))  # no longer the info file its checksum in CURRENT names
             r = c.post("/reload")
-            assert r.status_code == 409 and "fingerprint" in r.json()["detail"]
+            assert r.status_code == 409 and INFO_FILE in r.json()["detail"]
             assert c.get("/health").json()["count"] == 24
     finally:
         svc.close()

@@ -93,9 +93,15 @@ class SearchJob:
 
 
 def folder_signature(path: str | Path) -> tuple:
-    """(name, inode, size, mtime) of the index folder's visible entries: it changes whenever a build, an add or
-    a generation switch renames a file into place. Hidden entries (`.build` work folders, locks) are left out
-    so that an add in progress does not trigger a reload per shard."""
+    """What changes once per commit: the CURRENT pointer's content (generation and info checksum) of an index with
+    generations; for an older flat folder, (name, inode, size, mtime) of its visible entries. Hidden entries
+    (`.build` work folders, locks) are left out so that an add in progress does not trigger a reload per shard."""
+    from index.store import CURRENT_FILE
+
+    try:
+        return ("pointer", (Path(path) / CURRENT_FILE).read_bytes())
+    except OSError:
+        pass
     out = []
     try:
         entries = sorted(os.scandir(path), key=lambda e: e.name)
