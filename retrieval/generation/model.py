@@ -227,6 +227,10 @@ class VLM(nn.Module):
         self.config = config
         hidden = lm.get_input_embeddings().embedding_dim
         self.projector = nn.Sequential(nn.Linear(GROUP * visual_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        # Auxiliary finding head on the mean projected visual token (training only): a multi-label BCE that makes
+        # the projector carry the findings within a few hundred CPU steps, before the LM learns to read them.
+        n_aux = int(config.get("aux_labels", 0))
+        self.aux_head = nn.Linear(hidden, n_aux) if n_aux else None
         self.img_start = tok.convert_tokens_to_ids(IMAGE_START)
         self.img_end = tok.convert_tokens_to_ids(IMAGE_END)
 
@@ -242,6 +246,7 @@ class VLM(nn.Module):
         lm_overrides: dict | None = None,
         seed: int = 0,
         corpus: Sequence[str] | None = None,
+        aux_labels: int = 0,
     ) -> VLM:
         """A fresh VLM: tiny Llama from scratch on the MiniLM vocabulary (pruned to `corpus`'s pieces when
         given), or a local causal LM (+ LoRA) on the full MiniLM vocabulary."""
@@ -261,6 +266,7 @@ class VLM(nn.Module):
             "lm_path": lm_path,
             "lora": bool(lora and lm_path is not None),
             "lora_r": lora_r,
+            "aux_labels": int(aux_labels),
         }
         return cls(tok, lm, visual_dim, config)
 
@@ -277,9 +283,21 @@ class VLM(nn.Module):
         b = v.shape[0]
         return torch.cat([se[0].expand(b, 1, -1), v, se[1].expand(b, 1, -1)], dim=1)
 
-    def forward(self, visual: torch.Tensor, prompts: Sequence[list[int]], targets: Sequence[list[int]]):
-        """Teacher-forced loss on the answer tokens only (image and prompt positions are masked out)."""
+    def forward(
+        self,
+        visual: torch.Tensor,
+        prompts: Sequence[list[int]],
+        targets: Sequence[list[int]],
+        label_targets: torch.Tensor | None = None,
+        aux_weight: float = 1.0,
+    ):
+        """Teacher-forced loss on the answer tokens only (image and prompt positions are masked out), plus
+        `aux_weight` x the auxiliary finding BCE when `label_targets` (B, n_labels) are given."""
         img = self._image_embeds(visual)
+        aux = None
+        if label_targets is not None and self.aux_head is not None:
+            logits_aux = self.aux_head(img[:, 1:-1].mean(dim=1))
+            aux = F.binary_cross_entropy_with_logits(logits_aux, label_targets.to(self.device, torch.float32))
         n_img = img.shape[1]
         seqs = [list(p) + list(t) + [self.tok.sep_token_id] for p, t in zip(prompts, targets, strict=True)]
         length = max(map(len, seqs))
@@ -299,7 +317,8 @@ class VLM(nn.Module):
         shift = labels[:, 1:]
         keep = shift != -100
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), shift[keep])
+        loss = F.cross_entropy(logits.float(), shift[keep])
+        return loss if aux is None else loss + aux_weight * aux
 
     @torch.no_grad()
     def generate(
@@ -359,6 +378,11 @@ class VLM(nn.Module):
             {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
             str(out / "projector.safetensors"),
         )
+        if self.aux_head is not None:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.aux_head.state_dict().items()},
+                str(out / "aux_head.safetensors"),
+            )
         if encoders is not None:
             for i, enc in enumerate(encoders):
                 enc.save(out / "encoders" / str(i))
@@ -387,6 +411,8 @@ class VLM(nn.Module):
                 lm = _load_causal_lm(path / "lm")
             vlm = cls(tok, lm, config["visual_dim"], config)
             vlm.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
+            if vlm.aux_head is not None:
+                vlm.aux_head.load_state_dict(load_file(str(path / "aux_head.safetensors")))
         except ModelLoadError:
             raise
         except Exception as e:

@@ -31,6 +31,7 @@ from retrieval.generation.rag import Exemplar, build_prompt_ids
 from retrieval.generation.sampling import TaskSampler, stage_tasks
 from retrieval.generation.tasks import Example, build_examples
 from retrieval.generation.tokenizer import TASKS
+from retrieval.labels import LABELS
 from retrieval.progress import make_progress
 
 
@@ -62,6 +63,7 @@ class VLMTrainConfig:
     task_rule: str = "uniform"  # uniform | inverse (seed 000) | proportional
     balance: float = 0.5  # example weight freq(rarest finding)^-balance; 0 = uniform within a task
     token_cache: str | None = None  # folder of the frozen visual-token cache (one per corpus); None = no cache
+    aux_weight: float = 1.0  # auxiliary finding BCE on the projected visual tokens; 0 = off
 
 
 def split_rows(df: pd.DataFrame, split: str) -> list[int]:
@@ -98,6 +100,19 @@ def row_balance_keys(df: pd.DataFrame, rows: Sequence[int]) -> dict[int, str]:
         for lab in labs:
             freq[lab] = freq.get(lab, 0) + 1
     return {p: (min(labs, key=lambda x: (freq[x], x)) if labs else NO_FINDING) for p, labs in labels.items()}
+
+
+def row_label_targets(df: pd.DataFrame, rows: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Each row's multi-hot finding vector over LABELS (the auxiliary head's target)."""
+    idx = {lab: i for i, lab in enumerate(LABELS)}
+    out = {}
+    for p in rows:
+        t = torch.zeros(len(LABELS))
+        for lab in df.iloc[p]["labels"]:
+            if lab in idx:
+                t[idx[lab]] = 1.0
+        out[int(p)] = t
+    return out
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -223,8 +238,12 @@ def train_vlm(
             config.lm_overrides,
             config.seed,
             corpus,
+            aux_labels=len(LABELS) if config.aux_weight > 0 else 0,
         )
-    vlm.config.update(visual_grid=config.visual_grid, prompt_budget=config.prompt_budget, tasks=list(examples))
+    vlm.config.update(
+        visual_grid=config.visual_grid, prompt_budget=config.prompt_budget, tasks=list(examples), rag_k=config.rag_k
+    )
+    label_rows = row_label_targets(df, used_rows)
     vlm.train()
     params = [p for p in vlm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -253,7 +272,8 @@ def train_vlm(
             ks = [0 if rng.random() < config.rag_dropout else config.rag_k for _ in batch]
             prompts, targets = encode_batch(tok, batch, exemplars, ks, config.prompt_budget, config.max_target_tokens)
             vis = torch.stack([visual[ex.row] for ex in batch]).float()
-            loss = vlm(vis, prompts, targets)
+            aux_t = torch.stack([label_rows[ex.row] for ex in batch]) if config.aux_weight > 0 else None
+            loss = vlm(vis, prompts, targets, aux_t, config.aux_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
