@@ -140,12 +140,16 @@ def main() -> None:
                 {"arm": arm, "seed": seed, "overrides": over, "train": info, "eval": res, "eval_s": time.time() - t0}
             )
             print(f"{arm} seed {seed}: train {info['seconds']} s, eval {time.time() - t0:.0f} s", flush=True)
+            _write(args, runs)  # after every run: an interrupted benchmark keeps what it measured
+    print(summarise(runs))
+
+
+def _write(args: argparse.Namespace, runs: list[dict]) -> None:
     stem = Path(args.out) if args.out else RESULTS / f"generation_{args.name}"
     stem.with_suffix(".json").write_text(
         json.dumps({"machine": machine_info(), "args": vars(args), "runs": runs}, indent=1, default=str)
     )
     stem.with_suffix(".md").write_text(summarise(runs))
-    print(summarise(runs))
 
 
 if __name__ == "__main__":
