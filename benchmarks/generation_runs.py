@@ -43,6 +43,8 @@ def _mean_std(values: list[float]) -> str:
     vals = [v for v in values if v is not None and v == v]
     if not vals:
         return "-"
+    if all(isinstance(v, int) for v in vals):
+        return str(vals[0]) if len(set(vals)) == 1 else "/".join(map(str, vals))
     return f"{np.mean(vals):.3f}" + (f" ± {np.std(vals):.3f}" if len(vals) > 1 else "")
 
 
