@@ -75,10 +75,20 @@ def _print_demo(res, total: float) -> None:
     con.print(f"[bold]{n_shared} of the top {len(shared)} reports share a finding with the query[/]")
     if res.generated is not None:
         g = res.generated
-        con.rule("Generated report (retrieval-augmented)")
-        con.print(g.get("text", ""))
-        ex = g.get("exemplars") or []
-        if ex:
-            con.print("[dim]exemplars used: " + ", ".join(f"{e.get('study_id')} ({e.get('score', 0):.3f})" for e in ex))
+        con.rule("Drafted report (retrieval-augmented, k=3) beside the true report")
+        side = Table(show_lines=True)
+        side.add_column("true report", overflow="fold", ratio=1)
+        side.add_column("drafted report", overflow="fold", ratio=1)
+        side.add_row(q["report"], g.get("text", ""))
+        con.print(side)
+        found = g.get("findings") or {}
+        con.print(
+            f"findings named: {', '.join(found.get('named', [])) or 'none'}; "
+            f"true among them: [bold]{', '.join(found.get('true', [])) or 'none'}[/]"
+        )
+        copied = {c["ref"]: c["sentences"] for c in g.get("copied") or []}
+        for e in g.get("exemplars") or []:
+            what = f"copied: {'; '.join(copied[e['ref']])}" if e["ref"] in copied else "nothing copied"
+            con.print(f"[dim][ref {e['ref']}] study {e.get('study_id')} ({e.get('score', 0):.3f}): {what}[/]")
     steps = ", ".join(f"{name} {sec:.1f}s" for name, sec in res.timings.items())
     con.print(f"[dim]steps: {steps}; total {total:.1f}s; cached in {res.workdir}[/]")

@@ -23,7 +23,8 @@ DEFAULT_WORKDIR = Path(os.environ.get("CXR_HOME", Path.home() / ".cache" / "cxr-
 DEMO_SIZE = 192  # pixels: half the render time of 256
 DEMO_MODEL = "cxr-small"  # the pretrained offline tower; its frozen features are computed once, epochs train heads
 TRAIN_EPOCHS = 8
-VLM_STEPS = 200
+VLM_STEPS = 400  # with lr 2e-3 and the auxiliary finding loss: benchmarks/results/generation_demo.md
+VLM_LR = 2e-3
 VLM_SIZE = {"hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256}
 
 
@@ -76,6 +77,14 @@ def shared_findings(query_labels: list[str], retrieved: pd.DataFrame) -> list[li
 
     wanted = set(query_labels) - {NO_FINDING}
     return [sorted(wanted & set(labels)) for labels in retrieved["labels"]]
+
+
+def drafted_findings(text: str, true_labels: list[str]) -> dict[str, list[str]]:
+    """The findings the labeler reads in a drafted report, and which of them the study really has."""
+    from retrieval.labels import NO_FINDING, label_report
+
+    named = [x for x in label_report(text) if x != NO_FINDING]
+    return {"named": named, "true": sorted(set(named) & (set(true_labels) - {NO_FINDING}))}
 
 
 def run_demo(
@@ -157,7 +166,14 @@ def run_demo(
         log(f"[5/5] report generation (RAG, k=3) -> {vlm_dir}" + (" (cached)" if cached["vlm"] else ""))
         if not cached["vlm"]:
             resume = (vlm_dir / "checkpoint").exists()
-            config = VLMTrainConfig(steps=VLM_STEPS, seed=seed, prompt_budget=128, lm_overrides=dict(VLM_SIZE))
+            config = VLMTrainConfig(
+                steps=VLM_STEPS,
+                lr=VLM_LR,
+                seed=seed,
+                prompt_budget=128,
+                lm_overrides=dict(VLM_SIZE),
+                token_cache=str(work / "visual_tokens"),
+            )
             _timed(
                 timings,
                 "vlm_train",
@@ -166,4 +182,5 @@ def run_demo(
                 ),
             )
         generated = _timed(timings, "generate", lambda: generate_for_image(image_path, index_dir, vlm_dir, k=3))
+        generated["findings"] = drafted_findings(generated["text"], list(row["labels"]))
     return DemoResult(work, query, retrieved, generated, timings, cached)

@@ -115,3 +115,31 @@ def test_merge_keeps_other_labels_and_distant_boxes():
     b = {"label": "Fracture", "x1": 0.1, "y1": 0.1, "x2": 0.5, "y2": 0.5}  # same place, other label
     c = {"label": "Edema", "x1": 0.6, "y1": 0.6, "x2": 0.9, "y2": 0.9}
     assert merge_boxes([a, a2, b, c]) == [a2, b, c]  # a2 is larger
+
+
+def test_malformed_boxes_are_counted_and_never_parsed():
+    from retrieval.generation.boxes import malformed_boxes
+
+    good = "Nodule {<10><20><30><40>}"
+    assert malformed_boxes(good) == (1, 0)
+    assert len(parse_boxes(good, LABELS)) == 1
+    for bad in (
+        "Nodule {<30><20><10><40>}",  # x1 > x2
+        "Nodule {<10><40><30><40>}",  # y1 == y2
+        "Nodule {<10><20><30>}",  # three coordinates
+        "Nodule {<10><20><30><40>",  # never closed
+        "Nodule {<10><20><30><40><50>}",  # five coordinates
+    ):
+        assert malformed_boxes(bad) == (1, 1), bad
+        assert parse_boxes(bad, LABELS) == [], bad
+    assert malformed_boxes(good + "; " + "Mass {<50><50><40><60>}") == (2, 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(grid_boxes())
+def test_every_formatted_box_is_valid(box):
+    from retrieval.generation.boxes import malformed_boxes
+
+    # even a box narrower than one grid unit formats as a valid box
+    thin = {**box, "x2": box["x1"], "y2": box["y1"] + 0.001}
+    assert malformed_boxes(format_box(thin)) == (1, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from gen_synth import SynthRetrievalModel, make_index, make_manifest, one_thread  # noqa: F401 (an autouse fixture)
 
 from retrieval.generation.evaluate import evaluate_generation
@@ -13,8 +14,6 @@ from retrieval.generation.model import VLM
 from retrieval.generation.train import VLMTrainConfig, train_vlm
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
-
-
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +47,10 @@ def test_training_learns_and_saves(trained):
     vlm_dir, info = trained
     assert info["loss_last20"] < 0.5 * info["loss_first20"]
     assert set(info["task_sizes"]) == {"report", "vqa", "classify", "identify", "ground"}
-    # inverse-size weights: the smallest task gets the largest share
+    # default task rule: every task equally often, and every task was drawn
     sizes, w = info["task_sizes"], info["task_weights"]
-    assert max(w, key=w.get) == min(sizes, key=sizes.get)
+    assert w == pytest.approx({t: 1 / len(sizes) for t in sizes})
+    assert all(info["task_draws"][t] > 0 for t in sizes)
     assert not (vlm_dir / "checkpoint").exists()
     assert VLM.load(vlm_dir).config["encoders"][0]["spec"] == "patch:1"
 
@@ -129,3 +129,33 @@ def test_cli_eval_generation_writes_tables(trained, corpus, tmp_path, capsys):
     assert list(res["tasks"]["classify"]) == ["constant", "retrieval-only", "vlm k=0"]
     assert "| retrieval-only |" in (out.with_suffix(".md")).read_text()
     assert json.loads(out.with_suffix(".json").read_text())["split"] == "test"
+
+
+def test_visual_token_cache_is_reused_and_matches(corpus, tmp_path):
+    from retrieval.generation.features import visual_tokens_for_rows
+    from retrieval.generation.model import load_encoder
+
+    root, df, _ = corpus
+    df = df.copy()
+    df.attrs["root"] = str(root)
+    enc = load_encoder("patch:1")
+    rows = list(range(6))
+    fresh, _ = visual_tokens_for_rows(df, rows, [enc], 4, progress=False)
+    first, _ = visual_tokens_for_rows(df, rows[:3], [enc], 4, progress=False, cache_dir=tmp_path)
+    calls = {"n": 0}
+    real = enc.image_tokens
+
+    def counting(pixels):
+        calls["n"] += int(pixels.shape[0])
+        return real(pixels)
+
+    enc.image_tokens = counting
+    both, _ = visual_tokens_for_rows(df, rows, [enc], 4, progress=False, cache_dir=tmp_path)
+    assert calls["n"] == 3  # only the three rows not cached yet
+    again, _ = visual_tokens_for_rows(df, rows, [enc], 4, progress=False, cache_dir=tmp_path)
+    assert calls["n"] == 3
+    for r in rows:
+        assert torch.allclose(again[r].float(), fresh[r].float(), atol=1e-2)
+    # another encoder (other weights) gets its own cache file
+    other, _ = visual_tokens_for_rows(df, rows[:2], [load_encoder("patch:2")], 4, progress=False, cache_dir=tmp_path)
+    assert not torch.allclose(other[0].float(), fresh[0].float())

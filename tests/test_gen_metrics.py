@@ -105,3 +105,24 @@ def test_grounding_iou():
     pr = [[box("", 0.0, 0.0, 0.5, 0.25)], []]
     g = grounding_iou(gt, pr)
     assert g["mean_iou"] == pytest.approx(0.25) and g["acc@0.5"] == 0.0 and g["gt_boxes"] == 2
+
+
+def test_repeated_sentence_fraction():
+    from retrieval.generation.metrics import repeated_sentence_fraction, repeats_a_sentence
+
+    assert repeats_a_sentence("the lungs are clear. the lungs are clear. no acute abnormality.")
+    assert repeats_a_sentence("Lungs are clear.  lungs are  clear")
+    assert not repeats_a_sentence("the lungs are clear. the heart is normal.")
+    assert repeated_sentence_fraction(["a. a.", "a. b.", "c.", "d. d. e."]) == pytest.approx(0.5)
+
+
+def test_drafted_findings_names_only_what_the_labeler_reads():
+    from retrieval.demo_pipeline import drafted_findings
+    from retrieval.labels import label_report
+
+    text = "The heart is enlarged. There is a large right pleural effusion."
+    named = [x for x in label_report(text) if x != "No Finding"]
+    out = drafted_findings(text, ["Pleural Effusion", "Atelectasis"])
+    assert out["named"] == named and "Pleural Effusion" in named
+    assert out["true"] == ["Pleural Effusion"]
+    assert drafted_findings("the lungs are clear.", ["Pleural Effusion"])["true"] == []

@@ -117,3 +117,22 @@ def test_tokenizer_keeps_task_and_coordinate_tokens():
     assert all(tok.convert_tokens_to_ids(c) != tok.unk_token_id for c in COORD_TOKENS)
     # a word the corpus never used still tokenizes (character pieces), never to [UNK]
     assert tok.unk_token_id not in tok("pneumothorax", add_special_tokens=False)["input_ids"]
+
+
+def test_aux_finding_head_adds_its_loss_trains_the_projector_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    vlm = VLM.create(12, [{"spec": "test"}], lm_overrides=TINY, corpus=["the heart is normal.", "no"], aux_labels=3)
+    tok = vlm.tok
+    prompt, target = [tok.cls_token_id], tok("no", add_special_tokens=False)["input_ids"]
+    visual = torch.randn(2, 10, 12)
+    labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    plain = vlm(visual, [prompt] * 2, [target] * 2)
+    both = vlm(visual, [prompt] * 2, [target] * 2, labels, aux_weight=1.0)
+    assert float(both.detach()) > float(plain.detach())  # BCE is positive
+    vlm.zero_grad()
+    (both - plain).backward()  # the aux term alone reaches the projector
+    assert vlm.projector[0].weight.grad.abs().sum() > 0
+    vlm.save(tmp_path / "v")
+    back = VLM.load(tmp_path / "v")
+    assert torch.equal(back.aux_head.weight, vlm.aux_head.weight)
+    assert VLM.create(12, [{"spec": "test"}], lm_overrides=TINY, corpus=["no"]).aux_head is None

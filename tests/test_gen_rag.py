@@ -107,3 +107,26 @@ def test_exemplar_truncated_to_fill_budget(tok):
     ex = [Exemplar("s1", "p1", 0.9, "the heart is normal " * 20), Exemplar("s2", "p2", 0.8, "second")]
     ids, used = build_prompt_ids(tok, "report", "describe.", ex, budget=30)
     assert len(ids) == 30 and [e.study_id for e in used] == ["s1"]
+
+
+def test_prompt_numbers_the_exemplars(tok):
+    from retrieval.generation.tokenizer import decode
+
+    exs = [Exemplar("s1", "p1", 0.9, "heart is enlarged."), Exemplar("s2", "p2", 0.8, "lungs are clear.")]
+    ids, used = build_prompt_ids(tok, "report", "describe the findings and impression.", exs, 160)
+    text = decode(tok, ids)
+    assert f"{REF_TOKEN} 1 : heart is enlarged" in text and f"{REF_TOKEN} 2 : lungs are clear" in text
+    assert text.index("1 : heart") < text.index("2 : lungs")
+    assert used == exs
+
+
+def test_copied_sentences_name_the_exemplar():
+    from retrieval.generation.rag import copied_sentences
+
+    exs = [Exemplar("s1", "p1", 0.9, "Heart is enlarged. No effusion."), Exemplar("s2", "p2", 0.8, "Lungs are clear.")]
+    found = copied_sentences("the heart is enlarged. lungs are clear. no effusion.", exs)
+    assert found == [
+        {"ref": 1, "study_id": "s1", "sentences": ["no effusion"]},
+        {"ref": 2, "study_id": "s2", "sentences": ["lungs are clear"]},
+    ]
+    assert copied_sentences("something else entirely.", exs) == []

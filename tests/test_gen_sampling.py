@@ -59,3 +59,45 @@ def test_sampler_rejects_empty():
     with pytest.raises(ValueError):
         TaskSampler({"report": []})
     assert np.isclose(sum(TaskSampler({"a": [1], "b": [1, 2]}).weights().values()), 1.0)
+
+
+def test_uniform_rule_gives_every_task_an_equal_share_whatever_its_size():
+    from retrieval.generation.sampling import task_weights
+
+    sizes = {"report": 100, "vqa": 400, "ground": 5000}
+    assert task_weights(sizes, "uniform") == pytest.approx({t: 1 / 3 for t in sizes})
+    assert task_weights(sizes, "proportional")["ground"] == pytest.approx(5000 / 5500)
+    # the seed's rule starves the largest task: under 2 % here
+    assert task_weights(sizes, "inverse")["ground"] < 0.02
+    data = {t: [(t, i) for i in range(n)] for t, n in sizes.items()}
+    draws = [ex[0] for ex in TaskSampler(data, seed=1, task_rule="uniform").sample(6000)]
+    for t in sizes:
+        assert abs(draws.count(t) / len(draws) - 1 / 3) < 0.03
+    with pytest.raises(ValueError):
+        task_weights(sizes, "nope")
+
+
+def test_balance_resamples_the_minority_class():
+    # 90 normal examples, 10 abnormal: alpha=1 draws both classes equally often, alpha=0 keeps 10 %.
+    data = {"report": [("normal", i) for i in range(90)] + [("abnormal", i) for i in range(10)]}
+    share = {}
+    for alpha in (0.0, 0.5, 1.0):
+        s = TaskSampler(data, seed=0, balance=alpha, keys=lambda ex: ex[0])
+        draws = s.sample(8000)
+        share[alpha] = sum(ex[0] == "abnormal" for ex in draws) / len(draws)
+    assert abs(share[0.0] - 0.10) < 0.02
+    assert abs(share[1.0] - 0.50) < 0.03
+    # alpha 0.5: weights 1/sqrt(90) vs 1/sqrt(10) per example -> 10/sqrt(10) / (10/sqrt(10) + 90/sqrt(90)) = 0.25
+    assert abs(share[0.5] - 0.25) < 0.03
+
+
+def test_row_balance_keys_pick_the_rarest_finding():
+    import pandas as pd
+
+    from retrieval.generation.train import row_balance_keys
+
+    df = pd.DataFrame(
+        {"labels": [["Cardiomegaly"], ["Cardiomegaly", "Pneumothorax"], ["No Finding"], ["Cardiomegaly"]]}
+    )
+    keys = row_balance_keys(df, [0, 1, 2, 3])
+    assert keys == {0: "Cardiomegaly", 1: "Pneumothorax", 2: "No Finding", 3: "Cardiomegaly"}

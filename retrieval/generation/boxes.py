@@ -21,10 +21,15 @@ _SEPARATOR = ";"
 
 
 def to_grid(box: dict) -> tuple[int, int, int, int]:
-    """Normalised [0, 1] box -> integer (x1, y1, x2, y2) on the 0-100 grid, clipped and ordered."""
+    """Normalised [0, 1] box -> integer (x1, y1, x2, y2) on the 0-100 grid, clipped, ordered and at least one
+    grid unit wide and high (so every target box is a valid box: x1 < x2, y1 < y2)."""
     vals = [min(COORD_MAX, max(0, round(float(box[k]) * COORD_MAX))) for k in ("x1", "y1", "x2", "y2")]
     x1, x2 = sorted((vals[0], vals[2]))
     y1, y2 = sorted((vals[1], vals[3]))
+    if x1 == x2:
+        x1, x2 = (x1, x1 + 1) if x1 < COORD_MAX else (x1 - 1, x1)
+    if y1 == y2:
+        y1, y2 = (y1, y1 + 1) if y1 < COORD_MAX else (y1 - 1, y1)
     return x1, y1, x2, y2
 
 
@@ -45,7 +50,8 @@ def parse_boxes(text: str, labels: Iterable[str] | None = None) -> list[dict]:
 
     The label is the text between the previous box (or separator) and this one; with `labels` given it is
     mapped case-insensitively onto that vocabulary (the uncased tokenizer lower-cases it). Malformed boxes
-    (a coordinate above 100) are skipped.
+    (a coordinate above 100, x1 >= x2 or y1 >= y2) are skipped: they count as no prediction in evaluation
+    and are never drawn; `malformed_boxes` counts them.
     """
     canon = {lab.lower(): lab for lab in labels} if labels is not None else {}
     out: list[dict] = []
@@ -56,12 +62,38 @@ def parse_boxes(text: str, labels: Iterable[str] | None = None) -> list[dict]:
         raw_label = raw_label.split(_SEPARATOR)[-1].strip(" ,.:\n\t")
         raw_label = re.sub(r"\s+", " ", raw_label)
         coords = [int(g) for g in m.groups()]
-        if any(c > COORD_MAX for c in coords):
+        if not valid_coords(coords):
             continue
         label = canon.get(raw_label.lower(), raw_label)
         x1, y1, x2, y2 = (c / COORD_MAX for c in coords)
         out.append({"label": label, "x1": x1, "y1": y1, "x2": x2, "y2": y2})
     return out
+
+
+def valid_coords(coords: Sequence[int]) -> bool:
+    """Four integers on the 0-100 grid with x1 < x2 and y1 < y2."""
+    return (
+        len(coords) == 4
+        and all(0 <= c <= COORD_MAX for c in coords)
+        and coords[0] < coords[2]
+        and coords[1] < coords[3]
+    )
+
+
+# Anything that starts a box: `{` followed by coordinate tokens, up to `}` or the next `{` / end of text.
+_BOX_ATTEMPT_RE = re.compile(r"\{([^{}]*)(\}|(?=\{)|$)")
+
+
+def malformed_boxes(text: str) -> tuple[int, int]:
+    """(box attempts, malformed ones) in generated text: an attempt is malformed unless it is exactly four
+    coordinates `<a><b><c><d>` closed by `}` with x1 < x2 and y1 < y2."""
+    attempts = bad = 0
+    for m in _BOX_ATTEMPT_RE.finditer(text):
+        attempts += 1
+        coords = re.fullmatch(r"\s*<(\d{1,3})>\s*<(\d{1,3})>\s*<(\d{1,3})>\s*<(\d{1,3})>\s*", m.group(1))
+        if m.group(2) != "}" or coords is None or not valid_coords([int(g) for g in coords.groups()]):
+            bad += 1
+    return attempts, bad
 
 
 def boxes_tensor(boxes: Sequence[dict]) -> torch.Tensor:

@@ -4,8 +4,14 @@ Conditions (one table row each):
 - `constant`: the most common training answer for the same task and prompt (e.g. the most common report; for
   `[ground]` the phrase's mean training box);
 - `retrieval-only`: the answer of the top-1 retrieved training study (its report, labels or boxes);
-- `vlm k=0`: the VLM without retrieval;  `vlm k=K`: the VLM with the top-K retrieved reports in its prompt.
+- `vlm k=0`: the VLM without retrieval;  `vlm k=K`: the VLM with the top-K retrieved reports in its prompt, for
+  every K asked for (e.g. 1, 3, 5 in one table).
 Exemplars never come from the query's own study or patient, and only from the training split.
+
+Besides each task's metrics: the share of reports that repeat a sentence, the share of generated boxes that are
+malformed (they count as no box), the closed-VQA "yes" rate for findings that are present, and, for RAG, how
+often the top-k exemplars share a finding with the query and how often the output copies their sentences
+(`rag` in the result: the numbers that explain whether RAG can help).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from retrieval.generation.boxes import format_box, parse_boxes
+from retrieval.generation.boxes import format_box, malformed_boxes, parse_boxes
 from retrieval.generation.metrics import (
     clinical_efficacy,
     grounding_iou,
@@ -28,12 +34,14 @@ from retrieval.generation.metrics import (
     map50,
     multilabel_prf,
     parse_label_list,
+    repeated_sentence_fraction,
     text_metrics,
     vqa_accuracy,
 )
+from retrieval.generation.rag import sentences
 from retrieval.generation.tasks import Example, build_examples, row_examples
 from retrieval.generation.tokenizer import TASKS
-from retrieval.labels import LABELS
+from retrieval.labels import LABELS, NO_FINDING
 
 DEFAULT_ANSWER = {
     "report": "",
@@ -95,6 +103,7 @@ def score_task(task: str, examples: Sequence[Example], answers: Sequence[str], m
         return {
             **text_metrics(refs, answers, meteor=meteor),
             **{f"ce_{k}": v for k, v in clinical_efficacy(refs, answers).items()},
+            "repeat_sentence": repeated_sentence_fraction(answers),
         }
     if task == "classify":
         prf = multilabel_prf([parse_label_list(r) for r in refs], [parse_label_list(a) for a in answers])
@@ -105,6 +114,9 @@ def score_task(task: str, examples: Sequence[Example], answers: Sequence[str], m
             sel = [i for i, e in enumerate(examples) if e.info.get("kind") == kind]
             if sel:
                 out[f"accuracy_{kind}"] = vqa_accuracy([refs[i] for i in sel], [answers[i] for i in sel])
+        present = [i for i, e in enumerate(examples) if e.info.get("kind") == "closed" and e.target == "yes"]
+        if present:  # "is there X?" for an X the study has (so an abnormal study): answered yes
+            out["yes_when_present"] = vqa_accuracy(["yes"] * len(present), [answers[i] for i in present])
         where = [i for i, e in enumerate(examples) if e.info.get("kind") == "where"]
         if where:
             g = grounding_iou([examples[i].info["boxes"] for i in where], [parse_boxes(answers[i]) for i in where])
@@ -114,13 +126,57 @@ def score_task(task: str, examples: Sequence[Example], answers: Sequence[str], m
         truth = [e.info.get("boxes", []) for e in examples]
         preds = [parse_boxes(a, LABELS) for a in answers]
         normal = [i for i, e in enumerate(examples) if not e.info.get("boxes")]
-        out = {**localisation_accuracy(truth, preds), "map@0.5": map50(truth, preds)}
+        out = {**localisation_accuracy(truth, preds), "map@0.5": map50(truth, preds), **_malformed(answers)}
         if normal:
             out["normal_says_no_findings"] = float(np.mean([not preds[i] for i in normal]))
         return out
     if task == "ground":
-        return grounding_iou([e.info["boxes"] for e in examples], [parse_boxes(a) for a in answers])
+        return {
+            **grounding_iou([e.info["boxes"] for e in examples], [parse_boxes(a) for a in answers]),
+            **_malformed(answers),
+        }
     raise ValueError(task)
+
+
+def _malformed(answers: Sequence[str]) -> dict:
+    """Share of box attempts in the answers that are malformed (scored as no box)."""
+    counts = [malformed_boxes(a) for a in answers]
+    attempts = sum(c[0] for c in counts)
+    return {"malformed_boxes": (sum(c[1] for c in counts) / attempts) if attempts else 0.0}
+
+
+def rag_diagnostics(
+    df: pd.DataFrame, study_rows: dict[str, int], examples: Sequence[Example], exemplars: dict, k: int
+) -> dict:
+    """How informative the top-k exemplars are for abnormal queries: the share whose top-1 / any of top-k shares
+    a finding with the query, and the mean share of the query's findings the top-k cover."""
+    top1 = anyk = 0
+    cover: list[float] = []
+    for e in examples:
+        want = {x for x in df.iloc[e.row]["labels"] if x in LABELS} - {NO_FINDING}
+        if not want:
+            continue
+        got = []
+        for x in exemplars.get(e.row, [])[:k]:
+            pos = study_rows.get(str(x.study_id))
+            got.append(set(df.iloc[pos]["labels"]) if pos is not None else set())
+        top1 += bool(got and got[0] & want)
+        anyk += any(g & want for g in got)
+        cover.append(len(want & set().union(*got)) / len(want) if got else 0.0)
+    n = len(cover)
+    return {
+        "abnormal_queries": n,
+        "top1_shares_finding": top1 / n if n else float("nan"),
+        "topk_shares_finding": anyk / n if n else float("nan"),
+        "findings_covered": float(np.mean(cover)) if n else float("nan"),
+    }
+
+
+def copy_rate(outputs: Sequence[dict]) -> float:
+    """Share of generated report sentences that appear verbatim in one of the prompt's exemplars."""
+    total = sum(len(sentences(o["text"])) for o in outputs)
+    copied = sum(len({s for c in o.get("copied", []) for s in c["sentences"]}) for o in outputs)
+    return copied / total if total else float("nan")
 
 
 def evaluate_generation(
@@ -128,7 +184,7 @@ def evaluate_generation(
     manifest: str | Path | pd.DataFrame,
     index_dir: str | Path | None = None,
     split: str = "test",
-    k: int = 3,
+    k: int | Sequence[int] = 3,
     tasks: Sequence[str] | None = None,
     max_per_task: int | None = 300,
     meteor: bool = True,
@@ -136,8 +192,10 @@ def evaluate_generation(
     progress: bool = True,
     retrieval_model: Any = None,
     retrieval_target: str = "reports",
+    token_cache: str | Path | None = None,
+    decoding: dict | None = None,
 ) -> dict:
-    """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K)."""
+    """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K for each K in `k`)."""
     from retrieval.data.manifest import read_manifest
     from retrieval.generation.features import exemplars_for_rows, visual_tokens_for_rows
     from retrieval.generation.generate import Generator
@@ -145,17 +203,18 @@ def evaluate_generation(
 
     t0 = time.time()
     df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
-    gen = Generator(vlm_dir, index_dir, retrieval_model=retrieval_model)
+    ks = sorted({int(x) for x in ([k] if isinstance(k, int) else k) if int(x) > 0})
+    gen = Generator(vlm_dir, index_dir, retrieval_model=retrieval_model, decoding=decoding)
     tasks = [t for t in (tasks or gen.vlm.config.get("tasks") or TASKS)]
     rows = split_rows(df, split)
     train_rows = split_rows(df, "train")
     examples = _cap(build_examples(df, tasks, rows, seed=seed), max_per_task, seed)
     used = sorted({e.row for exs in examples.values() for e in exs})
-    visual, bad = visual_tokens_for_rows(df, used, gen.encoders, gen.grid, progress=progress)
+    visual, bad = visual_tokens_for_rows(df, used, gen.encoders, gen.grid, progress=progress, cache_dir=token_cache)
     examples = {t: [e for e in exs if e.row in visual] for t, exs in examples.items()}
     examples = {t: exs for t, exs in examples.items() if exs}
 
-    k_ret = max(k, 1)
+    k_ret = max([*ks, 1])
     exemplars: dict[int, list] = {}
     if gen.searcher is not None:
         train_studies = {str(s) for s in df.iloc[train_rows]["study_id"]}
@@ -176,10 +235,12 @@ def evaluate_generation(
     results: dict[str, dict] = {}
     samples: dict[str, list] = {}
     conditions = ["constant"] + (["retrieval-only"] if exemplars else []) + ["vlm k=0"]
-    if k > 0 and exemplars:
-        conditions.append(f"vlm k={k}")
+    if exemplars and gen.vlm.config.get("rag_k", 1):
+        conditions += [f"vlm k={kk}" for kk in ks]
     import torch
 
+    rag: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
     for task, exs in examples.items():
         results[task] = {}
         for cond in conditions:
@@ -188,13 +249,22 @@ def evaluate_generation(
             elif cond == "retrieval-only":
                 answers = [retrieval_answer(df, study_rows, e, exemplars.get(e.row, [])) for e in exs]
             else:
-                kk = 0 if cond == "vlm k=0" else k
+                kk = int(cond.split("=")[1])
                 vis = torch.stack([visual[e.row] for e in exs]).float()
                 ctx = [exemplars.get(e.row, [])[:kk] for e in exs]
+                t1 = time.time()
                 outs = gen.generate(vis, [task] * len(exs), [e.prompt for e in exs], ctx)
+                seconds[f"{task}/{cond}"] = round(time.time() - t1, 2)
                 answers = [o["text"] for o in outs]
+                if task == "report" and kk > 0:
+                    rag[f"k={kk}"] = {
+                        **rag_diagnostics(df, study_rows, exs, exemplars, kk),
+                        "output_sentences_copied": copy_rate(outs),
+                    }
                 samples.setdefault(task, [])
-                for e, o in list(zip(exs, outs, strict=True))[:3]:
+                abnormal = [i for i, e in enumerate(exs) if _is_abnormal_row(df, e.row)]
+                normal = [i for i in range(len(exs)) if i not in set(abnormal)]
+                for e, o in [(exs[i], outs[i]) for i in abnormal[:3] + normal[:1]]:
                     samples[task].append(
                         {
                             "condition": cond,
@@ -209,14 +279,21 @@ def evaluate_generation(
         "vlm": str(vlm_dir),
         "index": str(index_dir) if index_dir else None,
         "split": split,
-        "k": k,
+        "k": ks,
         "retrieval_target": retrieval_target,
+        "rag": rag,
+        "generation_seconds": seconds,
+        "seconds_per_output": {c: round(v / max(1, len(examples[c.split("/")[0]])), 4) for c, v in seconds.items()},
         "rows": len(rows),
         "bad_rows": bad,
         "tasks": results,
         "samples": samples,
         "seconds": round(time.time() - t0, 1),
     }
+
+
+def _is_abnormal_row(df: pd.DataFrame, pos: int) -> bool:
+    return any(x in LABELS and x != NO_FINDING for x in df.iloc[pos]["labels"])
 
 
 def _fmt(v: Any) -> str:
@@ -240,5 +317,12 @@ def results_markdown(res: dict) -> str:
         ]
         for cond, m in conds.items():
             lines.append(f"| {cond} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
+        lines.append("")
+    if res.get("rag"):
+        cols = list(next(iter(res["rag"].values())))
+        lines += ["### RAG: are the exemplars informative, does the output copy them?", ""]
+        lines += ["| k | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for kk, m in res["rag"].items():
+            lines.append(f"| {kk} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -1,12 +1,18 @@
 """What the VLM reads besides text, computed once per image: frozen visual tokens and retrieved exemplars.
 
-Visual tokens for many manifest rows are computed in batches (bad images skipped and reported, never fatal).
+Visual tokens for many manifest rows are computed in batches (bad images skipped and reported, never fatal) and,
+with a `cache_dir`, kept on disk once per corpus: one safetensors file per (frozen encoder weights, grid), keyed
+per image by path, size and mtime, so later training runs, ablations and evaluations never re-run a tower.
 Exemplars come from an index folder (`index.search.Searcher`): the query vector of a row is the index's stored
 image vector when the row's image is in the index (no model needed), else the retrieval model embeds it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from retrieval.generation.model import encode_visual
+from retrieval.generation.model import combine_tokens, encode_visual
 from retrieval.generation.rag import Exemplar, retrieve_exemplars
+
+log = logging.getLogger(__name__)
 
 
 def row_image_path(df: pd.DataFrame, pos: int) -> Path:
@@ -26,6 +34,67 @@ def row_image_path(df: pd.DataFrame, pos: int) -> Path:
     return resolve_image_path(df.attrs.get("root"), df.iloc[pos]["image_path"])
 
 
+def encoder_key(enc: Any) -> str:
+    """A hash of what an encoder's tokens depend on: its image tower's weights (a retrieval model's projector
+    heads do not change its tokens, so a trained model and its untrained config share a cache)."""
+    from retrieval.models.checkpoint import fingerprint_state
+
+    module = enc.towers()["image"] if hasattr(enc, "towers") else enc
+    return fingerprint_state(module.state_dict())
+
+
+def _image_key(path: str) -> str:
+    try:
+        st = os.stat(path)
+        return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    except OSError:
+        return f"{path}|missing"
+
+
+def _cached_tokens(
+    enc: Any, paths: list[str], grid: int | None, batch_size: int, progress: bool, cache_dir: Path
+) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+    """One encoder's tokens for `paths` ({position: (N, D) fp16}), read from / appended to its cache file."""
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(f"{encoder_key(enc)}|{grid}".encode()).hexdigest()[:20]
+    file = cache_dir / f"tokens-{key}.safetensors"
+    names: list[str] = []
+    store: torch.Tensor | None = None
+    if file.is_file():
+        try:
+            names = json.loads((file.with_suffix(".json")).read_text())
+            store = load_file(str(file))["tokens"]
+            if store.shape[0] != len(names):
+                raise ValueError("row count differs from the key list")
+        except Exception as e:  # a corrupt cache is recomputed, never trusted
+            log.warning("%s: unreadable token cache (%s); recomputing", file, e)
+            names, store = [], None
+    where = {n: i for i, n in enumerate(names)}
+    keys = [_image_key(p) for p in paths]
+    missing = [j for j, k in enumerate(keys) if k not in where]
+    bad: dict[int, str] = {}
+    if missing:
+        desc = "visual tokens" if progress else None
+        toks, kept, bad_m = encode_visual([enc], [paths[j] for j in missing], grid, batch_size, "skip", desc)
+        bad = {missing[j]: reason for j, reason in bad_m}
+        if len(kept):
+            new = toks.to(torch.float16)
+            store = new if store is None else torch.cat([store, new])
+            for j in kept.tolist():
+                where[keys[missing[j]]] = len(names)
+                names.append(keys[missing[j]])
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_name(file.name + ".tmp")
+            save_file({"tokens": store.contiguous()}, str(tmp))
+            (file.with_suffix(".json.tmp")).write_text(json.dumps(names))
+            os.replace(tmp, file)
+            os.replace(file.with_suffix(".json.tmp"), file.with_suffix(".json"))
+        log.info("visual tokens: %d computed, %d from %s", len(missing), len(paths) - len(missing), file)
+    out = {j: store[where[k]] for j, k in enumerate(keys) if k in where and j not in bad}
+    return out, bad
+
+
 def visual_tokens_for_rows(
     df: pd.DataFrame,
     rows: Sequence[int],
@@ -33,13 +102,27 @@ def visual_tokens_for_rows(
     grid: int | None,
     batch_size: int = 32,
     progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> tuple[dict[int, torch.Tensor], list[dict]]:
-    """{row position: (N, D) float16 visual tokens} and the bad rows ({row, image_id, path, reason})."""
+    """{row position: (N, D) float16 visual tokens} and the bad rows ({row, image_id, path, reason}).
+
+    With `cache_dir`, each frozen encoder's tokens are read from (and missing ones added to) its cache file."""
     rows = list(rows)
     paths = [str(row_image_path(df, pos)) for pos in rows]
-    desc = "visual tokens" if progress else None
-    toks, kept, bad = encode_visual(encoders, paths, grid, batch_size, on_error="skip", progress=desc)
-    out = {int(rows[j]): toks[n].to(torch.float16) for n, j in enumerate(kept.tolist())}
+    if cache_dir is None:
+        desc = "visual tokens" if progress else None
+        toks, kept, bad = encode_visual(encoders, paths, grid, batch_size, on_error="skip", progress=desc)
+        out = {int(rows[j]): toks[n].to(torch.float16) for n, j in enumerate(kept.tolist())}
+    else:
+        per_enc = [_cached_tokens(e, paths, grid, batch_size, progress, Path(cache_dir)) for e in encoders]
+        bad_d: dict[int, str] = {}
+        for _, b in per_enc:
+            bad_d.update(b)
+        ok = [j for j in range(len(rows)) if all(j in t for t, _ in per_enc)]
+        out = {}
+        for j in ok:
+            out[int(rows[j])] = combine_tokens([t[j][None].float() for t, _ in per_enc])[0].to(torch.float16)
+        bad = sorted(bad_d.items())
     bad_rows = [
         {"row": int(rows[j]), "image_id": str(df.iloc[rows[j]]["image_id"]), "path": paths[j], "reason": reason}
         for j, reason in bad

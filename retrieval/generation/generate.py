@@ -1,8 +1,13 @@
 """Decoding with a trained VLM: image(s) + task (+ question / phrase) + top-k retrieved exemplars -> text.
 
 `generate_for_image(image, index_dir, vlm_dir)` is the one-call entry point (`cxr generate`, `cxr demo`): it
-returns the text, the task, the boxes parsed from it (identify / ground / where-questions) and the exemplars
-the prompt carried (study ids + scores).
+returns the text, the task, the boxes parsed from it (identify / ground / where-questions; malformed ones are
+dropped and counted), the exemplars the prompt carried (`ref` = the number the prompt gave them, study ids,
+scores) and which of them the output copied sentences from.
+
+Decoding uses transformers' own controls, per task (`DECODING`): reports get beam search with
+`no_repeat_ngram_size` and `repetition_penalty` (a small greedy decoder otherwise loops on "the lungs are
+clear."); short answers and boxes stay greedy (an n-gram ban would forbid a second box of the same label).
 """
 
 from __future__ import annotations
@@ -15,15 +20,23 @@ import numpy as np
 import torch
 
 from retrieval.errors import UsageError
-from retrieval.generation.boxes import parse_boxes
+from retrieval.generation.boxes import malformed_boxes, parse_boxes
 from retrieval.generation.model import VLM, encode_visual
-from retrieval.generation.rag import Exemplar, build_prompt_ids
+from retrieval.generation.rag import Exemplar, build_prompt_ids, copied_sentences
 from retrieval.generation.tasks import OPEN_QUESTION, PROMPTS
 from retrieval.generation.tokenizer import TASKS, decode
 from retrieval.labels import LABELS
 
 DEFAULT_BUDGET = 160
 MAX_NEW_TOKENS = {"report": 96, "vqa": 32, "classify": 32, "identify": 64, "ground": 24}
+REPORT_DECODING: dict[str, Any] = {"num_beams": 3, "no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
+DECODING: dict[str, dict[str, Any]] = {
+    "report": REPORT_DECODING,
+    "vqa": {},
+    "classify": {},
+    "identify": {},
+    "ground": {},
+}
 
 
 def task_prompt(task: str, question: str | None = None, phrase: str | None = None) -> str:
@@ -48,8 +61,12 @@ class Generator:
         index_dir: str | Path | None = None,
         device: str | None = None,
         retrieval_model: Any = None,
+        decoding: dict[str, dict[str, Any]] | None = None,
+        token_cache: str | Path | None = None,
     ):
         self.vlm_dir = Path(vlm_dir)
+        self.decoding = {**DECODING, **(decoding or {})}
+        self.token_cache = token_cache
         self.vlm = VLM.load(vlm_dir, device=device)
         self.encoders = self.vlm.load_encoders(vlm_dir)
         self.grid = self.vlm.config.get("visual_grid")
@@ -114,24 +131,45 @@ class Generator:
         exemplars: Sequence[Sequence[Exemplar]],
         batch_size: int = 32,
     ) -> list[dict]:
-        """One answer per (visual, task, prompt, exemplars): {text, task, prompt, exemplars, boxes}."""
+        """One answer per (visual, task, prompt, exemplars): {text, task, prompt, exemplars, copied, boxes}.
+
+        Batches hold one task each, so every task decodes with its own `DECODING` controls."""
+        out: list[dict | None] = [None] * len(tasks)
+        for task in dict.fromkeys(tasks):
+            idx = [i for i, t in enumerate(tasks) if t == task]
+            for start in range(0, len(idx), batch_size):
+                part = idx[start : start + batch_size]
+                recs = self._generate_batch(
+                    visual[part], task, [prompts[i] for i in part], [exemplars[i] for i in part]
+                )
+                for i, rec in zip(part, recs, strict=True):
+                    out[i] = rec
+        return [r for r in out if r is not None]
+
+    def _generate_batch(
+        self, visual: torch.Tensor, task: str, prompts: Sequence[str], exemplars: Sequence[Sequence[Exemplar]]
+    ) -> list[dict]:
         tok = self.vlm.tok
+        ids, used = [], []
+        for p, ex in zip(prompts, exemplars, strict=True):
+            i, u = build_prompt_ids(tok, task, p, ex, self.budget)
+            ids.append(i)
+            used.append(u)
+        gen = self.vlm.generate(visual, ids, max_new_tokens=MAX_NEW_TOKENS[task], **self.decoding[task])
         out: list[dict] = []
-        for start in range(0, len(tasks), batch_size):
-            sl = slice(start, start + batch_size)
-            ids, used = [], []
-            for t, p, ex in zip(tasks[sl], prompts[sl], exemplars[sl], strict=True):
-                i, u = build_prompt_ids(tok, t, p, ex, self.budget)
-                ids.append(i)
-                used.append(u)
-            max_new = max(MAX_NEW_TOKENS[t] for t in tasks[sl])
-            gen = self.vlm.generate(visual[sl], ids, max_new_tokens=max_new)
-            for t, p, g, u in zip(tasks[sl], prompts[sl], gen, used, strict=True):
-                text = decode(tok, g)
-                rec = {"task": t, "prompt": p, "text": text, "exemplars": [e.to_dict(False) for e in u]}
-                if t in ("identify", "ground") or (t == "vqa" and "{" in text):
-                    rec["boxes"] = parse_boxes(text, LABELS)
-                out.append(rec)
+        for p, g, u in zip(prompts, gen, used, strict=True):
+            text = decode(tok, g)
+            rec = {
+                "task": task,
+                "prompt": p,
+                "text": text,
+                "exemplars": [{"ref": r, **e.to_dict(False)} for r, e in enumerate(u, start=1)],
+                "copied": copied_sentences(text, u) if task == "report" else [],
+            }
+            if task in ("identify", "ground") or (task == "vqa" and "{" in text):
+                rec["boxes"] = parse_boxes(text, LABELS)
+                rec["malformed_boxes"] = malformed_boxes(text)[1]
+            out.append(rec)
         return out
 
 

@@ -412,3 +412,18 @@ def grounding_iou(truth: Sequence[Sequence[dict]], preds: Sequence[Sequence[dict
         return {"mean_iou": float("nan"), "acc@0.5": float("nan"), "gt_boxes": 0}
     arr = np.asarray(ious)
     return {"mean_iou": float(arr.mean()), "acc@0.5": float((arr > 0.5).mean()), "gt_boxes": len(arr)}
+
+
+def repeats_a_sentence(text: str) -> bool:
+    """True when some sentence occurs twice in `text` (lower-cased, whitespace and final period normalised)."""
+    from retrieval.generation.rag import sentences
+
+    s = sentences(text)
+    return len(s) != len(set(s))
+
+
+def repeated_sentence_fraction(texts: Sequence[str]) -> float:
+    """Share of outputs that repeat one of their own sentences (a looping decoder's signature)."""
+    if not texts:
+        return float("nan")
+    return float(np.mean([repeats_a_sentence(t) for t in texts]))

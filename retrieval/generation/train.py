@@ -2,7 +2,9 @@
 
 One run: build the examples of the training split, compute the frozen visual tokens once, precompute each
 row's exemplars once (retrieval model vectors from the index, never the same study or patient, only training
-studies), then train the projector + LM on batches drawn by inverse task size (optionally in two stages).
+studies), then train the projector + LM on batches drawn by a task rule (default: every task equally often;
+seed 000's inverse-size rule stays available) with abnormal studies and rare findings re-sampled (`balance`),
+optionally in two stages. With `token_cache`, the frozen visual tokens are cached on disk once per corpus.
 A fraction of examples (`rag_dropout`) is trained without exemplars so that one model serves k = 0 and k > 0.
 Checkpoints (`OUT/checkpoint/`) hold model, optimiser, scheduler and sampler state; `resume=True` continues
 from there and draws the same batches an uninterrupted run would.
@@ -29,6 +31,7 @@ from retrieval.generation.rag import Exemplar, build_prompt_ids
 from retrieval.generation.sampling import TaskSampler, stage_tasks
 from retrieval.generation.tasks import Example, build_examples
 from retrieval.generation.tokenizer import TASKS
+from retrieval.labels import LABELS
 from retrieval.progress import make_progress
 
 
@@ -57,6 +60,10 @@ class VLMTrainConfig:
     lora: bool = False
     lora_r: int = 8
     lm_overrides: dict = field(default_factory=dict)
+    task_rule: str = "uniform"  # uniform | inverse (seed 000) | proportional
+    balance: float = 0.5  # example weight freq(rarest finding)^-balance; 0 = uniform within a task
+    token_cache: str | None = None  # folder of the frozen visual-token cache (one per corpus); None = no cache
+    aux_weight: float = 1.0  # auxiliary finding BCE on the projected visual tokens; 0 = off
 
 
 def split_rows(df: pd.DataFrame, split: str) -> list[int]:
@@ -79,6 +86,33 @@ def resolve_encoders(specs: Sequence[str], searcher: Any | None) -> list[str]:
         if path and Path(path).is_dir():
             return [f"cxr:{path}"]
     return ["patch:1"]
+
+
+def row_balance_keys(df: pd.DataFrame, rows: Sequence[int]) -> dict[int, str]:
+    """Each row's balancing class: its rarest positive finding among `rows` (or `No Finding`)."""
+    from retrieval.labels import LABELS, NO_FINDING
+
+    labels = {
+        int(p): [x for x in (df.iloc[p]["labels"] if len(df) else []) if x in LABELS and x != NO_FINDING] for p in rows
+    }
+    freq: dict[str, int] = {}
+    for labs in labels.values():
+        for lab in labs:
+            freq[lab] = freq.get(lab, 0) + 1
+    return {p: (min(labs, key=lambda x: (freq[x], x)) if labs else NO_FINDING) for p, labs in labels.items()}
+
+
+def row_label_targets(df: pd.DataFrame, rows: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Each row's multi-hot finding vector over LABELS (the auxiliary head's target)."""
+    idx = {lab: i for i, lab in enumerate(LABELS)}
+    out = {}
+    for p in rows:
+        t = torch.zeros(len(LABELS))
+        for lab in df.iloc[p]["labels"]:
+            if lab in idx:
+                t[idx[lab]] = 1.0
+        out[int(p)] = t
+    return out
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -165,7 +199,11 @@ def train_vlm(
 
     encoders = [load_encoder(s) for s in config.encoders]
     used_rows = sorted({ex.row for exs in examples.values() for ex in exs})
-    visual, bad = visual_tokens_for_rows(df, used_rows, encoders, config.visual_grid, progress=progress)
+    t_vis = time.time()
+    visual, bad = visual_tokens_for_rows(
+        df, used_rows, encoders, config.visual_grid, progress=progress, cache_dir=config.token_cache
+    )
+    t_vis = time.time() - t_vis
     if not visual:
         raise CXRError("no readable training image (see the bad rows above)")
     examples = {t: [e for e in exs if e.row in visual] for t, exs in examples.items()}
@@ -200,13 +238,20 @@ def train_vlm(
             config.lm_overrides,
             config.seed,
             corpus,
+            aux_labels=len(LABELS) if config.aux_weight > 0 else 0,
         )
-    vlm.config.update(visual_grid=config.visual_grid, prompt_budget=config.prompt_budget, tasks=list(examples))
+    vlm.config.update(
+        visual_grid=config.visual_grid, prompt_budget=config.prompt_budget, tasks=list(examples), rag_k=config.rag_k
+    )
+    label_rows = row_label_targets(df, used_rows)
     vlm.train()
     params = [p for p in vlm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.warmup_steps, config.steps))
-    sampler = TaskSampler(examples, seed=config.seed)
+    keys = row_balance_keys(df, used_rows)
+    sampler = TaskSampler(
+        examples, seed=config.seed, task_rule=config.task_rule, balance=config.balance, keys=lambda e: keys[e.row]
+    )
     if resume and ck.exists():
         opt_state = torch.load(ck / "optim.pt", weights_only=True)
         opt.load_state_dict(opt_state["optimizer"])
@@ -214,16 +259,21 @@ def train_vlm(
         sampler.load_state_dict(state["sampler"])
 
     tok = vlm.tok
+    t_train = time.time()
+    draws: dict[str, int] = {}
     with make_progress(disable=not progress) as bar:
         task = bar.add_task("training VLM", total=config.steps, completed=start, unit="steps")
         for step in range(start, config.steps):
             active = stage_tasks(step, config.steps, list(examples), config.two_stage, config.stage1_fraction)
             batch = sampler.sample(config.batch_size, active)
+            for ex in batch:
+                draws[ex.task] = draws.get(ex.task, 0) + 1
             rng = np.random.default_rng([config.seed, step])
             ks = [0 if rng.random() < config.rag_dropout else config.rag_k for _ in batch]
             prompts, targets = encode_batch(tok, batch, exemplars, ks, config.prompt_budget, config.max_target_tokens)
             vis = torch.stack([visual[ex.row] for ex in batch]).float()
-            loss = vlm(vis, prompts, targets)
+            aux_t = torch.stack([label_rows[ex.row] for ex in batch]) if config.aux_weight > 0 else None
+            loss = vlm(vis, prompts, targets, aux_t, config.aux_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -249,6 +299,9 @@ def train_vlm(
         "losses": losses,
         "params_trainable": int(sum(p.numel() for p in params)),
         "vocab_size": len(tok),
+        "task_draws": draws,
+        "seconds_visual_tokens": round(t_vis, 1),
+        "seconds_training": round(time.time() - t_train, 1),
         "seconds": round(time.time() - t0, 1),
     }
     write_json_atomic(out / "train_info.json", info)
