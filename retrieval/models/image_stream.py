@@ -96,26 +96,35 @@ def model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def _forward(model: Any, output: str | Callable, pixels: torch.Tensor) -> torch.Tensor:
+def _forward(model: Any, output: str | Callable, pixels: torch.Tensor | None, feats: torch.Tensor | None):
+    """The requested output, from pixels, or from stored pooled features (`feats`) where the tower can be skipped."""
     if callable(output):
         return output(model, pixels)
+    if feats is None and output != "tokens":
+        feats = model.image_features(pixels)
     if output == "embeddings":
-        return model.project_images(model.image_features(pixels))
+        return model.project_images(feats)
     if output == "features":
-        return model.image_features(pixels)
+        return feats
     return model.image_tokens(pixels)
 
 
 @torch.no_grad()
-def run_pixels(model: Any, pixels: torch.Tensor, output: str | Callable = "embeddings", precision: str = "auto"):
-    """One forward pass on preprocessed (B, C, S, S) pixels -> the outputs `stream_images` yields for them."""
+def _run(model: Any, output: str | Callable, precision: str, pixels=None, feats=None):
     device = model_device(model)
+    pixels = None if pixels is None else pixels.to(device, non_blocking=True)
+    feats = None if feats is None else feats.to(device)
     with autocast(device, resolve_precision(precision, device)):
-        out = _forward(model, output, pixels.to(device, non_blocking=True))
+        out = _forward(model, output, pixels, feats)
     if output == "embeddings":
         out = torch.nn.functional.normalize(out.float(), dim=-1)
         return np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)
     return out.float().cpu()
+
+
+def run_pixels(model: Any, pixels: torch.Tensor, output: str | Callable = "embeddings", precision: str = "auto"):
+    """One forward pass on preprocessed (B, C, S, S) pixels -> the outputs `stream_images` yields for them."""
+    return _run(model, output, precision, pixels=pixels)
 
 
 def stream_images(
@@ -181,7 +190,7 @@ def stream_images(
                     positions += [i for i, _ in good]
                 stored = [i for i in batch if i in known]
                 if stored:
-                    parts.append(_from_features(model, torch.stack([known[i] for i in stored]), output, precision))
+                    parts.append(_run(model, output, precision, feats=torch.stack([known[i] for i in stored])))
                     positions += stored
                 values = _join(parts) if parts else _empty(model, output)
                 reasons = [(i, e.split("\0", 1)[1]) for i, e in bad]
@@ -190,18 +199,6 @@ def stream_images(
     finally:
         for module, mode in modes:  # each module back in its own mode (a trainer's frozen parts stay in eval)
             module.training = mode
-
-
-@torch.no_grad()
-def _from_features(model: Any, feats: torch.Tensor, output: str, precision: str):
-    """What `run_pixels` gives for images whose pooled features came from the model's feature store."""
-    if output == "features":
-        return feats.float()
-    device = model_device(model)
-    with autocast(device, resolve_precision(precision, device)):
-        emb = model.project_images(feats.to(device))
-    emb = torch.nn.functional.normalize(emb.float(), dim=-1)
-    return np.ascontiguousarray(emb.cpu().numpy(), dtype=np.float32)
 
 
 def _join(parts: list) -> Any:
