@@ -83,6 +83,26 @@ def test_jpeg_grey_and_rgb(tmp_path):
         assert np.abs(out - smooth / 255.0).max() < 0.03
 
 
+def test_min_size_decodes_a_large_jpeg_reduced_but_keeps_twice_the_target(tmp_path):
+    """A 1600x1200 JPEG read for a 224 px model comes back reduced by libjpeg (1/2 scale: 800x600, still >= 2x
+    224 on the long side), close to a full decode box-averaged 2x2 (the naive reference); a PNG, and a JPEG
+    under 4x the target, are read at full size."""
+    yy, xx = np.mgrid[0:1200, 0:1600]
+    smooth = (0.5 + 0.4 * np.sin(xx / 90.0) * np.cos(yy / 70.0)) * 255
+    jpg, png = tmp_path / "big.jpg", tmp_path / "big.png"
+    Image.fromarray(smooth.astype(np.uint8), mode="L").save(jpg, quality=95)
+    Image.fromarray(smooth.astype(np.uint8), mode="L").save(png)
+    full = read_image(jpg)
+    reduced = read_image(jpg, min_size=224)
+    assert full.shape == (1200, 1600) and reduced.shape == (600, 800)
+    naive = full.reshape(600, 2, 800, 2).mean(axis=(1, 3))
+    assert np.abs(reduced - naive).mean() < 0.01
+    assert read_image(png, min_size=224).shape == (1200, 1600)
+    assert read_image(jpg, min_size=500).shape == (1200, 1600)  # 1600 < 4 x 500: no reduction
+    with pytest.raises(ImageReadError, match="over the limit"):  # the pixel limit is on the stored size
+        read_image(jpg, max_pixels=1600 * 1200 - 1, min_size=224)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     a = _gradient(h=10, w=30).astype(np.uint8)
     exif = Image.Exif()

@@ -73,7 +73,7 @@ class ImageItems(torch.utils.data.Dataset):
             if isinstance(item, (str, Path)):
                 from retrieval.data.image_io import read_image
 
-                item = read_image(item)
+                item = read_image(item, min_size=getattr(self.transform, "size", None))
             return i, torch.as_tensor(self.transform(item)), None
         except ImageReadError as e:
             return i, None, f"{e.path}\0{e.reason}"

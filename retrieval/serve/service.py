@@ -239,6 +239,11 @@ class ServeService:
             from retrieval.generation.generate import Generator
 
             self.generator = Generator(config.vlm, None, device=config.device, retrieval_model=self.batcher)
+        # uploads decode no smaller than the largest input any model here resizes them to (JPEGs decode faster)
+        sizes = [getattr(self._transform, "size", None)]
+        if self.generator is not None:
+            sizes += [getattr(e.image_transform(), "size", None) for e in self.generator.encoders]
+        self._decode_size = None if None in sizes else max(int(x) for x in sizes)
         self._stop = threading.Event()
         self._watcher = None
         if start_watcher and config.watch_interval > 0:
@@ -345,7 +350,9 @@ class ServeService:
         """An uploaded image's pixels (UploadError 415/422 when it is not a readable PNG, JPEG or DICOM)."""
         from retrieval.serve.uploads import decode_upload
 
-        return decode_upload(data, filename, content_type, self.upload_dir, self.config.max_pixels)
+        return decode_upload(
+            data, filename, content_type, self.upload_dir, self.config.max_pixels, min_size=self._decode_size
+        )
 
     def search(
         self,

@@ -49,9 +49,15 @@ def sniff(data: bytes, filename: str = "", content_type: str = "") -> str | None
 
 
 def decode_upload(
-    data: bytes, filename: str, content_type: str, tmp_dir: str | Path, max_pixels: int | None = None
+    data: bytes,
+    filename: str,
+    content_type: str,
+    tmp_dir: str | Path,
+    max_pixels: int | None = None,
+    min_size: int | None = None,
 ) -> np.ndarray:
-    """The upload's pixels as read_image returns them (float32 HxW in [0, 1]).
+    """The upload's pixels as read_image returns them (float32 HxW in [0, 1]; a JPEG possibly reduced to no less
+    than `min_size` on its longest side).
 
     Raises UploadError: 422 for an empty upload or one the reader refuses (its reason, under the uploaded
     name), 415 for a type that is not PNG, JPEG or DICOM."""
@@ -69,7 +75,7 @@ def decode_upload(
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return read_image(path, max_pixels=max_pixels or MAX_PIXELS)
+        return read_image(path, max_pixels=max_pixels or MAX_PIXELS, min_size=min_size)
     except ImageReadError as e:
         raise UploadError(422, f"{name}: {e.reason}") from None
     finally:
