@@ -29,6 +29,9 @@ def train_cmd(
     ),
     max_train_studies: int = typer.Option(None, "--max-train-studies", help="Train on the first N studies."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Frozen-feature cache (default OUT/feature_cache)."),
+    token_cache: Path = typer.Option(
+        None, "--token-cache", help="Also keep a frozen CNN tower's grid tokens here, for `cxr vlm train --token-cache`."
+    ),
     patience: int = typer.Option(3, "--patience", help="Early-stop after N epochs without val improvement."),
     monitor: str = typer.Option(
         "i2r_map_label", "--monitor", help="Val metric to early-stop on: i2r_map_label | i2r_map_exact."
@@ -64,6 +67,7 @@ def train_cmd(
         image_tower=image_tower,
         max_train_studies=max_train_studies,
         cache_dir=None if cache_dir is None else str(cache_dir),
+        token_cache=None if token_cache is None else str(token_cache),
         patience=patience,
         monitor=monitor,
         seed=seed,

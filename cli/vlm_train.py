@@ -29,6 +29,9 @@ def vlm_train_cmd(
     lm: Path = typer.Option(None, "--lm", help="A local transformers causal LM folder (default: tiny Llama)."),
     lora: bool = typer.Option(False, "--lora", help="Wrap --lm with peft LoRA adapters."),
     grid: int = typer.Option(8, "--grid", help="Visual tokens pooled to GRID x GRID before the 5-token concat."),
+    token_cache: Path = typer.Option(
+        None, "--token-cache", help="Frozen visual-token cache folder (filled once per corpus, e.g. by `cxr train`)."
+    ),
     budget: int = typer.Option(160, "--prompt-budget", help="Prompt token budget (exemplars are cut to fit)."),
     rag_dropout: float = typer.Option(0.3, "--rag-dropout", help="Share of examples trained without exemplars."),
     hidden: int = typer.Option(256, "--hidden", help="Tiny LM hidden size."),
@@ -64,6 +67,7 @@ def vlm_train_cmd(
         two_stage=two_stage,
         checkpoint_every=checkpoint_every,
         visual_grid=grid,
+        token_cache=None if token_cache is None else str(token_cache),
         seed=seed,
         lm_path=str(lm) if lm else None,
         lora=lora,

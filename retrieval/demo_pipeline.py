@@ -107,7 +107,9 @@ def run_demo(
     from retrieval.train import train
 
     work = Path(workdir)
-    corpus_dir, model_dir, index_dir, vlm_dir = (work / n for n in ("corpus", "model", "index", "vlm"))
+    corpus_dir, model_dir, index_dir, vlm_dir, tokens_dir = (
+        work / n for n in ("corpus", "model", "index", "vlm", "visual_tokens")
+    )
     timings: dict[str, float] = {}
     cached: dict[str, bool] = {}
 
@@ -129,7 +131,13 @@ def run_demo(
             timings,
             "train",
             lambda: train(
-                manifest, DEMO_MODEL, model_dir, epochs=TRAIN_EPOCHS, seed=seed, show_progress=show_progress
+                manifest,
+                DEMO_MODEL,
+                model_dir,
+                epochs=TRAIN_EPOCHS,
+                seed=seed,
+                show_progress=show_progress,
+                token_cache=str(tokens_dir),  # the frozen tower's one pass also gives the VLM its visual tokens
             ),
         )
     model.eval()
@@ -172,7 +180,7 @@ def run_demo(
                 seed=seed,
                 prompt_budget=128,
                 lm_overrides=dict(VLM_SIZE),
-                token_cache=str(work / "visual_tokens"),
+                token_cache=str(tokens_dir),
             )
             _timed(
                 timings,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +44,10 @@ from retrieval.fileio import atomic_path, clean_temporaries, write_json_atomic
 from retrieval.losses import DEFAULT_POSITIVE_RULE, POSITIVE_RULES, CompositeLoss
 from retrieval.models import text_features
 from retrieval.models.checkpoint import fingerprint_state
+from retrieval.models.token_cache import DEFAULT_GRID
 from retrieval.progress import console, make_progress
+
+log = logging.getLogger(__name__)
 
 MONITORS = ("i2r_map_label", "i2r_map_exact")
 # A pristine copy of the last freshly built model, so repeated runs in one process (ablations, tests) skip the
@@ -81,6 +85,8 @@ class TrainConfig:
     cache_dir: str | None = None
     num_workers: int = 0
     show_progress: bool = True
+    token_cache: str | None = None  # a VLM token-cache folder: a frozen CNN tower's grid tokens are kept there
+    token_grid: int | None = DEFAULT_GRID  # ... when they fit this grid (the VLM's visual_grid)
 
     def result_key(self) -> dict[str, Any]:
         """The fields that change the trained weights (epochs excluded: a run can be extended)."""
@@ -92,6 +98,8 @@ class TrainConfig:
             "cache_dir",
             "num_workers",
             "show_progress",
+            "token_cache",
+            "token_grid",
         }
         out = {k: v for k, v in asdict(self).items() if k not in run_only}
         out["loss_weights"] = list(self.loss_weights)
@@ -297,6 +305,12 @@ def cached_features(path: Path, key: dict[str, str], compute: Callable[[], torch
     return feats, False
 
 
+def _pooled_and_tokens(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + N, D): a CNN tower's pooled feature (the mean of its last feature map), then that map's N tokens."""
+    tokens = model.image_tokens(pixels).float()
+    return torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
+
+
 def _keep_first_studies(split: _Split, n: int) -> None:
     """Cut a prepared split to its first `n` studies (images, decoded pixels and cached features alike)."""
     items = split.items
@@ -318,16 +332,14 @@ class Trainer:
 
     def __init__(self, manifest: Any, model_name: str, out_dir: str | Path, config: TrainConfig):
         from retrieval.data.manifest import read_manifest
-        from retrieval.device import resolve_device
+        from retrieval.device import resolve_device, resolve_precision
 
         config.validate()
         self.config = config
         self.model_name = model_name
         self.out = Path(out_dir)
         self.device = resolve_device(config.device)
-        self.precision = config.precision
-        if self.precision == "auto":
-            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = resolve_precision(config.precision, self.device)
         self.df = manifest if not isinstance(manifest, (str, Path)) else read_manifest(manifest)
         self.manifest_label = str(manifest) if isinstance(manifest, (str, Path)) else "<DataFrame>"
         self.timings: dict[str, float] = {}
@@ -384,13 +396,15 @@ class Trainer:
             path = self.cache_dir / f"{kind}-{split}-{key['tower'][:12]}-{key['items'][:12]}.safetensors"
             holder: dict[str, Any] = {}
 
+            keep_tokens = kind == "image" and cfg.token_cache is not None and getattr(self.model, "cnn_tower", False)
+
             def compute() -> torch.Tensor:
                 from retrieval.models.image_stream import encode_image_items
 
-                feats, _, bad = encode_image_items(
+                feats, kept, bad = encode_image_items(
                     self.model,
                     items.image_paths,
-                    output=forward,
+                    output=_pooled_and_tokens if keep_tokens else forward,
                     batch_size=max(cfg.batch_size, 64),
                     num_workers=cfg.num_workers,
                     precision=self.precision,
@@ -399,6 +413,8 @@ class Trainer:
                 )
                 items.skipped.extend(f"{items.image_ids[i]}: {reason}" for i, reason in bad)
                 holder["items"] = drop_unreadable(items, {i for i, _ in bad})
+                if keep_tokens:  # the feature map's mean is the pooled feature; its grid is what the VLM reads
+                    feats = self._keep_tokens([items.image_paths[i] for i in kept.tolist()], feats)
                 return feats.to(torch.float16) if kind == "front" else feats
 
             feats, hit = cached_features(path, key, compute)
@@ -430,6 +446,18 @@ class Trainer:
         split_obj.study_images = study_images
         self.timings[f"prepare_{split}_s"] = round(time.perf_counter() - t0, 3)
         return split_obj
+
+    def _keep_tokens(self, paths: list[str], pooled_and_tokens: torch.Tensor) -> torch.Tensor:
+        """Add the grid tokens (rows 1: of each image's output) to the token cache; return the pooled features."""
+        from retrieval.models.token_cache import TokenCache
+
+        tokens = pooled_and_tokens[:, 1:]
+        grid = self.config.token_grid
+        if grid is None or tokens.shape[1] <= grid * grid:  # tokens the VLM would read as they are (no pooling)
+            TokenCache(self.config.token_cache, self.tower_hash["image"], grid).add(paths, tokens)
+        else:
+            log.info("token cache: %d tokens per image exceed the %dx%d grid; not kept", tokens.shape[1], grid, grid)
+        return pooled_and_tokens[:, 0].contiguous()
 
     def _report_features(self, reports: Sequence[str], desc: str) -> torch.Tensor:
         """Text-tower features of each report (once per distinct text, in batches of similar length)."""

@@ -203,6 +203,38 @@ def test_feature_cache_hits_and_matches_recomputed_features(tmp_path):
     assert torch.equal(sub.text_feats, third.train_split.text_feats[:10])
 
 
+def test_cnn_feature_pass_keeps_the_vlm_tokens_and_the_same_pooled_features(tmp_path, monkeypatch):
+    """With `token_cache`, the frozen cxr-small tower runs once per image: the trainer's pooled features are the
+    mean of the feature map whose grid tokens it keeps, and the VLM's token pass then finds every train/val image
+    in the cache (no tower run), with the tokens a direct pass gives."""
+    from retrieval.data.manifest import read_manifest
+    from retrieval.generation import features as gen_features
+    from retrieval.generation.model import encode_visual
+    from retrieval.models import load_model
+    from retrieval.train import TrainConfig, Trainer
+
+    manifest = make_manifest(tmp_path / "data", 30)
+    tokens_dir = tmp_path / "tokens"
+    config = TrainConfig(epochs=1, batch_size=8, show_progress=False, token_cache=str(tokens_dir))
+    trainer = Trainer(manifest, "cxr-small", tmp_path / "m", config)
+    trainer.run()
+    model = load_model(tmp_path / "m")
+    items = trainer.train_split.items
+    pixels = torch.stack([model.image_transform()(np.asarray(Image.open(p), np.float32) / 255) for p in items.image_paths[:4]])
+    with torch.no_grad():
+        direct = model.image_features(pixels)
+    assert torch.allclose(trainer.train_split.image_feats[:4], direct, atol=1e-4)
+
+    df = read_manifest(manifest)
+    rows = [i for i, s in enumerate(df["split"]) if s in ("train", "val")]
+    monkeypatch.setattr(gen_features, "encode_visual", lambda *a, **k: pytest.fail("the tower ran again"))
+    cached, bad = gen_features.visual_tokens_for_rows(df, rows, [model], 8, progress=False, cache_dir=tokens_dir)
+    assert bad == [] and sorted(cached) == rows
+    want, kept, _ = encode_visual([model], [str(gen_features.row_image_path(df, r)) for r in rows[:3]], grid=8)
+    got = torch.stack([cached[r].float() for r in rows[:3]])
+    assert want.shape == got.shape and torch.allclose(got, want, atol=2e-2, rtol=1e-2)
+
+
 @pytest.mark.slow
 def test_saved_text_feature_store_skips_the_tower_and_matches_it(tmp_path, monkeypatch):
     from retrieval.models import load_model

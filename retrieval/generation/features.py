@@ -9,10 +9,7 @@ image vector when the row's image is in the index (no model needed), else the re
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,55 +40,24 @@ def encoder_key(enc: Any) -> str:
     return fingerprint_state(module.state_dict())
 
 
-def _image_key(path: str) -> str:
-    try:
-        st = os.stat(path)
-        return f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    except OSError:
-        return f"{path}|missing"
-
-
 def _cached_tokens(
     enc: Any, paths: list[str], grid: int | None, batch_size: int, progress: bool, cache_dir: Path
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """One encoder's tokens for `paths` ({position: (N, D) fp16}), read from / appended to its cache file."""
-    from safetensors.torch import load_file, save_file
+    from retrieval.models.token_cache import TokenCache
 
-    key = hashlib.sha256(f"{encoder_key(enc)}|{grid}".encode()).hexdigest()[:20]
-    file = cache_dir / f"tokens-{key}.safetensors"
-    names: list[str] = []
-    store: torch.Tensor | None = None
-    if file.is_file():
-        try:
-            names = json.loads((file.with_suffix(".json")).read_text())
-            store = load_file(str(file))["tokens"]
-            if store.shape[0] != len(names):
-                raise ValueError("row count differs from the key list")
-        except Exception as e:  # a corrupt cache is recomputed, never trusted
-            log.warning("%s: unreadable token cache (%s); recomputing", file, e)
-            names, store = [], None
-    where = {n: i for i, n in enumerate(names)}
-    keys = [_image_key(p) for p in paths]
-    missing = [j for j, k in enumerate(keys) if k not in where]
+    cache = TokenCache(cache_dir, encoder_key(enc), grid)
+    out = cache.get(paths)
+    missing = [j for j in range(len(paths)) if j not in out]
     bad: dict[int, str] = {}
     if missing:
         desc = "visual tokens" if progress else None
         toks, kept, bad_m = encode_visual([enc], [paths[j] for j in missing], grid, batch_size, "skip", desc)
         bad = {missing[j]: reason for j, reason in bad_m}
         if len(kept):
-            new = toks.to(torch.float16)
-            store = new if store is None else torch.cat([store, new])
-            for j in kept.tolist():
-                where[keys[missing[j]]] = len(names)
-                names.append(keys[missing[j]])
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_name(file.name + ".tmp")
-            save_file({"tokens": store.contiguous()}, str(tmp))
-            (file.with_suffix(".json.tmp")).write_text(json.dumps(names))
-            os.replace(tmp, file)
-            os.replace(file.with_suffix(".json.tmp"), file.with_suffix(".json"))
-        log.info("visual tokens: %d computed, %d from %s", len(missing), len(paths) - len(missing), file)
-    out = {j: store[where[k]] for j, k in enumerate(keys) if k in where and j not in bad}
+            cache.add([paths[missing[j]] for j in kept.tolist()], toks)
+            out.update({missing[j]: toks[n].to(torch.float16) for n, j in enumerate(kept.tolist())})
+        log.info("visual tokens: %d computed, %d from %s", len(missing), len(paths) - len(missing), cache.file)
     return out, bad
 
 

@@ -28,6 +28,7 @@ from retrieval.errors import CXRError, UsageError
 from retrieval.fileio import write_json_atomic
 from retrieval.generation.model import VLM, load_encoder
 from retrieval.generation.rag import Exemplar, build_prompt_ids
+from retrieval.models.token_cache import DEFAULT_GRID
 from retrieval.generation.sampling import TaskSampler, stage_tasks
 from retrieval.generation.tasks import Example, build_examples
 from retrieval.generation.tokenizer import TASKS
@@ -53,7 +54,7 @@ class VLMTrainConfig:
     two_stage: bool = False
     stage1_fraction: float = 0.3
     checkpoint_every: int = 50
-    visual_grid: int = 8
+    visual_grid: int = DEFAULT_GRID  # tokens pooled to grid x grid at most
     seed: int = 0
     split: str = "train"
     lm_path: str | None = None
