@@ -58,6 +58,9 @@ def query_cmd(
     nprobe: int | None = typer.Option(None, "--nprobe", min=1, help="IVF indexes: inverted lists to visit."),
     ef_search: int | None = typer.Option(None, "--ef-search", min=1, help="HNSW indexes: search breadth."),
     exclude_patient: str | None = typer.Option(None, "--exclude-patient", help="Leave out this patient's rows."),
+    findings: str = typer.Option(
+        "auto", "--findings", help="Text queries: auto keeps to reports with the findings the text names; off."
+    ),
     mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index (IVF only)."),
     backend: str = typer.Option("auto", "--backend", help="auto, faiss, faiss-gpu or torch."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda (default: CUDA when present)."),
@@ -98,7 +101,7 @@ def query_cmd(
         _run_batch(searcher, image, out, k, target, exclude_patient, batch_size, workers, as_json)
         return
     if text is not None:
-        hits = searcher.query_text(text, k, target, exclude_patient=exclude_patient)
+        hits = searcher.query_text(text, k, target, exclude_patient=exclude_patient, findings=findings)
         query = {"text": text}
     else:
         hits = searcher.query_image(pixels, k, target, exclude_patient=exclude_patient)

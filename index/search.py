@@ -210,6 +210,7 @@ class Searcher:
         self._studies = meta["study_id"].astype(str).to_numpy()
         self._has_report = meta["has_report"].to_numpy(dtype=bool)
         self._bounded = scores_are_bounded(self.index.info)
+        self._row_findings: list | None = None  # per row, its report's findings (for findings-aware text search)
 
     def backend(self, target: str) -> Any:
         """The (lazily created) backend searching `target` ('images' or 'reports')."""
@@ -222,10 +223,12 @@ class Searcher:
             raise UsageError("image and text queries need the model the index was built with")
         return self.model
 
-    def _keep(self, ids: np.ndarray, target: str, patient: str | None, study: str | None) -> np.ndarray:
-        """The usable ids among `ids`, best first: valid, not excluded, one per study for reports."""
+    def _keep(
+        self, ids: np.ndarray, target: str, patient: str | None, study: str | None, allowed: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The usable ids among `ids`, best first: valid, allowed, not excluded, one per study for reports."""
         ids = ids[ids >= 0]
-        ok = np.ones(len(ids), dtype=bool)
+        ok = np.ones(len(ids), dtype=bool) if allowed is None else allowed[ids]
         if patient is not None:
             ok &= self._patients[ids] != str(patient)
         if study is not None:
@@ -245,9 +248,13 @@ class Searcher:
         target: str = "reports",
         exclude_patients: Sequence[str | None] | None = None,
         exclude_studies: Sequence[str | None] | None = None,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores, row ids), each (n_queries, k), after exclusions and per-study de-duplication of reports;
-        padded with -inf / -1 where fewer than k rows qualify. The fast path for evaluation and RAG."""
+        padded with -inf / -1 where fewer than k rows qualify. The fast path for evaluation and RAG.
+
+        `allowed`: a boolean mask over the index rows; only those rows are returned (the search widens until k of
+        them are found or every row was looked at)."""
         if k < 1:
             raise UsageError(f"-k must be at least 1, got {k}")
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
@@ -261,6 +268,9 @@ class Searcher:
         out_ids = np.full((nq, k), -1, dtype=np.int64)
         # Over-fetch for exclusions and per-study de-duplication; widen until k usable rows or all rows.
         fetch = min(n, k * (4 if target == "reports" else 1) + (16 if any(pats) or any(studs) else 0))
+        if allowed is not None:  # a filter keeping a fraction f of the rows needs about 1/f times the rows
+            allowed = np.asarray(allowed, dtype=bool)
+            fetch = min(n, int(fetch * n / max(1, int(allowed.sum()))))
         todo = np.arange(nq)
         while len(todo):
             scores, ids = backend.search(queries[todo], fetch)
@@ -268,7 +278,7 @@ class Searcher:
                 check_scores(scores, ids, self.index.file(target), np.linalg.norm(queries[todo], axis=1))
             again = []
             for j, q in enumerate(todo):
-                keep = self._keep(ids[j], target, pats[q], studs[q])
+                keep = self._keep(ids[j], target, pats[q], studs[q], allowed)
                 if len(keep) >= k or fetch >= n:
                     keep = keep[:k]
                     pos = {r: i for i, r in enumerate(ids[j].tolist())}
@@ -287,9 +297,10 @@ class Searcher:
         target: str = "reports",
         exclude_patients: Sequence[str | None] | None = None,
         exclude_studies: Sequence[str | None] | None = None,
+        allowed: np.ndarray | None = None,
     ) -> list[pd.DataFrame]:
         """Top-k rows for each query vector, with per-query exclusions (None = none); one frame per query."""
-        scores, ids = self.search_ids(queries, k, target, exclude_patients, exclude_studies)
+        scores, ids = self.search_ids(queries, k, target, exclude_patients, exclude_studies, allowed)
         return [self._frame(i[i >= 0], s[i >= 0]) for s, i in zip(scores, ids, strict=True)]
 
     def _frame(self, keep: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
@@ -336,12 +347,43 @@ class Searcher:
         target: str = "reports",
         exclude_patient: str | None = None,
         exclude_study: str | None = None,
+        findings: str = "auto",
     ) -> pd.DataFrame:
-        """Top-k rows for a sentence (e.g. 'right lower lobe consolidation')."""
+        """Top-k rows for a sentence (e.g. 'right lower lobe consolidation'); `findings="auto"` keeps to reports
+        that have the findings the sentence names (index/report_findings.py), "off" ranks by the embedding alone."""
         if not str(text).strip():
             raise UsageError("the text query is empty")
         vec = np.asarray(self._need_model().encode_texts([str(text)]), dtype=np.float32)
-        return self.query_vector(vec, k, target, exclude_patient, exclude_study)
+        return self.text_results(vec, text, k, target, exclude_patient, exclude_study, findings)
+
+    def text_results(
+        self,
+        vector: np.ndarray,
+        text: str,
+        k: int = 5,
+        target: str = "reports",
+        exclude_patient: str | None = None,
+        exclude_study: str | None = None,
+        findings: str = "auto",
+    ) -> pd.DataFrame:
+        """The results of a text query whose embedding is `vector` (see `query_text`)."""
+        from index import report_findings as rf
+
+        if findings not in rf.MODES:
+            raise UsageError(f"findings must be one of {', '.join(rf.MODES)}, got {findings!r}")
+        want = rf.query_findings(text) if findings == "auto" else frozenset()
+        if not want:
+            return self.query_vector(vector, k, target, exclude_patient, exclude_study)
+        if self._row_findings is None:
+            self._row_findings = rf.row_findings(self.index.meta)
+        mask = rf.rows_with(self._row_findings, want)
+        found = self.search_vectors(vector, k, target, [exclude_patient], [exclude_study], allowed=mask)[0]
+        if len(found) < k:  # too few reports have them all: the plain ranking fills up
+            plain = self.query_vector(vector, k + len(found), target, exclude_patient, exclude_study)
+            key = "study_id" if target == "reports" else "row_id"
+            found = pd.concat([found, plain[~plain[key].isin(found[key])]], ignore_index=True).head(k)
+            found["rank"] = np.arange(1, len(found) + 1)
+        return found
 
     def query_images(
         self,

@@ -129,10 +129,12 @@ def test_search_params_that_do_not_apply_are_refused():
         set_search_params(ivf, nprobe=0)
 
 
-def _vector_index(tmp_path, x: np.ndarray, factory: str = "Flat", studies: int | None = None):
-    """An index folder over vectors (reports = images here) with a meta of 2 images per study."""
+def _vector_index(tmp_path, x: np.ndarray, factory: str = "Flat", studies: int | None = None, sentences=None):
+    """An index folder over vectors (reports = images here) with a meta of 2 images per study; study s's report
+    is `sentences[s % len(sentences)]` when given, and every 7th row has none."""
     n = len(x)
     study = np.arange(n) // 2 if studies is None else np.arange(n) % studies
+    said = [sentences[s % len(sentences)] if sentences else f"report {s}" for s in study]
     meta = pd.DataFrame(
         {
             "row_id": np.arange(n),
@@ -141,7 +143,7 @@ def _vector_index(tmp_path, x: np.ndarray, factory: str = "Flat", studies: int |
             "patient_id": [f"p{s // 3}" for s in study],
             "image_path": [f"/x/{i}.png" for i in range(n)],
             "view": "PA",
-            "report": [f"report {s}" if i % 7 else "" for i, s in enumerate(study)],
+            "report": [r if i % 7 else "" for i, r in enumerate(said)],
             "labels": [["No Finding"]] * n,
             "split": "test",
             "source": "synthetic",
@@ -221,3 +223,36 @@ def test_search_ids_is_the_same_ranking_without_frames(tmp_path):
     # fewer qualifying rows than k: padded with -1 / -inf
     s, i = searcher.search_ids(q[:1], 500, "images")
     assert (i[0, 300:] == -1).all() and np.isneginf(s[0, 300:]).all() and sorted(i[0, :300]) == list(range(300))
+
+
+def test_text_search_keeps_to_reports_with_the_named_finding_like_a_naive_filter(tmp_path):
+    """A negated report ("No pleural effusion") may lie nearest in the embedding; a query naming the finding
+    returns, by embedding order, only reports the labeler reads as having it (the naive reference: label every
+    report, filter, sort all rows), then fills up with the plain ranking; `findings="off"` is the plain ranking."""
+    from index.report_findings import query_findings
+
+    x = clustered(300, 16, clusters=4, seed=21)
+    sentences = ["No pleural effusion.", "Large right pleural effusion.", "The lungs are clear.", "Small effusion."]
+    path, meta = _vector_index(tmp_path, x, sentences=sentences)
+    meta_reports = list(meta["report"])
+    searcher = Searcher(path)
+    text = "large pleural effusion on the right"
+    assert query_findings(text) == {"Pleural Effusion"} and query_findings("no pleural effusion") == frozenset()
+    q = x[int(np.flatnonzero(np.array(meta_reports) == "No pleural effusion.")[0])]  # nearest: a negated one
+    order = np.argsort(-(q @ x.T), kind="stable")
+    positive = {"Large right pleural effusion.", "Small effusion."}
+    want, seen = [], set()
+    for i in order:
+        if meta["has_report"][i] and meta_reports[i] in positive and meta["study_id"][i] not in seen:
+            seen.add(meta["study_id"][i])
+            want.append(meta["study_id"][i])
+    got = searcher.text_results(q, text, k=6)
+    assert list(got["study_id"]) == want[:6] and list(got["rank"]) == list(range(1, 7))
+    plain = searcher.text_results(q, text, k=6, findings="off")
+    assert list(plain["study_id"]) == list(searcher.query_vector(q, k=6)["study_id"])
+    assert plain["report"].iloc[0] == "No pleural effusion."
+    # a finding no report has: the plain ranking, in full
+    none = searcher.text_results(q, "pneumothorax", k=6)
+    assert list(none["study_id"]) == list(plain["study_id"])
+    with pytest.raises(UsageError, match="findings"):
+        searcher.text_results(q, text, findings="maybe")

@@ -395,7 +395,11 @@ class ServeService:
     def search_finish(self, job: SearchJob) -> dict:
         """Second half of `search`: the index search on the job's snapshot, once its vector is there."""
         vec = job.vector.result()
-        hits = job.snapshot.searcher.query_vector(vec[None, :], job.k, job.target, exclude_patient=job.exclude or None)
+        searcher, exclude = job.snapshot.searcher, job.exclude or None
+        if "text" in job.query:  # as `cxr query --text`: findings-aware
+            hits = searcher.text_results(vec[None, :], job.query["text"], job.k, job.target, exclude_patient=exclude)
+        else:
+            hits = searcher.query_vector(vec[None, :], job.k, job.target, exclude_patient=exclude)
         return {
             **job.query,
             "index": str(self.index_path),
