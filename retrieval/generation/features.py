@@ -85,9 +85,12 @@ def visual_tokens_for_rows(
         for _, b in per_enc:
             bad_d.update(b)
         ok = [j for j in range(len(rows)) if all(j in t for t, _ in per_enc)]
-        out = {}
-        for j in ok:
-            out[int(rows[j])] = combine_tokens([t[j][None].float() for t, _ in per_enc])[0].to(torch.float16)
+        if len(per_enc) == 1:  # one encoder: its cached fp16 tokens as they are
+            out = {int(rows[j]): per_enc[0][0][j] for j in ok}
+        else:
+            out = {}
+            for j in ok:
+                out[int(rows[j])] = combine_tokens([t[j][None].float() for t, _ in per_enc])[0].to(torch.float16)
         bad = sorted(bad_d.items())
     bad_rows = [
         {"row": int(rows[j]), "image_id": str(df.iloc[rows[j]]["image_id"]), "path": paths[j], "reason": reason}
