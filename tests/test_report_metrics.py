@@ -461,3 +461,26 @@ def test_prefetch_metric_weights_through_loopback_hub_then_score_offline(
     assert report_metrics.chexbert_f1(REFS, HYPS, dest) == report_metrics.chexbert_f1(REFS, HYPS, tiny_chexbert)
     assert report_metrics.radgraph_f1(REFS, HYPS, dest) == report_metrics.radgraph_f1(REFS, HYPS, tiny_radgraph)
     assert main(["models", "verify", str(dest / "radgraph")]) == 0  # after a load: its .lock file is not a problem
+
+
+@pytest.mark.parametrize("name", ["chexbert", "radgraph"])
+def test_models_list_says_whether_metric_weights_are_there(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, request
+) -> None:
+    package, installed = {"chexbert": ("f1chexbert", f1chexbert), "radgraph": ("radgraph", radgraph)}[name]
+    monkeypatch.setenv(f"CXR_{name.upper()}_DIR", str(tmp_path / "none"))
+    ok, why = report_metrics.weights_status(name)
+    assert not ok
+    if installed is None:
+        assert why == f"{package} not installed: pip install 'cxr-retrieval[metrics]'"
+        return
+    assert (
+        why == f"no weights at {tmp_path / 'none'}: cxr models prefetch {name} --to DIR/{name}, then --metrics-dir DIR"
+    )
+    folder = request.getfixturevalue(f"tiny_{name}") / name
+    monkeypatch.setenv(f"CXR_{name.upper()}_DIR", str(folder))
+    assert report_metrics.weights_status(name) == (True, f"weights at {folder}")
+    capsys.readouterr()
+    assert main(["models", "list", "--json"]) == 0
+    row = {r["name"]: r for r in json.loads(capsys.readouterr().out)}[name]
+    assert row["offline"] is True and row["why"] == f"weights at {folder}"

@@ -75,6 +75,29 @@ def _weights_dir(name: str, metrics_dir: str | Path | None, default: str) -> Pat
     return Path(os.environ.get(f"CXR_{name.upper()}_DIR", default))
 
 
+def weights_status(name: str) -> tuple[bool, str]:
+    """(usable offline now, why) of metric `name` with no --metrics-dir, for `cxr models list`: its library is
+    installed and its weight file is in $CXR_<NAME>_DIR or the library's cache. Imports neither library."""
+    import importlib.metadata
+    import importlib.util
+
+    from retrieval.models.bundle import CHEXBERT_FILE, RADGRAPH_MODEL
+
+    package = {"chexbert": "f1chexbert", "radgraph": "radgraph"}[name]
+    if importlib.util.find_spec(package) is None or importlib.util.find_spec("appdirs") is None:
+        return False, f"{package} not installed: {EXTRA_HINT}"
+    from appdirs import user_cache_dir
+
+    cache = user_cache_dir(name)
+    if name == "radgraph":
+        cache = os.path.join(cache, importlib.metadata.version("radgraph"))  # radgraph's own versioned cache
+    folder = _weights_dir(name, None, cache)
+    weights = folder / (CHEXBERT_FILE if name == "chexbert" else f"{RADGRAPH_MODEL}/weights.th")
+    if weights.is_file():
+        return True, f"weights at {folder}"
+    return False, f"no weights at {folder}: cxr models prefetch {name} --to DIR/{name}, then --metrics-dir DIR"
+
+
 def _missing(name: str, what: Path) -> MetricUnavailable:
     return MetricUnavailable(
         f"{name}: weights not found at {what}; fetch them with `cxr models prefetch {name} --to DIR/{name}` "

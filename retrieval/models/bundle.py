@@ -37,7 +37,7 @@ OC_CONFIG = "open_clip_config.json"
 TEXT_DIR = "text"
 # Rebuildable caches a trained folder may hold (deleting them only costs speed): not checksummed, not exported.
 CACHE_FILES = ("text_features.safetensors", "image_features.safetensors")
-SKIP_DIRS = (".cache",)  # huggingface_hub's local_dir bookkeeping
+SKIP_DIRS = (".cache",)  # huggingface_hub's local_dir bookkeeping (in every folder a download went to, e.g. text/)
 TEXT_TOWER_FILES = ["config.json"]
 TOKENIZER_FILES = ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 OPEN_CLIP_FILES = [
@@ -69,7 +69,8 @@ def _files(folder: Path) -> list[str]:
     out = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if not path.is_file() or rel.parts[0] in SKIP_DIRS or rel.as_posix() in (CHECKSUMS_FILE, *CACHE_FILES):
+        skipped = any(part in SKIP_DIRS for part in rel.parts)
+        if not path.is_file() or skipped or rel.as_posix() in (CHECKSUMS_FILE, *CACHE_FILES):
             continue
         if path.name.startswith(".") and path.name.endswith(".tmp"):  # an atomic write left behind by a kill
             continue
