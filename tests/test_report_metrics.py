@@ -484,3 +484,76 @@ def test_models_list_says_whether_metric_weights_are_there(
     assert main(["models", "list", "--json"]) == 0
     row = {r["name"]: r for r in json.loads(capsys.readouterr().out)}[name]
     assert row["offline"] is True and row["why"] == f"weights at {folder}"
+
+
+TRANSFORMERS4_RUN = r"""
+import contextlib, io, json, sys
+import transformers
+from transformers import AutoConfig, BertTokenizer
+from f1chexbert import f1chexbert as lib
+import radgraph
+from retrieval.generation import report_metrics as rm
+chexbert, radgraph_dir, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+bert = chexbert + "/bert-base-uncased"
+lib.CACHE_DIR = chexbert
+lib.AutoConfig = type("C", (), {"from_pretrained": staticmethod(lambda *a, **k: AutoConfig.from_pretrained(bert))})
+Tok = BertTokenizer
+lib.BertTokenizer = type("T", (), {"from_pretrained": staticmethod(lambda *a, **k: Tok.from_pretrained(bert))})
+scorer = lib.F1CheXbert(device="cpu")  # the library as released: its own tokenize() with encode_plus
+labels = [scorer.get_label(t.strip()) for t in texts]
+with contextlib.redirect_stdout(io.StringIO()):
+    with rm.radgraph_compat(__import__("pathlib").Path(radgraph_dir) / "bert"):  # only the local BERT path here
+        f1 = radgraph.F1RadGraph(reward_level="all", model_type="radgraph-xl", model_cache_dir=radgraph_dir, cuda=-1)
+    mean, rewards, hyp, ref = f1(refs=texts[: len(texts) // 2], hyps=texts[len(texts) // 2 :])
+native = all(hasattr(BertTokenizer, m) for m in ("encode_plus", "build_inputs_with_special_tokens"))
+out = {"mean": list(mean), "rewards": [list(r) for r in rewards], "hyp": hyp, "ref": ref}
+print(json.dumps({"transformers": transformers.__version__, "native": native, "chexbert": labels, "radgraph": out}))
+"""
+
+
+@pytest.mark.slow
+def test_same_outputs_as_the_unmodified_libraries_on_transformers_4(tiny_chexbert: Path, tiny_radgraph: Path) -> None:
+    """The libraries as released, on transformers 4 (where encode_plus exists and nothing is bridged), label and
+    annotate exactly as this module does on the installed transformers 5: CheXbert labels, RadGraph entities,
+    relations and rewards. Needs a second transformers, so it runs only where one is provided."""
+    import os
+    import subprocess
+    import sys
+
+    site = os.environ.get("CXR_TRANSFORMERS4_SITE")
+    if not site:
+        pytest.skip(
+            "set CXR_TRANSFORMERS4_SITE to a `pip install --no-deps --target DIR 'transformers<5' 'tokenizers<0.23' "
+            "'huggingface_hub<1'` folder to compare with the unmodified libraries on transformers 4"
+        )
+    texts = REFS + HYPS
+    libs = {str(Path(m.__file__).resolve().parents[1]) for m in (f1chexbert, radgraph)}
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([site, str(Path(__file__).resolve().parents[1]), *libs])}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            TRANSFORMERS4_RUN,
+            str(tiny_chexbert / "chexbert"),
+            str(tiny_radgraph / "radgraph"),
+            json.dumps(texts),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    assert theirs["transformers"].startswith("4.") and theirs["native"]
+    ours = report_metrics.CheXbertLabeler(tiny_chexbert / "chexbert").labels(texts)
+    assert [list(map(int, r)) for r in ours] == theirs["chexbert"]
+    half = len(texts) // 2
+    with report_metrics.radgraph_compat(tiny_radgraph / "radgraph" / "bert"):
+        f1 = radgraph.F1RadGraph(
+            reward_level="all", model_type="radgraph-xl", model_cache_dir=str(tiny_radgraph / "radgraph"), cuda=-1
+        )
+    mean, rewards, hyp, ref = f1(refs=texts[:half], hyps=texts[half:])
+    mine = {"mean": list(mean), "rewards": [list(r) for r in rewards], "hyp": hyp, "ref": ref}
+    assert json.loads(json.dumps(mine)) == theirs["radgraph"]
+    assert sum(len(a["entities"]) for a in hyp) > 0  # the tiny model does find entities
