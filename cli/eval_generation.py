@@ -24,7 +24,8 @@ def eval_generation_cmd(
         "default",
         "--metrics",
         help="Report metrics: default (BLEU-1..4, METEOR, ROUGE-L, CIDEr, labeler F1; offline) plus any of chexbert "
-        "(CheXbert-label F1), radgraph (RadGraph F1): pip install 'cxr-retrieval[metrics]'. ReXrank's BLEU = bleu2.",
+        "(CheXbert-label F1: micro/macro over 14 and 5 labels), radgraph (RadGraph-XL F1: simple/partial/complete): "
+        "pip install 'cxr-retrieval[metrics]'. ReXrank's BLEU = bleu2.",
     ),
     metrics_dir: Path = typer.Option(
         None, "--metrics-dir", help="Folder holding chexbert/ and radgraph/ from `cxr models prefetch NAME --to`."
@@ -36,7 +37,8 @@ def eval_generation_cmd(
     with constant, retrieval-only, no-RAG and RAG rows in one table per task."""
     from retrieval.fileio import atomic_path, write_json_atomic
     from retrieval.generation.evaluate import evaluate_generation, results_markdown
-    from retrieval.generation.metrics import BLEU_NOTE, check_report_metrics, parse_metrics, use_report_metrics
+    from retrieval.generation.metrics import BLEU_NOTE
+    from retrieval.generation.report_metrics import check_report_metrics, parse_metrics, use_report_metrics
 
     extra = parse_metrics(metrics)
     check_report_metrics(extra, metrics_dir)  # a missing library or weight: one line naming the fix, before any work

@@ -30,15 +30,17 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     for name in list_models():
         ok, why = offline_status(name)
         rows.append({"name": name, "offline": ok, "why": why, "description": resolve(name).description})
+    from retrieval.generation.report_metrics import weights_status
+
     for name, what in METRIC_WEIGHTS.items():
-        rows.append(
-            {"name": name, "offline": None, "why": "report-metric weights: prefetch --to DIR", "description": what}
-        )
+        ok, why = weights_status(name)  # report-metric weights (--metrics NAME), in their default places
+        rows.append({"name": name, "offline": ok, "why": why, "description": what})
     lines = [f"{'name':<16} {'offline':<8} description"]
     for r in rows:
-        flag = "-" if r["offline"] is None else ("yes" if r["offline"] else "no")
         desc = r["description"].split(". ")[0][:90]
-        lines.append(f"{r['name']:<16} {flag:<8} {desc}" + ("" if r["offline"] is not False else f"  [{r['why']}]"))
+        lines.append(
+            f"{r['name']:<16} {'yes' if r['offline'] else 'no':<8} {desc}" + ("" if r["offline"] else f"  [{r['why']}]")
+        )
     lines.append("also: hf-hub:ORG/REPO, local-dir:PATH, or a folder saved by `cxr train` / `cxr models prefetch`")
     _emit(rows, as_json, "\n".join(lines))
 

@@ -200,3 +200,75 @@ def test_info_and_verify_bad_input_is_one_line(tmp_path: Path, capsys: pytest.Ca
     assert code == 1 and err.startswith("error: unknown model 'no-such-model'") and err.count("\n") == 1
     code, _, err = run_cli(capsys, "models", "verify", str(tmp_path / "nope"))
     assert code == 1 and "not a folder" in err
+
+
+@pytest.mark.slow
+def test_prefetch_metric_folders_through_loopback_hub(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`cxr models prefetch chexbert|radgraph` through the real huggingface_hub client against a loopback hub (no
+    metric library needed: the files are placeholders). The checkpoints and the BERTs' config/tokenizer arrive in the
+    layout report_metrics reads, RadGraph's archive is unpacked unchanged, no BERT weights are fetched, and the
+    folders verify (also with the `.lock` file radgraph leaves in its vocabulary)."""
+    import io
+    import tarfile
+
+    from test_prefetch_loopback import LoopbackHub, _env
+
+    from retrieval.models.bundle import CHEXBERT_BERT_REPO, RRG_SCORERS
+
+    bert_id = "test-org/radgraph-bert"
+    config = json.dumps(
+        {
+            "dataset_reader": {"token_indexers": {"bert": {"model_name": bert_id}}},
+            "model": {"embedder": {"token_embedders": {"bert": {"model_name": bert_id}}}},
+        }
+    ).encode()
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name, data in {"config.json": config, "weights.th": b"w" * 100, "vocabulary/a.txt": b"x\n"}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    bert = {"config.json": b'{"model_type": "bert"}', "vocab.txt": b"[PAD]\n", "model.safetensors": b"big"}
+    repos = {
+        RRG_SCORERS: {"chexbert.pth": b"ckpt", "radgraph-xl.tar.gz": archive.getvalue(), "README.md": b"-"},
+        CHEXBERT_BERT_REPO: dict(bert),
+        bert_id: dict(bert),
+    }
+    dest = tmp_path / "metrics"
+    with LoopbackHub(repos) as hub:
+        for name in ("chexbert", "radgraph"):
+            run = subprocess.run(
+                [sys.executable, "-m", "cli.main", "models", "prefetch", name, "--to", str(dest / name)],
+                env=_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1"),
+                capture_output=True,
+                text=True,
+                timeout=240,
+                cwd=REPO,
+            )
+            assert run.returncode == 0, run.stderr[-2000:]
+        requests = list(hub.requests)
+    assert not any(r.endswith(("README.md", "model.safetensors")) for r in requests), requests
+    assert set(read_checksums(dest / "chexbert")) == {
+        "bundle.json",
+        "chexbert.pth",
+        "bert-base-uncased/config.json",
+        "bert-base-uncased/vocab.txt",
+    }
+    assert set(read_checksums(dest / "radgraph")) == {
+        "bundle.json",
+        "radgraph-xl/config.json",
+        "radgraph-xl/weights.th",
+        "radgraph-xl/vocabulary/a.txt",
+        "bert/config.json",
+        "bert/vocab.txt",
+    }
+    assert (dest / "radgraph" / "radgraph-xl" / "config.json").read_bytes() == config  # left as shipped
+    sources = json.loads((dest / "radgraph" / "bundle.json").read_text())["sources"]
+    assert [s["repo"] for s in sources] == [RRG_SCORERS, bert_id]
+    (dest / "radgraph" / "radgraph-xl" / "vocabulary" / ".lock").touch()  # what a radgraph load leaves behind
+    for name in ("chexbert", "radgraph"):
+        code, out, _ = run_cli(capsys, "models", "verify", str(dest / name))
+        assert code == 0 and out.rstrip().endswith("OK") and "not in the checksum list" not in out
+    (dest / "radgraph" / "radgraph-xl" / "weights.th").write_bytes(b"w" * 99 + b"v")
+    code, out, _ = run_cli(capsys, "models", "verify", str(dest / "radgraph"))
+    assert code == 1 and "FAIL radgraph-xl/weights.th: sha256 differs" in out

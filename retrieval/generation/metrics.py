@@ -9,11 +9,8 @@
   label overlaps it with IoU above the threshold, LiteGPT's measure) and mAP@0.5 (pycocotools COCOeval; a
   generated box's score is its rank in the answer, first = most confident).
 - Grounding: mean IoU of each ground-truth box with its best predicted box (0 when nothing was predicted).
-- Report metrics of the field, optional (`pip install 'cxr-retrieval[metrics]'`, weights through
-  `cxr models prefetch chexbert|radgraph --to DIR`): CheXbert-label F1 (f1chexbert: micro/macro over the 14 and
-  the 5 labels) and RadGraph F1 (radgraph, RadGraph-XL: simple/partial/complete). Switched on for one evaluation
-  with `use_report_metrics` (text_metrics then adds them); a missing library or weight file is a
-  `MetricUnavailable` naming the command that fetches it, never a silent skip.
+- Report metrics of the field, optional: CheXbert-label F1 and RadGraph F1 live in `report_metrics.py`; inside its
+  `use_report_metrics` block `text_metrics` adds them.
 
 Which BLEU: `bleu1`..`bleu4` are pycocoevalcap's corpus BLEU-n on lower-cased, punctuation-split text (the
 captioning papers' BLEU); ReXrank's leaderboard column "BLEU" is BLEU-2, i.e. `bleu2` here. `sacrebleu` is
@@ -23,21 +20,17 @@ sacreBLEU's corpus BLEU-4 (0-100, its own tokenizer).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import io
-import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from torchvision.ops import box_iou
 
-from retrieval.errors import CXRError
 from retrieval.generation.boxes import boxes_tensor
+from retrieval.generation.report_metrics import active_scores
 from retrieval.labels import LABELS
 
 IOU_THRESHOLDS = (0.3, 0.4, 0.5)
@@ -77,199 +70,14 @@ def text_metrics(references: Sequence[str], hypotheses: Sequence[str], meteor: b
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     out["rougeL"] = float(np.mean([scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(references, hypotheses)]))
     out["sacrebleu"] = float(BLEU().corpus_score(list(hypotheses), [list(references)]).score)
-    names, folder = _ACTIVE.get()
-    for name in names:
-        out |= REPORT_METRICS[name](references, hypotheses, folder)
+    out |= active_scores(references, hypotheses)  # CheXbert / RadGraph inside `use_report_metrics` (report_metrics.py)
     return out
 
 
-# ---- optional report metrics (the `metrics` extra) ---------------------------------------------------------
+# ---- which BLEU ------------------------------------------------------------------------------------------
 BLEU_NOTE = (
     "bleu1..bleu4: pycocoevalcap corpus BLEU-n; ReXrank's 'BLEU' is BLEU-2 (= bleu2); sacrebleu: sacreBLEU BLEU-4"
 )
-EXTRA_HINT = "pip install 'cxr-retrieval[metrics]'"
-_ACTIVE: contextvars.ContextVar[tuple[tuple[str, ...], Path | None]] = contextvars.ContextVar(
-    "report_metrics", default=((), None)
-)
-
-
-_SCORERS: dict[tuple[str, str], Any] = {}  # (metric, weights folder) -> the library's scorer, loaded once
-
-
-class MetricUnavailable(CXRError):
-    """A requested report metric cannot run here (library or weights missing); the message says how to fix it."""
-
-
-def _weights_dir(name: str, metrics_dir: str | Path | None, default: str) -> Path:
-    """Where a metric's weights live: METRICS_DIR/NAME (a `cxr models prefetch NAME --to` folder), else the
-    library's own cache folder."""
-    if metrics_dir is not None:
-        return Path(metrics_dir) / name
-    return Path(os.environ.get(f"CXR_{name.upper()}_DIR", default))
-
-
-def _missing(name: str, what: Path) -> MetricUnavailable:
-    return MetricUnavailable(
-        f"{name}: weights not found at {what}; fetch them with `cxr models prefetch {name} --to DIR/{name}` "
-        f"(on a connected machine) and pass --metrics-dir DIR"
-    )
-
-
-@contextlib.contextmanager
-def _bert_redirect(module: Any, local: Path) -> Iterator[None]:
-    """f1chexbert names its architecture and tokenizer by the hub id `bert-base-uncased`; when the prefetched
-    folder holds a copy, the library's calls read that copy instead (the rewrite open_clip #772 asks for)."""
-    saved = {k: getattr(module, k) for k in ("BertTokenizer", "AutoConfig")}
-
-    class _Redirect:
-        def __init__(self, cls: Any):
-            self.cls = cls
-
-        def from_pretrained(self, name: str, *args: Any, **kwargs: Any) -> Any:
-            return self.cls.from_pretrained(str(local) if name == "bert-base-uncased" else name, *args, **kwargs)
-
-    if local.is_dir():
-        for k, cls in saved.items():
-            setattr(module, k, _Redirect(cls))
-    try:
-        yield
-    finally:
-        for k, cls in saved.items():
-            setattr(module, k, cls)
-
-
-def _has_attr(obj: Any, name: str) -> bool:
-    try:
-        getattr(obj, name)
-    except AttributeError:
-        return False
-    return True
-
-
-def _chexbert_scorer(folder: Path) -> Any:
-    try:
-        import torch
-        from f1chexbert import f1chexbert as lib
-    except ImportError:
-        raise MetricUnavailable(f"chexbert: the f1chexbert package is not installed ({EXTRA_HINT})") from None
-    ckpt = folder / "chexbert.pth"
-    if not ckpt.is_file():
-        raise _missing("chexbert", ckpt)
-    old_cache = lib.CACHE_DIR
-    lib.CACHE_DIR = str(folder)  # read by F1CheXbert.__init__: no download when the file is there
-    try:
-        with _bert_redirect(lib, folder / "bert-base-uncased"):
-            scorer = lib.F1CheXbert(device="cpu")
-    except OSError as e:  # transformers: config/tokenizer neither local nor cached
-        raise MetricUnavailable(
-            f"chexbert: cannot load bert-base-uncased's config/tokenizer ({str(e).splitlines()[0][:200]}); "
-            "run `cxr models prefetch chexbert --to DIR/chexbert` and pass --metrics-dir DIR"
-        ) from None
-    finally:
-        lib.CACHE_DIR = old_cache
-    tok = scorer.tokenizer
-    if not _has_attr(tok, "encode_plus"):  # gone in transformers 5; f1chexbert 0.0.2 calls it: BERT's [CLS] ids [SEP]
-        object.__setattr__(
-            tok,
-            "encode_plus",
-            lambda tokens: {"input_ids": [tok.cls_token_id, *tok.convert_tokens_to_ids(tokens), tok.sep_token_id]},
-        )
-    # f1chexbert loads with strict=False: make sure the checkpoint filled every weight (no silent random labeler)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["model_state_dict"]
-    have = {k.replace("module.", "") for k in state}
-    unfilled = [k for k in scorer.model.state_dict() if k not in have and not k.endswith("position_ids")]
-    if unfilled:
-        raise MetricUnavailable(
-            f"{ckpt}: does not fill the CheXbert labeler ({len(unfilled)} weights, e.g. "
-            f"{unfilled[0]}); re-fetch it with `cxr models prefetch chexbert --to DIR/chexbert`"
-        )
-    return scorer
-
-
-def chexbert_f1(
-    references: Sequence[str], hypotheses: Sequence[str], metrics_dir: str | Path | None = None
-) -> dict[str, float]:
-    """CheXbert-label F1 (f1chexbert, ReXrank's protocol): micro/macro over the 14 CheXpert labels and over the
-    5 (Cardiomegaly, Edema, Consolidation, Atelectasis, Pleural Effusion); positive = present or uncertain."""
-    try:
-        from appdirs import user_cache_dir  # f1chexbert's own cache location
-    except ImportError:
-        raise MetricUnavailable(f"chexbert: the f1chexbert package is not installed ({EXTRA_HINT})") from None
-    folder = _weights_dir("chexbert", metrics_dir, user_cache_dir("chexbert"))
-    key = ("chexbert", str(folder))
-    if key not in _SCORERS:  # built once per process: an evaluation scores many rows
-        _SCORERS[key] = _chexbert_scorer(folder)
-    scorer = _SCORERS[key]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            accuracy, _, cr14, cr5 = scorer(hyps=list(hypotheses), refs=list(references))
-        except (ValueError, AttributeError, TypeError) as e:  # its private scikit-learn/transformers calls
-            import importlib.metadata as md
-
-            versions = ", ".join(f"{p} {md.version(p)}" for p in ("f1chexbert", "scikit-learn", "transformers"))
-            raise MetricUnavailable(
-                f"chexbert: f1chexbert failed with this environment ({versions}): {type(e).__name__}: {e}"
-            ) from None
-    out = {"chexbert_accuracy_5": float(accuracy)}
-    for tag, cr in (("14", cr14), ("5", cr5)):
-        for avg in ("micro", "macro"):
-            out[f"chexbert_{avg}_f1_{tag}"] = float(cr[f"{avg} avg"]["f1-score"])
-    return out
-
-
-def radgraph_f1(
-    references: Sequence[str], hypotheses: Sequence[str], metrics_dir: str | Path | None = None
-) -> dict[str, float]:
-    """RadGraph F1 (radgraph, RadGraph-XL): entity (simple), entity+relation partial and complete rewards."""
-    try:
-        import radgraph
-        from radgraph import F1RadGraph
-    except ImportError:
-        raise MetricUnavailable(f"radgraph: the radgraph package is not installed ({EXTRA_HINT})") from None
-    from retrieval.models.bundle import RADGRAPH_MODEL
-
-    folder = _weights_dir("radgraph", metrics_dir, radgraph.radgraph.CACHE_DIR)  # the library's versioned cache
-    if not (folder / RADGRAPH_MODEL / "weights.th").is_file():
-        raise _missing("radgraph", folder / RADGRAPH_MODEL)
-    with contextlib.redirect_stdout(io.StringIO()):  # the library prints its device
-        key = ("radgraph", str(folder))
-        if key not in _SCORERS:
-            _SCORERS[key] = F1RadGraph(
-                reward_level="all", model_type=RADGRAPH_MODEL, model_cache_dir=str(folder), cuda=-1
-            )
-        mean, *_ = _SCORERS[key](refs=list(references), hyps=list(hypotheses))
-    simple, partial, complete = (float(x) for x in mean)
-    return {"radgraph_simple": simple, "radgraph_partial": partial, "radgraph_complete": complete}
-
-
-REPORT_METRICS = {"chexbert": chexbert_f1, "radgraph": radgraph_f1}
-
-
-def parse_metrics(spec: str | None) -> tuple[str, ...]:
-    """`--metrics default,chexbert,radgraph` -> the optional ones requested (default = BLEU/ROUGE/METEOR/CIDEr +
-    labeler F1, always computed). Unknown names are a MetricUnavailable listing the known ones."""
-    names = [n.strip().lower() for n in (spec or "default").split(",") if n.strip()]
-    bad = [n for n in names if n not in ("default", *REPORT_METRICS)]
-    if bad:
-        raise MetricUnavailable(f"unknown metric {bad[0]!r}; known: default, {', '.join(REPORT_METRICS)}")
-    return tuple(n for n in dict.fromkeys(names) if n != "default")
-
-
-def check_report_metrics(names: Sequence[str], metrics_dir: str | Path | None = None) -> None:
-    """Fail before a long evaluation when a requested metric cannot run (one line naming the fix)."""
-    for name in names:
-        REPORT_METRICS[name](["No acute cardiopulmonary process."], ["No acute cardiopulmonary process."], metrics_dir)
-
-
-@contextlib.contextmanager
-def use_report_metrics(names: Sequence[str], metrics_dir: str | Path | None = None) -> Iterator[None]:
-    """Within the block, every `text_metrics` call (so each report row of an evaluation) adds these metrics."""
-    token = _ACTIVE.set((tuple(names), Path(metrics_dir) if metrics_dir else None))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
 
 
 def multilabel_prf(

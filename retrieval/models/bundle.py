@@ -37,7 +37,7 @@ OC_CONFIG = "open_clip_config.json"
 TEXT_DIR = "text"
 # Rebuildable caches a trained folder may hold (deleting them only costs speed): not checksummed, not exported.
 CACHE_FILES = ("text_features.safetensors", "image_features.safetensors")
-SKIP_DIRS = (".cache",)  # huggingface_hub's local_dir bookkeeping
+SKIP_DIRS = (".cache",)  # huggingface_hub's local_dir bookkeeping (in every folder a download went to, e.g. text/)
 TEXT_TOWER_FILES = ["config.json"]
 TOKENIZER_FILES = ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 OPEN_CLIP_FILES = [
@@ -51,12 +51,15 @@ PREFETCH_HINT = "cxr models prefetch {name} --to DIR"
 # Weights of the report metrics (retrieval.generation.metrics), fetched like models.
 RRG_SCORERS = "StanfordAIMI/RRG_scorers"
 CHEXBERT_FILE = "chexbert.pth"
-CHEXBERT_BERT = "bert-base-uncased"  # the tokenizer and architecture f1chexbert builds its labeler from
+CHEXBERT_BERT = "bert-base-uncased"  # the tokenizer and architecture f1chexbert builds its labeler from (folder name)
+CHEXBERT_BERT_REPO = "google-bert/bert-base-uncased"  # its hub repo today (the old id redirects there)
 RADGRAPH_MODEL = "radgraph-xl"
+RADGRAPH_BERT_DIR = "bert"  # config + tokenizer of the BERT its config.json names (weights.th holds the weights)
 METRIC_WEIGHTS = {
-    "chexbert": f"CheXbert labeler ({RRG_SCORERS}/{CHEXBERT_FILE} + {CHEXBERT_BERT} config and tokenizer), "
+    "chexbert": f"CheXbert labeler ({RRG_SCORERS}/{CHEXBERT_FILE} + {CHEXBERT_BERT_REPO} config and tokenizer), "
     "for CheXbert-label F1",
-    "radgraph": f"RadGraph-XL ({RRG_SCORERS}/{RADGRAPH_MODEL}.tar.gz + its BERT), for RadGraph F1",
+    "radgraph": f"RadGraph-XL ({RRG_SCORERS}/{RADGRAPH_MODEL}.tar.gz + its BERT's config and tokenizer), "
+    "for RadGraph F1",
 }
 
 
@@ -66,9 +69,12 @@ def _files(folder: Path) -> list[str]:
     out = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if not path.is_file() or rel.parts[0] in SKIP_DIRS or rel.as_posix() in (CHECKSUMS_FILE, *CACHE_FILES):
+        skipped = any(part in SKIP_DIRS for part in rel.parts)
+        if not path.is_file() or skipped or rel.as_posix() in (CHECKSUMS_FILE, *CACHE_FILES):
             continue
         if path.name.startswith(".") and path.name.endswith(".tmp"):  # an atomic write left behind by a kill
+            continue
+        if path.name == ".lock":  # radgraph's vocabulary lock file, created on every load
             continue
         out.append(rel.as_posix())
     return out
@@ -387,7 +393,7 @@ def prefetch_chexbert(to: Path) -> Path:
     sources = [{"repo": RRG_SCORERS, "commit": _download(RRG_SCORERS, to, [CHEXBERT_FILE]), "files": [CHEXBERT_FILE]}]
     files = TEXT_TOWER_FILES + TOKENIZER_FILES
     sources.append(
-        {"repo": CHEXBERT_BERT, "commit": _download(CHEXBERT_BERT, to / CHEXBERT_BERT, files), "files": files}
+        {"repo": CHEXBERT_BERT_REPO, "commit": _download(CHEXBERT_BERT_REPO, to / CHEXBERT_BERT, files), "files": files}
     )
     _write_bundle(to, "chexbert", sources)
     write_checksums(to)
@@ -395,8 +401,9 @@ def prefetch_chexbert(to: Path) -> Path:
 
 
 def prefetch_radgraph(to: Path, model_type: str = RADGRAPH_MODEL) -> Path:
-    """RadGraph's archive, unpacked as the `radgraph` package expects it (`to/<model_type>/`), plus the BERT it
-    names, with its config.json pointed at that local copy (the same rewrite open_clip folders need)."""
+    """RadGraph's archive, unpacked as the `radgraph` package expects it (`to/<model_type>/`, left as shipped),
+    plus the config and tokenizer of the BERT its config.json names, in `to/bert/` (report_metrics reads them from
+    there; the BERT's weights are in weights.th, so none are downloaded)."""
     to.mkdir(parents=True, exist_ok=True)
     archive = f"{model_type}.tar.gz"
     sources = [{"repo": RRG_SCORERS, "commit": _download(RRG_SCORERS, to, [archive]), "files": [archive]}]
@@ -405,15 +412,10 @@ def prefetch_radgraph(to: Path, model_type: str = RADGRAPH_MODEL) -> Path:
     with tarfile.open(to / archive, "r:gz") as tar:
         tar.extractall(model_dir, filter="data")
     (to / archive).unlink()
-    cfg_path = model_dir / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     bert_name = cfg["model"]["embedder"]["token_embedders"]["bert"]["model_name"]
-    bert_dir = to / "bert"
-    files = TEXT_TOWER_FILES + TOKENIZER_FILES + ["*.safetensors", "pytorch_model.bin"]
-    sources.append({"repo": bert_name, "commit": _download(bert_name, bert_dir, files), "files": files})
-    cfg["model"]["embedder"]["token_embedders"]["bert"]["model_name"] = str(bert_dir.resolve())
-    cfg["dataset_reader"]["token_indexers"]["bert"]["model_name"] = str(bert_dir.resolve())
-    write_json_atomic(cfg_path, cfg)
+    files = TEXT_TOWER_FILES + TOKENIZER_FILES
+    sources.append({"repo": bert_name, "commit": _download(bert_name, to / RADGRAPH_BERT_DIR, files), "files": files})
     _write_bundle(to, "radgraph", sources)
     write_checksums(to)
     return to
