@@ -41,6 +41,24 @@ LABELS: list[str] = [
 ]
 NO_FINDING = "No Finding"
 
+# The anatomy the demo phantom draws and boxes (`anatomy:<name>` in the demo corpus), in the order it boxes them.
+ANATOMY: tuple[str, ...] = (
+    "Right Lung",
+    "Left Lung",
+    "Heart",
+    "Mediastinum",
+    "Aortic Arch",
+    "Trachea",
+    "Spine",
+    "Right Clavicle",
+    "Left Clavicle",
+    "Right Costophrenic Angle",
+    "Right Hemidiaphragm",
+    "Left Costophrenic Angle",
+    "Left Hemidiaphragm",
+)
+ANATOMY_PREFIX = "anatomy:"
+
 
 def is_abnormal(labels: Iterable[str]) -> bool:
     """True when any label other than `No Finding` is present."""
@@ -179,11 +197,16 @@ _RANK = {"negative": 0, "uncertain": 1, "positive": 2}
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
     """Lower-case, squash whitespace, drop de-identification tokens."""
     text = text.lower().replace("x-xxxx", "x-ray")
     text = re.sub(r"\bxxxx\b", " ", text)
     return re.sub(r"\s+", " ", text).strip()
+
+
+def sentences(text: str | None) -> list[str]:
+    """The cleaned (`clean_text`) sentences of a report, as the labeler reads them."""
+    return _SENT_SPLIT.split(clean_text(text or ""))
 
 
 def _clause_start(sentence: str, pos: int) -> int:
@@ -228,7 +251,7 @@ def label_sentence(sentence: str) -> dict[str, str]:
 def label_report_detailed(text: str) -> dict[str, str]:
     """Per label mentioned in `text`: 'positive', 'uncertain' or 'negative' (the strongest over sentences)."""
     out: dict[str, str] = {}
-    for sentence in _SENT_SPLIT.split(_clean(text or "")):
+    for sentence in sentences(text):
         for label, status in label_sentence(sentence).items():
             if label not in out or _RANK[status] > _RANK[out[label]]:
                 out[label] = status
