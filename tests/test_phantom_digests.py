@@ -17,8 +17,8 @@ import json
 import pytest
 
 from retrieval.data import phantom
-from retrieval.data.demo import read_iu_reports, study_seed
-from retrieval.data.importers.iu_xray import builtin_reports_path
+from retrieval.data.demo import study_seed
+from retrieval.data.importers.iu_xray import builtin_reports_path, read_iu_reports, report_text
 
 DIGESTS = """
 CXR1@192 4f7214d9dbb50eaebccfc55715dc7a82b8d2ed1d5a6d223e08c10e3b714b2bca
@@ -384,8 +384,7 @@ def test_rendering_is_byte_identical_to_the_recorded_digests():
     for key, digest in want.items():
         study, size = key.split("@")
         r = reports[study]
-        text = " ".join(x for x in (r["findings"], r["impression"]) if x)
-        ph = phantom.render_phantom(text, size=int(size), seed=study_seed(0, study))
+        ph = phantom.render_phantom(report_text(r), size=int(size), seed=study_seed(0, study))
         if phantom_digest(ph) != digest:
             wrong.append(key)
     assert not wrong, f"{len(wrong)} of {len(want)} phantoms changed: {wrong[:10]}"
