@@ -121,6 +121,7 @@ def vessels(seed: int, X, Y, A: Anatomy, eps: float) -> np.ndarray:
     vr = stream(seed, "vessels")
     paths = []
     hila = {}
+    ts = np.linspace(0, 1, 7)
     for side, sg in (("right", -1), ("left", 1)):
         hx, hy = A.m + sg * 0.1, A.heart[1] - A.heart[3] * 0.9
         hila[side] = (hx, hy)
@@ -128,7 +129,6 @@ def vessels(seed: int, X, Y, A: Anatomy, eps: float) -> np.ndarray:
             ang = vr.uniform(-0.5 * np.pi, 0.6 * np.pi)  # from up-lateral to down-lateral
             r0 = vr.uniform(0.02, 0.06)
             length = vr.uniform(0.1, 0.3)
-            ts = np.linspace(0, 1, 7)
             bend = vr.normal(0, 0.04)
             xs = hx + sg * np.cos(ang) * (r0 + length * ts) + bend * ts**2 * sg
             ys = hy - np.sin(ang) * (r0 + length * ts) * 0.9

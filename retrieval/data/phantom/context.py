@@ -2,7 +2,8 @@
 
 A drawer is `draw(f, rng, ctx) -> density | None`: it adds the finding's box(es) to `ctx.boxes`, may dim
 `ctx.lung_vessels` in place, and returns the density it adds (None when the finding is drawn by the anatomy's
-geometry, e.g. cardiomegaly). `rng` is the finding's own random stream. Register one with `@drawer("Name", ...)`.
+geometry, e.g. cardiomegaly). `rng` is the finding's own random stream. Register one with `@drawer("Name", ...)`;
+most findings are drawn on one lung or both, so their drawers draw one side (`@drawer("Name", per_side=True)`).
 """
 
 from __future__ import annotations
@@ -40,18 +41,34 @@ class DrawContext:
 
 
 Drawer = Callable[[Finding, np.random.Generator, DrawContext], "np.ndarray | None"]
+SideDrawer = Callable[[Finding, np.random.Generator, DrawContext, str], np.ndarray]
 DRAWERS: dict[str, Drawer] = {}
 
 
-def drawer(*names: str) -> Callable[[Drawer], Drawer]:
-    """Register the decorated function as the drawer of the findings `names`."""
+def drawer(*names: str, per_side: bool = False, default: Callable[[np.random.Generator], str] | str | None = None):
+    """Register the decorated function as the drawer of the findings `names`.
 
-    def register(fn: Drawer) -> Drawer:
+    With `per_side`, the function draws one side, `draw(f, rng, ctx, side) -> density`, and the registered drawer
+    sums it over the sides the finding is on (`sides(f, rng, default)`; a callable `default` is called with the
+    finding's stream first)."""
+
+    def register(fn):
+        draw = _summed_over_sides(fn, default) if per_side else fn
         for name in names:
-            DRAWERS[name] = fn
+            DRAWERS[name] = draw
         return fn
 
     return register
+
+
+def _summed_over_sides(draw_side: SideDrawer, default) -> Drawer:
+    def draw(f: Finding, rng: np.random.Generator, ctx: DrawContext) -> np.ndarray:
+        out = np.zeros_like(ctx.X)
+        for side in sides(f, rng, default(rng) if callable(default) else default):
+            out += draw_side(f, rng, ctx, side)
+        return out
+
+    return draw
 
 
 def sides(f: Finding, rng: np.random.Generator, default: str | None = None) -> list[str]:

@@ -18,7 +18,9 @@ def stream(seed: int, *keys: Any) -> np.random.Generator:
 
 def sig(z: np.ndarray, eps: float) -> np.ndarray:
     """A soft step from 0 to 1 over about 2*eps around z = 0 (a clipped ramp: cheap, and smooth enough)."""
-    return np.clip(z * (0.5 / eps) + 0.5, 0.0, 1.0)
+    out = z * (0.5 / eps)
+    out += 0.5  # in place: the same arithmetic as `clip(z * k + 0.5)` without two temporaries
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def window(X: np.ndarray, Y: np.ndarray, x0: float, x1: float, y0: float, y1: float) -> tuple[slice, slice]:
@@ -63,12 +65,13 @@ def dist(X: np.ndarray, Y: np.ndarray, polylines: list[tuple[np.ndarray, np.ndar
         return out
     lens = [len(p[0]) for p in polylines]
     col, row = to_pixels(X, Y, np.concatenate([p[0] for p in polylines]), np.concatenate([p[1] for p in polylines]))
+    steps = np.hypot(np.diff(col), np.diff(row))  # all at once; the steps between two polylines go unused
     cc_all, rr_all = [], []
     start = 0
     for n in lens:
         c, r = col[start : start + n], row[start : start + n]
+        arc = np.concatenate([[0.0], np.cumsum(steps[start : start + n - 1])])
         start += n
-        arc = np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(c), np.diff(r)))])
         t = np.arange(0.0, arc[-1] + 0.34, 0.34)  # a third of a pixel apart
         cc_all.append(np.interp(t, arc, c))
         rr_all.append(np.interp(t, arc, r))
@@ -108,8 +111,10 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float)
     return (up - up.mean()) / (up.std() + 1e-6)
 
 
-def box_from(mask: np.ndarray, thr: float = 0.25) -> tuple[float, float, float, float] | None:
-    """Normalised bounding box of mask > thr * max (None when empty)."""
+def box_from(mask: np.ndarray, thr: float = 0.25, grow: int = 0) -> tuple[float, float, float, float] | None:
+    """Normalised bounding box of mask > thr * max (None when empty), grown by `grow` pixels on each side within
+    the image: the box of `ndimage.binary_dilation(on, iterations=grow)` (the cross moves each extreme one pixel
+    out per step), without the dilation."""
     m = float(mask.max())
     if m <= 1e-6:
         return None
@@ -118,12 +123,15 @@ def box_from(mask: np.ndarray, thr: float = 0.25) -> tuple[float, float, float, 
     if len(rows) == 0:
         return None
     h, w = mask.shape
-    return (float(cols[0] / w), float(rows[0] / h), float((cols[-1] + 1) / w), float((rows[-1] + 1) / h))
+    r0, r1 = max(0, rows[0] - grow), min(h - 1, rows[-1] + grow)
+    c0, c1 = max(0, cols[0] - grow), min(w - 1, cols[-1] + grow)
+    return (float(c0 / w), float(r0 / h), float((c1 + 1) / w), float((r1 + 1) / h))
 
 
-def add_box(boxes: list[dict[str, Any]], name: str, mask: np.ndarray, thr: float = 0.25) -> None:
-    """Append the box of mask > thr * max, labelled `name`, rounded to 4 decimals (nothing when empty)."""
-    b = box_from(mask, thr)
+def add_box(boxes: list[dict[str, Any]], name: str, mask: np.ndarray, thr: float = 0.25, grow: int = 0) -> None:
+    """Append the box of mask > thr * max (`box_from`), labelled `name`, rounded to 4 decimals (nothing when
+    empty)."""
+    b = box_from(mask, thr, grow)
     if b is not None and b[2] > b[0] and b[3] > b[1]:
         boxes.append(
             {

@@ -122,8 +122,7 @@ def _lung_base_boxes(lung: np.ndarray, side: str) -> dict[str, dict[str, Any]]:
     # the hemidiaphragm: the lung's lower border (lung pixels with no lung below), in the lung's lower half
     floor = lung & ~np.vstack([lung[1:], np.zeros((1, lung.shape[1]), bool)])
     floor[: int((ys.min() + ys.max()) / 2)] = False
-    near = ndimage.binary_dilation(floor, iterations=max(1, floor.shape[0] // 64))  # grown by a few pixels
-    add_box(boxes, f"{side.capitalize()} Hemidiaphragm", near.astype(np.float32), 0.5)
+    add_box(boxes, f"{side.capitalize()} Hemidiaphragm", floor, 0.5, grow=max(1, S // 64))  # grown a few pixels
     return {b["label"]: b for b in boxes}
 
 

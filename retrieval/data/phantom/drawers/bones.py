@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval.data.phantom.context import DrawContext, drawer, sides
+from retrieval.data.phantom.context import DrawContext, drawer
 from retrieval.data.phantom.geometry import add_box, band, ellipse
 from retrieval.data.phantom.parse import Finding
 
@@ -28,19 +28,16 @@ def degenerative_spine(f: Finding, rng: np.random.Generator, ctx: DrawContext) -
     return out
 
 
-@drawer("Rib Fracture")
-def rib_fracture(f: Finding, rng: np.random.Generator, ctx: DrawContext) -> np.ndarray:
+@drawer("Rib Fracture", per_side=True)
+def rib_fracture(f: Finding, rng: np.random.Generator, ctx: DrawContext, side: str) -> np.ndarray:
     """A healing fracture: a bright callus on the rib around a thin lucent fracture line."""
     X, Y, eps = ctx.X, ctx.Y, ctx.eps
-    out = np.zeros_like(X)
-    for side in sides(f, rng):
-        k = int(rng.integers(3, 8))
-        xs, ys = ctx.rib_paths[(side, k)]
-        j = int(rng.integers(5, 9))
-        px, py = xs[j], ys[j]
-        on_rib = band(X, Y, xs, ys, 0.016, eps)
-        callus = ellipse(X, Y, px, py, 0.016, 0.016, eps) * on_rib
-        gap = ellipse(X, Y, px, py, 0.006, 0.02, eps) * band(X, Y, xs, ys, 0.01, eps)
-        out += 0.42 * callus - 0.18 * gap
-        add_box(ctx.boxes, f.name, ellipse(X, Y, px, py, 0.02, 0.02, eps), 0.5)
-    return out
+    k = int(rng.integers(3, 8))
+    xs, ys = ctx.rib_paths[(side, k)]
+    j = int(rng.integers(5, 9))
+    px, py = xs[j], ys[j]
+    on_rib = band(X, Y, xs, ys, 0.016, eps)
+    callus = ellipse(X, Y, px, py, 0.016, 0.016, eps) * on_rib
+    gap = ellipse(X, Y, px, py, 0.006, 0.02, eps) * band(X, Y, xs, ys, 0.01, eps)
+    add_box(ctx.boxes, f.name, ellipse(X, Y, px, py, 0.02, 0.02, eps), 0.5)
+    return 0.42 * callus - 0.18 * gap
