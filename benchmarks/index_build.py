@@ -31,7 +31,7 @@ from benchmarks.common import markdown_table, synthetic_radiographs, write_resul
 
 
 def make_manifest(paths: list[str], out: Path) -> Path:
-    from retrieval.data.demo import read_iu_reports
+    from retrieval.data.importers.iu_xray import read_iu_reports
     from retrieval.data.manifest import normalize_manifest, write_manifest
 
     reports = [r.get("report") or r.get("findings") or "" for r in read_iu_reports()]

@@ -26,8 +26,11 @@ def demo_cmd(
     port: int = typer.Option(8000, "--port", help="With --serve: the port."),
 ) -> None:
     """Build the demo corpus, train cxr-small, index it, query a held-out abnormal image, and draft its report."""
+    from cli.quiet import quiet_transformers
     from retrieval.demo_pipeline import DEFAULT_WORKDIR, run_demo
     from retrieval.progress import console as err_console
+
+    quiet_transformers()
 
     t0 = time.perf_counter()
     res = run_demo(

@@ -19,9 +19,11 @@ def generate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Generate for one image; the output names the exemplar studies the prompt carried."""
+    from cli.quiet import quiet_transformers
     from retrieval.errors import UsageError
     from retrieval.generation.generate import generate_for_image
 
+    quiet_transformers()
     if k < 0:
         raise UsageError("-k must be >= 0")
     if k > 0 and index is None:

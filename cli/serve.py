@@ -31,8 +31,11 @@ def serve(
     """Load everything once, then serve until interrupted (also called by `cxr demo --serve`)."""
     import logging
 
+    from cli.quiet import quiet_transformers
     from retrieval.errors import UsageError
     from retrieval.serve.service import ServeConfig, ServeService, default_workers
+
+    quiet_transformers()
 
     try:
         import uvicorn

@@ -47,10 +47,12 @@ def vlm_train_cmd(
     """Train the multi-task VLM on the manifest's train split, with exemplars retrieved from --index."""
     import torch
 
+    from cli.quiet import quiet_transformers
     from retrieval.data.manifest import gate_manifest
     from retrieval.errors import UsageError
     from retrieval.generation.train import VLMTrainConfig, train_vlm
 
+    quiet_transformers()
     if threads:
         torch.set_num_threads(threads)
     if rag_k < 0 or steps < 1 or batch_size < 1:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from retrieval.labels import LABELS, NO_FINDING
+from retrieval.labels import LABELS, NO_FINDING, abnormal_rows
 
 KS: tuple[int, ...] = (1, 5, 10)
 DIRECTIONS: tuple[str, ...] = ("image->report", "report->image", "image->image")
@@ -393,10 +393,7 @@ def evaluate_retrieval(
 
 def abnormal_of(items: SplitItems) -> np.ndarray:
     """(I,) bool: the image's label set has a label other than "No Finding"."""
-    no_finding = items.label_names.index(NO_FINDING)
-    others = np.ones(items.image_labels.shape[1], dtype=bool)
-    others[no_finding] = False
-    return items.image_labels[:, others].any(axis=1)
+    return abnormal_rows(items.image_labels, items.label_names.index(NO_FINDING))
 
 
 DEFINITIONS: dict[str, str] = {

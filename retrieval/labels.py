@@ -10,16 +10,18 @@ our own small regular-expression rules, so it needs no parser or model:
   "borderline"...). Uncertain mentions are not positive (the "U-zeros" policy), negated ones are not either;
 * `["No Finding"]` is returned when no label is positive.
 
-`labels_from_mesh` maps the Open-I (IU X-ray) MeSH terms to the same vocabulary; `evaluate_iu` measures the
-text labeler against those MeSH-implied labels on every IU report
-(`python -m retrieval.labels --evaluate-iu`).
+`labels_from_mesh` maps the Open-I (IU X-ray) MeSH terms to the same vocabulary; `benchmarks/labeler_iu.py`
+measures the text labeler against those MeSH-implied labels on every IU report.
+
+A leaf module: it imports nothing from the project, so every other module may import it. It also names the
+anatomy the demo phantom draws (`ANATOMY`) and the one definition of "abnormal" (`is_abnormal`, and
+`abnormal_rows` for a multi-hot label matrix).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 LABELS: list[str] = [
@@ -41,10 +43,35 @@ LABELS: list[str] = [
 ]
 NO_FINDING = "No Finding"
 
+# The anatomy the demo phantom draws and boxes (`anatomy:<name>` in the demo corpus), in the order it boxes them.
+ANATOMY: tuple[str, ...] = (
+    "Right Lung",
+    "Left Lung",
+    "Heart",
+    "Mediastinum",
+    "Aortic Arch",
+    "Trachea",
+    "Spine",
+    "Right Clavicle",
+    "Left Clavicle",
+    "Right Costophrenic Angle",
+    "Right Hemidiaphragm",
+    "Left Costophrenic Angle",
+    "Left Hemidiaphragm",
+)
+ANATOMY_PREFIX = "anatomy:"
+
 
 def is_abnormal(labels: Iterable[str]) -> bool:
     """True when any label other than `No Finding` is present."""
     return any(label != NO_FINDING for label in labels)
+
+
+def abnormal_rows(label_matrix: Any, no_finding_column: int = 0) -> Any:
+    """`is_abnormal` for each row of a (B, L) multi-hot matrix (numpy or torch) whose column `no_finding_column`
+    is No Finding: (B,) bool, True where any other column is set."""
+    others = [c for c in range(label_matrix.shape[1]) if c != no_finding_column]
+    return label_matrix[:, others].any(1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,11 +206,16 @@ _RANK = {"negative": 0, "uncertain": 1, "positive": 2}
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
     """Lower-case, squash whitespace, drop de-identification tokens."""
     text = text.lower().replace("x-xxxx", "x-ray")
     text = re.sub(r"\bxxxx\b", " ", text)
     return re.sub(r"\s+", " ", text).strip()
+
+
+def sentences(text: str | None) -> list[str]:
+    """The cleaned (`clean_text`) sentences of a report, as the labeler reads them."""
+    return _SENT_SPLIT.split(clean_text(text or ""))
 
 
 def _clause_start(sentence: str, pos: int) -> int:
@@ -228,7 +260,7 @@ def label_sentence(sentence: str) -> dict[str, str]:
 def label_report_detailed(text: str) -> dict[str, str]:
     """Per label mentioned in `text`: 'positive', 'uncertain' or 'negative' (the strongest over sentences)."""
     out: dict[str, str] = {}
-    for sentence in _SENT_SPLIT.split(_clean(text or "")):
+    for sentence in sentences(text):
         for label, status in label_sentence(sentence).items():
             if label not in out or _RANK[status] > _RANK[out[label]]:
                 out[label] = status
@@ -323,103 +355,3 @@ def labels_from_mesh(mesh_terms: Iterable[str]) -> list[str]:
         elif head == "mediastinum" and quals & {"enlarged", "prominent", "widened", "wide"}:
             found.add("Enlarged Cardiomediastinum")
     return [label for label in LABELS if label in found] or [NO_FINDING]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Evaluation against the IU X-ray MeSH terms
-# ----------------------------------------------------------------------------------------------------
-def score_labels(truth: list[list[str]], pred: list[list[str]]) -> dict[str, Any]:
-    """Per-label precision, recall, F1 and support (true count), plus micro and macro averages.
-
-    Macro averages over labels with support > 0; micro pools all labels (No Finding included).
-    """
-    rows: dict[str, dict[str, float]] = {}
-    tp_all = fp_all = fn_all = 0
-    for label in LABELS:
-        tp = sum(label in t and label in p for t, p in zip(truth, pred, strict=True))
-        fp = sum(label not in t and label in p for t, p in zip(truth, pred, strict=True))
-        fn = sum(label in t and label not in p for t, p in zip(truth, pred, strict=True))
-        prec = tp / (tp + fp) if tp + fp else 0.0
-        rec = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        rows[label] = {"precision": prec, "recall": rec, "f1": f1, "support": tp + fn, "predicted": tp + fp}
-        tp_all, fp_all, fn_all = tp_all + tp, fp_all + fp, fn_all + fn
-    mp = tp_all / (tp_all + fp_all) if tp_all + fp_all else 0.0
-    mr = tp_all / (tp_all + fn_all) if tp_all + fn_all else 0.0
-    present = [r for r in rows.values() if r["support"] > 0]
-    return {
-        "per_label": rows,
-        "micro": {"precision": mp, "recall": mr, "f1": 2 * mp * mr / (mp + mr) if mp + mr else 0.0},
-        "macro": {k: sum(r[k] for r in present) / len(present) for k in ("precision", "recall", "f1")},
-        "n_reports": len(truth),
-    }
-
-
-def evaluate_iu(src: str | None = None) -> dict[str, Any]:
-    """Score `label_report` (findings + impression) against `labels_from_mesh` on IU reports with text."""
-    from retrieval.data.demo import read_iu_reports
-
-    truth, pred = [], []
-    for r in read_iu_reports(src or "builtin"):
-        text = " ".join(x for x in (r["findings"], r["impression"]) if x)
-        if not text.strip() or not r["mesh"] or r["mesh"] == ["No Indexing"]:
-            continue
-        truth.append(labels_from_mesh(r["mesh"]))
-        pred.append(label_report(text))
-    return score_labels(truth, pred)
-
-
-def format_scores_markdown(scores: dict[str, Any], command: str) -> str:
-    """A markdown table of `score_labels` output, with the command that made it."""
-    lines = [
-        "# Report labeler vs IU X-ray MeSH-implied labels",
-        "",
-        f"Made by `{command}` on {scores['n_reports']} IU X-ray reports (findings + impression text;",
-        "reports without text or MeSH indexing skipped). Truth = `labels_from_mesh(MeSH major terms)`;",
-        "prediction = `label_report(text)`. Uncertain mentions count as negative on both sides.",
-        "",
-        "| label | precision | recall | F1 | support | predicted |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for label, r in scores["per_label"].items():
-        lines.append(
-            f"| {label} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} | "
-            f"{r['predicted']} |"
-        )
-    for name in ("micro", "macro"):
-        r = scores[name]
-        lines.append(f"| **{name}** | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | | |")
-    return "\n".join(lines) + "\n"
-
-
-def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from retrieval.fileio import atomic_path, write_json_atomic
-
-    ap = argparse.ArgumentParser(prog="python -m retrieval.labels", description=__doc__.splitlines()[0])
-    ap.add_argument("--evaluate-iu", action="store_true", help="score the labeler on every IU X-ray report")
-    ap.add_argument(
-        "--src", default=None, help="NLMCXR_reports.tgz (default: the copy inside torchxrayvision)"
-    )
-    ap.add_argument("--out", default="benchmarks/results/labeler_iu", help="output stem (.md and .json)")
-    ap.add_argument("text", nargs="*", help="report text to label")
-    args = ap.parse_args(argv)
-    if args.evaluate_iu:
-        scores = evaluate_iu(args.src)
-        command = "python -m retrieval.labels --evaluate-iu"
-        scores["command"] = command
-        md = format_scores_markdown(scores, command)
-        write_json_atomic(Path(args.out).with_suffix(".json"), scores)
-        with atomic_path(Path(args.out).with_suffix(".md")) as tmp:
-            tmp.write_text(md)
-        print(md)
-    elif args.text:
-        print(label_report(" ".join(args.text)))
-    else:
-        ap.print_help()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

@@ -27,7 +27,7 @@ from open_clip.loss import ClipLoss
 from pytorch_metric_learning.losses import SupConLoss
 from torch import nn
 
-from retrieval.labels import LABELS, NO_FINDING
+from retrieval.labels import LABELS, NO_FINDING, abnormal_rows
 
 POSITIVE_RULES = ("same-set", "binary", "overlap")
 # Chosen by benchmarks/retrieval_ablation.py: `binary` had the best image->report label mAP on the demo corpus
@@ -57,9 +57,7 @@ def multi_hot(label_lists: Sequence[Sequence[str]], vocabulary: Sequence[str] = 
 
 def abnormal_targets(label_matrix: torch.Tensor, no_finding_column: int = 0) -> torch.Tensor:
     """(B,) float: 1 where any label other than "No Finding" is set."""
-    others = torch.ones(label_matrix.shape[1], dtype=torch.bool, device=label_matrix.device)
-    others[no_finding_column] = False
-    return label_matrix[:, others].any(dim=1).float()
+    return abnormal_rows(label_matrix, no_finding_column).float()
 
 
 def positive_mask(label_matrix: torch.Tensor, rule: str) -> torch.Tensor:

@@ -23,3 +23,17 @@ def test_console_script_exit_code():
     cmd = [sys.executable, "-m", "cli.main", "data", "import", "--help"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_quiet_transformers_turns_its_progress_bars_off():
+    from transformers.utils import logging as hf_logging
+
+    from cli.quiet import quiet_transformers
+
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        quiet_transformers()
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.data.demo import INFO_NAME, MANIFEST_NAME, build_demo_corpus, read_iu_reports
+from retrieval.data.demo import INFO_NAME, MANIFEST_NAME, build_demo_corpus
+from retrieval.data.importers.iu_xray import read_iu_reports
 from retrieval.data.manifest import read_manifest, validate_manifest
 from retrieval.labels import LABELS
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from benchmarks.labeler_iu import score_labels
 from retrieval.labels import (
     LABELS,
     NO_FINDING,
+    abnormal_rows,
     is_abnormal,
     label_report,
     labels_from_mesh,
-    score_labels,
 )
 
 
@@ -81,6 +82,15 @@ def test_is_abnormal():
     assert is_abnormal([NO_FINDING, "Fracture"])
 
 
+def test_abnormal_rows_agrees_with_is_abnormal_on_numpy_and_torch():
+    sets = [[NO_FINDING], [], ["Cardiomegaly"], [NO_FINDING, "Fracture"], ["Tuberculosis"]]
+    matrix = np.array([[label in s for label in LABELS] for s in sets])
+    want = [is_abnormal(s) for s in sets]
+    assert abnormal_rows(matrix).tolist() == want
+    torch = pytest.importorskip("torch")
+    assert abnormal_rows(torch.from_numpy(matrix)).tolist() == want
+
+
 @pytest.mark.parametrize(
     "mesh, expected",
     [
@@ -129,8 +139,8 @@ def test_score_labels_matches_sklearn():
 
 @pytest.fixture(scope="module")
 def iu_scores():
+    from benchmarks.labeler_iu import evaluate_iu
     from retrieval.data.importers.iu_xray import builtin_reports_path
-    from retrieval.labels import evaluate_iu
 
     if not builtin_reports_path().is_file():
         pytest.skip("torchxrayvision's NLMCXR_reports.tgz is not installed")

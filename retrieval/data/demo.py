@@ -21,10 +21,8 @@ existing corpus at once.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -34,31 +32,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from retrieval.data.importers.iu_xray import read_iu_reports, report_text
+
 DEMO_VERSION = 1
 INFO_NAME = "demo_info.json"
 MANIFEST_NAME = "manifest.parquet"
-
-
-def read_iu_reports(src: str | Path = "builtin") -> list[dict[str, Any]]:
-    """Every Open-I report (study_id, findings, impression, mesh, images ...) through the IU X-ray importer's
-    reader, in report-number order (parsed once per process and source)."""
-    return [dict(r) for r in _read_iu_reports_cached(str(src))]
-
-
-@functools.lru_cache(maxsize=4)
-def _read_iu_reports_cached(src: str) -> tuple[dict[str, Any], ...]:
-    from retrieval.data.importers.iu_xray import iter_report_files, parse_open_i_xml
-
-    out = []
-    for name, data in iter_report_files(src):
-        try:
-            rec = parse_open_i_xml(data, name)
-        except ValueError:
-            continue  # a broken XML is skipped; the importer reports such files
-        rec["number"] = int(re.sub(r"\D", "", name) or 0)
-        out.append(rec)
-    out.sort(key=lambda r: r["number"])
-    return tuple(out)
 
 
 def study_seed(seed: int, study_id: str) -> int:
@@ -74,7 +52,7 @@ def _render_one(task: tuple[dict[str, Any], str, int, int]) -> dict[str, Any]:
     from retrieval.labels import label_report, labels_from_mesh
 
     rec, out_dir, size, seed = task
-    report = " ".join(x for x in (rec["findings"], rec["impression"]) if x)
+    report = report_text(rec)
     sseed = study_seed(seed, rec["study_id"])
     ph = render_phantom(report, size=size, seed=sseed)
     rel = f"images/{rec['study_id']}.png"

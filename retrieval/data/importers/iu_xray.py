@@ -9,6 +9,7 @@ Without an image folder image_path stays empty (the demo renders images for such
 
 from __future__ import annotations
 
+import functools
 import re
 import tarfile
 import xml.etree.ElementTree as ET
@@ -80,6 +81,31 @@ def _report_number(name: str) -> int:
     return int(digits) if digits else 0
 
 
+def report_text(rec: dict[str, Any]) -> str:
+    """An Open-I report's text: its FINDINGS then its IMPRESSION section (empty when it has neither)."""
+    return " ".join(x for x in (rec["findings"], rec["impression"]) if x)
+
+
+def read_iu_reports(src: str | Path = "builtin") -> list[dict[str, Any]]:
+    """Every Open-I report that parses (`parse_open_i_xml`'s fields plus `number`, from the file name), in
+    report-number order; parsed once per process and source (a copy of each record is returned)."""
+    return [dict(r) for r in _read_iu_reports_cached(str(src))]
+
+
+@functools.lru_cache(maxsize=4)
+def _read_iu_reports_cached(src: str) -> tuple[dict[str, Any], ...]:
+    out = []
+    for name, data in iter_report_files(src):
+        try:
+            rec = parse_open_i_xml(data, name)
+        except ValueError:
+            continue  # a broken XML is skipped; import_iu_xray reports such files
+        rec["number"] = _report_number(name)
+        out.append(rec)
+    out.sort(key=lambda r: r["number"])
+    return tuple(out)
+
+
 def _image_keys(image_id: str) -> list[str]:
     """Names an image may have on disk: the id itself, without the report's '_<n>_' infix (CXR1_1_IM-... ->
     CXR1_IM-...), and without the 'CXR' prefix."""
@@ -130,7 +156,7 @@ def import_iu_xray(
     labels_of: dict[str, list[str]] = {}
     no_text = no_images = missing = 0
     for rep in track(reports, "iu-xray reports", unit="reports"):
-        report = " ".join(x for x in (rep["findings"], rep["impression"]) if x)
+        report = report_text(rep)
         if not report:
             no_text += 1
             problems.append(f"{rep['study_id']}: report has no FINDINGS or IMPRESSION text, skipped")
