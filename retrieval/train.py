@@ -816,6 +816,9 @@ class Trainer:
             "fingerprint": str(getattr(self.model, "fingerprint", "")),
         }
         write_json_atomic(self.out / "train_info.json", info)
+        from retrieval.models.bundle import write_checksums
+
+        write_checksums(self.out)  # again, last: the feature stores and train_info.json are the folder's too
         self.info = info
 
 
