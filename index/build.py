@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from index import store
+from index import store, tune
 from index.factory import add_chunks, choose_factory, make_index, train_index, train_size
 from retrieval.errors import IndexError_, ManifestError
 from retrieval.fileio import atomic_path, clean_temporaries, write_json_atomic
@@ -69,6 +69,8 @@ class BuildOptions:
     progress: bool = True
     allow_outside: bool = False
     skip_bad_rows: bool = False
+    target_recall: float = tune.DEFAULT_TARGET
+    max_memory: int | None = None  # bytes the index may take in RAM (the default factory rule honours it)
 
 
 @dataclass
@@ -86,6 +88,7 @@ class BuildResult:
     already_done: bool = False
     generation: str = ""
     refused: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=store.BAD_COLUMNS))
+    search: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         """JSON-friendly summary for `--json`."""
@@ -102,6 +105,7 @@ class BuildResult:
             "seconds": round(self.seconds, 2),
             "already_done": self.already_done,
             "generation": self.generation,
+            "search": self.search,
         }
 
 
@@ -389,6 +393,47 @@ def _fill(work: Path, key: str, factory: str, dim: int, n: int) -> Any:
     return index
 
 
+def _gather(work: Path, key: str, ids: np.ndarray) -> np.ndarray:
+    """The vectors of the given (sorted) row ids, read one shard at a time."""
+    out, offset = [], 0
+    for chunk in _iter_shards(work, key):
+        sel = ids[(ids >= offset) & (ids < offset + len(chunk))] - offset
+        out.append(chunk[sel])
+        offset += len(chunk)
+    return np.concatenate(out)
+
+
+def _tune_from_shards(work: Path, key: str, index: Any, n: int, target: float) -> dict:
+    """Tune `index` (filled from the shards in `work`) to `target` recall@10; its record for index_info.json."""
+    k = min(tune.K, n - 1)
+    if k < 1 or tune.is_exact(index):
+        return tune.Tuning({}, 1.0, target, 0, True, max(k, 1), "exact").record()
+    ids = tune.sample_ids(n)
+    queries = _gather(work, key, ids)
+    truth, scores = tune.exact_neighbours(queries, _iter_shards(work, key), k, ids)
+    return tune.tune(index, queries, truth, ids, target, scores).record()
+
+
+def retune(index: Any, record: dict | None, target: float) -> dict | None:
+    """Tune an index again after an add, from the exact vectors it keeps; without them, the old record."""
+    vectors = tune.stored_vectors(index)
+    if vectors is None or len(vectors) < 2:
+        if record is not None:
+            tune.apply_params(index, record.get("params", {}))
+        return record
+    return tune.tune_on_vectors(index, vectors, target).record()
+
+
+def _warn_unmet(search: dict, factory: str, chosen: bool) -> None:
+    for target, rec in search.items():
+        if not rec.get("met", True):
+            hint = "pick another --factory (or none, for the default rule)" if chosen else "raise --max-memory"
+            log.warning(
+                "%s index %s reaches only recall@%d %.3f at its best setting (target %.2f); %s",
+                target, factory, rec["k"], rec["recall"], rec["target"], hint,
+            )  # fmt: skip
+
+
 def _meta(rows: pd.DataFrame, good: np.ndarray, start: int = 0) -> pd.DataFrame:
     meta = rows.iloc[good].reset_index(drop=True)
     meta.insert(0, "row_id", np.arange(start, start + len(meta), dtype=np.int64))
@@ -503,11 +548,17 @@ def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildRes
     if len(good) == 0:
         store.write_bad(all_bad, out / store.BAD_FILE)
         raise IndexError_(f"{out}: none of the {len(rows)} images could be read; see {out / store.BAD_FILE}")
-    factory = opts.factory or choose_factory(len(good), dim)
+    factory = opts.factory or choose_factory(len(good), dim, opts.max_memory)
     images = _fill(work, "images", factory, dim, len(good))
     reports = _fill(work, "reports", factory, dim, len(good))
+    search = {
+        key: _tune_from_shards(work, key, idx, len(good), opts.target_recall)
+        for key, idx in (("images", images), ("reports", reports))
+    }
+    _warn_unmet(search, factory, opts.factory is not None)
     info = {
         "factory": factory,
+        "search": search,
         "normalized": True,
         "model": store.model_record(model, opts.model_path),
         "reports": REPORTS_NOTE,
@@ -520,7 +571,7 @@ def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildRes
     shutil.rmtree(work, ignore_errors=True)
     return BuildResult(
         out, len(good), len(good), all_bad, factory, encoded, resumed, time.perf_counter() - t0, False, gen.name,
-        refused,
+        refused, search,
     )
 
 
@@ -580,7 +631,6 @@ def _add(out: Path, manifest: Any, model: Any, opts: BuildOptions) -> BuildResul
         work, rows, model, opts.batch_size, opts.workers, opts.shard_rows, opts.precision, opts.progress
     )
     good, bad, _ = _collect(work, rows)
-    target = base + len(good)
     images, reports = current.images, current.reports  # in memory: the files of the old generation stay as they are
     add_chunks(images, _iter_shards(work, "images"))
     add_chunks(reports, _iter_shards(work, "reports"))
@@ -589,6 +639,14 @@ def _add(out: Path, manifest: Any, model: Any, opts: BuildOptions) -> BuildResul
     old_bad = store.read_bad(out)
     all_bad = pd.concat([old_bad, new_bad], ignore_index=True).drop_duplicates(subset=["image_id", "path"])
     info = {k: v for k, v in info.items() if k != "files"}
+    old_search = info.get("search") or {}
+    search = {
+        key: retune(idx, old_search.get(key), (old_search.get(key) or {}).get("target", opts.target_recall))
+        for key, idx in (("images", images), ("reports", reports))
+    }
+    if all(v is not None for v in search.values()):
+        info["search"] = search
+        _warn_unmet(search, info["factory"], True)
     info["updated"] = store.now_iso()
     info["manifests"] = list(info.get("manifests", [])) + [
         _manifest_record(manifest, rows, len(good), len(new_bad), digest, "add")
@@ -596,6 +654,6 @@ def _add(out: Path, manifest: Any, model: Any, opts: BuildOptions) -> BuildResul
     gen = store.commit_generation(out, images, reports, meta, info, all_bad)
     shutil.rmtree(work, ignore_errors=True)
     return BuildResult(
-        out, target, len(good), new_bad, info["factory"], encoded, resumed, time.perf_counter() - t0, False,
-        gen.name, refused,
+        out, base + len(good), len(good), new_bad, info["factory"], encoded, resumed, time.perf_counter() - t0, False,
+        gen.name, refused, info.get("search") or {},
     )

@@ -103,6 +103,22 @@ class ModelRecord(BaseModel):
     path: str | None = None
 
 
+class SearchRecord(BaseModel):
+    """The query parameters tuned at build time for one FAISS file (index/tune.py) and the recall they measured.
+
+    Indexes written before tuning have no `search` record: they open as before, with faiss's defaults."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    params: dict[Literal["efSearch", "nprobe", "k_factor"], int] = Field(default_factory=dict)
+    recall: float = Field(ge=0, le=1)
+    target: float = Field(gt=0, le=1)
+    k: int = Field(default=10, ge=1)
+    queries: int = Field(default=0, ge=0)
+    met: bool = True
+    method: str = "measured"
+    sample_goal: float | None = Field(default=None, gt=0, le=1)
+
+
 class InfoSchema(BaseModel):
     """index_info.json, typed: a wrong type is refused with the field's name instead of a traceback later."""
 
@@ -122,6 +138,7 @@ class InfoSchema(BaseModel):
     created: str | None = None
     updated: str | None = None
     reports: str | None = None
+    search: dict[Literal["images", "reports"], SearchRecord] | None = None
 
 
 def validate_info(info: Any, where: str | Path) -> dict:

@@ -7,7 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from index.factory import build_from_vectors, choose_factory, make_index
+from index.factory import (
+    HNSW_MAX,
+    build_from_vectors,
+    choose_factory,
+    make_index,
+    memory_bytes,
+    nlist_for,
+    parse_memory,
+)
 from index.search import FaissBackend, Searcher, TorchBackend, make_backend, set_search_params
 from index.store import save_index
 from retrieval.errors import UsageError
@@ -98,12 +106,35 @@ def test_choose_factory_rule():
     assert choose_factory(10, 256) == "Flat"
     assert choose_factory(49_999, 256) == "Flat"
     assert choose_factory(50_000, 256) == "HNSW32,Flat"
-    assert choose_factory(999_999, 512) == "HNSW32,Flat"
-    assert choose_factory(1_000_000, 256) == "IVF4096,PQ32"
-    assert choose_factory(10_000_000, 512) == "IVF16384,PQ64"
-    assert choose_factory(2_000_000, 100) == "IVF4096,PQ10"  # m divides d
-    for f in ("Flat", "HNSW32,Flat", "IVF4096,PQ32"):
+    assert choose_factory(HNSW_MAX - 1, 512) == "HNSW32,Flat"
+    assert choose_factory(HNSW_MAX, 512) == f"IVF{nlist_for(HNSW_MAX)},PQ256x4fs,RFlat"
+    assert choose_factory(1_000_000, 256) == "IVF4096,PQ128x4fs,RFlat"
+    assert choose_factory(10_000_000, 512) == "IVF16384,PQ256x4fs,RFlat"
+    assert choose_factory(2_000_000, 100) == "IVF4096,PQ50x4fs,RFlat"  # m divides d
+    for f in ("Flat", "HNSW32,Flat", "IVF4096,PQ128x4fs,RFlat"):
         assert make_index(f, 256).metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+def test_the_memory_budget_picks_a_smaller_re_ranked_index():
+    n, d = 1_000_000, 512
+    assert choose_factory(n, d, 3 * 2**30) == "IVF4096,PQ256x4fs,RFlat"
+    assert choose_factory(n, d, int(1.5 * 2**30)) == "IVF4096,PQ256x4fs,Refine(SQfp16)"
+    assert choose_factory(n, d, 2**30) == "IVF4096,PQ256x4fs,Refine(SQ8)"
+    assert choose_factory(1000, 64, 150_000) == "IVF16,PQ32x4fs,Refine(SQ8)"  # Flat (256 kB) does not fit
+    with pytest.raises(UsageError, match="max-memory"):
+        choose_factory(n, d, 100 * 2**20)
+    assert parse_memory("1.5G") == int(1.5 * 2**30) and parse_memory("512MiB") == 512 * 2**20
+    with pytest.raises(UsageError, match="max-memory"):
+        parse_memory("lots")
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32,Flat", "IVF64,PQ16x4fs,RFlat", "IVF64,PQ16x4fs,Refine(SQ8)"])
+def test_memory_estimates_match_the_written_index(factory):
+    """The budget rule's estimate against the bytes faiss actually writes (within 15%)."""
+    x = clustered(8000, 32, seed=9)
+    index, _ = build_from_vectors(x, factory)
+    real = len(faiss.serialize_index(index))
+    assert abs(memory_bytes(factory, len(x), 32) - real) <= 0.15 * real
 
 
 def test_bad_factory_is_a_usage_error():
