@@ -528,6 +528,8 @@ def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildRes
             return done
         raise IndexError_(f"{out}: already holds an index; extend it with `cxr index add` or choose another --out")
     rows, refused = prepare(manifest, opts.allow_outside, opts.skip_bad_rows)
+    if opts.factory is None and opts.max_memory is not None:
+        choose_factory(len(rows), int(model.embed_dim), opts.max_memory)  # a budget too small fails before encoding
     digest = manifest_digest(rows)
     _check_plan(
         work,

@@ -230,6 +230,26 @@ def test_mmap_for_ivf_and_a_clear_error_otherwise(tmp_path):
         Searcher(flat_path, mmap=True)
 
 
+def test_mmap_of_a_re_ranked_index_maps_its_exact_vectors(tmp_path):
+    import os
+
+    x = clustered(4000, 64, seed=12)
+    path, _ = _vector_index(tmp_path, x, "IVF32,PQ32x4fs,RFlat")
+    a = Searcher(path, nprobe=8, k_factor=8)
+    b = Searcher(path, nprobe=8, k_factor=8, mmap=True)
+    for j in (3, 77, 1500):
+        pd.testing.assert_frame_equal(a.query_vector(x[j], k=5), b.query_vector(x[j], k=5))
+    # the refine store's codes point into the mapped file instead of a copy on the heap
+    refine = faiss.downcast_index(faiss.downcast_index(b.index.images).refine_index)
+    assert refine.ntotal == 4000
+    size = os.path.getsize(b.index.file("images"))
+    heap = faiss.downcast_index(faiss.downcast_index(a.index.images).refine_index).codes.size()
+    assert heap == 4000 * 64 * 4 and size > heap
+    assert not refine.codes.is_owned and refine.codes.size() == heap  # a view into the mapped file
+    assert faiss.downcast_index(faiss.downcast_index(a.index.images).refine_index).codes.is_owned
+    b.index.close()
+
+
 def test_nprobe_on_a_flat_index_is_refused_by_the_searcher(tmp_path):
     path, _ = _vector_index(tmp_path, clustered(100, 8))
     with pytest.raises(UsageError, match="--nprobe applies to IVF"):
