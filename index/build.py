@@ -409,9 +409,11 @@ def _tune_from_shards(work: Path, key: str, index: Any, n: int, target: float) -
     if k < 1 or tune.is_exact(index):
         return tune.Tuning({}, 1.0, target, 0, True, max(k, 1), "exact").record()
     ids = tune.sample_ids(n)
-    queries = _gather(work, key, ids)
-    truth, scores = tune.exact_neighbours(queries, _iter_shards(work, key), k, ids)
-    return tune.tune(index, queries, truth, ids, target, scores).record()
+    chunks = lambda: _iter_shards(work, key)  # noqa: E731
+    queries, qids, truth, scores, how = tune.tuning_queries(index, _gather(work, key, ids), ids, chunks, k)
+    result = tune.tune(index, queries, truth, qids, target, scores)
+    result.sample = how
+    return result.record()
 
 
 def retune(index: Any, record: dict | None, target: float) -> dict | None:

@@ -116,7 +116,7 @@ class SearchRecord(BaseModel):
     queries: int = Field(default=0, ge=0)
     met: bool = True
     method: str = "measured"
-    sample_goal: float | None = Field(default=None, gt=0, le=1)
+    sample: str | None = None
 
 
 class InfoSchema(BaseModel):

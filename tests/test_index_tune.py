@@ -115,8 +115,9 @@ def test_a_built_index_reaches_the_target_with_no_flags(corpus, centres, tmp_pat
     lower = ladder[ladder.index(rec["params"][knob]) - 1]
     sample = tune.sample_ids(idx.ntotal)
     vecs = stored(idx)
-    sample_truth, sample_scores = tune.exact_neighbours(vecs[sample], [vecs], 10, sample)
-    assert tune.measure(idx, vecs[sample], sample, sample_truth, {knob: lower}, sample_scores) < rec["sample_goal"]
+    q, qids, t, ts, how = tune.tuning_queries(idx, vecs[sample], sample, lambda: [vecs], 10)
+    assert how == rec["sample"] == (tune.NOISY if knob == "efSearch" else tune.SELF)
+    assert tune.measure(idx, q, qids, t, {knob: lower}, ts) < TARGET
 
 
 def test_overrides_win_over_the_tuned_parameters(corpus, tmp_path):
@@ -161,7 +162,7 @@ def test_a_flat_index_records_exact_search(corpus, tmp_path):
     assert info["factory"] == "Flat"
     assert info["search"]["images"] == {
         "params": {}, "recall": 1.0, "target": TARGET, "k": 10, "queries": 0, "met": True, "method": "exact",
-        "sample_goal": TARGET,
+        "sample": "",
     }  # fmt: skip
 
 
