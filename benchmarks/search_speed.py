@@ -359,8 +359,8 @@ def summary(rows: list[dict]) -> str:
             msg += (
                 f" Default ({default['method'].split(' (')[0].replace('faiss ', '')}, {default['params'] or 'exact'}): "
                 f"recall@10 {default['recall@10']:.3f} on held-out queries, {default['qps_b1'] / flat['qps_b1']:.0f}x "
-                f"Flat at batch 1 (p50 {default['p50_ms_b1']:.2f} ms), {default['qps_b1024'] / flat['qps_b1024']:.1f}x at "
-                f"batch 1024."
+                f"Flat at batch 1 (p50 {default['p50_ms_b1']:.2f} ms), "
+                f"{default['qps_b1024'] / flat['qps_b1024']:.1f}x at batch 1024."
             )
         ok = [
             r
