@@ -73,6 +73,14 @@ def build_cmd(
     max_memory: str | None = typer.Option(
         None, "--max-memory", help="RAM budget of each FAISS index (e.g. 2G, 512M); picks a smaller re-ranked type."
     ),
+    engine: str = typer.Option(
+        "local", "--engine", help="local (DataLoader workers) or ray (Ray Data actors; needs the 'ray' extra)."
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: a local Ray."
+    ),
+    ray_actors: int | None = typer.Option(None, "--ray-actors", min=1, help="Encoding actors (default: one per CPU)."),
+    ray_gpus: float = typer.Option(0, "--ray-gpus", min=0, help="GPUs per Ray actor (1 on a GPU cluster)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per encoder batch."),
     workers: int = typer.Option(2, "--workers", min=0, help="DataLoader processes decoding images."),
     shard_rows: int = typer.Option(1024, "--shard-rows", min=1, help="Rows per committed shard (resume unit)."),
@@ -86,11 +94,15 @@ def build_cmd(
     from index.factory import parse_memory
 
     budget = parse_memory(max_memory)
+    if engine == "ray":
+        from index.ray_build import require_ray
+
+        require_ray()  # before the manifest check and the model load
     prepare(manifest, allow_outside, skip_bad_rows)  # a bad manifest fails before the model loads
     m = _load_model(model, device)
     opts = BuildOptions(
         factory, batch_size, workers, shard_rows, model, None, True, allow_outside, skip_bad_rows,
-        target_recall, budget,
+        target_recall, budget, engine, ray_address, ray_actors, ray_gpus,
     )  # fmt: skip
     result = build_index(manifest, m, out, options=opts)
     _print_result(result, as_json, "built")

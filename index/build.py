@@ -39,7 +39,7 @@ import pandas as pd
 
 from index import store, tune
 from index.factory import add_chunks, choose_factory, make_index, train_index, train_size
-from retrieval.errors import IndexError_, ManifestError
+from retrieval.errors import IndexError_, ManifestError, UsageError
 from retrieval.fileio import atomic_path, clean_temporaries, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,11 @@ class BuildOptions:
     skip_bad_rows: bool = False
     target_recall: float = tune.DEFAULT_TARGET
     max_memory: int | None = None  # bytes the index may take in RAM (the default factory rule honours it)
+    engine: str = "local"  # "local" (DataLoader workers) or "ray" (index/ray_build.py)
+    ray_address: str | None = None
+    ray_actors: int | None = None
+    ray_gpus: float = 0
+    model_loader: Any = None  # ray: a picklable callable returning the model in each actor
 
 
 @dataclass
@@ -283,6 +288,39 @@ def check_shards(work: Path, n: int, shard_rows: int, dim: int) -> None:
         load_shard(p, s * shard_rows, min(n, (s + 1) * shard_rows), dim)
 
 
+def pending_shards(work: Path, rows: pd.DataFrame, shard_rows: int, dim: int) -> tuple[list[int], int]:
+    """(the shards of `rows` not yet in `work`, rows already done), after removing temporaries and checking the
+    shards that are there."""
+    _clean_partial(work)
+    n = len(rows)
+    check_shards(work, n, shard_rows, dim)
+    n_shards = (n + shard_rows - 1) // shard_rows
+    pending = [s for s in range(n_shards) if not _shard_path(work, s).is_file()]
+    return pending, n - sum(min(shard_rows, n - s * shard_rows) for s in pending)
+
+
+def encode_shard(
+    work: Path, s: int, lo: int, paths: list[str], texts: list[str], model: Any, batch_size: int, precision: str | None
+) -> int:
+    """Encode one shard (rows lo.. of the manifest, their image paths and report texts) in this process, without
+    DataLoader workers, and write it (the Ray engine's unit of work). Returns how many images were unreadable."""
+    from index.encode import stream_image_vectors
+
+    batches = [list(range(b, min(len(paths), b + batch_size))) for b in range(0, len(paths), batch_size)]
+    ids_l, vecs_l, bad_l = [], [], []
+    for ids, vecs, bad in stream_image_vectors(paths, model, batches, workers=0, precision=precision):
+        ids_l.append(ids)
+        vecs_l.append(vecs)
+        bad_l.extend((lo + i, r) for i, r in bad)
+    local = np.concatenate(ids_l).astype(np.int64) if ids_l else np.zeros(0, np.int64)
+    img = np.concatenate(vecs_l) if len(local) else np.zeros((0, model.embed_dim), np.float32)
+    txt = np.zeros((0, model.embed_dim), np.float32)
+    if len(local):
+        txt = np.asarray(model.encode_texts([texts[i] for i in local], batch_size=batch_size), np.float32)
+    _write_shard(_shard_path(work, s), local + lo, img, txt, bad_l)
+    return len(bad_l)
+
+
 def encode_shards(
     work: Path,
     rows: pd.DataFrame,
@@ -297,12 +335,8 @@ def encode_shards(
     from index.encode import stream_image_vectors
     from retrieval.progress import make_progress
 
-    _clean_partial(work)
     n = len(rows)
-    check_shards(work, n, shard_rows, int(model.embed_dim))
-    n_shards = (n + shard_rows - 1) // shard_rows
-    pending = [s for s in range(n_shards) if not _shard_path(work, s).is_file()]
-    done_rows = n - sum(min(shard_rows, n - s * shard_rows) for s in pending)
+    pending, done_rows = pending_shards(work, rows, shard_rows, int(model.embed_dim))
     batches: list[list[int]] = []
     batch_shard: list[int] = []
     batches_left: dict[int, int] = {}
@@ -514,12 +548,50 @@ def _done(out: Path, info: dict, digest: str, work: Path, t0: float, kind: str) 
     )
 
 
+def _encode_on_ray(work: Path, rows: pd.DataFrame, model: Any, opts: BuildOptions) -> tuple[int, int]:
+    """The missing shards encoded by Ray Data actors (index/ray_build.py); (rows encoded now, rows already done)."""
+    from index.ray_build import encode_shards_ray
+
+    loader = opts.model_loader or _model_loader(opts.model_path, model, opts.ray_gpus)
+    pending, done_rows = pending_shards(work, rows, opts.shard_rows, int(model.embed_dim))
+    encoded = encode_shards_ray(
+        work, rows, pending, opts.shard_rows, loader, opts.batch_size, opts.precision, opts.ray_actors,
+        opts.ray_gpus, opts.ray_address, opts.progress,
+    )  # fmt: skip
+    return encoded, done_rows
+
+
+def _model_loader(model_path: Any, model: Any, gpus: float = 0) -> Any:
+    """What each Ray actor calls to load the model: the model folder or name the build was given."""
+    import functools
+
+    from retrieval.models import load_model
+
+    if model_path is None:
+        raise UsageError("--engine ray loads the model in each worker: give the model's folder or name (model_path)")
+    device = "cuda" if gpus else "cpu"
+    return functools.partial(_load_checked, load_model, str(model_path), str(model.fingerprint), device)
+
+
+def _load_checked(load: Any, name: str, fingerprint: str, device: str) -> Any:
+    model = load(name, device=device)
+    if str(model.fingerprint) != fingerprint:
+        raise IndexError_(f"{name}: a Ray worker loaded fingerprint {model.fingerprint}, the build has {fingerprint}")
+    return model
+
+
 def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildResult:
     t0 = time.perf_counter()
     work = out / BUILD_DIR
     store.collect_garbage(out)  # leftovers of a killed commit: unfinished generations, temporaries
     if opts.factory is not None:
         make_index(opts.factory, int(model.embed_dim))  # a bad --factory fails now, not after encoding
+    if opts.engine not in ("local", "ray"):
+        raise UsageError(f"--engine must be 'local' or 'ray', got {opts.engine!r}")
+    if opts.engine == "ray":
+        from index.ray_build import require_ray
+
+        require_ray()  # a missing extra fails before any work
     if store.has_index(out):
         info = store.read_info(out)
         rows, _ = prepare(manifest, opts.allow_outside, opts.skip_bad_rows)
@@ -543,9 +615,12 @@ def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildRes
             "shard_rows": opts.shard_rows,
         },
     )
-    encoded, resumed = encode_shards(
-        work, rows, model, opts.batch_size, opts.workers, opts.shard_rows, opts.precision, opts.progress
-    )
+    if opts.engine == "ray":
+        encoded, resumed = _encode_on_ray(work, rows, model, opts)
+    else:
+        encoded, resumed = encode_shards(
+            work, rows, model, opts.batch_size, opts.workers, opts.shard_rows, opts.precision, opts.progress
+        )
 
     good, bad, dim = _collect(work, rows)
     all_bad = _all_bad(bad, refused)
