@@ -212,6 +212,7 @@ def run(
     rerank_grid: bool = True,
     data: tuple[np.ndarray, np.ndarray, str] | None = None,
     hnsw: bool = True,
+    refines: tuple[str, ...] = ("RFlat", "Refine(SQ8)"),
 ) -> list[dict]:
     """Every method at one corpus size."""
     import faiss
@@ -279,7 +280,7 @@ def run(
         del index
 
     nlist = nlist_for(n)
-    for refine in ("RFlat", "Refine(SQ8)"):
+    for refine in refines:
         factory = f"IVF{nlist},PQ{_fastscan_m(dim)}x4fs,{refine}"
         index, bs, _ = build(factory, base)
         mem = memory_bytes(factory, n, dim) / 2**20
@@ -436,6 +437,7 @@ def main() -> None:
     p.add_argument("--old-ivf", action="store_true", help="also the old rule's IVF-PQ without re-ranking")
     p.add_argument("--no-hnsw", action="store_true", help="skip plain HNSW (its build at 1M is long on 2 cores)")
     p.add_argument("--no-grid", action="store_true", help="skip the fixed nprobe x k_factor grid of IVF-PQ-RFlat")
+    p.add_argument("--refines", nargs="+", default=["RFlat", "Refine(SQ8)"], help="re-ranking steps of IVF-PQ")
     p.add_argument("--real-index", metavar="DIR", help="an index folder whose vectors are tiled for the real rows")
     p.add_argument("--real-n", type=int, default=100_000, help="how many tiled real vectors")
     p.add_argument("--threads", type=int, default=None, help="faiss/torch threads (default: all cores)")
@@ -513,6 +515,7 @@ def main() -> None:
             not a.no_grid,
             data,
             not a.no_hnsw,
+            tuple(a.refines),
         )
         rows.sort(key=lambda r: (r.get("data", "").startswith("real"), r["n"]))
         md = summary(rows) + "\n" + markdown_table(rows, COLUMNS)

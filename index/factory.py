@@ -3,16 +3,18 @@
 The rule when no `--factory` is given (n = number of vectors, d = dimension), the first that fits `--max-memory`:
 
     n <  50,000      Flat                               exact; fast enough at this size, no training
-    n <  200,000     HNSW32,Flat                        graph search over exact vectors, no training
     otherwise        IVF{nlist},PQ{d/2}x4fs,RFlat       4-bit fast-scan PQ codes (d/4 bytes) scanned in the
                                                         probed lists, the best k * k_factor re-ranked with
                                                         the exact vectors; nlist = 4*sqrt(n) (power of 2)
     less memory      IVF{nlist},PQ{d/2}x4fs,Refine(SQfp16)  re-rank with fp16 vectors (2d bytes/vector)
     least memory     IVF{nlist},PQ{d/2}x4fs,Refine(SQ8)     re-rank with 8-bit codes (d bytes/vector)
 
-A quantised index always re-ranks: PQ codes alone cannot order the top 10 (benchmarks/results/
-search_speed_cpu.md: IVF4096,PQ64 without re-ranking reached recall@10 0.39 at nprobe 128). efSearch, nprobe and
-the re-ranking depth k_factor are then tuned at build time to a target recall (index/tune.py).
+HNSW32,Flat (the rule from 50k to 1M before) is no longer chosen: at 10k and 100k vectors the re-ranked
+fast-scan IVF answered single queries faster at the same tuned recall and built faster
+(benchmarks/results/search_speed_cpu.md); it stays available through --factory. A quantised index always
+re-ranks: PQ codes alone cannot order the top 10 (the old rule's IVF4096,PQ64 reached recall@10 0.39 at 1M
+even at nprobe 128). efSearch, nprobe and the re-ranking depth k_factor are then tuned at build time to a target
+recall (index/tune.py).
 
 Any faiss `index_factory` string is accepted instead (e.g. `OPQ32,IVF4096,PQ32`, `IVF1024,Flat`, `HNSW64`).
 """
@@ -29,8 +31,6 @@ import numpy as np
 from retrieval.errors import IndexError_, UsageError
 
 FLAT_MAX = 50_000
-HNSW_MAX = 200_000
-HNSW_M = 32
 
 
 def _pq_bytes(dim: int) -> int:
@@ -75,8 +75,6 @@ def candidates(n: int, dim: int) -> list[str]:
     quantised = [f"{ivf},RFlat", f"{ivf},Refine(SQfp16)", f"{ivf},Refine(SQ8)"]
     if n < FLAT_MAX:
         return ["Flat", *quantised]
-    if n < HNSW_MAX:
-        return [f"HNSW{HNSW_M},Flat", *quantised]
     return quantised
 
 

@@ -8,12 +8,10 @@ import pandas as pd
 import pytest
 
 from index.factory import (
-    HNSW_MAX,
     build_from_vectors,
     choose_factory,
     make_index,
     memory_bytes,
-    nlist_for,
     parse_memory,
 )
 from index.search import FaissBackend, Searcher, TorchBackend, make_backend, set_search_params
@@ -105,9 +103,8 @@ def test_approximate_recall_at_10(factory, params):
 def test_choose_factory_rule():
     assert choose_factory(10, 256) == "Flat"
     assert choose_factory(49_999, 256) == "Flat"
-    assert choose_factory(50_000, 256) == "HNSW32,Flat"
-    assert choose_factory(HNSW_MAX - 1, 512) == "HNSW32,Flat"
-    assert choose_factory(HNSW_MAX, 512) == f"IVF{nlist_for(HNSW_MAX)},PQ256x4fs,RFlat"
+    assert choose_factory(50_000, 256) == "IVF1024,PQ128x4fs,RFlat"
+    assert choose_factory(377_000, 512) == "IVF2048,PQ256x4fs,RFlat"  # MIMIC-CXR's images
     assert choose_factory(1_000_000, 256) == "IVF4096,PQ128x4fs,RFlat"
     assert choose_factory(10_000_000, 512) == "IVF16384,PQ256x4fs,RFlat"
     assert choose_factory(2_000_000, 100) == "IVF4096,PQ50x4fs,RFlat"  # m divides d

@@ -111,13 +111,15 @@ def test_a_built_index_reaches_the_target_with_no_flags(corpus, centres, tmp_pat
     _, plain = default.search(queries, 10)
     assert recall_at(plain, truth) < TARGET
     # and it picked the cheapest value on its ladder: one step lower misses the target on its own sample
+    # (mean recall less one standard error, the passing rule)
     ladder = tune._ladder(idx, knob)
     lower = ladder[ladder.index(rec["params"][knob]) - 1]
     sample = tune.sample_ids(idx.ntotal)
     vecs = stored(idx)
     q, qids, t, ts, how = tune.tuning_queries(idx, vecs[sample], sample, lambda: [vecs], 10)
     assert how == rec["sample"] == (tune.NOISY if knob == "efSearch" else tune.SELF)
-    assert tune.measure(idx, q, qids, t, {knob: lower}, ts) < TARGET
+    per = tune.measure(idx, q, qids, t, {knob: lower}, ts, per_query=True)
+    assert per.mean() - per.std(ddof=1) / np.sqrt(len(per)) < TARGET  # the bound a setting must reach
 
 
 def test_overrides_win_over_the_tuned_parameters(corpus, tmp_path):
