@@ -544,8 +544,9 @@ def _done(out: Path, info: dict, digest: str, work: Path, t0: float, kind: str) 
     n = int(info["count"])
     log.info("%s: this %s is already committed (%s)", out, kind, ref.name)
     return BuildResult(
-        out, n, 0, bad.iloc[0:0], info["factory"], 0, int(rec.get("rows", 0)), time.perf_counter() - t0, True, ref.name
-    )
+        out, n, 0, bad.iloc[0:0], info["factory"], 0, int(rec.get("rows", 0)), time.perf_counter() - t0, True, ref.name,
+        search=info.get("search") or {},
+    )  # fmt: skip
 
 
 def _encode_on_ray(work: Path, rows: pd.DataFrame, model: Any, opts: BuildOptions) -> tuple[int, int]:

@@ -197,9 +197,13 @@ def _old_style(tmp_path: Path) -> Path:
     return store.save_index(tmp_path / "old", images, reports, meta[store.META_COLUMNS], info)
 
 
-def test_an_index_without_a_search_record_still_opens_with_faiss_defaults(tmp_path):
+def test_an_index_without_a_search_record_still_opens_with_faiss_defaults(tmp_path, capsys):
+    from cli.main import main
+
     out = _old_style(tmp_path)
     assert "search" not in store.read_info(out)
+    assert main(["index", "info", str(out)]) == 0
+    assert "not tuned" in capsys.readouterr().out
     s = Searcher(out)
     assert s.search_params == {"images": {}, "reports": {}}
     assert faiss.downcast_index(s.index.images).hnsw.efSearch == 16
