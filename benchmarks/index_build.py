@@ -15,7 +15,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by the build processes: no OpenMP spin-waiting
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -109,6 +108,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--engines", nargs="+", default=["local"], choices=["local", "ray"], help="cxr index build --engine")
+    p.add_argument("--name", default="index_build_cpu")
     a = p.parse_args()
     work = Path(a.workdir)
     model_dir = work / "model"
@@ -124,40 +125,33 @@ def main() -> None:
     rows = []
     for n in sorted(a.sizes):
         manifest = make_manifest(files[:n], work / f"manifest_{n}.parquet")
-        out = work / f"index_{n}"
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "cli.main",
-            "index",
-            "build",
-            "--manifest",
-            str(manifest),
-            "--model",
-            str(model_dir),
-            "--out",
-            str(out),
-            "--workers",
-            str(a.workers),
-            "--batch-size",
-            str(a.batch_size),
-            "--json",
-        ]
-        secs, peak, _ = run_sampled(cmd)
-        dim = json.loads((out / "index_info.json").read_text())["dim"]
-        rows.append(
-            {
-                "n": n,
-                "method": "cxr index build",
-                "seconds": secs,
-                "images_per_s": n / secs,
-                "peak_rss_mib": peak,
-                "vectors_mib": 2 * n * 4 * dim / 2**20,
-            }
-        )
-        print(rows[-1], flush=True)
-        report(rows, a.sizes, a.model)
+        for engine in a.engines:
+            out = work / f"index_{n}_{engine}"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            cmd = [
+                sys.executable, "-m", "cli.main", "index", "build", "--manifest", str(manifest), "--model",
+                str(model_dir), "--out", str(out), "--workers", str(a.workers), "--batch-size", str(a.batch_size),
+                "--engine", engine, "--json",
+            ]  # fmt: skip
+            secs, peak, _ = run_sampled(cmd)
+            dim = read_info(out)["dim"]
+            rows.append(
+                {
+                    "n": n,
+                    "method": "cxr index build" + ("" if engine == "local" else f" --engine {engine}"),
+                    "seconds": secs,
+                    "images_per_s": n / secs,
+                    "peak_rss_mib": peak,
+                    "vectors_mib": 2 * n * 4 * dim / 2**20,
+                    "load_1min": round(os.getloadavg()[0], 1),
+                }
+            )
+            print(rows[-1], flush=True)
+            report(rows, a.sizes, a.model, a.name)
+        if len(a.engines) > 1:
+            rows[-1].update(same_index(work / f"index_{n}_{a.engines[0]}", work / f"index_{n}_{a.engines[-1]}"))
+            print(rows[-1], flush=True)
+            report(rows, a.sizes, a.model, a.name)
         if a.naive and n == min(a.sizes):
             secs, peak, _ = run_sampled([sys.executable, "-c", NAIVE, str(manifest), str(model_dir)])
             rows.append(
@@ -168,16 +162,58 @@ def main() -> None:
                     "images_per_s": n / secs,
                     "peak_rss_mib": peak,
                     "vectors_mib": rows[-1]["vectors_mib"],
+                    "load_1min": round(os.getloadavg()[0], 1),
                 }
             )
             print(rows[-1], flush=True)
-            report(rows, a.sizes, a.model)
-    print(report(rows, a.sizes, a.model))
+            report(rows, a.sizes, a.model, a.name)
+    print(report(rows, a.sizes, a.model, a.name))
 
 
-def report(rows: list[dict], sizes: list[int], model: str) -> str:
-    """Write results/index_build_cpu.{json,md} from the rows so far (called after every row); the markdown."""
+def read_info(out: Path) -> dict:
+    from index.store import read_info as read
+
+    return read(out)
+
+
+def same_index(a: Path, b: Path) -> dict:
+    """The identical-result check between two builds of the same manifest: ids, vectors, search results."""
+    import numpy as np
+
+    from index.search import Searcher
+    from index.store import open_index
+
+    x, y = open_index(a), open_index(b)
+    same_ids = list(x.meta["image_id"]) == list(y.meta["image_id"])
+    diff = max(
+        float(np.abs(x.target(t).reconstruct_n(0, x.count) - y.target(t).reconstruct_n(0, y.count)).max())
+        for t in ("images", "reports")
+    )
+    q = x.images.reconstruct_n(0, min(200, x.count))
+    same_hits = all(
+        np.array_equal(Searcher(a).search_ids(q, 10, t)[1], Searcher(b).search_ids(q, 10, t)[1])
+        for t in ("images", "reports")
+    )
+    return {"same_ids": same_ids, "max_vector_diff": diff, "same_top10_200_queries": same_hits}
+
+
+def report(rows: list[dict], sizes: list[int], model: str, name: str = "index_build_cpu") -> str:
+    """Write results/<name>.{json,md} from the rows so far (called after every row); the markdown."""
     ours = [r for r in rows if r["method"] == "cxr index build"]
+    for r in rows:
+        if "--engine ray" in r["method"]:
+            local = next((o for o in ours if o["n"] == r["n"]), None)
+            if local:
+                lines_ray = (
+                    f"- Ray engine at {r['n']:,} images: {r['images_per_s'] / local['images_per_s']:.2f}x the default "
+                    f"engine's images/s, {r['peak_rss_mib'] / local['peak_rss_mib']:.2f}x its peak RSS (load "
+                    f"{r.get('load_1min')}); same ids {r.get('same_ids')}, max vector difference "
+                    f"{r.get('max_vector_diff')}, same top 10 for 200 queries {r.get('same_top10_200_queries')}."
+                )
+                rows_ray = lines_ray
+                break
+    else:
+        rows_ray = ""
     lines = []
     if len(ours) >= 2:
         lo, hi = ours[0], ours[-1]
@@ -193,9 +229,11 @@ def report(rows: list[dict], sizes: list[int], model: str) -> str:
             f"{ours[0]['images_per_s'] / naive[0]['images_per_s']:.1f}x the naive images/s with "
             f"{ours[0]['peak_rss_mib'] / naive[0]['peak_rss_mib']:.2f}x its peak RSS."
         )
+    if rows_ray:
+        lines.append(rows_ray)
     md = "\n".join(lines) + "\n\n" + markdown_table(rows)
-    cmd = "python -m benchmarks.index_build --sizes " + " ".join(map(str, sizes))
-    write_results("index_build_cpu", {"rows": rows, "model": model}, md, cmd)
+    cmd = "python -m benchmarks.index_build " + " ".join(sys.argv[1:])
+    write_results(name, {"rows": rows, "model": model}, md, cmd)
     return md
 
 

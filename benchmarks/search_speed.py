@@ -148,6 +148,55 @@ def build(factory: str, base: np.ndarray, ef_construction: int | None = None, km
     return index, time.perf_counter() - t0, current_rss_mib() - rss0
 
 
+def _fmt(params: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
+
+
+def work(index, queries: np.ndarray, ef_params: dict) -> dict:
+    """Work per query at the current parameters: distance computations (HNSW) or codes scanned (IVF) on 256
+    queries, plus the exact re-ranking fetches, and the bytes they touch."""
+    import faiss
+
+    from index import tune
+
+    parts = tune._parts(index)
+    q = np.ascontiguousarray(queries[:256])
+    if parts["hnsw"] is not None:
+        faiss.cvar.hnsw_stats.reset()
+        index.search(q, K)
+        ndis = faiss.cvar.hnsw_stats.ndis / len(q)
+        code = parts["hnsw"].storage.sa_code_size()
+    elif parts["ivf"] is not None:
+        faiss.cvar.indexIVF_stats.reset()
+        index.search(q, K)
+        ndis = faiss.cvar.indexIVF_stats.ndis / len(q)
+        code = parts["ivf"].sa_code_size()
+    else:
+        return {}
+    out = {"dist_per_query": ndis, "kib_per_query": ndis * code / 1024}
+    if parts["refine"] is not None:
+        rerank = K * ef_params.get("k_factor", 1)
+        out["reranked_per_query"] = rerank
+        out["kib_per_query"] += rerank * parts["refine"].sa_code_size() / 1024
+    return out
+
+
+def add_tuned(add, index, factory, base, queries, truth, budget_s, build_s, mem, target, is_default) -> None:
+    """Tune `index` on a sample of its own vectors as `cxr index build` does, then measure the held-out queries at
+    the tuned parameters: the recall a user gets with no flags."""
+    from index import tune
+    from index.search import FaissBackend
+
+    t0 = time.perf_counter()
+    t = tune.tune_on_vectors(index, base, target)
+    tune_s = time.perf_counter() - t0
+    r = measure(backend_searcher(FaissBackend(index)), queries, truth, budget_s)
+    r.update(work(index, queries, ef_params=t.params))
+    r.update({"sample_recall": t.recall, "tune_s": tune_s})
+    what = "DEFAULT: rule + tuning" if is_default else "tuned"
+    add(f"faiss {factory} ({what})", _fmt(t.params) + ("" if t.met else " (target missed)"), build_s, mem, r)
+
+
 def run(
     n: int,
     dim: int,
@@ -157,24 +206,37 @@ def run(
     compare_blas: bool = False,
     default_threshold: int = 20,
     ef_search: tuple[int, ...] = (16, 32, 64, 128, 256),
-    ivf: bool = True,
+    ivf: bool = False,
     alpha: float = SPECTRUM_ALPHA,
+    target: float = 0.95,
+    rerank_grid: bool = True,
+    data: tuple[np.ndarray, np.ndarray, str] | None = None,
+    hnsw: bool = True,
+    refines: tuple[str, ...] = ("RFlat", "Refine(SQ8)"),
 ) -> list[dict]:
     """Every method at one corpus size."""
     import faiss
     import torch
 
-    from index.factory import choose_factory
+    from index import tune
+    from index.factory import _fastscan_m, choose_factory, memory_bytes, nlist_for
     from index.search import FaissBackend, TorchBackend
 
     rows: list[dict] = []
+    label = data[2] if data is not None else f"synthetic (alpha {alpha:g})"
 
     def add(method: str, params: str, build_s: float, mem: float, r: dict) -> None:
-        rows.append({"n": n, "method": method, "params": params, "build_s": build_s, "mem_mib": mem, **r})
+        row = {"n": n, "data": label, "method": method, "params": params, "build_s": build_s, "mem_mib": mem, **r}
+        row["load_1min"] = round(os.getloadavg()[0], 1)
+        rows.append(row)
         log(rows[-1])
 
-    base = embedding_like_vectors(n, dim, alpha, seed=0)
-    queries = embedding_like_vectors(2048, dim, alpha, seed=1)  # held-out points of the same distribution
+    if data is not None:
+        base, queries = data[0], data[1]
+        dim = base.shape[1]
+    else:
+        base = embedding_like_vectors(n, dim, alpha, seed=0)
+        queries = embedding_like_vectors(2048, dim, alpha, seed=1)  # held-out points of the same distribution
     t0 = time.perf_counter()
     truth = numpy_search(base, queries[:1024], K)
     log(f"n={n:,}: data and exact truth ready ({time.perf_counter() - t0:.0f} s for the truth)")
@@ -192,9 +254,10 @@ def run(
     )
     del torch_exact
 
+    default_factory = choose_factory(n, dim)
     flat, bs, _ = build("Flat", base)
     add(
-        "faiss Flat (FaissBackend)",
+        "faiss Flat (FaissBackend" + (", DEFAULT: rule, exact)" if default_factory == "Flat" else ")"),
         "",
         bs,
         base_mib,
@@ -202,26 +265,39 @@ def run(
     )
     del flat
 
-    hnsw, bs, _ = build("HNSW32,Flat", base, ef_construction=ef_construction)
-    g = faiss.downcast_index(hnsw).hnsw
-    mem = (base.nbytes + g.neighbors.size() * 4 + g.levels.size() * 4 + g.offsets.size() * 8) / 2**20
-    log(f"n={n:,}: HNSW32 built in {bs:.0f} s ({n / bs:.0f} vectors/s)")
-    for ef in ef_search:
-        faiss.ParameterSpace().set_index_parameter(hnsw, "efSearch", ef)
-        r = measure(backend_searcher(FaissBackend(hnsw)), queries, truth, budget_s)
-        faiss.cvar.hnsw_stats.reset()  # the work per query: distance computations (Flat: n), graph hops
-        hnsw.search(queries[:256], K)
-        r["dist_per_query"] = faiss.cvar.hnsw_stats.ndis / 256
-        add("faiss HNSW32,Flat (FaissBackend)", f"efC={ef_construction} efSearch={ef}", bs, mem, r)
-    del hnsw
+    if hnsw:
+        index, bs, _ = build("HNSW32,Flat", base, ef_construction=ef_construction)
+        g = faiss.downcast_index(index).hnsw
+        mem = (base.nbytes + g.neighbors.size() * 4 + g.levels.size() * 4 + g.offsets.size() * 8) / 2**20
+        log(f"n={n:,}: HNSW32 built in {bs:.0f} s ({n / bs:.0f} vectors/s)")
+        for ef in ef_search:
+            faiss.ParameterSpace().set_index_parameter(index, "efSearch", ef)
+            r = measure(backend_searcher(FaissBackend(index)), queries, truth, budget_s)
+            r.update(work(index, queries, ef_params={"efSearch": ef}))
+            add("faiss HNSW32,Flat (plain, fixed efSearch)", f"efC={ef_construction} efSearch={ef}", bs, mem, r)
+        add_tuned(add, index, "HNSW32,Flat", base, queries, truth, budget_s, bs, mem, target,
+                  default_factory == "HNSW32,Flat")  # fmt: skip
+        del index
 
-    if ivf:
-        factory = choose_factory(max(n, 1_000_000), dim)  # the rule's IVF-PQ at n >= 1M; scaled nlist below that
-        if n < 1_000_000:
-            import math
+    nlist = nlist_for(n)
+    for refine in refines:
+        factory = f"IVF{nlist},PQ{_fastscan_m(dim)}x4fs,{refine}"
+        index, bs, _ = build(factory, base)
+        mem = memory_bytes(factory, n, dim) / 2**20
+        log(f"n={n:,}: {factory} built in {bs:.0f} s")
+        if rerank_grid and refine == "RFlat":
+            for nprobe in (16, 32, 64, 128):
+                for kf in (4, 16):
+                    params = {"nprobe": min(nprobe, nlist), "k_factor": kf}
+                    tune.apply_params(index, params)
+                    r = measure(backend_searcher(FaissBackend(index)), queries, truth, budget_s)
+                    r.update(work(index, queries, ef_params=params))
+                    add(f"faiss {factory} (fixed)", _fmt(params), bs, mem, r)
+        add_tuned(add, index, factory, base, queries, truth, budget_s, bs, mem, target, default_factory == factory)
+        del index
 
-            nlist = max(16, min(2 ** round(math.log2(4 * math.sqrt(n))), 2 ** int(math.log2(n / 39))))
-            factory = f"IVF{nlist},PQ{dim // 8}"
+    if ivf:  # the old rule's IVF-PQ without re-ranking (before issue 15), for comparison
+        factory = f"IVF{nlist},PQ{dim // 8}"
         if compare_blas:  # before/after: faiss 1.15's default BLAS threshold vs 20 for the k-means of IVF-PQ training
             for th in (default_threshold, 20):
                 faiss.cvar.distance_compute_blas_threshold = th
@@ -242,7 +318,7 @@ def run(
         for nprobe in (8, 32, 128):
             faiss.ParameterSpace().set_index_parameter(ivf, "nprobe", nprobe)
             add(
-                f"faiss {factory} (FaissBackend)",
+                f"faiss {factory} (old rule, no re-rank)",
                 f"nprobe={nprobe}",
                 bs,
                 code_mib,
@@ -263,38 +339,49 @@ def run(
 
 
 def summary(rows: list[dict]) -> str:
-    """Speed-ups against numpy at each size, and the HNSW target check (recall >= 0.95 at >= 50x Flat)."""
+    """Per size and data set: exact search against numpy, what the default (rule + tuning) gives with no flags, and
+    the fastest single-query setting at recall@10 >= 0.95 against Flat."""
     lines = []
-    for n in sorted({r["n"] for r in rows}):
-        at = [r for r in rows if r["n"] == n]
+    for n, label in sorted({(r["n"], r.get("data", "")) for r in rows}):
+        at = [r for r in rows if r["n"] == n and r.get("data", "") == label]
         for r in at:
             if r["method"].endswith(" build"):
                 lines.append(f"- n={n:,}: {r['method']} with {r['params']}: {r['build_s']:.1f} s")
         naive = next(r for r in at if r["method"].startswith("numpy"))
         flat = next(r for r in at if r["method"].startswith("faiss Flat"))
-        torch_cpu = next(r for r in at if r["method"].startswith("exact torch (TorchBackend, CPU"))
-        ok = [r for r in at if "HNSW" in r["method"] and r.get("recall@10", 0) >= 0.95]
-        best = max(ok, key=lambda r: r["qps_b1"]) if ok else None
+        load = sorted(r["load_1min"] for r in at if "load_1min" in r)
         msg = (
-            f"- n={n:,}: faiss Flat {flat['qps_b1'] / naive['qps_b1']:.1f}x numpy's queries/s at batch 1, "
-            f"{flat['qps_b1024'] / naive['qps_b1024']:.1f}x at batch 1024; exact torch (CPU) "
-            f"{torch_cpu['qps_b1'] / naive['qps_b1']:.1f}x / {torch_cpu['qps_b1024'] / naive['qps_b1024']:.1f}x."
+            f"- **n={n:,}, {label}** (1-min load {load[0]}-{load[-1]}): faiss Flat "
+            f"{flat['qps_b1'] / naive['qps_b1']:.1f}x numpy's queries/s at batch 1, "
+            f"{flat['qps_b1024'] / naive['qps_b1024']:.1f}x at batch 1024."
         )
+        default = next((r for r in at if "DEFAULT" in r["method"]), None)
+        if default:
+            msg += (
+                f" Default ({default['method'].split(' (')[0].replace('faiss ', '')}, {default['params'] or 'exact'}): "
+                f"recall@10 {default['recall@10']:.3f} on held-out queries, {default['qps_b1'] / flat['qps_b1']:.0f}x "
+                f"Flat at batch 1 (p50 {default['p50_ms_b1']:.2f} ms), "
+                f"{default['qps_b1024'] / flat['qps_b1024']:.1f}x at batch 1024."
+            )
+        ok = [
+            r
+            for r in at
+            if r.get("recall@10", 0) >= 0.95 and not r["method"].startswith(("numpy", "exact", "faiss Flat"))
+        ]
+        best = max(ok, key=lambda r: r["qps_b1"]) if ok else None
         if best:
             msg += (
-                f" HNSW at recall@10 {best['recall@10']:.3f} ({best['params']}): "
-                f"{best['qps_b1'] / flat['qps_b1']:.0f}x Flat's queries/s at batch 1, "
-                f"{best['qps_b1024'] / flat['qps_b1024']:.1f}x at batch 1024."
+                f" Fastest at recall >= 0.95: {best['method'].replace('faiss ', '')} {best['params']}, "
+                f"{best['qps_b1'] / flat['qps_b1']:.0f}x Flat (p50 {best['p50_ms_b1']:.2f} ms, recall "
+                f"{best['recall@10']:.3f})."
             )
-        else:
-            top = max((r for r in at if "HNSW" in r["method"]), key=lambda r: r.get("recall@10", 0))
-            msg += f" HNSW never reached recall@10 0.95 (best {top['recall@10']:.3f}, {top['params']})."
         lines.append(msg)
     return "\n".join(lines) + "\n"
 
 
 COLUMNS = [
     "n",
+    "data",
     "method",
     "params",
     "qps_b1",
@@ -302,20 +389,57 @@ COLUMNS = [
     "p99_ms_b1",
     "qps_b1024",
     "recall@10",
+    "sample_recall",
     "dist_per_query",
+    "reranked_per_query",
+    "kib_per_query",
     "mem_mib",
     "build_s",
+    "tune_s",
+    "load_1min",
 ]
+
+
+def real_vectors(index_dir: str, n: int, n_queries: int = 2048, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+    """A real index's image and report vectors (read-only), tiled with small noise to `n`, and held-out queries
+    drawn the same way. The noise norm is the median distance between a real vector and its nearest other real
+    vector, so copies of one vector are no closer to each other than real neighbours are."""
+    import faiss
+
+    from index.store import resolve
+
+    gen = resolve(index_dir).gen_dir
+    parts = [faiss.read_index(str(gen / name)) for name in ("images.faiss", "reports.faiss")]
+    real = np.concatenate([p.reconstruct_n(0, p.ntotal) for p in parts]).astype(np.float32)
+    real = np.unique(real, axis=0)  # a study's report is stored once per image
+    sims = real @ real.T
+    np.fill_diagonal(sims, -np.inf)
+    nn = np.sqrt(np.maximum(0.0, 2 - 2 * sims.max(axis=1)))
+    scale = float(np.median(nn)) / np.sqrt(real.shape[1])
+    rng = np.random.default_rng(seed)
+
+    def draw(m: int) -> np.ndarray:
+        x = real[rng.integers(0, len(real), m)] + scale * rng.standard_normal((m, real.shape[1]), dtype=np.float32)
+        return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
+
+    label = f"real: {len(real):,} demo vectors (d {real.shape[1]}) tiled, noise {scale * np.sqrt(real.shape[1]):.3f}"
+    return draw(n), draw(n_queries), label
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--budget", type=float, default=3.0, help="seconds of single queries per configuration")
     p.add_argument("--ef-construction", type=int, default=40, help="HNSW build effort (faiss default 40)")
     p.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128, 256])
-    p.add_argument("--no-ivf", action="store_true", help="skip IVF-PQ (its k-means at 1M is long on 2 cores)")
+    p.add_argument("--target-recall", type=float, default=0.95, help="what the tuned rows tune to")
+    p.add_argument("--old-ivf", action="store_true", help="also the old rule's IVF-PQ without re-ranking")
+    p.add_argument("--no-hnsw", action="store_true", help="skip plain HNSW (its build at 1M is long on 2 cores)")
+    p.add_argument("--no-grid", action="store_true", help="skip the fixed nprobe x k_factor grid of IVF-PQ-RFlat")
+    p.add_argument("--refines", nargs="+", default=["RFlat", "Refine(SQ8)"], help="re-ranking steps of IVF-PQ")
+    p.add_argument("--real-index", metavar="DIR", help="an index folder whose vectors are tiled for the real rows")
+    p.add_argument("--real-n", type=int, default=100_000, help="how many tiled real vectors")
     p.add_argument("--threads", type=int, default=None, help="faiss/torch threads (default: all cores)")
     p.add_argument(
         "--blas-threshold",
@@ -335,7 +459,7 @@ def main() -> None:
         help="eigenvalue decay of the synthetic vectors (0: uniform on the sphere, the worst case)",
     )
     p.add_argument("--fit-spectrum", metavar="MODEL_DIR", help="print alpha fitted on a model's stored text features")
-    p.add_argument("--append", action="store_true", help="keep rows of other sizes already in the results file")
+    p.add_argument("--append", action="store_true", help="keep rows of other sizes/data already in the results file")
     p.add_argument("--name", default="search_speed_cpu")
     a = p.parse_args()
     if a.fit_spectrum:
@@ -355,17 +479,27 @@ def main() -> None:
     faiss.cvar.distance_compute_blas_threshold = a.blas_threshold
     faiss.omp_set_num_threads(threads)
     torch.set_num_threads(threads)
+    runs: list[tuple[int, tuple | None]] = [(n, None) for n in a.sizes]
+    if a.real_index:
+        runs.append((a.real_n, "real"))
     rows: list[dict] = []
     old = RESULTS / f"{a.name}.json"
     if a.append and old.exists():
-        rows = [r for r in json.loads(old.read_text())["rows"] if r["n"] not in a.sizes]
+        real = bool(a.real_index)
+        rows = [
+            r
+            for r in json.loads(old.read_text())["rows"]
+            if not (r.get("data", "").startswith("real") and real)
+            and not (not r.get("data", "").startswith("real") and r["n"] in a.sizes)
+        ]
     cmd = " ".join(["python -m benchmarks.search_speed"] + sys.argv[1:])
     t_start = time.perf_counter()
 
     def log(x: object) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f} s] {x}", flush=True)
 
-    for n in a.sizes:
+    for n, kind in runs:
+        data = real_vectors(a.real_index, n) if kind == "real" else None
         rows += run(
             n,
             a.dim,
@@ -375,10 +509,15 @@ def main() -> None:
             a.compare_blas and n == a.sizes[0],
             default_threshold,
             tuple(a.ef_search),
-            not a.no_ivf,
+            a.old_ivf,
             a.spectrum_alpha,
+            a.target_recall,
+            not a.no_grid,
+            data,
+            not a.no_hnsw,
+            tuple(a.refines),
         )
-        rows.sort(key=lambda r: r["n"])
+        rows.sort(key=lambda r: (r.get("data", "").startswith("real"), r["n"]))
         md = summary(rows) + "\n" + markdown_table(rows, COLUMNS)
         result = {
             "dim": a.dim,
@@ -390,6 +529,7 @@ def main() -> None:
             "ef_construction": a.ef_construction,
             "ef_search": a.ef_search,
             "spectrum_alpha": a.spectrum_alpha,
+            "target_recall": a.target_recall,
             "rows": rows,
         }
         write_results(a.name, result, md, cmd)  # after every size, so a long run keeps what it has

@@ -32,6 +32,14 @@ def _print_result(result, as_json: bool, verb: str) -> None:
         f"{verb} [bold]{d['index']}[/]: {d['added']:,} images ({d['count']:,} in the index, factory {d['factory']}) "
         f"in {d['seconds']:.1f} s; {d['resumed_rows']:,} rows were already done from an interrupted run"
     )
+    for target, rec in (d.get("search") or {}).items():
+        params = ", ".join(f"{k} {v}" for k, v in rec.get("params", {}).items()) or "none (exact)"
+        colour = "" if rec.get("met", True) else "[yellow]"
+        console.print(
+            f"{colour}{target}: search parameters {params}; recall@{rec['k']} {rec['recall']:.3f} "
+            f"(target {rec['target']:.2f}, {rec['queries']:,} sample queries)"
+            + ("" if rec.get("met", True) else " [bold]below the target[/]")
+        )
     if d["bad_images"]:
         console.print(
             f"[yellow]skipped {d['bad_images']} row(s) ({d['refused_rows']} refused by the manifest check, "
@@ -54,8 +62,25 @@ def build_cmd(
     model: str = typer.Option(..., "--model", help="Model folder (saved by `cxr train`) or model name."),
     out: Path = typer.Option(..., "--out", "-o", help="Index folder to create (rerun the same command to resume)."),
     factory: str | None = typer.Option(
-        None, "--factory", help="faiss index_factory string; default by size: Flat, HNSW32,Flat, IVF..,PQ.."
+        None,
+        "--factory",
+        help="faiss index_factory string (experts); default by size and --max-memory: Flat, HNSW32,Flat, "
+        "IVF..,PQ..x4fs,RFlat (re-ranked)",
     ),
+    target_recall: float = typer.Option(
+        0.95, "--target-recall", min=0.01, max=1.0, help="recall@10 the tuned search parameters must reach."
+    ),
+    max_memory: str | None = typer.Option(
+        None, "--max-memory", help="RAM budget of each FAISS index (e.g. 2G, 512M); picks a smaller re-ranked type."
+    ),
+    engine: str = typer.Option(
+        "local", "--engine", help="local (DataLoader workers) or ray (Ray Data actors; needs the 'ray' extra)."
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: a local Ray."
+    ),
+    ray_actors: int | None = typer.Option(None, "--ray-actors", min=1, help="Encoding actors (default: one per CPU)."),
+    ray_gpus: float = typer.Option(0, "--ray-gpus", min=0, help="GPUs per Ray actor (1 on a GPU cluster)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per encoder batch."),
     workers: int = typer.Option(2, "--workers", min=0, help="DataLoader processes decoding images."),
     shard_rows: int = typer.Option(1024, "--shard-rows", min=1, help="Rows per committed shard (resume unit)."),
@@ -65,14 +90,21 @@ def build_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Build an image + report index from a manifest: streaming, resumable after a kill, bad images skipped."""
-    from index.build import build_index, prepare
+    from index.build import BuildOptions, build_index, prepare
+    from index.factory import parse_memory
 
+    budget = parse_memory(max_memory)
+    if engine == "ray":
+        from index.ray_build import require_ray
+
+        require_ray()  # before the manifest check and the model load
     prepare(manifest, allow_outside, skip_bad_rows)  # a bad manifest fails before the model loads
     m = _load_model(model, device)
-    result = build_index(
-        manifest, m, out, factory, batch_size, workers, shard_rows, model_path=model,
-        allow_outside=allow_outside, skip_bad_rows=skip_bad_rows,
+    opts = BuildOptions(
+        factory, batch_size, workers, shard_rows, model, None, True, allow_outside, skip_bad_rows,
+        target_recall, budget, engine, ray_address, ray_actors, ray_gpus,
     )  # fmt: skip
+    result = build_index(manifest, m, out, options=opts)
     _print_result(result, as_json, "built")
 
 
@@ -138,6 +170,7 @@ def info_cmd(
         ("studies / patients", f"{s['studies']:,} / {s['patients']:,}"),
         ("with report text", f"{s['with_report']:,}"),
         ("factory / metric", f"{s['factory']} / {s['metric']} (L2-normalised, dim {s['dim']})"),
+        *_search_rows(s.get("search")),
         ("reports", s.get("reports", "")),
         ("model", f"{model.get('name')}  fingerprint {model.get('fingerprint')}  {model.get('path', '')}"),
         ("splits", ", ".join(f"{k or '(none)'} {v:,}" for k, v in s["splits"].items())),
@@ -151,6 +184,24 @@ def info_cmd(
     for k, v in rows:
         t.add_row(k, str(v))
     Console().print(t)
+
+
+def _search_rows(search: dict | None) -> list[tuple[str, str]]:
+    """`cxr index info` lines for the tuned search parameters (an index written before tuning has none)."""
+    if not search:
+        return [("search parameters", "not tuned (built before tuning): faiss defaults")]
+    out = []
+    for target, rec in search.items():
+        params = ", ".join(f"{k} {v}" for k, v in rec.get("params", {}).items())
+        if rec.get("method") == "exact":
+            text = "none (exact search)"
+        else:
+            text = (
+                f"{params or 'defaults'}: recall@{rec['k']} {rec['recall']:.3f} on {rec['queries']:,} sample "
+                f"queries (target {rec['target']:.2f}{'' if rec.get('met', True) else ', NOT reached'})"
+            )
+        out.append((f"search ({target})", text))
+    return out
 
 
 def verify_cmd(

@@ -55,8 +55,15 @@ def query_cmd(
     model: str | None = typer.Option(None, "--model", help="Model (default: the folder recorded in the index)."),
     k: int = typer.Option(5, "-k", min=1, help="How many results."),
     target: str = typer.Option("reports", "--target", help="Search 'reports' (one per study) or 'images'."),
-    nprobe: int | None = typer.Option(None, "--nprobe", min=1, help="IVF indexes: inverted lists to visit."),
-    ef_search: int | None = typer.Option(None, "--ef-search", min=1, help="HNSW indexes: search breadth."),
+    nprobe: int | None = typer.Option(
+        None, "--nprobe", min=1, help="IVF indexes: inverted lists to visit (default: tuned at build time)."
+    ),
+    ef_search: int | None = typer.Option(
+        None, "--ef-search", min=1, help="HNSW indexes: search breadth (default: tuned at build time)."
+    ),
+    k_factor: int | None = typer.Option(
+        None, "--k-factor", min=1, help="Re-ranking indexes: candidates re-scored per result (default: tuned)."
+    ),
     exclude_patient: str | None = typer.Option(None, "--exclude-patient", help="Leave out this patient's rows."),
     findings: str = typer.Option(
         "auto", "--findings", help="Text queries: auto keeps to reports with the findings the text names; off."
@@ -95,7 +102,9 @@ def query_cmd(
 
         pixels = read_image(image)
     m = _load_model(model or recorded_model(opened.info, index), device)
-    searcher = Searcher(opened, m, backend=backend, device=device, nprobe=nprobe, ef_search=ef_search, mmap=mmap)
+    searcher = Searcher(
+        opened, m, backend=backend, device=device, nprobe=nprobe, ef_search=ef_search, mmap=mmap, k_factor=k_factor
+    )
 
     if batch:
         _run_batch(searcher, image, out, k, target, exclude_patient, batch_size, workers, as_json)

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from index import store
+from index import store, tune
 from index.factory import add_chunks, choose_factory, make_index, train_index, train_size
-from retrieval.errors import IndexError_, ManifestError
+from retrieval.errors import IndexError_, ManifestError, UsageError
 from retrieval.fileio import atomic_path, clean_temporaries, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,13 @@ class BuildOptions:
     progress: bool = True
     allow_outside: bool = False
     skip_bad_rows: bool = False
+    target_recall: float = tune.DEFAULT_TARGET
+    max_memory: int | None = None  # bytes the index may take in RAM (the default factory rule honours it)
+    engine: str = "local"  # "local" (DataLoader workers) or "ray" (index/ray_build.py)
+    ray_address: str | None = None
+    ray_actors: int | None = None
+    ray_gpus: float = 0
+    model_loader: Any = None  # ray: a picklable callable returning the model in each actor
 
 
 @dataclass
@@ -86,6 +93,7 @@ class BuildResult:
     already_done: bool = False
     generation: str = ""
     refused: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=store.BAD_COLUMNS))
+    search: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         """JSON-friendly summary for `--json`."""
@@ -102,6 +110,7 @@ class BuildResult:
             "seconds": round(self.seconds, 2),
             "already_done": self.already_done,
             "generation": self.generation,
+            "search": self.search,
         }
 
 
@@ -279,6 +288,39 @@ def check_shards(work: Path, n: int, shard_rows: int, dim: int) -> None:
         load_shard(p, s * shard_rows, min(n, (s + 1) * shard_rows), dim)
 
 
+def pending_shards(work: Path, rows: pd.DataFrame, shard_rows: int, dim: int) -> tuple[list[int], int]:
+    """(the shards of `rows` not yet in `work`, rows already done), after removing temporaries and checking the
+    shards that are there."""
+    _clean_partial(work)
+    n = len(rows)
+    check_shards(work, n, shard_rows, dim)
+    n_shards = (n + shard_rows - 1) // shard_rows
+    pending = [s for s in range(n_shards) if not _shard_path(work, s).is_file()]
+    return pending, n - sum(min(shard_rows, n - s * shard_rows) for s in pending)
+
+
+def encode_shard(
+    work: Path, s: int, lo: int, paths: list[str], texts: list[str], model: Any, batch_size: int, precision: str | None
+) -> int:
+    """Encode one shard (rows lo.. of the manifest, their image paths and report texts) in this process, without
+    DataLoader workers, and write it (the Ray engine's unit of work). Returns how many images were unreadable."""
+    from index.encode import stream_image_vectors
+
+    batches = [list(range(b, min(len(paths), b + batch_size))) for b in range(0, len(paths), batch_size)]
+    ids_l, vecs_l, bad_l = [], [], []
+    for ids, vecs, bad in stream_image_vectors(paths, model, batches, workers=0, precision=precision):
+        ids_l.append(ids)
+        vecs_l.append(vecs)
+        bad_l.extend((lo + i, r) for i, r in bad)
+    local = np.concatenate(ids_l).astype(np.int64) if ids_l else np.zeros(0, np.int64)
+    img = np.concatenate(vecs_l) if len(local) else np.zeros((0, model.embed_dim), np.float32)
+    txt = np.zeros((0, model.embed_dim), np.float32)
+    if len(local):
+        txt = np.asarray(model.encode_texts([texts[i] for i in local], batch_size=batch_size), np.float32)
+    _write_shard(_shard_path(work, s), local + lo, img, txt, bad_l)
+    return len(bad_l)
+
+
 def encode_shards(
     work: Path,
     rows: pd.DataFrame,
@@ -293,12 +335,8 @@ def encode_shards(
     from index.encode import stream_image_vectors
     from retrieval.progress import make_progress
 
-    _clean_partial(work)
     n = len(rows)
-    check_shards(work, n, shard_rows, int(model.embed_dim))
-    n_shards = (n + shard_rows - 1) // shard_rows
-    pending = [s for s in range(n_shards) if not _shard_path(work, s).is_file()]
-    done_rows = n - sum(min(shard_rows, n - s * shard_rows) for s in pending)
+    pending, done_rows = pending_shards(work, rows, shard_rows, int(model.embed_dim))
     batches: list[list[int]] = []
     batch_shard: list[int] = []
     batches_left: dict[int, int] = {}
@@ -389,6 +427,49 @@ def _fill(work: Path, key: str, factory: str, dim: int, n: int) -> Any:
     return index
 
 
+def _gather(work: Path, key: str, ids: np.ndarray) -> np.ndarray:
+    """The vectors of the given (sorted) row ids, read one shard at a time."""
+    out, offset = [], 0
+    for chunk in _iter_shards(work, key):
+        sel = ids[(ids >= offset) & (ids < offset + len(chunk))] - offset
+        out.append(chunk[sel])
+        offset += len(chunk)
+    return np.concatenate(out)
+
+
+def _tune_from_shards(work: Path, key: str, index: Any, n: int, target: float) -> dict:
+    """Tune `index` (filled from the shards in `work`) to `target` recall@10; its record for index_info.json."""
+    k = min(tune.K, n - 1)
+    if k < 1 or tune.is_exact(index):
+        return tune.Tuning({}, 1.0, target, 0, True, max(k, 1), "exact").record()
+    ids = tune.sample_ids(n)
+    chunks = lambda: _iter_shards(work, key)  # noqa: E731
+    queries, qids, truth, scores, how = tune.tuning_queries(index, _gather(work, key, ids), ids, chunks, k)
+    result = tune.tune(index, queries, truth, qids, target, scores)
+    result.sample = how
+    return result.record()
+
+
+def retune(index: Any, record: dict | None, target: float) -> dict | None:
+    """Tune an index again after an add, from the exact vectors it keeps; without them, the old record."""
+    vectors = tune.stored_vectors(index)
+    if vectors is None or len(vectors) < 2:
+        if record is not None:
+            tune.apply_params(index, record.get("params", {}))
+        return record
+    return tune.tune_on_vectors(index, vectors, target).record()
+
+
+def _warn_unmet(search: dict, factory: str, chosen: bool) -> None:
+    for target, rec in search.items():
+        if not rec.get("met", True):
+            hint = "pick another --factory (or none, for the default rule)" if chosen else "raise --max-memory"
+            log.warning(
+                "%s index %s reaches only recall@%d %.3f at its best setting (target %.2f); %s",
+                target, factory, rec["k"], rec["recall"], rec["target"], hint,
+            )  # fmt: skip
+
+
 def _meta(rows: pd.DataFrame, good: np.ndarray, start: int = 0) -> pd.DataFrame:
     meta = rows.iloc[good].reset_index(drop=True)
     meta.insert(0, "row_id", np.arange(start, start + len(meta), dtype=np.int64))
@@ -463,8 +544,41 @@ def _done(out: Path, info: dict, digest: str, work: Path, t0: float, kind: str) 
     n = int(info["count"])
     log.info("%s: this %s is already committed (%s)", out, kind, ref.name)
     return BuildResult(
-        out, n, 0, bad.iloc[0:0], info["factory"], 0, int(rec.get("rows", 0)), time.perf_counter() - t0, True, ref.name
-    )
+        out, n, 0, bad.iloc[0:0], info["factory"], 0, int(rec.get("rows", 0)), time.perf_counter() - t0, True, ref.name,
+        search=info.get("search") or {},
+    )  # fmt: skip
+
+
+def _encode_on_ray(work: Path, rows: pd.DataFrame, model: Any, opts: BuildOptions) -> tuple[int, int]:
+    """The missing shards encoded by Ray Data actors (index/ray_build.py); (rows encoded now, rows already done)."""
+    from index.ray_build import encode_shards_ray
+
+    loader = opts.model_loader or _model_loader(opts.model_path, model, opts.ray_gpus)
+    pending, done_rows = pending_shards(work, rows, opts.shard_rows, int(model.embed_dim))
+    encoded = encode_shards_ray(
+        work, rows, pending, opts.shard_rows, loader, opts.batch_size, opts.precision, opts.ray_actors,
+        opts.ray_gpus, opts.ray_address, opts.progress,
+    )  # fmt: skip
+    return encoded, done_rows
+
+
+def _model_loader(model_path: Any, model: Any, gpus: float = 0) -> Any:
+    """What each Ray actor calls to load the model: the model folder or name the build was given."""
+    import functools
+
+    from retrieval.models import load_model
+
+    if model_path is None:
+        raise UsageError("--engine ray loads the model in each worker: give the model's folder or name (model_path)")
+    device = "cuda" if gpus else "cpu"
+    return functools.partial(_load_checked, load_model, str(model_path), str(model.fingerprint), device)
+
+
+def _load_checked(load: Any, name: str, fingerprint: str, device: str) -> Any:
+    model = load(name, device=device)
+    if str(model.fingerprint) != fingerprint:
+        raise IndexError_(f"{name}: a Ray worker loaded fingerprint {model.fingerprint}, the build has {fingerprint}")
+    return model
 
 
 def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildResult:
@@ -473,6 +587,12 @@ def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildRes
     store.collect_garbage(out)  # leftovers of a killed commit: unfinished generations, temporaries
     if opts.factory is not None:
         make_index(opts.factory, int(model.embed_dim))  # a bad --factory fails now, not after encoding
+    if opts.engine not in ("local", "ray"):
+        raise UsageError(f"--engine must be 'local' or 'ray', got {opts.engine!r}")
+    if opts.engine == "ray":
+        from index.ray_build import require_ray
+
+        require_ray()  # a missing extra fails before any work
     if store.has_index(out):
         info = store.read_info(out)
         rows, _ = prepare(manifest, opts.allow_outside, opts.skip_bad_rows)
@@ -483,6 +603,8 @@ def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildRes
             return done
         raise IndexError_(f"{out}: already holds an index; extend it with `cxr index add` or choose another --out")
     rows, refused = prepare(manifest, opts.allow_outside, opts.skip_bad_rows)
+    if opts.factory is None and opts.max_memory is not None:
+        choose_factory(len(rows), int(model.embed_dim), opts.max_memory)  # a budget too small fails before encoding
     digest = manifest_digest(rows)
     _check_plan(
         work,
@@ -494,20 +616,29 @@ def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildRes
             "shard_rows": opts.shard_rows,
         },
     )
-    encoded, resumed = encode_shards(
-        work, rows, model, opts.batch_size, opts.workers, opts.shard_rows, opts.precision, opts.progress
-    )
+    if opts.engine == "ray":
+        encoded, resumed = _encode_on_ray(work, rows, model, opts)
+    else:
+        encoded, resumed = encode_shards(
+            work, rows, model, opts.batch_size, opts.workers, opts.shard_rows, opts.precision, opts.progress
+        )
 
     good, bad, dim = _collect(work, rows)
     all_bad = _all_bad(bad, refused)
     if len(good) == 0:
         store.write_bad(all_bad, out / store.BAD_FILE)
         raise IndexError_(f"{out}: none of the {len(rows)} images could be read; see {out / store.BAD_FILE}")
-    factory = opts.factory or choose_factory(len(good), dim)
+    factory = opts.factory or choose_factory(len(good), dim, opts.max_memory)
     images = _fill(work, "images", factory, dim, len(good))
     reports = _fill(work, "reports", factory, dim, len(good))
+    search = {
+        key: _tune_from_shards(work, key, idx, len(good), opts.target_recall)
+        for key, idx in (("images", images), ("reports", reports))
+    }
+    _warn_unmet(search, factory, opts.factory is not None)
     info = {
         "factory": factory,
+        "search": search,
         "normalized": True,
         "model": store.model_record(model, opts.model_path),
         "reports": REPORTS_NOTE,
@@ -520,7 +651,7 @@ def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildRes
     shutil.rmtree(work, ignore_errors=True)
     return BuildResult(
         out, len(good), len(good), all_bad, factory, encoded, resumed, time.perf_counter() - t0, False, gen.name,
-        refused,
+        refused, search,
     )
 
 
@@ -580,7 +711,6 @@ def _add(out: Path, manifest: Any, model: Any, opts: BuildOptions) -> BuildResul
         work, rows, model, opts.batch_size, opts.workers, opts.shard_rows, opts.precision, opts.progress
     )
     good, bad, _ = _collect(work, rows)
-    target = base + len(good)
     images, reports = current.images, current.reports  # in memory: the files of the old generation stay as they are
     add_chunks(images, _iter_shards(work, "images"))
     add_chunks(reports, _iter_shards(work, "reports"))
@@ -589,6 +719,14 @@ def _add(out: Path, manifest: Any, model: Any, opts: BuildOptions) -> BuildResul
     old_bad = store.read_bad(out)
     all_bad = pd.concat([old_bad, new_bad], ignore_index=True).drop_duplicates(subset=["image_id", "path"])
     info = {k: v for k, v in info.items() if k != "files"}
+    old_search = info.get("search") or {}
+    search = {
+        key: retune(idx, old_search.get(key), (old_search.get(key) or {}).get("target", opts.target_recall))
+        for key, idx in (("images", images), ("reports", reports))
+    }
+    if all(v is not None for v in search.values()):
+        info["search"] = search
+        _warn_unmet(search, info["factory"], True)
     info["updated"] = store.now_iso()
     info["manifests"] = list(info.get("manifests", [])) + [
         _manifest_record(manifest, rows, len(good), len(new_bad), digest, "add")
@@ -596,6 +734,6 @@ def _add(out: Path, manifest: Any, model: Any, opts: BuildOptions) -> BuildResul
     gen = store.commit_generation(out, images, reports, meta, info, all_bad)
     shutil.rmtree(work, ignore_errors=True)
     return BuildResult(
-        out, target, len(good), new_bad, info["factory"], encoded, resumed, time.perf_counter() - t0, False,
-        gen.name, refused,
+        out, base + len(good), len(good), new_bad, info["factory"], encoded, resumed, time.perf_counter() - t0, False,
+        gen.name, refused, info.get("search") or {},
     )

@@ -136,9 +136,11 @@ _APPROXIMATE_CODES = ("PQ", "SQ", "LSH", "RaBitQ")
 
 def scores_are_bounded(info: dict) -> bool:
     """True when every score of the index must lie in [-1, 1]: normalised vectors, inner product, and a factory
-    that keeps exact vectors (or re-ranks with them). Compressed codes (PQ, SQ, ...) may stray a little."""
+    that keeps exact vectors (or re-ranks with them: `,RFlat`). Compressed codes (PQ, SQ, a Refine(SQ8) re-rank)
+    may stray a little."""
     factory = str(info.get("factory", ""))
-    exact = not any(code in factory for code in _APPROXIMATE_CODES) or "RFlat" in factory or "Refine" in factory
+    reranked_exact = factory.endswith(",RFlat") or factory.endswith(",Refine(Flat)")
+    exact = not any(code in factory for code in _APPROXIMATE_CODES) or reranked_exact
     return bool(info.get("normalized", True)) and info.get("metric", "inner_product") == "inner_product" and exact
 
 
@@ -159,12 +161,19 @@ def check_scores(scores: np.ndarray, ids: np.ndarray, where: Any, norms: np.ndar
         )
 
 
-def set_search_params(index: Any, nprobe: int | None = None, ef_search: int | None = None) -> None:
+def set_search_params(
+    index: Any, nprobe: int | None = None, ef_search: int | None = None, k_factor: int | None = None
+) -> None:
     """Set query-time parameters through faiss.ParameterSpace; one the index lacks is a usage error."""
     import faiss
 
     ps = faiss.ParameterSpace()
-    for flag, name, value in (("--nprobe", "nprobe", nprobe), ("--ef-search", "efSearch", ef_search)):
+    flags = (
+        ("--nprobe", "nprobe", nprobe, "IVF indexes"),
+        ("--ef-search", "efSearch", ef_search, "HNSW indexes"),
+        ("--k-factor", "k_factor_rf", k_factor, "re-ranking indexes (...,RFlat or Refine(...))"),
+    )
+    for flag, name, value, applies in flags:
         if value is None:
             continue
         if value < 1:
@@ -173,12 +182,27 @@ def set_search_params(index: Any, nprobe: int | None = None, ef_search: int | No
             ps.set_index_parameter(index, name, int(value))
         except RuntimeError as e:
             kind = type(faiss.downcast_index(index)).__name__
-            applies = "IVF indexes" if name == "nprobe" else "HNSW indexes"
             raise UsageError(f"{flag} applies to {applies}; this index is {kind}") from e
+
+
+def apply_tuned(index: Any, info: dict, target: str, where: Any) -> dict[str, int]:
+    """Set the parameters tuned at build time (index_info.json `search`) on one index; returns them ({} for an
+    index written before tuning, which keeps faiss's defaults)."""
+    from index.tune import apply_params
+
+    params = dict(((info.get("search") or {}).get(target) or {}).get("params") or {})
+    try:
+        apply_params(index, params)
+    except RuntimeError:
+        raise IndexError_(f"{where}: index_info.json records search parameters {params} this index lacks") from None
+    return params
 
 
 class Searcher:
     """Query an index folder by image, text or vector; results are DataFrames of RESULT_COLUMNS.
+
+    Searches use the efSearch / nprobe / k_factor tuned at build time (index_info.json `search`); `nprobe`,
+    `ef_search` and `k_factor` override them (`search_params` holds what applies per target).
 
     `model` is needed for image and text queries (its fingerprint must match the index); vector queries need
     none.
@@ -194,6 +218,7 @@ class Searcher:
         nprobe: int | None = None,
         ef_search: int | None = None,
         mmap: bool = False,
+        k_factor: int | None = None,
     ):
         self.index = index_dir if isinstance(index_dir, CXRIndex) else open_index(index_dir, model, mmap=mmap)
         if isinstance(index_dir, CXRIndex) and model is not None:
@@ -201,8 +226,15 @@ class Searcher:
 
             check_model(self.index.info, model, self.index.path)
         self.model = model
-        for idx in (self.index.images, self.index.reports):
-            set_search_params(idx, nprobe, ef_search)
+        # The parameters tuned at build time, then the caller's overrides on top.
+        overrides = {"nprobe": nprobe, "efSearch": ef_search, "k_factor": k_factor}
+        self.search_params: dict[str, dict[str, int]] = {}
+        for target in ("images", "reports"):
+            idx = self.index.target(target)
+            params = apply_tuned(idx, self.index.info, target, self.index.file(target))
+            set_search_params(idx, nprobe, ef_search, k_factor)
+            params.update({k: int(v) for k, v in overrides.items() if v is not None})
+            self.search_params[target] = params
         self._backend_args = (backend, device, precision)
         self._backends: dict[str, Any] = {}
         meta = self.index.meta

@@ -103,6 +103,22 @@ class ModelRecord(BaseModel):
     path: str | None = None
 
 
+class SearchRecord(BaseModel):
+    """The query parameters tuned at build time for one FAISS file (index/tune.py) and the recall they measured.
+
+    Indexes written before tuning have no `search` record: they open as before, with faiss's defaults."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    params: dict[Literal["efSearch", "nprobe", "k_factor"], int] = Field(default_factory=dict)
+    recall: float = Field(ge=0, le=1)
+    target: float = Field(gt=0, le=1)
+    k: int = Field(default=10, ge=1)
+    queries: int = Field(default=0, ge=0)
+    met: bool = True
+    method: str = "measured"
+    sample: str | None = None
+
+
 class InfoSchema(BaseModel):
     """index_info.json, typed: a wrong type is refused with the field's name instead of a traceback later."""
 
@@ -122,6 +138,7 @@ class InfoSchema(BaseModel):
     created: str | None = None
     updated: str | None = None
     reports: str | None = None
+    search: dict[Literal["images", "reports"], SearchRecord] | None = None
 
 
 def validate_info(info: Any, where: str | Path) -> dict:
@@ -430,7 +447,9 @@ def _is_ivf(index: Any) -> bool:
 
 
 def read_faiss(path: Path, mmap: bool = False) -> Any:
-    """Read one FAISS file; `mmap` memory-maps the inverted lists (IVF indexes only)."""
+    """Read one FAISS file; `mmap` memory-maps what faiss can map: the inverted lists of IVF-Flat / IVF-PQ
+    (not the block lists of 4-bit fast-scan PQ, which are small), and the exact vectors of an `,RFlat` re-rank
+    (IO_FLAG_MMAP_IFC), which are most of a re-ranked index's bytes. Pages are read on demand by the OS."""
     import faiss
 
     if not path.is_file():
@@ -440,10 +459,14 @@ def read_faiss(path: Path, mmap: bool = False) -> Any:
     if len(head) < 4 or not all(48 <= b < 123 for b in head):
         raise IndexError_(f"{path}: corrupt FAISS file (no FAISS header)")
     try:
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
+        if not mmap:
+            return faiss.read_index(str(path), 0)
+        try:  # inverted lists and flat codes (the exact vectors of an RFlat re-rank) both mapped
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC)
+        except RuntimeError:  # faiss maps flat codes only where no inverted lists are mapped (IVF-Flat)
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
     except (RuntimeError, MemoryError) as e:
         raise IndexError_(f"{path}: corrupt FAISS file ({str(e).splitlines()[0][:160]})") from e
-    return index
 
 
 def read_meta_bytes(path: Path, rec: dict | None = None) -> pd.DataFrame:

@@ -7,7 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from index.factory import build_from_vectors, choose_factory, make_index
+from index.factory import (
+    build_from_vectors,
+    choose_factory,
+    make_index,
+    memory_bytes,
+    parse_memory,
+)
 from index.search import FaissBackend, Searcher, TorchBackend, make_backend, set_search_params
 from index.store import save_index
 from retrieval.errors import UsageError
@@ -97,13 +103,35 @@ def test_approximate_recall_at_10(factory, params):
 def test_choose_factory_rule():
     assert choose_factory(10, 256) == "Flat"
     assert choose_factory(49_999, 256) == "Flat"
-    assert choose_factory(50_000, 256) == "HNSW32,Flat"
-    assert choose_factory(999_999, 512) == "HNSW32,Flat"
-    assert choose_factory(1_000_000, 256) == "IVF4096,PQ32"
-    assert choose_factory(10_000_000, 512) == "IVF16384,PQ64"
-    assert choose_factory(2_000_000, 100) == "IVF4096,PQ10"  # m divides d
-    for f in ("Flat", "HNSW32,Flat", "IVF4096,PQ32"):
+    assert choose_factory(50_000, 256) == "IVF1024,PQ128x4fs,RFlat"
+    assert choose_factory(377_000, 512) == "IVF2048,PQ256x4fs,RFlat"  # MIMIC-CXR's images
+    assert choose_factory(1_000_000, 256) == "IVF4096,PQ128x4fs,RFlat"
+    assert choose_factory(10_000_000, 512) == "IVF16384,PQ256x4fs,RFlat"
+    assert choose_factory(2_000_000, 100) == "IVF4096,PQ50x4fs,RFlat"  # m divides d
+    for f in ("Flat", "HNSW32,Flat", "IVF4096,PQ128x4fs,RFlat"):
         assert make_index(f, 256).metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+def test_the_memory_budget_picks_a_smaller_re_ranked_index():
+    n, d = 1_000_000, 512
+    assert choose_factory(n, d, 3 * 2**30) == "IVF4096,PQ256x4fs,RFlat"
+    assert choose_factory(n, d, int(1.5 * 2**30)) == "IVF4096,PQ256x4fs,Refine(SQfp16)"
+    assert choose_factory(n, d, 2**30) == "IVF4096,PQ256x4fs,Refine(SQ8)"
+    assert choose_factory(1000, 64, 150_000) == "IVF16,PQ32x4fs,Refine(SQ8)"  # Flat (256 kB) does not fit
+    with pytest.raises(UsageError, match="max-memory"):
+        choose_factory(n, d, 100 * 2**20)
+    assert parse_memory("1.5G") == int(1.5 * 2**30) and parse_memory("512MiB") == 512 * 2**20
+    with pytest.raises(UsageError, match="max-memory"):
+        parse_memory("lots")
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32,Flat", "IVF64,PQ16x4fs,RFlat", "IVF64,PQ16x4fs,Refine(SQ8)"])
+def test_memory_estimates_match_the_written_index(factory):
+    """The budget rule's estimate against the bytes faiss actually writes (within 15%)."""
+    x = clustered(8000, 32, seed=9)
+    index, _ = build_from_vectors(x, factory)
+    real = len(faiss.serialize_index(index))
+    assert abs(memory_bytes(factory, len(x), 32) - real) <= 0.15 * real
 
 
 def test_bad_factory_is_a_usage_error():
@@ -199,6 +227,26 @@ def test_mmap_for_ivf_and_a_clear_error_otherwise(tmp_path):
     flat_path, _ = _vector_index(tmp_path / "b", x[:100])
     with pytest.raises(UsageError, match="--mmap works for IVF"):
         Searcher(flat_path, mmap=True)
+
+
+def test_mmap_of_a_re_ranked_index_maps_its_exact_vectors(tmp_path):
+    import os
+
+    x = clustered(4000, 64, seed=12)
+    path, _ = _vector_index(tmp_path, x, "IVF32,PQ32x4fs,RFlat")
+    a = Searcher(path, nprobe=8, k_factor=8)
+    b = Searcher(path, nprobe=8, k_factor=8, mmap=True)
+    for j in (3, 77, 1500):
+        pd.testing.assert_frame_equal(a.query_vector(x[j], k=5), b.query_vector(x[j], k=5))
+    # the refine store's codes point into the mapped file instead of a copy on the heap
+    refine = faiss.downcast_index(faiss.downcast_index(b.index.images).refine_index)
+    assert refine.ntotal == 4000
+    size = os.path.getsize(b.index.file("images"))
+    heap = faiss.downcast_index(faiss.downcast_index(a.index.images).refine_index).codes.size()
+    assert heap == 4000 * 64 * 4 and size > heap
+    assert not refine.codes.is_owned and refine.codes.size() == heap  # a view into the mapped file
+    assert faiss.downcast_index(faiss.downcast_index(a.index.images).refine_index).codes.is_owned
+    b.index.close()
 
 
 def test_nprobe_on_a_flat_index_is_refused_by_the_searcher(tmp_path):

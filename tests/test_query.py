@@ -226,3 +226,29 @@ def test_real_cxr_tiny_build_then_query_with_the_recorded_model(tiny_folder, cor
     assert main(["query", "--text", "pneumothorax", "--index", str(out), "-k", "2", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["results"]) == 2
     assert list(cache) == [str(tiny_folder)]  # loaded from the folder recorded in index_info.json
+
+
+def test_build_tunes_and_info_prints_the_search_parameters(corpus, tmp_path, fake_models, capsys):
+    out = tmp_path / "idx"
+    args = ["index", "build", "-m", str(corpus), "--model", "fake-0", "--out", str(out), "--workers", "0"]
+    assert main([*args, "--factory", "HNSW4,Flat", "--target-recall", "0.9", "--json"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    rec = built["search"]["images"]
+    assert rec["target"] == 0.9 and rec["queries"] == 24 and set(rec["params"]) == {"efSearch"}
+    assert main(["index", "info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["search"] == built["search"]
+    assert main(["index", "info", str(out)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"efSearch {rec['params']['efSearch']}: recall@10 {rec['recall']:.3f} on 24 sample queries" in text
+    # the Searcher behind `cxr query` uses them; --ef-search overrides
+    assert Searcher(out, FakeModel()).search_params["images"] == rec["params"]
+    assert Searcher(out, FakeModel(), ef_search=99).search_params["images"] == {"efSearch": 99}
+
+
+def test_a_bad_memory_budget_is_one_line_and_exit_2(corpus, tmp_path, fake_models, capsys):
+    args = ["index", "build", "-m", str(corpus), "--model", "fake-0", "--out", str(tmp_path / "i"), "--workers", "0"]
+    assert main([*args, "--max-memory", "lots"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-memory" in err and len(err.strip().splitlines()) == 1
+    assert main([*args, "--max-memory", "1k"]) == 2  # 24 vectors of dim 32 need more than 1 KiB
+    assert "too small" in capsys.readouterr().err
