@@ -138,6 +138,7 @@ def run_demo(
                 seed=seed,
                 show_progress=show_progress,
                 token_cache=str(tokens_dir),  # the frozen tower's one pass also gives the VLM its visual tokens
+                num_workers=1,  # a worker decodes the next batch while the tower runs
             ),
         )
     model.eval()
