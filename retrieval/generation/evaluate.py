@@ -194,6 +194,9 @@ def evaluate_generation(
     retrieval_target: str = "reports",
     token_cache: str | Path | None = None,
     decoding: dict | None = None,
+    constrain_boxes: bool = True,
+    vqa_source: str = "head",
+    report_source: str = "generate",
 ) -> dict:
     """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K for each K in `k`)."""
     from retrieval.data.manifest import read_manifest
@@ -204,7 +207,10 @@ def evaluate_generation(
     t0 = time.time()
     df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
     ks = sorted({int(x) for x in ([k] if isinstance(k, int) else k) if int(x) > 0})
-    gen = Generator(vlm_dir, index_dir, retrieval_model=retrieval_model, decoding=decoding)
+    gen = Generator(
+        vlm_dir, index_dir, retrieval_model=retrieval_model, decoding=decoding, constrain_boxes=constrain_boxes,
+        vqa_source=vqa_source, report_source=report_source,
+    )
     tasks = [t for t in (tasks or gen.vlm.config.get("tasks") or TASKS)]
     rows = split_rows(df, split)
     train_rows = split_rows(df, "train")
