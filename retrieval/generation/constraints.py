@@ -36,6 +36,10 @@ class BoxGrammar:
         self.sep = tok.convert_tokens_to_ids(";")
         self.end = tok.sep_token_id
         banned = set(self.coord_ids) | {self.close, tok.pad_token_id, tok.cls_token_id}
+        # word pieces that spell a brace (`{`, `##}`) would open or close a box the parser sees but the grammar
+        # does not: only the brace tokens themselves may
+        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+        banned |= {i for i, p in enumerate(pieces) if ("{" in p or "}" in p) and i != self.open}
         self.text_ids = [i for i in range(len(tok)) if i not in banned]
 
     def allowed(self, prefix: Sequence[int]) -> list[int]:
