@@ -53,10 +53,14 @@ DEFAULT_ANSWER = {
 
 
 def _cap(examples: dict[str, list[Example]], max_per_task: int | None, seed: int) -> dict[str, list[Example]]:
+    """At most `max_per_task` examples per task: a sample seeded by (seed, task), so a task's sample is the same
+    whichever other tasks are evaluated with it."""
     if not max_per_task:
         return examples
-    rng = random.Random(seed)
-    return {t: (rng.sample(exs, max_per_task) if len(exs) > max_per_task else exs) for t, exs in examples.items()}
+    return {
+        t: (random.Random(f"{seed}:{t}").sample(exs, max_per_task) if len(exs) > max_per_task else exs)
+        for t, exs in examples.items()
+    }
 
 
 def constant_answers(train_examples: dict[str, list[Example]]) -> tuple[dict, dict]:

@@ -220,16 +220,20 @@ def generate_for_image(
     retrieval_model: Any = None,
     exclude_study: str | None = None,
     exclude_patient: str | None = None,
+    report_source: str = "generate",
 ) -> dict:
     """Image path (PNG/JPEG/DICOM) or HxW array -> {text, task, prompt, exemplars, boxes?}.
 
     `index_dir=None` or `k=0` generates without retrieval. Exemplars never come from `exclude_study` /
     `exclude_patient`; for an image file that is in the index, those default to its own study and patient.
     `retrieval_model` defaults to the model recorded in the index's index_info.json; pass a loaded one (or a
-    `generator`) to reuse it across calls.
+    `generator`) to reuse it across calls. `report_source="quote"`: the report is the exemplar the finding head
+    ranks first (see `Generator`).
     """
     prompt = task_prompt(task, question, phrase)
-    gen = generator or Generator(vlm_dir, index_dir if k > 0 else None, retrieval_model=retrieval_model)
+    gen = generator or Generator(
+        vlm_dir, index_dir if k > 0 else None, retrieval_model=retrieval_model, report_source=report_source
+    )
     if isinstance(image, str | Path):
         from retrieval.data.image_io import read_image
 
