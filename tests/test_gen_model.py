@@ -169,8 +169,11 @@ def test_coordinate_embeddings_start_ordered():
     vlm = VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["heart"], coord_init=True)
     emb = vlm.lm.get_input_embeddings().weight
     ids = [vlm.tok.convert_tokens_to_ids(c) for c in COORD_TOKENS]
-    sim = torch.nn.functional.cosine_similarity(emb[ids[40]][None], emb[ids], dim=-1)
-    assert sim[41] > sim[60] > sim[90] and sim[39] > sim[20]  # similarity falls with distance on the grid
+    sim = torch.nn.functional.cosine_similarity(emb[ids[40]][None], emb[ids], dim=-1).detach()
+    # neighbours on the grid start nearly equal, coordinates 15+ units away clearly apart (Fourier features have
+    # side lobes, so similarity is not monotonic beyond the main lobe)
+    assert sim[39] > 0.9 and sim[41] > 0.9
+    assert max(float(sim[i]) for i in range(101) if abs(i - 40) >= 15) < 0.6
     plain = VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["heart"])
     assert abs(float(emb.std()) - float(plain.lm.get_input_embeddings().weight.std())) < 0.01
 
