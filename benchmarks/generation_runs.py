@@ -6,8 +6,10 @@ the baselines in the same run (constant, retrieval-only, VLM k=0, VLM k=1/3/5), 
 
 An arm is `NAME[:key=value,...]` overriding `VLMTrainConfig` fields (`encoders=cxr:A+lite:lite2` for two
 encoders). A variant (`--variant lm-vqa:tasks=vqa,vqa_source=lm`) evaluates each trained VLM again with other
-generator options (`evaluate_generation` keywords) and adds its rows as `vlm k=K [NAME]`. Each seed's VLM folder lands under --work; the frozen visual tokens are cached once in
-`--work/visual_tokens` and shared by every arm and seed. Results: benchmarks/results/generation_NAME.{json,md}.
+generator options (`evaluate_generation` keywords) and adds its rows as `vlm k=K [NAME]`. Each seed's VLM
+folder lands under --work (an existing folder with train_info.json is evaluated, not retrained); the frozen
+visual tokens are cached once in `--work/visual_tokens` and shared by every arm and seed.
+Results: benchmarks/results/generation_NAME.{json,md}.
 """
 
 from __future__ import annotations

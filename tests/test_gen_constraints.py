@@ -62,8 +62,10 @@ def test_grammar_orders_the_corners(tok):
 def test_constrained_generation_of_an_untrained_vlm_never_emits_a_malformed_box(tok):
     torch.manual_seed(0)
     vlm = VLM.create(
-        12, [{"spec": "t"}], lm_overrides={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                           "num_attention_heads": 2}, corpus=["cardiomegaly", "right lung"]
+        12,
+        [{"spec": "t"}],
+        lm_overrides={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+        corpus=["cardiomegaly", "right lung"],
     ).eval()
     t = vlm.tok
     prompts = [[t.cls_token_id, t.convert_tokens_to_ids("[ground]"), t.sep_token_id]] * 4

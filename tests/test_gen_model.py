@@ -156,7 +156,9 @@ def test_soft_coordinate_targets_cost_less_for_a_near_miss_than_a_far_one():
     far = vlm._token_losses(logits, torch.tensor([tok.convert_tokens_to_ids("<90>")]))
     assert float(near) < float(far)
     word = torch.tensor([tok.convert_tokens_to_ids("heart")])
-    assert torch.allclose(vlm._token_losses(logits, word), torch.nn.functional.cross_entropy(logits, word, reduction="none"))
+    assert torch.allclose(
+        vlm._token_losses(logits, word), torch.nn.functional.cross_entropy(logits, word, reduction="none")
+    )
     hard = VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["heart"])
     assert torch.allclose(  # one-hot (sigma 0): a near miss is as wrong as any other token
         hard._token_losses(logits, torch.tensor([tok.convert_tokens_to_ids("<40>")])),

@@ -64,8 +64,9 @@ class BoxGrammar:
         if len(coords) == 4:
             return [self.close]
         if len(coords) < 2:
-            return self.coord_ids[: COORD_MAX]  # x1, y1 < 100: room for the second corner
+            return self.coord_ids[:COORD_MAX]  # x1, y1 < 100: room for the second corner
         return self.coord_ids[coords[len(coords) - 2] + 1 :]  # x2 > x1, y2 > y1
+
 
 def grammar_for(task: str, prompt: str) -> bool | None:
     """Which grammar a (task, prompt) decodes under: True = boxes only, False = labelled boxes, None = free."""

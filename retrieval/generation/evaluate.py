@@ -212,8 +212,13 @@ def evaluate_generation(
     df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
     ks = sorted({int(x) for x in ([k] if isinstance(k, int) else k) if int(x) > 0})
     gen = Generator(
-        vlm_dir, index_dir, retrieval_model=retrieval_model, decoding=decoding, constrain_boxes=constrain_boxes,
-        vqa_source=vqa_source, report_source=report_source,
+        vlm_dir,
+        index_dir,
+        retrieval_model=retrieval_model,
+        decoding=decoding,
+        constrain_boxes=constrain_boxes,
+        vqa_source=vqa_source,
+        report_source=report_source,
     )
     tasks = [t for t in (tasks or gen.vlm.config.get("tasks") or TASKS)]
     rows = split_rows(df, split)

@@ -75,9 +75,7 @@ class Generator:
         report_source: str = "generate",
     ):
         if vqa_source not in VQA_SOURCES or report_source not in REPORT_SOURCES:
-            raise UsageError(
-                f"vqa_source must be one of {VQA_SOURCES}, report_source one of {REPORT_SOURCES}"
-            )
+            raise UsageError(f"vqa_source must be one of {VQA_SOURCES}, report_source one of {REPORT_SOURCES}")
         self.vlm_dir = Path(vlm_dir)
         self.constrain_boxes = constrain_boxes
         self.vqa_source = vqa_source

@@ -47,7 +47,7 @@ def closed_finding(question: str) -> int | None:
 
 
 def closed_answer(question: str, probs: np.ndarray, thresholds: Sequence[float]) -> str | None:
-    """"yes"/"no" for a closed question about a known finding (probs: (L,) for one image), else None."""
+    """ "yes"/"no" for a closed question about a known finding (probs: (L,) for one image), else None."""
     j = closed_finding(question)
     if j is None:
         return None

@@ -124,7 +124,10 @@ def head_thresholds(vlm: VLM, visual: dict[int, torch.Tensor], label_rows: dict[
 
     order = sorted(visual)
     probs = torch.cat(
-        [vlm.finding_probs(torch.stack([visual[r] for r in order[i : i + 256]]).float()) for i in range(0, len(order), 256)]
+        [
+            vlm.finding_probs(torch.stack([visual[r] for r in order[i : i + 256]]).float())
+            for i in range(0, len(order), 256)
+        ]
     )
     targets = torch.stack([label_rows[r] for r in order])
     return [round(t, 4) for t in fit_thresholds(probs.numpy(), targets.numpy())]
