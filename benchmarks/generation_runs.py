@@ -5,8 +5,11 @@ the baselines in the same run (constant, retrieval-only, VLM k=0, VLM k=1/3/5), 
         --arm main --arm inverse:task_rule=inverse --arm nobalance:balance=0
 
 An arm is `NAME[:key=value,...]` overriding `VLMTrainConfig` fields (`encoders=cxr:A+lite:lite2` for two
-encoders). Each seed's VLM folder lands under --work; the frozen visual tokens are cached once in
-`--work/visual_tokens` and shared by every arm and seed. Results: benchmarks/results/generation_NAME.{json,md}.
+encoders). A variant (`--variant lm-vqa:tasks=vqa,vqa_source=lm`) evaluates each trained VLM again with other
+generator options (`evaluate_generation` keywords) and adds its rows as `vlm k=K [NAME]`. Each seed's VLM
+folder lands under --work (an existing folder with train_info.json is evaluated, not retrained); the frozen
+visual tokens are cached once in `--work/visual_tokens` and shared by every arm and seed.
+Results: benchmarks/results/generation_NAME.{json,md}.
 """
 
 from __future__ import annotations
@@ -107,6 +110,12 @@ def main() -> None:
     ap.add_argument("--max-per-task", type=int, default=120)
     ap.add_argument("--retrieval-target", default="reports")
     ap.add_argument("--base", default="{}", help="JSON VLMTrainConfig fields shared by every arm")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME:tasks=a+b,option=value: the same VLM evaluated again with other generator options",
+    )
     ap.add_argument("--out", default=None, help="results stem (default benchmarks/results/generation_NAME)")
     args = ap.parse_args()
 
@@ -137,6 +146,8 @@ def main() -> None:
                 retrieval_target=args.retrieval_target,
                 token_cache=work / "visual_tokens",
             )
+            for variant in args.variant:
+                _add_variant(res, variant, out, df, args, cfg)
             info.pop("losses", None)
             runs.append(
                 {"arm": arm, "seed": seed, "overrides": over, "train": info, "eval": res, "eval_s": time.time() - t0}
@@ -144,6 +155,38 @@ def main() -> None:
             print(f"{arm} seed {seed}: train {info['seconds']} s, eval {time.time() - t0:.0f} s", flush=True)
             _write(args, runs)  # after every run: an interrupted benchmark keeps what it measured
     print(summarise(runs))
+
+
+def _add_variant(res: dict, text: str, out: Path, df: Any, args: argparse.Namespace, cfg: Any) -> None:
+    """Evaluate the same VLM again with other generator options (`NAME:tasks=a+b,option=value`, e.g.
+    `lm-vqa:tasks=vqa,vqa_source=lm`; `ks=1+5` for other k) and add its VLM rows to `res` as `vlm k=K [NAME]`."""
+    from retrieval.generation.evaluate import evaluate_generation
+
+    name, over = _parse_arm(text)
+    tasks = over.pop("tasks", None)
+    ks = str(over.pop("ks", args.ks.replace(",", "+")))
+    other = evaluate_generation(
+        out,
+        df,
+        args.index,
+        split="test",
+        k=[int(k) for k in ks.split("+")] if cfg.rag_k > 0 else [],
+        tasks=tasks,
+        max_per_task=args.max_per_task,
+        meteor=False,
+        seed=0,
+        progress=False,
+        retrieval_target=args.retrieval_target,
+        token_cache=Path(args.work) / args.name / "visual_tokens",
+        **over,
+    )
+    for task, conds in other["tasks"].items():
+        for cond, m in conds.items():
+            if cond.startswith("vlm"):
+                res["tasks"][task][f"{cond} [{name}]"] = m
+    for kk, m in other.get("rag", {}).items():
+        res.setdefault("rag", {})[f"{kk} [{name}]"] = m
+    res.setdefault("variants", {})[name] = {"tasks": tasks, "options": over}
 
 
 def _write(args: argparse.Namespace, runs: list[dict]) -> None:

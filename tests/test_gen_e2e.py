@@ -90,6 +90,30 @@ def test_resume_continues_where_it_stopped(corpus, monkeypatch):
     assert resumed["losses"] == pytest.approx(full["losses"], abs=1e-3)
 
 
+def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpus):
+    from retrieval.generation.generate import Generator
+    from retrieval.labels import LABELS
+
+    root, df, idx = corpus
+    row = df.iloc[0]
+    model = SynthRetrievalModel()
+    assert len(VLM.load(trained[0]).config["head_thresholds"]) == len(LABELS)  # fitted at the end of training
+    quoted = generate_for_image(
+        root / row["image_path"], idx, trained[0], task="report", k=2, retrieval_model=model, report_source="quote"
+    )
+    reports = {str(s): str(r) for s, r in zip(df["study_id"], df["report"])}
+    assert quoted["source"] == "quoted exemplar"
+    assert quoted["text"] in {reports[e["study_id"]] for e in quoted["exemplars"]}
+    assert quoted["copied"] and quoted["copied"][0]["study_id"] in {e["study_id"] for e in quoted["exemplars"]}
+    image = [root / row["image_path"]]
+    from retrieval.data.image_io import read_image
+
+    for source, expect in (("head", "finding head"), ("lm", "lm")):
+        gen = Generator(trained[0], vqa_source=source)
+        res = gen.generate(gen.visual([read_image(image[0])]), ["vqa"], ["is there cardiomegaly?"], [[]])[0]
+        assert res["source"] == expect and (res["text"] in ("yes", "no") or source == "lm")
+
+
 def test_evaluation_has_every_baseline(trained, corpus):
     root, df, idx = corpus
     res = evaluate_generation(trained[0], df, idx, split="test", k=2, meteor=False, progress=False)

@@ -136,3 +136,58 @@ def test_aux_finding_head_adds_its_loss_trains_the_projector_and_round_trips(tmp
     back = VLM.load(tmp_path / "v")
     assert torch.equal(back.aux_head.weight, vlm.aux_head.weight)
     assert VLM.create(12, [{"spec": "test"}], lm_overrides=TINY, corpus=["no"]).aux_head is None
+
+
+def _coord_batch(vlm, value: int):
+    tok = vlm.tok
+    prompt = build_prompt_ids(tok, "ground", "heart", [], 32)[0]
+    target = tok(f"{{<{value}><10><60><70>}}", add_special_tokens=False)["input_ids"]
+    return torch.randn(1, 10, 12, generator=torch.Generator().manual_seed(1)), [prompt], [target]
+
+
+def test_soft_coordinate_targets_cost_less_for_a_near_miss_than_a_far_one():
+    torch.manual_seed(0)
+    vlm = VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["heart"], coord_sigma=2.0)
+    tok = vlm.tok
+    # logits that put all mass on <42> at every answer position: the target <40> is a near miss, <90> a far one
+    logits = torch.full((1, len(tok)), -20.0)
+    logits[0, tok.convert_tokens_to_ids("<42>")] = 20.0
+    near = vlm._token_losses(logits, torch.tensor([tok.convert_tokens_to_ids("<40>")]))
+    far = vlm._token_losses(logits, torch.tensor([tok.convert_tokens_to_ids("<90>")]))
+    assert float(near) < float(far)
+    word = torch.tensor([tok.convert_tokens_to_ids("heart")])
+    assert torch.allclose(
+        vlm._token_losses(logits, word), torch.nn.functional.cross_entropy(logits, word, reduction="none")
+    )
+    hard = VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["heart"])
+    assert torch.allclose(  # one-hot (sigma 0): a near miss is as wrong as any other token
+        hard._token_losses(logits, torch.tensor([tok.convert_tokens_to_ids("<40>")])),
+        hard._token_losses(logits, torch.tensor([tok.convert_tokens_to_ids("<90>")])),
+    )
+
+
+def test_coordinate_embeddings_start_ordered():
+    torch.manual_seed(0)
+    vlm = VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["heart"], coord_init=True)
+    emb = vlm.lm.get_input_embeddings().weight
+    ids = [vlm.tok.convert_tokens_to_ids(c) for c in COORD_TOKENS]
+    sim = torch.nn.functional.cosine_similarity(emb[ids[40]][None], emb[ids], dim=-1).detach()
+    # neighbours on the grid start nearly equal, coordinates 15+ units away clearly apart (Fourier features have
+    # side lobes, so similarity is not monotonic beyond the main lobe)
+    assert sim[39] > 0.9 and sim[41] > 0.9
+    assert max(float(sim[i]) for i in range(101) if abs(i - 40) >= 15) < 0.6
+    plain = VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["heart"])
+    assert abs(float(emb.std()) - float(plain.lm.get_input_embeddings().weight.std())) < 0.01
+
+
+def test_example_loss_norm_weighs_each_example_equally():
+    torch.manual_seed(0)
+    vlm = VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["the heart is normal.", "no"], loss_norm="example")
+    visual, prompts, targets = _batch(vlm)  # a 6-token report and a 1-token answer
+    both = vlm(visual, prompts, targets)
+    each = [vlm(visual[i : i + 1], prompts[i : i + 1], targets[i : i + 1]) for i in range(2)]
+    assert torch.allclose(both, (each[0] + each[1]) / 2, atol=1e-5)
+    vlm.config["loss_norm"] = "token"
+    assert not torch.allclose(vlm(visual, prompts, targets), both, atol=1e-4)
+    with pytest.raises(ValueError):
+        VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["no"], loss_norm="tokens")

@@ -111,3 +111,14 @@ def test_constant_baseline_most_common_answer_and_mean_box():
     assert by_prompt[("classify", "which diagnoses are present?")] == "Edema"
     assert by_prompt[("ground", "heart")] == "{<30><50><70><90>}"
     assert by_task["classify"] == "Edema"
+
+
+def test_evaluation_sample_of_a_task_does_not_depend_on_the_other_tasks():
+    from retrieval.generation.evaluate import _cap
+    from retrieval.generation.tasks import Example
+
+    exs = {t: [Example(t, "p", str(i), i) for i in range(50)] for t in ("report", "vqa", "ground")}
+    alone = _cap({"vqa": exs["vqa"]}, 10, 0)["vqa"]
+    together = _cap(exs, 10, 0)["vqa"]
+    assert [e.row for e in alone] == [e.row for e in together] and len(alone) == 10
+    assert [e.row for e in _cap(exs, 10, 1)["vqa"]] != [e.row for e in together]

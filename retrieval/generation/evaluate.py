@@ -53,10 +53,14 @@ DEFAULT_ANSWER = {
 
 
 def _cap(examples: dict[str, list[Example]], max_per_task: int | None, seed: int) -> dict[str, list[Example]]:
+    """At most `max_per_task` examples per task: a sample seeded by (seed, task), so a task's sample is the same
+    whichever other tasks are evaluated with it."""
     if not max_per_task:
         return examples
-    rng = random.Random(seed)
-    return {t: (rng.sample(exs, max_per_task) if len(exs) > max_per_task else exs) for t, exs in examples.items()}
+    return {
+        t: (random.Random(f"{seed}:{t}").sample(exs, max_per_task) if len(exs) > max_per_task else exs)
+        for t, exs in examples.items()
+    }
 
 
 def constant_answers(train_examples: dict[str, list[Example]]) -> tuple[dict, dict]:
@@ -194,6 +198,9 @@ def evaluate_generation(
     retrieval_target: str = "reports",
     token_cache: str | Path | None = None,
     decoding: dict | None = None,
+    constrain_boxes: bool = True,
+    vqa_source: str = "head",
+    report_source: str = "generate",
 ) -> dict:
     """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K for each K in `k`)."""
     from retrieval.data.manifest import read_manifest
@@ -204,7 +211,15 @@ def evaluate_generation(
     t0 = time.time()
     df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
     ks = sorted({int(x) for x in ([k] if isinstance(k, int) else k) if int(x) > 0})
-    gen = Generator(vlm_dir, index_dir, retrieval_model=retrieval_model, decoding=decoding)
+    gen = Generator(
+        vlm_dir,
+        index_dir,
+        retrieval_model=retrieval_model,
+        decoding=decoding,
+        constrain_boxes=constrain_boxes,
+        vqa_source=vqa_source,
+        report_source=report_source,
+    )
     tasks = [t for t in (tasks or gen.vlm.config.get("tasks") or TASKS)]
     rows = split_rows(df, split)
     train_rows = split_rows(df, "train")

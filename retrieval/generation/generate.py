@@ -8,6 +8,9 @@ scores) and which of them the output copied sentences from.
 Decoding uses transformers' own controls, per task (`DECODING`): reports get beam search with
 `no_repeat_ngram_size` and `repetition_penalty` (a small greedy decoder otherwise loops on "the lungs are
 clear."); short answers and boxes stay greedy (an n-gram ban would forbid a second box of the same label).
+Boxes are decoded under a grammar (`constraints.py`, transformers' `prefix_allowed_tokens_fn`): four coordinates,
+x1 < x2, y1 < y2, closed by `}`, so a generated box is never malformed (`constrain_boxes=False` turns it off, to
+measure what it does).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch
 
 from retrieval.errors import UsageError
 from retrieval.generation.boxes import malformed_boxes, parse_boxes
+from retrieval.generation.constraints import box_decoding
+from retrieval.generation.head import closed_answer, rank_exemplars
 from retrieval.generation.model import VLM, encode_visual
 from retrieval.generation.rag import Exemplar, build_prompt_ids, copied_sentences
 from retrieval.generation.tasks import OPEN_QUESTION, PROMPTS
@@ -28,6 +33,8 @@ from retrieval.generation.tokenizer import TASKS, decode
 from retrieval.labels import LABELS
 
 DEFAULT_BUDGET = 160
+VQA_SOURCES = ("head", "lm")  # closed "is there X?" answered by the finding head (head.py) or the LM
+REPORT_SOURCES = ("generate", "quote")  # [report]: the LM's draft, or the exemplar the finding head ranks first
 MAX_NEW_TOKENS = {"report": 96, "vqa": 32, "classify": 32, "identify": 64, "ground": 24}
 REPORT_DECODING: dict[str, Any] = {"num_beams": 3, "no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
 DECODING: dict[str, dict[str, Any]] = {
@@ -63,8 +70,16 @@ class Generator:
         retrieval_model: Any = None,
         decoding: dict[str, dict[str, Any]] | None = None,
         token_cache: str | Path | None = None,
+        constrain_boxes: bool = True,
+        vqa_source: str = "head",
+        report_source: str = "generate",
     ):
+        if vqa_source not in VQA_SOURCES or report_source not in REPORT_SOURCES:
+            raise UsageError(f"vqa_source must be one of {VQA_SOURCES}, report_source one of {REPORT_SOURCES}")
         self.vlm_dir = Path(vlm_dir)
+        self.constrain_boxes = constrain_boxes
+        self.vqa_source = vqa_source
+        self.report_source = report_source
         self.decoding = {**DECODING, **(decoding or {})}
         self.token_cache = token_cache
         self.vlm = VLM.load(vlm_dir, device=device)
@@ -155,11 +170,29 @@ class Generator:
             i, u = build_prompt_ids(tok, task, p, ex, self.budget)
             ids.append(i)
             used.append(u)
-        gen = self.vlm.generate(visual, ids, max_new_tokens=MAX_NEW_TOKENS[task], **self.decoding[task])
+        controls = dict(self.decoding[task])
+        if self.constrain_boxes:
+            controls.update(box_decoding(tok, task, prompts))
+        thresholds = self.vlm.config.get("head_thresholds")
+        probs = self.vlm.finding_probs(visual)
+        probs = None if probs is None else probs.cpu().numpy()
+        quote = task == "report" and self.report_source == "quote" and probs is not None
+        from_head = task == "vqa" and self.vqa_source == "head" and probs is not None and thresholds is not None
+        if quote and all(exemplars):  # every answer is a quoted exemplar: nothing to decode
+            gen: list[list[int]] = [[] for _ in prompts]
+        else:
+            gen = self.vlm.generate(visual, ids, max_new_tokens=MAX_NEW_TOKENS[task], **controls)
         out: list[dict] = []
-        for p, g, u in zip(prompts, gen, used, strict=True):
-            text = decode(tok, g)
+        for i, (p, g, u) in enumerate(zip(prompts, gen, used, strict=True)):
+            text, source = decode(tok, g), "lm"
+            if from_head and (answer := closed_answer(p, probs[i], thresholds)) is not None:
+                text, source = answer, "finding head"
+            if quote and exemplars[i]:
+                best = rank_exemplars(exemplars[i], probs[i])[0]
+                text, source = best.report, "quoted exemplar"
+                u = list(exemplars[i])
             rec = {
+                "source": source,
                 "task": task,
                 "prompt": p,
                 "text": text,
@@ -185,16 +218,20 @@ def generate_for_image(
     retrieval_model: Any = None,
     exclude_study: str | None = None,
     exclude_patient: str | None = None,
+    report_source: str = "generate",
 ) -> dict:
     """Image path (PNG/JPEG/DICOM) or HxW array -> {text, task, prompt, exemplars, boxes?}.
 
     `index_dir=None` or `k=0` generates without retrieval. Exemplars never come from `exclude_study` /
     `exclude_patient`; for an image file that is in the index, those default to its own study and patient.
     `retrieval_model` defaults to the model recorded in the index's index_info.json; pass a loaded one (or a
-    `generator`) to reuse it across calls.
+    `generator`) to reuse it across calls. `report_source="quote"`: the report is the exemplar the finding head
+    ranks first (see `Generator`).
     """
     prompt = task_prompt(task, question, phrase)
-    gen = generator or Generator(vlm_dir, index_dir if k > 0 else None, retrieval_model=retrieval_model)
+    gen = generator or Generator(
+        vlm_dir, index_dir if k > 0 else None, retrieval_model=retrieval_model, report_source=report_source
+    )
     if isinstance(image, str | Path):
         from retrieval.data.image_io import read_image
 

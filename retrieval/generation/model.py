@@ -27,10 +27,12 @@ from torch import nn
 
 from retrieval.errors import ModelLoadError
 from retrieval.fileio import write_json_atomic
-from retrieval.generation.tokenizer import IMAGE_END, IMAGE_START, build_tokenizer, load_tokenizer
+from retrieval.generation.tokenizer import COORD_TOKENS, IMAGE_END, IMAGE_START, build_tokenizer, load_tokenizer
 
+LOSS_NORMS = ("token", "example")
 GROUP = 5  # adjacent visual tokens concatenated into one (LiteGPT / MiniGPT-v2)
 TINY_LM = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512}
+COORD_FREQUENCIES = 8  # Fourier features of a coordinate's value in the initial coordinate-token embeddings
 
 
 # --------------------------------------------------------------------------------------------- visual side
@@ -233,6 +235,7 @@ class VLM(nn.Module):
         self.aux_head = nn.Linear(hidden, n_aux) if n_aux else None
         self.img_start = tok.convert_tokens_to_ids(IMAGE_START)
         self.img_end = tok.convert_tokens_to_ids(IMAGE_END)
+        self.coord_ids = torch.tensor([tok.convert_tokens_to_ids(t) for t in COORD_TOKENS])
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -247,13 +250,26 @@ class VLM(nn.Module):
         seed: int = 0,
         corpus: Sequence[str] | None = None,
         aux_labels: int = 0,
+        coord_sigma: float = 0.0,
+        coord_init: bool = False,
+        loss_norm: str = "token",
     ) -> VLM:
         """A fresh VLM: tiny Llama from scratch on the MiniLM vocabulary (pruned to `corpus`'s pieces when
-        given), or a local causal LM (+ LoRA) on the full MiniLM vocabulary."""
+        given), or a local causal LM (+ LoRA) on the full MiniLM vocabulary.
+
+        `coord_init`: the coordinate tokens start from smooth Fourier features of their value (neighbouring
+        coordinates start close; see `init_coordinate_embeddings`). `coord_sigma` > 0: a coordinate target is a
+        Gaussian over the grid (sigma in grid units) instead of one token, so "off by one" costs little.
+        `loss_norm`: `token` (mean over every answer token of the batch: long reports dominate) or `example` (each
+        example's mean, then the batch mean: every task weighs by its examples, not its answer length)."""
+        if loss_norm not in LOSS_NORMS:
+            raise ValueError(f"unknown loss_norm {loss_norm!r}; choose from {LOSS_NORMS}")
         torch.manual_seed(seed)
         tok = build_tokenizer(corpus=corpus if lm_path is None else None)
         if lm_path is None:
             lm = _tiny_lm(len(tok), tok, lm_overrides)
+            if coord_init:
+                init_coordinate_embeddings(lm.get_input_embeddings().weight, tok, seed)
         else:
             lm = _load_causal_lm(lm_path)
             lm.resize_token_embeddings(len(tok))
@@ -267,6 +283,9 @@ class VLM(nn.Module):
             "lora": bool(lora and lm_path is not None),
             "lora_r": lora_r,
             "aux_labels": int(aux_labels),
+            "coord_sigma": float(coord_sigma),
+            "coord_init": bool(coord_init and lm_path is None),
+            "loss_norm": loss_norm,
         }
         return cls(tok, lm, visual_dim, config)
 
@@ -282,6 +301,15 @@ class VLM(nn.Module):
         se = emb(ids)
         b = v.shape[0]
         return torch.cat([se[0].expand(b, 1, -1), v, se[1].expand(b, 1, -1)], dim=1)
+
+    @torch.no_grad()
+    def finding_probs(self, visual: torch.Tensor) -> torch.Tensor | None:
+        """(B, n_labels) sigmoid of the auxiliary finding head on the mean projected visual token (None without
+        a head)."""
+        if self.aux_head is None:
+            return None
+        img = self._image_embeds(visual)
+        return torch.sigmoid(self.aux_head(img[:, 1:-1].mean(dim=1))).float()
 
     def forward(
         self,
@@ -317,8 +345,30 @@ class VLM(nn.Module):
         shift = labels[:, 1:]
         keep = shift != -100
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), shift[keep])
+        per_token = self._token_losses(logits.float(), shift[keep])
+        if self.config.get("loss_norm", "token") == "example":
+            row = torch.arange(len(seqs), device=self.device)[:, None].expand_as(shift)[keep]
+            per_row = torch.zeros(len(seqs), device=self.device).index_add_(0, row, per_token)
+            loss = (per_row / torch.bincount(row, minlength=len(seqs)).clamp(min=1)).mean()
+        else:
+            loss = per_token.mean()
         return loss if aux is None else loss + aux_weight * aux
+
+    def _token_losses(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy; with `coord_sigma` > 0 a coordinate token's target is a Gaussian over the
+        coordinate tokens centred on the true value."""
+        loss = F.cross_entropy(logits, target, reduction="none")
+        sigma = float(self.config.get("coord_sigma", 0.0))
+        coord = self.coord_ids.to(target.device)
+        is_coord = (target >= coord[0]) & (target <= coord[-1])
+        if sigma > 0 and bool(is_coord.any()):
+            value = (target[is_coord] - coord[0]).float()
+            grid = torch.arange(len(coord), device=target.device, dtype=torch.float32)
+            soft = torch.softmax(-((grid[None] - value[:, None]) ** 2) / (2 * sigma**2), dim=-1)
+            logp = F.log_softmax(logits[is_coord], dim=-1)[:, coord]
+            loss = loss.clone()
+            loss[is_coord] = -(soft * logp).sum(-1)
+        return loss
 
     @torch.no_grad()
     def generate(
@@ -429,6 +479,26 @@ class VLM(nn.Module):
                 raise ModelLoadError(f"{path}: encoder folder encoders/{i} is missing")
             out.append(load_encoder(str(d), device=device))
         return out
+
+
+def init_coordinate_embeddings(weight: torch.Tensor, tok, seed: int = 0) -> None:
+    """Set the coordinate tokens' rows of `weight` (tied input/output embeddings) to Fourier features of their
+    value through a random projection, scaled like the other rows.
+
+    A coordinate token is otherwise a free row, so the LM must learn 101 unrelated classes from a few thousand
+    boxes; here `<40>` starts close to `<41>`, and since the output layer is the same matrix, the logits over the
+    grid start as a smooth function of the value (a peak can move by gradient instead of being learnt per token).
+    """
+    ids = torch.tensor([tok.convert_tokens_to_ids(t) for t in COORD_TOKENS])
+    value = torch.linspace(0, 1, len(ids))[:, None]
+    freq = torch.arange(1, COORD_FREQUENCIES + 1, dtype=torch.float32)[None] * torch.pi
+    feats = torch.cat([torch.cos(value * freq), torch.sin(value * freq)], dim=1)  # (101, 2F)
+    gen = torch.Generator().manual_seed(seed)
+    proj = torch.randn(feats.shape[1], weight.shape[1], generator=gen)
+    rows = feats @ proj
+    with torch.no_grad():
+        scale = weight.std() / rows.std().clamp(min=1e-8)
+        weight[ids] = (rows * scale).to(weight.dtype)
 
 
 def _load_causal_lm(path: str | Path):

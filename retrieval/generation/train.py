@@ -65,6 +65,9 @@ class VLMTrainConfig:
     balance: float = 0.5  # example weight freq(rarest finding)^-balance; 0 = uniform within a task
     token_cache: str | None = None  # folder of the frozen visual-token cache (one per corpus); None = no cache
     aux_weight: float = 1.0  # auxiliary finding BCE on the projected visual tokens; 0 = off
+    loss_norm: str = "example"  # example: each example's mean token loss, then the batch mean; token: all tokens
+    coord_sigma: float = 1.5  # Gaussian coordinate targets (grid units); 0 = one-hot
+    coord_init: bool = True  # coordinate tokens start from Fourier features of their value
 
 
 def split_rows(df: pd.DataFrame, split: str) -> list[int]:
@@ -114,6 +117,21 @@ def row_label_targets(df: pd.DataFrame, rows: Sequence[int]) -> dict[int, torch.
                 t[idx[lab]] = 1.0
         out[int(p)] = t
     return out
+
+
+def head_thresholds(vlm: VLM, visual: dict[int, torch.Tensor], label_rows: dict[int, torch.Tensor]) -> list[float]:
+    """The finding head's per-finding thresholds, fitted on the training rows (`head.fit_thresholds`)."""
+    from retrieval.generation.head import fit_thresholds
+
+    order = sorted(visual)
+    probs = torch.cat(
+        [
+            vlm.finding_probs(torch.stack([visual[r] for r in order[i : i + 256]]).float())
+            for i in range(0, len(order), 256)
+        ]
+    )
+    targets = torch.stack([label_rows[r] for r in order])
+    return [round(t, 4) for t in fit_thresholds(probs.numpy(), targets.numpy())]
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -240,6 +258,9 @@ def train_vlm(
             config.seed,
             corpus,
             aux_labels=len(LABELS) if config.aux_weight > 0 else 0,
+            coord_sigma=config.coord_sigma,
+            coord_init=config.coord_init,
+            loss_norm=config.loss_norm,
         )
     vlm.config.update(
         visual_grid=config.visual_grid, prompt_budget=config.prompt_budget, tasks=list(examples), rag_k=config.rag_k
@@ -286,6 +307,8 @@ def train_vlm(
                 _save_checkpoint(out, vlm, opt, sched, sampler, step + 1, losses)
 
     vlm.eval()
+    if vlm.aux_head is not None:  # thresholds for closed answers from the finding head (head.py)
+        vlm.config["head_thresholds"] = head_thresholds(vlm, visual, label_rows)
     vlm.save(out, encoders)
     info = {
         "config": asdict(config),
