@@ -23,7 +23,7 @@ DEFAULT_WORKDIR = Path(os.environ.get("CXR_HOME", Path.home() / ".cache" / "cxr-
 DEMO_SIZE = 192  # pixels: half the render time of 256
 DEMO_MODEL = "cxr-small"  # the pretrained offline tower; its frozen features are computed once, epochs train heads
 TRAIN_EPOCHS = 8
-VLM_STEPS = 400  # with lr 2e-3 and the auxiliary finding loss: benchmarks/results/generation_demo.md
+VLM_STEPS = 300  # with lr 2e-3 and the auxiliary finding loss; 400 steps put the cold demo at 5 min 20 s
 VLM_LR = 2e-3
 VLM_SIZE = {"hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256}
 
