@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from retrieval.generation.boxes import (
@@ -106,6 +106,8 @@ def test_iou_matches_naive(a, b):
 @settings(max_examples=300, deadline=None)
 @given(st.lists(grid_boxes(labels=["Edema", "Fracture"]), max_size=8))
 def test_merge_matches_naive(boxes):
+    # a pair at IoU 0.5 exactly (to float error) is a tie that float32 NMS and float64 naive may call either way
+    assume(all(abs(naive_iou(a, b) - 0.5) > 1e-6 for a in boxes for b in boxes if a["label"] == b["label"]))
     assert merge_boxes(boxes) == naive_merge(boxes)
 
 
