@@ -75,28 +75,37 @@ def main(argv: list[str] | None = None) -> None:
         feats, _, _ = encode_image_items(model, paths, output="features", batch_size=64)
         rate = len(paths) / (time.perf_counter() - t0)
         demo_all, demo_abn = _demo_p5(feats, labels)
-        covid_p = [rq._i2i_precision(_with_size(load_model("cxr-small", seed=s), size), covid, "view_key")
-                   for s in args.seeds]
+        covid_p = [
+            rq._i2i_precision(_with_size(load_model("cxr-small", seed=s), size), covid, "view_key") for s in args.seeds
+        ]
         tb_p = [rq._i2i_precision(_with_size(load_model("cxr-small", seed=s), size), tb, "side") for s in args.seeds]
-        rows.append({
-            "size": size,
-            "demo i2i P@5 all": round(demo_all, 3),
-            "demo i2i P@5 abnormal": round(demo_abn, 3),
-            "covid same view P@5": f"{np.mean(covid_p):.3f} ± {np.std(covid_p):.3f}",
-            "tbx11k same side P@5": f"{np.mean(tb_p):.3f} ± {np.std(tb_p):.3f}",
-            "tower images/s": round(rate, 1),
-        })
+        rows.append(
+            {
+                "size": size,
+                "demo i2i P@5 all": round(demo_all, 3),
+                "demo i2i P@5 abnormal": round(demo_abn, 3),
+                "covid same view P@5": f"{np.mean(covid_p):.3f} ± {np.std(covid_p):.3f}",
+                "tbx11k same side P@5": f"{np.mean(tb_p):.3f} ± {np.std(tb_p):.3f}",
+                "tower images/s": round(rate, 1),
+            }
+        )
         print(rows[-1], flush=True)
     columns = list(rows[0])
-    body = "\n".join([
-        markdown_table(rows, columns),
-        "",
-        f"Demo: {len(paths)} val+test images, pooled tower features. covid-cxr / TBX11K: the untrained projector over "
-        f"the tower, seeds {args.seeds} (mean ± sd), test images querying train+val as in retrieval_quality.py. "
-        "images/s: the tower on the demo images in this run (a ratio; the machine is shared).",
-    ])
-    write_results("input_size_cpu", {"rows": rows, "command": "python -m benchmarks.input_size"}, body,
-                  "python -m benchmarks.input_size")
+    body = "\n".join(
+        [
+            markdown_table(rows, columns),
+            "",
+            f"Demo: {len(paths)} val+test images, pooled tower features. covid-cxr / TBX11K: the untrained "
+            f"projector over the tower, seeds {args.seeds} (mean ± sd), test images querying train+val as in retrieval_quality.py. "
+            "images/s: the tower on the demo images in this run (a ratio; the machine is shared).",
+        ]
+    )
+    write_results(
+        "input_size_cpu",
+        {"rows": rows, "command": "python -m benchmarks.input_size"},
+        body,
+        "python -m benchmarks.input_size",
+    )
 
 
 if __name__ == "__main__":

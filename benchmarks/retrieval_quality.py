@@ -183,9 +183,9 @@ def run_demo(seeds: list[int], epochs: int, tiny_epochs: int, tiny_seeds: list[i
         t0 = time.perf_counter()
         retrieved, searcher = _query_index(model, model_path, gallery, test, index_dir)
         row = label_precision(q_labels, retrieved)
-        row["within_test_i2r_LP@5"] = evaluate_retrieval(model, manifest, "test", baselines=False)["systems"][
-            "model"
-        ]["metrics"]["image->report"]["LP@5"]
+        row["within_test_i2r_LP@5"] = evaluate_retrieval(model, manifest, "test", baselines=False)["systems"]["model"][
+            "metrics"
+        ]["image->report"]["LP@5"]
         row["text_phrase_P@5"] = _text_queries(model, g_reports, g_labels, raw=False)
         row["text_phrase_P@5_cxr_query"] = _text_queries_as_cxr_query(searcher)
         if raw_text:
@@ -282,18 +282,41 @@ def demo_markdown(result: dict[str, Any]) -> str:
     tiny_t = systems[tiny]["text_phrase_P@5"]
     cq = systems[first].get("text_phrase_P@5_cxr_query", {})
     t_rows = [
-        [f, FINDING_PHRASES[f], f"{cq.get(f, float('nan')):.2f}", f"{proj[f]:.2f}", f"{raw.get(f, float('nan')):.2f}",
-         f"{tiny_t.get(f, 0):.2f}"]
+        [
+            f,
+            FINDING_PHRASES[f],
+            f"{cq.get(f, float('nan')):.2f}",
+            f"{proj[f]:.2f}",
+            f"{raw.get(f, float('nan')):.2f}",
+            f"{tiny_t.get(f, 0):.2f}",
+        ]
         for f in proj
     ]
-    t_rows.append(["mean", "", f"{np.mean(list(cq.values())):.3f}", f"{np.mean(list(proj.values())):.3f}",
-                   f"{np.mean(list(raw.values())):.3f}", f"{np.mean(list(tiny_t.values())):.3f}"])
-    columns = ["finding", "phrase", "cxr query --text (findings-aware)", "cxr-small embedding only", "raw MiniLM cosine",
-               "cxr-tiny embedding only"]
+    t_rows.append(
+        [
+            "mean",
+            "",
+            f"{np.mean(list(cq.values())):.3f}",
+            f"{np.mean(list(proj.values())):.3f}",
+            f"{np.mean(list(raw.values())):.3f}",
+            f"{np.mean(list(tiny_t.values())):.3f}",
+        ]
+    )
+    columns = [
+        "finding",
+        "phrase",
+        "cxr query --text (findings-aware)",
+        "cxr-small embedding only",
+        "raw MiniLM cosine",
+        "cxr-tiny embedding only",
+    ]
     lines.append(_table(columns, t_rows))
-    lines += ["", "`cxr query --text` keeps to reports that the labeler reads as having the finding the phrase names "
-              "(negation-aware), ranked by the embedding; the next columns rank all reports by the embedding alone.",
-              ""]
+    lines += [
+        "",
+        "`cxr query --text` keeps to reports that the labeler reads as having the finding the phrase names "
+        "(negation-aware), ranked by the embedding; the next columns rank all reports by the embedding alone.",
+        "",
+    ]
     lines += ["", f"Timings (s): {result['timings_s']}", ""]
     return "\n".join(lines)
 

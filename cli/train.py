@@ -30,7 +30,9 @@ def train_cmd(
     max_train_studies: int = typer.Option(None, "--max-train-studies", help="Train on the first N studies."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Frozen-feature cache (default OUT/feature_cache)."),
     token_cache: Path = typer.Option(
-        None, "--token-cache", help="Also keep a frozen CNN tower's grid tokens here, for `cxr vlm train --token-cache`."
+        None,
+        "--token-cache",
+        help="Also keep a frozen CNN tower's grid tokens here, for `cxr vlm train --token-cache`.",
     ),
     patience: int = typer.Option(3, "--patience", help="Early-stop after N epochs without val improvement."),
     monitor: str = typer.Option(

@@ -203,8 +203,10 @@ def read_plan(work: Path) -> dict | None:
         doc = json.loads(path.read_bytes())
     except (OSError, ValueError) as e:
         raise IndexError_(f"{path}: damaged build plan ({type(e).__name__}); {hint}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("plan"), dict) or doc.get("sha256") != _plan_sha(
-        doc["plan"]
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("plan"), dict)
+        or doc.get("sha256") != _plan_sha(doc["plan"])
     ):
         raise IndexError_(f"{path}: damaged build plan (its checksum does not match); {hint}")
     return doc["plan"]
@@ -556,7 +558,7 @@ def _encode_on_ray(work: Path, rows: pd.DataFrame, model: Any, opts: BuildOption
     loader = opts.model_loader or _model_loader(opts.model_path, model, opts.ray_gpus)
     pending, done_rows = pending_shards(work, rows, opts.shard_rows, int(model.embed_dim))
     encoded = encode_shards_ray(
-        work, rows, pending, opts.shard_rows, loader, opts.batch_size, opts.precision, opts.ray_actors,
+        work, rows, pending, opts.shard_rows, loader, encode_shard, opts.batch_size, opts.precision, opts.ray_actors,
         opts.ray_gpus, opts.ray_address, opts.progress,
     )  # fmt: skip
     return encoded, done_rows
@@ -650,8 +652,18 @@ def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildRes
     gen = store.commit_generation(out, images, reports, _meta(rows, good), info, all_bad)
     shutil.rmtree(work, ignore_errors=True)
     return BuildResult(
-        out, len(good), len(good), all_bad, factory, encoded, resumed, time.perf_counter() - t0, False, gen.name,
-        refused, search,
+        out,
+        len(good),
+        len(good),
+        all_bad,
+        factory,
+        encoded,
+        resumed,
+        time.perf_counter() - t0,
+        False,
+        gen.name,
+        refused,
+        search,
     )
 
 
@@ -734,6 +746,16 @@ def _add(out: Path, manifest: Any, model: Any, opts: BuildOptions) -> BuildResul
     gen = store.commit_generation(out, images, reports, meta, info, all_bad)
     shutil.rmtree(work, ignore_errors=True)
     return BuildResult(
-        out, base + len(good), len(good), new_bad, info["factory"], encoded, resumed, time.perf_counter() - t0, False,
-        gen.name, refused, info.get("search") or {},
+        out,
+        base + len(good),
+        len(good),
+        new_bad,
+        info["factory"],
+        encoded,
+        resumed,
+        time.perf_counter() - t0,
+        False,
+        gen.name,
+        refused,
+        info.get("search") or {},
     )

@@ -42,23 +42,29 @@ def require_ray() -> Any:
 class ShardEncoder:
     """A Ray Data actor: loads the model once, then encodes and writes whole shards (one input row per shard)."""
 
-    def __init__(self, load_model: Callable[[], Any], work: str, batch_size: int, precision: str | None):
+    def __init__(
+        self,
+        load_model: Callable[[], Any],
+        encode: Callable[..., int],
+        work: str,
+        batch_size: int,
+        precision: str | None,
+    ):
         import faiss
         import torch
 
         torch.set_num_threads(1)  # one core per actor: the pool is the parallelism
         faiss.omp_set_num_threads(1)
         self.model = load_model()
+        self.encode = encode  # index.build.encode_shard, passed in (build imports this module, not the reverse)
         self.work = Path(work)
         self.batch_size = batch_size
         self.precision = precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from index.build import encode_shard
-
         done, bad = [], []
         for s, lo, paths, texts in zip(batch["shard"], batch["lo"], batch["paths"], batch["texts"], strict=True):
-            n_bad = encode_shard(
+            n_bad = self.encode(
                 self.work, int(s), int(lo), list(paths), list(texts), self.model, self.batch_size, self.precision
             )
             done.append(int(s))
@@ -72,6 +78,7 @@ def encode_shards_ray(
     pending: list[int],
     shard_rows: int,
     load_model: Callable[[], Any],
+    encode: Callable[..., int],
     batch_size: int = 64,
     precision: str | None = None,
     actors: int | None = None,
@@ -81,7 +88,8 @@ def encode_shards_ray(
 ) -> int:
     """Encode the `pending` shards on Ray (an actor pool of `actors`, default: the cluster's CPUs, or one per GPU
     with `num_gpus`); returns the rows encoded. Joins the cluster at `address` (or the one this process already
-    runs), else starts a local one."""
+    runs), else starts a local one. `encode(work, shard, lo, paths, texts, model, batch_size, precision)` encodes and
+    writes one shard (`index.build.encode_shard`)."""
     ray = require_ray()
     from retrieval.progress import make_progress
 
@@ -107,6 +115,7 @@ def encode_shards_ray(
         ShardEncoder,
         fn_constructor_kwargs={
             "load_model": load_model,
+            "encode": encode,
             "work": str(work),
             "batch_size": batch_size,
             "precision": precision,

@@ -220,7 +220,9 @@ def test_cnn_feature_pass_keeps_the_vlm_tokens_and_the_same_pooled_features(tmp_
     trainer.run()
     model = load_model(tmp_path / "m")
     items = trainer.train_split.items
-    pixels = torch.stack([model.image_transform()(np.asarray(Image.open(p), np.float32) / 255) for p in items.image_paths[:4]])
+    pixels = torch.stack(
+        [model.image_transform()(np.asarray(Image.open(p), np.float32) / 255) for p in items.image_paths[:4]]
+    )
     with torch.no_grad():
         direct = model.image_features(pixels)
     assert torch.allclose(trainer.train_split.image_feats[:4], direct, atol=1e-4)

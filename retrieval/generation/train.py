@@ -28,11 +28,11 @@ from retrieval.errors import CXRError, UsageError
 from retrieval.fileio import write_json_atomic
 from retrieval.generation.model import VLM, load_encoder
 from retrieval.generation.rag import Exemplar, build_prompt_ids
-from retrieval.models.token_cache import DEFAULT_GRID
 from retrieval.generation.sampling import TaskSampler, stage_tasks
 from retrieval.generation.tasks import Example, build_examples
 from retrieval.generation.tokenizer import TASKS
 from retrieval.labels import LABELS
+from retrieval.models.token_cache import DEFAULT_GRID
 from retrieval.progress import make_progress
 
 
