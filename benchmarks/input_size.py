@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
             markdown_table(rows, columns),
             "",
             f"Demo: {len(paths)} val+test images, pooled tower features. covid-cxr / TBX11K: the untrained "
-            f"projector over the tower, seeds {args.seeds} (mean ± sd), test images querying train+val as in retrieval_quality.py. "
+            f"projector over the tower, seeds {args.seeds} (mean ± sd), test images querying train+val as in "
+            "retrieval_quality.py. "
             "images/s: the tower on the demo images in this run (a ratio; the machine is shared).",
         ]
     )
