@@ -22,7 +22,7 @@ import pandas as pd
 
 from retrieval.generation.boxes import format_box, format_findings, merge_boxes
 from retrieval.generation.tokenizer import TASKS
-from retrieval.labels import LABELS, NO_FINDING
+from retrieval.labels import ANATOMY, ANATOMY_PREFIX, LABELS, NO_FINDING
 
 PROMPTS: dict[str, str] = {
     "report": "describe the findings and impression.",
@@ -63,26 +63,7 @@ def report_target(row: Any) -> str:
     return text or _text(row.get("report"))
 
 
-ANATOMY_PREFIX = "anatomy:"
-ANATOMY_NAMES = frozenset(
-    n.lower()
-    for n in (
-        "Right Lung",
-        "Left Lung",
-        "Lungs",
-        "Heart",
-        "Mediastinum",
-        "Aortic Arch",
-        "Trachea",
-        "Spine",
-        "Right Clavicle",
-        "Left Clavicle",
-        "Right Costophrenic Angle",
-        "Left Costophrenic Angle",
-        "Right Hemidiaphragm",
-        "Left Hemidiaphragm",
-    )
-)
+ANATOMY_NAMES = frozenset(n.lower() for n in (*ANATOMY, "Lungs"))  # "Lungs": a box over both lungs (covid-cxr)
 
 
 def is_anatomy(label: str) -> bool:
