@@ -211,7 +211,7 @@ def test_prefetch_metric_folders_through_loopback_hub(tmp_path: Path, capsys: py
     import io
     import tarfile
 
-    from test_prefetch_loopback import LoopbackHub, _env
+    from test_prefetch_loopback import prefetch_through_hub
 
     from retrieval.models.bundle import CHEXBERT_BERT_REPO, RRG_SCORERS
 
@@ -235,18 +235,7 @@ def test_prefetch_metric_folders_through_loopback_hub(tmp_path: Path, capsys: py
         bert_id: dict(bert),
     }
     dest = tmp_path / "metrics"
-    with LoopbackHub(repos) as hub:
-        for name in ("chexbert", "radgraph"):
-            run = subprocess.run(
-                [sys.executable, "-m", "cli.main", "models", "prefetch", name, "--to", str(dest / name)],
-                env=_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1"),
-                capture_output=True,
-                text=True,
-                timeout=240,
-                cwd=REPO,
-            )
-            assert run.returncode == 0, run.stderr[-2000:]
-        requests = list(hub.requests)
+    requests = prefetch_through_hub(repos, ("chexbert", "radgraph"), dest, tmp_path / "hf")
     assert not any(r.endswith(("README.md", "model.safetensors")) for r in requests), requests
     assert set(read_checksums(dest / "chexbert")) == {
         "bundle.json",

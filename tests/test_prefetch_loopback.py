@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -199,6 +200,23 @@ def _env(**extra: str) -> dict[str, str]:
         }
         | extra
     )
+
+
+def prefetch_through_hub(repos: dict, names: Sequence[str], dest: Path, hf_home: Path) -> list[str]:
+    """`cxr models prefetch NAME --to dest/NAME` for each name against a loopback hub serving `repos`; asserts each
+    exits 0 and returns the paths the hub was asked for."""
+    with LoopbackHub(repos) as hub:
+        for name in names:
+            run = subprocess.run(
+                [sys.executable, "-m", "cli.main", "models", "prefetch", name, "--to", str(dest / name)],
+                env=_env(HF_ENDPOINT=hub.url, HF_HOME=str(hf_home), HF_HUB_DISABLE_XET="1"),
+                capture_output=True,
+                text=True,
+                timeout=240,
+                cwd=REPO,
+            )
+            assert run.returncode == 0, run.stderr[-2000:]
+        return list(hub.requests)
 
 
 @pytest.mark.slow

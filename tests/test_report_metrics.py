@@ -411,11 +411,9 @@ def test_prefetch_metric_weights_through_loopback_hub_then_score_offline(
     google-bert/bert-base-uncased, the BERT radgraph's config names) from 127.0.0.1; after the server stops, the
     folders verify and give the same scores as the folders they were made from."""
     import io
-    import subprocess
-    import sys
     import tarfile
 
-    from test_prefetch_loopback import REPO, LoopbackHub, _env
+    from test_prefetch_loopback import prefetch_through_hub
 
     from retrieval.models.bundle import CHEXBERT_BERT_REPO, RRG_SCORERS, read_checksums
 
@@ -438,18 +436,7 @@ def test_prefetch_metric_weights_through_loopback_hub_then_score_offline(
         RADGRAPH_BERT_ID: files(tiny_radgraph / "radgraph" / "bert") | {"model.safetensors": b"x"},
     }
     dest = tmp_path / "metrics"
-    with LoopbackHub(repos) as hub:
-        for name in ("chexbert", "radgraph"):
-            run = subprocess.run(
-                [sys.executable, "-m", "cli.main", "models", "prefetch", name, "--to", str(dest / name)],
-                env=_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1"),
-                capture_output=True,
-                text=True,
-                timeout=240,
-                cwd=REPO,
-            )
-            assert run.returncode == 0, run.stderr[-2000:]
-        requests = list(hub.requests)
+    requests = prefetch_through_hub(repos, ("chexbert", "radgraph"), dest, tmp_path / "hf")
     assert not any(r.endswith(("README.md", "model.safetensors")) for r in requests), requests  # weights: none
     assert {"chexbert.pth", "bert-base-uncased/config.json", "bert-base-uncased/vocab.txt"} <= set(
         read_checksums(dest / "chexbert")
