@@ -10,7 +10,8 @@ per image).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,15 @@ def apply_tuned(index: Any, info: dict, target: str, where: Any) -> dict[str, in
     return params
 
 
+@dataclass(frozen=True)
+class _Filter:
+    """What `search_ids` keeps besides the exclusions (see there)."""
+
+    allowed: np.ndarray | None
+    require_report: bool
+    per_study: bool
+
+
 class Searcher:
     """Query an index folder by image, text or vector; results are DataFrames of RESULT_COLUMNS.
 
@@ -255,20 +265,23 @@ class Searcher:
             raise UsageError("image and text queries need the model the index was built with")
         return self.model
 
-    def _keep(
-        self, ids: np.ndarray, target: str, patient: str | None, study: str | None, allowed: np.ndarray | None = None
-    ) -> np.ndarray:
-        """The usable ids among `ids`, best first: valid, allowed, not excluded, one per study for reports."""
+    def study_mask(self, studies: Collection[str]) -> np.ndarray:
+        """A boolean mask over the index rows: the rows of `studies` (for `search_ids(allowed=...)`)."""
+        return np.isin(self._studies, np.asarray([str(s) for s in studies], dtype=object))
+
+    def _keep(self, ids: np.ndarray, patient: str | None, study: str | None, rule: _Filter) -> np.ndarray:
+        """The usable ids among `ids`, best first: valid, allowed, not excluded, with a report (when required),
+        one per study (when asked)."""
         ids = ids[ids >= 0]
-        ok = np.ones(len(ids), dtype=bool) if allowed is None else allowed[ids]
+        ok = np.ones(len(ids), dtype=bool) if rule.allowed is None else rule.allowed[ids]
         if patient is not None:
             ok &= self._patients[ids] != str(patient)
         if study is not None:
             ok &= self._studies[ids] != str(study)
-        if target == "reports":
+        if rule.require_report:
             ok &= self._has_report[ids]
         ids = ids[ok]
-        if target == "reports" and len(ids):
+        if rule.per_study and len(ids):
             _, first = np.unique(self._studies[ids], return_index=True)
             ids = ids[np.sort(first)]
         return ids
@@ -281,12 +294,21 @@ class Searcher:
         exclude_patients: Sequence[str | None] | None = None,
         exclude_studies: Sequence[str | None] | None = None,
         allowed: np.ndarray | None = None,
+        require_report: bool | None = None,
+        per_study: bool | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, row ids), each (n_queries, k), after exclusions and per-study de-duplication of reports;
-        padded with -inf / -1 where fewer than k rows qualify. The fast path for evaluation and RAG.
+        """(scores, row ids), each (n_queries, k), after the filter; padded with -inf / -1 where fewer than k rows
+        qualify. The one search filter: `cxr query`, serve, evaluation and the VLM's RAG all come through here.
 
-        `allowed`: a boolean mask over the index rows; only those rows are returned (the search widens until k of
-        them are found or every row was looked at)."""
+        - `exclude_patients` / `exclude_studies`: per query, rows of that patient / study are dropped (None: none).
+        - `allowed`: a boolean mask over the index rows; only those rows are returned (`study_mask(studies)`
+          makes one from study ids).
+        - `require_report`: drop rows without a report (default: for the reports target).
+        - `per_study`: keep each study's best row only (default: for the reports target, whose vectors repeat
+          a study's report per image).
+
+        The search widens (4x per round) until k rows survive or every row was looked at, so the result is the
+        top k of the filtered ranking."""
         if k < 1:
             raise UsageError(f"-k must be at least 1, got {k}")
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
@@ -295,14 +317,19 @@ class Searcher:
         nq, n = len(queries), self.index.count
         pats = list(exclude_patients) if exclude_patients is not None else [None] * nq
         studs = list(exclude_studies) if exclude_studies is not None else [None] * nq
+        reports = target == "reports"
+        rule = _Filter(
+            None if allowed is None else np.asarray(allowed, dtype=bool),
+            reports if require_report is None else bool(require_report),
+            reports if per_study is None else bool(per_study),
+        )
         backend = self.backend(target)
         out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
         out_ids = np.full((nq, k), -1, dtype=np.int64)
         # Over-fetch for exclusions and per-study de-duplication; widen until k usable rows or all rows.
-        fetch = min(n, k * (4 if target == "reports" else 1) + (16 if any(pats) or any(studs) else 0))
-        if allowed is not None:  # a filter keeping a fraction f of the rows needs about 1/f times the rows
-            allowed = np.asarray(allowed, dtype=bool)
-            fetch = min(n, int(fetch * n / max(1, int(allowed.sum()))))
+        fetch = min(n, k * (4 if rule.per_study else 1) + (16 if any(pats) or any(studs) else 0))
+        if rule.allowed is not None:  # a filter keeping a fraction f of the rows needs about 1/f times the rows
+            fetch = min(n, int(fetch * n / max(1, int(rule.allowed.sum()))))
         todo = np.arange(nq)
         while len(todo):
             scores, ids = backend.search(queries[todo], fetch)
@@ -310,7 +337,7 @@ class Searcher:
                 check_scores(scores, ids, self.index.file(target), np.linalg.norm(queries[todo], axis=1))
             again = []
             for j, q in enumerate(todo):
-                keep = self._keep(ids[j], target, pats[q], studs[q], allowed)
+                keep = self._keep(ids[j], pats[q], studs[q], rule)
                 if len(keep) >= k or fetch >= n:
                     keep = keep[:k]
                     pos = {r: i for i, r in enumerate(ids[j].tolist())}

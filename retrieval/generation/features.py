@@ -165,17 +165,13 @@ def exemplars_for_rows(
     if k <= 0 or not len(rows):
         return {int(p): [] for p in rows}
     vecs = query_vectors(df, rows, searcher, model)
-    meta = searcher.index.meta
-    meta = meta.assign(report=meta["report"].where(meta["has_report"].astype(bool), ""))
-    backend = searcher.backend(target)
     found = retrieve_exemplars(
-        backend.search,
+        searcher,
         vecs,
-        meta,
         k,
         [str(df.iloc[p]["study_id"]) for p in rows],
         [str(df.iloc[p]["patient_id"]) for p in rows],
         allowed_studies,
-        require_report=target == "reports",
+        target,
     )
     return {int(p): ex for p, ex in zip(rows, found, strict=True)}

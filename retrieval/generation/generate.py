@@ -125,16 +125,9 @@ class Generator:
         from retrieval.generation.rag import retrieve_exemplars
 
         vecs = np.asarray(self.retrieval_model().encode_images(list(images)), dtype=np.float32)
-        meta = self.searcher.index.meta
-        meta = meta.assign(report=meta["report"].where(meta["has_report"].astype(bool), ""))
         n = len(images)
         return retrieve_exemplars(
-            self.searcher.backend("reports").search,
-            vecs,
-            meta,
-            k,
-            list(exclude_studies or [None] * n),
-            list(exclude_patients or [None] * n),
+            self.searcher, vecs, k, list(exclude_studies or [None] * n), list(exclude_patients or [None] * n)
         )
 
     @torch.no_grad()
