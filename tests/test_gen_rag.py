@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from index.factory import build_from_vectors
+from index.generations import save_index
 from index.search import Searcher
-from index.store import save_index
 from retrieval.generation.rag import Exemplar, build_prompt_ids, retrieve_exemplars
 from retrieval.generation.tokenizer import REF_TOKEN, TASK_TOKENS, build_tokenizer
 

@@ -105,9 +105,7 @@ class Generator:
             if same:
                 self._retrieval_model = same[0]
             else:
-                from retrieval.generation.features import retrieval_model_for
-
-                self._retrieval_model = retrieval_model_for(self.searcher)
+                self._retrieval_model = self.searcher.index.load_model()
         return self._retrieval_model
 
     def exemplars_for_images(
