@@ -249,13 +249,7 @@ def sample(work: Path, key: str, n_total: int, n_sample: int) -> np.ndarray:
     """A seeded random sample of `n_sample` vectors across all shards, read one shard at a time."""
     if n_sample >= n_total:
         return np.concatenate(list(iter_shards(work, key)))
-    pick = np.sort(np.random.default_rng(0).choice(n_total, n_sample, replace=False))
-    out, offset = [], 0
-    for chunk in iter_shards(work, key):
-        sel = pick[(pick >= offset) & (pick < offset + len(chunk))] - offset
-        out.append(chunk[sel])
-        offset += len(chunk)
-    return np.concatenate(out)
+    return gather(work, key, np.sort(np.random.default_rng(0).choice(n_total, n_sample, replace=False)))
 
 
 def gather(work: Path, key: str, ids: np.ndarray) -> np.ndarray:
