@@ -109,12 +109,12 @@ def _table(columns: list[str], rows: list[list[str]]) -> str:
 
 
 def _query_index(model: Any, model_path: Path | None, gallery: pd.DataFrame, test: pd.DataFrame, index_dir: Path):
-    from index.build import build_index
+    from index.build import BuildOptions, build_index
     from index.search import Searcher
     from index.store import INFO_FILE
 
     if not (index_dir / INFO_FILE).exists():
-        build_index(gallery, model, index_dir, model_path=model_path, progress=False)
+        build_index(gallery, model, index_dir, options=BuildOptions(model_path=model_path, progress=False))
     searcher = Searcher(index_dir, model)
     paths = [str(Path(gallery.attrs["root"]) / p) for p in test["image_path"]]
     results, bad = searcher.query_images(paths, k=5, target="reports", progress=False)
