@@ -85,6 +85,7 @@ def _print_demo(res, total: float) -> None:
         side.add_row(q["report"], g.get("text", ""))
         con.print(side)
         found = g.get("findings") or {}
+        con.print(f"[dim]written by: {g.get('source', 'lm')}[/]")
         con.print(
             f"findings named: {', '.join(found.get('named', [])) or 'none'}; "
             f"true among them: [bold]{', '.join(found.get('true', [])) or 'none'}[/]"

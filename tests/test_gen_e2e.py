@@ -114,6 +114,28 @@ def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpu
         assert res["source"] == expect and (res["text"] in ("yes", "no") or source == "lm")
 
 
+def test_box_head_and_written_report_answer_by_default(trained, corpus):
+    from retrieval.data.image_io import read_image
+    from retrieval.generation.generate import Generator
+
+    root, df, idx = corpus
+    assert (trained[0] / "box_head.safetensors").exists()  # fitted at the end of training
+    vis_img = read_image(root / df.iloc[0]["image_path"])
+    for source, expect in (("head", "box head"), ("lm", "lm")):
+        gen = Generator(trained[0], box_source=source)
+        vis = gen.visual([vis_img, vis_img])
+        outs = gen.generate(
+            vis, ["ground", "identify"], ["right lung", "describe the findings with their boxes."], [[], []]
+        )
+        assert [o["source"] for o in outs] == [expect, expect]
+        if source == "head":
+            assert len(outs[0]["boxes"]) == 1 and outs[0]["malformed_boxes"] == 0
+    gen = Generator(trained[0])
+    rec = gen.generate(gen.visual([vis_img]), ["report"], ["describe the findings and impression."], [[]])[0]
+    assert rec["source"] == "finding head + exemplars" and rec["text"]
+    assert isinstance(rec["head_findings"], list)
+
+
 def test_evaluation_has_every_baseline(trained, corpus):
     root, df, idx = corpus
     res = evaluate_generation(trained[0], df, idx, split="test", k=2, meteor=False, progress=False)

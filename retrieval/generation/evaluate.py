@@ -200,7 +200,8 @@ def evaluate_generation(
     decoding: dict | None = None,
     constrain_boxes: bool = True,
     vqa_source: str = "head",
-    report_source: str = "generate",
+    report_source: str = "findings",
+    box_source: str = "head",
 ) -> dict:
     """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K for each K in `k`)."""
     from retrieval.data.manifest import read_manifest
@@ -219,6 +220,7 @@ def evaluate_generation(
         constrain_boxes=constrain_boxes,
         vqa_source=vqa_source,
         report_source=report_source,
+        box_source=box_source,
     )
     tasks = [t for t in (tasks or gen.vlm.config.get("tasks") or TASKS)]
     rows = split_rows(df, split)

@@ -23,8 +23,10 @@ import numpy as np
 import torch
 
 from retrieval.errors import UsageError
+from retrieval.generation.box_head import BoxHead, box_features
 from retrieval.generation.boxes import malformed_boxes, parse_boxes
 from retrieval.generation.constraints import box_decoding
+from retrieval.generation.findings_report import findings_report
 from retrieval.generation.head import closed_answer, rank_exemplars
 from retrieval.generation.model import VLM, encode_visual
 from retrieval.generation.rag import Exemplar, build_prompt_ids, copied_sentences
@@ -34,7 +36,10 @@ from retrieval.labels import LABELS
 
 DEFAULT_BUDGET = 160
 VQA_SOURCES = ("head", "lm")  # closed "is there X?" answered by the finding head (head.py) or the LM
-REPORT_SOURCES = ("generate", "quote")  # [report]: the LM's draft, or the exemplar the finding head ranks first
+# [report]: written from the finding head's findings + the exemplars' sentences (findings_report.py; the LM's draft
+# when the VLM has no head), the LM's draft, or the exemplar the finding head ranks first
+REPORT_SOURCES = ("findings", "generate", "quote")
+BOX_SOURCES = ("head", "lm")  # [ground] / [identify] / "where is": the ridge box head (box_head.py) or the LM
 MAX_NEW_TOKENS = {"report": 96, "vqa": 32, "classify": 32, "identify": 64, "ground": 24}
 REPORT_DECODING: dict[str, Any] = {"num_beams": 3, "no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
 DECODING: dict[str, dict[str, Any]] = {
@@ -44,6 +49,14 @@ DECODING: dict[str, dict[str, Any]] = {
     "identify": {},
     "ground": {},
 }
+
+
+def where_phrase(question: str) -> str | None:
+    """X of a "where is the X?" question, else None."""
+    q = question.strip().lower()
+    if q.startswith("where is the ") and q.endswith("?"):
+        return q.removeprefix("where is the ").removesuffix("?").strip()
+    return None
 
 
 def task_prompt(task: str, question: str | None = None, phrase: str | None = None) -> str:
@@ -72,10 +85,14 @@ class Generator:
         token_cache: str | Path | None = None,
         constrain_boxes: bool = True,
         vqa_source: str = "head",
-        report_source: str = "generate",
+        report_source: str = "findings",
+        box_source: str = "head",
     ):
-        if vqa_source not in VQA_SOURCES or report_source not in REPORT_SOURCES:
-            raise UsageError(f"vqa_source must be one of {VQA_SOURCES}, report_source one of {REPORT_SOURCES}")
+        if vqa_source not in VQA_SOURCES or report_source not in REPORT_SOURCES or box_source not in BOX_SOURCES:
+            raise UsageError(
+                f"vqa_source must be one of {VQA_SOURCES}, report_source one of {REPORT_SOURCES}, "
+                f"box_source one of {BOX_SOURCES}"
+            )
         self.vlm_dir = Path(vlm_dir)
         self.constrain_boxes = constrain_boxes
         self.vqa_source = vqa_source
@@ -84,6 +101,7 @@ class Generator:
         self.token_cache = token_cache
         self.vlm = VLM.load(vlm_dir, device=device)
         self.encoders = self.vlm.load_encoders(vlm_dir)
+        self.box_head = BoxHead.load(vlm_dir) if box_source == "head" else None
         self.grid = self.vlm.config.get("visual_grid")
         self.budget = int(self.vlm.config.get("prompt_budget", DEFAULT_BUDGET))
         self.searcher = None
@@ -152,6 +170,19 @@ class Generator:
                     out[i] = rec
         return [r for r in out if r is not None]
 
+    def _box_answers(self, visual: torch.Tensor, task: str, prompts: Sequence[str]) -> list[str | None]:
+        """The box head's answers (None where it has none: no head, another task, an unknown phrase)."""
+        none: list[str | None] = [None] * len(prompts)
+        if self.box_head is None or task not in ("ground", "identify", "vqa"):
+            return none
+        if task == "identify":
+            return list(self.box_head.answer_identify(box_features(visual)))
+        phrases = [p if task == "ground" else where_phrase(p) for p in prompts]
+        if all(ph is None for ph in phrases):
+            return none
+        known = self.box_head.answer_ground(box_features(visual), [ph or "" for ph in phrases])
+        return [a if ph is not None else None for a, ph in zip(known, phrases, strict=True)]
+
     def _generate_batch(
         self, visual: torch.Tensor, task: str, prompts: Sequence[str], exemplars: Sequence[Sequence[Exemplar]]
     ) -> list[dict]:
@@ -168,8 +199,10 @@ class Generator:
         probs = self.vlm.finding_probs(visual)
         probs = None if probs is None else probs.cpu().numpy()
         quote = task == "report" and self.report_source == "quote" and probs is not None
+        written = task == "report" and self.report_source == "findings" and probs is not None and thresholds is not None
         from_head = task == "vqa" and self.vqa_source == "head" and probs is not None and thresholds is not None
-        if quote and all(exemplars):  # every answer is a quoted exemplar: nothing to decode
+        boxed = self._box_answers(visual, task, prompts)
+        if written or (quote and all(exemplars)) or all(b is not None for b in boxed):  # nothing left to decode
             gen: list[list[int]] = [[] for _ in prompts]
         else:
             gen = self.vlm.generate(visual, ids, max_new_tokens=MAX_NEW_TOKENS[task], **controls)
@@ -178,10 +211,17 @@ class Generator:
             text, source = decode(tok, g), "lm"
             if from_head and (answer := closed_answer(p, probs[i], thresholds)) is not None:
                 text, source = answer, "finding head"
+            if boxed[i] is not None:
+                text, source = boxed[i], "box head"
             if quote and exemplars[i]:
                 best = rank_exemplars(exemplars[i], probs[i])[0]
                 text, source = best.report, "quoted exemplar"
                 u = list(exemplars[i])
+            extra = {}
+            if written:
+                rep = findings_report(probs[i], thresholds, exemplars[i])
+                text, source, u = rep.text, "finding head + exemplars", list(exemplars[i])
+                extra["head_findings"] = rep.findings
             rec = {
                 "source": source,
                 "task": task,
@@ -189,6 +229,7 @@ class Generator:
                 "text": text,
                 "exemplars": [{"ref": r, **e.to_dict(False)} for r, e in enumerate(u, start=1)],
                 "copied": copied_sentences(text, u) if task == "report" else [],
+                **extra,
             }
             if task in ("identify", "ground") or (task == "vqa" and "{" in text):
                 rec["boxes"] = parse_boxes(text, LABELS)
@@ -209,15 +250,16 @@ def generate_for_image(
     retrieval_model: Any = None,
     exclude_study: str | None = None,
     exclude_patient: str | None = None,
-    report_source: str = "generate",
+    report_source: str = "findings",
 ) -> dict:
     """Image path (PNG/JPEG/DICOM) or HxW array -> {text, task, prompt, exemplars, boxes?}.
 
     `index_dir=None` or `k=0` generates without retrieval. Exemplars never come from `exclude_study` /
     `exclude_patient`; for an image file that is in the index, those default to its own study and patient.
     `retrieval_model` defaults to the model recorded in the index's index_info.json; pass a loaded one (or a
-    `generator`) to reuse it across calls. `report_source="quote"`: the report is the exemplar the finding head
-    ranks first (see `Generator`).
+    `generator`) to reuse it across calls. `report_source`: "findings" (default) writes the report from the
+    finding head's findings and the exemplars' sentences, "generate" is the LM's draft, "quote" the exemplar the
+    finding head ranks first (see `Generator`).
     """
     prompt = task_prompt(task, question, phrase)
     gen = generator or Generator(

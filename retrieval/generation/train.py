@@ -68,6 +68,7 @@ class VLMTrainConfig:
     loss_norm: str = "example"  # example: each example's mean token loss, then the batch mean; token: all tokens
     coord_sigma: float = 1.5  # Gaussian coordinate targets (grid units); 0 = one-hot
     coord_init: bool = True  # coordinate tokens start from Fourier features of their value
+    box_head: bool = True  # fit the ridge box head on the frozen tokens at the end (box_head.py)
 
 
 def split_rows(df: pd.DataFrame, split: str) -> list[int]:
@@ -307,6 +308,13 @@ def train_vlm(
     if vlm.aux_head is not None:  # thresholds for closed answers from the finding head (head.py)
         vlm.config["head_thresholds"] = head_thresholds(vlm, visual, label_rows)
     vlm.save(out, encoders)
+    t_box = time.time()
+    if config.box_head:
+        from retrieval.generation.box_head import fit_for_examples
+
+        if (head := fit_for_examples(visual, examples)) is not None:
+            head.save(out)
+    t_box = time.time() - t_box
     info = {
         "config": asdict(config),
         "index": str(index_dir) if index_dir else None,
@@ -322,7 +330,8 @@ def train_vlm(
         "vocab_size": len(tok),
         "task_draws": draws,
         "seconds_visual_tokens": round(t_vis, 1),
-        "seconds_training": round(time.time() - t_train, 1),
+        "seconds_training": round(time.time() - t_train - t_box, 1),
+        "seconds_box_head": round(t_box, 1),
         "seconds": round(time.time() - t0, 1),
     }
     write_json_atomic(out / "train_info.json", info)

@@ -1,0 +1,96 @@
+"""The ridge box head: its dual (kernel) solution equals the naive primal ridge, it recovers boxes that the
+features determine, its presence thresholds match prevalence, and it survives save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.generation.box_head import BoxHead, box_features, fit_box_head
+from retrieval.generation.boxes import parse_boxes
+
+
+def _data(n: int = 120, d: int = 40, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    cx = 0.5 + 0.1 * np.tanh(x[:, 0])
+    rows = []
+    for i in range(n):
+        boxes = [{"label": "Right Lung", "x1": cx[i] - 0.3, "y1": 0.2, "x2": cx[i], "y2": 0.8}]
+        if x[i, 1] > 0.3:  # the finding shows in feature 1; its place follows feature 2
+            y = 0.4 + 0.1 * np.tanh(x[i, 2])
+            boxes.append({"label": "Nodule", "x1": 0.6, "y1": y, "x2": 0.7, "y2": y + 0.1})
+        rows.append(boxes)
+    return x, rows
+
+
+def _naive_primal(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge with an unpenalised intercept, solved in feature space; the penalty scaled as the head scales it."""
+    xm, ym = x.mean(0), y.mean(0)
+    xc = x - xm
+    reg = lam * np.trace(xc @ xc.T) / len(x)
+    w = np.linalg.solve(xc.T @ xc + reg * np.eye(x.shape[1]), xc.T @ (y - ym))
+    return w, ym - xm @ w
+
+
+def test_dual_solution_equals_the_naive_primal_ridge():
+    x, rows = _data()
+    head = fit_box_head(x, rows, {"right lung"}, lam=0.1, min_rows=5)
+    for name in ("Right Lung", "Nodule"):
+        sel = [i for i, r in enumerate(rows) if any(b["label"] == name for b in r)]
+        y = np.array([[b[k] for k in ("x1", "y1", "x2", "y2")] for i in sel for b in rows[i] if b["label"] == name])
+        w, b = _naive_primal(x[sel].astype(np.float64), y, 0.1)
+        want = np.clip(x.astype(np.float64) @ w + b, 0, 1)
+        got = head.boxes(x)[:, head.index(name)]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_recovers_boxes_better_than_the_mean_box_on_held_out_rows():
+    x, rows = _data(n=300)
+    head = fit_box_head(x[:200], rows[:200], {"right lung"}, lam=0.01)
+    truth = np.array([[r[0][k] for k in ("x1", "y1", "x2", "y2")] for r in rows[200:]])
+    got = head.boxes(x[200:])[:, head.index("right lung")]  # names match case-insensitively
+    mean = truth.mean(0)
+    assert np.abs(got - truth).mean() < 0.3 * np.abs(mean - truth).mean()
+
+
+def test_presence_is_predicted_as_often_as_it_occurs_and_identify_text_parses():
+    x, rows = _data(n=200)
+    head = fit_box_head(x, rows, {"right lung"})
+    j = head.index("nodule")
+    scores = head.presence_scores(x)
+    assert np.isneginf(scores[:, head.index("right lung")]).all()  # anatomy is never "identified"
+    has = np.array([any(b["label"] == "Nodule" for b in r) for r in rows])
+    assert (scores[:, j] > head.thresholds[j]).sum() == has.sum()
+    texts = head.answer_identify(x[:20])
+    for t, h in zip(texts, has[:20], strict=True):
+        boxes = parse_boxes(t)
+        assert (t == "no findings") == (not boxes)
+        assert all(b["label"].lower() == "nodule" and b["x1"] < b["x2"] and b["y1"] < b["y2"] for b in boxes)
+    assert np.mean([("nodule" in t.lower()) == h for t, h in zip(texts, has[:20], strict=True)]) >= 0.8
+
+
+def test_unknown_phrase_and_too_few_rows_are_left_to_the_lm(tmp_path):
+    x, rows = _data(n=60)
+    head = fit_box_head(x, rows, {"right lung"}, min_rows=1000)
+    assert head is None
+    head = fit_box_head(x, rows, {"right lung"})
+    assert head.answer_ground(x[:2], ["heart", "right lung"])[0] is None
+    assert head.answer_ground(x[:2], ["heart", "right lung"])[1].startswith("{")
+    head.save(tmp_path)
+    again = BoxHead.load(tmp_path)
+    assert again.names == head.names and again.anatomy == head.anatomy
+    np.testing.assert_allclose(again.boxes(x), head.boxes(x), atol=1e-4)
+    assert BoxHead.load(tmp_path / "none") is None
+
+
+def test_box_features_average_pool_a_square_grid():
+    t = torch.arange(2 * 36 * 3, dtype=torch.float32).reshape(2, 36, 3)
+    f = box_features(t)
+    grid = t.reshape(2, 6, 6, 3)
+    block = grid[:, 0:2, 2:4, :].mean(dim=(1, 2))  # pooled cell (row 0, col 1)
+    assert f.shape == (2, 27)
+    np.testing.assert_allclose(f.reshape(2, 3, 3, 3)[:, :, 0, 1], block.numpy())  # (B, d, 3, 3) flattened
+    with pytest.raises(ValueError):
+        box_features(torch.zeros(1, 10, 3))

@@ -1,0 +1,80 @@
+"""The report written from the finding head: it names exactly the predicted findings, prefers the exemplars'
+words, never negates a predicted finding and never repeats a sentence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.generation.findings_report import (
+    FINDING_SENTENCES,
+    NORMAL_SENTENCE,
+    findings_report,
+    predicted_findings,
+)
+from retrieval.generation.metrics import repeats_a_sentence
+from retrieval.generation.rag import Exemplar
+from retrieval.labels import LABELS, NO_FINDING, label_report
+
+FINDINGS = [lab for lab in LABELS if lab != NO_FINDING]
+REPORTS = [
+    "The heart is normal in size. There is a small left pleural effusion. No pneumothorax.",
+    "Heart size is normal. No pleural effusion. There is patchy opacity in the right lower lobe.",
+    "The lungs are clear. No pneumothorax or pleural effusion. Degenerative changes of the spine.",
+    "Cardiomegaly with pulmonary edema. A right chest tube is present.",
+]
+
+
+def _ex(i: int, report: str) -> Exemplar:
+    return Exemplar(study_id=f"S{i}", patient_id=f"P{i}", report=report, score=1.0 - 0.1 * i)
+
+
+def test_every_template_reads_as_exactly_its_finding():
+    assert set(FINDING_SENTENCES) == set(FINDINGS)
+    for lab, sentence in FINDING_SENTENCES.items():
+        assert label_report(sentence) == [lab], sentence
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_report_names_exactly_the_predicted_findings(seed):
+    rng = np.random.default_rng(seed)
+    probs, thresholds = rng.random(len(LABELS)), rng.uniform(0.3, 0.9, len(LABELS))
+    exemplars = [_ex(i, REPORTS[j]) for i, j in enumerate(rng.permutation(len(REPORTS))[: rng.integers(0, 4)])]
+    rep = findings_report(probs, thresholds, exemplars)
+    naive = [lab for j, lab in enumerate(LABELS) if lab != NO_FINDING and probs[j] > thresholds[j]]
+    assert sorted(rep.findings) == sorted(naive)
+    assert rep.findings == sorted(naive, key=lambda lab: -probs[LABELS.index(lab)])  # most likely first
+    assert label_report(rep.text) == ([lab for lab in LABELS if lab in naive] or [NO_FINDING])
+    assert not repeats_a_sentence(rep.text)
+
+
+def _probs(*findings: str) -> tuple[np.ndarray, list[float]]:
+    p = np.full(len(LABELS), 0.1)
+    for f in findings:
+        p[LABELS.index(f)] = 0.9
+    return p, [0.5] * len(LABELS)
+
+
+def test_exemplar_sentences_are_preferred_and_negations_of_predictions_dropped():
+    probs, thr = _probs("Pleural Effusion")
+    rep = findings_report(probs, thr, [_ex(0, REPORTS[1]), _ex(1, REPORTS[0])])
+    assert "there is a small left pleural effusion." in rep.text  # the exemplar's words, not the template
+    assert FINDING_SENTENCES["Pleural Effusion"] not in rep.text
+    assert "no pleural effusion." not in rep.text  # would negate the predicted finding
+    assert "there is patchy opacity in the right lower lobe." not in rep.text  # a finding not predicted
+    assert "no pneumothorax." in rep.text and rep.from_exemplars >= 2
+
+
+def test_template_when_no_exemplar_has_the_finding_and_normal_without_anything():
+    probs, thr = _probs("Fracture")
+    rep = findings_report(probs, thr, [_ex(0, REPORTS[2])])
+    assert rep.text.startswith(FINDING_SENTENCES["Fracture"])
+    assert predicted_findings(*_probs()) == []
+    assert findings_report(*_probs()).text == NORMAL_SENTENCE
+
+
+def test_a_normal_sentence_is_not_said_twice_in_other_words():
+    probs, thr = _probs()
+    reports = ["The heart is normal in size. No pneumothorax.", "Heart size is normal. No pneumothorax."]
+    rep = findings_report(probs, thr, [_ex(i, r) for i, r in enumerate(reports)])
+    assert rep.text == "the heart is normal in size. no pneumothorax."
