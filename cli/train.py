@@ -53,7 +53,7 @@ def train_cmd(
     from retrieval.data.manifest import gate_manifest
     from retrieval.errors import UsageError
     from retrieval.losses import DEFAULT_POSITIVE_RULE, parse_loss_weights
-    from retrieval.train import TrainConfig, train
+    from retrieval.training import TrainConfig, train
 
     try:
         weights = parse_loss_weights(loss_weights)
@@ -78,8 +78,7 @@ def train_cmd(
         feature_cache=not no_cache,
         show_progress=not as_json,
     )
-    trained = train(gate_manifest(manifest, allow_outside, skip_bad_rows), model, out, config, fresh=fresh)
-    info = trained.train_info
+    info = train(gate_manifest(manifest, allow_outside, skip_bad_rows), model, out, config, fresh=fresh).info
     if as_json:
         print(json.dumps(info, indent=2, default=str))
         return
