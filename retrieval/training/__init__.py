@@ -8,7 +8,7 @@
 - One training item is a study: its report and one of its images (drawn per epoch), so the CLIP loss never
   sees two images of one study as negatives of each other.
 - Seeded and deterministic: the epoch's order comes from a generator seeded by (seed, epoch); the global RNG
-  state is saved with each checkpoint. Each epoch ends with an atomic checkpoint (`checkpoint.Checkpoint`:
+  state is saved with each checkpoint. Each epoch ends with an atomic checkpoint (`retrieval.checkpoint.Checkpoint`:
   safetensors weights, torch optimiser state loaded with weights_only=True, JSON state) and `train` resumes
   from it after a kill, reproducing the weights of an uninterrupted run.
 - Each epoch is validated on the `val` split (image->report mAP, see retrieval.evaluate) and training stops
@@ -16,7 +16,7 @@
 
 Modules: `config` (TrainConfig), `towers` (the seeded model, what trains), `data` (a prepared split, the epoch's
 batches), `features` (the frozen-feature cache), `task` (model + `logit_scale` + weighted loss terms),
-`checkpoint` (the commit scheme both trainers use), `resume` (what the retrieval checkpoint holds), `loop`
+`resume` (what the checkpoint holds, through the scheme both trainers use, `retrieval.checkpoint`), `loop`
 (Trainer), `output` (the saved folder).
 """
 
