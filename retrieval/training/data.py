@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retrieval.data.split_items import SplitItems
 from retrieval.errors import ImageReadError
-from retrieval.evaluate import SplitItems
 from retrieval.progress import make_progress
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from retrieval.data.split_items import SplitItems
 from retrieval.errors import CXRError
-from retrieval.evaluate import SplitItems
 from retrieval.models import text_features
 from retrieval.models.checkpoint import fingerprint_state
 from retrieval.training.config import TrainConfig

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from retrieval.checkpoint import Checkpoint
+from retrieval.data.split_items import SplitItems, split_items
 from retrieval.errors import CXRError, ManifestError
-from retrieval.evaluate import SplitItems, mean_average_precision, overlap_matrix, ranked_relevance, split_items
 from retrieval.fileio import clean_temporaries
 from retrieval.progress import console, make_progress
+from retrieval.retrieval_metrics import mean_average_precision, overlap_matrix, ranked_relevance
 from retrieval.training.config import TrainConfig, run_key
 from retrieval.training.data import PreparedSplit, epoch_batches, finish_split
 from retrieval.training.features import SplitFeatures, plan_features
