@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from cli.options import DEVICE, PRECISION
+
 
 def train_cmd(
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest (Parquet or CSV) with splits."),
@@ -39,8 +41,8 @@ def train_cmd(
         "i2r_map_label", "--monitor", help="Val metric to early-stop on: i2r_map_label | i2r_map_exact."
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed (the run is deterministic for a seed)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU) | fp32 | bf16 | fp16."),
+    device: str = DEVICE,
+    precision: str = PRECISION,
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-run frozen towers every epoch (slow)."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in --out and start over."),
     allow_outside: bool = typer.Option(False, "--allow-outside", help="Allow image paths outside the manifest folder."),
