@@ -52,7 +52,7 @@ def train_cmd(
     """Train on the manifest's train split, validate on val each epoch, save the best model to --out.
 
     Re-running the same command after an interruption resumes from the last checkpoint."""
-    from retrieval.data.manifest import gate_manifest
+    from retrieval.data.manifest_check import gate_manifest
     from retrieval.errors import UsageError
     from retrieval.losses import DEFAULT_POSITIVE_RULE, parse_loss_weights
     from retrieval.training import TrainConfig, train
