@@ -24,8 +24,8 @@ from retrieval.losses import (
 
 
 def weighted(weights, img, txt, m, logits=None, temperature=0.07, **options):
-    """The weighted loss of one batch at a fixed CLIP temperature."""
-    scale = torch.tensor(initial_logit_scale(temperature))
+    """The weighted loss of one batch at a fixed CLIP temperature (on the batch's device)."""
+    scale = torch.tensor(initial_logit_scale(temperature), device=img.device)
     return WeightedLoss(weights, **options)(LossInputs(img, txt, m, scale, logits))
 
 
@@ -149,16 +149,17 @@ def test_temperature_clamp():
 
 
 @pytest.mark.parametrize("rule", ["same-set", "binary", "overlap"])
-def test_supcon_term_matches_naive(rule):
-    img = _emb(6, 8, 2).requires_grad_()
-    txt = _emb(6, 8, 3).requires_grad_()
-    out = weighted({"supcon": 1}, img, txt, multi_hot(LABEL_SETS), positive_rule=rule, supcon_temperature=0.3)
-    ref = naive_supcon(img, txt, LABEL_SETS, rule, 0.3)
-    assert torch.allclose(out["supcon"], ref, atol=1e-5), (out["supcon"], ref)
+def test_supcon_term_matches_naive(rule, test_device):
+    img = _emb(6, 8, 2).to(test_device).requires_grad_()
+    txt = _emb(6, 8, 3).to(test_device).requires_grad_()
+    m = multi_hot(LABEL_SETS).to(test_device)
+    out = weighted({"supcon": 1}, img, txt, m, positive_rule=rule, supcon_temperature=0.3)
+    ref = naive_supcon(img.cpu(), txt.cpu(), LABEL_SETS, rule, 0.3)  # the naive reference, on the CPU
+    assert torch.allclose(out["supcon"].cpu(), ref, atol=1e-5), (out["supcon"], ref)
     g_out = torch.autograd.grad(out["loss"], [img, txt])
     g_ref = torch.autograd.grad(ref, [img, txt])
     for a, b in zip(g_out, g_ref, strict=True):
-        assert torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(a.cpu(), b.cpu(), atol=1e-5)
 
 
 def test_positive_rules_give_different_supcon():
@@ -188,10 +189,10 @@ def test_bce_term_matches_naive_and_tiles_over_modalities():
         loss_fn(_emb(6, 4, 0), _emb(6, 4, 1), m, logits[:4])
 
 
-def test_composite_is_weighted_sum_and_terms_switch_off():
-    img, txt = _emb(6, 8, 7), _emb(6, 8, 8)
-    logits = torch.linspace(-2, 2, 6)
-    m = multi_hot(LABEL_SETS)
+def test_composite_is_weighted_sum_and_terms_switch_off(test_device):
+    img, txt = _emb(6, 8, 7).to(test_device), _emb(6, 8, 8).to(test_device)
+    logits = torch.linspace(-2, 2, 6, device=test_device)
+    m = multi_hot(LABEL_SETS).to(test_device)
     out = weighted({"clip": 0.5, "supcon": 2.0, "bce": 3.0}, img, txt, m, logits)
     assert list(out) == ["loss", "clip", "supcon", "bce"]  # the terms in LOSS_TERMS order
     assert torch.allclose(out["loss"], 0.5 * out["clip"] + 2.0 * out["supcon"] + 3.0 * out["bce"])

@@ -325,3 +325,43 @@ def test_train_cli_json_and_errors(tmp_path, capsys):
     assert "3 numbers 'clip,supcon,bce'" in capsys.readouterr().err
     assert main(["train", "--manifest", str(tmp_path / "nope.parquet"), "--out", str(out)]) == 1
     assert "manifest not found" in capsys.readouterr().err
+
+
+def test_task_owns_the_temperature_and_round_trips_its_trainable_state(test_device):
+    """RetrievalTask: the loss of a batch, one step that moves the heads and `logit_scale` (clamped), and a
+    trainable state that restores exactly what the step changed (and nothing frozen)."""
+    from retrieval.losses import MAX_LOGIT_SCALE, multi_hot
+    from retrieval.models import load_model
+    from retrieval.training.task import RetrievalTask
+    from retrieval.training.towers import set_trainable
+
+    model = load_model("cxr-tiny", device=test_device)
+    set_trainable(model, [], 0)  # towers frozen: the heads train
+    task = RetrievalTask(model, {"clip": 1.0, "bce": 0.5}, "binary", 0.1)
+    assert task.logit_scale.device.type == torch.device(test_device).type
+    assert task.loss.needs_abnormal_logits  # the BCE term reads the abnormality head
+    before = task.trainable_state()
+    assert "logit_scale" in before and all(k.startswith("model.") for k in before if k != "logit_scale")
+    assert not any("clip.text" in k for k in before)  # a frozen tower is not part of the state
+
+    g = torch.Generator().manual_seed(0)
+    img_f = torch.randn(4, model.projector.cfg.image_dim, generator=g).to(test_device)
+    txt_f = torch.randn(4, model.projector.cfg.text_dim, generator=g).to(test_device)
+    labels = multi_hot([["No Finding"], ["Edema"], ["No Finding"], ["Cardiomegaly"]]).to(test_device)
+    out = task.loss(task.outputs(img_f, txt_f, labels))
+    assert list(out) == ["loss", "clip", "bce"]
+    assert torch.allclose(out["loss"], out["clip"] + 0.5 * out["bce"])
+    optimizer = task.optimizer([], lr=0.5, tower_lr=None, weight_decay=0.0)
+    assert any(p is task.logit_scale for p in optimizer.param_groups[0]["params"])
+    out["loss"].backward()
+    optimizer.step()
+    with torch.no_grad():
+        task.logit_scale.fill_(10.0)  # beyond the cap
+    task.clamp_logit_scale_()
+    assert abs(task.logit_scale.exp().item() - MAX_LOGIT_SCALE) < 1e-3
+
+    after = task.trainable_state()
+    assert not all(torch.equal(before[k], after[k]) for k in before)
+    task.load_trainable_state(before)
+    restored = task.trainable_state()
+    assert all(torch.equal(before[k], restored[k]) for k in before)
