@@ -138,7 +138,7 @@ class CheckReport:
         return not self.problems
 
 
-def checkfolder_files(folder: str | Path) -> CheckReport:
+def check_files(folder: str | Path) -> CheckReport:
     """Compare every file in `checksums.sha256` with the folder: missing or altered files are problems."""
     folder = Path(folder)
     report = CheckReport()
@@ -206,7 +206,7 @@ def copy_tokenizer_to_root(folder: Path) -> list[str]:
 def export(folder: str | Path, tar_path: str | Path) -> Path:
     """Pack a model folder (checked against its checksums first) into an uncompressed tar for another machine."""
     folder = Path(folder)
-    report = checkfolder_files(folder)
+    report = check_files(folder)
     if not report.ok:
         raise ModelLoadError(f"{folder}: not exported: {report.problems[0]}")
     tar_path = Path(tar_path)
@@ -232,7 +232,7 @@ def unpack(tar_path: str | Path, to: str | Path) -> Path:
         raise ModelLoadError(f"{tar_path}: cannot unpack ({type(e).__name__}: {e})") from None
     folder = to / tops.pop()
     relink(folder)
-    report = checkfolder_files(folder)
+    report = check_files(folder)
     if not report.ok:
         raise ModelLoadError(f"{folder}: {report.problems[0]}")
     return folder
