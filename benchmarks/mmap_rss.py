@@ -66,7 +66,7 @@ def build(folder: Path, n: int, dim: int, log) -> Path:
     import pandas as pd
 
     from benchmarks.search_speed import SPECTRUM_ALPHA, embedding_like_vectors
-    from index import store, tune
+    from index import generations, store, tune
     from index.factory import build_from_vectors, choose_factory
 
     if store.has_index(folder):
@@ -97,7 +97,7 @@ def build(folder: Path, n: int, dim: int, log) -> Path:
         "model": {"name": "none", "fingerprint": "none"},
         "search": {"images": rec, "reports": rec},
     }
-    store.save_index(folder, index, index, meta, info)
+    generations.save_index(folder, index, index, meta, info)
     return folder
 
 

@@ -3,7 +3,7 @@
     python -m benchmarks.query_latency --models cxr-tiny biomedclip-arch --gallery 100000
 
 The gallery is an index folder of random unit vectors (the model's dimension, the factory `index/` picks for its
-size) with a meta row each, written through `index.store.save_index`, so search and metadata cost what they would.
+size) with a meta row each, written through `index.generations.save_index`, so search and metadata cost what they would.
 Ours: `index.search.Searcher.query_image` one file at a time, timed per stage. The naive way in the same run:
 open_clip's PIL preprocess, the model, numpy brute force over all vectors, and a pandas row lookup.
 """
@@ -36,7 +36,9 @@ from benchmarks.common import (  # noqa: E402
 def random_index(folder: Path, model, n: int) -> Path:
     """An index folder for `model` holding n random unit vectors and plausible meta rows."""
     from index.factory import build_from_vectors
-    from index.store import model_record, save_index, versions
+    from index.generations import save_index
+    from index.layout import versions
+    from index.store import model_record
 
     if (folder / "index_info.json").exists():
         return folder

@@ -38,9 +38,9 @@ sys.path[:0] = [str(TESTS), str(REPO)]
 CLI = """
 import sys
 sys.path[:0] = [{tests!r}, {repo!r}]
-import cli.index_cmd as c
+import retrieval.models as m
 from test_index_helpers import FakeModel
-c._load_model = lambda name, device: FakeModel()
+m.load_model = lambda name, device=None: FakeModel()
 from cli.main import main
 sys.exit(main({argv!r}))
 """
@@ -90,7 +90,7 @@ def _state(index: Path) -> dict:
 def bit_flips(work: Path, flips: int, seed: int) -> list[dict]:
     from reliability_helpers import flip_bit, vector_index
 
-    from index import store
+    from index import store, verify
     from index.search import Searcher
 
     rows = []
@@ -107,7 +107,7 @@ def bit_flips(work: Path, flips: int, seed: int) -> list[dict]:
             for _ in range(flips):
                 flip_bit(gen / name, rng)
                 for key, fn in (
-                    ("verify", lambda: store.verify_index(idx)),
+                    ("verify", lambda: verify.verify_index(idx)),
                     ("open (default)", lambda: store.open_index(idx)),
                 ):
                     try:
@@ -265,7 +265,7 @@ import sys
 sys.path[:0] = [{tests!r}, {repo!r}]
 from pathlib import Path
 from test_index_helpers import FakeModel
-from index.build import add_to_index
+from index.build import BuildOptions, add_to_index
 from retrieval.data.manifest import read_manifest, write_manifest
 df = read_manifest({corpus!r})
 stop = Path({stop!r})
@@ -275,7 +275,7 @@ while not stop.exists():
     part["image_id"] = [f"a{{j}}-{{i}}" for i in range(8)]
     p = Path({corpus!r}).parent / f"add{{j % 2}}.parquet"
     write_manifest(part, p)
-    add_to_index({out!r}, p, FakeModel(), batch_size=8, workers=0, shard_rows=8, progress=False)
+    add_to_index({out!r}, p, FakeModel(), BuildOptions(batch_size=8, workers=0, shard_rows=8, progress=False))
     j += 1
 print(j, flush=True)
 """
@@ -285,12 +285,12 @@ def readers(work: Path, n_reads: int) -> dict:
     from reliability_helpers import unit_vectors
     from test_index_helpers import FakeModel, make_corpus
 
-    from index.build import build_index
+    from index.build import BuildOptions, build_index
     from index.search import Searcher
 
     corpus = make_corpus(work / "rcorpus", n=64)
     out = work / "ridx"
-    build_index(corpus, FakeModel(), out, workers=0, progress=False)
+    build_index(corpus, FakeModel(), out, options=BuildOptions(workers=0, progress=False))
     stop = work / "stop"
     script = ADDER.format(tests=str(TESTS), repo=str(REPO), corpus=str(corpus), out=str(out), stop=str(stop))
     proc = subprocess.Popen([sys.executable, "-c", script], env=_env(), stdout=subprocess.PIPE,
@@ -321,7 +321,8 @@ def cost(work: Path, sizes: list[int], dim: int) -> list[dict]:
     from reliability_helpers import vector_index
 
     from benchmarks.common import time_calls
-    from index import store
+    from index import store, verify
+    from retrieval.fileio import sha256_file
 
     rows = []
     for n in sizes:
@@ -338,9 +339,9 @@ def cost(work: Path, sizes: list[int], dim: int) -> list[dict]:
             ("raw read (no checks)", raw),
             ("open, quick checks", lambda: store.open_index(idx, full=False)),
             ("open, full hash", lambda: store.open_index(idx, full=True)),
-            ("verify", lambda: store.verify_index(idx)),
+            ("verify", lambda: verify.verify_index(idx)),
         )}  # fmt: skip
-        hashed = time_calls(lambda: [store.sha256_file(gen / f) for f in (store.IMAGES_FILE, store.REPORTS_FILE,
+        hashed = time_calls(lambda: [sha256_file(gen / f) for f in (store.IMAGES_FILE, store.REPORTS_FILE,
                                                                           store.META_FILE)], 5)  # fmt: skip
         rows.append({"rows": n, "dim": dim, "MB": round(nbytes / 1e6, 1), **{f"{k} ms": round(v * 1e3, 1)
                      for k, v in t.items()},

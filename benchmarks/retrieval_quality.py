@@ -35,22 +35,26 @@ from benchmarks.common import machine_info, markdown_table, write_results
 
 WORK = Path("/tmp/cxr-quality")
 COMMAND = ".venv/bin/python -m benchmarks.retrieval_quality"
-FINDING_PHRASES = {
-    "Cardiomegaly": "cardiomegaly",
-    "Lung Opacity": "lung opacity",
-    "Lung Lesion": "pulmonary nodule",
-    "Edema": "pulmonary edema",
-    "Consolidation": "consolidation",
-    "Pneumonia": "pneumonia",
-    "Atelectasis": "atelectasis",
-    "Pneumothorax": "pneumothorax",
-    "Pleural Effusion": "pleural effusion",
-    "Pleural Other": "pleural thickening",
-    "Fracture": "rib fracture",
-    "Support Devices": "sternotomy wires",
-    "Enlarged Cardiomediastinum": "enlarged cardiomediastinum",
-    "No Finding": "no acute cardiopulmonary abnormality",
-}
+# (finding, phrase): one short phrase per finding, as a user would type it. Enlarged Cardiomediastinum has two: the
+# radiologist's "widened mediastinum" (what the demo's MeSH labels call it: Mediastinum/widened) and the CheXpert
+# class name, whose reports the MeSH indexers mostly filed under Cardiomegaly ("enlarged cardiomediastinal silhouette").
+FINDING_PHRASES = [
+    ("Cardiomegaly", "cardiomegaly"),
+    ("Lung Opacity", "lung opacity"),
+    ("Lung Lesion", "pulmonary nodule"),
+    ("Edema", "pulmonary edema"),
+    ("Consolidation", "consolidation"),
+    ("Pneumonia", "pneumonia"),
+    ("Atelectasis", "atelectasis"),
+    ("Pneumothorax", "pneumothorax"),
+    ("Pleural Effusion", "pleural effusion"),
+    ("Pleural Other", "pleural thickening"),
+    ("Fracture", "rib fracture"),
+    ("Support Devices", "sternotomy wires"),
+    ("Enlarged Cardiomediastinum", "widened mediastinum"),
+    ("Enlarged Cardiomediastinum", "enlarged cardiomediastinum"),
+    ("No Finding", "no acute cardiopulmonary abnormality"),
+]
 NO_FINDING = "No Finding"
 
 
@@ -105,12 +109,12 @@ def _table(columns: list[str], rows: list[list[str]]) -> str:
 
 
 def _query_index(model: Any, model_path: Path | None, gallery: pd.DataFrame, test: pd.DataFrame, index_dir: Path):
-    from index.build import build_index
+    from index.build import BuildOptions, build_index
     from index.search import Searcher
     from index.store import INFO_FILE
 
     if not (index_dir / INFO_FILE).exists():
-        build_index(gallery, model, index_dir, model_path=model_path, progress=False)
+        build_index(gallery, model, index_dir, options=BuildOptions(model_path=model_path, progress=False))
     searcher = Searcher(index_dir, model)
     paths = [str(Path(gallery.attrs["root"]) / p) for p in test["image_path"]]
     results, bad = searcher.query_images(paths, k=5, target="reports", progress=False)
@@ -122,15 +126,16 @@ def _query_index(model: Any, model_path: Path | None, gallery: pd.DataFrame, tes
 
 def _text_queries(model: Any, reports: list[str], labels: list[list[str]], raw: bool) -> dict[str, Any]:
     """Each finding's phrase against the gallery reports: P@5 of reports that carry it (projected or raw MiniLM)."""
-    phrases = {f: p for f, p in FINDING_PHRASES.items() if any(f in ls for ls in labels)}
+    pairs = [(f, p) for f, p in FINDING_PHRASES if any(f in ls for ls in labels)]
+    phrases = [p for _, p in pairs]
     if raw:
         gal = _raw_text(model, reports)
-        qv = _raw_text(model, list(phrases.values()))
+        qv = _raw_text(model, phrases)
     else:
         gal = model.encode_texts(reports)
-        qv = model.encode_texts(list(phrases.values()))
+        qv = model.encode_texts(phrases)
     order = np.argsort(-(qv @ gal.T), axis=1, kind="stable")[:, :5]
-    return {f: float(np.mean([f in labels[j] for j in row])) for f, row in zip(phrases, order, strict=True)}
+    return {p: float(np.mean([f in labels[j] for j in row])) for (f, p), row in zip(pairs, order, strict=True)}
 
 
 def _text_queries_as_cxr_query(searcher: Any) -> dict[str, float]:
@@ -138,10 +143,10 @@ def _text_queries_as_cxr_query(searcher: Any) -> dict[str, float]:
     labeler reads phrase and reports; index/report_findings.py): P@5 of returned reports carrying the finding."""
     meta_labels = set(x for ls in searcher.index.meta["labels"] for x in ls)
     out = {}
-    for f, phrase in FINDING_PHRASES.items():
+    for f, phrase in FINDING_PHRASES:
         if f in meta_labels:
             hits = searcher.query_text(phrase, k=5, target="reports")
-            out[f] = float(np.mean([f in list(ls) for ls in hits["labels"]])) if len(hits) else 0.0
+            out[phrase] = float(np.mean([f in list(ls) for ls in hits["labels"]])) if len(hits) else 0.0
     return out
 
 
@@ -286,13 +291,14 @@ def demo_markdown(result: dict[str, Any]) -> str:
     t_rows = [
         [
             f,
-            FINDING_PHRASES[f],
-            f"{cq.get(f, float('nan')):.2f}",
-            f"{proj[f]:.2f}",
-            f"{raw.get(f, float('nan')):.2f}",
-            f"{tiny_t.get(f, 0):.2f}",
+            p,
+            f"{cq.get(p, float('nan')):.2f}",
+            f"{proj[p]:.2f}",
+            f"{raw.get(p, float('nan')):.2f}",
+            f"{tiny_t.get(p, 0):.2f}",
         ]
-        for f in proj
+        for f, p in FINDING_PHRASES
+        if p in proj
     ]
     t_rows.append(
         [

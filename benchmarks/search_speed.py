@@ -7,7 +7,7 @@ Vectors are synthetic, dim 512 (BiomedCLIP's embedding size), L2-normalised, wit
 embeddings (see SPECTRUM_ALPHA); queries are held-out points of the same distribution.
 The naive baseline is numpy brute force (matrix product + argpartition) in the same run. The indexes are made the
 way `index/` makes them (`index.factory.make_index` / `train_index` / `train_size`, inner product) and searched
-through the project's backends (`index.search.FaissBackend`, and `TorchBackend` on the CPU as "exact torch"); the
+through the project's backends (`index.backends.FaissBackend`, and `TorchBackend` on the CPU as "exact torch"); the
 torch backend on CUDA runs where torch sees a GPU. OMP_WAIT_POLICY defaults to PASSIVE: faiss's OpenMP threads
 spin-wait otherwise, which is catastrophically slow on a machine shared with other busy processes.
 """
@@ -159,7 +159,7 @@ def work(index, queries: np.ndarray, ef_params: dict) -> dict:
 
     from index import tune
 
-    parts = tune._parts(index)
+    parts = tune.parts(index)
     q = np.ascontiguousarray(queries[:256])
     if parts["hnsw"] is not None:
         faiss.cvar.hnsw_stats.reset()
@@ -185,7 +185,7 @@ def add_tuned(add, index, factory, base, queries, truth, budget_s, build_s, mem,
     """Tune `index` on a sample of its own vectors as `cxr index build` does, then measure the held-out queries at
     the tuned parameters: the recall a user gets with no flags."""
     from index import tune
-    from index.search import FaissBackend
+    from index.backends import FaissBackend
 
     t0 = time.perf_counter()
     t = tune.tune_on_vectors(index, base, target)
@@ -219,8 +219,8 @@ def run(
     import torch
 
     from index import tune
-    from index.factory import _fastscan_m, choose_factory, memory_bytes, nlist_for
-    from index.search import FaissBackend, TorchBackend
+    from index.backends import FaissBackend, TorchBackend
+    from index.factory import choose_factory, fastscan_m, memory_bytes, nlist_for
 
     rows: list[dict] = []
     label = data[2] if data is not None else f"synthetic (alpha {alpha:g})"
@@ -281,7 +281,7 @@ def run(
 
     nlist = nlist_for(n)
     for refine in refines:
-        factory = f"IVF{nlist},PQ{_fastscan_m(dim)}x4fs,{refine}"
+        factory = f"IVF{nlist},PQ{fastscan_m(dim)}x4fs,{refine}"
         index, bs, _ = build(factory, base)
         mem = memory_bytes(factory, n, dim) / 2**20
         log(f"n={n:,}: {factory} built in {bs:.0f} s")

@@ -51,7 +51,9 @@ def saved_model(name: str) -> Path:
 def random_index(folder: Path, model_dir: Path, n: int) -> Path:
     """An index folder of n random unit vectors for the model in `model_dir`, recording that folder."""
     from index.factory import build_from_vectors
-    from index.store import model_record, save_index, versions
+    from index.generations import save_index
+    from index.layout import versions
+    from index.store import model_record
     from retrieval.models import load_model
 
     model = load_model(model_dir, device="cpu")

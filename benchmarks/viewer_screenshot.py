@@ -38,7 +38,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from retrieval.data.manifest import read_manifest, resolve_image_path
-    from retrieval.demo_pipeline import DEFAULT_WORKDIR, _pick_query
+    from retrieval.demo_pipeline import DEFAULT_WORKDIR, pick_query
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
@@ -49,7 +49,7 @@ def main() -> None:
     a = p.parse_args()
     corpus = a.workdir / "corpus"
     manifest = read_manifest(corpus / "manifest.parquet")
-    query = resolve_image_path(corpus, _pick_query(manifest)["image_path"])
+    query = resolve_image_path(corpus, pick_query(manifest)["image_path"])
     proc, url = start_server(
         ["--index", str(a.workdir / "index"), "--vlm", str(a.workdir / "vlm"), "--watch-interval", "0"],
         Path("/tmp") / "cxr-viewer-screenshot.log",

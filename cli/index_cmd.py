@@ -8,12 +8,6 @@ from pathlib import Path
 import typer
 
 
-def _load_model(name_or_path: str, device: str | None):
-    from retrieval.models import load_model
-
-    return load_model(name_or_path, device=None if device in (None, "auto") else device)
-
-
 def _print_result(result, as_json: bool, verb: str) -> None:
     from rich.console import Console
 
@@ -90,8 +84,9 @@ def build_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Build an image + report index from a manifest: streaming, resumable after a kill, bad images skipped."""
-    from index.build import BuildOptions, build_index, prepare
+    from index.build import BuildOptions, build_index
     from index.factory import parse_memory
+    from index.rows import prepare
 
     budget = parse_memory(max_memory)
     if engine == "ray":
@@ -99,10 +94,13 @@ def build_cmd(
 
         require_ray()  # before the manifest check and the model load
     prepare(manifest, allow_outside, skip_bad_rows)  # a bad manifest fails before the model loads
-    m = _load_model(model, device)
+    from retrieval.models import load_model
+
+    m = load_model(model, device=device)
     opts = BuildOptions(
-        factory, batch_size, workers, shard_rows, model, None, True, allow_outside, skip_bad_rows,
-        target_recall, budget, engine, ray_address, ray_actors, ray_gpus,
+        factory=factory, batch_size=batch_size, workers=workers, shard_rows=shard_rows, model_path=model,
+        allow_outside=allow_outside, skip_bad_rows=skip_bad_rows, target_recall=target_recall, max_memory=budget,
+        engine=engine, ray_address=ray_address, ray_actors=ray_actors, ray_gpus=ray_gpus,
     )  # fmt: skip
     result = build_index(manifest, m, out, options=opts)
     _print_result(result, as_json, "built")
@@ -121,30 +119,19 @@ def add_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Append studies to an index (same model fingerprint; image_ids already in the index are refused)."""
-    from index.build import add_to_index, prepare
-    from index.store import read_info
+    from index.build import BuildOptions, add_to_index
+    from index.rows import prepare
+    from index.store import load_recorded_model, read_info
 
     info = read_info(index)
     prepare(manifest, allow_outside, skip_bad_rows)  # a bad manifest fails before the model loads
-    m = _load_model(model or recorded_model(info, index), device)
-    result = add_to_index(
-        index, manifest, m, batch_size, workers, shard_rows, allow_outside=allow_outside, skip_bad_rows=skip_bad_rows
-    )
+    m = load_recorded_model(info, index, model, device)
+    opts = BuildOptions(
+        batch_size=batch_size, workers=workers, shard_rows=shard_rows, allow_outside=allow_outside,
+        skip_bad_rows=skip_bad_rows,
+    )  # fmt: skip
+    result = add_to_index(index, manifest, m, options=opts)
     _print_result(result, as_json, "added to")
-
-
-def recorded_model(info: dict, index: Path) -> str:
-    """The model folder recorded in index_info.json, when it still exists; else a usage error."""
-    from retrieval.errors import UsageError
-
-    path = info.get("model", {}).get("path")
-    if path and Path(path).is_dir():
-        return path
-    name = info.get("model", {}).get("name")
-    raise UsageError(
-        f"{index}: pass --model (the index was built with {name!r}"
-        + (f" from {path}, which no longer exists)" if path else ", whose folder was not recorded)")
-    )
 
 
 def info_cmd(
@@ -155,7 +142,7 @@ def info_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from index.store import index_summary
+    from index.verify import index_summary
 
     s = index_summary(index)
     if as_json:
@@ -209,7 +196,7 @@ def verify_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Check every file of the current generation against its recorded size and sha256 (exit 1 if damaged)."""
-    from index.store import verify_index
+    from index.verify import verify_index
 
     r = verify_index(index)
     if as_json:
@@ -226,7 +213,7 @@ def gc_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Remove superseded generations no reader holds, unfinished ones and temporary files."""
-    from index.store import gc_index
+    from index.generations import gc_index
 
     r = gc_index(index)
     if as_json:

@@ -89,9 +89,8 @@ def query_cmd(
     if not batch and out is not None:
         raise UsageError("--out is for folder or manifest queries; a single query prints its results")
 
-    from cli.index_cmd import _load_model, recorded_model
     from index.search import Searcher
-    from index.store import open_index
+    from index.store import load_recorded_model, open_index
 
     # The cheap checks first: a damaged index or an unreadable query image fails in well under a second,
     # before the model (seconds) is loaded.
@@ -101,7 +100,7 @@ def query_cmd(
         from retrieval.data.image_io import read_image
 
         pixels = read_image(image)
-    m = _load_model(model or recorded_model(opened.info, index), device)
+    m = load_recorded_model(opened.info, index, model, device)
     searcher = Searcher(
         opened, m, backend=backend, device=device, nprobe=nprobe, ef_search=ef_search, mmap=mmap, k_factor=k_factor
     )

@@ -39,7 +39,7 @@ def _pq_bytes(dim: int) -> int:
     return max(m for m in range(1, target + 1) if dim % m == 0)
 
 
-def _fastscan_m(dim: int) -> int:
+def fastscan_m(dim: int) -> int:
     """Sub-quantizers of the 4-bit fast-scan PQ: two dimensions each (the largest even divisor of d up to d/2)."""
     return max(m for m in range(2, max(2, dim // 2) + 1, 2) if dim % m == 0) if dim >= 4 else 2
 
@@ -71,7 +71,7 @@ def memory_bytes(factory: str, n: int, dim: int) -> int:
 def candidates(n: int, dim: int) -> list[str]:
     """The rule's factory strings for `n` vectors, in order of preference (the first that fits memory wins)."""
     nlist = nlist_for(n)
-    ivf = f"IVF{nlist},PQ{_fastscan_m(dim)}x4fs"
+    ivf = f"IVF{nlist},PQ{fastscan_m(dim)}x4fs"
     quantised = [f"{ivf},RFlat", f"{ivf},Refine(SQfp16)", f"{ivf},Refine(SQ8)"]
     if n < FLAT_MAX:
         return ["Flat", *quantised]

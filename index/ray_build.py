@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from retrieval.errors import UsageError
+from retrieval.errors import IndexError_, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,25 @@ def require_ray() -> Any:
     except ImportError:
         raise UsageError("--engine ray needs Ray Data: pip install 'cxr-retrieval[ray]' (or 'ray[data]')") from None
     return ray
+
+
+def model_loader(model_path: Any, model: Any, gpus: float = 0) -> Any:
+    """What each Ray actor calls to load the model: the model folder or name the build was given."""
+    import functools
+
+    from retrieval.models import load_model
+
+    if model_path is None:
+        raise UsageError("--engine ray loads the model in each worker: give the model's folder or name (model_path)")
+    device = "cuda" if gpus else "cpu"
+    return functools.partial(load_checked, load_model, str(model_path), str(model.fingerprint), device)
+
+
+def load_checked(load: Any, name: str, fingerprint: str, device: str) -> Any:
+    model = load(name, device=device)
+    if str(model.fingerprint) != fingerprint:
+        raise IndexError_(f"{name}: a Ray worker loaded fingerprint {model.fingerprint}, the build has {fingerprint}")
+    return model
 
 
 class ShardEncoder:
@@ -56,7 +75,7 @@ class ShardEncoder:
         torch.set_num_threads(1)  # one core per actor: the pool is the parallelism
         faiss.omp_set_num_threads(1)
         self.model = load_model()
-        self.encode = encode  # index.build.encode_shard, passed in (build imports this module, not the reverse)
+        self.encode = encode  # index.shards.encode_shard, passed in
         self.work = Path(work)
         self.batch_size = batch_size
         self.precision = precision
@@ -89,7 +108,7 @@ def encode_shards_ray(
     """Encode the `pending` shards on Ray (an actor pool of `actors`, default: the cluster's CPUs, or one per GPU
     with `num_gpus`); returns the rows encoded. Joins the cluster at `address` (or the one this process already
     runs), else starts a local one. `encode(work, shard, lo, paths, texts, model, batch_size, precision)` encodes and
-    writes one shard (`index.build.encode_shard`)."""
+    writes one shard (`index.shards.encode_shard`)."""
     ray = require_ray()
     from retrieval.progress import make_progress
 

@@ -1,26 +1,25 @@
-"""Searching an index: backends (faiss CPU, faiss GPU, exact torch matmul + top-k), query-time parameters, and
-the `Searcher` that `cxr query`, `cxr demo` and the VLM's retrieval-augmented generation call.
+"""The `Searcher`: what `cxr query`, `cxr serve`, `cxr demo` and the VLM's retrieval-augmented generation call
+to search an index folder, and the one search filter (`Searcher.search_ids`).
 
-Backend choice (`backend="auto"`): faiss GPU when `faiss.get_num_gpus() > 0`; else, when torch sees CUDA and
-the index keeps exact vectors (Flat, HNSW-Flat), an exact torch matmul + top-k with the vectors on the GPU;
-else faiss on the CPU. Queries exclude nothing unless asked (`exclude_patient`, `exclude_study`). Report
-searches return each study once (reports.faiss holds one vector per image row, so a study's report repeats
-per image).
+Queries exclude nothing unless asked (`exclude_patient`, `exclude_study`). Report searches return each study
+once (reports.faiss holds one vector per image row, so a study's report repeats per image). The backends that
+run the raw top-k search and the query-time parameters are in `index/backends.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from index.backends import apply_tuned, check_scores, make_backend, scores_are_bounded, set_search_params
 from index.store import CXRIndex, open_index
-from retrieval.errors import IndexError_, UsageError
+from retrieval.errors import UsageError
 
-BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
 RESULT_COLUMNS = [
     "rank",
     "score",
@@ -36,166 +35,13 @@ RESULT_COLUMNS = [
 ]
 
 
-class FaissBackend:
-    """Search a FAISS index as is (CPU), or a GPU copy of it."""
+@dataclass(frozen=True)
+class _Filter:
+    """What `search_ids` keeps besides the exclusions (see there)."""
 
-    def __init__(self, index: Any, gpu: bool = False):
-        import faiss
-
-        self.name = "faiss-gpu" if gpu else "faiss-cpu"
-        self.index = faiss.index_cpu_to_all_gpus(index) if gpu else index
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (n_queries, k); ids are -1 where fewer than k results exist."""
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-
-
-class TorchBackend:
-    """Exact inner-product search as a torch matmul + top-k (on CUDA when there; works on CPU tensors too)."""
-
-    def __init__(
-        self, vectors: np.ndarray, device: str | None = None, precision: str = "fp32", query_chunk: int = 1024
-    ):
-        import torch
-
-        from retrieval.device import resolve_device
-
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise UsageError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-        self.name = "torch"
-        self.device = resolve_device(device)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        self.vectors = torch.as_tensor(np.ascontiguousarray(vectors, dtype=np.float32)).to(self.device, self.dtype)
-        self.query_chunk = query_chunk
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (n_queries, min(k, n)) padded to k with -inf / -1, as faiss does."""
-        import torch
-
-        n = self.vectors.shape[0]
-        kk = min(k, n)
-        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        ids = np.full((len(queries), k), -1, dtype=np.int64)
-        with torch.no_grad():
-            for lo in range(0, len(queries), self.query_chunk):
-                q = torch.as_tensor(np.ascontiguousarray(queries[lo : lo + self.query_chunk], dtype=np.float32))
-                sims = q.to(self.device, self.dtype) @ self.vectors.T
-                top = torch.topk(sims.float(), kk, dim=1)
-                scores[lo : lo + len(q), :kk] = top.values.cpu().numpy()
-                ids[lo : lo + len(q), :kk] = top.indices.cpu().numpy()
-        return scores, ids
-
-
-def exact_vectors(index: Any) -> np.ndarray | None:
-    """All vectors of an index that stores them exactly (Flat, HNSW-Flat), else None."""
-    import faiss
-
-    idx = faiss.downcast_index(index)
-    if isinstance(idx, faiss.IndexHNSWFlat):
-        idx = faiss.downcast_index(idx.storage)
-    if isinstance(idx, faiss.IndexFlat) and idx.metric_type == faiss.METRIC_INNER_PRODUCT:
-        return idx.reconstruct_n(0, idx.ntotal)
-    return None
-
-
-def make_backend(index: Any, backend: str = "auto", device: str | None = None, precision: str = "fp32") -> Any:
-    """The search backend for one FAISS index (see the module docstring for the `auto` rule)."""
-    import faiss
-
-    if backend not in BACKENDS:
-        raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "faiss":
-        return FaissBackend(index)
-    if backend == "faiss-gpu":
-        if faiss.get_num_gpus() == 0:
-            raise UsageError("backend 'faiss-gpu' needs faiss with GPU support (pip install 'cxr-retrieval[gpu]')")
-        return FaissBackend(index, gpu=True)
-    if backend == "torch":
-        vectors = exact_vectors(index)
-        if vectors is None:
-            raise UsageError("the torch backend does exact search and needs a Flat or HNSW-Flat index")
-        return TorchBackend(vectors, device, precision)
-    # auto
-    if faiss.get_num_gpus() > 0:
-        try:
-            return FaissBackend(index, gpu=True)
-        except RuntimeError:  # e.g. HNSW has no GPU version: search it on the CPU
-            return FaissBackend(index)
-    import torch
-
-    if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
-        vectors = exact_vectors(index)
-        if vectors is not None:
-            return TorchBackend(vectors, device or "cuda", precision)
-    return FaissBackend(index)
-
-
-SCORE_SLACK = 1e-3
-_APPROXIMATE_CODES = ("PQ", "SQ", "LSH", "RaBitQ")
-
-
-def scores_are_bounded(info: dict) -> bool:
-    """True when every score of the index must lie in [-1, 1]: normalised vectors, inner product, and a factory
-    that keeps exact vectors (or re-ranks with them: `,RFlat`). Compressed codes (PQ, SQ, a Refine(SQ8) re-rank)
-    may stray a little."""
-    factory = str(info.get("factory", ""))
-    reranked_exact = factory.endswith(",RFlat") or factory.endswith(",Refine(Flat)")
-    exact = not any(code in factory for code in _APPROXIMATE_CODES) or reranked_exact
-    return bool(info.get("normalized", True)) and info.get("metric", "inner_product") == "inner_product" and exact
-
-
-def check_scores(scores: np.ndarray, ids: np.ndarray, where: Any, norms: np.ndarray | None = None) -> None:
-    """The last guard against a damaged index: a score outside [-1 - 1e-3, 1 + 1e-3] (or NaN) among real hits
-    cannot come from unit vectors, so the search is refused instead of answered. `norms` (one per query) widens
-    the bound for queries that are not unit vectors (|q . x| <= |q| for a unit x)."""
-    limit = 1 + SCORE_SLACK
-    if norms is not None:
-        limit = np.maximum(np.asarray(norms, dtype=np.float64), 1.0)[:, None] * limit
-    limit = np.broadcast_to(limit, scores.shape)
-    real = ids >= 0
-    bad = scores[real & ~((scores >= -limit) & (scores <= limit))]
-    if len(bad):
-        raise IndexError_(
-            f"{where}: damaged, search returned score {float(bad[0]):.6g} outside [-1, 1] on a normalised "
-            "inner-product index; run `cxr index verify` and rebuild"
-        )
-
-
-def set_search_params(
-    index: Any, nprobe: int | None = None, ef_search: int | None = None, k_factor: int | None = None
-) -> None:
-    """Set query-time parameters through faiss.ParameterSpace; one the index lacks is a usage error."""
-    import faiss
-
-    ps = faiss.ParameterSpace()
-    flags = (
-        ("--nprobe", "nprobe", nprobe, "IVF indexes"),
-        ("--ef-search", "efSearch", ef_search, "HNSW indexes"),
-        ("--k-factor", "k_factor_rf", k_factor, "re-ranking indexes (...,RFlat or Refine(...))"),
-    )
-    for flag, name, value, applies in flags:
-        if value is None:
-            continue
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
-        try:
-            ps.set_index_parameter(index, name, int(value))
-        except RuntimeError as e:
-            kind = type(faiss.downcast_index(index)).__name__
-            raise UsageError(f"{flag} applies to {applies}; this index is {kind}") from e
-
-
-def apply_tuned(index: Any, info: dict, target: str, where: Any) -> dict[str, int]:
-    """Set the parameters tuned at build time (index_info.json `search`) on one index; returns them ({} for an
-    index written before tuning, which keeps faiss's defaults)."""
-    from index.tune import apply_params
-
-    params = dict(((info.get("search") or {}).get(target) or {}).get("params") or {})
-    try:
-        apply_params(index, params)
-    except RuntimeError:
-        raise IndexError_(f"{where}: index_info.json records search parameters {params} this index lacks") from None
-    return params
+    allowed: np.ndarray | None
+    require_report: bool
+    per_study: bool
 
 
 class Searcher:
@@ -255,20 +101,23 @@ class Searcher:
             raise UsageError("image and text queries need the model the index was built with")
         return self.model
 
-    def _keep(
-        self, ids: np.ndarray, target: str, patient: str | None, study: str | None, allowed: np.ndarray | None = None
-    ) -> np.ndarray:
-        """The usable ids among `ids`, best first: valid, allowed, not excluded, one per study for reports."""
+    def study_mask(self, studies: Collection[str]) -> np.ndarray:
+        """A boolean mask over the index rows: the rows of `studies` (for `search_ids(allowed=...)`)."""
+        return np.isin(self._studies, np.asarray([str(s) for s in studies], dtype=object))
+
+    def _keep(self, ids: np.ndarray, patient: str | None, study: str | None, rule: _Filter) -> np.ndarray:
+        """The usable ids among `ids`, best first: valid, allowed, not excluded, with a report (when required),
+        one per study (when asked)."""
         ids = ids[ids >= 0]
-        ok = np.ones(len(ids), dtype=bool) if allowed is None else allowed[ids]
+        ok = np.ones(len(ids), dtype=bool) if rule.allowed is None else rule.allowed[ids]
         if patient is not None:
             ok &= self._patients[ids] != str(patient)
         if study is not None:
             ok &= self._studies[ids] != str(study)
-        if target == "reports":
+        if rule.require_report:
             ok &= self._has_report[ids]
         ids = ids[ok]
-        if target == "reports" and len(ids):
+        if rule.per_study and len(ids):
             _, first = np.unique(self._studies[ids], return_index=True)
             ids = ids[np.sort(first)]
         return ids
@@ -281,12 +130,21 @@ class Searcher:
         exclude_patients: Sequence[str | None] | None = None,
         exclude_studies: Sequence[str | None] | None = None,
         allowed: np.ndarray | None = None,
+        require_report: bool | None = None,
+        per_study: bool | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, row ids), each (n_queries, k), after exclusions and per-study de-duplication of reports;
-        padded with -inf / -1 where fewer than k rows qualify. The fast path for evaluation and RAG.
+        """(scores, row ids), each (n_queries, k), after the filter; padded with -inf / -1 where fewer than k rows
+        qualify. The one search filter: `cxr query`, serve, evaluation and the VLM's RAG all come through here.
 
-        `allowed`: a boolean mask over the index rows; only those rows are returned (the search widens until k of
-        them are found or every row was looked at)."""
+        - `exclude_patients` / `exclude_studies`: per query, rows of that patient / study are dropped (None: none).
+        - `allowed`: a boolean mask over the index rows; only those rows are returned (`study_mask(studies)`
+          makes one from study ids).
+        - `require_report`: drop rows without a report (default: for the reports target).
+        - `per_study`: keep each study's best row only (default: for the reports target, whose vectors repeat
+          a study's report per image).
+
+        The search widens (4x per round) until k rows survive or every row was looked at, so the result is the
+        top k of the filtered ranking."""
         if k < 1:
             raise UsageError(f"-k must be at least 1, got {k}")
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
@@ -295,14 +153,19 @@ class Searcher:
         nq, n = len(queries), self.index.count
         pats = list(exclude_patients) if exclude_patients is not None else [None] * nq
         studs = list(exclude_studies) if exclude_studies is not None else [None] * nq
+        reports = target == "reports"
+        rule = _Filter(
+            None if allowed is None else np.asarray(allowed, dtype=bool),
+            reports if require_report is None else bool(require_report),
+            reports if per_study is None else bool(per_study),
+        )
         backend = self.backend(target)
         out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
         out_ids = np.full((nq, k), -1, dtype=np.int64)
         # Over-fetch for exclusions and per-study de-duplication; widen until k usable rows or all rows.
-        fetch = min(n, k * (4 if target == "reports" else 1) + (16 if any(pats) or any(studs) else 0))
-        if allowed is not None:  # a filter keeping a fraction f of the rows needs about 1/f times the rows
-            allowed = np.asarray(allowed, dtype=bool)
-            fetch = min(n, int(fetch * n / max(1, int(allowed.sum()))))
+        fetch = min(n, k * (4 if rule.per_study else 1) + (16 if any(pats) or any(studs) else 0))
+        if rule.allowed is not None:  # a filter keeping a fraction f of the rows needs about 1/f times the rows
+            fetch = min(n, int(fetch * n / max(1, int(rule.allowed.sum()))))
         todo = np.arange(nq)
         while len(todo):
             scores, ids = backend.search(queries[todo], fetch)
@@ -310,7 +173,7 @@ class Searcher:
                 check_scores(scores, ids, self.index.file(target), np.linalg.norm(queries[todo], axis=1))
             again = []
             for j, q in enumerate(todo):
-                keep = self._keep(ids[j], target, pats[q], studs[q], allowed)
+                keep = self._keep(ids[j], pats[q], studs[q], rule)
                 if len(keep) >= k or fetch >= n:
                     keep = keep[:k]
                     pos = {r: i for i, r in enumerate(ids[j].tolist())}
@@ -336,14 +199,18 @@ class Searcher:
         return [self._frame(i[i >= 0], s[i >= 0]) for s, i in zip(scores, ids, strict=True)]
 
     def _frame(self, keep: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
-        # One DataFrame constructor: inserting the columns one by one cost ~10x more per interactive query.
-        meta = self.index.meta.iloc[keep]
+        # One DataFrame constructor from numpy columns taken once per meta table: `meta.iloc[keep]` took each
+        # Arrow-backed column apart per query (~1-10 ms; inserting the columns one by one cost ~10x more).
+        meta = self.index.meta
+        if getattr(self, "_columns_of", None) is not meta:
+            self._columns = {col: meta[col].to_numpy() for col in RESULT_COLUMNS[3:]}
+            self._columns_of = meta
         cols = {
             "rank": np.arange(1, len(keep) + 1),
             "score": np.asarray(scores, dtype=np.float32),
             "row_id": keep.astype(np.int64),
         }
-        cols.update({col: meta[col].to_numpy() for col in RESULT_COLUMNS[3:]})
+        cols.update({col: values[keep] for col, values in self._columns.items()})
         cols["labels"] = [list(x) if x is not None else [] for x in cols["labels"]]
         return pd.DataFrame(cols, columns=RESULT_COLUMNS)
 

@@ -25,139 +25,38 @@ checksums; the next `add` turns them into a generation.
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
-import errno
 import hashlib
 import io
 import json
 import logging
 import os
-import re
-import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from index.layout import (
+    BAD_COLUMNS,
+    BAD_FILE,
+    CURRENT_FILE,
+    IMAGES_FILE,
+    INFO_FILE,
+    META_COLUMNS,
+    META_FILE,
+    POINTER_RE,
+    READ_LOCK,
+    REPORTS_FILE,
+    check_files,
+    validate_info,
+)
 from retrieval.errors import IndexError_, UsageError
-from retrieval.fileio import atomic_path, clean_temporaries, fsync_dir, fsync_file, sha256_file
 
 log = logging.getLogger(__name__)
 
-IMAGES_FILE = "images.faiss"
-REPORTS_FILE = "reports.faiss"
-META_FILE = "meta.parquet"
-INFO_FILE = "index_info.json"
-BAD_FILE = "bad_images.csv"
-CURRENT_FILE = "CURRENT"
-READ_LOCK = ".readers"
-LOCK_FILE = ".lock"
-GEN_PREFIX = "gen-"
-FORMAT_VERSION = 2
-METRIC = "inner_product"
-QUICK_BYTES = 64 * 1024
 FULL_HASH_AT_OPEN = int(os.environ.get("CXR_FULL_HASH_AT_OPEN", 256 * 2**20))
-META_COLUMNS = [
-    "row_id",
-    "image_id",
-    "study_id",
-    "patient_id",
-    "image_path",
-    "view",
-    "report",
-    "labels",
-    "split",
-    "source",
-    "has_report",
-]
-BAD_COLUMNS = ["row", "image_id", "path", "reason"]
-_GEN_RE = re.compile(r"^gen-(\d{6,})$")
-_POINTER_RE = re.compile(r"\A(gen-\d{6,}) ([0-9a-f]{64})\n\Z")  # exactly as written: any change is damage
-
-
-# ----------------------------------------------------------------------------------------- info schema
-
-
-class FileRecord(BaseModel):
-    """Size and hashes of one file of a generation (`quick` = sha256 of its first and last 64 KiB)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    size: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    quick: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class ModelRecord(BaseModel):
-    """The model an index was built with; its fingerprint must match at query time."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    name: str | None = None
-    fingerprint: str
-    embed_dim: int | None = Field(default=None, ge=1)
-    path: str | None = None
-
-
-class SearchRecord(BaseModel):
-    """The query parameters tuned at build time for one FAISS file (index/tune.py) and the recall they measured.
-
-    Indexes written before tuning have no `search` record: they open as before, with faiss's defaults."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    params: dict[Literal["efSearch", "nprobe", "k_factor"], int] = Field(default_factory=dict)
-    recall: float = Field(ge=0, le=1)
-    target: float = Field(gt=0, le=1)
-    k: int = Field(default=10, ge=1)
-    queries: int = Field(default=0, ge=0)
-    met: bool = True
-    method: str = "measured"
-    sample: str | None = None
-
-
-class InfoSchema(BaseModel):
-    """index_info.json, typed: a wrong type is refused with the field's name instead of a traceback later."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    factory: str = Field(min_length=1)
-    count: int = Field(ge=0)
-    dim: int = Field(ge=1)
-    model: ModelRecord
-    metric: Literal["inner_product"] = METRIC
-    format_version: int = Field(default=1, ge=1, le=FORMAT_VERSION)
-    normalized: bool = True
-    generation: int | None = Field(default=None, ge=1)
-    files: dict[str, FileRecord] | None = None
-    bad_images: int = Field(default=0, ge=0)
-    manifests: list[dict[str, Any]] = Field(default_factory=list)
-    versions: dict[str, str] = Field(default_factory=dict)
-    created: str | None = None
-    updated: str | None = None
-    reports: str | None = None
-    search: dict[Literal["images", "reports"], SearchRecord] | None = None
-
-
-def validate_info(info: Any, where: str | Path) -> dict:
-    """Check `info` against the schema; the first problem becomes one line naming the file and the field."""
-    if not isinstance(info, dict):
-        raise IndexError_(f"{where}: corrupt, expected a JSON object, got {type(info).__name__}")
-    try:
-        InfoSchema.model_validate(info)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "missing":
-            raise IndexError_(f"{where}: corrupt, missing {loc!r}") from None
-        value = repr(err.get("input"))[:60]
-        raise IndexError_(f"{where}: corrupt, {loc!r} is {value} ({err['msg'].lower()})") from None
-    return info
-
-
-# ----------------------------------------------------------------------------------------- records
 
 
 @dataclass
@@ -170,7 +69,7 @@ class CXRIndex:
     meta: pd.DataFrame
     info: dict
     mmap: bool = False
-    extra: dict = field(default_factory=dict)
+    read_lock: Any = None  # the open `.readers` file an mmap-opened index holds its shared lock through
     generation: str = ""
     gen_dir: Path | None = None
 
@@ -196,36 +95,20 @@ class CXRIndex:
         """The file behind a search target (for error messages)."""
         return (self.gen_dir or self.path) / (IMAGES_FILE if target == "images" else REPORTS_FILE)
 
+    @property
+    def model_path(self) -> str | None:
+        """The folder of the model that built this index, when it is recorded and still exists."""
+        return recorded_model_path(self.info)
+
+    def load_model(self, device: str | None = None) -> Any:
+        """The model that built this index, from its recorded folder (`load_recorded_model`)."""
+        return load_recorded_model(self.info, self.path, device=device)
+
     def close(self) -> None:
         """Release the read lock an mmap-opened index holds (no-op otherwise)."""
-        lock = self.extra.pop("read_lock", None)
+        lock, self.read_lock = self.read_lock, None
         if lock is not None:
             lock.close()
-
-
-def versions() -> dict:
-    """Library versions recorded in index_info.json (what built the index)."""
-    import importlib.metadata as md
-
-    import faiss
-    import torch
-
-    try:
-        package = md.version("cxr-retrieval")
-    except md.PackageNotFoundError:
-        package = "unknown"
-    return {
-        "faiss": faiss.__version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "pandas": pd.__version__,
-        "cxr-retrieval": package,
-    }
-
-
-def now_iso() -> str:
-    """Current UTC time, ISO 8601, seconds precision."""
-    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 def model_record(model: Any, model_path: str | Path | None = None) -> dict:
@@ -252,85 +135,42 @@ def check_model(info: dict, model: Any, where: str | Path = "") -> None:
         )
 
 
-# ----------------------------------------------------------------------------------------- hashing
+def recorded_model_path(info: dict) -> str | None:
+    """The model folder index_info.json records, when it still exists (else None)."""
+    path = (info.get("model") or {}).get("path")
+    return str(path) if path and Path(path).is_dir() else None
 
 
-def quick_hash(path: Path, size: int | None = None) -> str:
-    """sha256 of the size, the first and the last QUICK_BYTES of a file: catches truncation, swapped files and
-    header damage at a constant cost."""
-    size = path.stat().st_size if size is None else size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(QUICK_BYTES))
-        if size > QUICK_BYTES:
-            f.seek(max(QUICK_BYTES, size - QUICK_BYTES))
-            h.update(f.read(QUICK_BYTES))
-    return h.hexdigest()
+def recorded_model_name(info: dict, where: str | Path, override: str | None = None) -> str:
+    """What to load for an index: `override` when given, else the recorded model folder; a usage error naming
+    `--model` when the index records none that still exists."""
+    if override:
+        return str(override)
+    path = recorded_model_path(info)
+    if path is not None:
+        return path
+    rec = info.get("model") or {}
+    recorded = rec.get("path")
+    raise UsageError(
+        f"{where}: pass --model (the index was built with {rec.get('name')!r}"
+        + (f" from {recorded}, which no longer exists)" if recorded else ", whose folder was not recorded)")
+    )
 
 
-def file_record(path: Path) -> dict:
-    """{size, sha256, quick} of one file."""
-    size = path.stat().st_size
-    return {"size": size, "sha256": sha256_file(path), "quick": quick_hash(path, size)}
+def load_recorded_model(info: dict, where: str | Path, override: str | None = None, device: str | None = None) -> Any:
+    """The one place that loads the model an index was built with (`recorded_model_name`), on `device`
+    (None or "auto": CUDA when there). Opening the index with it checks its fingerprint."""
+    from retrieval.models import load_model
+
+    return load_model(recorded_model_name(info, where, override), device=device)
 
 
-def check_files(gen_dir: Path, info: dict, full: bool, skip_full: tuple[str, ...] = ()) -> None:
-    """Refuse a generation whose files are missing, extra, resized or (by hash) changed; names the file."""
-    files = info.get("files")
-    if files is None:  # a folder written before generations: no checksums to check
-        return
-    unknown = sorted(set(files) - {IMAGES_FILE, REPORTS_FILE, META_FILE, BAD_FILE})
-    if unknown:  # never follow a name the info file makes up (e.g. '../../etc/passwd')
-        raise IndexError_(f"{gen_dir / INFO_FILE}: corrupt, lists unknown file {unknown[0][:60]!r}")
-    for name, rec in files.items():
-        p = gen_dir / name
-        if not p.is_file():
-            raise IndexError_(f"{p}: missing (index_info.json lists it)")
-        size = p.stat().st_size
-        if size != rec["size"]:
-            raise IndexError_(f"{p}: damaged, {size} bytes where index_info.json records {rec['size']}")
-        if quick_hash(p, size) != rec["quick"]:
-            raise IndexError_(f"{p}: damaged, checksum mismatch (header or tail); run `cxr index verify`")
-        if full and name not in skip_full and sha256_file(p) != rec["sha256"]:
-            raise IndexError_(f"{p}: damaged, sha256 mismatch with index_info.json")
-    for name in (IMAGES_FILE, REPORTS_FILE, META_FILE):
-        if name not in files:
-            raise IndexError_(f"{gen_dir / INFO_FILE}: corrupt, no checksum recorded for {name}")
+BUSY = object()
 
 
-# ----------------------------------------------------------------------------------------- locks
-
-
-@contextlib.contextmanager
-def writer_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` so that two builds/adds/gcs never write it at once. A POSIX record lock:
-    it belongs to this process only (forked DataLoader workers do not inherit it) and the OS drops it when the
-    process dies (SIGKILL included), so a rerun after a kill is never blocked."""
-    import fcntl
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a") as f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
-            raise IndexError_(
-                f"{folder}: another `cxr index build/add` is writing this folder right now (or a gc)"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.lockf(f, fcntl.LOCK_UN)
-
-
-_BUSY = object()
-
-
-def _shared_lock(gen_dir: Path) -> Any:
+def shared_lock(gen_dir: Path) -> Any:
     """A shared flock on the generation's `.readers` file: the open file, None when there is no lock file
-    (a read-only copy, or the generation is gone), or _BUSY while a gc holds it exclusively."""
+    (a read-only copy, or the generation is gone), or BUSY while a gc holds it exclusively."""
     import fcntl
 
     try:
@@ -341,11 +181,8 @@ def _shared_lock(gen_dir: Path) -> Any:
         fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        return _BUSY
+        return BUSY
     return f
-
-
-# ----------------------------------------------------------------------------------------- resolving
 
 
 @dataclass
@@ -362,11 +199,6 @@ class Ref:
         return self.gen_dir / INFO_FILE
 
 
-def _gen_number(name: str) -> int | None:
-    m = _GEN_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
 def read_pointer(root: Path) -> tuple[str, str] | None:
     """(generation name, info sha256) from CURRENT, None when there is none; a damaged pointer is an error."""
     p = root / CURRENT_FILE
@@ -376,7 +208,7 @@ def read_pointer(root: Path) -> tuple[str, str] | None:
         return None
     except OSError as e:
         raise IndexError_(f"{p}: unreadable ({e.strerror or e})") from None
-    m = _POINTER_RE.match(raw.decode("ascii", "replace")) if len(raw) < 200 else None
+    m = POINTER_RE.match(raw.decode("ascii", "replace")) if len(raw) < 200 else None
     if not m:
         raise IndexError_(f"{p}: damaged pointer (expected 'gen-NNNNNN <sha256>'); run `cxr index verify`")
     return m.group(1), m.group(2)
@@ -408,7 +240,7 @@ def has_index(index_dir: str | Path) -> bool:
     return (root / CURRENT_FILE).exists() or (root / INFO_FILE).exists()
 
 
-def _load_info(ref: Ref) -> dict:
+def load_info(ref: Ref) -> dict:
     path = ref.info_path
     try:
         raw = path.read_bytes()
@@ -430,10 +262,7 @@ def _load_info(ref: Ref) -> dict:
 
 def read_info(index_dir: str | Path) -> dict:
     """The checked info record of the current generation; a missing, damaged or mistyped one is an IndexError_."""
-    return _load_info(resolve(index_dir))
-
-
-# ----------------------------------------------------------------------------------------- reading files
+    return load_info(resolve(index_dir))
 
 
 def _is_ivf(index: Any) -> bool:
@@ -489,8 +318,8 @@ def read_meta_bytes(path: Path, rec: dict | None = None) -> pd.DataFrame:
     return meta
 
 
-def _open_generation(ref: Ref, model: Any, mmap: bool, full: bool | None) -> CXRIndex:
-    info = _load_info(ref)
+def open_generation(ref: Ref, model: Any, mmap: bool, full: bool | None) -> CXRIndex:
+    info = load_info(ref)
     root, gen = ref.root, ref.gen_dir
     if model is not None:
         check_model(info, model, root)
@@ -538,13 +367,13 @@ def open_index(index_dir: str | Path, model: Any = None, mmap: bool = False, ful
     for attempt in range(100):
         ref = resolve(index_dir)
         if ref.info_sha is None:  # pre-generation folder: nothing to lock
-            return _open_generation(ref, model, mmap, full)
-        lock = _shared_lock(ref.gen_dir)
-        if lock is _BUSY or (lock is None and not ref.info_path.is_file()):
+            return open_generation(ref, model, mmap, full)
+        lock = shared_lock(ref.gen_dir)
+        if lock is BUSY or (lock is None and not ref.info_path.is_file()):
             time.sleep(0.005 * (1 + attempt % 10))  # a gc is removing it: CURRENT has moved on already
             continue
         try:
-            idx = _open_generation(ref, model, mmap, full)
+            idx = open_generation(ref, model, mmap, full)
         except IndexError_ as e:
             if lock is not None:
                 lock.close()
@@ -553,7 +382,7 @@ def open_index(index_dir: str | Path, model: Any = None, mmap: bool = False, ful
                 continue
             raise
         if mmap and lock is not None:
-            idx.extra["read_lock"] = lock
+            idx.read_lock = lock
         elif lock is not None:
             lock.close()
         return idx
@@ -569,228 +398,3 @@ def read_bad(index_dir: str | Path) -> pd.DataFrame:
         return pd.read_csv(p, dtype=str, keep_default_na=False)
     except Exception as e:
         raise IndexError_(f"{p}: corrupt ({type(e).__name__})") from None
-
-
-# ----------------------------------------------------------------------------------------- writing
-
-
-def write_faiss(index: Any, path: Path) -> None:
-    """Write a FAISS index atomically (always from a CPU index)."""
-    import faiss
-
-    with atomic_path(path) as tmp:
-        faiss.write_index(index, str(tmp))
-
-
-def write_meta(meta: pd.DataFrame, path: Path) -> None:
-    """Write meta.parquet atomically."""
-    with atomic_path(path) as tmp:
-        meta.to_parquet(tmp, index=False)
-
-
-def write_bad(bad: pd.DataFrame, path: Path) -> None:
-    """Write bad_images.csv atomically (path, reason and where the row came from)."""
-    with atomic_path(path) as tmp:
-        bad.reindex(columns=BAD_COLUMNS).to_csv(tmp, index=False)
-
-
-def generations(root: Path) -> list[tuple[int, Path]]:
-    """The generation folders of an index, oldest first."""
-    out = []
-    for p in Path(root).iterdir() if Path(root).is_dir() else []:
-        n = _gen_number(p.name)
-        if n is not None and p.is_dir():
-            out.append((n, p))
-    return sorted(out)
-
-
-def verify_generation(gen_dir: Path, info: dict) -> int:
-    """Full check of a written generation: every file's size and sha256; returns the bytes hashed."""
-    check_files(gen_dir, info, full=True)
-    return sum(r["size"] for r in info["files"].values())
-
-
-def commit_generation(
-    out_dir: str | Path,
-    images: Any,
-    reports: Any,
-    meta: pd.DataFrame,
-    info: dict,
-    bad: pd.DataFrame | None = None,
-) -> Path:
-    """Write a complete new generation beside the current one, verify it, then switch CURRENT to it.
-
-    The caller holds `writer_lock(out_dir)`. Returns the new generation's folder."""
-    import faiss
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n = int(images.ntotal)
-    if int(reports.ntotal) != n or len(meta) != n:
-        raise IndexError_(
-            f"{out}: refusing to write an inconsistent index "
-            f"(images {n}, reports {reports.ntotal}, meta {len(meta)} rows)"
-        )
-    pointer = read_pointer(out)
-    numbers = [g for g, _ in generations(out)] + ([_gen_number(pointer[0]) or 0] if pointer else [])
-    number = max(numbers, default=0) + 1
-    gen = out / f"{GEN_PREFIX}{number:06d}"
-    gen.mkdir()
-    faiss.write_index(images, str(gen / IMAGES_FILE))
-    faiss.write_index(reports, str(gen / REPORTS_FILE))
-    meta = meta.copy()
-    meta.attrs = {}  # pandas would try to store attrs (e.g. numpy arrays) as JSON in the file
-    meta.to_parquet(gen / META_FILE, index=False)
-    names = [IMAGES_FILE, REPORTS_FILE, META_FILE]
-    info = dict(info)
-    info.update(count=n, dim=int(images.d), metric=METRIC, format_version=FORMAT_VERSION, generation=number)
-    if bad is not None:
-        info["bad_images"] = int(len(bad))
-        if len(bad):
-            bad.reindex(columns=BAD_COLUMNS).to_csv(gen / BAD_FILE, index=False)
-            names.append(BAD_FILE)
-    for name in names:
-        fsync_file(gen / name)
-    info["files"] = {name: file_record(gen / name) for name in names}
-    validate_info(info, gen / INFO_FILE)
-    (gen / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-    fsync_file(gen / INFO_FILE)
-    (gen / READ_LOCK).touch()
-    fsync_dir(gen)
-    verify_generation(gen, info)  # the full hash check after each build/add, before anyone can read it
-    with atomic_path(out / CURRENT_FILE) as tmp:
-        tmp.write_text(f"{gen.name} {sha256_file(gen / INFO_FILE)}\n")
-    for name in (IMAGES_FILE, REPORTS_FILE, META_FILE, BAD_FILE, INFO_FILE):  # a pre-generation layout
-        (out / name).unlink(missing_ok=True)
-    collect_garbage(out)
-    return gen
-
-
-def save_index(
-    out_dir: str | Path,
-    images: Any,
-    reports: Any,
-    meta: pd.DataFrame,
-    info: dict,
-    bad: pd.DataFrame | None = None,
-) -> Path:
-    """Write an index folder as a new generation (taking the writer lock); returns the folder."""
-    with writer_lock(Path(out_dir)):
-        commit_generation(out_dir, images, reports, meta, info, bad)
-    return Path(out_dir)
-
-
-def collect_garbage(root: str | Path) -> dict:
-    """Remove what no reader needs: superseded generations no reader holds, generations a killed writer left
-    unfinished (newer than CURRENT), and temporary files. The caller holds `writer_lock(root)`.
-
-    Returns {"removed": [...], "kept": [...]} (kept: superseded generations a reader holds right now)."""
-    import fcntl
-
-    root = Path(root)
-    clean_temporaries(root)
-    pointer = read_pointer(root)
-    current = _gen_number(pointer[0]) if pointer else None
-    removed, kept = [], []
-    for number, gen in generations(root):
-        if number == current:
-            continue
-        if current is not None and number < current:
-            try:
-                f = open(gen / READ_LOCK, "rb")
-            except OSError:
-                f = None
-            if f is not None:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    f.close()
-                    kept.append(gen.name)
-                    continue
-            try:
-                shutil.rmtree(gen, ignore_errors=True)
-            finally:
-                if f is not None:
-                    f.close()
-        else:  # newer than CURRENT (or no CURRENT at all): a commit that never happened
-            shutil.rmtree(gen, ignore_errors=True)
-        removed.append(gen.name)
-    if removed:
-        log.info("%s: removed generation(s) %s", root, ", ".join(removed))
-    return {"removed": removed, "kept": kept}
-
-
-def gc_index(index_dir: str | Path) -> dict:
-    """`cxr index gc`: take the writer lock and collect garbage (see `collect_garbage`)."""
-    root = Path(index_dir)
-    resolve(root)  # an error for a folder that is not an index
-    with writer_lock(root):
-        return collect_garbage(root)
-
-
-def verify_index(index_dir: str | Path) -> dict:
-    """`cxr index verify`: the pointer, the info schema, the size and sha256 of every file, and that the FAISS
-    files and meta load with the recorded counts. Raises IndexError_ naming the first damaged file."""
-    t0 = time.perf_counter()
-    ref = resolve(index_dir)
-    if ref.info_sha is None:
-        raise IndexError_(
-            f"{ref.root}: written before checksummed generations, nothing to verify against; "
-            "rebuild it (or run `cxr index add` once) to record checksums"
-        )
-    lock = _shared_lock(ref.gen_dir)
-    try:
-        info = _load_info(ref)
-        nbytes = verify_generation(ref.gen_dir, info)
-        idx = _open_generation(ref, None, False, full=False)  # already hashed: check structure and counts
-    finally:
-        if lock not in (None, _BUSY):
-            lock.close()
-    return {
-        "index": str(ref.root),
-        "generation": ref.name,
-        "files": sorted(info["files"]),
-        "rows": idx.count,
-        "bytes": nbytes,
-        "seconds": round(time.perf_counter() - t0, 4),
-    }
-
-
-def index_summary(index_dir: str | Path) -> dict:
-    """A summary for `cxr index info`: the info record, counts from meta and file sizes (no FAISS load).
-
-    The files' sizes and hashes are checked as when opening, so a damaged index is an error here too."""
-    ref = resolve(index_dir)
-    info = _load_info(ref)
-    files = info.get("files")
-    total = sum(r["size"] for r in (files or {}).values())
-    check_files(ref.gen_dir, info, full=total <= FULL_HASH_AT_OPEN, skip_full=(META_FILE,))
-    for name in (IMAGES_FILE, REPORTS_FILE):
-        p = ref.gen_dir / name
-        if not p.is_file() or p.stat().st_size == 0:
-            raise IndexError_(f"{p}: missing or empty")
-    meta = read_meta_bytes(ref.gen_dir / META_FILE, files.get(META_FILE) if files else None)
-    if len(meta) != info["count"]:
-        raise IndexError_(f"{ref.gen_dir / META_FILE}: has {len(meta)} rows, {INFO_FILE} says {info['count']}")
-    labels = pd.Series([lab for labs in meta["labels"] for lab in (labs if labs is not None else [])], dtype=str)
-    summary = dict(info)
-    summary.pop("files", None)
-    summary["path"] = str(ref.root.resolve())
-    summary["generation"] = ref.name or "(none: written before generations)"
-    summary["rows"] = len(meta)
-    summary["studies"] = int(meta["study_id"].nunique())
-    summary["patients"] = int(meta["patient_id"].nunique())
-    summary["with_report"] = int(meta["has_report"].sum())
-    summary["splits"] = {str(k): int(v) for k, v in meta["split"].fillna("").value_counts().items()}
-    summary["labels"] = {str(k): int(v) for k, v in labels.value_counts().items()}
-    summary["files"] = {k: v["size"] for k, v in files.items()} if files else _legacy_sizes(ref.gen_dir)
-    summary["bad_images"] = len(read_bad(ref.root))
-    return summary
-
-
-def _legacy_sizes(path: Path) -> dict:
-    return {
-        name: (path / name).stat().st_size
-        for name in (IMAGES_FILE, REPORTS_FILE, META_FILE, INFO_FILE, BAD_FILE)
-        if (path / name).is_file()
-    }

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from index.recall import drop_self, exact_neighbours, recalls
+
 log = logging.getLogger(__name__)
 
 K = 10
@@ -79,31 +81,31 @@ class Tuning:
 # ----------------------------------------------------------------------------------------- index anatomy
 
 
-def _parts(index: Any) -> dict:
+def parts(index: Any) -> dict:
     """The pieces of an index that matter for its knobs and costs."""
     import faiss
 
     idx = faiss.downcast_index(index)
-    parts: dict[str, Any] = {"refine": None, "ivf": None, "hnsw": None, "base": idx}
+    out: dict[str, Any] = {"refine": None, "ivf": None, "hnsw": None, "base": idx}
     if isinstance(idx, faiss.IndexRefine):
-        parts["refine"] = faiss.downcast_index(idx.refine_index)
+        out["refine"] = faiss.downcast_index(idx.refine_index)
         idx = faiss.downcast_index(idx.base_index)
-        parts["base"] = idx
+        out["base"] = idx
     while isinstance(idx, faiss.IndexPreTransform):
         idx = faiss.downcast_index(idx.index)
-        parts["base"] = idx
+        out["base"] = idx
     if isinstance(idx, faiss.IndexHNSW):
-        parts["hnsw"] = idx
+        out["hnsw"] = idx
     try:
-        parts["ivf"] = faiss.extract_index_ivf(idx)
+        out["ivf"] = faiss.extract_index_ivf(idx)
     except RuntimeError:
         pass
-    return parts
+    return out
 
 
 def knobs(index: Any) -> list[str]:
     """The tunable query parameters of an index, main knob first (efSearch or nprobe), then k_factor."""
-    p = _parts(index)
+    p = parts(index)
     out = []
     if p["hnsw"] is not None:
         out.append("efSearch")
@@ -130,7 +132,7 @@ def _code_bytes(index: Any) -> float:
 
 def cost(index: Any, params: dict[str, int], k: int = K) -> float:
     """Bytes touched per query by `params` (the cost model of the module docstring)."""
-    p = _parts(index)
+    p = parts(index)
     base = p["base"]
     total = 0.0
     if p["ivf"] is not None:
@@ -158,84 +160,11 @@ def apply_params(index: Any, params: dict[str, int]) -> None:
         ps.set_index_parameter(index, FAISS_NAMES.get(name, name), int(value))
 
 
-# ----------------------------------------------------------------------------------------- exact truth
-
-
-def exact_neighbours(
-    queries: np.ndarray, chunks: Iterable[np.ndarray], k: int, query_ids: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, scores): the exact top-k rows (inner product) of each query over the corpus given chunk by chunk
-    (memory holds one chunk); with `query_ids`, each query's own row is left out (it is in the corpus)."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    kk = k + (1 if query_ids is not None else 0)
-    best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
-    best_i = np.zeros((len(queries), 0), dtype=np.int64)
-    offset = 0
-    for chunk in chunks:
-        if not len(chunk):
-            continue
-        s = queries @ np.ascontiguousarray(chunk, dtype=np.float32).T
-        ids = np.broadcast_to(np.arange(offset, offset + len(chunk), dtype=np.int64), s.shape)
-        s = np.concatenate([best_s, s], axis=1)
-        ids = np.concatenate([best_i, ids], axis=1)
-        if s.shape[1] > kk:
-            top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-            s, ids = np.take_along_axis(s, top, axis=1), np.take_along_axis(ids, top, axis=1)
-        best_s, best_i = s, ids
-        offset += len(chunk)
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return drop_self(np.take_along_axis(best_i, order, axis=1), np.take_along_axis(best_s, order, axis=1),
-                     query_ids, k)  # fmt: skip
-
-
-def drop_self(
-    ids: np.ndarray, scores: np.ndarray, query_ids: np.ndarray | None, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's first k (id, score) pairs other than the query's own row (rows hold k+1)."""
-    if query_ids is None:
-        return ids[:, :k], scores[:, :k]
-    out_i = np.full((len(ids), k), -1, dtype=np.int64)
-    out_s = np.full((len(ids), k), -np.inf, dtype=np.float32)
-    for j, me in enumerate(query_ids):
-        keep = np.flatnonzero(ids[j] != me)[:k]
-        out_i[j, : len(keep)] = ids[j, keep]
-        out_s[j, : len(keep)] = scores[j, keep]
-    return out_i, out_s
-
-
-TIE = 1e-5
-
-
-def recalls(
-    found: np.ndarray, truth: np.ndarray, found_scores: np.ndarray | None = None, truth_scores: np.ndarray | None = None
-) -> np.ndarray:
-    """Each query's fraction of its true top-k found in its returned top-k. Given exact scores of both, a hit is
-    any returned row scoring at least the k-th true score (less 1e-5): rows tied with the k-th (a report stored
-    once per image of its study, duplicate images) are then all right answers."""
-    if found_scores is not None and truth_scores is not None:
-        kth = truth_scores[:, -1:] - TIE
-        hits = ((found >= 0) & (found_scores >= kth)).sum(axis=1)
-        valid = np.maximum(1, (truth >= 0).sum(axis=1))
-        return np.minimum(hits, valid) / valid
-    return np.asarray(
-        [len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, int((t >= 0).sum())) for f, t in zip(found, truth)],
-        dtype=np.float64,
-    )
-
-
-def recall(
-    found: np.ndarray, truth: np.ndarray, found_scores: np.ndarray | None = None, truth_scores: np.ndarray | None = None
-) -> float:
-    """Mean recall@k over the queries (see `recalls`)."""
-    per = recalls(found, truth, found_scores, truth_scores)
-    return float(per.mean()) if len(per) else 1.0
-
-
 def exact_scores(index: Any) -> bool:
     """True when the index returns exact inner products (exact vectors stored, or an exact re-ranking step)."""
     import faiss
 
-    p = _parts(index)
+    p = parts(index)
     if p["refine"] is not None:
         return isinstance(p["refine"], faiss.IndexFlat)
     base = p["base"]
@@ -270,7 +199,7 @@ def _ladder(index: Any, knob: str) -> tuple[int, ...]:
     if knob == "efSearch":
         return EF_LADDER
     if knob == "nprobe":
-        nlist = int(_parts(index)["ivf"].nlist)
+        nlist = int(parts(index)["ivf"].nlist)
         return tuple(v for v in NPROBE_LADDER if v < nlist) + (nlist,)
     return K_FACTOR_LADDER
 
@@ -365,7 +294,7 @@ def tune(
 def noisy_for(index: Any) -> bool:
     """Whether the sample queries of this index need noise (graphs) or can be corpus rows (the rest); see
     `tuning_queries`."""
-    return _parts(index)["hnsw"] is not None
+    return parts(index)["hnsw"] is not None
 
 
 def tuning_queries(

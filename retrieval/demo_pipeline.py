@@ -57,7 +57,7 @@ def _timed(result: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
     return out
 
 
-def _pick_query(manifest: pd.DataFrame) -> pd.Series:
+def pick_query(manifest: pd.DataFrame) -> pd.Series:
     """A held-out (test split) study with an abnormal finding that the image shows (the renderer drew every finding
     its report names) and a report: the first by image id, so deterministic for the corpus."""
     from retrieval.labels import is_abnormal
@@ -98,7 +98,7 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Run (or reuse) each step of the demo and return the query, what it retrieved and the generated report."""
-    from index.build import build_index
+    from index.build import BuildOptions, build_index
     from index.search import Searcher
     from index.store import has_index
     from retrieval.data.demo import build_demo_corpus
@@ -152,11 +152,13 @@ def run_demo(
         _timed(
             timings,
             "index",
-            lambda: build_index(gallery, model, index_dir, model_path=model_dir, progress=show_progress),
+            lambda: build_index(
+                gallery, model, index_dir, options=BuildOptions(model_path=model_dir, progress=show_progress)
+            ),
         )
     searcher = _timed(timings, "open_index", lambda: Searcher(index_dir, model))
 
-    row = _pick_query(manifest)
+    row = pick_query(manifest)
     image_path = resolve_image_path(corpus_dir, row["image_path"])
     log(f"[4/5] query a held-out test image: {image_path.name}")
     retrieved = _timed(timings, "query", lambda: searcher.query_image(image_path, k=k, target="reports"))

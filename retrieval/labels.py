@@ -77,7 +77,8 @@ def abnormal_rows(label_matrix: Any, no_finding_column: int = 0) -> Any:
 # ----------------------------------------------------------------------------------------------------
 # Mention rules: label -> regular expressions (matched case-insensitively on lower-cased text).
 # ----------------------------------------------------------------------------------------------------
-_HEART = r"(?:heart|cardiac|cardio(?:mediastinal|pericardial)?)"
+# "cardio..." as a whole word: "enlarged cardiomediastinum" is not cardiomegaly (it was, by prefix)
+_HEART = r"(?:heart|cardiac|cardio(?:mediastinal|pericardial)?)\b"
 _MENTIONS: dict[str, list[str]] = {
     "Enlarged Cardiomediastinum": [
         r"widen\w* (?:of )?(?:the )?(?:superior )?mediastin\w*",

@@ -94,8 +94,8 @@ def make_index(df: pd.DataFrame, out: Path) -> Path:
     """An index folder over every row, vectors from SynthRetrievalModel (no trained model needed)."""
     import faiss
 
-    from index.build import prepare_rows
-    from index.store import save_index
+    from index.generations import save_index
+    from index.rows import prepare_rows
     from retrieval.data.manifest import resolve_image_path
 
     model = SynthRetrievalModel()

@@ -35,14 +35,14 @@ def meta_frame(n: int) -> pd.DataFrame:
 
 def vector_index(out: Path, n: int = 200, d: int = 16, factory: str = "Flat", seed: int = 0) -> Path:
     """A committed index generation over random unit vectors (no model, no images)."""
-    from index import store
+    from index import generations
     from index.factory import build_from_vectors
 
     x = unit_vectors(n, d, seed)
     images, factory = build_from_vectors(x, factory)
     reports, _ = build_from_vectors(unit_vectors(n, d, seed + 1), factory)
     info = {"factory": factory, "model": {"name": "vec", "fingerprint": "f00d", "embed_dim": d}}
-    return store.save_index(out, images, reports, meta_frame(n), info)
+    return generations.save_index(out, images, reports, meta_frame(n), info)
 
 
 def flip_bit(path: Path, rng: np.random.Generator) -> tuple[int, int]:

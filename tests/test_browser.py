@@ -102,7 +102,7 @@ def launch(p):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A real cxr-tiny model folder, an index over 36 synthetic studies, a tiny VLM, and `cxr serve` over them."""
-    from index.build import build_index
+    from index.build import BuildOptions, build_index
     from retrieval.generation.train import VLMTrainConfig, train_vlm
     from retrieval.models import load_model
 
@@ -110,7 +110,7 @@ def served(tmp_path_factory):
     df = make_manifest(root, n=36)
     model = load_model("cxr-tiny", device="cpu")
     model.save(root / "model")
-    build_index(df, model, root / "idx", model_path=root / "model", workers=0, progress=False)
+    build_index(df, model, root / "idx", options=BuildOptions(model_path=root / "model", workers=0, progress=False))
     # report + identify only: in 200 steps (~10 s) this tiny VLM learns to draft the synthetic reports and to
     # draw boxes for the images with findings; with all five tasks it often draws none yet
     cfg = VLMTrainConfig(

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from reliability_helpers import float_dicom, vector_index
 
-from index import store
+from index import store, verify
 from index.search import Searcher
 from retrieval.data.image_io import read_image
 from retrieval.data.manifest import read_manifest
@@ -285,7 +285,7 @@ def test_a_damaged_index_is_never_served(pristine, scratch, data, factory):
     assert served == (not changed)  # full checks at open: any damage is refused
     with no_hang():
         try:
-            store.verify_index(root)
+            verify.verify_index(root)
             assert not changed
         except IndexError_:
             assert changed
@@ -305,7 +305,7 @@ def test_quick_checks_never_crash(pristine, scratch, data, monkeypatch_module):
         assert changed
     with no_hang():
         try:
-            store.verify_index(root)
+            verify.verify_index(root)
             assert not changed
         except IndexError_:
             assert changed

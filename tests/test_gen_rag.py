@@ -8,56 +8,130 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retrieval.generation.rag import Exemplar, build_prompt_ids, retrieve_exemplars, select_exemplars
+from index.factory import build_from_vectors
+from index.generations import save_index
+from index.search import Searcher
+from retrieval.generation.rag import Exemplar, build_prompt_ids, retrieve_exemplars
 from retrieval.generation.tokenizer import REF_TOKEN, TASK_TOKENS, build_tokenizer
 
-META = pd.DataFrame(
-    {
-        "study_id": ["s1", "s1", "s2", "s3", "s4", "s5", "s6"],
-        "patient_id": ["p1", "p1", "p1", "p2", "p3", "p3", "p4"],
-        "report": ["own study", "own study", "own patient", "ok a", "ok b", "ok c", ""],
-    }
-)
 
-
-def test_excludes_own_study_and_patient_dedupes_and_skips_empty():
-    ids = np.array([0, 1, 2, 6, 3, 4, 5])
-    scores = np.linspace(1, 0.4, 7)
-    ex = select_exemplars(scores, ids, META, 3, query_study="s1", query_patient="p1")
-    assert [e.study_id for e in ex] == ["s3", "s4", "s5"]
-    assert all(e.patient_id != "p1" for e in ex)
-    # without exclusions: own study first, once only; the empty report is skipped
-    ex = select_exemplars(scores, ids, META, 10)
-    assert [e.study_id for e in ex] == ["s1", "s2", "s3", "s4", "s5"]
-    assert select_exemplars(scores, ids, META, 0) == []
-    ex = select_exemplars(scores, ids, META, 3, "s1", "p1", allowed_studies={"s4"})
-    assert [e.study_id for e in ex] == ["s4"]
-    # image-to-image neighbours of a set without reports keep text-less studies
-    ex = select_exemplars(scores, ids, META, 3, "s1", "p1", require_report=False)
-    assert [e.study_id for e in ex] == ["s6", "s3", "s4"]
-
-
-def test_retrieve_searches_deeper_when_exclusions_empty_the_first_page():
-    rng = np.random.default_rng(0)
-    n = 200
+def _index(tmp_path, vecs: np.ndarray, studies: list[str], patients: list[str], reports: list[str]):
+    """A Flat index over `vecs` (images and reports alike) with these rows, and a Searcher on it."""
+    n = len(vecs)
     meta = pd.DataFrame(
         {
-            "study_id": [f"s{i}" for i in range(n)],
-            "patient_id": ["p0"] * 190 + [f"p{i}" for i in range(190, n)],
-            "report": ["r"] * n,
+            "row_id": np.arange(n),
+            "image_id": [f"i{i}" for i in range(n)],
+            "study_id": studies,
+            "patient_id": patients,
+            "image_path": [f"/x/{i}.png" for i in range(n)],
+            "view": "PA",
+            "report": reports,
+            "labels": [["No Finding"]] * n,
+            "split": "train",
+            "source": "synthetic",
+            "has_report": [bool(r) for r in reports],
         }
     )
-    vecs = rng.normal(size=(n, 8)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    calls = []
+    images, _ = build_from_vectors(vecs, "Flat")
+    reps, _ = build_from_vectors(vecs, "Flat")
+    info = {"factory": "Flat", "model": {"name": "none", "fingerprint": "abc"}}
+    return Searcher(save_index(tmp_path / "idx", images, reps, meta, info)), meta
 
-    def search(q, depth):
-        calls.append(depth)
-        s = q @ vecs.T
-        order = np.argsort(-s, axis=1)[:, :depth]
-        return np.take_along_axis(s, order, 1), order
 
-    got = retrieve_exemplars(search, vecs[:2], meta, 3, ["s0", "s1"], ["p0", "p0"])
+def naive_exemplars(vecs, q, meta, k, study=None, patient=None, allowed=None, require_report=True):
+    """The reference (RAG's filter before it went through the Searcher): walk the full exact ranking, skip the
+    query's study and patient, studies seen, rows without a report (when required) and studies not allowed."""
+    sims = vecs @ q
+    out, seen = [], set()
+    for i in np.argsort(-sims, kind="stable"):
+        r = meta.iloc[int(i)]
+        report = str(r["report"]).strip()
+        if r["study_id"] in seen or (require_report and not report):
+            continue
+        if (
+            r["study_id"] == study
+            or r["patient_id"] == patient
+            or (allowed is not None and r["study_id"] not in allowed)
+        ):
+            continue
+        seen.add(r["study_id"])
+        out.append((r["study_id"], r["patient_id"], report))
+        if len(out) == k:
+            break
+    return out
+
+
+def unit(rng, n, d=8):
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_exemplars_exclude_own_study_and_patient_dedupe_and_skip_empty(tmp_path):
+    # the case the old select_exemplars test pinned: rows 0, 1 are the query's study, 2 its patient, 6 has no text
+    studies = ["s1", "s1", "s2", "s3", "s4", "s5", "s6"]
+    patients = ["p1", "p1", "p1", "p2", "p3", "p3", "p4"]
+    reports = ["own study", "own study", "own patient", "ok a", "ok b", "ok c", ""]
+    q = np.zeros(8, dtype=np.float32)
+    q[0] = 1
+    # vectors ranked 0, 1, 2, 6, 3, 4, 5 against q
+    order = [0, 1, 2, 6, 3, 4, 5]
+    vecs = np.zeros((7, 8), dtype=np.float32)
+    for rank, row in enumerate(order):
+        angle = 0.1 * (rank + 1)
+        vecs[row, 0], vecs[row, 1 + rank] = np.cos(angle), np.sin(angle)
+    searcher, meta = _index(tmp_path, vecs, studies, patients, reports)
+    qs = q[None]
+
+    def ids(k, study=None, patient=None, allowed=None, target="reports"):
+        got = retrieve_exemplars(searcher, qs, k, [study], [patient], allowed, target)[0]
+        return [e.study_id for e in got]
+
+    assert ids(3, "s1", "p1") == ["s3", "s4", "s5"]
+    assert ids(10) == ["s1", "s2", "s3", "s4", "s5"]  # own study first, once only; the empty report skipped
+    assert retrieve_exemplars(searcher, qs, 0, [None], [None]) == [[]]
+    assert ids(3, "s1", "p1", allowed={"s4"}) == ["s4"]
+    # image-to-image neighbours of a set without reports keep text-less studies
+    assert ids(3, "s1", "p1", target="images") == ["s6", "s3", "s4"]
+    ex = retrieve_exemplars(searcher, qs, 3, ["s1"], ["p1"], target="images")[0]
+    assert [e.report for e in ex] == ["", "ok a", "ok b"]
+    np.testing.assert_allclose([e.score for e in ex], vecs[[6, 3, 4]] @ q, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exemplars_equal_the_naive_filter_on_random_corpora(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    n = 300
+    study_of = rng.integers(0, 120, n)
+    studies = [f"s{s}" for s in study_of]
+    patients = [f"p{s // 4}" for s in study_of]
+    reports = ["" if rng.random() < 0.2 else f"report {s}" for s in study_of]
+    vecs = unit(rng, n)
+    searcher, meta = _index(tmp_path, vecs, studies, patients, reports)
+    q = unit(rng, 12)
+    qs = [studies[i] for i in rng.integers(0, n, 12)]
+    qp = [patients[i] for i in rng.integers(0, n, 12)]
+    allowed = {f"s{s}" for s in range(0, 120, 3)}
+    for k, allow, target in [
+        (5, None, "reports"),
+        (4, allowed, "reports"),
+        (6, None, "images"),
+        (3, allowed, "images"),
+    ]:
+        got = retrieve_exemplars(searcher, q, k, qs, qp, allow, target)
+        for j in range(len(q)):
+            want = naive_exemplars(vecs, q[j], meta, k, qs[j], qp[j], allow, require_report=target == "reports")
+            assert [(e.study_id, e.patient_id, e.report) for e in got[j]] == want
+
+
+def test_retrieve_searches_deeper_when_exclusions_empty_the_first_page(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 200
+    studies = [f"s{i}" for i in range(n)]
+    patients = ["p0"] * 190 + [f"p{i}" for i in range(190, n)]
+    vecs = unit(rng, n)
+    searcher, meta = _index(tmp_path, vecs, studies, patients, ["r"] * n)
+    got = retrieve_exemplars(searcher, vecs[:2], 3, ["s0", "s1"], ["p0", "p0"])
     for q, ex in enumerate(got):
         assert len(ex) == 3
         assert all(e.patient_id != "p0" and e.study_id != f"s{q}" for e in ex)
@@ -65,7 +139,6 @@ def test_retrieve_searches_deeper_when_exclusions_empty_the_first_page():
         s = vecs[q] @ vecs.T
         ref = [i for i in np.argsort(-s) if meta.patient_id[i] != "p0"][:3]
         assert [e.study_id for e in ex] == [f"s{i}" for i in ref]
-    assert len(calls) > 1  # the first page (28 rows) held only patient p0 for most queries
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,9 @@ import torch
 from test_index_helpers import FakeModel, FakeTransform, make_corpus
 
 from index import store
-from index.build import BUILD_DIR, _plan_sha, add_to_index, build_index
+from index.build import BUILD_DIR, BuildOptions, add_to_index, build_index
 from index.search import Searcher
+from index.shards import plan_sha
 from retrieval.data.image_io import read_image
 from retrieval.data.manifest import read_manifest, write_manifest
 from retrieval.errors import IndexError_, ManifestError
@@ -37,7 +38,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def built(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("idx") / "index"
-    build_index(corpus, FakeModel(), out, batch_size=4, workers=2, shard_rows=8, progress=False)
+    build_index(corpus, FakeModel(), out, options=BuildOptions(batch_size=4, workers=2, shard_rows=8, progress=False))
     return out
 
 
@@ -81,39 +82,41 @@ def test_an_indexed_image_finds_itself(built, corpus):
 
 
 def test_existing_index_and_other_inputs_are_refused(built, corpus, tmp_path):
-    again = build_index(corpus, FakeModel(), built, progress=False)  # the same build, already committed
+    again = build_index(
+        corpus, FakeModel(), built, options=BuildOptions(progress=False)
+    )  # the same build, already committed
     assert again.already_done and again.count == 40 and again.encoded_rows == 0
     other = tmp_path / "other.parquet"
     write_manifest(read_manifest(corpus).iloc[:10].assign(image_path=lambda d: [
         str(Path(read_manifest(corpus).attrs["root"]) / p) for p in d["image_path"]]), other)  # fmt: skip
     with pytest.raises(IndexError_, match="already holds an index"):
-        build_index(other, FakeModel(), built, progress=False, allow_outside=True)
+        build_index(other, FakeModel(), built, options=BuildOptions(progress=False, allow_outside=True))
     out = tmp_path / "i"
     (out / BUILD_DIR).mkdir(parents=True)
     plan = {"kind": "build", "manifest_digest": "other"}
-    (out / BUILD_DIR / "plan.json").write_text(json.dumps({"plan": plan, "sha256": _plan_sha(plan)}))
+    (out / BUILD_DIR / "plan.json").write_text(json.dumps({"plan": plan, "sha256": plan_sha(plan)}))
     with pytest.raises(IndexError_, match="different manifest_digest"):
-        build_index(corpus, FakeModel(), out, workers=0, progress=False)
+        build_index(corpus, FakeModel(), out, options=BuildOptions(workers=0, progress=False))
     (out / BUILD_DIR / "plan.json").write_text('{"kind": "build", "manifest_digest": "other"}')  # no checksum
     with pytest.raises(IndexError_, match="plan.json: damaged build plan"):
-        build_index(corpus, FakeModel(), out, workers=0, progress=False)
+        build_index(corpus, FakeModel(), out, options=BuildOptions(workers=0, progress=False))
 
 
 def test_a_second_writer_is_refused_while_another_process_holds_the_folder(corpus, tmp_path):
     out = tmp_path / "busy"
-    holder = "import sys, time; sys.path.insert(0, {repo!r}); from pathlib import Path; from index.build import "
-    holder += "exclusive\nwith exclusive(Path({out!r})):\n    print('locked', flush=True); time.sleep(60)"
+    holder = "import sys, time; sys.path.insert(0, {repo!r}); from pathlib import Path; from index.generations "
+    holder += "import writer_lock\nwith writer_lock(Path({out!r})):\n    print('locked', flush=True); time.sleep(60)"
     proc = subprocess.Popen(
         [sys.executable, "-c", holder.format(repo=str(TESTS.parent), out=str(out))], stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(IndexError_, match="another `cxr index build/add` is writing"):
-            build_index(corpus, FakeModel(), out, workers=0, progress=False)
+            build_index(corpus, FakeModel(), out, options=BuildOptions(workers=0, progress=False))
     finally:
         proc.kill()  # a killed holder releases the lock
         proc.wait()
-    build_index(corpus, FakeModel(), out, workers=0, progress=False)
+    build_index(corpus, FakeModel(), out, options=BuildOptions(workers=0, progress=False))
     assert store.open_index(out).count == 40
 
 
@@ -128,11 +131,17 @@ def test_add_appends_and_equals_a_single_build(corpus, built, tmp_path):
         write_manifest(df, p)
     out = tmp_path / "idx"
     with pytest.raises(ManifestError, match="outside the manifest folder"):  # absolute paths elsewhere: explicit
-        build_index(first, FakeModel(), out, workers=0, shard_rows=8, progress=False)
-    build_index(first, FakeModel(), out, workers=0, shard_rows=8, progress=False, allow_outside=True)
+        build_index(first, FakeModel(), out, options=BuildOptions(workers=0, shard_rows=8, progress=False))
+    build_index(
+        first, FakeModel(), out, options=BuildOptions(workers=0, shard_rows=8, progress=False, allow_outside=True)
+    )
     with pytest.raises(IndexError_, match="fingerprint"):
-        add_to_index(out, second, FakeModel(seed=1), workers=0, progress=False, allow_outside=True)
-    res = add_to_index(out, second, FakeModel(), workers=0, shard_rows=8, progress=False, allow_outside=True)
+        add_to_index(
+            out, second, FakeModel(seed=1), options=BuildOptions(workers=0, progress=False, allow_outside=True)
+        )
+    res = add_to_index(
+        out, second, FakeModel(), options=BuildOptions(workers=0, shard_rows=8, progress=False, allow_outside=True)
+    )
     assert (res.added, res.count, len(res.bad)) == (22, 40, 0)  # rows 20..41; both bad images were in `first`
     whole, part = store.open_index(built), store.open_index(out)
     assert part.count == whole.count == 40
@@ -140,17 +149,17 @@ def test_add_appends_and_equals_a_single_build(corpus, built, tmp_path):
     np.testing.assert_allclose(part.reports.reconstruct_n(0, 40), whole.reports.reconstruct_n(0, 40), atol=1e-6)
     pd.testing.assert_frame_equal(part.meta, whole.meta)
     assert len(store.read_bad(out)) == 2 and len(part.info["manifests"]) == 2
-    again = add_to_index(out, second, FakeModel(), workers=0, progress=False, allow_outside=True)
+    again = add_to_index(out, second, FakeModel(), options=BuildOptions(workers=0, progress=False, allow_outside=True))
     assert again.already_done and again.count == 40  # the same add, already committed: nothing to do
     third = tmp_path / "c.parquet"
     write_manifest(read_manifest(second).iloc[:3], third)
     with pytest.raises(IndexError_, match="already in the index"):
-        add_to_index(out, third, FakeModel(), workers=0, progress=False, allow_outside=True)
+        add_to_index(out, third, FakeModel(), options=BuildOptions(workers=0, progress=False, allow_outside=True))
 
 
 def test_build_with_an_hnsw_factory(corpus, tmp_path):
     out = tmp_path / "h"
-    res = build_index(corpus, FakeModel(), out, factory="HNSW16,Flat", workers=0, progress=False)
+    res = build_index(corpus, FakeModel(), out, options=BuildOptions(factory="HNSW16,Flat", workers=0, progress=False))
     idx = store.open_index(out)
     assert res.factory == idx.info["factory"] == "HNSW16,Flat"
     assert isinstance(faiss.downcast_index(idx.images), faiss.IndexHNSWFlat)
@@ -161,8 +170,8 @@ KILLED_BUILD = textwrap.dedent(
     import sys
     sys.path[:0] = [{tests!r}, {repo!r}]
     from test_index_helpers import FakeModel
-    from index.build import build_index
-    build_index({manifest!r}, FakeModel(), {out!r}, batch_size=4, workers=2, shard_rows=8, progress=False)
+    from index.build import BuildOptions, build_index
+    build_index({manifest!r}, FakeModel(), {out!r}, BuildOptions(batch_size=4, workers=2, shard_rows=8, progress=False))
     """
 )
 
@@ -184,7 +193,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_build(corpus, built, tmp_p
     assert not (out / store.INFO_FILE).exists()
     (work / ".shard-000005.npz.abc.tmp").write_bytes(b"half a shard")  # what a kill mid-write leaves
 
-    res = build_index(corpus, FakeModel(), out, batch_size=4, workers=0, shard_rows=8, progress=False)
+    res = build_index(
+        corpus, FakeModel(), out, options=BuildOptions(batch_size=4, workers=0, shard_rows=8, progress=False)
+    )
     assert res.resumed_rows == done * 8 and res.encoded_rows == 42 - done * 8
     a, b = store.open_index(out), store.open_index(built)
     assert a.count == b.count == 40

@@ -60,12 +60,15 @@ class FakeModel(torch.nn.Module):
             time.sleep(self.delay)
         return pixels[:, 0].reshape(len(pixels), -1).float() - 0.5
 
+    # In float64, rounded to float32 at the end: a float32 matmul's last bit depends on the batch's size and the
+    # thread count (OMP_NUM_THREADS=1 in a killed-build subprocess or a Ray actor, 2 here), which made a resumed
+    # build differ from an uninterrupted one by 3e-8 and broke ties between identical reports differently.
     def project_images(self, feats: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(feats @ self.w_img, dim=-1)
+        return torch.nn.functional.normalize(feats.double() @ self.w_img.double(), dim=-1).float()
 
     def encode_texts(self, texts, batch_size: int = 32, **_) -> np.ndarray:
-        feats = torch.as_tensor(np.stack([_text_features(t) for t in texts]))
-        out = torch.nn.functional.normalize(feats @ self.w_txt, dim=-1)
+        feats = torch.as_tensor(np.stack([_text_features(t) for t in texts]), dtype=torch.float64)
+        out = torch.nn.functional.normalize(feats @ self.w_txt.double(), dim=-1)
         return np.ascontiguousarray(out.numpy(), dtype=np.float32)
 
 

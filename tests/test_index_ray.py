@@ -77,7 +77,7 @@ def test_the_ray_engine_builds_the_same_index_and_resumes_at_shard_level(
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(build_mod, "_collect", killed)
+        m.setattr(build_mod, "collect", killed)
         with pytest.raises(KeyboardInterrupt):
             build_index(corpus, FakeModel(), out, options=_ray_opts())
     shards = sorted((out / BUILD_DIR).glob("shard-*.npz"))

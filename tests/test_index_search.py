@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from index.backends import FaissBackend, TorchBackend, make_backend, set_search_params
 from index.factory import (
     build_from_vectors,
     choose_factory,
@@ -14,8 +15,8 @@ from index.factory import (
     memory_bytes,
     parse_memory,
 )
-from index.search import FaissBackend, Searcher, TorchBackend, make_backend, set_search_params
-from index.store import save_index
+from index.generations import save_index
+from index.search import Searcher
 from retrieval.errors import UsageError
 
 faiss.omp_set_num_threads(1)  # the test machine is shared; OpenMP spinning on busy cores is pathological

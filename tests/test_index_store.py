@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from index import store
+from index import generations, layout, store, verify
 from index.factory import build_from_vectors
 from retrieval.errors import IndexError_
 from retrieval.fileio import sha256_file
@@ -48,15 +48,15 @@ def saved(tmp_path):
     images, _ = build_from_vectors(x)
     reports, _ = build_from_vectors(x[::-1].copy())
     model = Model("tiny-a", "f00d")
-    info = {"factory": "Flat", "model": store.model_record(model), "created": store.now_iso()}
+    info = {"factory": "Flat", "model": store.model_record(model), "created": layout.now_iso()}
     bad = pd.DataFrame({"row": [3], "image_id": ["b"], "path": ["/x/b.png"], "reason": ["empty file"]})
-    path = store.save_index(tmp_path / "idx", images, reports, _meta(20), info, bad)
+    path = generations.save_index(tmp_path / "idx", images, reports, _meta(20), info, bad)
     return path, x, model
 
 
 def test_round_trip(saved):
     path, x, model = saved
-    assert sorted(p.name for p in path.iterdir()) == [store.LOCK_FILE, store.CURRENT_FILE, "gen-000001"]
+    assert sorted(p.name for p in path.iterdir()) == [layout.LOCK_FILE, store.CURRENT_FILE, "gen-000001"]
     gen = store.resolve(path).gen_dir
     assert sorted(p.name for p in gen.iterdir()) == sorted(
         [store.READ_LOCK, store.IMAGES_FILE, store.REPORTS_FILE, store.META_FILE, store.INFO_FILE, store.BAD_FILE]
@@ -117,8 +117,8 @@ def test_inconsistent_row_counts_are_detected(saved):
     path, _, model = saved
     gen = store.resolve(path).gen_dir
     info = json.loads((gen / store.INFO_FILE).read_text())
-    store.write_meta(_meta(18), gen / store.META_FILE)  # files that disagree, with matching checksums
-    info["files"][store.META_FILE] = store.file_record(gen / store.META_FILE)
+    generations.write_meta(_meta(18), gen / store.META_FILE)  # files that disagree, with matching checksums
+    info["files"][store.META_FILE] = layout.file_record(gen / store.META_FILE)
     _repoint(path, json.dumps(info))
     with pytest.raises(IndexError_, match="meta.parquet has 18"):
         store.open_index(path, model)
@@ -128,12 +128,12 @@ def test_refuses_to_write_inconsistent_index(tmp_path):
     x = np.eye(4, dtype=np.float32)
     a, _ = build_from_vectors(x)
     with pytest.raises(IndexError_, match="inconsistent"):
-        store.save_index(tmp_path / "i", a, a, _meta(3), {"factory": "Flat", "model": {}})
+        generations.save_index(tmp_path / "i", a, a, _meta(3), {"factory": "Flat", "model": {}})
 
 
 def test_summary(saved):
     path, _, _ = saved
-    s = store.index_summary(path)
+    s = verify.index_summary(path)
     assert s["rows"] == 20 and s["studies"] == 10 and s["patients"] == 5
     assert s["splits"] == {"train": 18, "test": 2}
     assert s["labels"] == {"No Finding": 13, "Edema": 7}

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from test_index_helpers import FakeModel, _row
 
-from index import store, tune
+from index import generations, layout, store, tune
 from index.build import BuildOptions, add_to_index, build_index
 from index.factory import build_from_vectors
 from index.search import Searcher
@@ -194,7 +194,7 @@ def _old_style(tmp_path: Path) -> Path:
     meta.insert(0, "row_id", np.arange(300))
     meta["has_report"] = True
     info = {"factory": "HNSW8,Flat", "model": {"name": "fake", "fingerprint": "f"}}
-    return store.save_index(tmp_path / "old", images, reports, meta[store.META_COLUMNS], info)
+    return generations.save_index(tmp_path / "old", images, reports, meta[store.META_COLUMNS], info)
 
 
 def test_an_index_without_a_search_record_still_opens_with_faiss_defaults(tmp_path, capsys):
@@ -216,7 +216,7 @@ def test_a_damaged_search_record_is_refused_by_name(tmp_path):
     info = json.loads((gen / store.INFO_FILE).read_text())
     bad = {"images": {"params": {"efSearch": "64"}, "recall": 0.97, "target": 0.95}}
     with pytest.raises(IndexError_, match=r"search\.images\.params\.efSearch"):
-        store.validate_info({**info, "search": bad}, gen / store.INFO_FILE)
+        layout.validate_info({**info, "search": bad}, gen / store.INFO_FILE)
     unknown = {"images": {"params": {"nprobes": 4}, "recall": 0.97, "target": 0.95}}
     with pytest.raises(IndexError_, match="nprobes"):
-        store.validate_info({**info, "search": unknown}, gen / store.INFO_FILE)
+        layout.validate_info({**info, "search": unknown}, gen / store.INFO_FILE)

@@ -63,6 +63,10 @@ def test_negated_or_uncertain_mentions_give_no_finding(text):
         ("Mild pulmonary edema and cardiomegaly, no effusion.", {"Edema", "Cardiomegaly"}),
         ("There is no effusion, but there is left lower lobe consolidation.", {"Consolidation"}),
         ("Findings consistent with prior tuberculosis.", {"Tuberculosis"}),
+        # "cardio" is a word of its own: the mediastinum enlarged is not cardiomegaly (it was, by prefix)
+        ("Enlarged cardiomediastinum.", {"Enlarged Cardiomediastinum"}),
+        ("Widened mediastinum.", {"Enlarged Cardiomediastinum"}),
+        ("Enlarged cardiomediastinal silhouette.", {"Enlarged Cardiomediastinum", "Cardiomegaly"}),
     ],
 )
 def test_positive_mentions(text, expected):

@@ -24,7 +24,7 @@ faiss.omp_set_num_threads(1)
 @pytest.fixture
 def fake_models(monkeypatch):
     """`--model fake-N` loads FakeModel(seed=N): the CLI path without a real network."""
-    monkeypatch.setattr("cli.index_cmd._load_model", lambda name, device: FakeModel(seed=int(str(name)[-1])))
+    monkeypatch.setattr("retrieval.models.load_model", lambda name, device=None: FakeModel(seed=int(str(name)[-1])))
 
 
 @pytest.fixture(scope="module")

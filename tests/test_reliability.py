@@ -33,12 +33,15 @@ from reliability_helpers import flip_bit, float_dicom, unit_vectors, vector_inde
 from test_index_helpers import FakeModel, make_corpus
 
 from cli.main import main
-from index import store
-from index.build import ADD_DIR, BUILD_DIR, _check_plan, add_to_index, build_index, encode_shards, prepare
+from index import layout, store, verify
+from index.build import ADD_DIR, BUILD_DIR, BuildOptions, add_to_index, build_index
+from index.rows import prepare
 from index.search import Searcher
+from index.shards import check_plan, encode_shards
 from retrieval.data.image_io import read_image
 from retrieval.data.manifest import read_manifest, write_manifest
 from retrieval.errors import ImageReadError, IndexError_, ManifestError
+from retrieval.fileio import sha256_file
 
 faiss.omp_set_num_threads(1)
 TESTS = Path(__file__).resolve().parent
@@ -46,7 +49,7 @@ TESTS = Path(__file__).resolve().parent
 
 @pytest.fixture
 def fake_models(monkeypatch):
-    monkeypatch.setattr("cli.index_cmd._load_model", lambda name, device: FakeModel(seed=int(str(name)[-1])))
+    monkeypatch.setattr("retrieval.models.load_model", lambda name, device=None: FakeModel(seed=int(str(name)[-1])))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def test_bit_flips_are_detected_by_open_and_verify(tmp_path, name):
     for _ in range(25):
         flip_bit(gen / name, rng)
         with pytest.raises(IndexError_, match=name):
-            store.verify_index(idx)
+            verify.verify_index(idx)
         with pytest.raises(IndexError_, match=name):
             store.open_index(idx)
         (gen / name).write_bytes(pristine)
@@ -97,7 +100,7 @@ def test_inverted_block_is_refused_by_the_score_guard(tmp_path, monkeypatch):
     with pytest.raises(IndexError_, match="outside \\[-1, 1\\]"):
         searcher.search_ids(vecs[bad : bad + 1] / np.linalg.norm(vecs[bad]), k=3, target="images")
     with pytest.raises(IndexError_, match="images.faiss: damaged, sha256"):
-        store.verify_index(idx)
+        verify.verify_index(idx)
 
 
 def test_swapped_faiss_files_are_refused(tmp_path):
@@ -138,46 +141,48 @@ def test_a_garbage_plan_refuses_the_resume_instead_of_mixing_manifests(corpus, t
     out = tmp_path / "idx"
     work = out / BUILD_DIR
     rows, _ = prepare(a)
-    _check_plan(work, {"kind": "build", "manifest_digest": "x", "rows": len(rows)})
+    check_plan(work, {"kind": "build", "manifest_digest": "x", "rows": len(rows)})
     encode_shards(work, rows, FakeModel(), batch_size=4, workers=0, shard_rows=8, progress=False)
     for shard in sorted(work.glob("shard-*.npz"))[1:]:
         shard.unlink()  # as if killed after the first shard
     (work / "plan.json").write_text("{garbage")
     with pytest.raises(IndexError_, match="plan.json: damaged build plan"):
-        build_index(b, FakeModel(), out, workers=0, shard_rows=8, progress=False)
+        build_index(b, FakeModel(), out, options=BuildOptions(workers=0, shard_rows=8, progress=False))
     (work / "plan.json").unlink()  # no plan at all: the shards still refuse to stand for B's rows? they match
     # ids by position, so the shard checksum and row range pass; the plan is what pins the manifest. Recreate
     # the plan as A's run wrote it and B is refused by digest:
-    from index.build import manifest_digest
+    from index.rows import manifest_digest
 
     plan = {"kind": "build", "manifest_digest": manifest_digest(rows), "rows": len(rows),
             "model_fingerprint": FakeModel().fingerprint, "shard_rows": 8}  # fmt: skip
-    _check_plan(work, plan)
+    check_plan(work, plan)
     with pytest.raises(IndexError_, match="different manifest_digest"):
-        build_index(b, FakeModel(), out, workers=0, shard_rows=8, progress=False)
+        build_index(b, FakeModel(), out, options=BuildOptions(workers=0, shard_rows=8, progress=False))
 
 
 def test_damaged_and_pickled_shards_are_refused_by_name(corpus, tmp_path):
     out = tmp_path / "idx"
     work = out / BUILD_DIR
     rows, _ = prepare(corpus)
-    from index.build import manifest_digest
+    from index.rows import manifest_digest
 
     plan = {"kind": "build", "manifest_digest": manifest_digest(rows), "rows": len(rows),
             "model_fingerprint": FakeModel().fingerprint, "shard_rows": 8}  # fmt: skip
-    _check_plan(work, plan)
+    check_plan(work, plan)
     encode_shards(work, rows, FakeModel(), batch_size=4, workers=0, shard_rows=8, progress=False)
     shard = work / "shard-000001.npz"
     good = shard.read_bytes()
     shard.write_bytes(good[: len(good) // 2])
     with pytest.raises(IndexError_, match="shard-000001.npz: damaged shard"):
-        build_index(corpus, FakeModel(), out, workers=0, shard_rows=8, progress=False)
+        build_index(corpus, FakeModel(), out, options=BuildOptions(workers=0, shard_rows=8, progress=False))
     with open(shard, "wb") as f:
         np.savez(f, ids=np.array([object()], dtype=object), images=np.zeros((1, 32)))
     with pytest.raises(IndexError_, match="shard-000001.npz: damaged shard"):
-        build_index(corpus, FakeModel(), out, workers=0, shard_rows=8, progress=False)
+        build_index(corpus, FakeModel(), out, options=BuildOptions(workers=0, shard_rows=8, progress=False))
     shard.write_bytes(good)
-    assert build_index(corpus, FakeModel(), out, workers=0, shard_rows=8, progress=False).count == 24
+    assert (
+        build_index(corpus, FakeModel(), out, options=BuildOptions(workers=0, shard_rows=8, progress=False)).count == 24
+    )
 
 
 # ------------------------------------------------------------------------------------- 3: NaN in a float DICOM
@@ -232,21 +237,25 @@ def _rows_manifest(folder: Path, **cells) -> Path:
 def test_build_refuses_rows_that_validate_rejects(tmp_path, cells, what):
     m = _rows_manifest(tmp_path / "data", **cells)
     with pytest.raises(ManifestError, match="cannot be used") as e:
-        build_index(m, FakeModel(), tmp_path / "idx", workers=0, progress=False)
+        build_index(m, FakeModel(), tmp_path / "idx", options=BuildOptions(workers=0, progress=False))
     assert what in str(e.value) and "m.csv" in str(e.value)
     assert not store.has_index(tmp_path / "idx")
 
 
 def test_skip_bad_rows_lists_them_and_never_stores_them(tmp_path):
     m = _rows_manifest(tmp_path / "data", image_id=(1, ""), labels=(3, "[Pneumonia"), split=(5, "1"))
-    res = build_index(m, FakeModel(), tmp_path / "idx", workers=0, progress=False, skip_bad_rows=True)
+    res = build_index(
+        m, FakeModel(), tmp_path / "idx", options=BuildOptions(workers=0, progress=False, skip_bad_rows=True)
+    )
     assert res.count == 3 and len(res.refused) == 3
     idx = store.open_index(tmp_path / "idx")
     assert list(idx.meta["image_id"]) == ["i0", "i2", "i4"]
     bad = store.read_bad(tmp_path / "idx")
     assert list(bad["row"]) == ["1", "3", "5"] and all(bad["reason"].str.startswith("manifest: "))
     good = _rows_manifest(tmp_path / "ok")
-    labels = store.open_index(build_index(good, FakeModel(), tmp_path / "i2", workers=0, progress=False).index_dir)
+    labels = store.open_index(
+        build_index(good, FakeModel(), tmp_path / "i2", options=BuildOptions(workers=0, progress=False)).index_dir
+    )
     assert [list(x) for x in labels.meta["labels"]] == [["No Finding"]] * 6
 
 
@@ -278,7 +287,7 @@ def test_cli_probes_print_one_line_naming_the_file(corpus, tmp_path, fake_models
 
     def resign(doc):
         (gen / store.INFO_FILE).write_text(json.dumps(doc))
-        (idx / store.CURRENT_FILE).write_text(f"{gen.name} {store.sha256_file(gen / store.INFO_FILE)}\n")
+        (idx / store.CURRENT_FILE).write_text(f"{gen.name} {sha256_file(gen / store.INFO_FILE)}\n")
 
     probes = []
     for key, value in (("count", "42"), ("dim", 16.5), ("model", "x"), ("files", {"images.faiss": 1})):
@@ -298,9 +307,9 @@ def test_cli_probes_print_one_line_naming_the_file(corpus, tmp_path, fake_models
     args = ["index", "build", "-m", str(corpus), "--model", "fake-0", "--out", str(out), "--workers", "0",
             "--shard-rows", "8"]  # fmt: skip
     rows, _ = prepare(corpus)
-    from index.build import manifest_digest
+    from index.rows import manifest_digest
 
-    _check_plan(out / BUILD_DIR, {"kind": "build", "manifest_digest": manifest_digest(rows), "rows": len(rows),
+    check_plan(out / BUILD_DIR, {"kind": "build", "manifest_digest": manifest_digest(rows), "rows": len(rows),
                                   "model_fingerprint": FakeModel().fingerprint, "shard_rows": 8})  # fmt: skip
     (out / BUILD_DIR / "shard-000000.npz").write_bytes(b"PK\x03\x04 not really a zip")
     assert main(args) == 1
@@ -321,7 +330,7 @@ def test_cli_probes_print_one_line_naming_the_file(corpus, tmp_path, fake_models
     dcm = float_dicom(tmp_path / "nan.dcm", nan)
     ok = vector_index(tmp_path / "ok", d=32)
     loads = []
-    monkeypatch.setattr("cli.index_cmd._load_model", lambda name, device: loads.append(name) or FakeModel())
+    monkeypatch.setattr("retrieval.models.load_model", lambda name, device=None: loads.append(name) or FakeModel())
     t0 = time.perf_counter()
     assert main(["query", str(dcm), "--index", str(ok), "--model", "fake-0"]) == 1
     assert time.perf_counter() - t0 < 1.0 and loads == []
@@ -388,7 +397,7 @@ def test_rerun_after_commit_exits_0_and_cleans_leftovers(corpus, tmp_path, fake_
     capsys.readouterr()
     assert main(build) == 0
     assert "nothing to do" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == [store.LOCK_FILE, store.CURRENT_FILE, "gen-000001"]
+    assert sorted(p.name for p in out.iterdir()) == [layout.LOCK_FILE, store.CURRENT_FILE, "gen-000001"]
 
     df = read_manifest(corpus)
     extra = df.iloc[:4].copy()
@@ -425,9 +434,9 @@ ADDER = textwrap.dedent(
     import sys
     sys.path[:0] = [{tests!r}, {repo!r}]
     from test_index_helpers import FakeModel
-    from index.build import add_to_index
+    from index.build import BuildOptions, add_to_index
     for m in {manifests!r}:
-        add_to_index({out!r}, m, FakeModel(), batch_size=8, workers=0, shard_rows=4, progress=False)
+        add_to_index({out!r}, m, FakeModel(), BuildOptions(batch_size=8, workers=0, shard_rows=4, progress=False))
     print("done", flush=True)
     """
 )
@@ -436,7 +445,7 @@ ADDER = textwrap.dedent(
 @pytest.mark.slow
 def test_readers_never_see_a_half_written_commit(corpus, tmp_path):
     out = tmp_path / "idx"
-    build_index(corpus, FakeModel(), out, workers=0, progress=False)
+    build_index(corpus, FakeModel(), out, options=BuildOptions(workers=0, progress=False))
     df = read_manifest(corpus)
     manifests = []
     for j in range(6):
@@ -472,19 +481,21 @@ def test_paths_outside_the_manifest_folder_need_allow_outside(tmp_path):
     for cell in ("../elsewhere.png", str(outside), "/etc/hostname", "sub/../../elsewhere.png"):
         m = _rows_manifest(tmp_path / "data", image_path=(2, cell))
         with pytest.raises(ManifestError, match="outside the manifest folder"):
-            build_index(m, FakeModel(), tmp_path / "idx", workers=0, progress=False)
+            build_index(m, FakeModel(), tmp_path / "idx", options=BuildOptions(workers=0, progress=False))
     m = _rows_manifest(tmp_path / "data", image_path=(2, "../elsewhere.png"))
-    res = build_index(m, FakeModel(), tmp_path / "idx", workers=0, progress=False, allow_outside=True)
+    res = build_index(
+        m, FakeModel(), tmp_path / "idx", options=BuildOptions(workers=0, progress=False, allow_outside=True)
+    )
     assert res.count == 6
     assert store.open_index(tmp_path / "idx").meta["image_path"][2] == str(outside)  # normalised, no '..'
     inside = _rows_manifest(tmp_path / "d2", image_path=(2, "sub/../2.png"))
-    assert build_index(inside, FakeModel(), tmp_path / "i2", workers=0, progress=False).count == 6
+    assert build_index(inside, FakeModel(), tmp_path / "i2", options=BuildOptions(workers=0, progress=False)).count == 6
 
 
 def test_a_trailing_space_belongs_to_the_file_name(tmp_path):
     m = _rows_manifest(tmp_path / "data", image_path=(1, "spaced.png "))
     Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "data" / "spaced.png ", format="PNG")
-    res = build_index(m, FakeModel(), tmp_path / "idx", workers=0, progress=False)
+    res = build_index(m, FakeModel(), tmp_path / "idx", options=BuildOptions(workers=0, progress=False))
     assert res.count == 6 and len(res.bad) == 0
     assert store.open_index(tmp_path / "idx").meta["image_path"][1].endswith("spaced.png ")
 
@@ -502,7 +513,7 @@ def test_a_png_named_dcm_is_read_as_png(tmp_path):
 def test_add_grows_a_legacy_folder_into_generations(corpus, tmp_path):
     """Folders written before generations (files at the top) still open, and the next add converts them."""
     out = tmp_path / "legacy"
-    res = build_index(corpus, FakeModel(), out, workers=0, progress=False)
+    res = build_index(corpus, FakeModel(), out, options=BuildOptions(workers=0, progress=False))
     gen = out / res.generation
     for p in gen.iterdir():
         if p.name != store.READ_LOCK:
@@ -516,10 +527,10 @@ def test_add_grows_a_legacy_folder_into_generations(corpus, tmp_path):
     gen.rmdir()
     assert store.open_index(out).count == 24
     with pytest.raises(IndexError_, match="nothing to verify against"):
-        store.verify_index(out)
+        verify.verify_index(out)
     df = read_manifest(corpus).iloc[:2].copy()
     df["image_id"] = ["n0", "n1"]
     write_manifest(df, corpus.parent / "two.parquet")
-    add_to_index(out, corpus.parent / "two.parquet", FakeModel(), workers=0, progress=False)
-    assert store.verify_index(out)["rows"] == 26
+    add_to_index(out, corpus.parent / "two.parquet", FakeModel(), options=BuildOptions(workers=0, progress=False))
+    assert verify.verify_index(out)["rows"] == 26
     assert not (out / store.INFO_FILE).exists()

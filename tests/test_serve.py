@@ -26,7 +26,7 @@ from gen_synth import make_manifest, one_thread  # noqa: E402, F401 (an autouse 
 from test_index_helpers import FakeModel  # noqa: E402
 
 from cli.main import main  # noqa: E402
-from index.build import add_to_index, build_index  # noqa: E402
+from index.build import BuildOptions, add_to_index, build_index  # noqa: E402
 from retrieval.serve.app import bind_warning, create_app, is_loopback  # noqa: E402
 from retrieval.serve.batching import EmbedBatcher  # noqa: E402
 from retrieval.serve.service import (  # noqa: E402
@@ -46,7 +46,7 @@ def data(tmp_path_factory):
     """(root, manifest frame, index folder) over 36 synthetic studies."""
     root = tmp_path_factory.mktemp("serve")
     df = make_manifest(root, n=36)
-    build_index(df, FakeModel(), root / "idx", workers=0, progress=False)
+    build_index(df, FakeModel(), root / "idx", options=BuildOptions(workers=0, progress=False))
     return root, df, root / "idx"
 
 
@@ -85,7 +85,6 @@ def client(service):
 @pytest.fixture
 def fake_models(monkeypatch):
     """`--model fake-N` loads FakeModel(seed=N) in `cxr query` and `cxr serve`."""
-    monkeypatch.setattr("cli.index_cmd._load_model", lambda name, device: FakeModel(seed=int(str(name)[-1])))
     monkeypatch.setattr("retrieval.models.load_model", lambda name, device=None: FakeModel(seed=int(str(name)[-1])))
 
 
@@ -339,7 +338,7 @@ def test_missing_image_file_is_404_not_a_crash(data, tmp_path):
     shutil.copytree(root / "img", copy / "img")
     d2 = df.copy()
     d2.attrs["root"] = str(copy)
-    build_index(d2, FakeModel(), tmp_path / "idx", workers=0, progress=False)
+    build_index(d2, FakeModel(), tmp_path / "idx", options=BuildOptions(workers=0, progress=False))
     (copy / "img" / "5.png").unlink()
     svc = ServeService(ServeConfig(index=tmp_path / "idx", workers=1, watch_interval=0), model=FakeModel())
     try:
@@ -495,12 +494,12 @@ def test_batcher_failure_fails_only_that_pass():
 def growing(data, tmp_path):
     """An index of the first 24 studies; `add()` appends the other 12 as `cxr index add` does."""
     root, df, _ = data
-    build_index(df.iloc[:24], FakeModel(), tmp_path / "idx", workers=0, progress=False)
+    build_index(df.iloc[:24], FakeModel(), tmp_path / "idx", options=BuildOptions(workers=0, progress=False))
 
     def add():
         rest = df.iloc[24:].copy()
         rest.attrs["root"] = df.attrs["root"]
-        add_to_index(tmp_path / "idx", rest, FakeModel(), workers=0, progress=False)
+        add_to_index(tmp_path / "idx", rest, FakeModel(), options=BuildOptions(workers=0, progress=False))
 
     return tmp_path / "idx", add
 

@@ -106,25 +106,10 @@ def open_searcher(index_dir: str | Path, model: Any = None):
     return Searcher(index_dir, model=model)
 
 
-def retrieval_model_for(searcher: Any, device: str | None = None) -> Any:
-    """The retrieval model an index was built with, from the folder recorded in its index_info.json."""
-    from retrieval.errors import IndexError_
-    from retrieval.models import load_model
-
-    rec = searcher.index.info.get("model", {})
-    path = rec.get("path")
-    if not path or not Path(path).is_dir():
-        raise IndexError_(
-            f"{searcher.index.path}: index_info.json names no model folder (model {rec.get('name')!r}); "
-            "images outside the index need the model the index was built with"
-        )
-    return load_model(path, device=device)
-
-
 def query_vectors(df: pd.DataFrame, rows: Sequence[int], searcher: Any, model: Any = None) -> np.ndarray:
     """Image vectors of `rows`: the index's stored vector when the image_id is indexed, else embedded by
-    `model` (a model, a zero-argument loader, or None for the model named in index_info.json)."""
-    from index.search import exact_vectors
+    `model` (a model, a zero-argument loader, or None for the model the index records)."""
+    from index.backends import exact_vectors
 
     meta = searcher.index.meta
     where = {str(i): r for r, i in enumerate(meta["image_id"].astype(str))}
@@ -142,7 +127,7 @@ def query_vectors(df: pd.DataFrame, rows: Sequence[int], searcher: Any, model: A
     if missing:
         if callable(model) and not hasattr(model, "encode_images"):
             model = model()  # a loader, called only when needed
-        model = model or retrieval_model_for(searcher)
+        model = model or searcher.index.load_model()
         paths = [str(row_image_path(df, rows[j])) for j in missing]
         out[missing] = np.asarray(model.encode_images(paths), dtype=np.float32)
     return out
@@ -165,17 +150,13 @@ def exemplars_for_rows(
     if k <= 0 or not len(rows):
         return {int(p): [] for p in rows}
     vecs = query_vectors(df, rows, searcher, model)
-    meta = searcher.index.meta
-    meta = meta.assign(report=meta["report"].where(meta["has_report"].astype(bool), ""))
-    backend = searcher.backend(target)
     found = retrieve_exemplars(
-        backend.search,
+        searcher,
         vecs,
-        meta,
         k,
         [str(df.iloc[p]["study_id"]) for p in rows],
         [str(df.iloc[p]["patient_id"]) for p in rows],
         allowed_studies,
-        require_report=target == "reports",
+        target,
     )
     return {int(p): ex for p, ex in zip(rows, found, strict=True)}

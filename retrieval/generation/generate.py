@@ -105,9 +105,7 @@ class Generator:
             if same:
                 self._retrieval_model = same[0]
             else:
-                from retrieval.generation.features import retrieval_model_for
-
-                self._retrieval_model = retrieval_model_for(self.searcher)
+                self._retrieval_model = self.searcher.index.load_model()
         return self._retrieval_model
 
     def exemplars_for_images(
@@ -125,16 +123,9 @@ class Generator:
         from retrieval.generation.rag import retrieve_exemplars
 
         vecs = np.asarray(self.retrieval_model().encode_images(list(images)), dtype=np.float32)
-        meta = self.searcher.index.meta
-        meta = meta.assign(report=meta["report"].where(meta["has_report"].astype(bool), ""))
         n = len(images)
         return retrieve_exemplars(
-            self.searcher.backend("reports").search,
-            vecs,
-            meta,
-            k,
-            list(exclude_studies or [None] * n),
-            list(exclude_patients or [None] * n),
+            self.searcher, vecs, k, list(exclude_studies or [None] * n), list(exclude_patients or [None] * n)
         )
 
     @torch.no_grad()

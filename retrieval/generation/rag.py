@@ -1,5 +1,6 @@
-"""Retrieval for the VLM's prompt: pick top-k exemplar reports (never the query's own study or patient) and
-assemble the prompt token ids within a token budget (exemplars are truncated, the task prompt never is).
+"""Retrieval for the VLM's prompt: top-k exemplar reports through the index's one search filter
+(`Searcher.search_ids`: never the query's own study or patient, one per study), and the prompt token ids
+assembled within a token budget (exemplars are truncated, the task prompt never is).
 
 Prompt layout (text part; the image embeddings come before it):
     [CLS] [task] <task prompt> [ref] 1 : <exemplar 1> [ref] 2 : <exemplar 2> ... [SEP]
@@ -10,8 +11,9 @@ what the model copied can be traced to the exemplar it came from (`copied_senten
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,83 +41,50 @@ class Exemplar:
         return d
 
 
-def select_exemplars(
-    scores: Sequence[float],
-    ids: Sequence[int],
-    meta: pd.DataFrame,
-    k: int,
-    query_study: str | None = None,
-    query_patient: str | None = None,
-    allowed_studies: Collection[str] | None = None,
-    require_report: bool = True,
-) -> list[Exemplar]:
-    """The first `k` hits (by rank) that are not the query's study or patient, one per study, with a report.
-
-    `ids` index `meta` rows (-1 = no hit, as faiss pads); `allowed_studies` restricts candidates (e.g. to the
-    training split so that evaluation prompts never carry other test reports). `require_report=False` keeps
-    studies without text (image-to-image neighbours of a set without reports; the prompt skips empty text).
-    """
+def exemplars_from_hits(scores: Sequence[float], ids: Sequence[int], meta: pd.DataFrame) -> list[Exemplar]:
+    """The Exemplars of already filtered hits (`Searcher.search_ids` rows; -1 = no hit, skipped); a row without a
+    report (`has_report` false) gets empty text."""
     out: list[Exemplar] = []
-    seen: set[str] = set()
-    if k <= 0:
-        return out
-    for score, rid in zip(scores, ids, strict=False):
+    for score, rid in zip(scores, ids, strict=True):
         if rid < 0:
             continue
         r = meta.iloc[int(rid)]
-        study, patient = str(r["study_id"]), str(r["patient_id"])
-        report = "" if pd.isna(r.get("report")) else str(r.get("report", "")).strip()
-        if study in seen or (require_report and not report):
-            continue
-        if query_study is not None and study == str(query_study):
-            continue
-        if query_patient is not None and patient == str(query_patient):
-            continue
-        if allowed_studies is not None and study not in allowed_studies:
-            continue
-        seen.add(study)
-        out.append(Exemplar(study, patient, float(score), report))
-        if len(out) == k:
-            break
+        text = r["report"] if bool(r["has_report"]) and not pd.isna(r["report"]) else ""
+        out.append(Exemplar(str(r["study_id"]), str(r["patient_id"]), float(score), str(text).strip()))
     return out
 
 
 def retrieve_exemplars(
-    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    searcher: Any,
     query_vectors: np.ndarray,
-    meta: pd.DataFrame,
     k: int,
     query_studies: Sequence[str | None],
     query_patients: Sequence[str | None],
     allowed_studies: Collection[str] | None = None,
-    max_depth: int | None = None,
-    require_report: bool = True,
+    target: str = "reports",
 ) -> list[list[Exemplar]]:
-    """Top-k exemplars for each query vector; searches deeper (doubling) while exclusions leave fewer than k.
+    """Top-k exemplars for each query vector from `searcher` (an `index.search.Searcher`): never the query's own
+    study or patient, one per study, only `allowed_studies` (e.g. the training split, so that evaluation prompts
+    never carry other test reports).
 
-    `search(vectors, n) -> (scores (Q, n), ids (Q, n))` is a top-n search over `meta`'s rows (faiss).
-    """
-    n_rows = len(meta)
-    max_depth = min(max_depth or n_rows, n_rows)
-    results: list[list[Exemplar] | None] = [None] * len(query_vectors)
-    if k <= 0:
+    `target="reports"` searches image-to-report and keeps studies with a report; `"images"` searches
+    image-to-image and keeps text-less studies too (neighbours of a set without reports; the prompt skips empty
+    text). The filter and the widening are `Searcher.search_ids`'s."""
+    if k <= 0 or not len(query_vectors):
         return [[] for _ in query_vectors]
-    todo = np.arange(len(query_vectors))
-    depth = min(max(4 * k + 16, k), max_depth)
-    while len(todo):
-        scores, ids = search(np.ascontiguousarray(query_vectors[todo], dtype=np.float32), depth)
-        again = []
-        for j, q in enumerate(todo):
-            ex = select_exemplars(
-                scores[j], ids[j], meta, k, query_studies[q], query_patients[q], allowed_studies, require_report
-            )
-            if len(ex) < k and depth < max_depth:
-                again.append(q)
-            else:
-                results[q] = ex
-        todo = np.array(again, dtype=int)
-        depth = min(depth * 2, max_depth)
-    return [r or [] for r in results]
+    allowed = None if allowed_studies is None else searcher.study_mask(allowed_studies)
+    scores, ids = searcher.search_ids(
+        np.ascontiguousarray(query_vectors, dtype=np.float32),
+        k,
+        target,
+        exclude_patients=list(query_patients),
+        exclude_studies=list(query_studies),
+        allowed=allowed,
+        require_report=target == "reports",
+        per_study=True,
+    )
+    meta = searcher.index.meta
+    return [exemplars_from_hits(s, i, meta) for s, i in zip(scores, ids, strict=True)]
 
 
 def build_prompt_ids(

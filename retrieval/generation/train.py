@@ -85,11 +85,8 @@ def resolve_encoders(specs: Sequence[str], searcher: Any | None) -> list[str]:
     """Default visual encoder: the index's retrieval model (`cxr:PATH`) when known, else a patch tower."""
     if specs:
         return list(specs)
-    if searcher is not None:
-        path = searcher.index.info.get("model", {}).get("path")
-        if path and Path(path).is_dir():
-            return [f"cxr:{path}"]
-    return ["patch:1"]
+    path = searcher.index.model_path if searcher is not None else None
+    return [f"cxr:{path}"] if path else ["patch:1"]
 
 
 def row_balance_keys(df: pd.DataFrame, rows: Sequence[int]) -> dict[int, str]:

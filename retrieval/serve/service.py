@@ -176,18 +176,6 @@ def _matches(text: str, report: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def recorded_model_path(info: dict, index: str | Path) -> str:
-    """The model folder index_info.json records; a usage error naming `--model` when there is none."""
-    rec = info.get("model", {})
-    path = rec.get("path")
-    if path and Path(path).is_dir():
-        return str(path)
-    raise UsageError(
-        f"{index}: pass --model (the index was built with {rec.get('name')!r}"
-        + (f" from {path}, which no longer exists)" if path else ", whose folder was not recorded)")
-    )
-
-
 def library_versions() -> dict:
     """Versions reported by /info."""
     import importlib.metadata as md
@@ -210,15 +198,12 @@ class ServeService:
     """
 
     def __init__(self, config: ServeConfig, model: Any = None, start_watcher: bool = True):
-        from index.store import read_info
+        from index.store import load_recorded_model, read_info
 
         self.config = config
         self.index_path = Path(config.index)
         if model is None:
-            from retrieval.models import load_model
-
-            name = config.model or recorded_model_path(read_info(self.index_path), self.index_path)
-            model = load_model(name, device=None if config.device in (None, "auto") else config.device)
+            model = load_recorded_model(read_info(self.index_path), self.index_path, config.model, config.device)
         if hasattr(model, "eval"):
             model.eval()
         self.model = model

@@ -1,0 +1,217 @@
+"""Writing an index folder: the writer lock, committing a new generation (written, fsynced, hashed, verified,
+then `CURRENT` switched), and collecting the generations no reader holds (`cxr index gc`)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from index.layout import (
+    BAD_COLUMNS,
+    BAD_FILE,
+    CURRENT_FILE,
+    FORMAT_VERSION,
+    GEN_PREFIX,
+    IMAGES_FILE,
+    INFO_FILE,
+    LOCK_FILE,
+    META_FILE,
+    METRIC,
+    READ_LOCK,
+    REPORTS_FILE,
+    check_files,
+    file_record,
+    gen_number,
+    validate_info,
+)
+from index.store import read_pointer, resolve
+from retrieval.errors import IndexError_
+from retrieval.fileio import atomic_path, clean_temporaries, fsync_dir, fsync_file, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def writer_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` so that two builds/adds/gcs never write it at once. A POSIX record lock:
+    it belongs to this process only (forked DataLoader workers do not inherit it) and the OS drops it when the
+    process dies (SIGKILL included), so a rerun after a kill is never blocked."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise IndexError_(
+                f"{folder}: another `cxr index build/add` is writing this folder right now (or a gc)"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
+
+
+def write_faiss(index: Any, path: Path) -> None:
+    """Write a FAISS index atomically (always from a CPU index)."""
+    import faiss
+
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def write_meta(meta: pd.DataFrame, path: Path) -> None:
+    """Write meta.parquet atomically."""
+    with atomic_path(path) as tmp:
+        meta.to_parquet(tmp, index=False)
+
+
+def write_bad(bad: pd.DataFrame, path: Path) -> None:
+    """Write bad_images.csv atomically (path, reason and where the row came from)."""
+    with atomic_path(path) as tmp:
+        bad.reindex(columns=BAD_COLUMNS).to_csv(tmp, index=False)
+
+
+def generations(root: Path) -> list[tuple[int, Path]]:
+    """The generation folders of an index, oldest first."""
+    out = []
+    for p in Path(root).iterdir() if Path(root).is_dir() else []:
+        n = gen_number(p.name)
+        if n is not None and p.is_dir():
+            out.append((n, p))
+    return sorted(out)
+
+
+def verify_generation(gen_dir: Path, info: dict) -> int:
+    """Full check of a written generation: every file's size and sha256; returns the bytes hashed."""
+    check_files(gen_dir, info, full=True)
+    return sum(r["size"] for r in info["files"].values())
+
+
+def commit_generation(
+    out_dir: str | Path,
+    images: Any,
+    reports: Any,
+    meta: pd.DataFrame,
+    info: dict,
+    bad: pd.DataFrame | None = None,
+) -> Path:
+    """Write a complete new generation beside the current one, verify it, then switch CURRENT to it.
+
+    The caller holds `writer_lock(out_dir)`. Returns the new generation's folder."""
+    import faiss
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = int(images.ntotal)
+    if int(reports.ntotal) != n or len(meta) != n:
+        raise IndexError_(
+            f"{out}: refusing to write an inconsistent index "
+            f"(images {n}, reports {reports.ntotal}, meta {len(meta)} rows)"
+        )
+    pointer = read_pointer(out)
+    numbers = [g for g, _ in generations(out)] + ([gen_number(pointer[0]) or 0] if pointer else [])
+    number = max(numbers, default=0) + 1
+    gen = out / f"{GEN_PREFIX}{number:06d}"
+    gen.mkdir()
+    faiss.write_index(images, str(gen / IMAGES_FILE))
+    faiss.write_index(reports, str(gen / REPORTS_FILE))
+    meta = meta.copy()
+    meta.attrs = {}  # pandas would try to store attrs (e.g. numpy arrays) as JSON in the file
+    meta.to_parquet(gen / META_FILE, index=False)
+    names = [IMAGES_FILE, REPORTS_FILE, META_FILE]
+    info = dict(info)
+    info.update(count=n, dim=int(images.d), metric=METRIC, format_version=FORMAT_VERSION, generation=number)
+    if bad is not None:
+        info["bad_images"] = int(len(bad))
+        if len(bad):
+            bad.reindex(columns=BAD_COLUMNS).to_csv(gen / BAD_FILE, index=False)
+            names.append(BAD_FILE)
+    for name in names:
+        fsync_file(gen / name)
+    info["files"] = {name: file_record(gen / name) for name in names}
+    validate_info(info, gen / INFO_FILE)
+    (gen / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    fsync_file(gen / INFO_FILE)
+    (gen / READ_LOCK).touch()
+    fsync_dir(gen)
+    verify_generation(gen, info)  # the full hash check after each build/add, before anyone can read it
+    with atomic_path(out / CURRENT_FILE) as tmp:
+        tmp.write_text(f"{gen.name} {sha256_file(gen / INFO_FILE)}\n")
+    for name in (IMAGES_FILE, REPORTS_FILE, META_FILE, BAD_FILE, INFO_FILE):  # a pre-generation layout
+        (out / name).unlink(missing_ok=True)
+    collect_garbage(out)
+    return gen
+
+
+def save_index(
+    out_dir: str | Path,
+    images: Any,
+    reports: Any,
+    meta: pd.DataFrame,
+    info: dict,
+    bad: pd.DataFrame | None = None,
+) -> Path:
+    """Write an index folder as a new generation (taking the writer lock); returns the folder."""
+    with writer_lock(Path(out_dir)):
+        commit_generation(out_dir, images, reports, meta, info, bad)
+    return Path(out_dir)
+
+
+def collect_garbage(root: str | Path) -> dict:
+    """Remove what no reader needs: superseded generations no reader holds, generations a killed writer left
+    unfinished (newer than CURRENT), and temporary files. The caller holds `writer_lock(root)`.
+
+    Returns {"removed": [...], "kept": [...]} (kept: superseded generations a reader holds right now)."""
+    import fcntl
+
+    root = Path(root)
+    clean_temporaries(root)
+    pointer = read_pointer(root)
+    current = gen_number(pointer[0]) if pointer else None
+    removed, kept = [], []
+    for number, gen in generations(root):
+        if number == current:
+            continue
+        if current is not None and number < current:
+            try:
+                f = open(gen / READ_LOCK, "rb")
+            except OSError:
+                f = None
+            if f is not None:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    f.close()
+                    kept.append(gen.name)
+                    continue
+            try:
+                shutil.rmtree(gen, ignore_errors=True)
+            finally:
+                if f is not None:
+                    f.close()
+        else:  # newer than CURRENT (or no CURRENT at all): a commit that never happened
+            shutil.rmtree(gen, ignore_errors=True)
+        removed.append(gen.name)
+    if removed:
+        log.info("%s: removed generation(s) %s", root, ", ".join(removed))
+    return {"removed": removed, "kept": kept}
+
+
+def gc_index(index_dir: str | Path) -> dict:
+    """`cxr index gc`: take the writer lock and collect garbage (see `collect_garbage`)."""
+    root = Path(index_dir)
+    resolve(root)  # an error for a folder that is not an index
+    with writer_lock(root):
+        return collect_garbage(root)

@@ -1,0 +1,222 @@
+"""The on-disk format of an index folder: the file names, the typed schema of index_info.json, and the size and
+hash records every file is checked against (the layout is drawn in index/store.py's docstring)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from retrieval.errors import IndexError_
+from retrieval.fileio import sha256_file
+
+IMAGES_FILE = "images.faiss"
+
+
+REPORTS_FILE = "reports.faiss"
+
+
+META_FILE = "meta.parquet"
+
+
+INFO_FILE = "index_info.json"
+
+
+BAD_FILE = "bad_images.csv"
+
+
+CURRENT_FILE = "CURRENT"
+
+
+READ_LOCK = ".readers"
+
+
+LOCK_FILE = ".lock"
+
+
+GEN_PREFIX = "gen-"
+
+
+FORMAT_VERSION = 2
+
+
+METRIC = "inner_product"
+
+
+QUICK_BYTES = 64 * 1024
+
+
+META_COLUMNS = [
+    "row_id",
+    "image_id",
+    "study_id",
+    "patient_id",
+    "image_path",
+    "view",
+    "report",
+    "labels",
+    "split",
+    "source",
+    "has_report",
+]
+
+
+BAD_COLUMNS = ["row", "image_id", "path", "reason"]
+
+
+GEN_RE = re.compile(r"^gen-(\d{6,})$")
+
+
+POINTER_RE = re.compile(r"\A(gen-\d{6,}) ([0-9a-f]{64})\n\Z")  # exactly as written: any change is damage
+
+
+class FileRecord(BaseModel):
+    """Size and hashes of one file of a generation (`quick` = sha256 of its first and last 64 KiB)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    quick: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class ModelRecord(BaseModel):
+    """The model an index was built with; its fingerprint must match at query time."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str | None = None
+    fingerprint: str
+    embed_dim: int | None = Field(default=None, ge=1)
+    path: str | None = None
+
+
+class SearchRecord(BaseModel):
+    """The query parameters tuned at build time for one FAISS file (index/tune.py) and the recall they measured.
+
+    Indexes written before tuning have no `search` record: they open as before, with faiss's defaults."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    params: dict[Literal["efSearch", "nprobe", "k_factor"], int] = Field(default_factory=dict)
+    recall: float = Field(ge=0, le=1)
+    target: float = Field(gt=0, le=1)
+    k: int = Field(default=10, ge=1)
+    queries: int = Field(default=0, ge=0)
+    met: bool = True
+    method: str = "measured"
+    sample: str | None = None
+
+
+class InfoSchema(BaseModel):
+    """index_info.json, typed: a wrong type is refused with the field's name instead of a traceback later."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    factory: str = Field(min_length=1)
+    count: int = Field(ge=0)
+    dim: int = Field(ge=1)
+    model: ModelRecord
+    metric: Literal["inner_product"] = METRIC
+    format_version: int = Field(default=1, ge=1, le=FORMAT_VERSION)
+    normalized: bool = True
+    generation: int | None = Field(default=None, ge=1)
+    files: dict[str, FileRecord] | None = None
+    bad_images: int = Field(default=0, ge=0)
+    manifests: list[dict[str, Any]] = Field(default_factory=list)
+    versions: dict[str, str] = Field(default_factory=dict)
+    created: str | None = None
+    updated: str | None = None
+    reports: str | None = None
+    search: dict[Literal["images", "reports"], SearchRecord] | None = None
+
+
+def validate_info(info: Any, where: str | Path) -> dict:
+    """Check `info` against the schema; the first problem becomes one line naming the file and the field."""
+    if not isinstance(info, dict):
+        raise IndexError_(f"{where}: corrupt, expected a JSON object, got {type(info).__name__}")
+    try:
+        InfoSchema.model_validate(info)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "missing":
+            raise IndexError_(f"{where}: corrupt, missing {loc!r}") from None
+        value = repr(err.get("input"))[:60]
+        raise IndexError_(f"{where}: corrupt, {loc!r} is {value} ({err['msg'].lower()})") from None
+    return info
+
+
+def versions() -> dict:
+    """Library versions recorded in index_info.json (what built the index)."""
+    import importlib.metadata as md
+
+    import faiss
+    import torch
+
+    try:
+        package = md.version("cxr-retrieval")
+    except md.PackageNotFoundError:
+        package = "unknown"
+    return {
+        "faiss": faiss.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "cxr-retrieval": package,
+    }
+
+
+def now_iso() -> str:
+    """Current UTC time, ISO 8601, seconds precision."""
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
+
+
+def quick_hash(path: Path, size: int | None = None) -> str:
+    """sha256 of the size, the first and the last QUICK_BYTES of a file: catches truncation, swapped files and
+    header damage at a constant cost."""
+    size = path.stat().st_size if size is None else size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(QUICK_BYTES))
+        if size > QUICK_BYTES:
+            f.seek(max(QUICK_BYTES, size - QUICK_BYTES))
+            h.update(f.read(QUICK_BYTES))
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    """{size, sha256, quick} of one file."""
+    size = path.stat().st_size
+    return {"size": size, "sha256": sha256_file(path), "quick": quick_hash(path, size)}
+
+
+def check_files(gen_dir: Path, info: dict, full: bool, skip_full: tuple[str, ...] = ()) -> None:
+    """Refuse a generation whose files are missing, extra, resized or (by hash) changed; names the file."""
+    files = info.get("files")
+    if files is None:  # a folder written before generations: no checksums to check
+        return
+    unknown = sorted(set(files) - {IMAGES_FILE, REPORTS_FILE, META_FILE, BAD_FILE})
+    if unknown:  # never follow a name the info file makes up (e.g. '../../etc/passwd')
+        raise IndexError_(f"{gen_dir / INFO_FILE}: corrupt, lists unknown file {unknown[0][:60]!r}")
+    for name, rec in files.items():
+        p = gen_dir / name
+        if not p.is_file():
+            raise IndexError_(f"{p}: missing (index_info.json lists it)")
+        size = p.stat().st_size
+        if size != rec["size"]:
+            raise IndexError_(f"{p}: damaged, {size} bytes where index_info.json records {rec['size']}")
+        if quick_hash(p, size) != rec["quick"]:
+            raise IndexError_(f"{p}: damaged, checksum mismatch (header or tail); run `cxr index verify`")
+        if full and name not in skip_full and sha256_file(p) != rec["sha256"]:
+            raise IndexError_(f"{p}: damaged, sha256 mismatch with index_info.json")
+    for name in (IMAGES_FILE, REPORTS_FILE, META_FILE):
+        if name not in files:
+            raise IndexError_(f"{gen_dir / INFO_FILE}: corrupt, no checksum recorded for {name}")
+
+
+def gen_number(name: str) -> int | None:
+    m = GEN_RE.match(name)
+    return int(m.group(1)) if m else None
