@@ -25,13 +25,14 @@ import numpy as np
 
 from benchmarks.common import markdown_table, write_results
 
-ARMS: dict[str, tuple[tuple[float, float, float], str]] = {
-    "clip": ((1.0, 0.0, 0.0), "overlap"),
-    "clip+supcon": ((1.0, 1.0, 0.0), "overlap"),
-    "clip+bce": ((1.0, 0.0, 1.0), "overlap"),
-    "clip+supcon+bce": ((1.0, 1.0, 1.0), "overlap"),
-    "clip+supcon+bce [same-set]": ((1.0, 1.0, 1.0), "same-set"),
-    "clip+supcon+bce [binary]": ((1.0, 1.0, 1.0), "binary"),
+ALL = {"clip": 1.0, "supcon": 1.0, "bce": 1.0}
+ARMS: dict[str, tuple[dict[str, float], str]] = {
+    "clip": ({"clip": 1.0}, "overlap"),
+    "clip+supcon": ({"clip": 1.0, "supcon": 1.0}, "overlap"),
+    "clip+bce": ({"clip": 1.0, "bce": 1.0}, "overlap"),
+    "clip+supcon+bce": (ALL, "overlap"),
+    "clip+supcon+bce [same-set]": (ALL, "same-set"),
+    "clip+supcon+bce [binary]": (ALL, "binary"),
 }
 # (direction, metric) pairs reported in the markdown table
 REPORTED = [
@@ -91,7 +92,7 @@ def held_out_frame(manifest: Path, splits: tuple[str, ...]) -> Any:
 def run_dataset(name: str, df: Any, work: Path, args: argparse.Namespace, protocol: dict) -> dict[str, Any]:
     """Every arm x seed on one dataset; returns per-run metrics and baselines."""
     from retrieval.evaluate import evaluate_embeddings, random_embeddings
-    from retrieval.train import TrainConfig, Trainer
+    from retrieval.training import TrainConfig, Trainer
 
     cache = work / f"cache-{name}"
     runs: list[dict[str, Any]] = []
@@ -162,7 +163,7 @@ def run_dataset(name: str, df: Any, work: Path, args: argparse.Namespace, protoc
 
 def cache_speedup(manifest: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Epoch time of projector training with the frozen-feature cache vs re-running the towers each epoch."""
-    from retrieval.train import TrainConfig, Trainer
+    from retrieval.training import TrainConfig, Trainer
 
     out: dict[str, Any] = {"train_studies": args.speed_studies}
     for label, use_cache in (("cached", True), ("uncached", False)):
@@ -186,9 +187,7 @@ def cache_speedup(manifest: Path, work: Path, args: argparse.Namespace) -> dict[
             "prepare_s": trainer.timings.get("prepare_train_s"),
             "total_s": round(time.perf_counter() - t0, 2),
         }
-    out["speedup_per_epoch"] = round(
-        float(np.mean(out["uncached"]["epoch_s"]) / np.mean(out["cached"]["epoch_s"])), 1
-    )
+    out["speedup_per_epoch"] = round(float(np.mean(out["uncached"]["epoch_s"]) / np.mean(out["cached"]["epoch_s"])), 1)
     return out
 
 
@@ -230,17 +229,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--speed-studies", type=int, default=192)
     parser.add_argument("--demo-manifest")
     parser.add_argument("--covid-manifest")
-    parser.add_argument(
-        "--work", default="/tmp/cxr-retrieval-ablation", help="models and caches (not the repo)"
-    )
+    parser.add_argument("--work", default="/tmp/cxr-retrieval-ablation", help="models and caches (not the repo)")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    result: dict[str, Any] = {
-        "arms": {k: {"loss_weights": w, "positive_rule": r} for k, (w, r) in ARMS.items()}
-    }
+    result: dict[str, Any] = {"arms": {k: {"loss_weights": w, "positive_rule": r} for k, (w, r) in ARMS.items()}}
     result["settings"] = vars(args)
     demo = demo_manifest(work, args.demo_manifest)
     result["feature_cache"] = cache_speedup(demo, work, args)
@@ -297,9 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Total benchmark time {result['total_s']:.0f}s.",
     ]
-    command = "python -m benchmarks.retrieval_ablation " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    command = "python -m benchmarks.retrieval_ablation " + " ".join(argv if argv is not None else sys.argv[1:])
     paths = write_results("retrieval_ablation", result, "\n".join(md) + "\n", command.strip())
     print("\n".join(md))
     print(f"wrote {paths[0]} and {paths[1]}")

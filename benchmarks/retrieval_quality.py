@@ -169,7 +169,7 @@ def run_demo(seeds: list[int], epochs: int, tiny_epochs: int, tiny_seeds: list[i
     from retrieval.demo_pipeline import DEFAULT_WORKDIR, DEMO_SIZE
     from retrieval.evaluate import evaluate_retrieval, random_embeddings
     from retrieval.models import load_model
-    from retrieval.train import train
+    from retrieval.training import train
 
     manifest = build_demo_corpus(DEFAULT_WORKDIR / "corpus", size=DEMO_SIZE, seed=0, show_progress=False)
     manifest.attrs.setdefault("root", str(DEFAULT_WORKDIR / "corpus"))
@@ -204,14 +204,16 @@ def run_demo(seeds: list[int], epochs: int, tiny_epochs: int, tiny_seeds: list[i
         t0 = time.perf_counter()
         tiny = train(
             manifest, "cxr-tiny", out, epochs=tiny_epochs, seed=seed, show_progress=False, cache_dir=str(cache)
-        )
+        ).model
         timings[f"train cxr-tiny s{seed}"] = round(time.perf_counter() - t0, 1)
         measure(f"cxr-tiny trained (seed {seed})", tiny, out, WORK / f"idx-tiny-s{seed}")
 
     for seed in seeds:
         out = WORK / f"demo-small-s{seed}"
         t0 = time.perf_counter()
-        model = train(manifest, "cxr-small", out, epochs=epochs, seed=seed, show_progress=False, cache_dir=str(cache))
+        model = train(
+            manifest, "cxr-small", out, epochs=epochs, seed=seed, show_progress=False, cache_dir=str(cache)
+        ).model
         timings[f"train cxr-small s{seed}"] = round(time.perf_counter() - t0, 1)
         measure(f"cxr-small trained (seed {seed})", model, out, WORK / f"idx-small-s{seed}", raw_text=seed == seeds[0])
         untrained = load_model("cxr-small", seed=seed)
@@ -360,15 +362,19 @@ def _i2i_precision(model: Any, df: pd.DataFrame, key: str) -> float:
 def run_real(data: Path, epochs: int) -> dict[str, Any]:
     from retrieval.data.importers import import_source
     from retrieval.models import load_model
-    from retrieval.train import train
+    from retrieval.training import train
 
     out: dict[str, Any] = {}
     covid = import_source("covid-cxr", data / "covid-cxr")
     covid["view_key"] = covid["view"].astype(str).str.upper().str.replace(" ", "")
     covid = covid[covid["view_key"].isin(["PA", "AP"])].copy()
     covid.attrs["root"] = str(data / "covid-cxr")
-    small = train(covid, "cxr-small", WORK / "covid-small", epochs=epochs, seed=0, show_progress=False, val_split=None)
-    tiny = train(covid, "cxr-tiny", WORK / "covid-tiny", epochs=epochs, seed=0, show_progress=False, val_split=None)
+    small = train(
+        covid, "cxr-small", WORK / "covid-small", epochs=epochs, seed=0, show_progress=False, val_split=None
+    ).model
+    tiny = train(
+        covid, "cxr-tiny", WORK / "covid-tiny", epochs=epochs, seed=0, show_progress=False, val_split=None
+    ).model
     out["covid-cxr same view P@5"] = {
         "cxr-small trained": _i2i_precision(small, covid, "view_key"),
         "cxr-small untrained projector": _i2i_precision(load_model("cxr-small"), covid, "view_key"),

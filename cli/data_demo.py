@@ -23,7 +23,7 @@ def demo_data_cmd(
 
     Returns at once when OUT already holds a complete corpus for the same size, seed and limit."""
     from retrieval.data.demo import build_demo_corpus
-    from retrieval.data.manifest import summarize_manifest
+    from retrieval.data.manifest_check import summarize_manifest
 
     df = build_demo_corpus(out, size=size, seed=seed, limit=limit, workers=workers, show_progress=not as_json)
     summary = summarize_manifest(df)

@@ -28,7 +28,8 @@ def import_cmd(
 ) -> None:
     """Import a dataset into a study manifest; skipped rows are reported, never fatal."""
     from retrieval.data.importers import NOTES, PROBLEMS, import_source, relativize_paths
-    from retrieval.data.manifest import summarize_manifest, validate_manifest, write_manifest
+    from retrieval.data.manifest import write_manifest
+    from retrieval.data.manifest_check import summarize_manifest, validate_manifest
 
     df = import_source(kind, src, images=images, boxes=boxes, reports=reports, column_map=column_map, seed=seed)
     problems = list(df.attrs.get(PROBLEMS, []))
@@ -97,7 +98,8 @@ def validate_cmd(
 ) -> None:
     """Check a manifest: ids, duplicates, labels, boxes, splits (a patient in one split), files; exit 1 on
     problems."""
-    from retrieval.data.manifest import read_manifest, validate_manifest
+    from retrieval.data.manifest import read_manifest
+    from retrieval.data.manifest_check import validate_manifest
 
     df = read_manifest(manifest)
     problems = validate_manifest(df, check_files=check_files)

@@ -7,20 +7,20 @@ from pathlib import Path
 
 import typer
 
+from cli.options import DEVICE, PRECISION
+
 
 def eval_retrieval_cmd(
     model: str = typer.Option(..., "--model", help="A trained model folder (or a model name)."),
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest (Parquet or CSV)."),
     split: str = typer.Option("test", "--split", help="Split to evaluate (train | val | test | all)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Encoding batch size."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 autocast while encoding."),
+    device: str = DEVICE,
+    precision: str = PRECISION,
     seed: int = typer.Option(0, "--seed", help="Seed of the zero-shot projector and the random baseline."),
     no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the zero-shot and random rows."),
     plot: Path = typer.Option(None, "--plot", help="Write a 2-D map of the image embeddings to this PNG."),
-    as_json: bool = typer.Option(
-        False, "--json", help="Print the full result (all metrics, per label) as JSON."
-    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the full result (all metrics, per label) as JSON."),
 ) -> None:
     """Recall@1/5/10, MRR, exact and label mAP, label precision@K for image->report, report->image and
     image->image (own patient excluded), next to the untrained-projector and random baselines."""

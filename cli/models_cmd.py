@@ -23,7 +23,8 @@ def _emit(obj: object, as_json: bool, text: str) -> None:
 def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Model names, what each is, and whether it is usable offline now."""
     from retrieval.models import list_models
-    from retrieval.models.bundle import METRIC_WEIGHTS, offline_status
+    from retrieval.models.bundle import METRIC_WEIGHTS
+    from retrieval.models.model_status import offline_status
     from retrieval.models.registry import resolve
 
     rows = []
@@ -51,14 +52,14 @@ def info_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Towers, dims, preprocessing, fingerprint, and the files with their sizes."""
-    from retrieval.models.bundle import _size, model_info
+    from retrieval.models.model_status import format_size, model_info
 
     info = model_info(model)
     lines = [f"{k}: {v}" for k, v in info.items() if k not in ("files", "bundle", "description")]
     if info.get("description"):
         lines.insert(1, f"description: {info['description']}")
     for f in info.get("files", []):
-        lines.append(f"  {_size(f['bytes']):>10}  {f['path']}")
+        lines.append(f"  {format_size(f['bytes']):>10}  {f['path']}")
     _emit(info, as_json, "\n".join(lines))
 
 
@@ -69,7 +70,8 @@ def prefetch_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Download (or build) everything MODEL needs into one folder that loads with HF_HUB_OFFLINE=1 and no cache."""
-    from retrieval.models.bundle import CHECKSUMS_FILE, prefetch, read_checksums
+    from retrieval.models.bundle import CHECKSUMS_FILE, read_checksums
+    from retrieval.models.prefetch import prefetch
 
     folder = prefetch(model, to)
     files = read_checksums(folder)
@@ -89,7 +91,8 @@ def verify_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Check sha256 checksums, build the model, encode one image and one sentence; exit 1 naming a bad file."""
-    from retrieval.models.bundle import verify, write_checksums
+    from retrieval.models.bundle import write_checksums
+    from retrieval.models.model_status import verify
 
     if write:
         write_checksums(folder)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from cli.options import DEVICE, PRECISION
+
 
 def train_cmd(
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest (Parquet or CSV) with splits."),
@@ -39,8 +41,8 @@ def train_cmd(
         "i2r_map_label", "--monitor", help="Val metric to early-stop on: i2r_map_label | i2r_map_exact."
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed (the run is deterministic for a seed)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on GPU) | fp32 | bf16 | fp16."),
+    device: str = DEVICE,
+    precision: str = PRECISION,
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-run frozen towers every epoch (slow)."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in --out and start over."),
     allow_outside: bool = typer.Option(False, "--allow-outside", help="Allow image paths outside the manifest folder."),
@@ -50,10 +52,10 @@ def train_cmd(
     """Train on the manifest's train split, validate on val each epoch, save the best model to --out.
 
     Re-running the same command after an interruption resumes from the last checkpoint."""
-    from retrieval.data.manifest import gate_manifest
+    from retrieval.data.manifest_check import gate_manifest
     from retrieval.errors import UsageError
     from retrieval.losses import DEFAULT_POSITIVE_RULE, parse_loss_weights
-    from retrieval.train import TrainConfig, train
+    from retrieval.training import TrainConfig, train
 
     try:
         weights = parse_loss_weights(loss_weights)
@@ -78,8 +80,7 @@ def train_cmd(
         feature_cache=not no_cache,
         show_progress=not as_json,
     )
-    trained = train(gate_manifest(manifest, allow_outside, skip_bad_rows), model, out, config, fresh=fresh)
-    info = trained.train_info
+    info = train(gate_manifest(manifest, allow_outside, skip_bad_rows), model, out, config, fresh=fresh).info
     if as_json:
         print(json.dumps(info, indent=2, default=str))
         return

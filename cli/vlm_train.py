@@ -48,7 +48,7 @@ def vlm_train_cmd(
     import torch
 
     from cli.quiet import quiet_transformers
-    from retrieval.data.manifest import gate_manifest
+    from retrieval.data.manifest_check import gate_manifest
     from retrieval.errors import UsageError
     from retrieval.generation.train import VLMTrainConfig, train_vlm
 

@@ -2,7 +2,7 @@
 
 How a build survives a kill at any moment (SIGKILL included):
 
-* The manifest first goes through the shared validator (`retrieval.data.manifest.check_manifest`): rows with
+* The manifest first goes through the shared validator (`retrieval.data.manifest_check.check_manifest`): rows with
   empty ids, unparseable labels, unknown splits or paths outside the manifest folder (without
   `allow_outside`) fail the command before any work, or are skipped into bad_images.csv (`skip_bad_rows`).
 * The rows are cut into fixed shards of `shard_rows` consecutive rows. Each shard is encoded (images in

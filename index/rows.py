@@ -28,7 +28,8 @@ def prepare(
     after the shared validator; and the refused rows (row, image_id, path, reason), with `skip_bad_rows`.
 
     rows.attrs["positions"] holds each kept row's position in the manifest."""
-    from retrieval.data.manifest import check_manifest, normalize_manifest, read_manifest, resolve_image_path
+    from retrieval.data.manifest import normalize_manifest, read_manifest, resolve_image_path
+    from retrieval.data.manifest_check import check_manifest
 
     if isinstance(manifest, str | Path):
         df = read_manifest(manifest)

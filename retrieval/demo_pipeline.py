@@ -104,7 +104,7 @@ def run_demo(
     from retrieval.data.demo import build_demo_corpus
     from retrieval.data.manifest import resolve_image_path
     from retrieval.models import load_model
-    from retrieval.train import train
+    from retrieval.training import train
 
     work = Path(workdir)
     corpus_dir, model_dir, index_dir, vlm_dir, tokens_dir = (
@@ -130,15 +130,17 @@ def run_demo(
         model = _timed(
             timings,
             "train",
-            lambda: train(
-                manifest,
-                DEMO_MODEL,
-                model_dir,
-                epochs=TRAIN_EPOCHS,
-                seed=seed,
-                show_progress=show_progress,
-                token_cache=str(tokens_dir),  # the frozen tower's one pass also gives the VLM its visual tokens
-                num_workers=1,  # a worker decodes the next batch while the tower runs
+            lambda: (
+                train(
+                    manifest,
+                    DEMO_MODEL,
+                    model_dir,
+                    epochs=TRAIN_EPOCHS,
+                    seed=seed,
+                    show_progress=show_progress,
+                    token_cache=str(tokens_dir),  # the frozen tower's one pass also gives the VLM its visual tokens
+                    num_workers=1,  # a worker decodes the next batch while the tower runs
+                ).model
             ),
         )
     model.eval()

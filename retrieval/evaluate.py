@@ -1,6 +1,7 @@
 """Retrieval quality: image->report, report->image and image->image, with the baselines in the same table.
 
-Definitions (every metric is a plain numpy function below, so a reader can check it):
+Definitions (every metric is a plain numpy function in `retrieval/retrieval_metrics.py`, so a reader can check
+it; the split's images and studies come from `retrieval/data/split_items.py`):
 
 - Gallery and queries. image->report: each image of the split queries the split's reports (one per study).
   report->image: each study's report queries the split's images. image->image: each image queries the other
@@ -22,111 +23,26 @@ Definitions (every metric is a plain numpy function below, so a reader can check
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from retrieval.labels import LABELS, NO_FINDING, abnormal_rows
+from retrieval.data.split_items import SplitItems, split_items
+from retrieval.labels import NO_FINDING, abnormal_rows
+from retrieval.retrieval_metrics import (
+    mean_average_precision,
+    mean_reciprocal_rank,
+    overlap_matrix,
+    precision_at_k,
+    ranked_relevance,
+    recall_at_k,
+    same_set_matrix,
+)
 
 KS: tuple[int, ...] = (1, 5, 10)
 DIRECTIONS: tuple[str, ...] = ("image->report", "report->image", "image->image")
-
-
-# ------------------------------------------------------------------------------------------ metric functions
-
-
-def ranked_relevance(
-    scores: np.ndarray, relevant: np.ndarray, exclude: np.ndarray | None = None
-) -> np.ndarray:
-    """(Q, G) bool: relevance of each query's gallery items in ranked order (best score first).
-
-    Excluded items are ranked last and never relevant, so they drop out of every metric."""
-    scores = np.asarray(scores, dtype=np.float64)
-    relevant = np.asarray(relevant, dtype=bool)
-    if scores.shape != relevant.shape:
-        raise ValueError(f"scores {scores.shape} and relevant {relevant.shape} differ in shape")
-    if exclude is not None:
-        exclude = np.asarray(exclude, dtype=bool)
-        scores = np.where(exclude, -np.inf, scores)
-        relevant = relevant & ~exclude
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return np.take_along_axis(relevant, order, axis=1)
-
-
-def recall_at_k(ranked: np.ndarray, k: int) -> float:
-    """Fraction of queries (with at least one relevant item) that have a relevant item in the top k."""
-    has = ranked.any(axis=1)
-    if not has.any():
-        return float("nan")
-    return float(ranked[has, :k].any(axis=1).mean())
-
-
-def precision_at_k(ranked: np.ndarray, k: int) -> float:
-    """Mean over all queries of (relevant items in the top k) / k."""
-    if ranked.shape[0] == 0:
-        return float("nan")
-    return float(ranked[:, :k].sum(axis=1).mean() / k)
-
-
-def average_precisions(ranked: np.ndarray) -> np.ndarray:
-    """(Q,) average precision per query; NaN for a query without any relevant item."""
-    ranked = ranked.astype(bool)
-    hits = np.cumsum(ranked, axis=1)
-    precision = hits / np.arange(1, ranked.shape[1] + 1)
-    n_rel = ranked.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n_rel > 0, (precision * ranked).sum(axis=1) / n_rel, np.nan)
-
-
-def mean_average_precision(ranked: np.ndarray) -> float:
-    """Mean of `average_precisions` over the queries that have a relevant item."""
-    ap = average_precisions(ranked)
-    ap = ap[~np.isnan(ap)]
-    return float(ap.mean()) if ap.size else float("nan")
-
-
-def mean_reciprocal_rank(ranked: np.ndarray) -> float:
-    """Mean of 1 / rank of the first relevant item, over the queries that have a relevant item."""
-    has = ranked.any(axis=1)
-    if not has.any():
-        return float("nan")
-    first = ranked[has].argmax(axis=1) + 1
-    return float((1.0 / first).mean())
-
-
-def overlap_matrix(query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
-    """(Q, G) bool: the multi-hot label sets share at least one label."""
-    return (query_labels.astype(np.float32) @ gallery_labels.astype(np.float32).T) > 0
-
-
-def same_set_matrix(query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
-    """(Q, G) bool: the multi-hot label sets are identical."""
-    keys = {}
-    q = np.array([keys.setdefault(row.tobytes(), len(keys)) for row in query_labels.astype(bool)])
-    g = np.array([keys.setdefault(row.tobytes(), len(keys)) for row in gallery_labels.astype(bool)])
-    return q[:, None] == g[None, :]
-
-
-# ------------------------------------------------------------------------------------------ one system
-
-
-@dataclass
-class SplitItems:
-    """What a split's retrieval is evaluated on: images (queries/gallery) and studies (one report each)."""
-
-    image_ids: list[str]
-    image_paths: list[str]
-    image_study: np.ndarray  # (I,) index into studies
-    image_patient: np.ndarray  # (I,) patient code
-    image_labels: np.ndarray  # (I, L) bool
-    study_ids: list[str]
-    reports: list[str]
-    study_labels: np.ndarray  # (S, L) bool
-    label_names: list[str] = field(default_factory=lambda: list(LABELS))
-    skipped: list[str] = field(default_factory=list)  # "image_id: reason"
 
 
 def _metrics(ranked_exact: np.ndarray | None, ranked_label: np.ndarray, ranked_set: np.ndarray, ks) -> dict:
@@ -197,93 +113,6 @@ def evaluate_embeddings(
     return {"metrics": metrics, "per_label": per_label}
 
 
-# ------------------------------------------------------------------------------------------ split -> items
-
-
-def _study_text(row: pd.Series) -> str:
-    report = str(row.get("report", "") or "").strip()
-    if report:
-        return report
-    parts = [str(row.get(c, "") or "").strip() for c in ("findings", "impression")]
-    return " ".join(p for p in parts if p)
-
-
-def _labels_of(labels: Sequence[str], text: str) -> list[str]:
-    if len(labels):
-        return list(labels)
-    if text:
-        from retrieval.labels import label_report
-
-        return list(label_report(text))
-    return [NO_FINDING]
-
-
-def split_items(df: pd.DataFrame, split: str | None, check_files: bool = True) -> SplitItems:
-    """The images and studies of `split` (None = all rows). Studies without any report text and images
-    whose file is missing are skipped and listed in `skipped`; empty label lists get the report labeler's."""
-    from retrieval.data.manifest import resolve_image_path
-    from retrieval.errors import ManifestError
-    from retrieval.losses import multi_hot
-
-    rows = df if split is None else df[df["split"] == split]
-    if len(rows) == 0:
-        raise ManifestError(f"no rows in split {split!r} (splits present: {sorted(set(df['split']))})")
-    root = df.attrs.get("root")
-    skipped: list[str] = []
-    study_index: dict[str, int] = {}
-    reports: list[str] = []
-    study_label_sets: list[set[str]] = []
-    image_ids, paths, img_study, img_patient, img_labels = [], [], [], [], []
-    patients: dict[str, int] = {}
-    for _, row in rows.iterrows():
-        study = str(row["study_id"])
-        text = _study_text(row)
-        if not text:
-            skipped.append(f"{row['image_id']}: study {study} has no report text")
-            continue
-        try:
-            path = resolve_image_path(root, row["image_path"])
-        except ManifestError as e:
-            skipped.append(f"{row['image_id']}: {e}")
-            continue
-        if check_files and not path.is_file():
-            skipped.append(f"{row['image_id']}: image file not found: {path}")
-            continue
-        labels = _labels_of(row["labels"], text)
-        if study not in study_index:
-            study_index[study] = len(reports)
-            reports.append(text)
-            study_label_sets.append(set())
-        s = study_index[study]
-        study_label_sets[s].update(labels)
-        image_ids.append(str(row["image_id"]))
-        paths.append(str(path))
-        img_study.append(s)
-        img_patient.append(patients.setdefault(str(row["patient_id"]), len(patients)))
-        img_labels.append(labels)
-    if not image_ids:
-        raise ManifestError(f"split {split!r}: no usable rows ({len(skipped)} skipped, e.g. {skipped[:1]})")
-    all_sets = img_labels + [sorted(s) for s in study_label_sets]
-    m = multi_hot(all_sets).numpy()
-    names = list(LABELS) + [f"extra_{i}" for i in range(m.shape[1] - len(LABELS))]
-    seen_extra = [lab for labs in all_sets for lab in labs if lab not in LABELS]
-    for i, name in enumerate(dict.fromkeys(seen_extra)):
-        names[len(LABELS) + i] = name
-    n = len(image_ids)
-    return SplitItems(
-        image_ids=image_ids,
-        image_paths=paths,
-        image_study=np.asarray(img_study),
-        image_patient=np.asarray(img_patient),
-        image_labels=m[:n],
-        study_ids=list(study_index),
-        reports=reports,
-        study_labels=m[n:],
-        label_names=names,
-        skipped=skipped,
-    )
-
-
 # ------------------------------------------------------------------------------------------ models
 
 
@@ -297,11 +126,17 @@ def embed_items(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(image embeddings, report embeddings) of a split with the model's one encode API."""
     img = model.encode_images(
-        items.image_paths, batch_size=batch_size, device=device, precision=precision,
+        items.image_paths,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
         show_progress_bar=show_progress_bar,
     )
     rep = model.encode_texts(
-        items.reports, batch_size=batch_size, device=device, precision=precision,
+        items.reports,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
         show_progress_bar=show_progress_bar,
     )
     return img, rep
@@ -318,28 +153,14 @@ def random_embeddings(n_images: int, n_reports: int, dim: int, seed: int) -> tup
 
 
 def zero_shot_model(model: Any, seed: int = 0, device: str | None = None) -> Any:
-    """The same base model with a freshly initialised (untrained) projector, seeded."""
+    """The same base model (`model.name`: what a saved folder was built from, e.g. `cxr-small`) with a freshly
+    initialised (untrained) projector, seeded."""
     import torch
 
     from retrieval.models import load_model
 
-    base = base_model_name(model)
     torch.manual_seed(seed)
-    return load_model(base, device=device)
-
-
-def base_model_name(model: Any) -> str:
-    """The name the model was built from (`cxr-tiny`, `biomedclip`, `local-dir:...`), from its saved info."""
-    for attr in ("base_name", "base_model"):
-        value = getattr(model, attr, None)
-        if value:
-            return str(value)
-    info = getattr(model, "info", None)
-    if isinstance(info, dict):
-        for key in ("base_model", "base_name"):
-            if info.get(key):
-                return str(info[key])
-    return str(model.name)
+    return load_model(str(model.name), device=device)
 
 
 def evaluate_retrieval(
@@ -429,7 +250,5 @@ def format_per_label(result: dict[str, Any], system: str = "model", direction: s
     k_key = next(k for k in next(iter(table.values())) if k.startswith("P@"))
     lines = [f"{'label':<28} {'queries':>8} {'gallery':>8} {k_key:>7} {'AP':>7}"]
     for name, row in sorted(table.items(), key=lambda kv: -kv[1]["queries"]):
-        lines.append(
-            f"{name:<28} {row['queries']:>8} {row['gallery']:>8} {row[k_key]:>7.3f} {row['AP']:>7.3f}"
-        )
+        lines.append(f"{name:<28} {row['queries']:>8} {row['gallery']:>8} {row[k_key]:>7.3f} {row['AP']:>7.3f}")
     return "\n".join(lines)

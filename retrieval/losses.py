@@ -1,9 +1,11 @@
-"""The composite training loss of seed 002: CLIP (InfoNCE) + supervised contrastive + BCE (abnormality head).
+"""The loss terms of retrieval training: CLIP (InfoNCE) + supervised contrastive + BCE (abnormality head).
 
-Each term comes from a well-kept library and is weighted; a weight of 0 switches the term off (for ablations):
+Each term is a small module named in `LOSS_TERMS`; `WeightedLoss(weights)` sums them with a weights dict
+(`{"clip": 1, "supcon": 1, "bce": 1}`), and a weight of 0 switches a term off (for ablations):
 
-- CLIP: open_clip's `ClipLoss`, symmetric InfoNCE over the batch's image/report pairs, with a learnable
-  temperature held here as `logit_scale` (log of the inverse temperature, CLIP's init 1/0.07, capped at 100).
+- CLIP: open_clip's `ClipLoss`, symmetric InfoNCE over the batch's image/report pairs, at a learnable
+  temperature given as `logit_scale` (log of the inverse temperature, CLIP's init 1/0.07, capped at 100); the
+  training task (`retrieval.training.task`) owns that parameter.
 - SupCon: pytorch-metric-learning's `SupConLoss` on the concatenation [image embeddings; report embeddings],
   so positives cross modalities. Which studies count as positives is the *positive rule* (on the label sets):
     * `same-set`: identical label sets (e.g. {Edema, Cardiomegaly} only matches {Cardiomegaly, Edema});
@@ -19,7 +21,8 @@ Each term comes from a well-kept library and is weighted; a weight of 0 switches
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,7 @@ POSITIVE_RULES = ("same-set", "binary", "overlap")
 # and covid-cxr (3 seeds), though within about one standard deviation of `overlap`; `same-set` was worst on demo.
 DEFAULT_POSITIVE_RULE = "binary"
 MAX_LOGIT_SCALE = 100.0
+CLIP_INIT_TEMPERATURE = 0.07
 
 
 def multi_hot(label_lists: Sequence[Sequence[str]], vocabulary: Sequence[str] = LABELS) -> torch.Tensor:
@@ -85,105 +89,135 @@ def class_ids(label_matrix: torch.Tensor, rule: str) -> torch.Tensor:
     raise ValueError(f"rule {rule!r} has no integer class ids; only 'same-set' and 'binary' do")
 
 
-class CompositeLoss(nn.Module):
-    """Weighted CLIP + SupCon + BCE. Holds the learnable CLIP temperature (`logit_scale`): train it with
-    the model and call `clamp_logit_scale_()` after each optimiser step (as open_clip's trainer does)."""
+def initial_logit_scale(temperature: float = CLIP_INIT_TEMPERATURE) -> float:
+    """CLIP's learnable temperature is held as the log of the inverse temperature."""
+    return math.log(1.0 / temperature)
 
-    def __init__(
-        self,
-        clip_weight: float = 1.0,
-        supcon_weight: float = 1.0,
-        bce_weight: float = 1.0,
-        positive_rule: str = DEFAULT_POSITIVE_RULE,
-        supcon_temperature: float = 0.1,
-        init_temperature: float = 0.07,
-        learn_temperature: bool = True,
-    ):
+
+def clamp_logit_scale_(logit_scale: torch.Tensor) -> None:
+    """Keep the inverse temperature in [1, 100] (open_clip's clamp, after each optimiser step)."""
+    with torch.no_grad():
+        logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
+
+
+@dataclass
+class LossInputs:
+    """One batch as the loss terms see it; row i of each tensor is study i."""
+
+    image_emb: torch.Tensor  # (B, D), L2-normalised
+    text_emb: torch.Tensor  # (B, D), L2-normalised
+    label_matrix: torch.Tensor  # (B, L), `multi_hot`
+    logit_scale: torch.Tensor | None = None  # log inverse temperature (the CLIP term)
+    abnormal_logits: torch.Tensor | None = None  # (k*B,) the abnormality head's logits (the BCE term)
+
+
+class ClipTerm(nn.Module):
+    """Symmetric InfoNCE (open_clip's `ClipLoss`) at the batch's temperature `exp(logit_scale)`."""
+
+    needs_abnormal_logits = False
+
+    def __init__(self, **_options: object):
+        super().__init__()
+        self.clip_loss = ClipLoss()
+
+    def forward(self, x: LossInputs) -> torch.Tensor:
+        if x.logit_scale is None:
+            raise ValueError("the CLIP term needs logit_scale")
+        return self.clip_loss(x.image_emb, x.text_emb, x.logit_scale.exp())
+
+
+class SupConTerm(nn.Module):
+    """pml's `SupConLoss` over [images; reports] with positives from the label sets under `positive_rule`."""
+
+    needs_abnormal_logits = False
+
+    def __init__(self, positive_rule: str = DEFAULT_POSITIVE_RULE, supcon_temperature: float = 0.1, **_options: object):
         super().__init__()
         if positive_rule not in POSITIVE_RULES:
             raise ValueError(f"positive rule must be one of {POSITIVE_RULES}, got {positive_rule!r}")
-        if min(clip_weight, supcon_weight, bce_weight) < 0:
-            raise ValueError("loss weights must be >= 0")
-        if clip_weight == supcon_weight == bce_weight == 0:
-            raise ValueError("at least one loss weight must be > 0")
-        self.clip_weight = float(clip_weight)
-        self.supcon_weight = float(supcon_weight)
-        self.bce_weight = float(bce_weight)
         self.positive_rule = positive_rule
-        self.logit_scale = nn.Parameter(
-            torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learn_temperature
-        )
-        self.clip_loss = ClipLoss()
         self.supcon_loss = SupConLoss(temperature=supcon_temperature)
 
-    def clamp_logit_scale_(self) -> None:
-        """Keep the inverse temperature in [1, 100] (open_clip's clamp)."""
-        with torch.no_grad():
-            self.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
-
-    def clip_term(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE; row i of each is the same study."""
-        return self.clip_loss(image_emb, text_emb, self.logit_scale.exp())
-
-    def supcon_term(
-        self, image_emb: torch.Tensor, text_emb: torch.Tensor, label_matrix: torch.Tensor
-    ) -> torch.Tensor:
-        """SupCon over [images; reports] with positives from the label sets under `positive_rule`."""
-        emb = torch.cat([image_emb, text_emb], dim=0)
+    def forward(self, x: LossInputs) -> torch.Tensor:
+        emb = torch.cat([x.image_emb, x.text_emb], dim=0)
         if self.positive_rule in ("same-set", "binary"):
-            ids = class_ids(label_matrix, self.positive_rule).to(emb.device)
+            ids = class_ids(x.label_matrix, self.positive_rule).to(emb.device)
             return self.supcon_loss(emb, torch.cat([ids, ids]))
-        pos = positive_mask(label_matrix, self.positive_rule).to(emb.device).repeat(2, 2)
+        pos = positive_mask(x.label_matrix, self.positive_rule).to(emb.device).repeat(2, 2)
         eye = torch.eye(pos.shape[0], dtype=torch.bool, device=emb.device)
         a1, p = torch.where(pos & ~eye)
         a2, n = torch.where(~pos)
         return self.supcon_loss(emb, indices_tuple=(a1, p, a2, n))
 
-    def bce_term(self, abnormal_logits: torch.Tensor, label_matrix: torch.Tensor) -> torch.Tensor:
-        """BCE of the abnormality logits; (k*B,) logits (e.g. images then reports) get the targets tiled."""
-        targets = abnormal_targets(label_matrix).to(abnormal_logits.device)
-        reps = abnormal_logits.shape[0] // targets.shape[0]
-        if reps * targets.shape[0] != abnormal_logits.shape[0]:
+
+class BCETerm(nn.Module):
+    """BCE of the abnormality logits; (k*B,) logits (e.g. images then reports) get the targets tiled."""
+
+    needs_abnormal_logits = True
+
+    def __init__(self, **_options: object):
+        super().__init__()
+
+    def forward(self, x: LossInputs) -> torch.Tensor:
+        if x.abnormal_logits is None:
+            raise ValueError("the BCE term needs abnormal_logits (or give it weight 0)")
+        targets = abnormal_targets(x.label_matrix).to(x.abnormal_logits.device)
+        reps = x.abnormal_logits.shape[0] // targets.shape[0]
+        if reps * targets.shape[0] != x.abnormal_logits.shape[0]:
             raise ValueError("abnormal_logits length must be a multiple of the batch size")
-        return F.binary_cross_entropy_with_logits(abnormal_logits.float(), targets.repeat(reps))
+        return F.binary_cross_entropy_with_logits(x.abnormal_logits.float(), targets.repeat(reps))
 
-    def forward(
-        self,
-        image_emb: torch.Tensor,
-        text_emb: torch.Tensor,
-        label_matrix: torch.Tensor,
-        abnormal_logits: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Returns {"loss": weighted sum, "clip"/"supcon"/"bce": each enabled term, unweighted}.
 
-        `image_emb`, `text_emb`: (B, D) L2-normalised, row i = study i; `label_matrix`: (B, L), `multi_hot`.
-        """
-        image_emb, text_emb = image_emb.float(), text_emb.float()
-        terms: dict[str, torch.Tensor] = {}
-        total = image_emb.new_zeros(())
-        if self.clip_weight > 0:
-            terms["clip"] = self.clip_term(image_emb, text_emb)
-            total = total + self.clip_weight * terms["clip"]
-        if self.supcon_weight > 0:
-            terms["supcon"] = self.supcon_term(image_emb, text_emb, label_matrix)
-            total = total + self.supcon_weight * terms["supcon"]
-        if self.bce_weight > 0:
-            if abnormal_logits is None:
-                raise ValueError("the BCE term needs abnormal_logits (or set bce_weight=0)")
-            terms["bce"] = self.bce_term(abnormal_logits, label_matrix)
-            total = total + self.bce_weight * terms["bce"]
+# Every loss term by name, in the order they are summed and reported. A new term is a class above and a line here.
+LOSS_TERMS: dict[str, type[nn.Module]] = {"clip": ClipTerm, "supcon": SupConTerm, "bce": BCETerm}
+DEFAULT_LOSS_WEIGHTS: dict[str, float] = {"clip": 1.0, "supcon": 1.0, "bce": 1.0}
+
+
+def check_loss_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """{term: weight} over LOSS_TERMS (a missing term weighs 0); raises ValueError for unknown names, a weight
+    below 0 or all weights 0."""
+    unknown = sorted(set(weights) - set(LOSS_TERMS))
+    if unknown:
+        raise ValueError(f"unknown loss terms {unknown}; the terms are {', '.join(LOSS_TERMS)}")
+    out = {name: float(weights.get(name, 0.0)) for name in LOSS_TERMS}
+    if min(out.values()) < 0 or max(out.values()) == 0:
+        raise ValueError(f"loss weights must be >= 0 with at least one > 0, got {dict(weights)}")
+    return out
+
+
+class WeightedLoss(nn.Module):
+    """The weighted sum of the terms whose weight is > 0 (as pml's `MultipleLosses(losses, weights)`).
+
+    `options` go to every term (`positive_rule`, `supcon_temperature`); each takes the ones it uses."""
+
+    def __init__(self, weights: Mapping[str, float] = DEFAULT_LOSS_WEIGHTS, **options: object):
+        super().__init__()
+        self.weights = {k: w for k, w in check_loss_weights(weights).items() if w > 0}
+        self.terms = nn.ModuleDict({k: LOSS_TERMS[k](**options) for k in self.weights})
+
+    @property
+    def needs_abnormal_logits(self) -> bool:
+        return any(term.needs_abnormal_logits for term in self.terms.values())
+
+    def forward(self, x: LossInputs) -> dict[str, torch.Tensor]:
+        """Returns {"loss": the weighted sum, and each enabled term by name, unweighted}."""
+        x = replace(x, image_emb=x.image_emb.float(), text_emb=x.text_emb.float())
+        terms = {name: term(x) for name, term in self.terms.items()}
+        total = x.image_emb.new_zeros(())
+        for name, value in terms.items():
+            total = total + self.weights[name] * value
         return {"loss": total, **terms}
 
 
-def parse_loss_weights(text: str) -> tuple[float, float, float]:
-    """'1,0.5,0' -> (clip, supcon, bce) weights; raises ValueError on anything else."""
+def parse_loss_weights(text: str) -> dict[str, float]:
+    """'1,0.5,0' -> {"clip": 1, "supcon": 0.5, "bce": 0}, one number per term of LOSS_TERMS in order; raises
+    ValueError on anything else."""
+    names = ",".join(LOSS_TERMS)
     parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 3:
-        raise ValueError(f"loss weights must be three numbers 'clip,supcon,bce', got {text!r}")
+    if len(parts) != len(LOSS_TERMS):
+        raise ValueError(f"loss weights must be {len(LOSS_TERMS)} numbers '{names}', got {text!r}")
     try:
-        weights = tuple(float(p) for p in parts)
+        values = [float(p) for p in parts]
     except ValueError:
-        raise ValueError(f"loss weights must be numbers 'clip,supcon,bce', got {text!r}") from None
-    if min(weights) < 0 or max(weights) == 0:
-        raise ValueError(f"loss weights must be >= 0 with at least one > 0, got {text!r}")
-    return weights  # type: ignore[return-value]
+        raise ValueError(f"loss weights must be numbers '{names}', got {text!r}") from None
+    return check_loss_weights(dict(zip(LOSS_TERMS, values, strict=True)))

@@ -25,3 +25,28 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "covid-cxr").is_dir() or not (SHARED_DATA / "tbx11k-tb").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (it lives beside the project as ../shared/data)")
     return SHARED_DATA
+
+
+def _test_devices() -> list[str]:
+    """TEST_DEVICE (as pytorch-metric-learning's tests read it): the devices of the device-parametrised tests,
+    comma separated. Default: the CPU, and CUDA too when torch sees a GPU."""
+    if os.environ.get("TEST_DEVICE"):
+        return [d.strip() for d in os.environ["TEST_DEVICE"].split(",") if d.strip()]
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+# A CUDA parameter carries the `gpu` marker, so `-m "not gpu"` deselects it.
+TEST_DEVICES = [pytest.param(d, id=d, marks=pytest.mark.gpu if d.startswith("cuda") else ()) for d in _test_devices()]
+
+
+@pytest.fixture(params=TEST_DEVICES)
+def test_device(request) -> str:
+    """Each device of TEST_DEVICE in turn; asking for CUDA where torch sees none fails (never a silent skip)."""
+    if request.param.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.fail(f"TEST_DEVICE asks for {request.param}, which torch does not see")
+    return request.param

@@ -11,7 +11,8 @@ from PIL import Image
 
 from retrieval.data.demo import INFO_NAME, MANIFEST_NAME, build_demo_corpus
 from retrieval.data.importers.iu_xray import read_iu_reports
-from retrieval.data.manifest import read_manifest, validate_manifest
+from retrieval.data.manifest import read_manifest
+from retrieval.data.manifest_check import validate_manifest
 from retrieval.labels import LABELS
 
 
@@ -136,7 +137,5 @@ def test_cli_demo_json_and_contact_sheet(tmp_path, capsys):
     assert summary["images"] == 8 and summary["cached"] is False and summary["problems"] == []
     with Image.open(sheet) as im:
         assert im.size[0] > 400
-    assert (
-        main(["data", "demo", "--out", str(tmp_path / "cli"), "--size", "96", "--limit", "8", "--json"]) == 0
-    )
+    assert main(["data", "demo", "--out", str(tmp_path / "cli"), "--size", "96", "--limit", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["cached"] is True

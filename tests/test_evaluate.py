@@ -7,21 +7,19 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
-from retrieval.evaluate import (
-    SplitItems,
+from retrieval.data.split_items import SplitItems, split_items
+from retrieval.evaluate import evaluate_embeddings, random_embeddings
+from retrieval.losses import multi_hot
+from retrieval.retrieval_metrics import (
     average_precisions,
-    evaluate_embeddings,
     mean_average_precision,
     mean_reciprocal_rank,
     overlap_matrix,
     precision_at_k,
-    random_embeddings,
     ranked_relevance,
     recall_at_k,
     same_set_matrix,
-    split_items,
 )
-from retrieval.losses import multi_hot
 
 
 def naive_rank(scores, exclude=None):

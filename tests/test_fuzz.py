@@ -30,7 +30,8 @@ from reliability_helpers import float_dicom, vector_index
 from index import store, verify
 from index.search import Searcher
 from retrieval.data.image_io import read_image
-from retrieval.data.manifest import check_manifest, read_manifest, validate_manifest
+from retrieval.data.manifest import read_manifest
+from retrieval.data.manifest_check import check_manifest, validate_manifest
 from retrieval.errors import CXRError, ImageReadError, IndexError_, ManifestError
 
 faiss.omp_set_num_threads(1)

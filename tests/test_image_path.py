@@ -141,11 +141,11 @@ def test_frozen_front_then_trained_back_equals_the_tower(small):
 @pytest.mark.slow
 def test_training_writes_an_image_store_that_skips_the_tower_only_where_valid(tmp_path, monkeypatch):
     from retrieval.models import feature_store
-    from retrieval.train import train
+    from retrieval.training import train
 
     manifest = make_manifest(tmp_path / "data", 24, size=48)
     monkeypatch.setattr("retrieval.models.encoder.CXRModel.image_size", property(lambda self: SIZE))
-    model = train(manifest, "cxr-small", tmp_path / "m", epochs=1, batch_size=8, show_progress=False)
+    model = train(manifest, "cxr-small", tmp_path / "m", epochs=1, batch_size=8, show_progress=False).model
     assert (tmp_path / "m" / feature_store.IMAGE_STORE).is_file()
     import pandas as pd
 
@@ -179,14 +179,14 @@ def test_training_writes_an_image_store_that_skips_the_tower_only_where_valid(tm
 
 @pytest.mark.slow
 def test_unfreeze_last_trains_on_cached_boundary_activations(tmp_path, monkeypatch):
-    from retrieval.train import TrainConfig, Trainer
+    from retrieval.training import TrainConfig, Trainer
 
     manifest = make_manifest(tmp_path / "data", 24, size=48)
     monkeypatch.setattr("retrieval.models.encoder.CXRModel.image_size", property(lambda self: SIZE))
     config = TrainConfig(epochs=2, batch_size=8, unfreeze_last=1, show_progress=False, val_split=None)
     trainer = Trainer(manifest, "cxr-small", tmp_path / "m", config)
     before = {k: v.clone() for k, v in load_model("cxr-small").clip.visual.trunk.state_dict().items()}
-    model = trainer.run()
+    model = trainer.run().model
     assert trainer.tower_status["image"] == "last 1 blocks"
     assert list((tmp_path / "m" / "feature_cache").glob("front-train-*.safetensors"))
     after = model.clip.visual.trunk.state_dict()

@@ -16,7 +16,7 @@ from retrieval.data.importers import import_source
 from retrieval.data.importers.common import map_finding, map_label, normalize_view
 from retrieval.data.importers.mimic_cxr import parse_sections
 from retrieval.data.importers.yolo import _parse_simple_yaml, read_yaml
-from retrieval.data.manifest import summarize_manifest, validate_manifest
+from retrieval.data.manifest_check import summarize_manifest, validate_manifest
 from retrieval.errors import ImportError_, UsageError
 from retrieval.labels import label_report
 

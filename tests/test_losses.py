@@ -1,4 +1,4 @@
-"""The composite loss against hand-rolled per-sample loops of the formulas, on tiny tensors."""
+"""The loss terms and their weighted sum against hand-rolled per-sample loops of the formulas, on tiny tensors."""
 
 from __future__ import annotations
 
@@ -10,12 +10,24 @@ import torch.nn.functional as F
 
 from retrieval.labels import LABELS
 from retrieval.losses import (
-    CompositeLoss,
+    LOSS_TERMS,
+    LossInputs,
+    SupConTerm,
+    WeightedLoss,
     abnormal_targets,
+    clamp_logit_scale_,
+    initial_logit_scale,
     multi_hot,
     parse_loss_weights,
     positive_mask,
 )
+
+
+def weighted(weights, img, txt, m, logits=None, temperature=0.07, **options):
+    """The weighted loss of one batch at a fixed CLIP temperature (on the batch's device)."""
+    scale = torch.tensor(initial_logit_scale(temperature), device=img.device)
+    return WeightedLoss(weights, **options)(LossInputs(img, txt, m, scale, logits))
+
 
 LABEL_SETS = [
     ["No Finding"],
@@ -102,10 +114,11 @@ def test_positive_mask_matches_naive_rule(rule):
 
 def test_clip_term_and_temperature_gradient_match_naive():
     img, txt = _emb(5, 8, 0), _emb(5, 8, 1)
-    loss_fn = CompositeLoss(clip_weight=1, supcon_weight=0, bce_weight=0, init_temperature=0.2)
-    out = loss_fn(img, txt, multi_hot(LABEL_SETS[:5]))
+    scale = torch.tensor(initial_logit_scale(0.2), requires_grad=True)
+    out = WeightedLoss({"clip": 1})(LossInputs(img, txt, multi_hot(LABEL_SETS[:5]), scale))
+    assert set(out) == {"loss", "clip"}
     out["loss"].backward()
-    grad = loss_fn.logit_scale.grad.clone()
+    grad = scale.grad.clone()
 
     log_s = torch.tensor(math.log(1 / 0.2), requires_grad=True)
     ref = naive_clip(img, txt, log_s.exp())
@@ -123,34 +136,37 @@ def test_clip_term_and_temperature_gradient_match_naive():
     assert grad.abs() > 1e-4  # the temperature does learn
 
 
-def test_temperature_clamp_and_frozen_temperature():
-    loss_fn = CompositeLoss(init_temperature=0.001)
-    loss_fn.clamp_logit_scale_()
-    assert math.isclose(loss_fn.logit_scale.exp().item(), 100.0, rel_tol=1e-5)
-    assert not CompositeLoss(learn_temperature=False).logit_scale.requires_grad
+def test_temperature_clamp():
+    scale = torch.nn.Parameter(torch.tensor(initial_logit_scale(0.001)))
+    clamp_logit_scale_(scale)
+    assert math.isclose(scale.exp().item(), 100.0, rel_tol=1e-5)
+    scale = torch.nn.Parameter(torch.tensor(initial_logit_scale(3.0)))
+    clamp_logit_scale_(scale)
+    assert scale.item() == 0.0  # inverse temperature at least 1
+    untouched = torch.nn.Parameter(torch.tensor(initial_logit_scale(0.07)))
+    clamp_logit_scale_(untouched)
+    assert math.isclose(untouched.exp().item(), 1 / 0.07, rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("rule", ["same-set", "binary", "overlap"])
-def test_supcon_term_matches_naive(rule):
-    img = _emb(6, 8, 2).requires_grad_()
-    txt = _emb(6, 8, 3).requires_grad_()
-    loss_fn = CompositeLoss(
-        clip_weight=0, supcon_weight=1, bce_weight=0, positive_rule=rule, supcon_temperature=0.3
-    )
-    out = loss_fn(img, txt, multi_hot(LABEL_SETS))
-    ref = naive_supcon(img, txt, LABEL_SETS, rule, 0.3)
-    assert torch.allclose(out["supcon"], ref, atol=1e-5), (out["supcon"], ref)
+def test_supcon_term_matches_naive(rule, test_device):
+    img = _emb(6, 8, 2).to(test_device).requires_grad_()
+    txt = _emb(6, 8, 3).to(test_device).requires_grad_()
+    m = multi_hot(LABEL_SETS).to(test_device)
+    out = weighted({"supcon": 1}, img, txt, m, positive_rule=rule, supcon_temperature=0.3)
+    ref = naive_supcon(img.cpu(), txt.cpu(), LABEL_SETS, rule, 0.3)  # the naive reference, on the CPU
+    assert torch.allclose(out["supcon"].cpu(), ref, atol=1e-5), (out["supcon"], ref)
     g_out = torch.autograd.grad(out["loss"], [img, txt])
     g_ref = torch.autograd.grad(ref, [img, txt])
     for a, b in zip(g_out, g_ref, strict=True):
-        assert torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(a.cpu(), b.cpu(), atol=1e-5)
 
 
 def test_positive_rules_give_different_supcon():
     img, txt = _emb(6, 8, 4), _emb(6, 8, 5)
     m = multi_hot(LABEL_SETS)
     values = {
-        rule: CompositeLoss(clip_weight=0, bce_weight=0, positive_rule=rule)(img, txt, m)["loss"]
+        rule: weighted({"supcon": 1}, img, txt, m, positive_rule=rule)["loss"]
         for rule in ("same-set", "binary", "overlap")
     }
     assert len({round(float(v), 5) for v in values.values()}) == 3
@@ -159,8 +175,11 @@ def test_positive_rules_give_different_supcon():
 def test_bce_term_matches_naive_and_tiles_over_modalities():
     g = torch.Generator().manual_seed(6)
     logits = torch.randn(6, generator=g)
-    loss_fn = CompositeLoss(clip_weight=0, supcon_weight=0, bce_weight=1)
     m = multi_hot(LABEL_SETS)
+
+    def loss_fn(img, txt, m, logits):
+        return weighted({"bce": 1}, img, txt, m, logits)
+
     out = loss_fn(_emb(6, 4, 0), _emb(6, 4, 1), m, logits)
     assert torch.allclose(out["bce"], naive_bce(logits, LABEL_SETS), atol=1e-6)
     both = torch.cat([logits, -logits])
@@ -170,25 +189,29 @@ def test_bce_term_matches_naive_and_tiles_over_modalities():
         loss_fn(_emb(6, 4, 0), _emb(6, 4, 1), m, logits[:4])
 
 
-def test_composite_is_weighted_sum_and_terms_switch_off():
-    img, txt = _emb(6, 8, 7), _emb(6, 8, 8)
-    logits = torch.linspace(-2, 2, 6)
-    m = multi_hot(LABEL_SETS)
-    out = CompositeLoss(clip_weight=0.5, supcon_weight=2.0, bce_weight=3.0)(img, txt, m, logits)
-    assert set(out) == {"loss", "clip", "supcon", "bce"}
+def test_composite_is_weighted_sum_and_terms_switch_off(test_device):
+    img, txt = _emb(6, 8, 7).to(test_device), _emb(6, 8, 8).to(test_device)
+    logits = torch.linspace(-2, 2, 6, device=test_device)
+    m = multi_hot(LABEL_SETS).to(test_device)
+    out = weighted({"clip": 0.5, "supcon": 2.0, "bce": 3.0}, img, txt, m, logits)
+    assert list(out) == ["loss", "clip", "supcon", "bce"]  # the terms in LOSS_TERMS order
     assert torch.allclose(out["loss"], 0.5 * out["clip"] + 2.0 * out["supcon"] + 3.0 * out["bce"])
-    only_clip = CompositeLoss(clip_weight=1, supcon_weight=0, bce_weight=0)(img, txt, m)
+    only_clip = weighted({"clip": 1, "supcon": 0}, img, txt, m)  # a weight of 0 or a missing term: off
     assert set(only_clip) == {"loss", "clip"}
+    assert torch.equal(only_clip["loss"], out["clip"])
+    assert not WeightedLoss({"clip": 1}).needs_abnormal_logits and WeightedLoss({"bce": 1}).needs_abnormal_logits
+    for bad in ({"clip": 0, "supcon": 0, "bce": 0}, {}, {"clip": -1, "bce": 1}, {"clip": 1, "triplet": 1}):
+        with pytest.raises(ValueError):
+            WeightedLoss(bad)
     with pytest.raises(ValueError):
-        CompositeLoss(clip_weight=0, supcon_weight=0, bce_weight=0)
+        SupConTerm(positive_rule="nope")
     with pytest.raises(ValueError):
-        CompositeLoss(positive_rule="nope")
-    with pytest.raises(ValueError):
-        CompositeLoss(bce_weight=1)(img, txt, m)  # BCE without logits
+        weighted({"bce": 1}, img, txt, m)  # BCE without logits
 
 
 def test_parse_loss_weights():
-    assert parse_loss_weights("1, 0.5,0") == (1.0, 0.5, 0.0)
+    assert parse_loss_weights("1, 0.5,0") == {"clip": 1.0, "supcon": 0.5, "bce": 0.0}
+    assert list(parse_loss_weights("1,1,1")) == list(LOSS_TERMS)
     for bad in ("1,1", "a,b,c", "0,0,0", "-1,1,1"):
         with pytest.raises(ValueError):
             parse_loss_weights(bad)

@@ -16,10 +16,9 @@ from retrieval.data.manifest import (
     normalize_manifest,
     read_manifest,
     resolve_image_path,
-    summarize_manifest,
-    validate_manifest,
     write_manifest,
 )
+from retrieval.data.manifest_check import summarize_manifest, validate_manifest
 from retrieval.errors import ManifestError
 from retrieval.labels import LABELS
 

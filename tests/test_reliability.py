@@ -355,7 +355,7 @@ def test_cli_probes_print_one_line_naming_the_file(corpus, tmp_path, fake_models
     def train(*a, **k):
         raise CXRError(f"{evil.parent}: cannot resume from the checkpoint (UnpicklingError: {refused.value})")
 
-    monkeypatch.setattr("retrieval.train.train", train)
+    monkeypatch.setattr("retrieval.training.train", train)
     m = _rows_manifest(tmp_path / "data")
     assert main(["train", "--manifest", str(m), "--out", str(tmp_path / "run")]) == 1
     _one_line_naming(capsys.readouterr().err, str(evil.parent))
@@ -372,7 +372,7 @@ def test_train_resume_with_a_refused_pickle_is_one_line(tmp_path, capsys):
             "--image-tower", "frozen"]  # fmt: skip
     assert main(args) == 0
     state = json.loads((out / "checkpoint" / "state.json").read_text())
-    _evil_pickle(out / "checkpoint" / state["optimizer"])
+    _evil_pickle(out / "checkpoint" / state["files"]["optimizer"])
     (out / "checkpoint" / ".state.json.x1.tmp").write_text("half")  # what a kill mid-write leaves
     (out / "feature_cache" / ".image-train.x2.tmp").write_text("half")
     capsys.readouterr()

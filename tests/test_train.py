@@ -76,7 +76,7 @@ def _label_precision_at_5(trainer, split: str) -> float:
 
 @pytest.mark.slow
 def test_tiny_training_beats_untrained_projector(small_manifest, tmp_path):
-    from retrieval.train import TrainConfig, Trainer
+    from retrieval.training import TrainConfig, Trainer
 
     # frozen (random-init) image tower: the projectors alone must learn; keeps the test fast on 2 cores
     config = TrainConfig(
@@ -87,7 +87,7 @@ def test_tiny_training_beats_untrained_projector(small_manifest, tmp_path):
     before = _label_precision_at_5(untrained, "test")
 
     trainer = Trainer(small_manifest, "cxr-tiny", tmp_path / "run", config)
-    model = trainer.run()
+    model = trainer.run().model
     after = _label_precision_at_5(trainer, "test")
     assert after > before + 0.15, (before, after)
     assert after > 0.6, after  # 4 balanced classes: chance is ~0.25
@@ -117,13 +117,13 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     state = json.loads((out / "checkpoint" / "state.json").read_text())
-    return load_file(str(out / "checkpoint" / state["weights"]))
+    return load_file(str(out / "checkpoint" / state["files"]["weights"]))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("image_tower", ["train", "frozen"])
 def test_resume_reproduces_uninterrupted_run(tmp_path, image_tower):
-    from retrieval.train import train
+    from retrieval.training import train
 
     manifest = make_manifest(tmp_path / "data", 40)
     kw = dict(epochs=2, batch_size=16, patience=5, image_tower=image_tower, show_progress=False)
@@ -149,7 +149,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, image_tower):
 @pytest.mark.slow
 def test_resume_refuses_a_different_run(tmp_path):
     from retrieval.errors import CXRError
-    from retrieval.train import train
+    from retrieval.training import train
 
     manifest = make_manifest(tmp_path / "data", 40)
     kw = dict(epochs=1, batch_size=16, image_tower="frozen", show_progress=False)
@@ -163,7 +163,7 @@ def test_resume_refuses_a_different_run(tmp_path):
 def test_feature_cache_hits_and_matches_recomputed_features(tmp_path):
     from safetensors.torch import load_file
 
-    from retrieval.train import TrainConfig, Trainer
+    from retrieval.training import TrainConfig, Trainer
 
     manifest = make_manifest(tmp_path / "data", 40)
     config = TrainConfig(epochs=1, batch_size=16, image_tower="frozen", val_split=None, show_progress=False)
@@ -211,7 +211,7 @@ def test_cnn_feature_pass_keeps_the_vlm_tokens_and_the_same_pooled_features(tmp_
     from retrieval.generation import features as gen_features
     from retrieval.generation.model import encode_visual
     from retrieval.models import load_model
-    from retrieval.train import TrainConfig, Trainer
+    from retrieval.training import TrainConfig, Trainer
 
     manifest = make_manifest(tmp_path / "data", 30)
     tokens_dir = tmp_path / "tokens"
@@ -241,7 +241,7 @@ def test_cnn_feature_pass_keeps_the_vlm_tokens_and_the_same_pooled_features(tmp_
 def test_saved_text_feature_store_skips_the_tower_and_matches_it(tmp_path, monkeypatch):
     from retrieval.models import load_model
     from retrieval.models.text_features import STORE_FILE
-    from retrieval.train import TrainConfig, Trainer
+    from retrieval.training import TrainConfig, Trainer
 
     manifest = make_manifest(tmp_path / "data", 40)
     config = TrainConfig(epochs=1, batch_size=16, show_progress=False)
@@ -273,7 +273,7 @@ def test_saved_text_feature_store_skips_the_tower_and_matches_it(tmp_path, monke
 
 def test_unfreeze_last_blocks():
     from retrieval.models import load_model
-    from retrieval.train import set_trainable, tower_modules
+    from retrieval.training import set_trainable, tower_modules
 
     model = load_model("cxr-tiny")
     status = set_trainable(model, [], 1)
@@ -316,12 +316,52 @@ def test_train_cli_json_and_errors(tmp_path, capsys):
     )
     assert code == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["config"]["loss_weights"] == [1.0, 1.0, 0.0]
+    assert info["config"]["loss_weights"] == {"clip": 1.0, "supcon": 1.0, "bce": 0.0}
     assert info["config"]["positive_rule"] == "same-set"
     assert "bce" not in info["history"][0] and "supcon" in info["history"][0]
     assert (out / "train_info.json").is_file()
 
     assert main(["train", "--manifest", str(manifest), "--out", str(out), "--loss-weights", "1,1"]) == 2
-    assert "three numbers" in capsys.readouterr().err
+    assert "3 numbers 'clip,supcon,bce'" in capsys.readouterr().err
     assert main(["train", "--manifest", str(tmp_path / "nope.parquet"), "--out", str(out)]) == 1
     assert "manifest not found" in capsys.readouterr().err
+
+
+def test_task_owns_the_temperature_and_round_trips_its_trainable_state(test_device):
+    """RetrievalTask: the loss of a batch, one step that moves the heads and `logit_scale` (clamped), and a
+    trainable state that restores exactly what the step changed (and nothing frozen)."""
+    from retrieval.losses import MAX_LOGIT_SCALE, multi_hot
+    from retrieval.models import load_model
+    from retrieval.training.task import RetrievalTask
+    from retrieval.training.towers import set_trainable
+
+    model = load_model("cxr-tiny", device=test_device)
+    set_trainable(model, [], 0)  # towers frozen: the heads train
+    task = RetrievalTask(model, {"clip": 1.0, "bce": 0.5}, "binary", 0.1)
+    assert task.logit_scale.device.type == torch.device(test_device).type
+    assert task.loss.needs_abnormal_logits  # the BCE term reads the abnormality head
+    before = task.trainable_state()
+    assert "logit_scale" in before and all(k.startswith("model.") for k in before if k != "logit_scale")
+    assert not any("clip.text" in k for k in before)  # a frozen tower is not part of the state
+
+    g = torch.Generator().manual_seed(0)
+    img_f = torch.randn(4, model.projector.cfg.image_dim, generator=g).to(test_device)
+    txt_f = torch.randn(4, model.projector.cfg.text_dim, generator=g).to(test_device)
+    labels = multi_hot([["No Finding"], ["Edema"], ["No Finding"], ["Cardiomegaly"]]).to(test_device)
+    out = task.loss(task.outputs(img_f, txt_f, labels))
+    assert list(out) == ["loss", "clip", "bce"]
+    assert torch.allclose(out["loss"], out["clip"] + 0.5 * out["bce"])
+    optimizer = task.optimizer([], lr=0.5, tower_lr=None, weight_decay=0.0)
+    assert any(p is task.logit_scale for p in optimizer.param_groups[0]["params"])
+    out["loss"].backward()
+    optimizer.step()
+    with torch.no_grad():
+        task.logit_scale.fill_(10.0)  # beyond the cap
+    task.clamp_logit_scale_()
+    assert abs(task.logit_scale.exp().item() - MAX_LOGIT_SCALE) < 1e-3
+
+    after = task.trainable_state()
+    assert not all(torch.equal(before[k], after[k]) for k in before)
+    task.load_trainable_state(before)
+    restored = task.trainable_state()
+    assert all(torch.equal(before[k], restored[k]) for k in before)

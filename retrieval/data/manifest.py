@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ SPLIT_ALIASES: dict[str, str] = {
 }
 BOX_KEYS: tuple[str, ...] = ("x1", "y1", "x2", "y2")
 COMMA_JOINED = "looks like several labels joined by a comma; separate them with '|' or write a JSON list"
-_PARSE_PROBLEMS = "manifest_parse_problems"
+PARSE_PROBLEMS_ATTR = "manifest_parse_problems"
 
 
 @dataclass(frozen=True)
@@ -161,7 +160,7 @@ def _text(value: Any) -> str:
 # ------------------------------------------------------------------------------------------ table level
 
 
-def _text_column(values: pd.Series) -> pd.Series:
+def text_column(values: pd.Series) -> pd.Series:
     """A column as stripped str cells with '' for missing values, object dtype (vectorised `_text`)."""
     if isinstance(values.dtype, pd.StringDtype):  # Arrow-backed text (pandas >= 3): stay vectorised
         return pd.Series(values.fillna("").str.strip().to_numpy(dtype=object), index=values.index, dtype=object)
@@ -170,7 +169,7 @@ def _text_column(values: pd.Series) -> pd.Series:
     return pd.Series(obj.astype(str).str.strip().to_numpy(dtype=object), index=values.index, dtype=object)
 
 
-def _path_column(values: pd.Series) -> pd.Series:
+def path_column(values: pd.Series) -> pd.Series:
     """image_path cells as str, NOT stripped (a space may belong to the file's name); blank cells become ''."""
     obj = values.astype(object)
     obj = obj.where(obj.notna(), "")
@@ -185,13 +184,13 @@ def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
     Required columns that are absent stay absent (`validate_manifest` reports them). Cells that cannot be
     parsed become empty lists and are recorded in ``df.attrs`` so that `validate_manifest` reports them."""
     out = df.reset_index(drop=True)
-    problems: list[Problem] = list(df.attrs.get(_PARSE_PROBLEMS, []))
+    problems: list[Problem] = list(df.attrs.get(PARSE_PROBLEMS_ATTR, []))
     for col in COLUMNS:
         if col not in out.columns and col not in REQUIRED:
             out[col] = [[] for _ in range(len(out))] if col in ("labels", "boxes") else ""
     for col in TEXT_COLUMNS:
         if col in out.columns:
-            out[col] = _path_column(out[col]) if col == "image_path" else _text_column(out[col])
+            out[col] = path_column(out[col]) if col == "image_path" else text_column(out[col])
     ids = out["image_id"].tolist() if "image_id" in out.columns else [""] * len(out)
     if "split" in out.columns:
         out["split"] = pd.Series([SPLIT_ALIASES.get(s.lower(), s.lower()) for s in out["split"]], dtype=object)
@@ -215,7 +214,7 @@ def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
     order = [c for c in COLUMNS if c in out.columns] + [c for c in out.columns if c not in COLUMNS]
     out = out[order]
     out.attrs = dict(df.attrs)
-    out.attrs[_PARSE_PROBLEMS] = problems
+    out.attrs[PARSE_PROBLEMS_ATTR] = problems
     return out
 
 
@@ -299,8 +298,14 @@ def resolve_image_path(root: str | Path | None, image_path: str | Path, allow_ou
         paths.append(Path(os.path.normpath(p)))
     path = next((p for p in paths if p.exists()), paths[-1])
     if not allow_outside and root is not None and not is_inside(root, path):
-        raise ManifestError(f"{_short(text, 80)!r} is outside the manifest folder (pass --allow-outside to read it)")
+        shown = short_text(text, 80)
+        raise ManifestError(f"{shown!r} is outside the manifest folder (pass --allow-outside to read it)")
     return path
+
+
+def short_text(text: str, limit: int = 160) -> str:
+    """`text` cut to `limit` characters (for one-line messages)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def is_inside(root: str | Path, path: str | Path) -> bool:
@@ -308,217 +313,6 @@ def is_inside(root: str | Path, path: str | Path) -> bool:
     r = os.path.normpath(os.path.abspath(root))
     p = os.path.normpath(os.path.abspath(path))
     return os.path.commonpath([r, p]) == r
-
-
-# ------------------------------------------------------------------------------------------ validation
-
-
-def _vocabulary() -> tuple[str, ...]:
-    from retrieval.labels import LABELS  # imported lazily: labels.py is written alongside this module
-
-    return tuple(LABELS)
-
-
-def _box_problem(box: Mapping[str, Any]) -> str | None:
-    if not str(box.get("label", "")).strip():
-        return "box has an empty label"
-    coords = [box[k] for k in BOX_KEYS]
-    if not all(isinstance(c, (int, float)) and math.isfinite(c) for c in coords):
-        return f"box {box['label']!r} has a non-finite coordinate"
-    x1, y1, x2, y2 = coords
-    if any(c < 0.0 or c > 1.0 for c in coords):
-        return f"box {box['label']!r} ({x1:.3g}, {y1:.3g}, {x2:.3g}, {y2:.3g}) is outside [0, 1]"
-    if x2 <= x1 or y2 <= y1:
-        return f"box {box['label']!r} ({x1:.3g}, {y1:.3g}, {x2:.3g}, {y2:.3g}) has x2<=x1 or y2<=y1"
-    return None
-
-
-def validate_manifest(
-    df: pd.DataFrame,
-    root: str | Path | None = None,
-    check_files: bool = False,
-    vocabulary: Iterable[str] | None = None,
-    allow_outside: bool = True,
-) -> list[Problem]:
-    """Every problem in the manifest, one `Problem` per bad cell (empty list when the manifest is good).
-
-    Checks: required columns, empty ids, duplicate image_id, labels outside the vocabulary (default
-    `retrieval.labels.LABELS`), boxes out of [0, 1] or with x2<=x1/y2<=y1, unknown or empty split, a patient
-    in two splits, unparseable cells, labels joined by a comma, (without `allow_outside`) image paths that leave
-    `root` (default ``df.attrs["root"]``), and (with `check_files`) image files that do not exist."""
-    problems: list[Problem] = []
-    missing = [c for c in REQUIRED if c not in df.columns]
-    for col in missing:
-        problems.append(Problem(None, col, "required column is missing"))
-    if missing:
-        return problems
-    if not isinstance(df.attrs.get(_PARSE_PROBLEMS), list) or any(
-        not isinstance(v, list) for v in df.get("labels", pd.Series(dtype=object))
-    ):
-        df = normalize_manifest(df)
-    problems.extend(df.attrs.get(_PARSE_PROBLEMS, []))
-    vocab = set(_vocabulary() if vocabulary is None else vocabulary)
-    root = root if root is not None else df.attrs.get("root")
-
-    ids = _text_column(df["image_id"]).tolist()
-    cols = {c: _text_column(df[c]).tolist() for c in ("study_id", "patient_id", "split")}
-    cols["image_path"] = _path_column(df["image_path"]).tolist()
-    cols["image_id"] = ids
-    seen: dict[str, int] = {}
-    for i, (image_id, labels, boxes) in enumerate(zip(ids, df["labels"], df["boxes"], strict=True)):
-        for col in ("image_id", "study_id", "patient_id"):
-            if not cols[col][i]:
-                problems.append(Problem(i, col, "empty id", image_id))
-        if image_id:
-            if image_id in seen:
-                problems.append(Problem(i, "image_id", f"duplicate of row {seen[image_id]}", image_id))
-            else:
-                seen[image_id] = i
-        for label in labels:
-            if "," in label:
-                problems.append(Problem(i, "labels", f"{label!r} {COMMA_JOINED}", image_id))
-            elif label not in vocab:
-                problems.append(Problem(i, "labels", f"{label!r} is not in the label vocabulary", image_id))
-        for box in boxes:
-            reason = _box_problem(box)
-            if reason:
-                problems.append(Problem(i, "boxes", reason, image_id))
-        split = cols["split"][i]
-        if not split:
-            problems.append(Problem(i, "split", "empty split (assign_splits fills it by patient)", image_id))
-        elif split not in SPLITS:
-            problems.append(Problem(i, "split", f"unknown split {split!r} (expected one of {SPLITS})", image_id))
-        if check_files or (not allow_outside and cols["image_path"][i]):
-            try:
-                path = resolve_image_path(root, cols["image_path"][i], allow_outside=allow_outside)
-            except ManifestError as e:
-                problems.append(Problem(i, "image_path", str(e), image_id))
-            else:
-                if check_files and not path.is_file():
-                    problems.append(Problem(i, "image_path", f"file not found: {path}", image_id))
-
-    patient_splits: dict[str, dict[str, int]] = {}
-    for i, (patient, split) in enumerate(zip(cols["patient_id"], cols["split"], strict=True)):
-        if patient and split in SPLITS:
-            patient_splits.setdefault(patient, {}).setdefault(split, i)
-    for patient, splits in patient_splits.items():
-        if len(splits) > 1:
-            rows = sorted(splits.values())
-            detail = ", ".join(f"{s} (row {r})" for s, r in sorted(splits.items(), key=lambda kv: kv[1]))
-            problems.append(
-                Problem(rows[1], "patient_id", f"patient {patient!r} is in two splits: {detail}", ids[rows[1]])
-            )
-    problems.sort(key=lambda p: -1 if p.row is None else p.row)
-    return problems
-
-
-# ------------------------------------------------------------------------------------------ the shared gate
-
-
-def _short(text: str, limit: int = 160) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def blocks_use(problem: Problem) -> bool:
-    """True for a problem that makes a row unusable for build, add and training: an empty or duplicate id, a
-    cell that cannot be parsed, comma-joined labels, an unknown (e.g. numeric) split, or a path that leaves the
-    manifest folder. Labels outside the vocabulary, empty splits and box ranges are warnings."""
-    if problem.row is None:
-        return True
-    col, msg = problem.column, problem.message
-    if col in ("image_id", "study_id") or (col == "patient_id" and msg == "empty id"):
-        return True
-    if col in ("labels", "boxes") and msg.startswith("cannot parse"):
-        return True
-    if col == "labels" and msg.endswith(COMMA_JOINED):
-        return True
-    if col == "split" and msg.startswith("unknown split"):
-        return True
-    return col == "image_path" and "outside the manifest folder" in msg
-
-
-@dataclass
-class CheckedManifest:
-    """What `check_manifest` lets through: the usable rows (index reset), their positions in the manifest, the
-    refused rows (row, image_id, path, reason) and the warnings."""
-
-    rows: pd.DataFrame
-    positions: np.ndarray
-    refused: pd.DataFrame
-    warnings: list[Problem]
-
-
-def check_manifest(
-    df: pd.DataFrame,
-    root: str | Path | None = None,
-    allow_outside: bool = False,
-    skip_bad_rows: bool = False,
-    what: str = "",
-) -> CheckedManifest:
-    """The validator every entry point runs (build, add, train, VLM training): `validate_manifest`, then rows
-    with a problem that `blocks_use` are refused, failing before any work with one line that lists them, or,
-    with `skip_bad_rows`, dropped and returned in `refused` for the bad-rows report. Never stored."""
-    import logging
-
-    where = what or df.attrs.get("path") or "manifest"
-    if not isinstance(df.attrs.get(_PARSE_PROBLEMS), list):
-        attrs = dict(df.attrs)
-        df = normalize_manifest(df)
-        df.attrs.update({k: v for k, v in attrs.items() if k != _PARSE_PROBLEMS})
-    root = root if root is not None else df.attrs.get("root")
-    problems = validate_manifest(df, root, allow_outside=allow_outside)
-    table = [p for p in problems if p.row is None]
-    if table:
-        raise ManifestError(f"{where}: " + "; ".join(f"{p.column}: {p.message}" for p in table))
-    fatal = [p for p in problems if blocks_use(p)]
-    warnings = [p for p in problems if not blocks_use(p)]
-    if warnings:
-        logging.getLogger(__name__).warning("%s: %d warning(s), e.g. %s", where, len(warnings), warnings[0])
-    bad_rows = sorted({p.row for p in fatal})
-    if fatal and not skip_bad_rows:
-        shown = "; ".join(_short(str(p)) for p in fatal[:2])
-        shown += f"; and {len(fatal) - 2} more" if len(fatal) > 2 else ""
-        outside = any(p.column == "image_path" for p in fatal)
-        raise ManifestError(
-            f"{where}: {len(bad_rows)} row(s) cannot be used ({shown}); fix them"
-            + (", pass --allow-outside for paths outside the manifest's folder" if outside else "")
-            + ", or pass --skip-bad-rows to skip them (they are listed in the bad-rows report)"
-        )
-    reasons: dict[int, list[str]] = {}
-    for p in fatal:
-        reasons.setdefault(p.row, []).append(f"manifest: {p.column}: {p.message}")
-    paths = _path_column(df["image_path"]).tolist()
-    ids = _text_column(df["image_id"]).tolist()
-    refused = pd.DataFrame(
-        {
-            "row": bad_rows,
-            "image_id": [ids[r] for r in bad_rows],
-            "path": [paths[r] for r in bad_rows],
-            "reason": ["; ".join(reasons[r]) for r in bad_rows],
-        },
-        columns=["row", "image_id", "path", "reason"],
-    )
-    keep = np.setdiff1d(np.arange(len(df)), np.asarray(bad_rows, dtype=np.int64))
-    rows = df.iloc[keep].reset_index(drop=True)
-    rows.attrs = dict(df.attrs)
-    rows.attrs[_PARSE_PROBLEMS] = []
-    return CheckedManifest(rows, keep, refused, warnings)
-
-
-def gate_manifest(
-    path: str | Path, allow_outside: bool = False, skip_bad_rows: bool = False
-) -> str | Path | pd.DataFrame:
-    """For the training commands: run `check_manifest` on a manifest file before any work; returns the path
-    itself when every row is usable (so nothing downstream changes), else the usable rows (with `skip_bad_rows`,
-    after logging how many were skipped)."""
-    import logging
-
-    checked = check_manifest(read_manifest(path), allow_outside=allow_outside, skip_bad_rows=skip_bad_rows)
-    if not len(checked.refused):
-        return path
-    logging.getLogger(__name__).warning("%s: skipped %d unusable row(s): %s", path, len(checked.refused),
-                                        "; ".join(checked.refused["reason"].head(3)))  # fmt: skip
-    return checked.rows
 
 
 # ------------------------------------------------------------------------------------------ splits, summary
@@ -539,7 +333,7 @@ def assign_splits(
     if unknown or any(f < 0 for f in fractions.values()) or sum(fractions.values()) <= 0:
         raise ManifestError(f"bad split fractions {fractions} (names {SPLITS}, non-negative, positive sum)")
     out = df.copy()
-    keys = {c: _text_column(out[c]).tolist() if c in out.columns else [""] * len(out) for c in ("patient_id",
+    keys = {c: text_column(out[c]).tolist() if c in out.columns else [""] * len(out) for c in ("patient_id",
             "study_id", "image_id")}  # fmt: skip
     groups = [
         f"patient_id:{p}" if p else f"study_id:{st}" if st else f"image_id:{im}" if im else f"row:{i}"
@@ -558,34 +352,3 @@ def assign_splits(
         start = end
     out["split"] = pd.Series([split_of[g] for g in groups], index=out.index, dtype=object)
     return out
-
-
-def summarize_manifest(df: pd.DataFrame, problems: Sequence[Problem | str] | None = None) -> dict[str, Any]:
-    """Counts a person wants after an import: studies, images, patients, per-label image counts, boxes (total
-    and per label), splits, views, images without a file, and the problems (strings) passed in, or by default
-    those `validate_manifest` finds (files not checked)."""
-
-    def col(name: str) -> list[Any]:
-        if name not in df.columns:
-            return []
-        return list(df[name]) if name in ("labels", "boxes") else _text_column(df[name]).tolist()
-
-    if problems is None:
-        problems = validate_manifest(df)
-    label_counts = Counter(label for labels in col("labels") for label in labels)
-    box_counts = Counter(box.get("label", "") for boxes in col("boxes") for box in boxes)
-    return {
-        "studies": len(set(col("study_id")) - {""}),
-        "images": len(df),
-        "patients": len(set(col("patient_id")) - {""}),
-        "labels": dict(label_counts.most_common()),
-        "images_with_labels": sum(1 for labels in col("labels") if labels),
-        "boxes": sum(box_counts.values()),
-        "boxes_per_label": dict(box_counts.most_common()),
-        "images_with_boxes": sum(1 for boxes in col("boxes") if boxes),
-        "splits": dict(Counter(v or "(none)" for v in col("split")).most_common()),
-        "views": dict(Counter(v or "(none)" for v in col("view")).most_common()),
-        "sources": dict(Counter(v or "(none)" for v in col("source")).most_common()),
-        "images_without_file": sum(1 for v in col("image_path") if not v),
-        "problems": [str(p) for p in problems],
-    }

@@ -12,7 +12,6 @@ from there and draws the same batches an uninterrupted run would.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from retrieval.checkpoint import Checkpoint
 from retrieval.errors import CXRError, UsageError
 from retrieval.fileio import write_json_atomic
 from retrieval.generation.model import VLM, load_encoder
@@ -160,20 +160,14 @@ def encode_batch(
 
 
 def _save_checkpoint(out: Path, vlm: VLM, opt, sched, sampler: TaskSampler, step: int, losses: list) -> None:
-    ck = out / "checkpoint"
-    tmp = out / "checkpoint.tmp"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    vlm.save(tmp / "vlm")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
-    write_json_atomic(tmp / "state.json", {"step": step, "sampler": sampler.state_dict(), "losses": losses})
-    if ck.exists():
-        import shutil
-
-        shutil.rmtree(ck)
-    tmp.rename(ck)
+    """Commit step `step` to `OUT/checkpoint` (`retrieval.checkpoint`: the last committed step stays
+    whole until state.json names the new one)."""
+    optim = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+    write = {
+        "vlm": (f"step{step:07d}-vlm", vlm.save),
+        "optim": (f"step{step:07d}.optim.pt", lambda path: torch.save(optim, path)),
+    }
+    Checkpoint(out / "checkpoint").commit({"step": step, "sampler": sampler.state_dict(), "losses": losses}, write)
 
 
 def train_vlm(
@@ -235,12 +229,12 @@ def train_vlm(
     corpus += list({x.report for exs in exemplars.values() for x in exs})
     visual_dim = next(iter(visual.values())).shape[-1]
 
-    ck = out / "checkpoint"
+    ck = Checkpoint(out / "checkpoint")
     start = 0
     losses: list[float] = []
-    if resume and ck.exists():
-        vlm = VLM.load(ck / "vlm", trainable=True)
-        state = json.loads((ck / "state.json").read_text())
+    state = ck.state() if resume else None
+    if state is not None:
+        vlm = VLM.load(ck.path("vlm", state), trainable=True)
         start, losses = int(state["step"]), list(state["losses"])
     else:
         enc_meta = [
@@ -272,8 +266,8 @@ def train_vlm(
     sampler = TaskSampler(
         examples, seed=config.seed, task_rule=config.task_rule, balance=config.balance, keys=lambda e: keys[e.row]
     )
-    if resume and ck.exists():
-        opt_state = torch.load(ck / "optim.pt", weights_only=True)
+    if state is not None:
+        opt_state = torch.load(ck.path("optim", state), weights_only=True)
         opt.load_state_dict(opt_state["optimizer"])
         sched.load_state_dict(opt_state["scheduler"])
         sampler.load_state_dict(state["sampler"])
@@ -335,8 +329,8 @@ def train_vlm(
         "seconds": round(time.time() - t0, 1),
     }
     write_json_atomic(out / "train_info.json", info)
-    if ck.exists():
+    if ck.folder.exists():
         import shutil
 
-        shutil.rmtree(ck)
+        shutil.rmtree(ck.folder)
     return info
