@@ -26,6 +26,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from benchmarks import search_levers  # noqa: E402
 from benchmarks.common import RESULTS, current_rss_mib, markdown_table, time_calls, write_results  # noqa: E402
 
 K = 10
@@ -181,9 +182,9 @@ def work(index, queries: np.ndarray, ef_params: dict) -> dict:
     return out
 
 
-def add_tuned(add, index, factory, base, queries, truth, budget_s, build_s, mem, target, is_default) -> None:
+def add_tuned(add, index, factory, base, queries, truth, budget_s, build_s, mem, target, is_default, label=""):
     """Tune `index` on a sample of its own vectors as `cxr index build` does, then measure the held-out queries at
-    the tuned parameters: the recall a user gets with no flags."""
+    the tuned parameters: the recall a user gets with no flags. Returns the tuning."""
     from index import tune
     from index.backends import FaissBackend
 
@@ -194,7 +195,9 @@ def add_tuned(add, index, factory, base, queries, truth, budget_s, build_s, mem,
     r.update(work(index, queries, ef_params=t.params))
     r.update({"sample_recall": t.recall, "tune_s": tune_s})
     what = "DEFAULT: rule + tuning" if is_default else "tuned"
+    what += f"; {label}" if label else ""
     add(f"faiss {factory} ({what})", _fmt(t.params) + ("" if t.met else " (target missed)"), build_s, mem, r)
+    return t
 
 
 def run(
@@ -213,6 +216,10 @@ def run(
     data: tuple[np.ndarray, np.ndarray, str] | None = None,
     hnsw: bool = True,
     refines: tuple[str, ...] = ("RFlat", "Refine(SQ8)"),
+    levers: bool = False,
+    torch_exact: bool = True,
+    hnsw_tune: bool = True,
+    on_row=None,
 ) -> list[dict]:
     """Every method at one corpus size."""
     import faiss
@@ -228,8 +235,11 @@ def run(
     def add(method: str, params: str, build_s: float, mem: float, r: dict) -> None:
         row = {"n": n, "data": label, "method": method, "params": params, "build_s": build_s, "mem_mib": mem, **r}
         row["load_1min"] = round(os.getloadavg()[0], 1)
+        row.update(search_levers.bound(row))
         rows.append(row)
         log(rows[-1])
+        if on_row is not None:
+            on_row(rows)
 
     if data is not None:
         base, queries = data[0], data[1]
@@ -244,15 +254,11 @@ def run(
 
     add("numpy brute force (naive)", "", 0.0, base_mib, measure(numpy_searcher(base), queries, truth, budget_s))
 
-    torch_exact = TorchBackend(base, device="cpu")
-    add(
-        "exact torch (TorchBackend, CPU)",
-        "",
-        0.0,
-        base_mib,
-        measure(backend_searcher(torch_exact), queries, truth, budget_s),
-    )
-    del torch_exact
+    if torch_exact:
+        backend = TorchBackend(base, device="cpu")
+        add("exact torch (TorchBackend, CPU)", "", 0.0, base_mib, measure(backend_searcher(backend), queries, truth,
+                                                                          budget_s))  # fmt: skip
+        del backend
 
     default_factory = choose_factory(n, dim)
     flat, bs, _ = build("Flat", base)
@@ -264,20 +270,6 @@ def run(
         measure(backend_searcher(FaissBackend(flat)), queries, truth, budget_s),
     )
     del flat
-
-    if hnsw:
-        index, bs, _ = build("HNSW32,Flat", base, ef_construction=ef_construction)
-        g = faiss.downcast_index(index).hnsw
-        mem = (base.nbytes + g.neighbors.size() * 4 + g.levels.size() * 4 + g.offsets.size() * 8) / 2**20
-        log(f"n={n:,}: HNSW32 built in {bs:.0f} s ({n / bs:.0f} vectors/s)")
-        for ef in ef_search:
-            faiss.ParameterSpace().set_index_parameter(index, "efSearch", ef)
-            r = measure(backend_searcher(FaissBackend(index)), queries, truth, budget_s)
-            r.update(work(index, queries, ef_params={"efSearch": ef}))
-            add("faiss HNSW32,Flat (plain, fixed efSearch)", f"efC={ef_construction} efSearch={ef}", bs, mem, r)
-        add_tuned(add, index, "HNSW32,Flat", base, queries, truth, budget_s, bs, mem, target,
-                  default_factory == "HNSW32,Flat")  # fmt: skip
-        del index
 
     nlist = nlist_for(n)
     for refine in refines:
@@ -293,7 +285,31 @@ def run(
                     r = measure(backend_searcher(FaissBackend(index)), queries, truth, budget_s)
                     r.update(work(index, queries, ef_params=params))
                     add(f"faiss {factory} (fixed)", _fmt(params), bs, mem, r)
-        add_tuned(add, index, factory, base, queries, truth, budget_s, bs, mem, target, default_factory == factory)
+        t = add_tuned(add, index, factory, base, queries, truth, budget_s, bs, mem, target, default_factory == factory)
+        if levers and factory == default_factory:
+            search_levers.lever_rows(
+                add, index, factory, base,
+                lambda ix, f, label, b, m: add_tuned(add, ix, f, base, queries, truth, budget_s, b, m, target, False,
+                                                     label),
+                lambda ix, params: {**measure(backend_searcher(FaissBackend(ix)), queries, truth, budget_s),
+                                    **work(ix, queries, ef_params=params)},
+                t.params, faiss.omp_get_max_threads(),
+            )  # fmt: skip
+        del index
+
+    if hnsw:
+        index, bs, _ = build("HNSW32,Flat", base, ef_construction=ef_construction)
+        g = faiss.downcast_index(index).hnsw
+        mem = (base.nbytes + g.neighbors.size() * 4 + g.levels.size() * 4 + g.offsets.size() * 8) / 2**20
+        log(f"n={n:,}: HNSW32 built in {bs:.0f} s ({n / bs:.0f} vectors/s)")
+        for ef in ef_search:
+            faiss.ParameterSpace().set_index_parameter(index, "efSearch", ef)
+            r = measure(backend_searcher(FaissBackend(index)), queries, truth, budget_s)
+            r.update(work(index, queries, ef_params={"efSearch": ef}))
+            add("faiss HNSW32,Flat (plain, fixed efSearch)", f"efC={ef_construction} efSearch={ef}", bs, mem, r)
+        if hnsw_tune:
+            add_tuned(add, index, "HNSW32,Flat", base, queries, truth, budget_s, bs, mem, target,
+                      default_factory == "HNSW32,Flat")  # fmt: skip
         del index
 
     if ivf:  # the old rule's IVF-PQ without re-ranking (before issue 15), for comparison
@@ -347,8 +363,10 @@ def summary(rows: list[dict]) -> str:
         for r in at:
             if r["method"].endswith(" build"):
                 lines.append(f"- n={n:,}: {r['method']} with {r['params']}: {r['build_s']:.1f} s")
-        naive = next(r for r in at if r["method"].startswith("numpy"))
-        flat = next(r for r in at if r["method"].startswith("faiss Flat"))
+        naive = next((r for r in at if r["method"].startswith("numpy")), None)
+        flat = next((r for r in at if r["method"].startswith("faiss Flat")), None)
+        if naive is None or flat is None:  # a run still in progress
+            continue
         load = sorted(r["load_1min"] for r in at if "load_1min" in r)
         msg = (
             f"- **n={n:,}, {label}** (1-min load {load[0]}-{load[-1]}): faiss Flat "
@@ -396,6 +414,7 @@ COLUMNS = [
     "mem_mib",
     "build_s",
     "tune_s",
+    "ns_per_code_b1",
     "load_1min",
 ]
 
@@ -438,6 +457,9 @@ def main() -> None:
     p.add_argument("--no-hnsw", action="store_true", help="skip plain HNSW (its build at 1M is long on 2 cores)")
     p.add_argument("--no-grid", action="store_true", help="skip the fixed nprobe x k_factor grid of IVF-PQ-RFlat")
     p.add_argument("--refines", nargs="+", default=["RFlat", "Refine(SQ8)"], help="re-ranking steps of IVF-PQ")
+    p.add_argument("--levers", action="store_true", help="also the default IVF's levers (benchmarks/search_levers.py)")
+    p.add_argument("--no-torch", action="store_true", help="skip exact torch on the CPU")
+    p.add_argument("--no-hnsw-tune", action="store_true", help="plain HNSW at fixed efSearch only (no tuned row)")
     p.add_argument("--real-index", metavar="DIR", help="an index folder whose vectors are tiled for the real rows")
     p.add_argument("--real-n", type=int, default=100_000, help="how many tiled real vectors")
     p.add_argument("--threads", type=int, default=None, help="faiss/torch threads (default: all cores)")
@@ -498,6 +520,25 @@ def main() -> None:
     def log(x: object) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f} s] {x}", flush=True)
 
+    def save(done: list[dict], partial: list[dict] | None = None) -> str:
+        every = sorted(done + (partial or []), key=lambda r: (r.get("data", "").startswith("real"), r["n"]))
+        md = summary(every) + "\n" + markdown_table(every, COLUMNS)
+        result = {
+            "dim": a.dim,
+            "k": K,
+            "threads": threads,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "faiss_default_blas_threshold": default_threshold,
+            "blas_threshold": a.blas_threshold,
+            "ef_construction": a.ef_construction,
+            "ef_search": a.ef_search,
+            "spectrum_alpha": a.spectrum_alpha,
+            "target_recall": a.target_recall,
+            "rows": every,
+        }
+        write_results(a.name, result, md, cmd)  # after every row, so a long run keeps what it has
+        return md
+
     for n, kind in runs:
         data = real_vectors(a.real_index, n) if kind == "real" else None
         rows += run(
@@ -516,24 +557,12 @@ def main() -> None:
             data,
             not a.no_hnsw,
             tuple(a.refines),
+            a.levers,
+            not a.no_torch,
+            not a.no_hnsw_tune,
+            lambda partial: save(rows, partial),
         )
-        rows.sort(key=lambda r: (r.get("data", "").startswith("real"), r["n"]))
-        md = summary(rows) + "\n" + markdown_table(rows, COLUMNS)
-        result = {
-            "dim": a.dim,
-            "k": K,
-            "threads": threads,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "faiss_default_blas_threshold": default_threshold,
-            "blas_threshold": a.blas_threshold,
-            "ef_construction": a.ef_construction,
-            "ef_search": a.ef_search,
-            "spectrum_alpha": a.spectrum_alpha,
-            "target_recall": a.target_recall,
-            "rows": rows,
-        }
-        write_results(a.name, result, md, cmd)  # after every size, so a long run keeps what it has
-        print(md, flush=True)
+        print(save(rows), flush=True)
 
 
 if __name__ == "__main__":

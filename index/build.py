@@ -12,7 +12,8 @@ How a build survives a kill at any moment (SIGKILL included):
 * `OUT/.build/plan.json` pins the manifest (a digest of its rows), the model fingerprint and the shard size,
   and carries its own sha256: a rerun with the same inputs encodes only the missing shards; other inputs, or a
   damaged plan, are refused with one line.
-* When every shard is there, the FAISS indexes are trained (on a sample) and filled shard by shard, and the
+* When every shard is there, the FAISS indexes are trained (on a sample) and filled shard by shard (with
+  `--engine ray`: one part per shard filled by a Ray task, the parts merged in shard order; index/merge.py), and the
   result is committed as a new generation (index/store.py: files fsynced and hashed, then CURRENT switched).
   Rows come out in manifest order, so a resumed build equals an uninterrupted one.
 * A rerun after the commit (a kill between the commit and the clean-up, or simply the same command twice)
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from index import generations, layout, store, tune
+from index import generations, layout, merge, store, tune
 from index.factory import add_chunks, choose_factory, make_index, train_index, train_size
 from index.rows import manifest_digest, prepare
 from index.shards import (
@@ -117,10 +118,14 @@ class BuildResult:
         }
 
 
-def _fill(work: Path, key: str, factory: str, dim: int, n: int) -> Any:
+def _fill(work: Path, key: str, factory: str, dim: int, n: int, opts: BuildOptions | None = None) -> Any:
     index = make_index(factory, dim)
     if not index.is_trained:
         train_index(index, sample(work, key, n, train_size(index, n)), factory)
+    if opts is not None and opts.engine == "ray" and merge.mergeable(index):
+        from index.ray_build import fill_shards_ray  # one part per shard on Ray, merged (index/merge.py)
+
+        return fill_shards_ray(index, sorted(work.glob("shard-*.npz")), key, opts.ray_address)
     add_chunks(index, iter_shards(work, key))
     return index
 
@@ -276,8 +281,8 @@ def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildRes
         generations.write_bad(all_bad, out / store.BAD_FILE)
         raise IndexError_(f"{out}: none of the {len(rows)} images could be read; see {out / store.BAD_FILE}")
     factory = opts.factory or choose_factory(len(good), dim, opts.max_memory)
-    images = _fill(work, "images", factory, dim, len(good))
-    reports = _fill(work, "reports", factory, dim, len(good))
+    images = _fill(work, "images", factory, dim, len(good), opts)
+    reports = _fill(work, "reports", factory, dim, len(good), opts)
     search = {
         key: _tune_from_shards(work, key, idx, len(good), opts.target_recall)
         for key, idx in (("images", images), ("reports", reports))

@@ -5,7 +5,10 @@ machine (clip-retrieval / autofaiss style: reader -> mapper -> writer).
       -> map_batches(ShardEncoder): a pool of stateful actors, each loading the model once (CPU here,
          `num_gpus=1` per actor on a GPU cluster), decodes and embeds its shard's images and reports and writes
          OUT/.build/shard-NNNNNN.npz itself (row ids, vectors, bad rows, sha256; temp name renamed into place)
-      -> the driver then trains and fills FAISS from the shards exactly as the single-process build does.
+      -> the driver trains FAISS once on a sample of the shards; then one Ray task per shard adds that shard's
+         vectors to a copy of the trained index and the driver merges the parts in shard order (index/merge.py,
+         the autofaiss way; the result equals the single-process build's). An index faiss cannot merge (HNSW) is
+         filled on the driver, shard after shard.
 
 The shard files are the same as the default engine's, so everything else carries over: the plan that pins the
 inputs, resume at shard level (a rerun encodes only the missing shards, with either engine), the checks of each
@@ -56,6 +59,12 @@ def load_checked(load: Any, name: str, fingerprint: str, device: str) -> Any:
     if str(model.fingerprint) != fingerprint:
         raise IndexError_(f"{name}: a Ray worker loaded fingerprint {model.fingerprint}, the build has {fingerprint}")
     return model
+
+
+def _connect(ray: Any, address: str | None) -> None:
+    """Join the cluster at `address` (or the one this process already runs), else start a local one."""
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False) if address else ray.init(log_to_driver=False)
 
 
 class ShardEncoder:
@@ -114,8 +123,7 @@ def encode_shards_ray(
 
     if not pending:
         return 0
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False) if address else ray.init(log_to_driver=False)
+    _connect(ray, address)
     n = len(rows)
     paths = rows["image_path"].tolist()
     texts = rows["report"].tolist()
@@ -153,3 +161,31 @@ def encode_shards_ray(
                 encoded += size
                 bar.advance(task, size)
     return encoded
+
+
+def _fill_part(trained: np.ndarray, path: str, key: str) -> np.ndarray:
+    """A Ray task: one shard file's `key` vectors added to a copy of the trained index (serialized in and out)."""
+    import faiss
+
+    from index import merge
+
+    faiss.omp_set_num_threads(1)  # one core per task: the tasks are the parallelism
+    with np.load(path, allow_pickle=False) as z:
+        vectors = z[key]
+    return merge.to_bytes(merge.fill_part(merge.from_bytes(trained), vectors))
+
+
+def fill_shards_ray(trained: Any, paths: list[Path], key: str, address: str | None = None) -> Any:
+    """The trained (mergeable) index filled from the shard files: one Ray task per shard, parts merged on the
+    driver in the order of `paths` (their rows' order), one part held at a time."""
+    ray = require_ray()
+    from index import merge
+
+    if not merge.mergeable(trained):
+        raise UsageError(f"{type(trained).__name__} cannot be merged from shards")
+    _connect(ray, address)
+    ref = ray.put(merge.to_bytes(trained))
+    task = ray.remote(num_cpus=1)(_fill_part)
+    refs = [task.remote(ref, str(p), key) for p in paths]
+    log.info("filling %s from %d shard(s) on Ray, then merging", key, len(refs))
+    return merge.merge_parts(merge.from_bytes(ray.get(r)) for r in refs) if refs else trained

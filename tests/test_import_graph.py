@@ -195,6 +195,6 @@ def test_the_index_package_is_layered():
     assert inside["index.layout"] == set()
     assert inside["index.store"] == {"index.layout"}
     assert inside["index.backends"] <= {"index.tune"}
-    for writer in ("index.generations", "index.verify", "index.shards", "index.rows"):
+    for writer in ("index.generations", "index.verify", "index.shards", "index.merge", "index.rows"):
         assert not inside[writer] & {"index.build", "index.search"}, writer
     assert "index.search" not in inside["index.build"]
