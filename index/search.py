@@ -89,6 +89,7 @@ class Searcher:
         self._has_report = meta["has_report"].to_numpy(dtype=bool)
         self._bounded = scores_are_bounded(self.index.info)
         self._row_findings: list | None = None  # per row, its report's findings (for findings-aware text search)
+        self._columns: dict[str, np.ndarray] = {}  # meta columns as numpy arrays, taken on first use (`column`)
 
     def backend(self, target: str) -> Any:
         """The (lazily created) backend searching `target` ('images' or 'reports')."""
@@ -198,19 +199,21 @@ class Searcher:
         scores, ids = self.search_ids(queries, k, target, exclude_patients, exclude_studies, allowed)
         return [self._frame(i[i >= 0], s[i >= 0]) for s, i in zip(scores, ids, strict=True)]
 
+    def column(self, name: str) -> np.ndarray:
+        """Meta column `name` as a numpy array, taken once per Searcher: indexing it per query is what a result
+        needs, where `meta.iloc[rows]` took each Arrow-backed column apart per query (~1-10 ms)."""
+        if name not in self._columns:
+            self._columns[name] = self.index.meta[name].to_numpy()
+        return self._columns[name]
+
     def _frame(self, keep: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
-        # One DataFrame constructor from numpy columns taken once per meta table: `meta.iloc[keep]` took each
-        # Arrow-backed column apart per query (~1-10 ms; inserting the columns one by one cost ~10x more).
-        meta = self.index.meta
-        if getattr(self, "_columns_of", None) is not meta:
-            self._columns = {col: meta[col].to_numpy() for col in RESULT_COLUMNS[3:]}
-            self._columns_of = meta
+        # One DataFrame constructor (inserting the columns one by one cost ~10x more per interactive query).
         cols = {
             "rank": np.arange(1, len(keep) + 1),
             "score": np.asarray(scores, dtype=np.float32),
             "row_id": keep.astype(np.int64),
         }
-        cols.update({col: values[keep] for col, values in self._columns.items()})
+        cols.update({col: self.column(col)[keep] for col in RESULT_COLUMNS[3:]})
         cols["labels"] = [list(x) if x is not None else [] for x in cols["labels"]]
         return pd.DataFrame(cols, columns=RESULT_COLUMNS)
 

@@ -41,16 +41,17 @@ class Exemplar:
         return d
 
 
-def exemplars_from_hits(scores: Sequence[float], ids: Sequence[int], meta: pd.DataFrame) -> list[Exemplar]:
+def exemplars_from_hits(scores: Sequence[float], ids: Sequence[int], searcher: Any) -> list[Exemplar]:
     """The Exemplars of already filtered hits (`Searcher.search_ids` rows; -1 = no hit, skipped); a row without a
     report (`has_report` false) gets empty text."""
+    studies, patients = searcher.column("study_id"), searcher.column("patient_id")
+    reports, has_report = searcher.column("report"), searcher.column("has_report")
     out: list[Exemplar] = []
     for score, rid in zip(scores, ids, strict=True):
         if rid < 0:
             continue
-        r = meta.iloc[int(rid)]
-        text = r["report"] if bool(r["has_report"]) and not pd.isna(r["report"]) else ""
-        out.append(Exemplar(str(r["study_id"]), str(r["patient_id"]), float(score), str(text).strip()))
+        text = reports[rid] if bool(has_report[rid]) and not pd.isna(reports[rid]) else ""
+        out.append(Exemplar(str(studies[rid]), str(patients[rid]), float(score), str(text).strip()))
     return out
 
 
@@ -83,8 +84,7 @@ def retrieve_exemplars(
         require_report=target == "reports",
         per_study=True,
     )
-    meta = searcher.index.meta
-    return [exemplars_from_hits(s, i, meta) for s, i in zip(scores, ids, strict=True)]
+    return [exemplars_from_hits(s, i, searcher) for s, i in zip(scores, ids, strict=True)]
 
 
 def build_prompt_ids(
