@@ -8,8 +8,8 @@ tuned to the same target recall the way `cxr index build` tunes, then measured o
                               (no OpenMP fork/join per query; the other core stays free for another query)
     PQ m = d/4                4-bit PQ with half the sub-quantizers (d/8 bytes per code instead of d/4): half the
                               codes' bytes per probed list, coarser distances, so a deeper re-rank
-    IVF_HNSW coarse quantizer the same centroids in an HNSW32 graph: the nprobe nearest lists found in ~log(nlist)
-                              distance computations instead of nlist (the quantizer's share of a sub-ms query)
+    other coarse quantizer    the default's lists found through the quantizer the build did not pick (an HNSW32
+                              graph over the same centroids, or the exact flat scan; index/coarse.py)
     nlist / 4                 fewer, longer lists (a new k-means): more codes per probe, fewer centroids
 
 `bound` turns a measured row into what caps its speed: the codes scanned per query and the nanoseconds each costs
@@ -71,8 +71,8 @@ def lever_rows(
     measures a variant and adds its row; `measure_fixed(index, params)` measures the index at fixed parameters."""
     import faiss
 
-    from index import tune
-    from index.factory import _fastscan_m, memory_bytes, nlist_for
+    from index import coarse, tune
+    from index.factory import fastscan_m, memory_bytes, nlist_for
 
     n, dim = base.shape
     nlist = nlist_for(n)
@@ -86,15 +86,19 @@ def lever_rows(
     add(f"faiss {default_factory} (lever: omp 1 thread; tuned params)", _params(params), 0.0, mem, r)
 
     centroids = _centroids(default_index)
-    m = _fastscan_m(dim)
-    variants = [
-        (f"IVF{nlist},PQ{m // 2}x4fs,RFlat", "lever: PQ m = d/4, same centroids"),
-        (f"IVF{nlist}_HNSW32,PQ{m}x4fs,RFlat", "lever: HNSW32 coarse quantizer, same centroids"),
-    ]
-    for factory, label in variants:
-        index, build_s = _with_centroids(factory, centroids, base)
-        measure_tuned(index, factory, label, build_s, memory_bytes(factory.replace("_HNSW32", ""), n, dim) / 2**20)
-        del index
+    m = fastscan_m(dim)
+    # the other coarse quantizer over the same lists (the default rule picked one of the two; index/coarse.py)
+    other = coarse.FLAT if coarse.kind(default_index) == coarse.GRAPH else coarse.GRAPH
+    restore = coarse.swap(default_index, other)
+    try:
+        measure_tuned(default_index, default_factory, f"lever: {other} coarse quantizer, same lists", 0.0, mem)
+    finally:
+        restore()
+        tune.apply_params(default_index, params)
+    factory = f"IVF{nlist},PQ{m // 2}x4fs,RFlat"
+    index, build_s = _with_centroids(factory, centroids, base)
+    measure_tuned(index, factory, "lever: PQ m = d/4, same centroids", build_s, memory_bytes(factory, n, dim) / 2**20)
+    del index
     from benchmarks.search_speed import build
 
     factory = f"IVF{max(1, nlist // 4)},PQ{m}x4fs,RFlat"

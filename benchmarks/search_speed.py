@@ -189,14 +189,15 @@ def add_tuned(add, index, factory, base, queries, truth, budget_s, build_s, mem,
     from index.backends import FaissBackend
 
     t0 = time.perf_counter()
-    t = tune.tune_on_vectors(index, base, target)
+    t = tune.tune_on_vectors(index, base, target, pick_coarse=is_default)  # the build's choice of quantizer too
     tune_s = time.perf_counter() - t0
     r = measure(backend_searcher(FaissBackend(index)), queries, truth, budget_s)
     r.update(work(index, queries, ef_params=t.params))
     r.update({"sample_recall": t.recall, "tune_s": tune_s})
     what = "DEFAULT: rule + tuning" if is_default else "tuned"
     what += f"; {label}" if label else ""
-    add(f"faiss {factory} ({what})", _fmt(t.params) + ("" if t.met else " (target missed)"), build_s, mem, r)
+    coarse = f" coarse={t.coarse}" if t.coarse else ""
+    add(f"faiss {factory} ({what})", _fmt(t.params) + coarse + ("" if t.met else " (target missed)"), build_s, mem, r)
     return t
 
 

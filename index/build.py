@@ -130,15 +130,16 @@ def _fill(work: Path, key: str, factory: str, dim: int, n: int, opts: BuildOptio
     return index
 
 
-def _tune_from_shards(work: Path, key: str, index: Any, n: int, target: float) -> dict:
-    """Tune `index` (filled from the shards in `work`) to `target` recall@10; its record for index_info.json."""
+def _tune_from_shards(work: Path, key: str, index: Any, n: int, target: float, pick_coarse: bool) -> dict:
+    """Tune `index` (filled from the shards in `work`) to `target` recall@10; its record for index_info.json. With
+    `pick_coarse` (the default rule's IVF), the coarse quantizer is chosen too (index/coarse.py)."""
     k = min(tune.K, n - 1)
     if k < 1 or tune.is_exact(index):
         return tune.Tuning({}, 1.0, target, 0, True, max(k, 1), "exact").record()
     ids = tune.sample_ids(n)
     chunks = lambda: iter_shards(work, key)  # noqa: E731
     queries, qids, truth, scores, how = tune.tuning_queries(index, gather(work, key, ids), ids, chunks, k)
-    result = tune.tune(index, queries, truth, qids, target, scores)
+    result = tune.tune_index(index, queries, truth, qids, target, scores, pick_coarse)
     result.sample = how
     return result.record()
 
@@ -284,7 +285,7 @@ def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildRes
     images = _fill(work, "images", factory, dim, len(good), opts)
     reports = _fill(work, "reports", factory, dim, len(good), opts)
     search = {
-        key: _tune_from_shards(work, key, idx, len(good), opts.target_recall)
+        key: _tune_from_shards(work, key, idx, len(good), opts.target_recall, opts.factory is None)
         for key, idx in (("images", images), ("reports", reports))
     }
     _warn_unmet(search, factory, opts.factory is not None)

@@ -16,12 +16,13 @@ The knobs an index has:
 A setting passes when the sample's mean recall less one standard error reaches the target (1,000 queries: about
 0.003 at recall 0.95), so that new queries, another sample of the same kind, do not land just below it half the
 time. "Cheapest" is a cost model in bytes touched per query, not a timing (timings on a shared machine are noise):
-scanned codes for IVF (nprobe * n / nlist * code size), ~24 distance computations per unit of efSearch for HNSW
-(benchmarks/results/search_speed_cpu.md measured ~23 at 1M), and k * k_factor random fetches of the refine
-vectors, weighted 4x for being random. Recall is taken as monotone in each knob, so the smallest passing value is
-found by bisection over a fixed ladder of candidates. Graph indexes look better on their own points than on new
-queries, so their sample rows get noise first (`tuning_queries`).
-"""
+scanned codes for IVF (nprobe * n / nlist * code size) plus the centroids its quantizer reads (`coarse_cost`),
+~24 distance computations per unit of efSearch for HNSW (benchmarks/results/search_speed_cpu.md measured ~23 at
+1M), and k * k_factor random fetches of the refine vectors, weighted 4x for being random. Recall is taken as
+monotone in each knob, so the smallest passing value is found by bisection over a fixed ladder of candidates.
+Graph indexes look better on their own points than on new queries, so their sample rows get noise first
+(`tuning_queries`). Which coarse quantizer an IVF index of the default rule uses is chosen with this cost model too
+(index/coarse.py)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from index import coarse
+from index.coarse import HNSW_DIST_PER_EF, coarse_cost
 from index.recall import drop_self, exact_neighbours, recalls
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,6 @@ DEFAULT_QUERIES = 1000
 EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 NPROBE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096)
 K_FACTOR_LADDER = (1, 2, 4, 8, 16, 32, 64)
-HNSW_DIST_PER_EF = 24
 RANDOM_FETCH_WEIGHT = 4
 SELF = "corpus rows, own row left out"
 NOISY = "corpus rows + noise at the median nearest-neighbour distance"
@@ -63,6 +65,7 @@ class Tuning:
     method: str = "measured"  # "exact": a Flat index, nothing to tune
     tried: list[dict] = field(default_factory=list)
     sample: str = ""  # how the sample queries were made (SELF or NOISY; "" for exact search)
+    coarse: str | None = None  # an IVF index's coarse quantizer when tuned: "flat" or "HNSW32" (index/coarse.py)
 
     def record(self) -> dict:
         """The JSON stored per target under `search` in index_info.json."""
@@ -75,6 +78,7 @@ class Tuning:
             "met": bool(self.met),
             "method": self.method,
             "sample": self.sample,
+            **({"coarse": self.coarse} if self.coarse else {}),
         }
 
 
@@ -139,7 +143,7 @@ def cost(index: Any, params: dict[str, int], k: int = K) -> float:
         ivf = p["ivf"]
         per_list = max(1.0, ivf.ntotal / max(1, ivf.nlist))
         nprobe = params.get("nprobe", int(ivf.nprobe))
-        total += nprobe * per_list * _code_bytes(ivf) + ivf.nlist * ivf.d * 4
+        total += nprobe * per_list * _code_bytes(ivf) + coarse_cost(index, params)
     elif p["hnsw"] is not None:
         ef = max(params.get("efSearch", int(p["hnsw"].hnsw.efSearch)), k)
         storage = p["hnsw"].storage
@@ -291,6 +295,23 @@ def tune(
     return result
 
 
+def tune_index(
+    index: Any,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    query_ids: np.ndarray | None,
+    target: float,
+    truth_scores: np.ndarray | None,
+    pick_coarse: bool = False,
+) -> Tuning:
+    """`tune`, and with `pick_coarse` the IVF coarse quantizer chosen as well (index/coarse.py); the Tuning says
+    which quantizer the index has."""
+    run = lambda: tune(index, queries, truth, query_ids, target, truth_scores)  # noqa: E731
+    result = coarse.choose(index, run, cost, apply_params) if pick_coarse else run()
+    result.coarse = coarse.kind(index)
+    return result
+
+
 def noisy_for(index: Any) -> bool:
     """Whether the sample queries of this index need noise (graphs) or can be corpus rows (the rest); see
     `tuning_queries`."""
@@ -329,15 +350,16 @@ def sample_ids(n: int, n_queries: int = DEFAULT_QUERIES, seed: int = 0) -> np.nd
 
 
 def tune_on_vectors(index: Any, vectors: np.ndarray, target: float = DEFAULT_TARGET, n_queries: int = DEFAULT_QUERIES,
-                    k: int = K) -> Tuning:  # fmt: skip
-    """Tune an index over in-memory `vectors` (the rows it holds, in order)."""
+                    k: int = K, pick_coarse: bool = False) -> Tuning:  # fmt: skip
+    """Tune an index over in-memory `vectors` (the rows it holds, in order); with `pick_coarse`, choose an IVF
+    index's coarse quantizer as `cxr index build` does for the default rule (index/coarse.py)."""
     ids = sample_ids(len(vectors), n_queries)
     kk = max(1, min(k, len(vectors) - 1))
     if is_exact(index):
         return Tuning({}, 1.0, target, 0, True, kk, "exact")
     chunks = [vectors[s : s + 65536] for s in range(0, len(vectors), 65536)]
     queries, qids, truth, scores, how = tuning_queries(index, vectors[ids], ids, lambda: chunks, kk)
-    result = tune(index, queries, truth, qids, target, scores)
+    result = tune_index(index, queries, truth, qids, target, scores, pick_coarse)
     result.sample = how
     return result
 
