@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrieval.device import resolve_device
 from retrieval.errors import UsageError
 from retrieval.generation.box_head import BoxHead, box_features
 from retrieval.generation.boxes import malformed_boxes, parse_boxes
@@ -99,8 +100,9 @@ class Generator:
         self.report_source = report_source
         self.decoding = {**DECODING, **(decoding or {})}
         self.token_cache = token_cache
-        self.vlm = VLM.load(vlm_dir, device=device)
-        self.encoders = self.vlm.load_encoders(vlm_dir)
+        self.device = resolve_device(device)  # None and "auto" alike: CUDA when torch sees it
+        self.vlm = VLM.load(vlm_dir, device=self.device)
+        self.encoders = self.vlm.load_encoders(vlm_dir, device=self.device)
         self.box_head = BoxHead.load(vlm_dir) if box_source == "head" else None
         self.grid = self.vlm.config.visual_grid
         self.budget = int(self.vlm.config.prompt_budget)

@@ -54,7 +54,7 @@ class ServeConfig:
     index: Path
     model: str | None = None  # default: the model folder recorded in the index's index_info.json
     vlm: Path | None = None
-    device: str | None = None
+    device: str = "auto"  # retrieval.device.resolve_device: CUDA when present
     backend: str = "auto"
     nprobe: int | None = None
     ef_search: int | None = None
