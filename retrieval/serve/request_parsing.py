@@ -24,52 +24,46 @@ _COMMON_FIELDS = {
     "target": {"type": "string", "enum": ["reports", "images"], "default": "reports"},
     "exclude_patient": {"type": "string"},
 }
-SEARCH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"image": _IMAGE_FIELD, "text": {"type": "string"}, **_COMMON_FIELDS},
-                }
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["text"],
-                    "properties": {"text": {"type": "string"}, **_COMMON_FIELDS},
-                }
-            },
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "application/dicom": {"schema": {"type": "string", "format": "binary"}},
-        },
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+def _object(properties: dict, required: list[str] | None = None) -> dict:
+    schema: dict[str, Any] = {"type": "object"}
+    if required:
+        schema["required"] = required
+    return {"schema": {**schema, "properties": properties}}
+
+
+def _request_body(content: dict) -> dict:
+    return {"requestBody": {"required": True, "content": content}}
+
+
+SEARCH_BODY = _request_body(
+    {
+        "multipart/form-data": _object({"image": _IMAGE_FIELD, "text": {"type": "string"}, **_COMMON_FIELDS}),
+        "application/json": _object({"text": {"type": "string"}, **_COMMON_FIELDS}, required=["text"]),
+        "image/png": _BINARY,
+        "image/jpeg": _BINARY,
+        "application/dicom": _BINARY,
     }
-}
-GENERATE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": _IMAGE_FIELD,
-                        "task": {"type": "string", "enum": ["report", "vqa", "classify", "identify", "ground"]},
-                        "question": {"type": "string", "description": "for task vqa"},
-                        "phrase": {"type": "string", "description": "for task ground, e.g. 'right lung'"},
-                        "k": {"type": "integer", "minimum": 0, "default": 3},
-                        "exclude_patient": {"type": "string"},
-                        "exclude_study": {"type": "string"},
-                    },
-                }
+)
+GENERATE_BODY = _request_body(
+    {
+        "multipart/form-data": _object(
+            {
+                "image": _IMAGE_FIELD,
+                "task": {"type": "string", "enum": ["report", "vqa", "classify", "identify", "ground"]},
+                "question": {"type": "string", "description": "for task vqa"},
+                "phrase": {"type": "string", "description": "for task ground, e.g. 'right lung'"},
+                "k": {"type": "integer", "minimum": 0, "default": 3},
+                "exclude_patient": {"type": "string"},
+                "exclude_study": {"type": "string"},
             },
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-        },
+            required=["image"],
+        ),
+        "image/png": _BINARY,
     }
-}
+)
 
 
 class JSON(JSONResponse):
