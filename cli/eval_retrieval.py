@@ -28,7 +28,7 @@ def eval_retrieval_cmd(
     from retrieval.evaluate import evaluate_retrieval, format_per_label, format_table
     from retrieval.models import load_model
 
-    dev = resolve_device(None if device == "auto" else device)
+    dev = resolve_device(device)
     loaded = load_model(model, device=dev)
     result = evaluate_retrieval(
         loaded,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from cli.options import DEVICE
+
 
 def _print_result(result, as_json: bool, verb: str) -> None:
     from rich.console import Console
@@ -78,7 +80,7 @@ def build_cmd(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per encoder batch."),
     workers: int = typer.Option(2, "--workers", min=0, help="DataLoader processes decoding images."),
     shard_rows: int = typer.Option(1024, "--shard-rows", min=1, help="Rows per committed shard (resume unit)."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: CUDA when present)."),
+    device: str = DEVICE,
     allow_outside: bool = ALLOW_OUTSIDE,
     skip_bad_rows: bool = SKIP_BAD_ROWS,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -113,7 +115,7 @@ def add_cmd(
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0),
     shard_rows: int = typer.Option(1024, "--shard-rows", min=1),
-    device: str | None = typer.Option(None, "--device"),
+    device: str = DEVICE,
     allow_outside: bool = ALLOW_OUTSIDE,
     skip_bad_rows: bool = SKIP_BAD_ROWS,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

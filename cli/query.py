@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from cli.options import DEVICE
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
 MANIFEST_SUFFIXES = {".parquet", ".csv", ".tsv"}
 
@@ -70,7 +72,7 @@ def query_cmd(
     ),
     mmap: bool = typer.Option(False, "--mmap", help="Memory-map the index (IVF only)."),
     backend: str = typer.Option("auto", "--backend", help="auto, faiss, faiss-gpu or torch."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda (default: CUDA when present)."),
+    device: str = DEVICE,
     out: Path | None = typer.Option(None, "--out", "-o", help="Results Parquet for folder/manifest queries."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0),

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from cli.options import DEVICE
+
 
 def serve(
     index: Path,
@@ -22,7 +24,7 @@ def serve(
     watch_interval: float = 2.0,
     max_upload_mb: float = 50.0,
     cors_origins: list[str] | None = None,
-    device: str | None = None,
+    device: str = "auto",
     backend: str = "auto",
     nprobe: int | None = None,
     ef_search: int | None = None,
@@ -101,7 +103,7 @@ def serve_cmd(
     ),
     max_upload_mb: float = typer.Option(50.0, "--max-upload-mb", help="Larger uploads get HTTP 413."),
     cors_origin: list[str] = typer.Option(None, "--cors-origin", help="Allow this origin (CORS is off by default)."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda (default: CUDA when present)."),
+    device: str = DEVICE,
     backend: str = typer.Option("auto", "--backend", help="auto, faiss, faiss-gpu or torch."),
     nprobe: int | None = typer.Option(None, "--nprobe", min=1, help="IVF indexes: inverted lists to visit."),
     ef_search: int | None = typer.Option(None, "--ef-search", min=1, help="HNSW indexes: search breadth."),

@@ -84,6 +84,11 @@ def train_cmd(
     if as_json:
         print(json.dumps(info, indent=2, default=str))
         return
+    _print_summary(info, model, out)
+
+
+def _print_summary(info: dict, model: str, out: Path) -> None:
+    """The epoch table (best epoch starred) and a one-line summary."""
     from rich.console import Console
     from rich.table import Table
 

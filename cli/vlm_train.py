@@ -77,10 +77,14 @@ def vlm_train_cmd(
     )
     checked = gate_manifest(manifest, allow_outside, skip_bad_rows)  # the shared validator, before any work
     info = train_vlm(checked, out, config, index_dir=index, resume=resume)
-    summary = {k: v for k, v in info.items() if k != "losses"}
     if as_json:
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps({k: v for k, v in info.items() if k != "losses"}, indent=2, default=str))
         return
+    _print_summary(info, out)
+
+
+def _print_summary(info: dict, out: Path) -> None:
+    """Steps, time, the loss before and after, the tasks and their sampling weights, skipped images."""
     from rich.console import Console
 
     c = Console()

@@ -103,12 +103,13 @@ def make_backend(index: Any, backend: str = "auto", device: str | None = None, p
             return FaissBackend(index, gpu=True)
         except RuntimeError:  # e.g. HNSW has no GPU version: search it on the CPU
             return FaissBackend(index)
-    import torch
+    from retrieval.device import resolve_device
 
-    if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
+    dev = resolve_device(device)  # None and "auto" alike: CUDA when torch sees it
+    if dev.type == "cuda":
         vectors = exact_vectors(index)
         if vectors is not None:
-            return TorchBackend(vectors, device or "cuda", precision)
+            return TorchBackend(vectors, dev, precision)
     return FaissBackend(index)
 
 

@@ -87,6 +87,27 @@ def drafted_findings(text: str, true_labels: list[str]) -> dict[str, list[str]]:
     return {"named": named, "true": sorted(set(named) & (set(true_labels) - {NO_FINDING}))}
 
 
+@dataclass
+class _Steps:
+    """The demo's work folders and what its steps recorded so far (seconds per step, which were reused)."""
+
+    work: Path
+    log: Callable[[str], None]
+    show_progress: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)
+
+    def folder(self, name: str) -> Path:
+        return self.work / name
+
+    def announce(self, step: str, text: str, cached: bool) -> None:
+        self.cached[step] = cached
+        self.log(text + (" (cached)" if cached else ""))
+
+    def timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        return _timed(self.timings, name, fn)
+
+
 def run_demo(
     workdir: str | Path = DEFAULT_WORKDIR,
     size: int = DEMO_SIZE,
@@ -98,37 +119,53 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Run (or reuse) each step of the demo and return the query, what it retrieved and the generated report."""
-    from index.build import BuildOptions, build_index
-    from index.search import Searcher
-    from index.store import has_index
-    from retrieval.data.demo import build_demo_corpus
     from retrieval.data.manifest import resolve_image_path
+
+    steps = _Steps(Path(workdir), log, show_progress)
+    manifest = _corpus_step(steps, size, seed, limit)
+    model = _train_step(steps, manifest, seed)
+    searcher = _index_step(steps, manifest, model)
+    row = pick_query(manifest)
+    image_path = resolve_image_path(steps.folder("corpus"), row["image_path"])
+    log(f"[4/5] query a held-out test image: {image_path.name}")
+    retrieved = steps.timed("query", lambda: searcher.query_image(image_path, k=k, target="reports"))
+    query = {
+        "image": str(image_path),
+        "study_id": str(row["study_id"]),
+        "labels": list(row["labels"]),
+        "report": str(row["report"]),
+        "shared_findings": shared_findings(list(row["labels"]), retrieved),
+    }
+    generated = _generation_step(steps, manifest, seed, image_path, list(row["labels"])) if generate else None
+    return DemoResult(steps.work, query, retrieved, generated, steps.timings, steps.cached)
+
+
+def _corpus_step(steps: _Steps, size: int, seed: int, limit: int | None) -> pd.DataFrame:
+    """[1/5] the synthetic corpus (cached by `demo_info.json`)."""
+    from retrieval.data.demo import build_demo_corpus
+
+    corpus_dir = steps.folder("corpus")
+    steps.announce("corpus", f"[1/5] demo corpus -> {corpus_dir}", (corpus_dir / "demo_info.json").exists())
+    manifest = steps.timed(
+        "corpus",
+        lambda: build_demo_corpus(corpus_dir, size=size, seed=seed, limit=limit, show_progress=steps.show_progress),
+    )
+    manifest.attrs.setdefault("root", str(corpus_dir))
+    return manifest
+
+
+def _train_step(steps: _Steps, manifest: pd.DataFrame, seed: int) -> Any:
+    """[2/5] train cxr-small, or load the folder a completed run left (`train_info.json`)."""
     from retrieval.models import load_model
     from retrieval.training import train
 
-    work = Path(workdir)
-    corpus_dir, model_dir, index_dir, vlm_dir, tokens_dir = (
-        work / n for n in ("corpus", "model", "index", "vlm", "visual_tokens")
-    )
-    timings: dict[str, float] = {}
-    cached: dict[str, bool] = {}
-
-    cached["corpus"] = (corpus_dir / "demo_info.json").exists()
-    log(f"[1/5] demo corpus -> {corpus_dir}" + (" (cached)" if cached["corpus"] else ""))
-    manifest = _timed(
-        timings,
-        "corpus",
-        lambda: build_demo_corpus(corpus_dir, size=size, seed=seed, limit=limit, show_progress=show_progress),
-    )
-    manifest.attrs.setdefault("root", str(corpus_dir))
-
-    cached["model"] = (model_dir / "train_info.json").exists()  # written when a training run completes
-    log(f"[2/5] train {DEMO_MODEL} -> {model_dir}" + (" (cached)" if cached["model"] else ""))
-    if cached["model"]:
-        model = _timed(timings, "train", lambda: load_model(model_dir))
+    model_dir = steps.folder("model")
+    done = (model_dir / "train_info.json").exists()  # written when a training run completes
+    steps.announce("model", f"[2/5] train {DEMO_MODEL} -> {model_dir}", done)
+    if done:
+        model = steps.timed("train", lambda: load_model(model_dir))
     else:
-        model = _timed(
-            timings,
+        model = steps.timed(
             "train",
             lambda: (
                 train(
@@ -137,63 +174,57 @@ def run_demo(
                     model_dir,
                     epochs=TRAIN_EPOCHS,
                     seed=seed,
-                    show_progress=show_progress,
-                    token_cache=str(tokens_dir),  # the frozen tower's one pass also gives the VLM its visual tokens
+                    show_progress=steps.show_progress,
+                    # the frozen tower's one pass also gives the VLM its visual tokens
+                    token_cache=str(steps.folder("visual_tokens")),
                     num_workers=1,  # a worker decodes the next batch while the tower runs
                 ).model
             ),
         )
     model.eval()
+    return model
 
+
+def _index_step(steps: _Steps, manifest: pd.DataFrame, model: Any) -> Any:
+    """[3/5] index the train+val studies (unless the folder holds an index) and open a Searcher on it."""
+    from index.build import BuildOptions, build_index
+    from index.search import Searcher
+    from index.store import has_index
+
+    index_dir = steps.folder("index")
     gallery = manifest[manifest["split"].isin(["train", "val"])]
-    cached["index"] = has_index(index_dir)
-    log(f"[3/5] index {len(gallery):,} train+val studies -> {index_dir}" + (" (cached)" if cached["index"] else ""))
-    if not cached["index"]:
-        _timed(
-            timings,
-            "index",
-            lambda: build_index(
-                gallery, model, index_dir, options=BuildOptions(model_path=model_dir, progress=show_progress)
-            ),
+    steps.announce("index", f"[3/5] index {len(gallery):,} train+val studies -> {index_dir}", has_index(index_dir))
+    if not steps.cached["index"]:
+        options = BuildOptions(model_path=steps.folder("model"), progress=steps.show_progress)
+        steps.timed("index", lambda: build_index(gallery, model, index_dir, options=options))
+    return steps.timed("open_index", lambda: Searcher(index_dir, model))
+
+
+def _generation_step(
+    steps: _Steps, manifest: pd.DataFrame, seed: int, image_path: Path, true_labels: list[str]
+) -> dict[str, Any]:
+    """[5/5] train the VLM (resuming a checkpoint; skipped when a finished folder is there) and draft a report."""
+    from retrieval.generation.generate import generate_for_image
+    from retrieval.generation.train import VLMTrainConfig, train_vlm
+
+    vlm_dir, index_dir = steps.folder("vlm"), steps.folder("index")
+    done = (vlm_dir / "vlm_config.json").exists() and not (vlm_dir / "checkpoint").exists()
+    steps.announce("vlm", f"[5/5] report generation (RAG, k=3) -> {vlm_dir}", done)
+    if not done:
+        resume = (vlm_dir / "checkpoint").exists()
+        config = VLMTrainConfig(
+            steps=VLM_STEPS,
+            lr=VLM_LR,
+            seed=seed,
+            prompt_budget=128,
+            lm_overrides=dict(VLM_SIZE),
+            token_cache=str(steps.folder("visual_tokens")),
         )
-    searcher = _timed(timings, "open_index", lambda: Searcher(index_dir, model))
-
-    row = pick_query(manifest)
-    image_path = resolve_image_path(corpus_dir, row["image_path"])
-    log(f"[4/5] query a held-out test image: {image_path.name}")
-    retrieved = _timed(timings, "query", lambda: searcher.query_image(image_path, k=k, target="reports"))
-    query = {
-        "image": str(image_path),
-        "study_id": str(row["study_id"]),
-        "labels": list(row["labels"]),
-        "report": str(row["report"]),
-        "shared_findings": shared_findings(list(row["labels"]), retrieved),
-    }
-
-    generated = None
-    if generate:
-        from retrieval.generation.generate import generate_for_image
-        from retrieval.generation.train import VLMTrainConfig, train_vlm
-
-        cached["vlm"] = (vlm_dir / "vlm_config.json").exists() and not (vlm_dir / "checkpoint").exists()
-        log(f"[5/5] report generation (RAG, k=3) -> {vlm_dir}" + (" (cached)" if cached["vlm"] else ""))
-        if not cached["vlm"]:
-            resume = (vlm_dir / "checkpoint").exists()
-            config = VLMTrainConfig(
-                steps=VLM_STEPS,
-                lr=VLM_LR,
-                seed=seed,
-                prompt_budget=128,
-                lm_overrides=dict(VLM_SIZE),
-                token_cache=str(tokens_dir),
-            )
-            _timed(
-                timings,
-                "vlm_train",
-                lambda: train_vlm(
-                    manifest, vlm_dir, config, index_dir=index_dir, resume=resume, progress=show_progress
-                ),
-            )
-        generated = _timed(timings, "generate", lambda: generate_for_image(image_path, index_dir, vlm_dir, k=3))
-        generated["findings"] = drafted_findings(generated["text"], list(row["labels"]))
-    return DemoResult(work, query, retrieved, generated, timings, cached)
+        progress = steps.show_progress
+        steps.timed(
+            "vlm_train",
+            lambda: train_vlm(manifest, vlm_dir, config, index_dir=index_dir, resume=resume, progress=progress),
+        )
+    generated = steps.timed("generate", lambda: generate_for_image(image_path, index_dir, vlm_dir, k=3))
+    generated["findings"] = drafted_findings(generated["text"], true_labels)
+    return generated

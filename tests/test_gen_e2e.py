@@ -52,7 +52,7 @@ def test_training_learns_and_saves(trained):
     assert w == pytest.approx({t: 1 / len(sizes) for t in sizes})
     assert all(info["task_draws"][t] > 0 for t in sizes)
     assert not (vlm_dir / "checkpoint").exists()
-    assert VLM.load(vlm_dir).config["encoders"][0]["spec"] == "patch:1"
+    assert VLM.load(vlm_dir).config.encoders[0]["spec"] == "patch:1"
 
 
 def test_generate_names_exemplars_never_own_study_or_patient(trained, corpus):
@@ -97,7 +97,7 @@ def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpu
     root, df, idx = corpus
     row = df.iloc[0]
     model = SynthRetrievalModel()
-    assert len(VLM.load(trained[0]).config["head_thresholds"]) == len(LABELS)  # fitted at the end of training
+    assert len(VLM.load(trained[0]).config.head_thresholds) == len(LABELS)  # fitted at the end of training
     quoted = generate_for_image(
         root / row["image_path"], idx, trained[0], task="report", k=2, retrieval_model=model, report_source="quote"
     )
@@ -178,8 +178,8 @@ def test_cli_eval_generation_writes_tables(trained, corpus, tmp_path, capsys):
 
 
 def test_visual_token_cache_is_reused_and_matches(corpus, tmp_path):
+    from retrieval.generation.encoders import load_encoder
     from retrieval.generation.features import visual_tokens_for_rows
-    from retrieval.generation.model import load_encoder
 
     root, df, _ = corpus
     df = df.copy()

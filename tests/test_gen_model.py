@@ -8,7 +8,8 @@ import torch
 from gen_synth import one_thread  # noqa: F401 (an autouse fixture)
 
 from retrieval.errors import ModelLoadError
-from retrieval.generation.model import VLM, FrozenPatchEncoder, combine_tokens, encode_visual, group_tokens, pool_grid
+from retrieval.generation.encoders import FrozenPatchEncoder, combine_tokens, encode_visual, pool_grid
+from retrieval.generation.model import VLM, group_tokens
 from retrieval.generation.rag import build_prompt_ids
 from retrieval.generation.tokenizer import COORD_TOKENS, TASK_TOKENS, build_tokenizer, decode
 
@@ -187,7 +188,7 @@ def test_example_loss_norm_weighs_each_example_equally():
     both = vlm(visual, prompts, targets)
     each = [vlm(visual[i : i + 1], prompts[i : i + 1], targets[i : i + 1]) for i in range(2)]
     assert torch.allclose(both, (each[0] + each[1]) / 2, atol=1e-5)
-    vlm.config["loss_norm"] = "token"
+    vlm.config.loss_norm = "token"
     assert not torch.allclose(vlm(visual, prompts, targets), both, atol=1e-4)
     with pytest.raises(ValueError):
         VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["no"], loss_norm="tokens")

@@ -29,13 +29,8 @@ from cli.main import main  # noqa: E402
 from index.build import BuildOptions, add_to_index, build_index  # noqa: E402
 from retrieval.serve.app import bind_warning, create_app, is_loopback  # noqa: E402
 from retrieval.serve.batching import EmbedBatcher  # noqa: E402
-from retrieval.serve.service import (  # noqa: E402
-    ServeConfig,
-    ServeService,
-    matched_report_sentences,
-    shared_sentences,
-    split_sentences,
-)
+from retrieval.serve.sentences import matched_report_sentences, shared_sentences, split_sentences  # noqa: E402
+from retrieval.serve.service import ServeConfig, ServeService  # noqa: E402
 from retrieval.serve.uploads import sniff  # noqa: E402
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}

@@ -209,7 +209,7 @@ def test_cnn_feature_pass_keeps_the_vlm_tokens_and_the_same_pooled_features(tmp_
     in the cache (no tower run), with the tokens a direct pass gives."""
     from retrieval.data.manifest import read_manifest
     from retrieval.generation import features as gen_features
-    from retrieval.generation.model import encode_visual
+    from retrieval.generation.encoders import encode_visual
     from retrieval.models import load_model
     from retrieval.training import TrainConfig, Trainer
 

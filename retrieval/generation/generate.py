@@ -22,19 +22,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrieval.device import resolve_device
 from retrieval.errors import UsageError
 from retrieval.generation.box_head import BoxHead, box_features
 from retrieval.generation.boxes import malformed_boxes, parse_boxes
 from retrieval.generation.constraints import box_decoding
+from retrieval.generation.encoders import encode_visual
 from retrieval.generation.findings_report import findings_report
 from retrieval.generation.head import closed_answer, rank_exemplars
-from retrieval.generation.model import VLM, encode_visual
+from retrieval.generation.model import VLM
 from retrieval.generation.rag import Exemplar, build_prompt_ids, copied_sentences
 from retrieval.generation.tasks import OPEN_QUESTION, PROMPTS
 from retrieval.generation.tokenizer import TASKS, decode
 from retrieval.labels import LABELS
 
-DEFAULT_BUDGET = 160
 VQA_SOURCES = ("head", "lm")  # closed "is there X?" answered by the finding head (head.py) or the LM
 # [report]: written from the finding head's findings + the exemplars' sentences (findings_report.py; the LM's draft
 # when the VLM has no head), the LM's draft, or the exemplar the finding head ranks first
@@ -99,11 +100,12 @@ class Generator:
         self.report_source = report_source
         self.decoding = {**DECODING, **(decoding or {})}
         self.token_cache = token_cache
-        self.vlm = VLM.load(vlm_dir, device=device)
-        self.encoders = self.vlm.load_encoders(vlm_dir)
+        self.device = resolve_device(device)  # None and "auto" alike: CUDA when torch sees it
+        self.vlm = VLM.load(vlm_dir, device=self.device)
+        self.encoders = self.vlm.load_encoders(vlm_dir, device=self.device)
         self.box_head = BoxHead.load(vlm_dir) if box_source == "head" else None
-        self.grid = self.vlm.config.get("visual_grid")
-        self.budget = int(self.vlm.config.get("prompt_budget", DEFAULT_BUDGET))
+        self.grid = self.vlm.config.visual_grid
+        self.budget = int(self.vlm.config.prompt_budget)
         self.searcher = None
         self._retrieval_model = retrieval_model
         if index_dir is not None:
@@ -195,7 +197,7 @@ class Generator:
         controls = dict(self.decoding[task])
         if self.constrain_boxes:
             controls.update(box_decoding(tok, task, prompts))
-        thresholds = self.vlm.config.get("head_thresholds")
+        thresholds = self.vlm.config.head_thresholds
         probs = self.vlm.finding_probs(visual)
         probs = None if probs is None else probs.cpu().numpy()
         quote = task == "report" and self.report_source == "quote" and probs is not None

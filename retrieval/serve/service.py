@@ -8,21 +8,20 @@ Everything here is a library call (`Searcher.query_vector`, `Generator`, `read_i
 - the index as an immutable snapshot: a query takes the current one when it starts and finishes on it, while a
   reload (on `POST /reload`, or by the watcher when the folder's files change, e.g. after `cxr index add`)
   opens the new index beside it and swaps it in; a failed reload keeps serving the old one;
-- study ids looked up in the index's meta rows, never joined into file paths;
-- the exemplars a drafted report rests on, with their reports and the sentences the draft shares with each.
+- study ids looked up in the index's meta rows, never joined into file paths (`studies.py`);
+- the exemplars a drafted report rests on, with their reports and the sentences the draft shares with each
+  (`sentences.py`).
+
+The snapshot and the folder signature the watcher compares are `snapshot.py`.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import io
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,11 +32,11 @@ import numpy as np
 
 from retrieval.errors import IndexError_, UsageError
 from retrieval.serve.batching import EmbedBatcher
+from retrieval.serve.sentences import annotate_exemplars
+from retrieval.serve.snapshot import TARGETS, IndexSnapshot, folder_signature, open_snapshot
+from retrieval.serve.studies import Thumbnails, study_record
 
 log = logging.getLogger(__name__)
-
-TARGETS = ("reports", "images")
-THUMB_SIZES = (16, 1024)
 
 
 def default_workers() -> int:
@@ -55,7 +54,7 @@ class ServeConfig:
     index: Path
     model: str | None = None  # default: the model folder recorded in the index's index_info.json
     vlm: Path | None = None
-    device: str | None = None
+    device: str = "auto"  # retrieval.device.resolve_device: CUDA when present
     backend: str = "auto"
     nprobe: int | None = None
     ef_search: int | None = None
@@ -67,17 +66,6 @@ class ServeConfig:
     max_pixels: int | None = None  # default: read_image's limit
     max_k: int = 1000
     thumbnail_cache: int = 512
-
-
-@dataclass(frozen=True)
-class IndexSnapshot:
-    """One opened index; never changed after creation, so a query holding it sees one consistent index."""
-
-    searcher: Any
-    signature: tuple
-    generation: int
-    loaded_at: str
-    study_rows: dict[str, np.ndarray]
 
 
 @dataclass
@@ -92,36 +80,6 @@ class SearchJob:
     exclude: str | None
 
 
-def folder_signature(path: str | Path) -> tuple:
-    """What changes once per commit: the CURRENT pointer's content (generation and info checksum) of an index with
-    generations; for an older flat folder, (name, inode, size, mtime) of its visible entries. Hidden entries
-    (`.build` work folders, locks) are left out so that an add in progress does not trigger a reload per shard."""
-    from index.store import CURRENT_FILE
-
-    try:
-        return ("pointer", (Path(path) / CURRENT_FILE).read_bytes())
-    except OSError:
-        pass
-    out = []
-    try:
-        entries = sorted(os.scandir(path), key=lambda e: e.name)
-    except OSError:
-        return ()
-    for e in entries:
-        if e.name.startswith("."):
-            continue
-        try:
-            st = e.stat()
-        except OSError:
-            continue
-        out.append((e.name, st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
-
-
 def result_records(frame: Any) -> list[dict]:
     """Result rows as `cxr query --json` prints them (score rounded to 6 places, labels as strings)."""
     out = []
@@ -130,50 +88,6 @@ def result_records(frame: Any) -> list[dict]:
         r["labels"] = [str(x) for x in r["labels"]]
         out.append({k: (int(v) if k in ("rank", "row_id") else v) for k, v in r.items()})
     return out
-
-
-_SENTENCE = re.compile(r"[^.!?\n]+[.!?]?")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of a report, as written (a sentence ends at . ! ? or a line break)."""
-    return [s.strip() for s in _SENTENCE.findall(str(text or "")) if re.search(r"\w", s)]
-
-
-def _norm(sentence: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", sentence.lower()).strip()
-
-
-def shared_sentences(text: str, report: str) -> list[str]:
-    """The sentences of `text` that `report` also says, in `text`'s order: the same sentence (case and punctuation
-    ignored), or, for three words or more, the same words in a row inside one of the report's sentences
-    ("the lungs are clear" in "The lungs are clear, and without focal airspace opacity")."""
-    out: list[str] = []
-    for s, _ in _matches(text, report):
-        if s not in out:  # a draft that repeats a sentence shares it once
-            out.append(s)
-    return out
-
-
-def matched_report_sentences(text: str, report: str) -> list[str]:
-    """The sentences of `report` that contain a sentence of `text` (what the viewer highlights in an exemplar)."""
-    out: list[str] = []
-    for _, r in _matches(text, report):
-        if r not in out:
-            out.append(r)
-    return out
-
-
-def _matches(text: str, report: str) -> list[tuple[str, str]]:
-    rep = [(r, f" {_norm(r)} ") for r in split_sentences(report)]
-    pairs = []
-    for s in split_sentences(text):
-        n = _norm(s)
-        for r, padded in rep:
-            if n and (padded.strip() == n or (len(n.split()) >= 3 and f" {n} " in padded)):
-                pairs.append((s, r))
-                break
-    return pairs
 
 
 def library_versions() -> dict:
@@ -216,8 +130,7 @@ class ServeService:
         self.batcher = EmbedBatcher(model, config.max_batch, config.max_wait_ms)
         self.pool = ThreadPoolExecutor(max_workers=max(1, int(config.workers)), thread_name_prefix="cxr-serve")
         self.upload_dir = Path(tempfile.mkdtemp(prefix="cxr-serve-uploads-"))
-        self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
-        self._thumb_lock = threading.Lock()
+        self.thumbnails = Thumbnails(config.thumbnail_cache)
         self._gen_lock = threading.Lock()
         self.generator = None
         if config.vlm is not None:
@@ -249,21 +162,9 @@ class ServeService:
         return self._snapshot
 
     def _open(self) -> IndexSnapshot:
-        from index.search import Searcher
-
-        signature = folder_signature(self.index_path)
-        c = self.config
-        searcher = Searcher(
-            self.index_path, self.model, backend=c.backend, device=c.device, nprobe=c.nprobe, ef_search=c.ef_search
-        )
-        for target in TARGETS:  # made now, not lazily by two request threads at once
-            searcher.backend(target)
-        studies = searcher.index.meta["study_id"].astype(str).to_numpy()
-        order = np.argsort(studies, kind="stable")
-        names, starts = np.unique(studies[order], return_index=True)
-        rows = dict(zip(names.tolist(), np.split(order, starts[1:]), strict=True)) if len(order) else {}
-        self._generation += 1
-        return IndexSnapshot(searcher, signature, self._generation, _now(), rows)
+        snap = open_snapshot(self.index_path, self.model, self.config, self._generation + 1)
+        self._generation = snap.generation  # a failed open numbers nothing
+        return snap
 
     def reload(self, force: bool = True) -> dict:
         """Reopen the index folder and swap it in (when `force`, or when its files changed since the last load).
@@ -273,7 +174,7 @@ class ServeService:
         with self._reload_lock:
             old = self._snapshot
             if not force and folder_signature(self.index_path) == old.signature:
-                return {"reloaded": False, **self._index_state(old)}
+                return {"reloaded": False, **old.state()}
             try:
                 new = self._open()
             except Exception as e:
@@ -282,15 +183,14 @@ class ServeService:
             self._snapshot = new
             self.reload_error = None
             self._failed_signature = None
-            with self._thumb_lock:
-                self._thumbs.clear()
+            self.thumbnails.clear()
             log.info(
                 "index reloaded: %d -> %d rows (generation %d)",
                 old.searcher.index.count,
                 new.searcher.index.count,
                 new.generation,
             )
-            return {"reloaded": True, "previous_count": old.searcher.index.count, **self._index_state(new)}
+            return {"reloaded": True, "previous_count": old.searcher.index.count, **new.state()}
 
     def check_for_change(self) -> bool:
         """Reload when the folder's files changed; True when a new index was swapped in. Errors are logged once
@@ -311,15 +211,6 @@ class ServeService:
                 self.check_for_change()
             except Exception:  # the watcher must never die
                 log.exception("index watcher")
-
-    def _index_state(self, snap: IndexSnapshot) -> dict:
-        idx = snap.searcher.index
-        return {
-            "count": idx.count,
-            "studies": len(snap.study_rows),
-            "generation": snap.generation,
-            "loaded_at": snap.loaded_at,
-        }
 
     # ------------------------------------------------------------------ validation
 
@@ -428,95 +319,16 @@ class ServeService:
                 exclude_patient=exclude_patient or None,
             )
         res.setdefault("boxes", [])
-        exemplars = []
-        for e in res.get("exemplars", []):
-            study = self._study_record(snap, str(e["study_id"]))
-            report = study["report"] if study else ""
-            exemplars.append(
-                {
-                    **e,
-                    "score": round(float(e["score"]), 6),
-                    "report": report,
-                    "labels": study["labels"] if study else [],
-                    "shared": shared_sentences(res["text"], report),
-                    "matched": matched_report_sentences(res["text"], report),
-                }
-            )
-        res["exemplars"] = exemplars
-        res["sentences"] = [
-            {"text": s, "exemplars": [e["study_id"] for e in exemplars if s in e["shared"]]}
-            for s in split_sentences(res["text"])
-        ]
+        annotate_exemplars(res, lambda study_id: study_record(snap, study_id))
         return res
-
-    def _study_record(self, snap: IndexSnapshot, study_id: str) -> dict | None:
-        rows = snap.study_rows.get(str(study_id))
-        if rows is None:
-            return None
-        meta = snap.searcher.index.meta.iloc[rows]
-        labels: list[str] = []
-        for labs in meta["labels"]:
-            for lab in labs if labs is not None else []:
-                if str(lab) not in labels:
-                    labels.append(str(lab))
-        with_report = meta[meta["has_report"].astype(bool)]
-        first = meta.iloc[0]
-        return {
-            "study_id": str(study_id),
-            "patient_id": str(first["patient_id"]),
-            "report": str(with_report.iloc[0]["report"]) if len(with_report) else "",
-            "labels": labels,
-            "split": str(first["split"]),
-            "images": [
-                {"image_id": str(r["image_id"]), "row_id": int(r["row_id"]), "view": str(r["view"])}
-                for r in meta.to_dict("records")
-            ],
-        }
 
     def study(self, study_id: str) -> dict | None:
         """The study's report, labels and images, looked up in the index meta (None when it is not there)."""
-        return self._study_record(self._snapshot, study_id)
+        return study_record(self._snapshot, study_id)
 
     def thumbnail(self, study_id: str, size: int = 256, image_id: str | None = None) -> bytes | None:
-        """A PNG of the study's first image (or of `image_id`, which must belong to the study), its longer side
-        `size` pixels. The file is the one the index meta names; None when the study or image is unknown.
-        Raises ImageReadError when that file can no longer be read."""
-        from PIL import Image
-
-        from retrieval.data.image_io import read_image
-
-        lo, hi = THUMB_SIZES
-        if not isinstance(size, int) or not lo <= size <= hi:
-            raise UsageError(f"size must be an integer from {lo} to {hi}, got {size!r}")
-        snap = self._snapshot
-        rows = snap.study_rows.get(str(study_id))
-        if rows is None:
-            return None
-        meta = snap.searcher.index.meta
-        if image_id is not None:
-            rows = [r for r in rows if str(meta.iloc[r]["image_id"]) == str(image_id)]
-            if not rows:
-                return None
-        row = int(rows[0])
-        key = (snap.generation, row, size)
-        with self._thumb_lock:
-            if key in self._thumbs:
-                self._thumbs.move_to_end(key)
-                return self._thumbs[key]
-        pixels = read_image(str(meta.iloc[row]["image_path"]))
-        img = Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
-        scale = size / max(img.size)  # the longer side becomes `size`, down (Lanczos) or up (bicubic)
-        if scale != 1:
-            method = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), method)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG", optimize=False)
-        data = buf.getvalue()
-        with self._thumb_lock:
-            self._thumbs[key] = data
-            while len(self._thumbs) > self.config.thumbnail_cache:
-                self._thumbs.popitem(last=False)
-        return data
+        """A PNG of the study's first image (or of `image_id`), its longer side `size` pixels (`Thumbnails.get`)."""
+        return self.thumbnails.get(self._snapshot, study_id, size, image_id)
 
     def health(self) -> dict:
         """Liveness plus the row count of the index being served."""
@@ -540,7 +352,7 @@ class ServeService:
                 "created": idx.info.get("created"),
                 "backends": {t: b.name for t, b in snap.searcher._backends.items()},
                 "reload_error": self.reload_error,
-                **self._index_state(snap),
+                **snap.state(),
             },
             "vlm": {"path": str(self.config.vlm) if self.config.vlm else None, "loaded": self.generator is not None},
             "versions": library_versions(),

@@ -80,8 +80,6 @@ def import_mimic_cxr(
     **_: Any,
 ) -> pd.DataFrame:
     """A manifest from a MIMIC-CXR-JPG folder (CSV files + files/ tree) and its reports."""
-    from retrieval.labels import LABELS, label_report
-
     src = Path(src)
     if not src.is_dir():
         raise ImportError_(f"{src}: not a folder (give the folder holding {PREFIX}metadata.csv.gz)")
@@ -94,82 +92,106 @@ def import_mimic_cxr(
         raise ImportError_(f"{meta_path}: missing column(s) {', '.join(missing)}")
     notes: list[str] = []
     problems: list[str] = []
-
-    splits: dict[str, str] = {}
-    split_path = _find_csv(src, "split")
-    if split_path is not None:
-        split_df = _read_csv(split_path)
-        splits = {d: normalize_split(s) for d, s in zip(split_df["dicom_id"], split_df["split"], strict=True)}
-    else:
-        notes.append("no split file: splits assigned by patient")
-    chexpert: dict[str, list[str]] = {}
-    chex_path = _find_csv(src, "chexpert")
-    if chex_path is not None:
-        chex = _read_csv(chex_path)
-        cols = [c for c in chex.columns if c in LABELS]
-        for rec in chex.to_dict("records"):
-            chexpert[_id("s", rec["study_id"])] = chexpert_labels(rec, cols)
-    else:
-        notes.append("no CheXpert file: labels from the rule labeler on the report text")
-
-    report_root = Path(reports) if reports else src
+    splits = _read_splits(src, notes)
+    chexpert = _read_chexpert(src, notes)
     image_root = Path(images) if images else src
     have_images = (image_root / "files").is_dir()
     if not have_images:
         notes.append(f"no image tree at {image_root / 'files'}: image_path left empty")
-    report_cache: dict[str, tuple[str, str, str] | None] = {}
+    reader = _ImageRows(meta_path.name, Path(reports) if reports else src, image_root if have_images else None)
     rows = []
-    labelled_by_rules = 0
     for rec in track(meta.to_dict("records"), "mimic-cxr images", unit="images"):
+        row = reader.row(rec, problems)
+        if row is not None:
+            rows.append({**row, "labels": reader.labels(chexpert, row), "split": splits.get(row["image_id"], "")})
+    if reader.labelled_by_rules and chexpert:
+        notes.append(f"{reader.labelled_by_rules} images of studies missing from the CheXpert file: rule labeler used")
+    return finish(rows, "mimic-cxr", seed=seed, problems=problems, notes=notes)
+
+
+def _read_splits(src: Path, notes: list[str]) -> dict[str, str]:
+    """dicom_id -> split from the split file (none: a note, and splits are assigned by patient)."""
+    split_path = _find_csv(src, "split")
+    if split_path is None:
+        notes.append("no split file: splits assigned by patient")
+        return {}
+    split_df = _read_csv(split_path)
+    return {d: normalize_split(s) for d, s in zip(split_df["dicom_id"], split_df["split"], strict=True)}
+
+
+def _read_chexpert(src: Path, notes: list[str]) -> dict[str, list[str]]:
+    """study id -> labels from the CheXpert file (none: a note, and the rule labeler reads the reports)."""
+    from retrieval.labels import LABELS
+
+    chex_path = _find_csv(src, "chexpert")
+    if chex_path is None:
+        notes.append("no CheXpert file: labels from the rule labeler on the report text")
+        return {}
+    chex = _read_csv(chex_path)
+    cols = [c for c in chex.columns if c in LABELS]
+    return {_id("s", rec["study_id"]): chexpert_labels(rec, cols) for rec in chex.to_dict("records")}
+
+
+def read_report(path: Path) -> tuple[str, str, str] | None:
+    """(report, findings, impression) of one report file: FINDINGS + IMPRESSION, else the whole text without its
+    FINAL REPORT header; None when the file cannot be read."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    sections = parse_sections(text)
+    findings, impression = sections.get("FINDINGS", ""), sections.get("IMPRESSION", "")
+    report = " ".join(x for x in (findings, impression) if x) or " ".join(re.sub(r"^\s*FINAL REPORT", "", text).split())
+    return report, findings, impression
+
+
+class _ImageRows:
+    """Metadata records -> manifest rows: each study's report read once, its image found (when there is an image
+    tree), skipped records explained in `problems`."""
+
+    def __init__(self, meta_name: str, report_root: Path, image_root: Path | None):
+        self.meta_name, self.report_root, self.image_root = meta_name, report_root, image_root
+        self.reports: dict[str, tuple[str, str, str] | None] = {}
+        self.labelled_by_rules = 0
+
+    def row(self, rec: dict, problems: list[str]) -> dict | None:
         dicom_id = rec["dicom_id"].strip()
         subject, study = _id("p", rec["subject_id"]), _id("s", rec["study_id"])
         if not dicom_id or subject == "" or study == "":
-            problems.append(f"{meta_path.name}: row with empty dicom_id/subject_id/study_id, skipped")
-            continue
+            problems.append(f"{self.meta_name}: row with empty dicom_id/subject_id/study_id, skipped")
+            return None
         rel = Path("files") / subject[:3] / subject / study
-        if study not in report_cache:
-            report_path = report_root / rel.with_suffix(".txt")
-            try:
-                text = report_path.read_text(errors="replace")
-            except OSError:
-                report_cache[study] = None
-            else:
-                sections = parse_sections(text)
-                findings, impression = sections.get("FINDINGS", ""), sections.get("IMPRESSION", "")
-                report = " ".join(x for x in (findings, impression) if x) or " ".join(
-                    re.sub(r"^\s*FINAL REPORT", "", text).split()
-                )
-                report_cache[study] = (report, findings, impression)
-        entry = report_cache[study]
+        if study not in self.reports:
+            self.reports[study] = read_report(self.report_root / rel.with_suffix(".txt"))
+        entry = self.reports[study]
         if entry is None:
             problems.append(f"{dicom_id}: report {rel.with_suffix('.txt')} not found, skipped")
-            continue
+            return None
         report, findings, impression = entry
         path = ""
-        if have_images:
-            image = image_root / rel / f"{dicom_id}.jpg"
+        if self.image_root is not None:
+            image = self.image_root / rel / f"{dicom_id}.jpg"
             if not image.is_file():
                 problems.append(f"{dicom_id}: image {rel / (dicom_id + '.jpg')} not found, skipped")
-                continue
+                return None
             path = str(image.resolve())
-        labels = chexpert.get(study)
+        return {
+            "image_id": dicom_id,
+            "study_id": study,
+            "patient_id": subject,
+            "image_path": path,
+            "view": normalize_view(rec.get("ViewPosition", "")),
+            "report": report,
+            "findings": findings,
+            "impression": impression,
+        }
+
+    def labels(self, chexpert: dict[str, list[str]], row: dict) -> list[str]:
+        """The study's CheXpert labels, else the rule labeler's reading of its report."""
+        from retrieval.labels import label_report
+
+        labels = chexpert.get(row["study_id"])
         if labels is None:
-            labels = label_report(report)
-            labelled_by_rules += 1
-        rows.append(
-            {
-                "image_id": dicom_id,
-                "study_id": study,
-                "patient_id": subject,
-                "image_path": path,
-                "view": normalize_view(rec.get("ViewPosition", "")),
-                "report": report,
-                "findings": findings,
-                "impression": impression,
-                "labels": labels,
-                "split": splits.get(dicom_id, ""),
-            }
-        )
-    if labelled_by_rules and chexpert:
-        notes.append(f"{labelled_by_rules} images of studies missing from the CheXpert file: rule labeler used")
-    return finish(rows, "mimic-cxr", seed=seed, problems=problems, notes=notes)
+            labels = label_report(row["report"])
+            self.labelled_by_rules += 1
+        return labels
