@@ -251,6 +251,15 @@ def _baseline_answers(data: _EvalInputs, cond: str, task: str, exs: Sequence[Exa
     return [retrieval_answer(data.df, data.study_rows, e, data.exemplars.get(e.row, [])) for e in exs]
 
 
+def _vlm_outputs(gen: Any, data: _EvalInputs, task: str, exs: Sequence[Example], k: int) -> list[dict]:
+    """The VLM's outputs for the examples, each prompt carrying its row's top-`k` exemplars."""
+    import torch
+
+    vis = torch.stack([data.visual[e.row] for e in exs]).float()
+    ctx = [data.exemplars.get(e.row, [])[:k] for e in exs]
+    return gen.generate(vis, [task] * len(exs), [e.prompt for e in exs], ctx)
+
+
 def _samples(df: pd.DataFrame, cond: str, exs: Sequence[Example], outs: Sequence[dict]) -> list[dict]:
     """Up to three abnormal and one normal output of a condition, for the results file."""
     abnormal = [i for i, e in enumerate(exs) if _is_abnormal_row(df, e.row)]
@@ -288,8 +297,6 @@ def evaluate_generation(
     box_source: str = "head",
 ) -> dict:
     """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K for each K in `k`)."""
-    import torch
-
     from retrieval.data.manifest import read_manifest
     from retrieval.generation.generate import Generator
 
@@ -325,10 +332,8 @@ def evaluate_generation(
                 answers = _baseline_answers(data, cond, task, exs)
             else:
                 kk = int(cond.split("=")[1])
-                vis = torch.stack([data.visual[e.row] for e in exs]).float()
-                ctx = [data.exemplars.get(e.row, [])[:kk] for e in exs]
                 t1 = time.time()
-                outs = gen.generate(vis, [task] * len(exs), [e.prompt for e in exs], ctx)
+                outs = _vlm_outputs(gen, data, task, exs, kk)
                 seconds[f"{task}/{cond}"] = round(time.time() - t1, 2)
                 answers = [o["text"] for o in outs]
                 if task == "report" and kk > 0:
