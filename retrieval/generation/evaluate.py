@@ -101,8 +101,15 @@ def retrieval_answer(df: pd.DataFrame, study_rows: dict[str, int], ex: Example, 
     return DEFAULT_ANSWER[ex.task]
 
 
-def score_task(task: str, examples: Sequence[Example], answers: Sequence[str], meteor: bool = True) -> dict:
-    """The task's metrics for answers aligned with examples."""
+def score_task(
+    task: str,
+    examples: Sequence[Example],
+    answers: Sequence[str],
+    meteor: bool = True,
+    boxes: Sequence[Sequence[dict] | None] | None = None,
+) -> dict:
+    """The task's metrics for answers aligned with examples; `boxes`: each answer's boxes as the generator
+    gave them (with the box head's `score`, which ranks them for mAP), else parsed from the text."""
     refs = [e.target for e in examples]
     if task == "report":
         return {
@@ -129,7 +136,10 @@ def score_task(task: str, examples: Sequence[Example], answers: Sequence[str], m
         return out
     if task == "identify":
         truth = [e.info.get("boxes", []) for e in examples]
-        preds = [parse_boxes(a, LABELS) for a in answers]
+        preds = [
+            list(b) if b is not None else parse_boxes(a, LABELS)
+            for a, b in zip(answers, boxes or [None] * len(answers), strict=True)
+        ]
         normal = [i for i, e in enumerate(examples) if not e.info.get("boxes")]
         out = {**localisation_accuracy(truth, preds), "map@0.5": map50(truth, preds), **_malformed(answers)}
         if normal:
@@ -329,20 +339,20 @@ def evaluate_generation(
         results[task] = {}
         for cond in conditions:
             if not cond.startswith("vlm"):
-                answers = _baseline_answers(data, cond, task, exs)
+                answers, boxes = _baseline_answers(data, cond, task, exs), None
             else:
                 kk = int(cond.split("=")[1])
                 t1 = time.time()
                 outs = _vlm_outputs(gen, data, task, exs, kk)
                 seconds[f"{task}/{cond}"] = round(time.time() - t1, 2)
-                answers = [o["text"] for o in outs]
+                answers, boxes = [o["text"] for o in outs], [o.get("boxes") for o in outs]
                 if task == "report" and kk > 0:
                     rag[f"k={kk}"] = {
                         **rag_diagnostics(df, data.study_rows, exs, data.exemplars, kk),
                         "output_sentences_copied": copy_rate(outs),
                     }
                 samples.setdefault(task, []).extend(_samples(df, cond, exs, outs))
-            results[task][cond] = {"n": len(exs), **score_task(task, exs, answers, meteor=meteor)}
+            results[task][cond] = {"n": len(exs), **score_task(task, exs, answers, meteor, boxes)}
     return {
         "vlm": str(vlm_dir),
         "index": str(index_dir) if index_dir else None,
