@@ -242,9 +242,9 @@ def fit_box_head(
         for q, p in enumerate(finds):
             t[list(groups[keys[p]]), q] = 1.0
         reg = _ridge(xc, t, presence_lam)
-        presence[finds] = reg.coef_
-        presence_bias[finds] = reg.intercept_
-        thresholds[finds] = fit_thresholds(reg.predict(xc), t)
+        presence[finds] = np.reshape(reg.coef_, (len(finds), d))  # sklearn drops the axis of one target
+        presence_bias[finds] = np.reshape(reg.intercept_, -1)
+        thresholds[finds] = fit_thresholds(np.reshape(reg.predict(xc), (n, -1)), t)
     log.info("box head: %d groups (%d findings) from %d rows", len(keys), len(finds), n)
     names, sides = [k[0] for k in keys], [k[1] for k in keys]
     return BoxHead(names, sides, anatomy, mean, weights, bias, presence, presence_bias, thresholds)
