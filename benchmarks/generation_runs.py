@@ -14,15 +14,19 @@ Results: benchmarks/results/generation_NAME.{json,md}.
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-from pathlib import Path
-from typing import Any
+import os
 
-import numpy as np
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp: no spin-waiting on busy machines
 
-from benchmarks.common import RESULTS, machine_info
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import RESULTS, machine_info  # noqa: E402
 
 
 def _parse_arm(text: str) -> tuple[str, dict[str, Any]]:

@@ -42,7 +42,7 @@ def test_dual_solution_equals_the_naive_primal_ridge():
         y = np.array([[b[k] for k in ("x1", "y1", "x2", "y2")] for i in sel for b in rows[i] if b["label"] == name])
         w, b = _naive_primal(x[sel].astype(np.float64), y, 0.1)
         want = np.clip(x.astype(np.float64) @ w + b, 0, 1)
-        got = head.boxes(x)[:, head.index(name)]
+        got = head.boxes(x)[:, head.groups(name)[0]]
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -50,7 +50,7 @@ def test_recovers_boxes_better_than_the_mean_box_on_held_out_rows():
     x, rows = _data(n=300)
     head = fit_box_head(x[:200], rows[:200], {"right lung"}, lam=0.01)
     truth = np.array([[r[0][k] for k in ("x1", "y1", "x2", "y2")] for r in rows[200:]])
-    got = head.boxes(x[200:])[:, head.index("right lung")]  # names match case-insensitively
+    got = head.boxes(x[200:])[:, head.groups("right lung")[0]]  # names match case-insensitively
     mean = truth.mean(0)
     assert np.abs(got - truth).mean() < 0.3 * np.abs(mean - truth).mean()
 
@@ -58,9 +58,9 @@ def test_recovers_boxes_better_than_the_mean_box_on_held_out_rows():
 def test_presence_is_predicted_as_often_as_it_occurs_and_identify_text_parses():
     x, rows = _data(n=200)
     head = fit_box_head(x, rows, {"right lung"})
-    j = head.index("nodule")
+    j = head.groups("nodule")[0]
     scores = head.presence_scores(x)
-    assert np.isneginf(scores[:, head.index("right lung")]).all()  # anatomy is never "identified"
+    assert np.isneginf(scores[:, head.groups("right lung")[0]]).all()  # anatomy is never "identified"
     has = np.array([any(b["label"] == "Nodule" for b in r) for r in rows])
     assert (scores[:, j] > head.thresholds[j]).sum() == has.sum()
     texts = head.answer_identify(x[:20])
@@ -80,7 +80,7 @@ def test_unknown_phrase_and_too_few_rows_are_left_to_the_lm(tmp_path):
     assert head.answer_ground(x[:2], ["heart", "right lung"])[1].startswith("{")
     head.save(tmp_path)
     again = BoxHead.load(tmp_path)
-    assert again.names == head.names and again.anatomy == head.anatomy
+    assert again.names == head.names and again.anatomy == head.anatomy and again.sides == head.sides
     np.testing.assert_allclose(again.boxes(x), head.boxes(x), atol=1e-4)
     assert BoxHead.load(tmp_path / "none") is None
 
@@ -94,3 +94,51 @@ def test_box_features_average_pool_a_square_grid():
     np.testing.assert_allclose(f.reshape(2, 3, 3, 3)[:, :, 0, 1], block.numpy())  # (B, d, 3, 3) flattened
     with pytest.raises(ValueError):
         box_features(torch.zeros(1, 10, 3))
+
+
+def _sided(n: int = 300, seed: int = 1):
+    """A lesion in the left or the right half (feature 0 says which, feature 1 moves it up/down), sometimes both."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 30)).astype(np.float32)
+    rows = []
+    for i in range(n):
+        y = 0.3 + 0.05 * np.tanh(x[i, 1])
+        left = {"label": "Lesion", "x1": 0.15, "y1": y, "x2": 0.3, "y2": y + 0.15}
+        right = {"label": "Lesion", "x1": 0.7, "y1": y, "x2": 0.85, "y2": y + 0.15}
+        rows.append([left] if x[i, 0] < -0.3 else [right] if x[i, 0] > 0.3 else [left, right])
+    return x, rows
+
+
+def test_a_lesion_left_or_right_gets_a_box_per_half_not_one_between():
+    from retrieval.generation.boxes import iou
+    from retrieval.generation.metrics import localisation_accuracy, map50
+
+    x, rows = _sided()
+    head = fit_box_head(x[:200], rows[:200], set())
+    assert sorted(head.sides[g] for g in head.groups("lesion")) == ["left", "right"]
+    preds = head.identify(x[200:])
+    for p in preds:  # valid boxes with a score, most confident first, none across the midline
+        assert all(b["x1"] < b["x2"] and b["y1"] < b["y2"] and not b["x1"] < 0.5 < b["x2"] for b in p)
+        assert [b["score"] for b in p] == sorted((b["score"] for b in p), reverse=True)
+    assert localisation_accuracy(rows[200:], preds)["acc@0.5"] > 0.9
+    assert map50(rows[200:], preds) > 0.8
+    # the naive reference: one box per name from the same features lands between the halves
+    mean = np.mean([[b[k] for k in ("x1", "y1", "x2", "y2")] for r in rows[:200] for b in r], axis=0)
+    one = dict(zip(("x1", "y1", "x2", "y2"), mean, strict=True))
+    assert np.mean([max(iou(one, b) for b in r) for r in rows[200:]]) < 0.3
+    ground = head.ground(x[200:], ["lesion"])
+    assert all(g is not None and len(g) >= 1 for g in ground)
+
+
+def test_map50_ranks_by_score_when_given():
+    from retrieval.generation.metrics import map50
+
+    truth = [
+        [{"label": "A", "x1": 0.1, "y1": 0.1, "x2": 0.3, "y2": 0.3}],
+        [{"label": "A", "x1": 0.5, "y1": 0.5, "x2": 0.7, "y2": 0.7}],
+    ]
+    hit = {"label": "A", "x1": 0.1, "y1": 0.1, "x2": 0.3, "y2": 0.3}
+    miss = {"label": "A", "x1": 0.8, "y1": 0.8, "x2": 0.9, "y2": 0.9}
+    good = [[{**hit, "score": 0.9}], [{**miss, "score": 0.1}]]
+    bad = [[{**hit, "score": 0.1}], [{**miss, "score": 0.9}]]
+    assert map50(truth, good) > map50(truth, bad)

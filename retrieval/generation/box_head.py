@@ -1,6 +1,6 @@
-"""A box head on the frozen visual tokens: ridge regression from the tokens to each box name's box, and a ridge
-presence score per finding box name. It answers `[ground]`, "where is the X?" and `[identify]` when the VLM has
-one (`Generator(box_source="head")`, the default), the LM otherwise.
+"""A box head on the frozen visual tokens: ridge regression (sklearn) from the tokens to a box per box *group*,
+and a ridge presence score per finding group. It answers `[ground]`, "where is the X?" and `[identify]` when the
+VLM has one (`Generator(box_source="head")`, the default), the LM otherwise.
 
 Why: the frozen tokens hold the boxes (a ridge regression from the 3x3-pooled tokens reaches IoU 0.97 for the
 right lung against 0.86 for its mean box), but the small LM binds phrases to boxes loosely in a few hundred CPU
@@ -8,11 +8,16 @@ steps (left vs right) and spends steps on boxes that the findings need (benchmar
 Fitted in closed form once at the end of training, on the training rows only, it costs seconds, not steps.
 
 - features: the tokens (B, g*g, d) average-pooled to a 3x3 grid and flattened (`box_features`);
-- box per name: kernel ridge (linear kernel, one kernel for all rows, centred per name) on the rows that have a box
-  of that name, target = the name's largest box (x1, y1, x2, y2 in [0, 1]); names with fewer than `min_rows` rows
-  are left to the LM;
-- presence per finding name (not anatomy): ridge on every row (1 = has the box), threshold fitted as the finding
-  head's (`head.fit_thresholds`: predicted as often as it occurs in the training rows).
+- groups: one per anatomy name; a finding name whose boxes lie left *or* right of the midline (fewer than half
+  of the box centres within 0.1 of x = 0.5: TB lesions, nodules, effusions) gets one group per image half
+  (`left` / `right`, by box centre), other findings one (`all`). One regression per name put a lesion that sits in
+  the left or the right lung between the two (benchmarks/results/generation_tbx11k.md);
+- box per group: ridge on the rows that have a box of the group, target = the group's largest box (x1, y1, x2, y2
+  in [0, 1]); groups with fewer than `min_rows` rows are left out (a name without groups goes to the LM);
+- presence per finding group: ridge on every row (1 = has a box of the group), threshold fitted as the finding
+  head's (`head.fit_thresholds`: predicted as often as it occurs in the training rows). The score ranks the boxes
+  for mAP (`score` in the box dicts); `[identify]` lists every group above its threshold, same-name boxes that
+  overlap (IoU > 0.5) merged to the higher-scored one.
 """
 
 from __future__ import annotations
@@ -26,15 +31,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.generation.boxes import format_box
+from retrieval.generation.boxes import format_box, format_findings, snap
 from retrieval.generation.head import fit_thresholds
 
 log = logging.getLogger(__name__)
 
 FILE = "box_head.safetensors"
 POOL = 3
-DEFAULT_LAMBDA = 0.1  # ridge penalty x the mean kernel diagonal (benchmarks/results/generation_demo.md)
+DEFAULT_LAMBDA = 0.1  # box ridge penalty x the mean squared feature norm (benchmarks/results/generation_demo.md)
+PRESENCE_LAMBDA = (
+    1.0  # presence ridge penalty, the same scale (TBX11K val split: benchmarks/results/generation_tbx11k.md)
+)
 MIN_ROWS = 8
+MIDLINE_BAND = 0.1  # a box centre within this of x = 0.5 is "on the midline"
+SIDES = ("all", "left", "right")
 
 
 def box_features(visual: torch.Tensor, pool: int = POOL) -> np.ndarray:
@@ -53,25 +63,30 @@ def _largest(boxes: Sequence[dict]) -> list[float]:
     return [float(b[k]) for k in ("x1", "y1", "x2", "y2")]
 
 
-def _box_dict(box: np.ndarray) -> dict:
-    return dict(zip(("x1", "y1", "x2", "y2"), map(float, box), strict=True))
+def _side(box: dict) -> str:
+    return "left" if (box["x1"] + box["x2"]) / 2 < 0.5 else "right"
 
 
-def _ridge(kernel: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
-    """Dual coefficients for centred `kernel` (n, n) and centred targets `y` (n, t)."""
-    n = len(kernel)
-    reg = lam * max(float(np.trace(kernel)) / n, 1e-12)
-    return np.linalg.solve(kernel + reg * np.eye(n), y)
+def _box_dict(box: np.ndarray, **extra) -> dict:
+    """A valid box as it reads back from text (x1 < x2, y1 < y2 on the 0-100 grid), with `extra` keys."""
+    b = snap(dict(zip(("x1", "y1", "x2", "y2"), map(float, box), strict=True)))
+    b.pop("label")
+    return {**extra, **b}
 
 
-def _centre(kernel: np.ndarray) -> np.ndarray:
-    row = kernel.mean(0, keepdims=True)
-    return kernel - row - row.T + kernel.mean()
+def _ridge(x: np.ndarray, y: np.ndarray, lam: float):
+    """sklearn Ridge on (n, D) `x` -> (n, t) `y` (intercept unpenalised), penalty `lam` x the mean squared norm of
+    the centred rows (so `lam` does not depend on the feature scale)."""
+    from sklearn.linear_model import Ridge
+
+    scale = float(((x - x.mean(0)) ** 2).sum(1).mean())
+    return Ridge(alpha=lam * max(scale, 1e-12)).fit(x, y)
 
 
 @dataclass
 class BoxHead:
-    names: list[str]  # box names as written (`Right Lung`, `Calcified Granuloma`)
+    names: list[str]  # per group: the box name as written (`Right Lung`, `Active Tuberculosis`)
+    sides: list[str]  # per group: `all`, `left` or `right` (the image half its boxes' centres lie in)
     anatomy: list[bool]
     mean: np.ndarray  # (D,) feature mean of the training rows
     weights: np.ndarray  # (P, D, 4)
@@ -80,9 +95,10 @@ class BoxHead:
     presence_bias: np.ndarray  # (P,)
     thresholds: np.ndarray  # (P,); inf for anatomy
 
-    def index(self, name: str) -> int | None:
+    def groups(self, name: str) -> list[int]:
+        """The groups of box name `name` (case-insensitive)."""
         low = name.strip().lower()
-        return next((i for i, n in enumerate(self.names) if n.lower() == low), None)
+        return [i for i, n in enumerate(self.names) if n.lower() == low]
 
     def boxes(self, features: np.ndarray) -> np.ndarray:
         """(B, P, 4) predicted boxes, clipped to [0, 1]."""
@@ -93,26 +109,54 @@ class BoxHead:
         """(B, P) presence scores (anatomy: -inf)."""
         xc = features.astype(np.float64) - self.mean
         s = xc @ self.presence.T + self.presence_bias
-        s[:, np.asarray(self.anatomy)] = -np.inf
+        s[:, np.asarray(self.anatomy, dtype=bool)] = -np.inf
         return s
 
-    def answer_ground(self, features: np.ndarray, phrases: Sequence[str]) -> list[str | None]:
-        """`{<..>}` per (image, phrase), or None for a phrase the head does not know."""
-        idx = [self.index(p) for p in phrases]
-        boxes = self.boxes(features)
-        return [None if j is None else format_box(_box_dict(boxes[i, j])) for i, j in enumerate(idx)]
+    def ground(self, features: np.ndarray, phrases: Sequence[str]) -> list[list[dict] | None]:
+        """Boxes per (image, phrase), or None for a phrase the head does not know: an unsided name's box; for a
+        sided finding the halves whose presence passes its threshold (the most likely half when none does)."""
+        boxes, scores = self.boxes(features), self.presence_scores(features)
+        out: list[list[dict] | None] = []
+        for i, phrase in enumerate(phrases):
+            gs = self.groups(phrase)
+            if not gs:
+                out.append(None)
+                continue
+            on = [g for g in gs if scores[i, g] > self.thresholds[g]] or [max(gs, key=lambda g: scores[i, g])]
+            out.append([_box_dict(boxes[i, g], label=self.names[g]) for g in sorted(on, key=lambda g: -scores[i, g])])
+        return out
 
-    def answer_identify(self, features: np.ndarray) -> list[str]:
-        """`Name {<..>}; ...` (most confident first) for the finding names above threshold, or `no findings`."""
-        from retrieval.generation.boxes import format_findings
+    def answer_ground(self, features: np.ndarray, phrases: Sequence[str]) -> list[str | None]:
+        """`{<..>}` (one per box) per (image, phrase), or None for a phrase the head does not know."""
+        return [None if bs is None else " ".join(format_box(b) for b in bs) for bs in self.ground(features, phrases)]
+
+    def identify(self, features: np.ndarray) -> list[list[dict]]:
+        """Per image, the finding groups above threshold as `{label, x1..y2, score}` (highest score first; same-name
+        boxes with IoU > 0.5 merged to the higher-scored one)."""
+        from torchvision.ops import batched_nms
+
+        from retrieval.generation.boxes import boxes_tensor
 
         boxes, scores = self.boxes(features), self.presence_scores(features)
         out = []
         for i in range(len(features)):
-            on = [j for j in np.argsort(-scores[i]) if scores[i, j] > self.thresholds[j]]
-            found = [{"label": self.names[j], **_box_dict(boxes[i, j])} for j in on]
-            out.append(format_findings(found))
+            on = [g for g in np.argsort(-scores[i], kind="stable") if scores[i, g] > self.thresholds[g]]
+            found = [_box_dict(boxes[i, g], label=self.names[g], score=float(scores[i, g])) for g in on]
+            if len(found) > 1:
+                names = sorted({b["label"] for b in found})
+                keep = batched_nms(
+                    boxes_tensor(found).double(),
+                    torch.tensor([b["score"] for b in found], dtype=torch.float64),
+                    torch.tensor([names.index(b["label"]) for b in found]),
+                    0.5,
+                )
+                found = [found[k] for k in sorted(keep.tolist())]
+            out.append(found)
         return out
+
+    def answer_identify(self, features: np.ndarray) -> list[str]:
+        """`Name {<..>}; ...` (most confident first) for the finding groups above threshold, or `no findings`."""
+        return [format_findings(f) for f in self.identify(features)]
 
     def save(self, out_dir: str | Path) -> None:
         from safetensors.numpy import save_file
@@ -121,7 +165,7 @@ class BoxHead:
             k: np.ascontiguousarray(getattr(self, k), dtype=np.float32)
             for k in ("mean", "weights", "bias", "presence", "presence_bias", "thresholds")
         }
-        meta = {"names": json.dumps(self.names), "anatomy": json.dumps(self.anatomy)}
+        meta = {k: json.dumps(getattr(self, k)) for k in ("names", "sides", "anatomy")}
         save_file(tensors, str(Path(out_dir) / FILE), metadata=meta)
 
     @classmethod
@@ -135,7 +179,29 @@ class BoxHead:
         with safe_open(str(f), "np") as fh:
             meta = fh.metadata()
             t = {k: fh.get_tensor(k).astype(np.float64) for k in fh.keys()}  # noqa: SIM118
-        return cls(json.loads(meta["names"]), json.loads(meta["anatomy"]), **t)
+        names = json.loads(meta["names"])
+        sides = json.loads(meta["sides"]) if "sides" in meta else ["all"] * len(names)  # heads saved before sides
+        return cls(names, sides, json.loads(meta["anatomy"]), **t)
+
+
+def _groups(
+    row_boxes: Sequence[Sequence[dict]], names_anatomy: set[str], min_rows: int
+) -> dict[tuple[str, str], dict[int, list[dict]]]:
+    """{(name, side): {row: that group's boxes}} for the groups with at least `min_rows` rows (see the module
+    docstring for which names are split by image half)."""
+    by_name: dict[str, dict[int, list[dict]]] = {}
+    for r, boxes in enumerate(row_boxes):
+        for b in boxes:
+            by_name.setdefault(str(b["label"]), {}).setdefault(r, []).append(b)
+    out: dict[tuple[str, str], dict[int, list[dict]]] = {}
+    for name in sorted(by_name):
+        rows = by_name[name]
+        centres = np.array([(b["x1"] + b["x2"]) / 2 for bs in rows.values() for b in bs])
+        sided = name.lower() not in names_anatomy and np.mean(np.abs(centres - 0.5) < MIDLINE_BAND) < 0.5
+        for r, bs in rows.items():
+            for b in bs:
+                out.setdefault((name, _side(b) if sided else "all"), {}).setdefault(r, []).append(b)
+    return {k: v for k, v in out.items() if len(v) >= min_rows}
 
 
 def fit_box_head(
@@ -144,55 +210,44 @@ def fit_box_head(
     names_anatomy: set[str] | None = None,
     lam: float = DEFAULT_LAMBDA,
     min_rows: int = MIN_ROWS,
+    presence_lam: float = PRESENCE_LAMBDA,
 ) -> BoxHead | None:
     """Fit on (N, D) `features` and each row's labelled boxes (`label`, x1..y2 in [0, 1]); `names_anatomy`: the
-    box names that are anatomy (no presence score). None when no name has `min_rows` rows."""
+    box names that are anatomy (no presence score). None when no group has `min_rows` rows."""
     names_anatomy = {n.lower() for n in (names_anatomy or set())}
-    by_name: dict[str, dict[int, list[dict]]] = {}
-    for r, boxes in enumerate(row_boxes):
-        for b in boxes:
-            by_name.setdefault(str(b["label"]), {}).setdefault(r, []).append(b)
-    names = sorted(n for n, rows in by_name.items() if len(rows) >= min_rows)
-    if not names:
+    groups = _groups(row_boxes, names_anatomy, min_rows)
+    if not groups:
         return None
+    keys = list(groups)
     mean = features.astype(np.float64).mean(0)
-    xc32 = (features - mean.astype(np.float32)).astype(np.float32)
-    kernel = (xc32 @ xc32.T).astype(np.float64)  # float32 product: the one large matmul
-    xc = xc32.astype(np.float64)
+    xc = features.astype(np.float64) - mean
     n, d = xc.shape
-    weights, bias = np.zeros((len(names), d, 4)), np.zeros((len(names), 4))
-    targets: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
-    for p, name in enumerate(names):
-        rows = tuple(sorted(by_name[name]))
-        targets.setdefault(rows, []).append((p, np.array([_largest(by_name[name][r]) for r in rows])))
-    for rows, items in targets.items():  # one solve per row set (every anatomy name shares the rows)
+    weights, bias = np.zeros((len(keys), d, 4)), np.zeros((len(keys), 4))
+    by_rows: dict[tuple[int, ...], list[int]] = {}
+    for p, key in enumerate(keys):
+        by_rows.setdefault(tuple(sorted(groups[key])), []).append(p)
+    for rows, ps in by_rows.items():  # one fit per row set (every anatomy name shares the rows)
         sel = np.asarray(rows)
-        y = np.concatenate([t for _, t in items], axis=1)
-        ybar = y.mean(0)
-        alpha = _ridge(_centre(kernel[np.ix_(sel, sel)]), y - ybar, lam)
-        xs = xc[sel] - xc[sel].mean(0)
-        w = xs.T @ alpha  # (D, 4 * names)
-        m = xc[sel].mean(0)
-        for q, (p, _) in enumerate(items):
-            weights[p] = w[:, 4 * q : 4 * q + 4]
-            bias[p] = ybar[4 * q : 4 * q + 4] - m @ weights[p]
-    anatomy = [nm.lower() in names_anatomy for nm in names]
-    presence, presence_bias = np.zeros((len(names), d)), np.zeros(len(names))
-    thresholds = np.full(len(names), np.inf)
+        y = np.concatenate([[_largest(groups[keys[p]][r]) for r in rows] for p in ps], axis=1)
+        reg = _ridge(xc[sel], y, lam)
+        for q, p in enumerate(ps):
+            weights[p] = reg.coef_[4 * q : 4 * q + 4].T
+            bias[p] = reg.intercept_[4 * q : 4 * q + 4]
+    anatomy = [name.lower() in names_anatomy for name, _ in keys]
+    presence, presence_bias = np.zeros((len(keys), d)), np.zeros(len(keys))
+    thresholds = np.full(len(keys), np.inf)
     finds = [p for p, a in enumerate(anatomy) if not a]
     if finds:
         t = np.zeros((n, len(finds)))
         for q, p in enumerate(finds):
-            t[list(by_name[names[p]]), q] = 1.0
-        tbar = t.mean(0)
-        alpha = _ridge(kernel, t - tbar, lam)
-        w = xc.T @ alpha
-        presence[finds] = w.T
-        presence_bias[finds] = tbar
-        scores = xc @ w + tbar
-        thresholds[finds] = fit_thresholds(scores, t)
-    log.info("box head: %d names (%d findings) from %d rows", len(names), len(finds), n)
-    return BoxHead(names, anatomy, mean, weights, bias, presence, presence_bias, thresholds)
+            t[list(groups[keys[p]]), q] = 1.0
+        reg = _ridge(xc, t, presence_lam)
+        presence[finds] = np.reshape(reg.coef_, (len(finds), d))  # sklearn drops the axis of one target
+        presence_bias[finds] = np.reshape(reg.intercept_, -1)
+        thresholds[finds] = fit_thresholds(np.reshape(reg.predict(xc), (n, -1)), t)
+    log.info("box head: %d groups (%d findings) from %d rows", len(keys), len(finds), n)
+    names, sides = [k[0] for k in keys], [k[1] for k in keys]
+    return BoxHead(names, sides, anatomy, mean, weights, bias, presence, presence_bias, thresholds)
 
 
 def fit_for_examples(

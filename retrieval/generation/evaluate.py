@@ -20,6 +20,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,15 @@ def retrieval_answer(df: pd.DataFrame, study_rows: dict[str, int], ex: Example, 
     return DEFAULT_ANSWER[ex.task]
 
 
-def score_task(task: str, examples: Sequence[Example], answers: Sequence[str], meteor: bool = True) -> dict:
-    """The task's metrics for answers aligned with examples."""
+def score_task(
+    task: str,
+    examples: Sequence[Example],
+    answers: Sequence[str],
+    meteor: bool = True,
+    boxes: Sequence[Sequence[dict] | None] | None = None,
+) -> dict:
+    """The task's metrics for answers aligned with examples; `boxes`: each answer's boxes as the generator
+    gave them (with the box head's `score`, which ranks them for mAP), else parsed from the text."""
     refs = [e.target for e in examples]
     if task == "report":
         return {
@@ -128,7 +136,10 @@ def score_task(task: str, examples: Sequence[Example], answers: Sequence[str], m
         return out
     if task == "identify":
         truth = [e.info.get("boxes", []) for e in examples]
-        preds = [parse_boxes(a, LABELS) for a in answers]
+        preds = [
+            list(b) if b is not None else parse_boxes(a, LABELS)
+            for a, b in zip(answers, boxes or [None] * len(answers), strict=True)
+        ]
         normal = [i for i, e in enumerate(examples) if not e.info.get("boxes")]
         out = {**localisation_accuracy(truth, preds), "map@0.5": map50(truth, preds), **_malformed(answers)}
         if normal:
@@ -183,6 +194,98 @@ def copy_rate(outputs: Sequence[dict]) -> float:
     return copied / total if total else float("nan")
 
 
+@dataclass
+class _EvalInputs:
+    """What every condition of one evaluation reads: examples, visual tokens, exemplars, baselines."""
+
+    df: pd.DataFrame
+    rows: list[int]
+    examples: dict[str, list[Example]]
+    visual: dict
+    bad: list[dict]
+    exemplars: dict[int, list]
+    study_rows: dict[str, int]
+    by_prompt: dict
+    by_task: dict
+
+
+def _eval_inputs(
+    gen: Any,
+    df: pd.DataFrame,
+    tasks: Sequence[str],
+    split: str,
+    ks: Sequence[int],
+    max_per_task: int | None,
+    seed: int,
+    progress: bool,
+    retrieval_model: Any,
+    retrieval_target: str,
+    token_cache: str | Path | None,
+) -> _EvalInputs:
+    """The split's examples (capped per task; rows whose image cannot be read dropped), their visual tokens and
+    exemplars (training studies only), the first training row per study and the constant answers."""
+    from retrieval.generation.features import exemplars_for_rows, visual_tokens_for_rows
+    from retrieval.generation.train import split_rows
+
+    rows = split_rows(df, split)
+    train_rows = split_rows(df, "train")
+    examples = _cap(build_examples(df, tasks, rows, seed=seed), max_per_task, seed)
+    used = sorted({e.row for exs in examples.values() for e in exs})
+    visual, bad = visual_tokens_for_rows(df, used, gen.encoders, gen.grid, progress=progress, cache_dir=token_cache)
+    examples = {t: [e for e in exs if e.row in visual] for t, exs in examples.items()}
+    examples = {t: exs for t, exs in examples.items() if exs}
+
+    exemplars: dict[int, list] = {}
+    if gen.searcher is not None:
+        train_studies = {str(s) for s in df.iloc[train_rows]["study_id"]}
+        exemplars = exemplars_for_rows(
+            df,
+            sorted(visual),
+            gen.searcher,
+            max([*ks, 1]),
+            allowed_studies=train_studies,
+            model=retrieval_model or gen.retrieval_model,  # loaded only for images outside the index
+            target=retrieval_target,
+        )
+    study_rows: dict[str, int] = {}
+    for pos in train_rows:
+        study_rows.setdefault(str(df.iloc[pos]["study_id"]), pos)
+    by_prompt, by_task = constant_answers(build_examples(df, tasks, train_rows, seed=seed))
+    return _EvalInputs(df, rows, examples, visual, bad, exemplars, study_rows, by_prompt, by_task)
+
+
+def _baseline_answers(data: _EvalInputs, cond: str, task: str, exs: Sequence[Example]) -> list[str]:
+    """The `constant` or `retrieval-only` answers."""
+    if cond == "constant":
+        return [data.by_prompt.get((task, e.prompt), data.by_task.get(task, DEFAULT_ANSWER[task])) for e in exs]
+    return [retrieval_answer(data.df, data.study_rows, e, data.exemplars.get(e.row, [])) for e in exs]
+
+
+def _vlm_outputs(gen: Any, data: _EvalInputs, task: str, exs: Sequence[Example], k: int) -> list[dict]:
+    """The VLM's outputs for the examples, each prompt carrying its row's top-`k` exemplars."""
+    import torch
+
+    vis = torch.stack([data.visual[e.row] for e in exs]).float()
+    ctx = [data.exemplars.get(e.row, [])[:k] for e in exs]
+    return gen.generate(vis, [task] * len(exs), [e.prompt for e in exs], ctx)
+
+
+def _samples(df: pd.DataFrame, cond: str, exs: Sequence[Example], outs: Sequence[dict]) -> list[dict]:
+    """Up to three abnormal and one normal output of a condition, for the results file."""
+    abnormal = [i for i, e in enumerate(exs) if _is_abnormal_row(df, e.row)]
+    normal = [i for i in range(len(exs)) if i not in set(abnormal)]
+    return [
+        {
+            "condition": cond,
+            "prompt": exs[i].prompt,
+            "target": exs[i].target,
+            "output": outs[i]["text"],
+            "exemplars": outs[i]["exemplars"],
+        }
+        for i in abnormal[:3] + normal[:1]
+    ]
+
+
 def evaluate_generation(
     vlm_dir: str | Path,
     manifest: str | Path | pd.DataFrame,
@@ -205,9 +308,7 @@ def evaluate_generation(
 ) -> dict:
     """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K for each K in `k`)."""
     from retrieval.data.manifest import read_manifest
-    from retrieval.generation.features import exemplars_for_rows, visual_tokens_for_rows
     from retrieval.generation.generate import Generator
-    from retrieval.generation.train import split_rows
 
     t0 = time.time()
     df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
@@ -223,75 +324,35 @@ def evaluate_generation(
         box_source=box_source,
     )
     tasks = [t for t in (tasks or gen.vlm.config.get("tasks") or TASKS)]
-    rows = split_rows(df, split)
-    train_rows = split_rows(df, "train")
-    examples = _cap(build_examples(df, tasks, rows, seed=seed), max_per_task, seed)
-    used = sorted({e.row for exs in examples.values() for e in exs})
-    visual, bad = visual_tokens_for_rows(df, used, gen.encoders, gen.grid, progress=progress, cache_dir=token_cache)
-    examples = {t: [e for e in exs if e.row in visual] for t, exs in examples.items()}
-    examples = {t: exs for t, exs in examples.items() if exs}
-
-    k_ret = max([*ks, 1])
-    exemplars: dict[int, list] = {}
-    if gen.searcher is not None:
-        train_studies = {str(s) for s in df.iloc[train_rows]["study_id"]}
-        exemplars = exemplars_for_rows(
-            df,
-            sorted(visual),
-            gen.searcher,
-            k_ret,
-            allowed_studies=train_studies,
-            model=retrieval_model or gen.retrieval_model,  # loaded only for images outside the index
-            target=retrieval_target,
-        )
-    study_rows: dict[str, int] = {}
-    for pos in train_rows:
-        study_rows.setdefault(str(df.iloc[pos]["study_id"]), pos)
-    by_prompt, by_task = constant_answers(build_examples(df, tasks, train_rows, seed=seed))
+    data = _eval_inputs(
+        gen, df, tasks, split, ks, max_per_task, seed, progress, retrieval_model, retrieval_target, token_cache
+    )
+    conditions = ["constant"] + (["retrieval-only"] if data.exemplars else []) + ["vlm k=0"]
+    if data.exemplars and gen.vlm.config.get("rag_k", 1):
+        conditions += [f"vlm k={kk}" for kk in ks]
 
     results: dict[str, dict] = {}
     samples: dict[str, list] = {}
-    conditions = ["constant"] + (["retrieval-only"] if exemplars else []) + ["vlm k=0"]
-    if exemplars and gen.vlm.config.get("rag_k", 1):
-        conditions += [f"vlm k={kk}" for kk in ks]
-    import torch
-
     rag: dict[str, dict] = {}
     seconds: dict[str, float] = {}
-    for task, exs in examples.items():
+    for task, exs in data.examples.items():
         results[task] = {}
         for cond in conditions:
-            if cond == "constant":
-                answers = [by_prompt.get((task, e.prompt), by_task.get(task, DEFAULT_ANSWER[task])) for e in exs]
-            elif cond == "retrieval-only":
-                answers = [retrieval_answer(df, study_rows, e, exemplars.get(e.row, [])) for e in exs]
+            if not cond.startswith("vlm"):
+                answers, boxes = _baseline_answers(data, cond, task, exs), None
             else:
                 kk = int(cond.split("=")[1])
-                vis = torch.stack([visual[e.row] for e in exs]).float()
-                ctx = [exemplars.get(e.row, [])[:kk] for e in exs]
                 t1 = time.time()
-                outs = gen.generate(vis, [task] * len(exs), [e.prompt for e in exs], ctx)
+                outs = _vlm_outputs(gen, data, task, exs, kk)
                 seconds[f"{task}/{cond}"] = round(time.time() - t1, 2)
-                answers = [o["text"] for o in outs]
+                answers, boxes = [o["text"] for o in outs], [o.get("boxes") for o in outs]
                 if task == "report" and kk > 0:
                     rag[f"k={kk}"] = {
-                        **rag_diagnostics(df, study_rows, exs, exemplars, kk),
+                        **rag_diagnostics(df, data.study_rows, exs, data.exemplars, kk),
                         "output_sentences_copied": copy_rate(outs),
                     }
-                samples.setdefault(task, [])
-                abnormal = [i for i, e in enumerate(exs) if _is_abnormal_row(df, e.row)]
-                normal = [i for i in range(len(exs)) if i not in set(abnormal)]
-                for e, o in [(exs[i], outs[i]) for i in abnormal[:3] + normal[:1]]:
-                    samples[task].append(
-                        {
-                            "condition": cond,
-                            "prompt": e.prompt,
-                            "target": e.target,
-                            "output": o["text"],
-                            "exemplars": o["exemplars"],
-                        }
-                    )
-            results[task][cond] = {"n": len(exs), **score_task(task, exs, answers, meteor=meteor)}
+                samples.setdefault(task, []).extend(_samples(df, cond, exs, outs))
+            results[task][cond] = {"n": len(exs), **score_task(task, exs, answers, meteor, boxes)}
     return {
         "vlm": str(vlm_dir),
         "index": str(index_dir) if index_dir else None,
@@ -300,9 +361,11 @@ def evaluate_generation(
         "retrieval_target": retrieval_target,
         "rag": rag,
         "generation_seconds": seconds,
-        "seconds_per_output": {c: round(v / max(1, len(examples[c.split("/")[0]])), 4) for c, v in seconds.items()},
-        "rows": len(rows),
-        "bad_rows": bad,
+        "seconds_per_output": {
+            c: round(v / max(1, len(data.examples[c.split("/")[0]])), 4) for c, v in seconds.items()
+        },
+        "rows": len(data.rows),
+        "bad_rows": data.bad,
         "tasks": results,
         "samples": samples,
         "seconds": round(time.time() - t0, 1),

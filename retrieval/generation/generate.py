@@ -25,7 +25,7 @@ import torch
 from retrieval.device import resolve_device
 from retrieval.errors import UsageError
 from retrieval.generation.box_head import BoxHead, box_features
-from retrieval.generation.boxes import malformed_boxes, parse_boxes
+from retrieval.generation.boxes import format_box, format_findings, malformed_boxes, parse_boxes
 from retrieval.generation.constraints import box_decoding
 from retrieval.generation.encoders import encode_visual
 from retrieval.generation.findings_report import findings_report
@@ -172,17 +172,18 @@ class Generator:
                     out[i] = rec
         return [r for r in out if r is not None]
 
-    def _box_answers(self, visual: torch.Tensor, task: str, prompts: Sequence[str]) -> list[str | None]:
-        """The box head's answers (None where it has none: no head, another task, an unknown phrase)."""
-        none: list[str | None] = [None] * len(prompts)
+    def _box_answers(self, visual: torch.Tensor, task: str, prompts: Sequence[str]) -> list[list[dict] | None]:
+        """The box head's boxes (`[identify]`'s with their `score`), None where it has none: no head, another
+        task, an unknown phrase."""
+        none: list[list[dict] | None] = [None] * len(prompts)
         if self.box_head is None or task not in ("ground", "identify", "vqa"):
             return none
         if task == "identify":
-            return list(self.box_head.answer_identify(box_features(visual)))
+            return list(self.box_head.identify(box_features(visual)))
         phrases = [p if task == "ground" else where_phrase(p) for p in prompts]
         if all(ph is None for ph in phrases):
             return none
-        known = self.box_head.answer_ground(box_features(visual), [ph or "" for ph in phrases])
+        known = self.box_head.ground(box_features(visual), [ph or "" for ph in phrases])
         return [a if ph is not None else None for a, ph in zip(known, phrases, strict=True)]
 
     def _generate_batch(
@@ -214,7 +215,7 @@ class Generator:
             if from_head and (answer := closed_answer(p, probs[i], thresholds)) is not None:
                 text, source = answer, "finding head"
             if boxed[i] is not None:
-                text, source = boxed[i], "box head"
+                text, source = _boxes_text(task, boxed[i]), "box head"
             if quote and exemplars[i]:
                 best = rank_exemplars(exemplars[i], probs[i])[0]
                 text, source = best.report, "quoted exemplar"
@@ -234,10 +235,17 @@ class Generator:
                 **extra,
             }
             if task in ("identify", "ground") or (task == "vqa" and "{" in text):
-                rec["boxes"] = parse_boxes(text, LABELS)
+                rec["boxes"] = boxed[i] if boxed[i] is not None else parse_boxes(text, LABELS)
                 rec["malformed_boxes"] = malformed_boxes(text)[1]
             out.append(rec)
         return out
+
+
+def _boxes_text(task: str, boxes: Sequence[dict]) -> str:
+    """The box head's boxes as answer text: `Name {<..>}; ...` for `[identify]`, else `{<..>} {<..>}`."""
+    if task == "identify":
+        return format_findings(boxes)
+    return " ".join(format_box(b) for b in boxes)
 
 
 def generate_for_image(

@@ -153,7 +153,8 @@ def localisation_accuracy(
 
 
 def map50(truth: Sequence[Sequence[dict]], preds: Sequence[Sequence[dict]]) -> float:
-    """COCO-style AP at IoU 0.5 (pycocotools), averaged over labels; scores = rank within each answer."""
+    """COCO-style AP at IoU 0.5 (pycocotools), averaged over labels. A predicted box's score is its `score`
+    when it has one (the box head's confidence), else its rank within the answer (1 / (1 + rank))."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -184,7 +185,14 @@ def map50(truth: Sequence[Sequence[dict]], preds: Sequence[Sequence[dict]]) -> f
         for rank, b in enumerate(bs):
             name = str(b.get("label", "")).lower()
             if name in cat:
-                dets.append({"image_id": img, "category_id": cat[name], "bbox": xywh(b), "score": 1.0 / (1 + rank)})
+                dets.append(
+                    {
+                        "image_id": img,
+                        "category_id": cat[name],
+                        "bbox": xywh(b),
+                        "score": float(b.get("score", 1.0 / (1 + rank))),
+                    }
+                )
     if not dets:
         return 0.0
     with contextlib.redirect_stdout(io.StringIO()):

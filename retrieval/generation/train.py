@@ -170,33 +170,38 @@ def _save_checkpoint(out: Path, vlm: VLM, opt, sched, sampler: TaskSampler, step
     Checkpoint(out / "checkpoint").commit({"step": step, "sampler": sampler.state_dict(), "losses": losses}, write)
 
 
-def train_vlm(
-    manifest: str | Path | pd.DataFrame,
-    out_dir: str | Path,
-    config: VLMTrainConfig | None = None,
-    index_dir: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Train on the manifest's training split; writes the VLM folder to `out_dir`; returns run info."""
-    from retrieval.data.manifest import read_manifest
+@dataclass
+class _Inputs:
+    """What the training loop reads, computed once: examples, frozen visual tokens, exemplars, targets."""
 
-    config = config or VLMTrainConfig()
-    out = Path(out_dir)
+    df: pd.DataFrame
+    rows: list[int]
+    examples: dict[str, list[Example]]
+    encoders: list[Any]
+    used_rows: list[int]
+    visual: dict[int, torch.Tensor]
+    bad: list[dict]
+    seconds_visual: float
+    exemplars: dict[int, list[Exemplar]]
+    label_rows: dict[int, torch.Tensor]
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """Refuse to overwrite a trained VLM or an unfinished run's checkpoint without `resume`."""
     if (out / "vlm_config.json").exists() and not resume and not (out / "checkpoint").exists():
         raise UsageError(f"{out} already holds a trained VLM; choose another --out or pass --resume")
     if (out / "checkpoint").exists() and not resume:
         raise UsageError(f"{out} holds a checkpoint of an unfinished run; pass --resume or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    torch.manual_seed(config.seed)
-    df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
-    rows = split_rows(df, config.split)
 
+
+def _prepare_inputs(df: pd.DataFrame, config: VLMTrainConfig, index_dir: str | Path | None, progress: bool) -> _Inputs:
+    """Examples of the training split, frozen visual tokens (rows whose image cannot be read are dropped and
+    reported), and each row's exemplars (training studies only); resolves `config.encoders`."""
+    from retrieval.generation.features import exemplars_for_rows, open_searcher, visual_tokens_for_rows
+
+    rows = split_rows(df, config.split)
     searcher = None
     if index_dir is not None:
-        from retrieval.generation.features import open_searcher
-
         searcher = open_searcher(index_dir)
     elif config.rag_k > 0:
         raise UsageError("--rag-k > 0 needs --index (or pass --rag-k 0 to train without retrieval)")
@@ -204,9 +209,6 @@ def train_vlm(
     examples = build_examples(df, config.tasks, rows, seed=config.seed)
     if not examples:
         raise CXRError(f"the {config.split} split yields no examples for tasks {config.tasks}")
-
-    # Frozen visual tokens, once. Rows whose image cannot be read are dropped (and reported).
-    from retrieval.generation.features import exemplars_for_rows, visual_tokens_for_rows
 
     encoders = [load_encoder(s) for s in config.encoders]
     used_rows = sorted({ex.row for exs in examples.values() for ex in exs})
@@ -224,24 +226,24 @@ def train_vlm(
     if searcher is not None and config.rag_k > 0:
         train_studies = {str(s) for s in df.iloc[rows]["study_id"]}
         exemplars = exemplars_for_rows(df, sorted(visual), searcher, config.rag_k, allowed_studies=train_studies)
+    return _Inputs(
+        df, rows, examples, encoders, used_rows, visual, bad, t_vis, exemplars, row_label_targets(df, used_rows)
+    )
 
-    corpus = [e.target for exs in examples.values() for e in exs] + [e.prompt for exs in examples.values() for e in exs]
-    corpus += list({x.report for exs in exemplars.values() for x in exs})
-    visual_dim = next(iter(visual.values())).shape[-1]
 
-    ck = Checkpoint(out / "checkpoint")
-    start = 0
-    losses: list[float] = []
-    state = ck.state() if resume else None
+def _create_or_resume(config: VLMTrainConfig, data: _Inputs, state: dict | None, ck: Checkpoint) -> VLM:
+    """The VLM of the checkpoint's step (`state`), or a new one whose vocabulary covers the training text."""
     if state is not None:
         vlm = VLM.load(ck.path("vlm", state), trainable=True)
-        start, losses = int(state["step"]), list(state["losses"])
     else:
+        exs = [e for es in data.examples.values() for e in es]
+        corpus = [e.target for e in exs] + [e.prompt for e in exs]
+        corpus += list({x.report for xs in data.exemplars.values() for x in xs})
         enc_meta = [
-            {"spec": s, "name": str(getattr(e, "name", s))} for s, e in zip(config.encoders, encoders, strict=True)
+            {"spec": s, "name": str(getattr(e, "name", s))} for s, e in zip(config.encoders, data.encoders, strict=True)
         ]
         vlm = VLM.create(
-            visual_dim,
+            next(iter(data.visual.values())).shape[-1],
             enc_meta,
             config.lm_path,
             config.lora,
@@ -255,38 +257,60 @@ def train_vlm(
             loss_norm=config.loss_norm,
         )
     vlm.config.update(
-        visual_grid=config.visual_grid, prompt_budget=config.prompt_budget, tasks=list(examples), rag_k=config.rag_k
+        visual_grid=config.visual_grid,
+        prompt_budget=config.prompt_budget,
+        tasks=list(data.examples),
+        rag_k=config.rag_k,
     )
-    label_rows = row_label_targets(df, used_rows)
-    vlm.train()
+    return vlm
+
+
+def _optimisation(config: VLMTrainConfig, vlm: VLM, data: _Inputs, state: dict | None, ck: Checkpoint):
+    """(trainable params, AdamW, warmup-cosine scheduler, task sampler), restored from the checkpoint if any."""
     params = [p for p in vlm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.warmup_steps, config.steps))
-    keys = row_balance_keys(df, used_rows)
+    keys = row_balance_keys(data.df, data.used_rows)
     sampler = TaskSampler(
-        examples, seed=config.seed, task_rule=config.task_rule, balance=config.balance, keys=lambda e: keys[e.row]
+        data.examples, seed=config.seed, task_rule=config.task_rule, balance=config.balance, keys=lambda e: keys[e.row]
     )
     if state is not None:
         opt_state = torch.load(ck.path("optim", state), weights_only=True)
         opt.load_state_dict(opt_state["optimizer"])
         sched.load_state_dict(opt_state["scheduler"])
         sampler.load_state_dict(state["sampler"])
+    return params, opt, sched, sampler
 
-    tok = vlm.tok
-    t_train = time.time()
+
+def _train_steps(
+    config: VLMTrainConfig,
+    vlm: VLM,
+    data: _Inputs,
+    optim: tuple,
+    start: int,
+    losses: list[float],
+    out: Path,
+    progress: bool,
+) -> dict[str, int]:
+    """Steps `start`..`config.steps` (appending to `losses`, checkpointing every `checkpoint_every`); returns the
+    number of examples drawn per task."""
+    params, opt, sched, sampler = optim
     draws: dict[str, int] = {}
+    vlm.train()
     with make_progress(disable=not progress) as bar:
         task = bar.add_task("training VLM", total=config.steps, completed=start, unit="steps")
         for step in range(start, config.steps):
-            active = stage_tasks(step, config.steps, list(examples), config.two_stage, config.stage1_fraction)
+            active = stage_tasks(step, config.steps, list(data.examples), config.two_stage, config.stage1_fraction)
             batch = sampler.sample(config.batch_size, active)
             for ex in batch:
                 draws[ex.task] = draws.get(ex.task, 0) + 1
             rng = np.random.default_rng([config.seed, step])
             ks = [0 if rng.random() < config.rag_dropout else config.rag_k for _ in batch]
-            prompts, targets = encode_batch(tok, batch, exemplars, ks, config.prompt_budget, config.max_target_tokens)
-            vis = torch.stack([visual[ex.row] for ex in batch]).float()
-            aux_t = torch.stack([label_rows[ex.row] for ex in batch]) if config.aux_weight > 0 else None
+            prompts, targets = encode_batch(
+                vlm.tok, batch, data.exemplars, ks, config.prompt_budget, config.max_target_tokens
+            )
+            vis = torch.stack([data.visual[ex.row] for ex in batch]).float()
+            aux_t = torch.stack([data.label_rows[ex.row] for ex in batch]) if config.aux_weight > 0 else None
             loss = vlm(vis, prompts, targets, aux_t, config.aux_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -297,33 +321,68 @@ def train_vlm(
             bar.update(task, advance=1, description=f"training VLM (loss {np.mean(losses[-20:]):.3f})")
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
                 _save_checkpoint(out, vlm, opt, sched, sampler, step + 1, losses)
+    return draws
 
+
+def _finish(config: VLMTrainConfig, vlm: VLM, data: _Inputs, out: Path) -> float:
+    """Fit the finding head's thresholds, save the VLM and fit + save the box head; returns the box head's
+    seconds."""
     vlm.eval()
     if vlm.aux_head is not None:  # thresholds for closed answers from the finding head (head.py)
-        vlm.config["head_thresholds"] = head_thresholds(vlm, visual, label_rows)
-    vlm.save(out, encoders)
+        vlm.config["head_thresholds"] = head_thresholds(vlm, data.visual, data.label_rows)
+    vlm.save(out, data.encoders)
     t_box = time.time()
     if config.box_head:
         from retrieval.generation.box_head import fit_for_examples
 
-        if (head := fit_for_examples(visual, examples)) is not None:
+        if (head := fit_for_examples(data.visual, data.examples)) is not None:
             head.save(out)
-    t_box = time.time() - t_box
+    return time.time() - t_box
+
+
+def train_vlm(
+    manifest: str | Path | pd.DataFrame,
+    out_dir: str | Path,
+    config: VLMTrainConfig | None = None,
+    index_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train on the manifest's training split; writes the VLM folder to `out_dir`; returns run info."""
+    from retrieval.data.manifest import read_manifest
+
+    config = config or VLMTrainConfig()
+    out = Path(out_dir)
+    _check_out(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    torch.manual_seed(config.seed)
+    df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
+    data = _prepare_inputs(df, config, index_dir, progress)
+
+    ck = Checkpoint(out / "checkpoint")
+    state = ck.state() if resume else None
+    start, losses = (int(state["step"]), list(state["losses"])) if state is not None else (0, [])
+    vlm = _create_or_resume(config, data, state, ck)
+    optim = _optimisation(config, vlm, data, state, ck)
+    t_train = time.time()
+    draws = _train_steps(config, vlm, data, optim, start, losses, out, progress)
+    t_box = _finish(config, vlm, data, out)
     info = {
         "config": asdict(config),
         "index": str(index_dir) if index_dir else None,
-        "train_rows": len(rows),
-        "bad_rows": bad,
-        "task_sizes": {t: len(v) for t, v in examples.items()},
-        "task_weights": sampler.weights(),
+        "train_rows": len(data.rows),
+        "bad_rows": data.bad,
+        "task_sizes": {t: len(v) for t, v in data.examples.items()},
+        "task_weights": optim[3].weights(),
         "steps": config.steps,
         "loss_first20": float(np.mean(losses[:20])) if losses else None,
         "loss_last20": float(np.mean(losses[-20:])) if losses else None,
         "losses": losses,
-        "params_trainable": int(sum(p.numel() for p in params)),
-        "vocab_size": len(tok),
+        "params_trainable": int(sum(p.numel() for p in optim[0])),
+        "vocab_size": len(vlm.tok),
         "task_draws": draws,
-        "seconds_visual_tokens": round(t_vis, 1),
+        "seconds_visual_tokens": round(data.seconds_visual, 1),
         "seconds_training": round(time.time() - t_train - t_box, 1),
         "seconds_box_head": round(t_box, 1),
         "seconds": round(time.time() - t0, 1),
