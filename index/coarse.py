@@ -24,11 +24,8 @@ nothing else; the search record says which quantizer the tuning chose (`coarse`)
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 HNSW_M = 32
 HNSW_DIST_PER_EF = 24  # distance computations per unit of an HNSW search's breadth (~23 measured at 1M vectors)
@@ -115,41 +112,3 @@ def swap(index: Any, to: str) -> Callable[[], None]:
         _set_quantizer(ivf, old)
 
     return restore
-
-
-def swap_to_graph(index: Any) -> Callable[[], None]:
-    """`swap(index, GRAPH)`: the HNSW32 graph over the flat quantizer's centroids."""
-    return swap(index, GRAPH)
-
-
-def choose(
-    index: Any, tune_fn: Callable[[], Any], cost_fn: Callable[[Any, dict], float], apply_fn: Callable[[Any, dict], None]
-) -> Any:
-    """Tune `index` (tune_fn() -> index/tune.py's Tuning), then, when a graph would read fewer centroids at the
-    tuned nprobe, try the graph over the same centroids and keep it when it reaches the target at a lower cost
-    (cost_fn). Returns the Tuning kept (`coarse` set for IVF indexes); the index is left with the chosen quantizer and
-    parameters (apply_fn sets them back when the flat one stays)."""
-    flat = tune_fn()
-    coarse = kind(index)
-    if coarse is None:
-        return flat
-    flat.coarse = coarse
-    flat_cost = cost_fn(index, flat.params)
-    if not (flat.met and graph_pays(index, flat.params)):
-        return flat
-    restore = swap_to_graph(index)
-    graph = tune_fn()
-    graph.coarse = kind(index)
-    graph_cost = cost_fn(index, graph.params)
-    keep = graph.met and graph_cost < flat_cost
-    tried = [*(dict(t, coarse=FLAT) for t in flat.tried), *(dict(t, coarse=graph.coarse) for t in graph.tried)]
-    if not keep:
-        restore()
-        apply_fn(index, flat.params)
-    chosen = graph if keep else flat
-    chosen.tried = tried
-    log.info(
-        "coarse quantizer: %s (graph %s the target at %.0f KiB per query, flat %.0f KiB)",
-        chosen.coarse, "reaches" if graph.met else "misses", graph_cost / 1024, flat_cost / 1024,
-    )  # fmt: skip
-    return chosen

@@ -100,10 +100,7 @@ def parts(index: Any) -> dict:
         out["base"] = idx
     if isinstance(idx, faiss.IndexHNSW):
         out["hnsw"] = idx
-    try:
-        out["ivf"] = faiss.extract_index_ivf(idx)
-    except RuntimeError:
-        pass
+    out["ivf"] = coarse.ivf_of(idx)
     return out
 
 
@@ -304,12 +301,30 @@ def tune_index(
     truth_scores: np.ndarray | None,
     pick_coarse: bool = False,
 ) -> Tuning:
-    """`tune`, and with `pick_coarse` the IVF coarse quantizer chosen as well (index/coarse.py); the Tuning says
-    which quantizer the index has."""
-    run = lambda: tune(index, queries, truth, query_ids, target, truth_scores)  # noqa: E731
-    result = coarse.choose(index, run, cost, apply_params) if pick_coarse else run()
-    result.coarse = coarse.kind(index)
-    return result
+    """`tune`, and with `pick_coarse` the IVF coarse quantizer chosen as well (index/coarse.py): when a graph would
+    read fewer centroids at the flat quantizer's tuned nprobe, the graph over the same centroids is tuned too and
+    kept when it reaches the target at a lower cost. The index is left with the quantizer and parameters kept; the
+    Tuning says which quantizer that is, and its `tried` holds both tunings."""
+    flat = tune(index, queries, truth, query_ids, target, truth_scores)
+    flat.coarse = coarse.kind(index)
+    if not (pick_coarse and flat.met and coarse.graph_pays(index, flat.params)):
+        return flat
+    flat_cost = cost(index, flat.params)
+    restore = coarse.swap(index, coarse.GRAPH)
+    graph = tune(index, queries, truth, query_ids, target, truth_scores)
+    graph.coarse = coarse.GRAPH
+    graph_cost = cost(index, graph.params)
+    keep = graph.met and graph_cost < flat_cost
+    if not keep:
+        restore()
+        apply_params(index, flat.params)
+    chosen = graph if keep else flat
+    chosen.tried = [*(dict(t, coarse=r.coarse) for r in (flat, graph) for t in r.tried)]
+    log.info(
+        "coarse quantizer: %s (graph %s the target at %.0f KiB per query, flat %.0f KiB)",
+        chosen.coarse, "reaches" if graph.met else "misses", graph_cost / 1024, flat_cost / 1024,
+    )  # fmt: skip
+    return chosen
 
 
 def noisy_for(index: Any) -> bool:

@@ -24,11 +24,11 @@ def clustered(n: int, d: int, clusters: int, seed: int = 0) -> np.ndarray:
     return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
 
 
-def tuner(index, x: np.ndarray):
-    """tune_fn for coarse.choose over the index's own rows (as the build tunes), and the sample it uses."""
+def choose(index, x: np.ndarray):
+    """tune_index with the coarse choice, over the index's own rows (as the build tunes)."""
     ids = tune.sample_ids(len(x), 400)
     truth, scores = exact_neighbours(x[ids], [x], 10, ids)
-    return lambda: tune.tune(index, x[ids], truth, ids, TARGET, scores)
+    return tune.tune_index(index, x[ids], truth, ids, TARGET, scores, pick_coarse=True)
 
 
 def test_the_graph_holds_the_same_centroids_and_restoring_gives_the_flat_answers_back(tmp_path):
@@ -41,7 +41,7 @@ def test_the_graph_holds_the_same_centroids_and_restoring_gives_the_flat_answers
     _, before = index.search(q, 10)
     centroids = faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, 128)
 
-    restore = coarse.swap_to_graph(index)
+    restore = coarse.swap(index, coarse.GRAPH)
     assert coarse.kind(index) == "HNSW32"
     graph = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
     np.testing.assert_array_equal(graph.reconstruct_n(0, 128), centroids)
@@ -74,7 +74,7 @@ def test_the_cost_model_tries_the_graph_only_where_the_flat_scan_is_the_larger_r
 def test_choose_keeps_the_graph_where_it_pays_and_it_reaches_the_target():
     x = clustered(2048 * 40, 16, 1500, seed=1)
     index, _ = build_from_vectors(x, "IVF2048,PQ8x4fs,RFlat")
-    result = coarse.choose(index, tuner(index, x), tune.cost, tune.apply_params)
+    result = choose(index, x)
     assert result.met and result.coarse == coarse.kind(index) == "HNSW32"
     assert {t["coarse"] for t in result.tried} == {"flat", "HNSW32"}  # both were tuned, the log keeps both
     # held-out queries against exact search, at the parameters kept
@@ -85,12 +85,13 @@ def test_choose_keeps_the_graph_where_it_pays_and_it_reaches_the_target():
     assert recall_at(index.search(q, 10)[1], exact_top(x, q, 10)) >= TARGET
 
 
-def test_choose_leaves_a_small_index_flat_without_a_second_tuning():
+def test_choose_leaves_a_small_index_flat_without_a_second_tuning(monkeypatch):
     x = clustered(3000, 16, 30)
     index, _ = build_from_vectors(x, "IVF64,PQ8x4fs,RFlat")
     calls = []
-    run = tuner(index, x)
-    result = coarse.choose(index, lambda: calls.append(1) or run(), tune.cost, tune.apply_params)
+    real = tune.tune
+    monkeypatch.setattr(tune, "tune", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    result = choose(index, x)
     assert calls == [1] and result.coarse == coarse.kind(index) == "flat" and result.met
 
 
