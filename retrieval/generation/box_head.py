@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.generation.boxes import format_box, format_findings, snap
+from retrieval.generation.boxes import boxes_tensor, boxes_text, snap
 from retrieval.generation.head import fit_thresholds
 
 log = logging.getLogger(__name__)
@@ -128,14 +128,12 @@ class BoxHead:
 
     def answer_ground(self, features: np.ndarray, phrases: Sequence[str]) -> list[str | None]:
         """`{<..>}` (one per box) per (image, phrase), or None for a phrase the head does not know."""
-        return [None if bs is None else " ".join(format_box(b) for b in bs) for bs in self.ground(features, phrases)]
+        return [None if bs is None else boxes_text("ground", bs) for bs in self.ground(features, phrases)]
 
     def identify(self, features: np.ndarray) -> list[list[dict]]:
         """Per image, the finding groups above threshold as `{label, x1..y2, score}` (highest score first; same-name
         boxes with IoU > 0.5 merged to the higher-scored one)."""
         from torchvision.ops import batched_nms
-
-        from retrieval.generation.boxes import boxes_tensor
 
         boxes, scores = self.boxes(features), self.presence_scores(features)
         out = []
@@ -156,7 +154,7 @@ class BoxHead:
 
     def answer_identify(self, features: np.ndarray) -> list[str]:
         """`Name {<..>}; ...` (most confident first) for the finding groups above threshold, or `no findings`."""
-        return [format_findings(f) for f in self.identify(features)]
+        return [boxes_text("identify", f) for f in self.identify(features)]
 
     def save(self, out_dir: str | Path) -> None:
         from safetensors.numpy import save_file

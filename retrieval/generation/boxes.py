@@ -45,6 +45,13 @@ def format_findings(boxes: Sequence[dict]) -> str:
     return f"{_SEPARATOR} ".join(f"{b['label']} {format_box(b)}" for b in boxes)
 
 
+def boxes_text(task: str, boxes: Sequence[dict]) -> str:
+    """Boxes as an answer's text: `Name {<..>}; ...` for `[identify]`, else `{<..>} {<..>}` (one per box)."""
+    if task == "identify":
+        return format_findings(boxes)
+    return " ".join(format_box(b) for b in boxes)
+
+
 def parse_boxes(text: str, labels: Iterable[str] | None = None) -> list[dict]:
     """Every `[label] {<x1><y1><x2><y2>}` in `text` -> normalised box dicts, in order of appearance.
 

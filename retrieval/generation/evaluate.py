@@ -323,12 +323,12 @@ def evaluate_generation(
         report_source=report_source,
         box_source=box_source,
     )
-    tasks = [t for t in (tasks or gen.vlm.config.get("tasks") or TASKS)]
+    tasks = [t for t in (tasks or gen.vlm.config.tasks or TASKS)]
     data = _eval_inputs(
         gen, df, tasks, split, ks, max_per_task, seed, progress, retrieval_model, retrieval_target, token_cache
     )
     conditions = ["constant"] + (["retrieval-only"] if data.exemplars else []) + ["vlm k=0"]
-    if data.exemplars and gen.vlm.config.get("rag_k", 1):
+    if data.exemplars and gen.vlm.config.rag_k:
         conditions += [f"vlm k={kk}" for kk in ks]
 
     results: dict[str, dict] = {}

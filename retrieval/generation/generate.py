@@ -25,7 +25,7 @@ import torch
 from retrieval.device import resolve_device
 from retrieval.errors import UsageError
 from retrieval.generation.box_head import BoxHead, box_features
-from retrieval.generation.boxes import format_box, format_findings, malformed_boxes, parse_boxes
+from retrieval.generation.boxes import boxes_text, malformed_boxes, parse_boxes
 from retrieval.generation.constraints import box_decoding
 from retrieval.generation.encoders import encode_visual
 from retrieval.generation.findings_report import findings_report
@@ -215,7 +215,7 @@ class Generator:
             if from_head and (answer := closed_answer(p, probs[i], thresholds)) is not None:
                 text, source = answer, "finding head"
             if boxed[i] is not None:
-                text, source = _boxes_text(task, boxed[i]), "box head"
+                text, source = boxes_text(task, boxed[i]), "box head"
             if quote and exemplars[i]:
                 best = rank_exemplars(exemplars[i], probs[i])[0]
                 text, source = best.report, "quoted exemplar"
@@ -239,13 +239,6 @@ class Generator:
                 rec["malformed_boxes"] = malformed_boxes(text)[1]
             out.append(rec)
         return out
-
-
-def _boxes_text(task: str, boxes: Sequence[dict]) -> str:
-    """The box head's boxes as answer text: `Name {<..>}; ...` for `[identify]`, else `{<..>} {<..>}`."""
-    if task == "identify":
-        return format_findings(boxes)
-    return " ".join(format_box(b) for b in boxes)
 
 
 def generate_for_image(

@@ -256,12 +256,10 @@ def _create_or_resume(config: VLMTrainConfig, data: _Inputs, state: dict | None,
             coord_init=config.coord_init,
             loss_norm=config.loss_norm,
         )
-    vlm.config.update(
-        visual_grid=config.visual_grid,
-        prompt_budget=config.prompt_budget,
-        tasks=list(data.examples),
-        rag_k=config.rag_k,
-    )
+    vlm.config.visual_grid = config.visual_grid
+    vlm.config.prompt_budget = config.prompt_budget
+    vlm.config.tasks = list(data.examples)
+    vlm.config.rag_k = config.rag_k
     return vlm
 
 
@@ -329,7 +327,7 @@ def _finish(config: VLMTrainConfig, vlm: VLM, data: _Inputs, out: Path) -> float
     seconds."""
     vlm.eval()
     if vlm.aux_head is not None:  # thresholds for closed answers from the finding head (head.py)
-        vlm.config["head_thresholds"] = head_thresholds(vlm, data.visual, data.label_rows)
+        vlm.config.head_thresholds = head_thresholds(vlm, data.visual, data.label_rows)
     vlm.save(out, data.encoders)
     t_box = time.time()
     if config.box_head:

@@ -55,8 +55,8 @@ class VLMConfig:
             raise ValueError("vlm_config.json has no visual_dim")
         return cls(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known})
 
-    # A mapping view, for the callers that still read and complete the config by key (the VLM trainer and the
-    # generation evaluation): `config["tasks"]`, `config.get("rag_k", 1)`, `config.update(visual_grid=4)`.
+    # A mapping view, for scripts written against the dict the VLM carried before (`config["tasks"]`,
+    # `config.get("rag_k", 1)`, `config.update(visual_grid=4)`); the library reads the fields.
     def _known(self, key: str) -> bool:
         return key != "extra" and key in {f.name for f in fields(self)}
 
