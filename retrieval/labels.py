@@ -219,6 +219,13 @@ def sentences(text: str | None) -> list[str]:
     return _SENT_SPLIT.split(clean_text(text or ""))
 
 
+def whole_sentences(text: str | None) -> list[str]:
+    """The cleaned sentences of a report that lost no word to de-identification (IU's `XXXX`): the ones fit to
+    quote ("the pulmonary XXXX and mediastinum are within normal limits" reads as nonsense without its word)."""
+    raw = (text or "").lower().replace("x-xxxx", "x-ray")
+    return [clean_text(s) for s in _SENT_SPLIT.split(raw) if s.strip() and not re.search(r"\bxxxx\b", s)]
+
+
 def _clause_start(sentence: str, pos: int) -> int:
     """Index where the clause holding `pos` starts (after the last clause break before it)."""
     start = 0

@@ -142,3 +142,39 @@ def test_map50_ranks_by_score_when_given():
     good = [[{**hit, "score": 0.9}], [{**miss, "score": 0.1}]]
     bad = [[{**hit, "score": 0.1}], [{**miss, "score": 0.9}]]
     assert map50(truth, good) > map50(truth, bad)
+
+
+def test_detections_list_every_finding_group_scored_and_hold_the_answer():
+    """`detections` is the ranked candidate list mAP reads: every finding group (anatomy never), most confident
+    first, and the thresholded `[identify]` answer is part of it, box for box."""
+    x, rows = _sided()
+    head = fit_box_head(x[:200], rows[:200], set())
+    answers, dets = head.identify(x[200:]), head.detections(x[200:])
+    assert len(dets) == len(answers) == len(x) - 200
+    for a, d in zip(answers, dets, strict=True):
+        assert 1 <= len(d) <= 2 and all(b["label"] == "Lesion" for b in d)
+        assert [b["score"] for b in d] == sorted((b["score"] for b in d), reverse=True)
+        assert all(b in d for b in a)
+    assert sum(map(len, dets)) > sum(map(len, answers))  # below-threshold halves are kept as candidates
+    xr, rows_r = _data()
+    head_r = fit_box_head(xr, rows_r, {"right lung"}, min_rows=5)
+    assert all(b["label"] == "Nodule" for d in head_r.detections(xr) for b in d)
+
+
+def test_identify_scores_map_over_the_detections_and_over_the_answer():
+    """score_task's `map@0.5` ranks the detections when given (the answer's boxes otherwise); `map@0.5_answer`
+    ranks the answer alone; Acc@IoU reads the answer."""
+    from retrieval.generation.evaluate import score_task
+    from retrieval.generation.metrics import map50
+    from retrieval.generation.tasks import Example
+
+    x, rows = _sided()
+    head = fit_box_head(x[:200], rows[:200], set())
+    exs = [Example(row=i, task="identify", prompt="", target="", info={"boxes": r}) for i, r in enumerate(rows[200:])]
+    answers, dets = head.identify(x[200:]), head.detections(x[200:])
+    texts = head.answer_identify(x[200:])
+    scored = score_task("identify", exs, texts, boxes=answers, detections=dets)
+    assert scored["map@0.5"] == pytest.approx(map50(rows[200:], dets))
+    assert scored["map@0.5_answer"] == pytest.approx(map50(rows[200:], answers))
+    plain = score_task("identify", exs, texts, boxes=answers)
+    assert plain["map@0.5"] == plain["map@0.5_answer"] and plain["acc@0.3"] == scored["acc@0.3"]

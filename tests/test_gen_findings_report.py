@@ -9,6 +9,7 @@ import pytest
 from retrieval.generation.findings_report import (
     FINDING_SENTENCES,
     NORMAL_SENTENCE,
+    finding_sides,
     findings_report,
     predicted_findings,
 )
@@ -78,3 +79,42 @@ def test_a_normal_sentence_is_not_said_twice_in_other_words():
     reports = ["The heart is normal in size. No pneumothorax.", "Heart size is normal. No pneumothorax."]
     rep = findings_report(probs, thr, [_ex(i, r) for i, r in enumerate(reports)])
     assert rep.text == "the heart is normal in size. no pneumothorax."
+
+
+def test_a_sentence_that_names_the_other_side_is_not_quoted():
+    """The box head puts the effusion on the patient's right: the exemplar's "left pleural effusion" would say the
+    wrong side, so the next fitting sentence (no side) or the template is written instead."""
+    probs, thr = _probs("Pleural Effusion")
+    exemplars = [_ex(0, REPORTS[0]), _ex(1, "Blunting of the costophrenic angle from a pleural effusion.")]
+    assert "left pleural effusion" in findings_report(probs, thr, exemplars).text
+    for side in ("right", "left"):
+        rep = findings_report(probs, thr, exemplars, sides={"Pleural Effusion": side})
+        named = "left pleural effusion" in rep.text
+        assert named == (side == "left")
+        assert label_report(rep.text) == ["Pleural Effusion"]
+    only_left = findings_report(probs, thr, [_ex(0, REPORTS[0])], sides={"Pleural Effusion": "right"})
+    assert only_left.text.startswith(FINDING_SENTENCES["Pleural Effusion"])
+    bilateral = findings_report(probs, thr, [_ex(0, "Bilateral pleural effusions.")], sides={"Pleural Effusion": "right"})
+    assert "bilateral" not in bilateral.text
+
+
+def test_finding_sides_read_the_patients_side_of_the_best_box_in_one_half():
+    """Image left half = the patient's right (frontal view); a box across the midline places nothing; the
+    highest-scored box of a finding decides; box names map to labels through the labeler."""
+    boxes = [
+        {"label": "Opacity", "x1": 0.1, "y1": 0.2, "x2": 0.4, "y2": 0.5, "score": 0.2},
+        {"label": "Opacity", "x1": 0.6, "y1": 0.2, "x2": 0.9, "y2": 0.5, "score": 0.9},
+        {"label": "Nodule", "x1": 0.2, "y1": 0.2, "x2": 0.3, "y2": 0.3, "score": -1.0},
+        {"label": "Cardiomegaly", "x1": 0.3, "y1": 0.4, "x2": 0.7, "y2": 0.8, "score": 5.0},
+    ]
+    assert finding_sides(boxes) == {"Lung Opacity": "left", "Lung Lesion": "right"}
+    assert finding_sides([]) == {}
+
+
+def test_sentences_with_a_deidentified_gap_are_not_quoted():
+    from retrieval.labels import whole_sentences
+
+    report = "Heart size is normal. The pulmonary XXXX and mediastinum are within normal limits. No X-XXXX change."
+    assert whole_sentences(report) == ["heart size is normal.", "no x-ray change."]
+    rep = findings_report(*_probs(), [_ex(0, report)])
+    assert "pulmonary and mediastinum" not in rep.text and "heart size is normal." in rep.text

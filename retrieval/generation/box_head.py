@@ -15,9 +15,9 @@ Fitted in closed form once at the end of training, on the training rows only, it
 - box per group: ridge on the rows that have a box of the group, target = the group's largest box (x1, y1, x2, y2
   in [0, 1]); groups with fewer than `min_rows` rows are left out (a name without groups goes to the LM);
 - presence per finding group: ridge on every row (1 = has a box of the group), threshold fitted as the finding
-  head's (`head.fit_thresholds`: predicted as often as it occurs in the training rows). The score ranks the boxes
-  for mAP (`score` in the box dicts); `[identify]` lists every group above its threshold, same-name boxes that
-  overlap (IoU > 0.5) merged to the higher-scored one.
+  head's (`head.fit_thresholds`: predicted as often as it occurs in the training rows). `[identify]` lists every
+  group above its threshold, same-name boxes that overlap (IoU > 0.5) merged to the higher-scored one;
+  `detections` lists every finding group with its score (`score` in the box dicts), the ranked list mAP reads.
 """
 
 from __future__ import annotations
@@ -132,13 +132,23 @@ class BoxHead:
 
     def identify(self, features: np.ndarray) -> list[list[dict]]:
         """Per image, the finding groups above threshold as `{label, x1..y2, score}` (highest score first; same-name
-        boxes with IoU > 0.5 merged to the higher-scored one)."""
+        boxes with IoU > 0.5 merged to the higher-scored one): the `[identify]` answer."""
+        return self._scored_boxes(features, thresholded=True)
+
+    def detections(self, features: np.ndarray) -> list[list[dict]]:
+        """Per image, *every* finding group's box with its presence score, merged as in `identify`: the ranked
+        candidate list a detector hands to COCO-style mAP (which scores all detections, up to 100 per image, by
+        score), where `identify` is the answer a reader sees."""
+        return self._scored_boxes(features, thresholded=False)
+
+    def _scored_boxes(self, features: np.ndarray, thresholded: bool) -> list[list[dict]]:
         from torchvision.ops import batched_nms
 
         boxes, scores = self.boxes(features), self.presence_scores(features)
         out = []
         for i in range(len(features)):
-            on = [g for g in np.argsort(-scores[i], kind="stable") if scores[i, g] > self.thresholds[g]]
+            order = [g for g in np.argsort(-scores[i], kind="stable") if np.isfinite(scores[i, g])]
+            on = [g for g in order if scores[i, g] > self.thresholds[g]] if thresholded else order
             found = [_box_dict(boxes[i, g], label=self.names[g], score=float(scores[i, g])) for g in on]
             if len(found) > 1:
                 names = sorted({b["label"] for b in found})

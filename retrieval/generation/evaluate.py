@@ -107,9 +107,15 @@ def score_task(
     answers: Sequence[str],
     meteor: bool = True,
     boxes: Sequence[Sequence[dict] | None] | None = None,
+    detections: Sequence[Sequence[dict] | None] | None = None,
 ) -> dict:
     """The task's metrics for answers aligned with examples; `boxes`: each answer's boxes as the generator
-    gave them (with the box head's `score`, which ranks them for mAP), else parsed from the text."""
+    gave them, else parsed from the text; `detections`: each image's scored candidate boxes (the box head's
+    every finding group), else the answer's boxes.
+
+    `[identify]`: Acc@IoU reads the answer; `map@0.5` is COCO's protocol, every scored detection ranked by score
+    (the answer's boxes by their rank where the model gives no other candidates); `map@0.5_answer` ranks the
+    answer's boxes alone."""
     refs = [e.target for e in examples]
     if task == "report":
         return {
@@ -140,8 +146,16 @@ def score_task(
             list(b) if b is not None else parse_boxes(a, LABELS)
             for a, b in zip(answers, boxes or [None] * len(answers), strict=True)
         ]
+        dets = [
+            list(d) if d is not None else p for p, d in zip(preds, detections or [None] * len(preds), strict=True)
+        ]
         normal = [i for i, e in enumerate(examples) if not e.info.get("boxes")]
-        out = {**localisation_accuracy(truth, preds), "map@0.5": map50(truth, preds), **_malformed(answers)}
+        out = {
+            **localisation_accuracy(truth, preds),
+            "map@0.5": map50(truth, dets),
+            "map@0.5_answer": map50(truth, preds),
+            **_malformed(answers),
+        }
         if normal:
             out["normal_says_no_findings"] = float(np.mean([not preds[i] for i in normal]))
         return out
@@ -339,20 +353,21 @@ def evaluate_generation(
         results[task] = {}
         for cond in conditions:
             if not cond.startswith("vlm"):
-                answers, boxes = _baseline_answers(data, cond, task, exs), None
+                answers, boxes, detections = _baseline_answers(data, cond, task, exs), None, None
             else:
                 kk = int(cond.split("=")[1])
                 t1 = time.time()
                 outs = _vlm_outputs(gen, data, task, exs, kk)
                 seconds[f"{task}/{cond}"] = round(time.time() - t1, 2)
                 answers, boxes = [o["text"] for o in outs], [o.get("boxes") for o in outs]
+                detections = [o.get("detections") for o in outs]
                 if task == "report" and kk > 0:
                     rag[f"k={kk}"] = {
                         **rag_diagnostics(df, data.study_rows, exs, data.exemplars, kk),
                         "output_sentences_copied": copy_rate(outs),
                     }
                 samples.setdefault(task, []).extend(_samples(df, cond, exs, outs))
-            results[task][cond] = {"n": len(exs), **score_task(task, exs, answers, meteor, boxes)}
+            results[task][cond] = {"n": len(exs), **score_task(task, exs, answers, meteor, boxes, detections)}
     return {
         "vlm": str(vlm_dir),
         "index": str(index_dir) if index_dir else None,

@@ -7,25 +7,28 @@ benchmarks/results/generation_demo.md). `findings_report` turns the head's predi
 
 1. the predicted findings (probability above the head's fitted threshold, most likely first);
 2. for each, the first sentence of the head-ranked exemplars that the labeler reads as that finding and no
-   finding the head did not predict; a plain template sentence (`FINDING_SENTENCES`) when no exemplar has one;
+   finding the head did not predict, and that names no other side than the one the box head places the finding
+   on (`finding_sides`); a plain template sentence (`FINDING_SENTENCES`) when no exemplar has one;
 3. then the exemplars' sentences that name no positive finding and do not negate a predicted one ("no
    pneumothorax."), none repeating a chosen one in other words, up to `max_normal`; with nothing at all,
    `NORMAL_SENTENCE`.
 
-No sentence appears twice. The report names exactly the findings the head predicts (the labeler reads back the
+Only sentences that lost no word to de-identification are quoted (`labels.whole_sentences`). No sentence
+appears twice. The report names exactly the findings the head predicts (the labeler reads back the
 predicted set, which a test checks for every label), so its clinical efficacy follows the head's accuracy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from retrieval.generation.head import rank_exemplars
 from retrieval.generation.rag import Exemplar
-from retrieval.labels import LABELS, NO_FINDING, label_sentence, sentences
+from retrieval.labels import LABELS, NO_FINDING, label_sentence, whole_sentences
 
 # One sentence per finding that the labeler reads as exactly that finding (tests/test_gen_findings_report.py).
 FINDING_SENTENCES: dict[str, str] = {
@@ -71,17 +74,51 @@ def _positives(status: dict[str, str]) -> set[str]:
     return {lab for lab, s in status.items() if s == "positive"}
 
 
+def finding_sides(boxes: Sequence[dict]) -> dict[str, str]:
+    """Finding label -> the patient's side (`right` / `left`) of its highest-scored box among `boxes` (the box
+    head's scored detections), for boxes that lie in one image half. On a frontal radiograph the patient's right is
+    the image's left half. A box's name maps to labels through the labeler ("nodule" -> Lung Lesion)."""
+    sides: dict[str, str] = {}
+    for b in sorted(boxes, key=lambda b: -float(b.get("score", 0.0))):
+        if b["x1"] < 0.5 < b["x2"]:
+            continue
+        side = "right" if b["x2"] <= 0.5 else "left"
+        for lab in _positives(label_sentence(f"there is {str(b['label']).lower()}.")):
+            sides.setdefault(lab, side)
+    return sides
+
+
+def _sides_named(sentence: str) -> set[str]:
+    words = set(re.findall(r"\b(left|right|bilateral|bilaterally|both)\b", sentence))
+    return {"left", "right"} if words & {"bilateral", "bilaterally", "both"} else words
+
+
 def findings_report(
-    probs: np.ndarray, thresholds: Sequence[float], exemplars: Sequence[Exemplar] = (), max_normal: int = 3
+    probs: np.ndarray,
+    thresholds: Sequence[float],
+    exemplars: Sequence[Exemplar] = (),
+    max_normal: int = 3,
+    sides: Mapping[str, str] | None = None,
 ) -> FindingsReport:
-    """The report for one image's head probabilities `probs` (L,) (see the module docstring)."""
+    """The report for one image's head probabilities `probs` (L,) (see the module docstring); `sides`: finding
+    label -> the patient's side it lies on (`finding_sides`), for the findings the box head places."""
     found = predicted_findings(probs, thresholds)
     ranked = rank_exemplars(exemplars, probs) if exemplars else []
-    pool = [(s, label_sentence(s)) for e in ranked for s in sentences(e.report) if s]
+    pool = [(s, label_sentence(s)) for e in ranked for s in whole_sentences(e.report) if s]
+    sides = sides or {}
+
+    def fits(lab: str, sentence: str, status: dict[str, str]) -> bool:
+        named = _sides_named(sentence)
+        return (
+            lab in _positives(status)
+            and _positives(status) <= set(found)
+            and (lab not in sides or named <= {sides[lab]})
+        )
+
     out: list[str] = []
     copied = 0
     for lab in found:
-        pick = next((s for s, st in pool if lab in _positives(st) and _positives(st) <= set(found)), None)
+        pick = next((s for s, st in pool if fits(lab, s, st)), None)
         if pick is not None and pick not in out:
             out.append(pick)
             copied += 1

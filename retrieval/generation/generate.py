@@ -28,7 +28,7 @@ from retrieval.generation.box_head import BoxHead, box_features
 from retrieval.generation.boxes import boxes_text, malformed_boxes, parse_boxes
 from retrieval.generation.constraints import box_decoding
 from retrieval.generation.encoders import encode_visual
-from retrieval.generation.findings_report import findings_report
+from retrieval.generation.findings_report import finding_sides, findings_report
 from retrieval.generation.head import closed_answer, rank_exemplars
 from retrieval.generation.model import VLM
 from retrieval.generation.rag import Exemplar, build_prompt_ids, copied_sentences
@@ -157,7 +157,8 @@ class Generator:
         exemplars: Sequence[Sequence[Exemplar]],
         batch_size: int = 32,
     ) -> list[dict]:
-        """One answer per (visual, task, prompt, exemplars): {text, task, prompt, exemplars, copied, boxes}.
+        """One answer per (visual, task, prompt, exemplars): {text, task, prompt, exemplars, copied, boxes}, and
+        for `[identify]` from the box head its `detections` (every finding group, scored: what mAP ranks).
 
         Batches hold one task each, so every task decodes with its own `DECODING` controls."""
         out: list[dict | None] = [None] * len(tasks)
@@ -205,6 +206,13 @@ class Generator:
         written = task == "report" and self.report_source == "findings" and probs is not None and thresholds is not None
         from_head = task == "vqa" and self.vqa_source == "head" and probs is not None and thresholds is not None
         boxed = self._box_answers(visual, task, prompts)
+        detected = (
+            self.box_head.detections(box_features(visual))
+            if self.box_head is not None and (task == "identify" or written)
+            else None
+        )
+        sided = [finding_sides(d) for d in detected] if written and detected is not None else None
+        detected = detected if task == "identify" else None
         if written or (quote and all(exemplars)) or all(b is not None for b in boxed):  # nothing left to decode
             gen: list[list[int]] = [[] for _ in prompts]
         else:
@@ -222,7 +230,7 @@ class Generator:
                 u = list(exemplars[i])
             extra = {}
             if written:
-                rep = findings_report(probs[i], thresholds, exemplars[i])
+                rep = findings_report(probs[i], thresholds, exemplars[i], sides=None if sided is None else sided[i])
                 text, source, u = rep.text, "finding head + exemplars", list(exemplars[i])
                 extra["head_findings"] = rep.findings
             rec = {
@@ -237,6 +245,8 @@ class Generator:
             if task in ("identify", "ground") or (task == "vqa" and "{" in text):
                 rec["boxes"] = boxed[i] if boxed[i] is not None else parse_boxes(text, LABELS)
                 rec["malformed_boxes"] = malformed_boxes(text)[1]
+            if detected is not None:
+                rec["detections"] = detected[i]
             out.append(rec)
         return out
 
