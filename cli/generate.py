@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from cli.options import DEVICE
+
 
 def generate_cmd(
     image: Path = typer.Argument(..., help="A radiograph: PNG, JPEG or DICOM."),
@@ -17,6 +19,7 @@ def generate_cmd(
     phrase: str = typer.Option(None, "--phrase", help="The anatomy or finding for --task ground."),
     k: int = typer.Option(3, "-k", help="Exemplar reports in the prompt (0 = no retrieval)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    device: str = DEVICE,
 ) -> None:
     """Generate for one image; the output names the exemplar studies the prompt carried."""
     from cli.quiet import quiet_transformers
@@ -28,7 +31,7 @@ def generate_cmd(
         raise UsageError("-k must be >= 0")
     if k > 0 and index is None:
         raise UsageError("retrieval needs --index (or pass -k 0)")
-    res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase)
+    res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device)
     if as_json:
         print(json.dumps(res, indent=2))
         return

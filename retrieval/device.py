@@ -6,14 +6,19 @@ import contextlib
 
 import torch
 
+from retrieval.errors import UsageError
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """`None`/'auto' picks CUDA when torch sees it, else CPU."""
+    """`None`/'auto' picks CUDA when torch sees it, else CPU; a name torch does not know is a `UsageError`."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
 
 
 def autocast(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:

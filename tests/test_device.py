@@ -69,3 +69,12 @@ def test_generator_puts_the_vlm_on_the_same_device_for_none_and_auto(tmp_path, m
             generate_module.Generator(tmp_path / "v", box_source="lm", device=device)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert asked == [cpu, cpu, cuda, cuda]
+
+
+def test_an_unknown_device_name_is_a_usage_error():
+    from retrieval.device import resolve_device
+    from retrieval.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    assert resolve_device("cpu").type == "cpu"

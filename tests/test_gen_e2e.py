@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from gen_synth import SynthRetrievalModel, make_index, make_manifest, one_thread  # noqa: F401 (an autouse fixture)
 
+from retrieval.errors import UsageError
 from retrieval.generation.evaluate import evaluate_generation
 from retrieval.generation.generate import generate_for_image
 from retrieval.generation.model import VLM
@@ -136,6 +138,32 @@ def test_box_head_and_written_report_answer_by_default(trained, corpus):
     assert isinstance(rec["head_findings"], list)
 
 
+def test_findings_come_from_the_ridge_by_default_and_from_the_aux_head_on_request(trained, corpus):
+    from retrieval.data.image_io import read_image
+    from retrieval.generation.findings_report import predicted_findings
+    from retrieval.generation.generate import Generator
+    from retrieval.generation.tasks import PROMPTS, classify_target
+
+    root, df, idx = corpus
+    assert (trained[0] / "finding_head.safetensors").exists()  # fitted at the end of training
+    imgs = [read_image(root / df.iloc[i]["image_path"]) for i in range(4)]
+    ridge, aux = Generator(trained[0]), Generator(trained[0], finding_source="aux")
+    vis = ridge.visual(imgs)
+    p_ridge, t_ridge = ridge.finding_probs(vis)
+    p_aux, t_aux = aux.finding_probs(vis)
+    np.testing.assert_allclose(p_ridge, ridge.finding_ridge.probs(vis))
+    np.testing.assert_allclose(p_aux, aux.vlm.finding_probs(vis).numpy())
+    assert t_aux == aux.vlm.config.head_thresholds and aux.finding_ridge is None
+    outs = ridge.generate(vis, ["classify"] * 4, [PROMPTS["classify"]] * 4, [[]] * 4)
+    for i, o in enumerate(outs):
+        assert o["source"] == "finding head"
+        assert o["text"] == classify_target(predicted_findings(p_ridge[i], t_ridge))
+    lm = Generator(trained[0], classify_source="lm").generate(vis[:1], ["classify"], [PROMPTS["classify"]], [[]])
+    assert lm[0]["source"] == "lm"
+    with pytest.raises(UsageError, match="finding_source"):
+        Generator(trained[0], finding_source="nope")
+
+
 def test_evaluation_has_every_baseline(trained, corpus):
     root, df, idx = corpus
     res = evaluate_generation(trained[0], df, idx, split="test", k=2, meteor=False, progress=False)
@@ -155,6 +183,10 @@ def test_cli_generate_and_usage_errors(trained, corpus, capsys):
     assert main(["generate", img, "--vlm", str(trained[0]), "-k", "0", "--task", "classify", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["task"] == "classify" and out["exemplars"] == []
+    assert main(["generate", img, "--vlm", str(trained[0]), "-k", "0", "--task", "classify", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("[classify]")
+    assert main(["generate", img, "--vlm", str(trained[0]), "-k", "0", "--device", "tpu"]) == 2  # one clear line
+    assert "device" in capsys.readouterr().err.lower()
     assert main(["generate", img, "--vlm", str(trained[0]), "-k", "2"]) == 2  # retrieval without --index
     assert main(["generate", img, "--vlm", str(trained[0]), "-k", "0", "--task", "ground"]) == 2  # no --phrase
     assert main(["generate", img, "--vlm", str(root / "nope"), "-k", "0"]) == 1

@@ -94,7 +94,8 @@ def test_a_sentence_that_names_the_other_side_is_not_quoted():
         assert label_report(rep.text) == ["Pleural Effusion"]
     only_left = findings_report(probs, thr, [_ex(0, REPORTS[0])], sides={"Pleural Effusion": "right"})
     assert only_left.text.startswith(FINDING_SENTENCES["Pleural Effusion"])
-    bilateral = findings_report(probs, thr, [_ex(0, "Bilateral pleural effusions.")], sides={"Pleural Effusion": "right"})
+    both = [_ex(0, "Bilateral pleural effusions.")]
+    bilateral = findings_report(probs, thr, both, sides={"Pleural Effusion": "right"})
     assert "bilateral" not in bilateral.text
 
 

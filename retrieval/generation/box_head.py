@@ -74,7 +74,7 @@ def _box_dict(box: np.ndarray, **extra) -> dict:
     return {**extra, **b}
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, lam: float):
+def ridge(x: np.ndarray, y: np.ndarray, lam: float):
     """sklearn Ridge on (n, D) `x` -> (n, t) `y` (intercept unpenalised), penalty `lam` x the mean squared norm of
     the centred rows (so `lam` does not depend on the feature scale)."""
     from sklearn.linear_model import Ridge
@@ -237,7 +237,7 @@ def fit_box_head(
     for rows, ps in by_rows.items():  # one fit per row set (every anatomy name shares the rows)
         sel = np.asarray(rows)
         y = np.concatenate([[_largest(groups[keys[p]][r]) for r in rows] for p in ps], axis=1)
-        reg = _ridge(xc[sel], y, lam)
+        reg = ridge(xc[sel], y, lam)
         for q, p in enumerate(ps):
             weights[p] = reg.coef_[4 * q : 4 * q + 4].T
             bias[p] = reg.intercept_[4 * q : 4 * q + 4]
@@ -249,7 +249,7 @@ def fit_box_head(
         t = np.zeros((n, len(finds)))
         for q, p in enumerate(finds):
             t[list(groups[keys[p]]), q] = 1.0
-        reg = _ridge(xc, t, presence_lam)
+        reg = ridge(xc, t, presence_lam)
         presence[finds] = np.reshape(reg.coef_, (len(finds), d))  # sklearn drops the axis of one target
         presence_bias[finds] = np.reshape(reg.intercept_, -1)
         thresholds[finds] = fit_thresholds(np.reshape(reg.predict(xc), (n, -1)), t)

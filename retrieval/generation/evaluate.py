@@ -319,8 +319,11 @@ def evaluate_generation(
     vqa_source: str = "head",
     report_source: str = "findings",
     box_source: str = "head",
+    finding_source: str = "ridge",
+    classify_source: str = "head",
 ) -> dict:
-    """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K for each K in `k`)."""
+    """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K for each K in `k`); the
+    `*_source` options are the `Generator`'s."""
     from retrieval.data.manifest import read_manifest
     from retrieval.generation.generate import Generator
 
@@ -336,6 +339,8 @@ def evaluate_generation(
         vqa_source=vqa_source,
         report_source=report_source,
         box_source=box_source,
+        finding_source=finding_source,
+        classify_source=classify_source,
     )
     tasks = [t for t in (tasks or gen.vlm.config.tasks or TASKS)]
     data = _eval_inputs(

@@ -28,11 +28,12 @@ from retrieval.generation.box_head import BoxHead, box_features
 from retrieval.generation.boxes import boxes_text, malformed_boxes, parse_boxes
 from retrieval.generation.constraints import box_decoding
 from retrieval.generation.encoders import encode_visual
-from retrieval.generation.findings_report import finding_sides, findings_report
+from retrieval.generation.finding_ridge import FindingRidge
+from retrieval.generation.findings_report import finding_sides, findings_report, predicted_findings
 from retrieval.generation.head import closed_answer, rank_exemplars
 from retrieval.generation.model import VLM
 from retrieval.generation.rag import Exemplar, build_prompt_ids, copied_sentences
-from retrieval.generation.tasks import OPEN_QUESTION, PROMPTS
+from retrieval.generation.tasks import OPEN_QUESTION, PROMPTS, classify_target
 from retrieval.generation.tokenizer import TASKS, decode
 from retrieval.labels import LABELS
 
@@ -41,6 +42,10 @@ VQA_SOURCES = ("head", "lm")  # closed "is there X?" answered by the finding hea
 # when the VLM has no head), the LM's draft, or the exemplar the finding head ranks first
 REPORT_SOURCES = ("findings", "generate", "quote")
 BOX_SOURCES = ("head", "lm")  # [ground] / [identify] / "where is": the ridge box head (box_head.py) or the LM
+# the findings behind closed VQA, [classify], the written report and exemplar ranking: the ridge on the frozen tokens
+# (finding_ridge.py; the VLM's auxiliary head in folders that have none) or the auxiliary head (VLM.aux_head)
+FINDING_SOURCES = ("ridge", "aux")
+CLASSIFY_SOURCES = ("head", "lm")  # [classify]: the findings the finding head predicts, or the LM's answer
 MAX_NEW_TOKENS = {"report": 96, "vqa": 32, "classify": 32, "identify": 64, "ground": 24}
 REPORT_DECODING: dict[str, Any] = {"num_beams": 3, "no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
 DECODING: dict[str, dict[str, Any]] = {
@@ -88,22 +93,30 @@ class Generator:
         vqa_source: str = "head",
         report_source: str = "findings",
         box_source: str = "head",
+        finding_source: str = "ridge",
+        classify_source: str = "head",
     ):
-        if vqa_source not in VQA_SOURCES or report_source not in REPORT_SOURCES or box_source not in BOX_SOURCES:
-            raise UsageError(
-                f"vqa_source must be one of {VQA_SOURCES}, report_source one of {REPORT_SOURCES}, "
-                f"box_source one of {BOX_SOURCES}"
-            )
+        for name, value, allowed in (
+            ("vqa_source", vqa_source, VQA_SOURCES),
+            ("report_source", report_source, REPORT_SOURCES),
+            ("box_source", box_source, BOX_SOURCES),
+            ("finding_source", finding_source, FINDING_SOURCES),
+            ("classify_source", classify_source, CLASSIFY_SOURCES),
+        ):
+            if value not in allowed:
+                raise UsageError(f"{name} must be one of {allowed}, got {value!r}")
         self.vlm_dir = Path(vlm_dir)
         self.constrain_boxes = constrain_boxes
         self.vqa_source = vqa_source
         self.report_source = report_source
+        self.classify_source = classify_source
         self.decoding = {**DECODING, **(decoding or {})}
         self.token_cache = token_cache
         self.device = resolve_device(device)  # None and "auto" alike: CUDA when torch sees it
         self.vlm = VLM.load(vlm_dir, device=self.device)
         self.encoders = self.vlm.load_encoders(vlm_dir, device=self.device)
         self.box_head = BoxHead.load(vlm_dir) if box_source == "head" else None
+        self.finding_ridge = FindingRidge.load(vlm_dir) if finding_source == "ridge" else None
         self.grid = self.vlm.config.visual_grid
         self.budget = int(self.vlm.config.prompt_budget)
         self.searcher = None
@@ -173,6 +186,14 @@ class Generator:
                     out[i] = rec
         return [r for r in out if r is not None]
 
+    def finding_probs(self, visual: torch.Tensor) -> tuple[np.ndarray | None, list[float] | None]:
+        """(B, L) finding probabilities and their thresholds: the finding ridge's when loaded, else the VLM's
+        auxiliary head's (None, None without either)."""
+        if self.finding_ridge is not None:
+            return self.finding_ridge.probs(visual.cpu()), list(self.finding_ridge.thresholds)
+        probs = self.vlm.finding_probs(visual)
+        return (None if probs is None else probs.cpu().numpy()), self.vlm.config.head_thresholds
+
     def _box_answers(self, visual: torch.Tensor, task: str, prompts: Sequence[str]) -> list[list[dict] | None]:
         """The box head's boxes (`[identify]`'s with their `score`), None where it has none: no head, another
         task, an unknown phrase."""
@@ -199,12 +220,12 @@ class Generator:
         controls = dict(self.decoding[task])
         if self.constrain_boxes:
             controls.update(box_decoding(tok, task, prompts))
-        thresholds = self.vlm.config.head_thresholds
-        probs = self.vlm.finding_probs(visual)
-        probs = None if probs is None else probs.cpu().numpy()
+        probs, thresholds = self.finding_probs(visual)
         quote = task == "report" and self.report_source == "quote" and probs is not None
-        written = task == "report" and self.report_source == "findings" and probs is not None and thresholds is not None
-        from_head = task == "vqa" and self.vqa_source == "head" and probs is not None and thresholds is not None
+        head = probs is not None and thresholds is not None
+        written = task == "report" and self.report_source == "findings" and head
+        from_head = task == "vqa" and self.vqa_source == "head" and head
+        classified = task == "classify" and self.classify_source == "head" and head
         boxed = self._box_answers(visual, task, prompts)
         detected = (
             self.box_head.detections(box_features(visual))
@@ -213,7 +234,7 @@ class Generator:
         )
         sided = [finding_sides(d) for d in detected] if written and detected is not None else None
         detected = detected if task == "identify" else None
-        if written or (quote and all(exemplars)) or all(b is not None for b in boxed):  # nothing left to decode
+        if written or classified or (quote and all(exemplars)) or all(b is not None for b in boxed):  # no decoding
             gen: list[list[int]] = [[] for _ in prompts]
         else:
             gen = self.vlm.generate(visual, ids, max_new_tokens=MAX_NEW_TOKENS[task], **controls)
@@ -222,6 +243,8 @@ class Generator:
             text, source = decode(tok, g), "lm"
             if from_head and (answer := closed_answer(p, probs[i], thresholds)) is not None:
                 text, source = answer, "finding head"
+            if classified:
+                text, source = classify_target(predicted_findings(probs[i], thresholds)), "finding head"
             if boxed[i] is not None:
                 text, source = boxes_text(task, boxed[i]), "box head"
             if quote and exemplars[i]:
@@ -264,6 +287,7 @@ def generate_for_image(
     exclude_study: str | None = None,
     exclude_patient: str | None = None,
     report_source: str = "findings",
+    device: str | None = None,
 ) -> dict:
     """Image path (PNG/JPEG/DICOM) or HxW array -> {text, task, prompt, exemplars, boxes?}.
 
@@ -272,11 +296,15 @@ def generate_for_image(
     `retrieval_model` defaults to the model recorded in the index's index_info.json; pass a loaded one (or a
     `generator`) to reuse it across calls. `report_source`: "findings" (default) writes the report from the
     finding head's findings and the exemplars' sentences, "generate" is the LM's draft, "quote" the exemplar the
-    finding head ranks first (see `Generator`).
+    finding head ranks first (see `Generator`). `device`: None / "auto" (CUDA when present), "cpu", "cuda:N".
     """
     prompt = task_prompt(task, question, phrase)
     gen = generator or Generator(
-        vlm_dir, index_dir if k > 0 else None, retrieval_model=retrieval_model, report_source=report_source
+        vlm_dir,
+        index_dir if k > 0 else None,
+        retrieval_model=retrieval_model,
+        report_source=report_source,
+        device=device,
     )
     if isinstance(image, str | Path):
         from retrieval.data.image_io import read_image

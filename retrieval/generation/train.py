@@ -69,6 +69,7 @@ class VLMTrainConfig:
     coord_sigma: float = 1.5  # Gaussian coordinate targets (grid units); 0 = one-hot
     coord_init: bool = True  # coordinate tokens start from Fourier features of their value
     box_head: bool = True  # fit the ridge box head on the frozen tokens at the end (box_head.py)
+    finding_ridge: bool = True  # fit the ridge finding head on the frozen tokens at the end (finding_ridge.py)
 
 
 def split_rows(df: pd.DataFrame, split: str) -> list[int]:
@@ -323,8 +324,8 @@ def _train_steps(
 
 
 def _finish(config: VLMTrainConfig, vlm: VLM, data: _Inputs, out: Path) -> float:
-    """Fit the finding head's thresholds, save the VLM and fit + save the box head; returns the box head's
-    seconds."""
+    """Fit the finding head's thresholds, save the VLM and fit + save the box head and the finding ridge; returns
+    the seconds of the two closed-form heads."""
     vlm.eval()
     if vlm.aux_head is not None:  # thresholds for closed answers from the finding head (head.py)
         vlm.config.head_thresholds = head_thresholds(vlm, data.visual, data.label_rows)
@@ -335,6 +336,11 @@ def _finish(config: VLMTrainConfig, vlm: VLM, data: _Inputs, out: Path) -> float
 
         if (head := fit_for_examples(data.visual, data.examples)) is not None:
             head.save(out)
+    if config.finding_ridge:
+        from retrieval.generation.finding_ridge import fit_finding_ridge
+
+        if (ridge := fit_finding_ridge(data.visual, data.label_rows)) is not None:
+            ridge.save(out)
     return time.time() - t_box
 
 
