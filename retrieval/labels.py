@@ -221,9 +221,12 @@ def sentences(text: str | None) -> list[str]:
 
 def whole_sentences(text: str | None) -> list[str]:
     """The cleaned sentences of a report that lost no word to de-identification (IU's `XXXX`): the ones fit to
-    quote ("the pulmonary XXXX and mediastinum are within normal limits" reads as nonsense without its word)."""
+    quote ("the pulmonary XXXX and mediastinum are within normal limits" reads as nonsense without its word), and
+    not the bare list numbers of an impression ("1.", "2.")."""
     raw = (text or "").lower().replace("x-xxxx", "x-ray")
-    return [clean_text(s) for s in _SENT_SPLIT.split(raw) if s.strip() and not re.search(r"\bxxxx\b", s)]
+    return [
+        clean_text(s) for s in _SENT_SPLIT.split(raw) if re.search(r"[a-z]{2}", s) and not re.search(r"\bxxxx\b", s)
+    ]
 
 
 def _clause_start(sentence: str, pos: int) -> int:

@@ -117,5 +117,7 @@ def test_sentences_with_a_deidentified_gap_are_not_quoted():
 
     report = "Heart size is normal. The pulmonary XXXX and mediastinum are within normal limits. No X-XXXX change."
     assert whole_sentences(report) == ["heart size is normal.", "no x-ray change."]
+    numbered = "1. No acute disease. 2. Stable cardiomegaly."
+    assert whole_sentences(numbered) == ["no acute disease.", "stable cardiomegaly."]
     rep = findings_report(*_probs(), [_ex(0, report)])
     assert "pulmonary and mediastinum" not in rep.text and "heart size is normal." in rep.text
