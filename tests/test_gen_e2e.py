@@ -140,6 +140,7 @@ def test_box_head_and_written_report_answer_by_default(trained, corpus):
 
 def test_findings_come_from_the_ridge_by_default_and_from_the_aux_head_on_request(trained, corpus):
     from retrieval.data.image_io import read_image
+    from retrieval.generation.box_head import box_features
     from retrieval.generation.findings_report import predicted_findings
     from retrieval.generation.generate import Generator
     from retrieval.generation.tasks import PROMPTS, classify_target
@@ -151,7 +152,7 @@ def test_findings_come_from_the_ridge_by_default_and_from_the_aux_head_on_reques
     vis = ridge.visual(imgs)
     p_ridge, t_ridge = ridge.finding_probs(vis)
     p_aux, t_aux = aux.finding_probs(vis)
-    np.testing.assert_allclose(p_ridge, ridge.finding_ridge.probs(vis))
+    np.testing.assert_allclose(p_ridge, ridge.finding_ridge.probs(box_features(vis)))
     np.testing.assert_allclose(p_aux, aux.vlm.finding_probs(vis).numpy())
     assert t_aux == aux.vlm.config.head_thresholds and aux.finding_ridge is None
     outs = ridge.generate(vis, ["classify"] * 4, [PROMPTS["classify"]] * 4, [[]] * 4)

@@ -41,10 +41,10 @@ def test_recovers_findings_the_tokens_hold_and_thresholds_match_prevalence():
     visual, labels, y = _tokens(600)
     train = {i: visual[i] for i in range(400)}
     head = fit_finding_ridge(train, labels)
-    pred_train = head.probs(torch.stack([visual[i] for i in range(400)])) > head.thresholds
+    pred_train = head.probs(box_features(torch.stack([visual[i] for i in range(400)]))) > head.thresholds
     assert pred_train.sum(0) == pytest.approx(y[:400].sum(0), abs=2)  # predicted as often as present
     test = torch.stack([visual[i] for i in range(400, 600)])
-    probs = head.probs(test)
+    probs = head.probs(box_features(test))
     assert probs.min() >= 0.0 and probs.max() <= 1.0
     f1 = f1_score(y[400:], probs > head.thresholds, average=None, zero_division=0)
     # naive reference: the prevalence-matched constant guess (everyone positive for a finding with p >= 0.5)
@@ -58,7 +58,7 @@ def test_save_load_roundtrip(tmp_path):
     head = fit_finding_ridge(visual, labels)
     head.save(tmp_path)
     back = FindingRidge.load(tmp_path)
-    x = torch.stack([visual[i] for i in range(20)])
+    x = box_features(torch.stack([visual[i] for i in range(20)]))
     np.testing.assert_allclose(back.probs(x), head.probs(x), atol=1e-5)
     np.testing.assert_allclose(back.thresholds, head.thresholds, atol=1e-6)
     assert FindingRidge.load(tmp_path / "none") is None

@@ -55,7 +55,14 @@ def box_features(visual: torch.Tensor, pool: int = POOL) -> np.ndarray:
         raise ValueError(f"box features need a square token grid, got {n} tokens")
     x = visual.float().reshape(b, g, g, d).permute(0, 3, 1, 2)
     x = torch.nn.functional.adaptive_avg_pool2d(x, min(pool, g))
-    return x.flatten(1).numpy().astype(np.float32)
+    return x.flatten(1).cpu().numpy().astype(np.float32)
+
+
+def pooled_features(visual: dict[int, torch.Tensor], rows: Sequence[int], chunk: int = 256) -> np.ndarray:
+    """`box_features` of the tokens of `rows` (`visual`: row -> (n, d)), stacked in chunks of `chunk` rows."""
+    return np.concatenate(
+        [box_features(torch.stack([visual[r] for r in rows[i : i + chunk]])) for i in range(0, len(rows), chunk)]
+    )
 
 
 def _largest(boxes: Sequence[dict]) -> list[float]:
@@ -274,8 +281,6 @@ def fit_for_examples(
     rows = sorted(r for r in row_boxes if r in visual)
     if not rows:
         return None
-    feats = np.concatenate(
-        [box_features(torch.stack([visual[r] for r in rows[i : i + 256]])) for i in range(0, len(rows), 256)]
-    )
+    feats = pooled_features(visual, rows)
     names = {str(b["label"]) for r in rows for b in row_boxes[r]}
     return fit_box_head(feats, [row_boxes[r] for r in rows], {n for n in names if is_anatomy(n)}, lam)

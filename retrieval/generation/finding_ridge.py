@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.generation.box_head import box_features, ridge
+from retrieval.generation.box_head import pooled_features, ridge
 from retrieval.generation.head import fit_thresholds
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,9 @@ class FindingRidge:
     bias: np.ndarray  # (L,)
     thresholds: np.ndarray  # (L,)
 
-    def probs(self, visual: torch.Tensor) -> np.ndarray:
-        """(B, L) finding scores in [0, 1] for (B, n, d) frozen tokens."""
-        xc = box_features(visual).astype(np.float64) - self.mean
+    def probs(self, features: np.ndarray) -> np.ndarray:
+        """(B, L) finding scores in [0, 1] for (B, D) `box_features` of the frozen tokens (as `BoxHead` takes)."""
+        xc = features.astype(np.float64) - self.mean
         return np.clip(xc @ self.weights.T + self.bias, 0.0, 1.0)
 
     def save(self, out_dir: str | Path) -> None:
@@ -65,9 +65,7 @@ def fit_finding_ridge(
     rows = sorted(r for r in visual if r in label_rows)
     if not rows:
         return None
-    x = np.concatenate(
-        [box_features(torch.stack([visual[r] for r in rows[i : i + 256]])) for i in range(0, len(rows), 256)]
-    ).astype(np.float64)
+    x = pooled_features(visual, rows).astype(np.float64)
     y = torch.stack([label_rows[r] for r in rows]).double().numpy()
     mean = x.mean(0)
     reg = ridge(x - mean, y, lam)

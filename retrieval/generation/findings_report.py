@@ -20,6 +20,7 @@ predicted set, which a test checks for every label), so its clinical efficacy fo
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -83,9 +84,15 @@ def finding_sides(boxes: Sequence[dict]) -> dict[str, str]:
         if b["x1"] < 0.5 < b["x2"]:
             continue
         side = "right" if b["x2"] <= 0.5 else "left"
-        for lab in _positives(label_sentence(f"there is {str(b['label']).lower()}.")):
+        for lab in _box_name_labels(str(b["label"]).lower()):
             sides.setdefault(lab, side)
     return sides
+
+
+@functools.lru_cache(maxsize=512)
+def _box_name_labels(name: str) -> frozenset[str]:
+    """The labels the labeler reads in a box name ("nodule" -> Lung Lesion); a few dozen names, read once each."""
+    return frozenset(_positives(label_sentence(f"there is {name}.")))
 
 
 def _sides_named(sentence: str) -> set[str]:

@@ -186,26 +186,31 @@ class Generator:
                     out[i] = rec
         return [r for r in out if r is not None]
 
-    def finding_probs(self, visual: torch.Tensor) -> tuple[np.ndarray | None, list[float] | None]:
+    def finding_probs(
+        self, visual: torch.Tensor, features: np.ndarray | None = None
+    ) -> tuple[np.ndarray | None, list[float] | None]:
         """(B, L) finding probabilities and their thresholds: the finding ridge's when loaded, else the VLM's
-        auxiliary head's (None, None without either)."""
+        auxiliary head's (None, None without either). `features`: `box_features(visual)` when the caller has them."""
         if self.finding_ridge is not None:
-            return self.finding_ridge.probs(visual.cpu()), list(self.finding_ridge.thresholds)
+            feats = box_features(visual) if features is None else features
+            return self.finding_ridge.probs(feats), list(self.finding_ridge.thresholds)
         probs = self.vlm.finding_probs(visual)
         return (None if probs is None else probs.cpu().numpy()), self.vlm.config.head_thresholds
 
-    def _box_answers(self, visual: torch.Tensor, task: str, prompts: Sequence[str]) -> list[list[dict] | None]:
-        """The box head's boxes (`[identify]`'s with their `score`), None where it has none: no head, another
-        task, an unknown phrase."""
+    def _box_answers(
+        self, features: np.ndarray | None, task: str, prompts: Sequence[str]
+    ) -> list[list[dict] | None]:
+        """The box head's boxes (`[identify]`'s with their `score`) from the batch's `box_features`, None where it
+        has none: no head, another task, an unknown phrase."""
         none: list[list[dict] | None] = [None] * len(prompts)
-        if self.box_head is None or task not in ("ground", "identify", "vqa"):
+        if self.box_head is None or features is None or task not in ("ground", "identify", "vqa"):
             return none
         if task == "identify":
-            return list(self.box_head.identify(box_features(visual)))
+            return list(self.box_head.identify(features))
         phrases = [p if task == "ground" else where_phrase(p) for p in prompts]
         if all(ph is None for ph in phrases):
             return none
-        known = self.box_head.ground(box_features(visual), [ph or "" for ph in phrases])
+        known = self.box_head.ground(features, [ph or "" for ph in phrases])
         return [a if ph is not None else None for a, ph in zip(known, phrases, strict=True)]
 
     def _generate_batch(
@@ -220,20 +225,19 @@ class Generator:
         controls = dict(self.decoding[task])
         if self.constrain_boxes:
             controls.update(box_decoding(tok, task, prompts))
-        probs, thresholds = self.finding_probs(visual)
+        heads = self.box_head is not None or self.finding_ridge is not None
+        feats = box_features(visual) if heads else None  # pooled once for every head that reads the tokens
+        probs, thresholds = self.finding_probs(visual, feats)
         quote = task == "report" and self.report_source == "quote" and probs is not None
         head = probs is not None and thresholds is not None
         written = task == "report" and self.report_source == "findings" and head
         from_head = task == "vqa" and self.vqa_source == "head" and head
         classified = task == "classify" and self.classify_source == "head" and head
-        boxed = self._box_answers(visual, task, prompts)
-        detected = (
-            self.box_head.detections(box_features(visual))
-            if self.box_head is not None and (task == "identify" or written)
-            else None
-        )
-        sided = [finding_sides(d) for d in detected] if written and detected is not None else None
-        detected = detected if task == "identify" else None
+        boxed = self._box_answers(feats, task, prompts)
+        # every finding group scored: mAP's ranked list for [identify], the findings' sides for the written report
+        scoring = self.box_head is not None and (task == "identify" or written)
+        scored = self.box_head.detections(feats) if scoring else None
+        sided = [finding_sides(d) for d in scored] if written and scored is not None else None
         if written or classified or (quote and all(exemplars)) or all(b is not None for b in boxed):  # no decoding
             gen: list[list[int]] = [[] for _ in prompts]
         else:
@@ -268,8 +272,8 @@ class Generator:
             if task in ("identify", "ground") or (task == "vqa" and "{" in text):
                 rec["boxes"] = boxed[i] if boxed[i] is not None else parse_boxes(text, LABELS)
                 rec["malformed_boxes"] = malformed_boxes(text)[1]
-            if detected is not None:
-                rec["detections"] = detected[i]
+            if task == "identify" and scored is not None:
+                rec["detections"] = scored[i]
             out.append(rec)
         return out
 
