@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     from retrieval.data.demo import build_demo_corpus
     from retrieval.data.importers import import_source
     from retrieval.data.manifest import resolve_image_path
-    from retrieval.demo_pipeline import DEFAULT_WORKDIR, DEMO_SIZE
     from retrieval.models import load_model
     from retrieval.models.image_stream import encode_image_items
+    from serve.demo_pipeline import DEFAULT_WORKDIR, DEMO_SIZE
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 192])

@@ -166,10 +166,10 @@ def _raw_text(model: Any, texts: list[str]) -> np.ndarray:
 
 def run_demo(seeds: list[int], epochs: int, tiny_epochs: int, tiny_seeds: list[int]) -> dict[str, Any]:
     from retrieval.data.demo import build_demo_corpus
-    from retrieval.demo_pipeline import DEFAULT_WORKDIR, DEMO_SIZE
     from retrieval.evaluate import evaluate_retrieval, random_embeddings
     from retrieval.models import load_model
     from retrieval.training import train
+    from serve.demo_pipeline import DEFAULT_WORKDIR, DEMO_SIZE
 
     manifest = build_demo_corpus(DEFAULT_WORKDIR / "corpus", size=DEMO_SIZE, seed=0, show_progress=False)
     manifest.attrs.setdefault("root", str(DEFAULT_WORKDIR / "corpus"))

@@ -38,7 +38,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from retrieval.data.manifest import read_manifest, resolve_image_path
-    from retrieval.demo_pipeline import DEFAULT_WORKDIR, pick_query
+    from serve.demo_pipeline import DEFAULT_WORKDIR, pick_query
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)

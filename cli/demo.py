@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from retrieval.demo_pipeline import DEMO_SIZE
+from serve.demo_pipeline import DEMO_SIZE
 
 
 def demo_cmd(
@@ -27,8 +27,8 @@ def demo_cmd(
 ) -> None:
     """Build the demo corpus, train cxr-small, index it, query a held-out abnormal image, and draft its report."""
     from cli.quiet import quiet_transformers
-    from retrieval.demo_pipeline import DEFAULT_WORKDIR, run_demo
     from retrieval.progress import console as err_console
+    from serve.demo_pipeline import DEFAULT_WORKDIR, run_demo
 
     quiet_transformers()
 

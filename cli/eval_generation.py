@@ -35,10 +35,10 @@ def eval_generation_cmd(
 ) -> None:
     """BLEU/METEOR/ROUGE-L/CIDEr, clinical efficacy, VQA, classification, localisation and grounding metrics,
     with constant, retrieval-only, no-RAG and RAG rows in one table per task."""
+    from generation.evaluate import evaluate_generation, results_markdown
+    from generation.metrics import BLEU_NOTE
+    from generation.report_metrics import check_report_metrics, parse_metrics, use_report_metrics
     from retrieval.fileio import atomic_path, write_json_atomic
-    from retrieval.generation.evaluate import evaluate_generation, results_markdown
-    from retrieval.generation.metrics import BLEU_NOTE
-    from retrieval.generation.report_metrics import check_report_metrics, parse_metrics, use_report_metrics
 
     extra = parse_metrics(metrics)
     check_report_metrics(extra, metrics_dir)  # a missing library or weight: one line naming the fix, before any work

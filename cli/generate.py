@@ -23,8 +23,8 @@ def generate_cmd(
 ) -> None:
     """Generate for one image; the output names the exemplar studies the prompt carried."""
     from cli.quiet import quiet_transformers
+    from generation.generate import generate_for_image
     from retrieval.errors import UsageError
-    from retrieval.generation.generate import generate_for_image
 
     quiet_transformers()
     if k < 0:

@@ -31,7 +31,7 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     for name in list_models():
         ok, why = offline_status(name)
         rows.append({"name": name, "offline": ok, "why": why, "description": resolve(name).description})
-    from retrieval.generation.report_metrics import weights_status
+    from generation.report_metrics import weights_status
 
     for name, what in METRIC_WEIGHTS.items():
         ok, why = weights_status(name)  # report-metric weights (--metrics NAME), in their default places

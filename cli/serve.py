@@ -35,14 +35,14 @@ def serve(
 
     from cli.quiet import quiet_transformers
     from retrieval.errors import UsageError
-    from retrieval.serve.service import ServeConfig, ServeService, default_workers
+    from serve.service import ServeConfig, ServeService, default_workers
 
     quiet_transformers()
 
     try:
         import uvicorn
 
-        from retrieval.serve.app import bind_warning, create_app
+        from serve.app import bind_warning, create_app
     except ImportError as e:
         raise UsageError(f"`cxr serve` needs the serve extra: pip install 'cxr-retrieval[serve]' ({e})") from e
     if max_upload_mb <= 0:
@@ -110,8 +110,8 @@ def serve_cmd(
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
 ) -> None:
     """Serve the HTTP API and the web viewer: model, index and VLM load once, queries answer in milliseconds."""
-    from retrieval.demo_pipeline import DEFAULT_WORKDIR
     from retrieval.errors import UsageError
+    from serve.demo_pipeline import DEFAULT_WORKDIR
 
     demo = index is None
     if demo:

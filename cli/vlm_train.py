@@ -48,9 +48,9 @@ def vlm_train_cmd(
     import torch
 
     from cli.quiet import quiet_transformers
+    from generation.train import VLMTrainConfig, train_vlm
     from retrieval.data.manifest_check import gate_manifest
     from retrieval.errors import UsageError
-    from retrieval.generation.train import VLMTrainConfig, train_vlm
 
     quiet_transformers()
     if threads:

@@ -77,13 +77,13 @@ class SynthRetrievalModel:
     embed_dim = 32
 
     def __init__(self):
-        from retrieval.generation.encoders import FrozenPatchEncoder
+        from generation.encoders import FrozenPatchEncoder
 
         self.enc = FrozenPatchEncoder(seed=7, image_size=64, patch=8, dim=32)
 
     def encode_images(self, images, **kwargs) -> np.ndarray:
+        from generation.encoders import encode_visual
         from retrieval.data.image_io import read_image
-        from retrieval.generation.encoders import encode_visual
 
         arrays = [read_image(x) if isinstance(x, str | Path) else x for x in images]
         v = encode_visual([self.enc], arrays)[0].mean(1).numpy().astype(np.float32)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cli.main import main
-from retrieval import demo_pipeline
+from serve import demo_pipeline
 
 
 @pytest.mark.slow

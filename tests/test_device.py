@@ -8,11 +8,11 @@ import pytest
 import torch
 from gen_synth import one_thread  # noqa: F401 (an autouse fixture)
 
+from generation import generate as generate_module
+from generation.encoders import FrozenPatchEncoder
+from generation.model import VLM
 from index import backends
 from retrieval.device import resolve_device
-from retrieval.generation import generate as generate_module
-from retrieval.generation.encoders import FrozenPatchEncoder
-from retrieval.generation.model import VLM
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 

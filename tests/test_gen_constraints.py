@@ -7,12 +7,12 @@ import pytest
 import torch
 from gen_synth import one_thread  # noqa: F401 (an autouse fixture)
 
-from retrieval.generation.boxes import malformed_boxes, parse_boxes
-from retrieval.generation.constraints import BoxGrammar, box_decoding
-from retrieval.generation.head import closed_answer, closed_finding, fit_thresholds, rank_exemplars
-from retrieval.generation.model import VLM
-from retrieval.generation.rag import Exemplar
-from retrieval.generation.tokenizer import build_tokenizer, decode
+from generation.boxes import malformed_boxes, parse_boxes
+from generation.constraints import BoxGrammar, box_decoding
+from generation.head import closed_answer, closed_finding, fit_thresholds, rank_exemplars
+from generation.model import VLM
+from generation.rag import Exemplar
+from generation.tokenizer import build_tokenizer, decode
 from retrieval.labels import LABELS
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from gen_synth import SynthRetrievalModel, make_index, make_manifest, one_thread  # noqa: F401 (an autouse fixture)
 
+from generation.evaluate import evaluate_generation
+from generation.generate import generate_for_image
+from generation.model import VLM
+from generation.train import VLMTrainConfig, train_vlm
 from retrieval.errors import UsageError
-from retrieval.generation.evaluate import evaluate_generation
-from retrieval.generation.generate import generate_for_image
-from retrieval.generation.model import VLM
-from retrieval.generation.train import VLMTrainConfig, train_vlm
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 
@@ -73,7 +73,7 @@ def test_generate_names_exemplars_never_own_study_or_patient(trained, corpus):
 def test_resume_continues_where_it_stopped(corpus, monkeypatch):
     root, df, idx = corpus
     full = train_vlm(df, root / "a", config(40), index_dir=idx, progress=False)
-    import retrieval.generation.train as tr
+    import generation.train as tr
 
     real, calls = tr.encode_batch, {"n": 0}
 
@@ -93,7 +93,7 @@ def test_resume_continues_where_it_stopped(corpus, monkeypatch):
 
 
 def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpus):
-    from retrieval.generation.generate import Generator
+    from generation.generate import Generator
     from retrieval.labels import LABELS
 
     root, df, idx = corpus
@@ -117,8 +117,8 @@ def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpu
 
 
 def test_box_head_and_written_report_answer_by_default(trained, corpus):
+    from generation.generate import Generator
     from retrieval.data.image_io import read_image
-    from retrieval.generation.generate import Generator
 
     root, df, idx = corpus
     assert (trained[0] / "box_head.safetensors").exists()  # fitted at the end of training
@@ -139,11 +139,11 @@ def test_box_head_and_written_report_answer_by_default(trained, corpus):
 
 
 def test_findings_come_from_the_ridge_by_default_and_from_the_aux_head_on_request(trained, corpus):
+    from generation.box_head import box_features
+    from generation.findings_report import predicted_findings
+    from generation.generate import Generator
+    from generation.tasks import PROMPTS, classify_target
     from retrieval.data.image_io import read_image
-    from retrieval.generation.box_head import box_features
-    from retrieval.generation.findings_report import predicted_findings
-    from retrieval.generation.generate import Generator
-    from retrieval.generation.tasks import PROMPTS, classify_target
 
     root, df, idx = corpus
     assert (trained[0] / "finding_head.safetensors").exists()  # fitted at the end of training
@@ -211,8 +211,8 @@ def test_cli_eval_generation_writes_tables(trained, corpus, tmp_path, capsys):
 
 
 def test_visual_token_cache_is_reused_and_matches(corpus, tmp_path):
-    from retrieval.generation.encoders import load_encoder
-    from retrieval.generation.features import visual_tokens_for_rows
+    from generation.encoders import load_encoder
+    from generation.features import visual_tokens_for_rows
 
     root, df, _ = corpus
     df = df.copy()

@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.generation.findings_report import (
+from generation.findings_report import (
     FINDING_SENTENCES,
     NORMAL_SENTENCE,
     finding_sides,
     findings_report,
     predicted_findings,
 )
-from retrieval.generation.metrics import repeats_a_sentence
-from retrieval.generation.rag import Exemplar
+from generation.metrics import repeats_a_sentence
+from generation.rag import Exemplar
 from retrieval.labels import LABELS, NO_FINDING, label_report
 
 FINDINGS = [lab for lab in LABELS if lab != NO_FINDING]

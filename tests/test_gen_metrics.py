@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.generation.metrics import (
+from generation.metrics import (
     clinical_efficacy,
     grounding_iou,
     localisation_accuracy,
@@ -108,7 +108,7 @@ def test_grounding_iou():
 
 
 def test_repeated_sentence_fraction():
-    from retrieval.generation.metrics import repeated_sentence_fraction, repeats_a_sentence
+    from generation.metrics import repeated_sentence_fraction, repeats_a_sentence
 
     assert repeats_a_sentence("the lungs are clear. the lungs are clear. no acute abnormality.")
     assert repeats_a_sentence("Lungs are clear.  lungs are  clear")
@@ -117,8 +117,8 @@ def test_repeated_sentence_fraction():
 
 
 def test_drafted_findings_names_only_what_the_labeler_reads():
-    from retrieval.demo_pipeline import drafted_findings
     from retrieval.labels import label_report
+    from serve.demo_pipeline import drafted_findings
 
     text = "The heart is enlarged. There is a large right pleural effusion."
     named = [x for x in label_report(text) if x != "No Finding"]

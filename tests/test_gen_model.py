@@ -7,11 +7,11 @@ import pytest
 import torch
 from gen_synth import one_thread  # noqa: F401 (an autouse fixture)
 
+from generation.encoders import FrozenPatchEncoder, combine_tokens, encode_visual, pool_grid
+from generation.model import VLM, group_tokens
+from generation.rag import build_prompt_ids
+from generation.tokenizer import COORD_TOKENS, TASK_TOKENS, build_tokenizer, decode
 from retrieval.errors import ModelLoadError
-from retrieval.generation.encoders import FrozenPatchEncoder, combine_tokens, encode_visual, pool_grid
-from retrieval.generation.model import VLM, group_tokens
-from retrieval.generation.rag import build_prompt_ids
-from retrieval.generation.tokenizer import COORD_TOKENS, TASK_TOKENS, build_tokenizer, decode
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from gen_synth import one_thread  # noqa: F401 (an autouse fixture)
 
+from generation.collate import IGNORE, collate, splice_image
+from generation.model import VLM
+from generation.vlm_config import DEFAULT_BUDGET, VLMConfig
 from retrieval.errors import ModelLoadError
-from retrieval.generation.collate import IGNORE, collate, splice_image
-from retrieval.generation.model import VLM
-from retrieval.generation.vlm_config import DEFAULT_BUDGET, VLMConfig
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 # vlm_config.json as the first VLM versions wrote it: a plain dict without the later keys

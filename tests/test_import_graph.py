@@ -1,4 +1,5 @@
-"""The project's internal import graph (`retrieval`, `index`, `cli`) has no cycle.
+"""The project's internal import graph (`retrieval`, `index`, `generation`, `serve`, `cli`) has no cycle, and its
+packages are layers: imports only go down, retrieval <- index <- generation <- serve <- cli.
 
 Every import counts, at module level and inside function bodies (a lazy import hides an edge, it does not remove
 it); only imports under `if TYPE_CHECKING:` are left out, since they never run. `from a.b import c` is an edge to
@@ -13,20 +14,7 @@ import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("retrieval", "index", "cli")
-
-# Known cycles: none left (models' loader -> encoder -> bundle -> loader went when prefetch and verify left
-# bundle.py). Never add one: break it.
-KNOWN_CYCLES: list[set[str]] = []
-# `index` builds on the retrieval core (errors, fileio, progress, device, models, data.manifest); these application
-# modules inside `retrieval` call back into `index`, which makes the two *packages* import each other (no module
-# cycle). No other `retrieval` module may import `index`.
-RETRIEVAL_MODULES_USING_INDEX = {
-    "retrieval.demo_pipeline",  # the demo builds and queries an index
-    "retrieval.generation.features",  # RAG retrieves reports through the Searcher
-    "retrieval.serve.service",  # the server loads the model the index records
-    "retrieval.serve.snapshot",  # the server opens and searches an index
-}
+PACKAGES = ("retrieval", "index", "generation", "serve", "cli")
 
 
 def _modules() -> dict[str, Path]:
@@ -126,7 +114,7 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
 def test_the_graph_is_read():
     graph = import_graph()
     assert "retrieval.labels" in graph["retrieval.data.phantom.parse"]
-    assert "index.search" in graph["retrieval.serve.snapshot"]  # a function-level import counts
+    assert "index.search" in graph["serve.snapshot"]  # a function-level import counts
     assert "retrieval.data.phantom.rules" in graph["retrieval.data.phantom.parse"]  # `from pkg import module`
 
 
@@ -135,26 +123,31 @@ def test_strongly_connected_finds_cycles():
     assert strongly_connected(graph) == [{"a", "b", "c"}]
 
 
-def test_no_import_cycle_beyond_the_known_ones():
-    cycles = strongly_connected(import_graph())
-    unknown = [sorted(c) for c in cycles if c not in KNOWN_CYCLES]
-    assert not unknown, f"import cycles: {unknown}"
-    fixed = [sorted(c) for c in KNOWN_CYCLES if c not in cycles]
-    assert not fixed, f"these known cycles are gone: remove them from KNOWN_CYCLES: {fixed}"
+def test_no_module_level_cycle():
+    cycles = [sorted(c) for c in strongly_connected(import_graph())]
+    assert not cycles, f"import cycles: {cycles}"
 
 
 def test_labels_is_a_leaf():
     assert import_graph()["retrieval.labels"] == set()
 
 
-def test_only_the_application_modules_of_retrieval_import_index():
+def test_packages_import_only_downwards():
+    """A module of one layer imports only its own package and the layers below it; no exception by name."""
+    rank = {package: i for i, package in enumerate(PACKAGES)}
+    upward = sorted(
+        (m, t)
+        for m, targets in import_graph().items()
+        for t in targets
+        if rank[t.split(".")[0]] > rank[m.split(".")[0]]
+    )
+    assert not upward, f"imports that go up a layer: {upward}"
+
+
+def test_no_package_level_cycle():
     graph = import_graph()
-    users = {
-        m for m, targets in graph.items() if m.startswith("retrieval") and any(t.startswith("index") for t in targets)
-    }
-    assert users <= RETRIEVAL_MODULES_USING_INDEX, sorted(users - RETRIEVAL_MODULES_USING_INDEX)
-    library = {m for m in graph if not m.startswith("cli")}
-    assert not any(t.startswith("cli") for m in library for t in graph[m]), "the library imports the CLI"
+    packages = {p: {t.split(".")[0] for m in graph if m.split(".")[0] == p for t in graph[m]} - {p} for p in PACKAGES}
+    assert strongly_connected(packages) == []
 
 
 # Private names (a leading underscore) imported across modules: each is a job with no public home. None is left

@@ -27,11 +27,11 @@ from test_index_helpers import FakeModel  # noqa: E402
 
 from cli.main import main  # noqa: E402
 from index.build import BuildOptions, add_to_index, build_index  # noqa: E402
-from retrieval.serve.app import bind_warning, create_app, is_loopback  # noqa: E402
-from retrieval.serve.batching import EmbedBatcher  # noqa: E402
-from retrieval.serve.sentences import matched_report_sentences, shared_sentences, split_sentences  # noqa: E402
-from retrieval.serve.service import ServeConfig, ServeService  # noqa: E402
-from retrieval.serve.uploads import sniff  # noqa: E402
+from serve.app import bind_warning, create_app, is_loopback  # noqa: E402
+from serve.batching import EmbedBatcher  # noqa: E402
+from serve.sentences import matched_report_sentences, shared_sentences, split_sentences  # noqa: E402
+from serve.service import ServeConfig, ServeService  # noqa: E402
+from serve.uploads import sniff  # noqa: E402
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 
@@ -47,7 +47,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vlm(data):
-    from retrieval.generation.train import VLMTrainConfig, train_vlm
+    from generation.train import VLMTrainConfig, train_vlm
 
     root, df, idx = data
     cfg = VLMTrainConfig(
@@ -419,7 +419,7 @@ def test_loopback_default_and_the_warning(data, fake_models, monkeypatch, capsys
 
 
 def test_serve_without_a_demo_index_says_what_to_do(monkeypatch, tmp_path, capsys):
-    import retrieval.demo_pipeline as dp
+    import serve.demo_pipeline as dp
 
     monkeypatch.setattr(dp, "DEFAULT_WORKDIR", tmp_path / "demo")
     assert main(["serve"]) == 2
@@ -592,7 +592,7 @@ def test_a_broken_index_on_disk_keeps_the_old_one_serving(growing, fake_models):
 def test_demo_serve_serves_the_demo_folder(monkeypatch, tmp_path, capsys):
     import pandas as pd
 
-    import retrieval.demo_pipeline as dp
+    import serve.demo_pipeline as dp
 
     (tmp_path / "vlm").mkdir()
     (tmp_path / "vlm" / "vlm_config.json").write_text("{}")

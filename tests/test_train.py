@@ -207,9 +207,9 @@ def test_cnn_feature_pass_keeps_the_vlm_tokens_and_the_same_pooled_features(tmp_
     """With `token_cache`, the frozen cxr-small tower runs once per image: the trainer's pooled features are the
     mean of the feature map whose grid tokens it keeps, and the VLM's token pass then finds every train/val image
     in the cache (no tower run), with the tokens a direct pass gives."""
+    from generation import features as gen_features
+    from generation.encoders import encode_visual
     from retrieval.data.manifest import read_manifest
-    from retrieval.generation import features as gen_features
-    from retrieval.generation.encoders import encode_visual
     from retrieval.models import load_model
     from retrieval.training import TrainConfig, Trainer
 

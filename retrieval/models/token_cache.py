@@ -4,7 +4,7 @@ One safetensors file per (image-tower weights, grid) in a cache folder, `tokens-
 beside it naming each row by image path, size and mtime (a changed file is a new row). Rows are only appended, and
 both files are replaced atomically; a corrupt or mismatched pair is recomputed, never trusted.
 
-Two writers fill it: the VLM's visual-token pass (`retrieval.generation.features`), and the retrieval trainer's
+Two writers fill it: the VLM's visual-token pass (`generation.features`), and the retrieval trainer's
 frozen-feature pass over a CNN tower, which computes the last feature map anyway (its pooled features are that
 map's mean) and so keeps the tokens for a later VLM run at no extra forward pass.
 """

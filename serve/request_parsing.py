@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
 from retrieval.errors import UsageError
-from retrieval.serve.uploads import UploadError
+from serve.uploads import UploadError
 
 _IMAGE_FIELD = {
     "type": "string",

@@ -22,19 +22,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from generation.box_head import BoxHead, box_features
+from generation.boxes import boxes_text, malformed_boxes, parse_boxes
+from generation.constraints import box_decoding
+from generation.encoders import encode_visual
+from generation.finding_ridge import FindingRidge
+from generation.findings_report import finding_sides, findings_report, predicted_findings
+from generation.head import closed_answer, rank_exemplars
+from generation.model import VLM
+from generation.rag import Exemplar, build_prompt_ids, copied_sentences
+from generation.tasks import OPEN_QUESTION, PROMPTS, classify_target
+from generation.tokenizer import TASKS, decode
 from retrieval.device import resolve_device
 from retrieval.errors import UsageError
-from retrieval.generation.box_head import BoxHead, box_features
-from retrieval.generation.boxes import boxes_text, malformed_boxes, parse_boxes
-from retrieval.generation.constraints import box_decoding
-from retrieval.generation.encoders import encode_visual
-from retrieval.generation.finding_ridge import FindingRidge
-from retrieval.generation.findings_report import finding_sides, findings_report, predicted_findings
-from retrieval.generation.head import closed_answer, rank_exemplars
-from retrieval.generation.model import VLM
-from retrieval.generation.rag import Exemplar, build_prompt_ids, copied_sentences
-from retrieval.generation.tasks import OPEN_QUESTION, PROMPTS, classify_target
-from retrieval.generation.tokenizer import TASKS, decode
 from retrieval.labels import LABELS
 
 VQA_SOURCES = ("head", "lm")  # closed "is there X?" answered by the finding head (head.py) or the LM
@@ -122,7 +122,7 @@ class Generator:
         self.searcher = None
         self._retrieval_model = retrieval_model
         if index_dir is not None:
-            from retrieval.generation.features import open_searcher
+            from generation.features import open_searcher
 
             self.searcher = open_searcher(index_dir)
 
@@ -153,7 +153,7 @@ class Generator:
             return [[] for _ in images]
         if self.searcher is None:
             raise UsageError("retrieval needs --index (or pass -k 0)")
-        from retrieval.generation.rag import retrieve_exemplars
+        from generation.rag import retrieve_exemplars
 
         vecs = np.asarray(self.retrieval_model().encode_images(list(images)), dtype=np.float32)
         n = len(images)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from retrieval.generation.tokenizer import REF_TOKEN, TASK_TOKENS
+from generation.tokenizer import REF_TOKEN, TASK_TOKENS
 
 # Shortest exemplar slice worth adding: fewer tokens than this say nothing and only cost attention.
 MIN_EXEMPLAR_TOKENS = 4

@@ -20,8 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from retrieval.generation.boxes import format_box, format_findings, merge_boxes
-from retrieval.generation.tokenizer import TASKS
+from generation.boxes import format_box, format_findings, merge_boxes
+from generation.tokenizer import TASKS
 from retrieval.labels import ANATOMY, ANATOMY_PREFIX, LABELS, NO_FINDING
 
 PROMPTS: dict[str, str] = {

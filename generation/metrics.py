@@ -29,8 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 from torchvision.ops import box_iou
 
-from retrieval.generation.boxes import boxes_tensor
-from retrieval.generation.report_metrics import active_scores
+from generation.boxes import boxes_tensor
+from generation.report_metrics import active_scores
 from retrieval.labels import LABELS
 
 IOU_THRESHOLDS = (0.3, 0.4, 0.5)
@@ -232,7 +232,7 @@ def grounding_iou(truth: Sequence[Sequence[dict]], preds: Sequence[Sequence[dict
 
 def repeats_a_sentence(text: str) -> bool:
     """True when some sentence occurs twice in `text` (lower-cased, whitespace and final period normalised)."""
-    from retrieval.generation.rag import sentences
+    from generation.rag import sentences
 
     s = sentences(text)
     return len(s) != len(set(s))

@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import IndexError_, UsageError
-from retrieval.serve.batching import EmbedBatcher
-from retrieval.serve.sentences import annotate_exemplars
-from retrieval.serve.snapshot import TARGETS, IndexSnapshot, folder_signature, open_snapshot
-from retrieval.serve.studies import Thumbnails, study_record
+from serve.batching import EmbedBatcher
+from serve.sentences import annotate_exemplars
+from serve.snapshot import TARGETS, IndexSnapshot, folder_signature, open_snapshot
+from serve.studies import Thumbnails, study_record
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class ServeService:
         self._gen_lock = threading.Lock()
         self.generator = None
         if config.vlm is not None:
-            from retrieval.generation.generate import Generator
+            from generation.generate import Generator
 
             self.generator = Generator(config.vlm, None, device=config.device, retrieval_model=self.batcher)
         # uploads decode no smaller than the largest input any model here resizes them to (JPEGs decode faster)
@@ -224,7 +224,7 @@ class ServeService:
 
     def decode(self, data: bytes, filename: str = "", content_type: str = "") -> np.ndarray:
         """An uploaded image's pixels (UploadError 415/422 when it is not a readable PNG, JPEG or DICOM)."""
-        from retrieval.serve.uploads import decode_upload
+        from serve.uploads import decode_upload
 
         return decode_upload(
             data, filename, content_type, self.upload_dir, self.config.max_pixels, min_size=self._decode_size
@@ -296,7 +296,7 @@ class ServeService:
     ) -> dict:
         """The VLM's output for one image: text, boxes, and the exemplars the prompt carried (with their reports
         and the sentences of the text that each exemplar's report also contains)."""
-        from retrieval.generation.generate import generate_for_image, task_prompt
+        from generation.generate import generate_for_image, task_prompt
 
         if self.generator is None:
             raise UsageError("this server has no VLM; start it with --vlm DIR (a folder from `cxr vlm train`)")

@@ -39,7 +39,7 @@ except ImportError as e:  # an optional extra
     ) from e
 
 from retrieval.errors import CXRError, ImageReadError, IndexError_, UsageError
-from retrieval.serve.request_parsing import (
+from serve.request_parsing import (
     GENERATE_BODY,
     JSON,
     SEARCH_BODY,
@@ -47,8 +47,8 @@ from retrieval.serve.request_parsing import (
     parse_request,
     str_field,
 )
-from retrieval.serve.service import ServeService
-from retrieval.serve.uploads import UploadError
+from serve.service import ServeService
+from serve.uploads import UploadError
 
 log = logging.getLogger(__name__)
 

@@ -23,14 +23,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from generation.model import VLM, load_encoder
+from generation.rag import Exemplar, build_prompt_ids
+from generation.sampling import TaskSampler, stage_tasks
+from generation.tasks import Example, build_examples
+from generation.tokenizer import TASKS
 from retrieval.checkpoint import Checkpoint
 from retrieval.errors import CXRError, UsageError
 from retrieval.fileio import write_json_atomic
-from retrieval.generation.model import VLM, load_encoder
-from retrieval.generation.rag import Exemplar, build_prompt_ids
-from retrieval.generation.sampling import TaskSampler, stage_tasks
-from retrieval.generation.tasks import Example, build_examples
-from retrieval.generation.tokenizer import TASKS
 from retrieval.labels import LABELS
 from retrieval.models.token_cache import DEFAULT_GRID
 from retrieval.progress import make_progress
@@ -120,7 +120,7 @@ def row_label_targets(df: pd.DataFrame, rows: Sequence[int]) -> dict[int, torch.
 
 def head_thresholds(vlm: VLM, visual: dict[int, torch.Tensor], label_rows: dict[int, torch.Tensor]) -> list[float]:
     """The finding head's per-finding thresholds, fitted on the training rows (`head.fit_thresholds`)."""
-    from retrieval.generation.head import fit_thresholds
+    from generation.head import fit_thresholds
 
     order = sorted(visual)
     probs = torch.cat(
@@ -198,7 +198,7 @@ def _check_out(out: Path, resume: bool) -> None:
 def _prepare_inputs(df: pd.DataFrame, config: VLMTrainConfig, index_dir: str | Path | None, progress: bool) -> _Inputs:
     """Examples of the training split, frozen visual tokens (rows whose image cannot be read are dropped and
     reported), and each row's exemplars (training studies only); resolves `config.encoders`."""
-    from retrieval.generation.features import exemplars_for_rows, open_searcher, visual_tokens_for_rows
+    from generation.features import exemplars_for_rows, open_searcher, visual_tokens_for_rows
 
     rows = split_rows(df, config.split)
     searcher = None
@@ -332,12 +332,12 @@ def _finish(config: VLMTrainConfig, vlm: VLM, data: _Inputs, out: Path) -> float
     vlm.save(out, data.encoders)
     t_box = time.time()
     if config.box_head:
-        from retrieval.generation.box_head import fit_for_examples
+        from generation.box_head import fit_for_examples
 
         if (head := fit_for_examples(data.visual, data.examples)) is not None:
             head.save(out)
     if config.finding_ridge:
-        from retrieval.generation.finding_ridge import fit_finding_ridge
+        from generation.finding_ridge import fit_finding_ridge
 
         if (ridge := fit_finding_ridge(data.visual, data.label_rows)) is not None:
             ridge.save(out)

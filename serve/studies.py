@@ -12,7 +12,7 @@ from collections import OrderedDict
 import numpy as np
 
 from retrieval.errors import UsageError
-from retrieval.serve.snapshot import IndexSnapshot
+from serve.snapshot import IndexSnapshot
 
 THUMB_SIZES = (16, 1024)
 

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-from retrieval.generation.boxes import COORD_MAX
-from retrieval.generation.tokenizer import COORD_TOKENS
+from generation.boxes import COORD_MAX
+from generation.tokenizer import COORD_TOKENS
 
 
 class BoxGrammar:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from retrieval.generation.rag import Exemplar
+from generation.rag import Exemplar
 from retrieval.labels import LABELS, label_report
 
 _CLOSED_RE = re.compile(r"^is there (?:an? )?(.+?)\s*\?$")

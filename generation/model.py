@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generation.collate import IGNORE, collate, splice_image
+from generation.encoders import load_encoder
+from generation.tokenizer import COORD_TOKENS, IMAGE_END, IMAGE_START, build_tokenizer, load_tokenizer
+from generation.vlm_config import GROUP, VLMConfig
 from retrieval.errors import ModelLoadError
 from retrieval.fileio import write_json_atomic
-from retrieval.generation.collate import IGNORE, collate, splice_image
-from retrieval.generation.encoders import load_encoder
-from retrieval.generation.tokenizer import COORD_TOKENS, IMAGE_END, IMAGE_START, build_tokenizer, load_tokenizer
-from retrieval.generation.vlm_config import GROUP, VLMConfig
 
 __all__ = ["VLM", "VLMConfig", "group_tokens", "init_coordinate_embeddings", "load_encoder"]  # load_encoder: train.py
 TINY_LM = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512}

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from retrieval.generation.encoders import combine_tokens, encode_visual
-from retrieval.generation.rag import Exemplar, retrieve_exemplars
+from generation.encoders import combine_tokens, encode_visual
+from generation.rag import Exemplar, retrieve_exemplars
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.generation.boxes import boxes_tensor, boxes_text, snap
-from retrieval.generation.head import fit_thresholds
+from generation.boxes import boxes_tensor, boxes_text, snap
+from generation.head import fit_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def fit_for_examples(
 ) -> BoxHead | None:
     """The head for a training run: each row's boxes from its `[ground]` examples (anatomy and findings, merged as
     the targets are), else from its `[identify]` examples; None without box examples."""
-    from retrieval.generation.tasks import is_anatomy
+    from generation.tasks import is_anatomy
 
     row_boxes: dict[int, list[dict]] = {}
     for e in examples.get("ground") or []:

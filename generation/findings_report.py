@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval.generation.head import rank_exemplars
-from retrieval.generation.rag import Exemplar
+from generation.head import rank_exemplars
+from generation.rag import Exemplar
 from retrieval.labels import LABELS, NO_FINDING, label_sentence, whole_sentences
 
 # One sentence per finding that the labeler reads as exactly that finding (tests/test_gen_findings_report.py).

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from retrieval.generation.boxes import format_box, malformed_boxes, parse_boxes
-from retrieval.generation.metrics import (
+from generation.boxes import format_box, malformed_boxes, parse_boxes
+from generation.metrics import (
     clinical_efficacy,
     grounding_iou,
     localisation_accuracy,
@@ -39,9 +39,9 @@ from retrieval.generation.metrics import (
     text_metrics,
     vqa_accuracy,
 )
-from retrieval.generation.rag import sentences
-from retrieval.generation.tasks import Example, build_examples, row_examples
-from retrieval.generation.tokenizer import TASKS
+from generation.rag import sentences
+from generation.tasks import Example, build_examples, row_examples
+from generation.tokenizer import TASKS
 from retrieval.labels import LABELS, NO_FINDING
 
 DEFAULT_ANSWER = {
@@ -238,8 +238,8 @@ def _eval_inputs(
 ) -> _EvalInputs:
     """The split's examples (capped per task; rows whose image cannot be read dropped), their visual tokens and
     exemplars (training studies only), the first training row per study and the constant answers."""
-    from retrieval.generation.features import exemplars_for_rows, visual_tokens_for_rows
-    from retrieval.generation.train import split_rows
+    from generation.features import exemplars_for_rows, visual_tokens_for_rows
+    from generation.train import split_rows
 
     rows = split_rows(df, split)
     train_rows = split_rows(df, "train")
@@ -324,8 +324,8 @@ def evaluate_generation(
 ) -> dict:
     """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K for each K in `k`); the
     `*_source` options are the `Generator`'s."""
+    from generation.generate import Generator
     from retrieval.data.manifest import read_manifest
-    from retrieval.generation.generate import Generator
 
     t0 = time.time()
     df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
