@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# CXR_BENCH_RESULTS: another folder for the results (the GPU check's dry run writes there, not over the tables)
+RESULTS = Path(os.environ.get("CXR_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine_info() -> dict:
@@ -39,12 +40,35 @@ def machine_info() -> dict:
         "load_avg_1min": round(os.getloadavg()[0], 1),
         "memory_gib": round(mem_gib, 1),
         "gpu": gpu,
+        **(gpu_info() if gpu else {}),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "faiss": faiss.__version__,
         "numpy": np.__version__,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def gpu_info() -> dict:
+    """The GPU's driver and CUDA versions (torch's build and, from nvidia-smi, the driver's) and memory."""
+    import subprocess
+
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    info = {"gpu_memory_gib": round(props.total_memory / 2**30, 1), "cuda_torch": torch.version.cuda}
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout  # fmt: skip
+        info["gpu_driver"] = out.strip().splitlines()[0]
+        head = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+        found = [w for w in head.split("|") if "CUDA Version" in w]
+        info["cuda_driver"] = found[0].split("CUDA Version:")[1].strip() if found else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        info["gpu_driver"] = None
+    return info
 
 
 def peak_rss_mib() -> float:

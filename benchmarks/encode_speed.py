@@ -73,13 +73,14 @@ def ours_files(model, paths: list[str], device, batch: int, precision: str, work
     return len(paths) / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["cxr-tiny", "biomedclip-arch"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--files", type=int, default=128, help="files per format for the end-to-end runs")
     p.add_argument("--file-size", type=int, default=1024, help="pixels per side of the test files")
+    p.add_argument("--formats", nargs="+", default=["jpg", "png"], help="file formats of the end-to-end runs")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--min-time", type=float, default=3.0)
     p.add_argument("--device", default=None)
@@ -87,14 +88,15 @@ def main() -> None:
     p.add_argument("--naive-files", type=int, default=32, help="files per format for the naive one-at-a-time run")
     p.add_argument("--append", action="store_true", help="keep rows of other models already in the results file")
     p.add_argument("--name", default=None)
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     if a.threads:
         torch.set_num_threads(a.threads)
     from retrieval.models import load_model
 
     device = resolve_device(a.device)
     work = Path(os.environ.get("CXR_BENCH_DIR", tempfile.gettempdir())) / "cxr-bench-encode"
-    files = {fmt: synthetic_radiographs(work / fmt, a.files, a.file_size, fmt) for fmt in ("jpg", "png")}
+    files = {fmt: synthetic_radiographs(work / fmt, a.files, a.file_size, fmt) for fmt in a.formats}
     rows = []
     for name in a.models:
         model = load_model(name).to(device).eval()
@@ -144,7 +146,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
         del model
     tag = a.name or f"encode_speed_{device.type}"
-    cmd = "python -m benchmarks.encode_speed " + " ".join(sys.argv[1:])
+    cmd = "python -m benchmarks.encode_speed " + " ".join(argv)
     old = RESULTS / f"{tag}.json"
     commands = [cmd]
     if a.append and old.exists():

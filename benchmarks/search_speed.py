@@ -221,6 +221,7 @@ def run(
     torch_exact: bool = True,
     hnsw_tune: bool = True,
     on_row=None,
+    exact_device: str | None = None,
 ) -> list[dict]:
     """Every method at one corpus size."""
     import faiss
@@ -343,14 +344,16 @@ def run(
             )
         del ivf
 
-    if torch.cuda.is_available():
+    exact_device = exact_device or ("cuda" if torch.cuda.is_available() else None)
+    if exact_device:  # the GPU rows (a CPU device runs the same path: the GPU check's dry run)
+        where = "GPU" if exact_device.startswith("cuda") else exact_device
         for prec in ("fp32", "bf16"):
             add(
-                f"exact torch (TorchBackend, GPU {prec})",
+                f"exact torch (TorchBackend, {where} {prec})",
                 "",
                 0.0,
                 base_mib * (0.5 if prec == "bf16" else 1),
-                measure(backend_searcher(TorchBackend(base, "cuda", prec)), queries, truth, budget_s),
+                measure(backend_searcher(TorchBackend(base, exact_device, prec)), queries, truth, budget_s),
             )
     return rows
 
@@ -374,6 +377,13 @@ def summary(rows: list[dict]) -> str:
             f"{flat['qps_b1'] / naive['qps_b1']:.1f}x numpy's queries/s at batch 1, "
             f"{flat['qps_b1024'] / naive['qps_b1024']:.1f}x at batch 1024."
         )
+        for r in at:
+            if r["method"].startswith("exact torch (TorchBackend, GPU"):
+                msg += (
+                    f" {r['method'].split(', ')[1].rstrip(')')}: {r['qps_b1'] / flat['qps_b1']:.1f}x Flat at batch 1 "
+                    f"(p50 {r['p50_ms_b1']:.3f} ms), {r['qps_b1024'] / flat['qps_b1024']:.1f}x at batch 1024 "
+                    f"({r['qps_b1024']:,.0f} queries/s), recall@10 {r['recall@10']:.3f}."
+                )
         default = next((r for r in at if "DEFAULT" in r["method"]), None)
         if default:
             msg += (
@@ -446,7 +456,7 @@ def real_vectors(index_dir: str, n: int, n_queries: int = 2048, seed: int = 0) -
     return draw(n), draw(n_queries), label
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--dim", type=int, default=512)
@@ -457,9 +467,10 @@ def main() -> None:
     p.add_argument("--old-ivf", action="store_true", help="also the old rule's IVF-PQ without re-ranking")
     p.add_argument("--no-hnsw", action="store_true", help="skip plain HNSW (its build at 1M is long on 2 cores)")
     p.add_argument("--no-grid", action="store_true", help="skip the fixed nprobe x k_factor grid of IVF-PQ-RFlat")
-    p.add_argument("--refines", nargs="+", default=["RFlat", "Refine(SQ8)"], help="re-ranking steps of IVF-PQ")
+    p.add_argument("--refines", nargs="*", default=["RFlat", "Refine(SQ8)"], help="re-ranking steps of IVF-PQ")
     p.add_argument("--levers", action="store_true", help="also the default IVF's levers (benchmarks/search_levers.py)")
     p.add_argument("--no-torch", action="store_true", help="skip exact torch on the CPU")
+    p.add_argument("--exact-device", help="device of the exact torch rows (default: cuda when torch sees one)")
     p.add_argument("--no-hnsw-tune", action="store_true", help="plain HNSW at fixed efSearch only (no tuned row)")
     p.add_argument("--real-index", metavar="DIR", help="an index folder whose vectors are tiled for the real rows")
     p.add_argument("--real-n", type=int, default=100_000, help="how many tiled real vectors")
@@ -484,7 +495,8 @@ def main() -> None:
     p.add_argument("--fit-spectrum", metavar="MODEL_DIR", help="print alpha fitted on a model's stored text features")
     p.add_argument("--append", action="store_true", help="keep rows of other sizes/data already in the results file")
     p.add_argument("--name", default="search_speed_cpu")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     if a.fit_spectrum:
         from safetensors.torch import load_file
 
@@ -515,7 +527,7 @@ def main() -> None:
             if not (r.get("data", "").startswith("real") and real)
             and not (not r.get("data", "").startswith("real") and r["n"] in a.sizes)
         ]
-    cmd = " ".join(["python -m benchmarks.search_speed"] + sys.argv[1:])
+    cmd = " ".join(["python -m benchmarks.search_speed"] + argv)
     t_start = time.perf_counter()
 
     def log(x: object) -> None:
@@ -562,6 +574,7 @@ def main() -> None:
             not a.no_torch,
             not a.no_hnsw_tune,
             lambda partial: save(rows, partial),
+            a.exact_device,
         )
         print(save(rows), flush=True)
 

@@ -50,3 +50,18 @@ def test_device(request) -> str:
         if not torch.cuda.is_available():
             pytest.fail(f"TEST_DEVICE asks for {request.param}, which torch does not see")
     return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip, saying why, where torch sees no CUDA device; unless TEST_DEVICE asks for CUDA (then the
+    `test_device` fixture fails them: an explicit request is never silently skipped)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu or "cuda" in os.environ.get("TEST_DEVICE", ""):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False (benchmarks/gpu_check.sh)")
+    for item in gpu:
+        item.add_marker(skip)
