@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: install demo test fuzz lint clean chromium serve
+.PHONY: install demo test fuzz lint clean chromium serve gpu-check gpu-wheels
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,15 @@ test: install
 # The hypothesis fuzz tests with thousands of examples per property (CI runs a few hundred in `make test`).
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+
+# The GPU check (benchmarks/gpu_check.sh; benchmarks/README.md): the gpu tests and the GPU rows of the speed tables.
+# DRY=1: the same code on the CPU with tiny sizes, saying which rows a GPU run fills (CI runs it).
+gpu-check: install
+	benchmarks/gpu_check.sh $(if $(DRY),--dry-run,)
+
+# The wheels the lent GPU device lacks (it reaches no registry), into .whl/ for the device tool to carry.
+gpu-wheels: install
+	benchmarks/gpu_wheels.sh
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -46,6 +46,7 @@ def machine_info() -> dict:
         "faiss": faiss.__version__,
         "numpy": np.__version__,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        **({"note": os.environ["CXR_GPU_CHECK_NOTE"]} if os.environ.get("CXR_GPU_CHECK_NOTE") else {}),
     }
 
 
