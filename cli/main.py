@@ -32,19 +32,23 @@ from cli import (
     vlm_train,
 )
 
+# Plain click help, not typer's rich panels: formatting help with rich imports rich.markdown and markdown-it, which
+# doubled `cxr --help` (0.9 -> 0.45 s on a loaded 2-core machine; benchmarks/results/cli_latency.md).
+PLAIN_HELP = {"rich_markup_mode": None}
 app = typer.Typer(
     name="cxr",
     help="Cross-modal chest X-ray retrieval and retrieval-augmented report generation.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    **PLAIN_HELP,
 )
 data_app = typer.Typer(
-    help="Import datasets into study manifests; build the demo corpus.", no_args_is_help=True
+    help="Import datasets into study manifests; build the demo corpus.", no_args_is_help=True, **PLAIN_HELP
 )
-eval_app = typer.Typer(help="Measure retrieval and generation quality.", no_args_is_help=True)
-index_app = typer.Typer(help="Build, extend and inspect FAISS indexes.", no_args_is_help=True)
-vlm_app = typer.Typer(help="Train the multi-task vision-language model.", no_args_is_help=True)
+eval_app = typer.Typer(help="Measure retrieval and generation quality.", no_args_is_help=True, **PLAIN_HELP)
+index_app = typer.Typer(help="Build, extend and inspect FAISS indexes.", no_args_is_help=True, **PLAIN_HELP)
+vlm_app = typer.Typer(help="Train the multi-task vision-language model.", no_args_is_help=True, **PLAIN_HELP)
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 app.add_typer(index_app, name="index")

@@ -12,7 +12,11 @@ import typer
 
 from retrieval.errors import CXRError
 
-app = typer.Typer(help="List, inspect, prefetch, verify and export models (offline machines).", no_args_is_help=True)
+app = typer.Typer(
+    help="List, inspect, prefetch, verify and export models (offline machines).",
+    no_args_is_help=True,
+    rich_markup_mode=None,  # plain help, as cli/main.py's PLAIN_HELP says why
+)
 
 
 def _emit(obj: object, as_json: bool, text: str) -> None:

@@ -77,6 +77,7 @@ def query_cmd(
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON (for scripts)."),
+    wide: bool = typer.Option(False, "--wide", help="The whole report in the table (default: its first sentence)."),
 ) -> None:
     """Find the reports (or images) most similar to an image or a sentence."""
     from retrieval.errors import UsageError
@@ -91,58 +92,64 @@ def query_cmd(
     if not batch and out is not None:
         raise UsageError("--out is for folder or manifest queries; a single query prints its results")
 
-    from index.search import Searcher
+    from index.search import Searcher, image_query
     from index.store import load_recorded_model, open_index
 
     # The cheap checks first: a damaged index or an unreadable query image fails in well under a second,
     # before the model (seconds) is loaded.
     opened = open_index(index, mmap=mmap)
-    pixels = None
+    params = {"nprobe": nprobe, "ef_search": ef_search, "mmap": mmap, "k_factor": k_factor}
     if image is not None and not batch:
         from retrieval.data.image_io import read_image
 
         pixels = read_image(image)
-    m = load_recorded_model(opened.info, index, model, device)
-    searcher = Searcher(
-        opened, m, backend=backend, device=device, nprobe=nprobe, ef_search=ef_search, mmap=mmap, k_factor=k_factor
-    )
-
-    if batch:
-        _run_batch(searcher, image, out, k, target, exclude_patient, batch_size, workers, as_json)
-        return
-    if text is not None:
+        hits = image_query(opened, pixels, k, target, model=model, device=device, backend=backend,
+                           exclude_patient=exclude_patient, **params)  # fmt: skip
+        query = {"image": str(image)}
+    else:
+        m = load_recorded_model(opened.info, index, model, device)
+        searcher = Searcher(opened, m, backend=backend, device=device, **params)
+        if batch:
+            _run_batch(searcher, image, out, k, target, exclude_patient, batch_size, workers, as_json)
+            return
         hits = searcher.query_text(text, k, target, exclude_patient=exclude_patient, findings=findings)
         query = {"text": text}
-    else:
-        hits = searcher.query_image(pixels, k, target, exclude_patient=exclude_patient)
-        query = {"image": str(image)}
     if as_json:
         doc = {**query, "index": str(index), "target": target, "k": k, "results": _records(hits)}
         typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))
         return
-    _print_table(hits, query, target)
+    _print_table(hits, query, target, wide)
 
 
-def _print_table(hits, query: dict, target: str) -> None:
+def _print_table(hits, query: dict, target: str, wide: bool = False) -> None:
+    """One line per hit with the report's first sentence, cut to the terminal's width (80 columns when output is
+    not a terminal); `wide`: the whole report, folded."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
+    from retrieval.data.contact_sheet import first_sentence
+
+    console = Console()
     title = f"{target} like " + (f'"{query["text"]}"' if "text" in query else query["image"])
-    t = Table(title=title)
-    t.add_column("rank", justify="right")
-    t.add_column("score", justify="right")
-    t.add_column("study")
-    if target == "images":
-        t.add_column("image")
-    t.add_column("labels")
-    t.add_column("report", overflow="fold")
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    rows = []
     for r in hits.to_dict("records"):
-        cells = [str(r["rank"]), f"{r['score']:.3f}", str(r["study_id"])]
+        cells = [str(r["rank"]), f"{r['score']:.3f}", _excerpt(r["study_id"], 16)]
         if target == "images":
-            cells.append(Path(r["image_path"]).name)
-        cells += [", ".join(r["labels"]), _excerpt(r["report"]) or "[dim](no report)[/]"]
-        t.add_row(*cells)
-    Console().print(t)
+            cells.append(_excerpt(Path(r["image_path"]).name, 16))
+        rows.append([*cells, ", ".join(r["labels"]) if wide else _excerpt(", ".join(r["labels"]), 20), r["report"]])
+    names = ["rank", "score", "study"] + (["image"] if target == "images" else []) + ["labels", "report"]
+    widths = [max([len(n)] + [len(row[i]) for row in rows]) for i, n in enumerate(names[:-1])]
+    room = max(20, console.width - sum(widths) - 3 * len(names))  # the report line: all the others leave (+ gaps)
+    for name in names:
+        t.add_column(name, justify="right" if name in ("rank", "score") else "left",
+                     overflow="fold" if wide else "ellipsis", no_wrap=not wide)  # fmt: skip
+    for row in rows:
+        text = str(row[-1] or "").strip()
+        report = (_excerpt(text, 100_000) if wide else first_sentence(text, width=room, lines=1)) if text else ""
+        t.add_row(*row[:-1], report or "[dim](no report)[/]")
+    console.print(t)
 
 
 def _run_batch(searcher, image: Path, out: Path, k, target, exclude_patient, batch_size, workers, as_json) -> None:

@@ -98,6 +98,8 @@ def make_backend(index: Any, backend: str = "auto", device: str | None = None, p
             raise UsageError("the torch backend does exact search and needs a Flat or HNSW-Flat index")
         return TorchBackend(vectors, device, precision)
     # auto
+    if str(device) == "cpu":  # an explicit CPU, decided without importing torch (`cxr query` through ONNX Runtime)
+        return FaissBackend(index)
     if faiss.get_num_gpus() > 0:
         try:
             return FaissBackend(index, gpu=True)

@@ -37,3 +37,14 @@ def test_quiet_transformers_turns_its_progress_bars_off():
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def test_help_imports_no_heavy_library():
+    """`cxr --help` stays fast (issue 25): no torch, pandas, faiss or open_clip, and no rich markdown for the help."""
+    code = (
+        "import sys\nfrom cli.main import main\nassert main(['--help']) == 0\n"
+        "print(sorted(m for m in ('torch', 'pandas', 'faiss', 'open_clip', 'rich.markdown') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

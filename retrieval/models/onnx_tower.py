@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from retrieval.models.onnx_embedder import cache_dir
+
 log = logging.getLogger(__name__)
 OUTPUTS = ("features", "fmap")
 _SESSIONS: dict[tuple[str, int, str], object] = {}
@@ -26,11 +28,6 @@ _HASHES: dict[tuple, str] = {}  # (storage, in-place version) of every weight ->
 _LOCK = threading.Lock()
 
 
-def cache_dir() -> Path:
-    if os.environ.get("CXR_ONNX_DIR"):
-        return Path(os.environ["CXR_ONNX_DIR"])
-    home = os.environ.get("CXR_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "cxr-retrieval") / "onnx"
 
 
 def enabled() -> bool:
