@@ -9,7 +9,8 @@ instead (the cost is the same) and every row says which weights it had.
 - LoRA: peft LoRA (r 16) on the attention and MLP projections, AdamW, random token batches; bf16 autocast against
   fp32 (the naive way) in the same run.
 - Generation: greedy, a fixed number of new tokens (`min_new_tokens`, so an end token cannot stop it early), with the
-  KV cache against without it (the naive way: every step re-reads the whole sequence).
+  KV cache against without it (the naive way: every step re-reads the whole sequence); the LM keeps its LoRA
+  adapters from the training rows, as a fine-tuned VLM's LM does.
 """
 
 from __future__ import annotations
