@@ -70,6 +70,8 @@ def test_a_changed_or_foreign_graph_is_not_used(tiny, monkeypatch, tmp_path):
     data[len(data) // 2] ^= 0x01
     graph.write_bytes(bytes(data))
     assert onnx_embedder.open_embedder(fp) is None  # its checksum no longer matches
+    assert onnx_embedder.export_embedder(model, fp) == graph  # so the next query writes it again
+    assert onnx_embedder.open_embedder(fp) is not None
 
 
 def test_cpu_only_reads_the_device_without_torch(monkeypatch):

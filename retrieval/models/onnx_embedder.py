@@ -144,7 +144,7 @@ def export_embedder(model: Any, fingerprint: str | None = None) -> Path | None:
         return None
     fingerprint = fingerprint or model.fingerprint
     graph, meta_path = _paths(fingerprint)
-    if graph.is_file() and meta_path.is_file():
+    if open_embedder(fingerprint) is not None:  # exported and intact (a damaged one is written again)
         return graph
     try:
         _export(model, transform.size, graph)
