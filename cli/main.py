@@ -20,6 +20,7 @@ import typer
 from cli import (
     data_demo,
     data_import,
+    data_manifest,
     demo,
     eval_generation,
     eval_retrieval,
@@ -54,6 +55,8 @@ app.add_typer(models_cmd.app, name="models")
 data_app.command("import")(data_import.import_cmd)
 data_app.command("validate")(data_import.validate_cmd)
 data_app.command("demo")(data_demo.demo_data_cmd)
+data_app.command("merge")(data_manifest.merge_cmd)
+data_app.command("split")(data_manifest.split_cmd)
 app.command("train")(train.train_cmd)
 eval_app.command("retrieval")(eval_retrieval.eval_retrieval_cmd)
 eval_app.command("generation")(eval_generation.eval_generation_cmd)
