@@ -194,9 +194,7 @@ def start_orthanc(folder: str | Path, timeout: float = 30.0) -> Orthanc:
             try:
                 server.get_json("/system")
                 urllib.request.urlopen(
-                    urllib.request.Request(
-                        server.dicomweb_url + "/studies", headers={"Authorization": basic_header()}
-                    ),
+                    urllib.request.Request(server.dicomweb_url + "/studies", headers={"Authorization": basic_header()}),
                     timeout=5,
                 ).read()
                 return server
