@@ -101,7 +101,7 @@ def _set_pixels(ds: Dataset, pixels: np.ndarray, photometric: str, syntax: str) 
         ds.LossyImageCompression = "01"
     elif syntax == "j2k":
         _file_meta(ds, ExplicitVRLittleEndian)
-        ds.compress(JPEG2000Lossless, pixels)
+        ds.compress(JPEG2000Lossless, pixels, generate_instance_uid=False)
     else:
         raise ValueError(f"unknown syntax {syntax!r} (one of {SYNTAXES})")
 
@@ -209,6 +209,7 @@ def write_without_preamble(src: str | Path, dst: str | Path) -> Path:
 
     ds = pydicom.dcmread(src)
     del ds.file_meta
+    ds.preamble = None
     ds.save_as(dst, implicit_vr=False, little_endian=True, enforce_file_format=False)
     return Path(dst)
 
