@@ -43,6 +43,10 @@ function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
     return false
   end
   print('{mark} ' .. method .. ' ' .. uri)
+  if {delay} > 0 and method == 'GET' and string.find(uri, '/instances/', 1, true) then
+    local start = os.clock()  -- a slow archive: each instance fetch takes {delay} s (CPU time, busy)
+    while os.clock() - start < {delay} do end
+  end
   return true
 end
 """
@@ -139,11 +143,14 @@ class Orthanc:
             self.process.wait(timeout=10)
 
 
-def write_config(folder: Path, port: int, plugin: str) -> Path:
-    """Orthanc's JSON config for a private loopback archive in `folder`."""
+def write_config(folder: Path, port: int, plugin: str, delay: float = 0.0) -> Path:
+    """Orthanc's JSON config for a private loopback archive in `folder`; `delay` seconds per WADO-RS instance."""
     lua = folder / "filter.lua"
     lua.write_text(
-        _FILTER.replace("{basic}", basic_header()).replace("{bearer}", f"Bearer {TOKEN}").replace("{mark}", _LOG_MARK)
+        _FILTER.replace("{basic}", basic_header())
+        .replace("{bearer}", f"Bearer {TOKEN}")
+        .replace("{mark}", _LOG_MARK)
+        .replace("{delay}", repr(float(delay)))
     )
     config = {
         "Name": "cxr-test",
@@ -167,8 +174,9 @@ def write_config(folder: Path, port: int, plugin: str) -> Path:
     return path
 
 
-def start_orthanc(folder: str | Path, timeout: float = 30.0) -> Orthanc:
+def start_orthanc(folder: str | Path, timeout: float = 30.0, delay: float = 0.0) -> Orthanc:
     """Start a loopback Orthanc with the DICOMweb plugin in `folder` and wait until its DICOMweb API answers.
+    `delay`: seconds each WADO-RS instance fetch takes (a slow archive, for kill-and-resume tests).
 
     Raises RuntimeError (with the end of its log) when it does not come up, FileNotFoundError when the Debian
     packages are missing."""
@@ -180,7 +188,7 @@ def start_orthanc(folder: str | Path, timeout: float = 30.0) -> Orthanc:
     last_error = ""
     for _attempt in range(3):  # a free port can be taken between the probe and Orthanc's bind: try another
         port = free_port()
-        config = write_config(folder, port, plugin)
+        config = write_config(folder, port, plugin, delay)
         log = folder / "orthanc.log"
         proc = subprocess.Popen(
             [binary, f"--logfile={log}", str(config)],
