@@ -38,6 +38,16 @@ COLUMNS: tuple[str, ...] = (
     "split",
     "source",
 )
+# Optional text columns of rows imported from DICOM (importers/dicom_folder.py, importers/dicomweb.py); the
+# other importers leave them out (read: empty). Kept as text when present.
+DICOM_COLUMNS: tuple[str, ...] = (
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "accession_number",
+    "study_date",
+    "modality",
+)
 # Columns a manifest must carry; the others are filled with empty values when absent.
 REQUIRED: tuple[str, ...] = ("image_id", "study_id", "patient_id", "image_path")
 TEXT_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("labels", "boxes"))
@@ -188,7 +198,7 @@ def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
     for col in COLUMNS:
         if col not in out.columns and col not in REQUIRED:
             out[col] = [[] for _ in range(len(out))] if col in ("labels", "boxes") else ""
-    for col in TEXT_COLUMNS:
+    for col in (*TEXT_COLUMNS, *DICOM_COLUMNS):
         if col in out.columns:
             out[col] = path_column(out[col]) if col == "image_path" else text_column(out[col])
     ids = out["image_id"].tolist() if "image_id" in out.columns else [""] * len(out)
