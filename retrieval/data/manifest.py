@@ -38,6 +38,17 @@ COLUMNS: tuple[str, ...] = (
     "split",
     "source",
 )
+# Optional columns of rows imported from DICOM (the importers `dicom` and `dicomweb` fill them, others leave them
+# empty): the UIDs and tags an archive's viewer opens a study by. The index keeps them in its meta rows and every
+# query result carries them ('' where unknown).
+DICOM_COLUMNS: tuple[str, ...] = (
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "accession_number",
+    "study_date",
+    "modality",
+)
 # Columns a manifest must carry; the others are filled with empty values when absent.
 REQUIRED: tuple[str, ...] = ("image_id", "study_id", "patient_id", "image_path")
 TEXT_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("labels", "boxes"))
