@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: install demo test fuzz lint clean chromium serve
+.PHONY: install demo test fuzz lint clean chromium serve dicom3tools
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,14 @@ chromium:
 	else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
 		|| echo "WARNING: could not install chromium (apt-get failed): tests/test_browser.py will skip"; fi
+
+# Debian's dicom3tools: dciodvfy validates the drafted SR in tests/test_structured_report.py (skips without it).
+dicom3tools:
+	@if command -v dciodvfy >/dev/null 2>&1; then echo "dciodvfy: $$(command -v dciodvfy)"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get here: the dciodvfy test will skip"; \
+	else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools; } \
+		|| echo "WARNING: could not install dicom3tools (apt-get failed): the dciodvfy test will skip"; fi
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: install
