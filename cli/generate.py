@@ -20,6 +20,22 @@ def generate_cmd(
     k: int = typer.Option(3, "-k", help="Exemplar reports in the prompt (0 = no retrieval)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = DEVICE,
+    sr: Path = typer.Option(
+        None, "--sr", help="Also write the draft report as a DICOM Comprehensive SR (DICOM IMAGE)."
+    ),
+    store: str = typer.Option(None, "--store", help="Send the SR to this DICOMweb URL with STOW-RS."),
+    store_token: str = typer.Option(
+        None, "--store-token", envvar="CXR_DICOMWEB_TOKEN", help="Bearer token for --store."
+    ),
+    store_user: str = typer.Option(
+        None, "--store-user", envvar="CXR_DICOMWEB_USER", help="Basic-auth user for --store."
+    ),
+    store_password: str = typer.Option(
+        None,
+        "--store-password",
+        envvar="CXR_DICOMWEB_PASSWORD",
+        help="Basic-auth password (env CXR_DICOMWEB_PASSWORD).",
+    ),
 ) -> None:
     """Generate for one image; the output names the exemplar studies the prompt carried."""
     from cli.quiet import quiet_transformers
@@ -31,7 +47,10 @@ def generate_cmd(
         raise UsageError("-k must be >= 0")
     if k > 0 and index is None:
         raise UsageError("retrieval needs --index (or pass -k 0)")
-    res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device)
+    if sr is not None or store is not None:
+        res = _structured_report(image, index, vlm, task, k, device, sr, store, store_token, store_user, store_password)
+    else:
+        res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device)
     if as_json:
         print(json.dumps(res, indent=2))
         return
@@ -47,3 +66,25 @@ def generate_cmd(
         c.print("exemplars: " + ", ".join(f"{e['study_id']} ({e['score']:.3f})" for e in res["exemplars"]))
     else:
         c.print("[dim]no exemplars (retrieval off)[/dim]")
+    if "sr" in res:
+        where = [f"written to {res['sr']['path']}"] if res["sr"]["path"] else []
+        where += [f"stored at {res['sr']['stored']}"] if res["sr"]["stored"] else []
+        c.print(f"SR (unverified draft, SOP Instance UID {res['sr']['sop_instance_uid']}) {' and '.join(where)}")
+
+
+def _structured_report(image, index, vlm, task, k, device, sr, store, token, user, password) -> dict:
+    """The draft (report text, findings, boxes, exemplars) as a Comprehensive SR: written to `sr`, sent to
+    `store`. The source is checked first: a PNG/JPEG is refused before the model loads."""
+    from generation.generate import draft_for_image
+    from generation.structured_report import build_sr, read_source, store_sr, write_sr
+    from retrieval.errors import UsageError
+
+    if task != "report":
+        raise UsageError(f"--sr and --store write the drafted report; drop --task {task}")
+    read_source(image)
+    res = draft_for_image(image, index, vlm, k=k, device=device)
+    ds = write_sr(res, image, sr) if sr is not None else build_sr(res, read_source(image))
+    if store is not None:
+        store_sr(ds, store, token=token, user=user, password=password)
+    res["sr"] = {"path": str(sr) if sr else None, "stored": store, "sop_instance_uid": str(ds.SOPInstanceUID)}
+    return res

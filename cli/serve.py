@@ -29,6 +29,7 @@ def serve(
     nprobe: int | None = None,
     ef_search: int | None = None,
     access_log: bool = False,
+    archive_url: str | None = None,
 ) -> None:
     """Load everything once, then serve until interrupted (also called by `cxr demo --serve`)."""
     import logging
@@ -65,6 +66,7 @@ def serve(
         max_wait_ms=max_wait_ms,
         watch_interval=watch_interval,
         max_upload_mb=max_upload_mb,
+        archive_url=archive_url,
     )
     service = ServeService(config)
     try:
@@ -108,6 +110,12 @@ def serve_cmd(
     nprobe: int | None = typer.Option(None, "--nprobe", min=1, help="IVF indexes: inverted lists to visit."),
     ef_search: int | None = typer.Option(None, "--ef-search", min=1, help="HNSW indexes: search breadth."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
+    archive_url: str | None = typer.Option(
+        None,
+        "--archive-url",
+        envvar="CXR_ARCHIVE_URL",
+        help="Link each study to the archive's viewer: a URL template naming {study_instance_uid} (or another UID).",
+    ),
 ) -> None:
     """Serve the HTTP API and the web viewer: model, index and VLM load once, queries answer in milliseconds."""
     from retrieval.errors import UsageError
@@ -138,4 +146,5 @@ def serve_cmd(
         nprobe,
         ef_search,
         access_log,
+        archive_url,
     )

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from retrieval.data.manifest import DICOM_COLUMNS
 from retrieval.errors import IndexError_
 from retrieval.fileio import sha256_file
 
@@ -65,6 +66,11 @@ META_COLUMNS = [
     "source",
     "has_report",
 ]
+
+
+# Optional meta columns (retrieval.data.manifest.DICOM_COLUMNS): a generation written before they existed, or from
+# a manifest without them, reads them as '' (`store.read_meta_bytes`).
+OPTIONAL_META_COLUMNS = list(DICOM_COLUMNS)
 
 
 BAD_COLUMNS = ["row", "image_id", "path", "reason"]

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from index.backends import apply_tuned, check_scores, make_backend, scores_are_bounded, set_search_params
+from index.layout import OPTIONAL_META_COLUMNS
 from index.store import CXRIndex, open_index
 from retrieval.errors import UsageError
 
@@ -32,6 +33,7 @@ RESULT_COLUMNS = [
     "report",
     "image_path",
     "split",
+    *OPTIONAL_META_COLUMNS,  # the archive's UIDs (DICOM rows); '' for rows from other sources
 ]
 
 

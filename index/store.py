@@ -46,6 +46,7 @@ from index.layout import (
     INFO_FILE,
     META_COLUMNS,
     META_FILE,
+    OPTIONAL_META_COLUMNS,
     POINTER_RE,
     READ_LOCK,
     REPORTS_FILE,
@@ -315,6 +316,9 @@ def read_meta_bytes(path: Path, rec: dict | None = None) -> pd.DataFrame:
     missing = [c for c in META_COLUMNS if c not in meta.columns]
     if missing:
         raise IndexError_(f"{path}: corrupt, missing column(s) {', '.join(missing)}")
+    for col in OPTIONAL_META_COLUMNS:  # generations written before the DICOM columns existed read them as ''
+        if col not in meta.columns:
+            meta[col] = ""
     return meta
 
 

@@ -66,6 +66,7 @@ class ServeConfig:
     max_pixels: int | None = None  # default: read_image's limit
     max_k: int = 1000
     thumbnail_cache: int = 512
+    archive_url: str | None = None  # a link template to the archive's viewer (serve/archive_link.py)
 
 
 @dataclass
@@ -114,6 +115,10 @@ class ServeService:
     def __init__(self, config: ServeConfig, model: Any = None, start_watcher: bool = True):
         from index.store import load_recorded_model, read_info
 
+        if config.archive_url is not None:
+            from serve.archive_link import check_archive_url
+
+            config.archive_url = check_archive_url(config.archive_url)
         self.config = config
         self.index_path = Path(config.index)
         if model is None:
@@ -360,6 +365,7 @@ class ServeService:
             "batching": {"max_batch": self.batcher.max_batch, **self.batcher.stats.as_dict()},
             "max_upload_mb": self.config.max_upload_mb,
             "watch_interval_s": self.config.watch_interval,
+            "archive_url": self.config.archive_url,
         }
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any):

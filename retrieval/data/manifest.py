@@ -38,8 +38,9 @@ COLUMNS: tuple[str, ...] = (
     "split",
     "source",
 )
-# Optional text columns of rows imported from DICOM (importers/dicom_folder.py, importers/dicomweb.py); the
-# other importers leave them out (read: empty). Kept as text when present.
+# Optional columns of rows imported from DICOM (the importers `dicom` and `dicomweb` fill them, others leave them
+# empty): the UIDs and tags an archive's viewer opens a study by. The index keeps them in its meta rows and every
+# query result carries them ('' where unknown).
 DICOM_COLUMNS: tuple[str, ...] = (
     "study_instance_uid",
     "series_instance_uid",
