@@ -136,15 +136,6 @@ def write_shard(path: Path, ids: np.ndarray, img: np.ndarray, txt: np.ndarray, b
         np.savez(f, sha256=np.asarray(shard_digest(arrays)), **arrays)
 
 
-def _stored_binding(path: Path) -> str:
-    """The binding a shard file records ('' for an unreadable file or a shard of an earlier release)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return str(z[BINDING]) if BINDING in z.files else ""
-    except Exception:  # a damaged file: load_shard names it
-        return "?"
-
-
 def check_shards(work: Path, n: int, shard_rows: int, dim: int, bindings: list[str]) -> None:
     """Before any new work: drop (with a warning) the shards made from other rows, another model or other options,
     and refuse a resume over shards that are damaged."""
@@ -153,8 +144,8 @@ def check_shards(work: Path, n: int, shard_rows: int, dim: int, bindings: list[s
             s = int(p.stem.split("-")[1])
         except (IndexError, ValueError):
             raise IndexError_(f"{p}: not a shard of this build; delete {work} to start over") from None
-        stored = _stored_binding(p)
-        if stored != "?" and (s >= len(bindings) or stored != bindings[s]):
+        stored = str(load_shard(p).get(BINDING, ""))  # a damaged shard is refused by name here
+        if s >= len(bindings) or stored != bindings[s]:
             log.warning("%s: made from other rows, another model or other options; encoding it again", p)
             p.unlink()
             continue
