@@ -226,3 +226,56 @@ def check_files(gen_dir: Path, info: dict, full: bool, skip_full: tuple[str, ...
 def gen_number(name: str) -> int | None:
     m = GEN_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+def generation_dirs(root: Path) -> list[tuple[int, Path]]:
+    """The generation folders of an index, oldest first."""
+    out = []
+    for p in Path(root).iterdir() if Path(root).is_dir() else []:
+        n = gen_number(p.name)
+        if n is not None and p.is_dir():
+            out.append((n, p))
+    return sorted(out)
+
+
+def unrecorded_files(gen_dir: Path, info: dict) -> list[str]:
+    """Names in a generation folder that its info record does not list (nothing may be dropped in unnoticed)."""
+    known = set(info.get("files") or {}) | {INFO_FILE, READ_LOCK}
+    return sorted(p.name for p in gen_dir.iterdir() if p.name not in known)
+
+
+def intact_info_sha(gen_dir: Path) -> str | None:
+    """The sha256 of a generation's index_info.json when the whole generation verifies (schema, every file's size
+    and sha256, nothing unrecorded), else None."""
+    import json
+
+    try:
+        raw = (gen_dir / INFO_FILE).read_bytes()
+        info = validate_info(json.loads(raw), gen_dir / INFO_FILE)
+        if info.get("files") is None or unrecorded_files(gen_dir, info):
+            return None
+        check_files(gen_dir, info, full=True)
+    except (OSError, ValueError, IndexError_):
+        return None
+    return hashlib.sha256(raw).hexdigest()
+
+
+def newest_intact(root: Path) -> tuple[str, str] | None:
+    """(name, info sha256) of the newest generation of `root` that verifies in full, None when none does."""
+    for _, gen in reversed(generation_dirs(root)):
+        sha = intact_info_sha(gen)
+        if sha is not None:
+            return gen.name, sha
+    return None
+
+
+def lost_pointer(root: Path, why: str) -> IndexError_:
+    """The one-line error for a folder whose CURRENT cannot be read: it names the generation to restore."""
+    where = Path(root) / CURRENT_FILE
+    found = newest_intact(root)
+    if found is None:
+        return IndexError_(f"{where}: {why}, and no intact generation is left; rebuild the index")
+    return IndexError_(
+        f"{where}: {why}; the newest intact generation is {found[0]}: run `cxr index repair {root}` to restore it "
+        "(nothing was changed)"
+    )

@@ -51,6 +51,9 @@ from index.layout import (
     READ_LOCK,
     REPORTS_FILE,
     check_files,
+    generation_dirs,
+    lost_pointer,
+    newest_intact,
     validate_info,
 )
 from retrieval.errors import IndexError_, UsageError
@@ -208,10 +211,10 @@ def read_pointer(root: Path) -> tuple[str, str] | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise IndexError_(f"{p}: unreadable ({e.strerror or e})") from None
+        raise lost_pointer(root, f"unreadable ({e.strerror or e})") from None
     m = POINTER_RE.match(raw.decode("ascii", "replace")) if len(raw) < 200 else None
     if not m:
-        raise IndexError_(f"{p}: damaged pointer (expected 'gen-NNNNNN <sha256>'); run `cxr index verify`")
+        raise lost_pointer(root, "damaged pointer (expected 'gen-NNNNNN <sha256>')")
     return m.group(1), m.group(2)
 
 
@@ -225,10 +228,12 @@ def resolve(index_dir: str | Path) -> Ref:
         name, sha = pointer
         gen = root / name
         if not gen.is_dir():
-            raise IndexError_(f"{root / CURRENT_FILE}: points to {name}, which is missing")
+            raise lost_pointer(root, f"points to {name}, which is missing")
         return Ref(root, gen, name, sha)
     if (root / INFO_FILE).is_file():
         return Ref(root, root, "", None)
+    if generation_dirs(root) and newest_intact(root) is not None:
+        raise lost_pointer(root, "missing")
     hint = ""
     if (root / ".build").is_dir():
         hint = " (an unfinished build: rerun `cxr index build`)"

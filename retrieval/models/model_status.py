@@ -1,5 +1,6 @@
 """What a model name or folder holds (`model_info`), whether a registry name is usable offline
-(`offline_status`), and whether a folder is whole and works (`verify`: checksums, then build and encode)."""
+(`offline_status`), and whether a folder is whole and works (`verify`: checksums, the feature caches' own
+checksums and the shared ONNX exports, then build and encode)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from retrieval.errors import ModelLoadError
 from retrieval.models.bundle import (
     BUNDLE_FILE,
+    CACHE_FILES,
     CHECKSUMS_FILE,
     METRIC_WEIGHTS,
     OC_CONFIG,
@@ -102,6 +104,16 @@ def offline_status(name: str) -> tuple[bool, str]:
     return False, f"not cached: {PREFETCH_HINT.format(name=name)} on a connected machine"
 
 
+def cache_problems(folder: Path) -> list[str]:
+    """The folder's feature caches and the shared ONNX exports that fail their own checksums (both are used only
+    when they pass, so a problem here costs speed, not correctness)."""
+    from retrieval.models.feature_store import check_store
+    from retrieval.models.onnx_tower import cache_dir, check_exports
+
+    problems = [check_store(folder / name) for name in CACHE_FILES if (folder / name).is_file()]
+    return [p for p in problems if p] + check_exports(cache_dir())
+
+
 def verify(folder: str | Path, encode: bool = True) -> dict[str, Any]:
     """Check a folder's checksums, then build the model and encode one image and one sentence.
 
@@ -117,6 +129,7 @@ def verify(folder: str | Path, encode: bool = True) -> dict[str, Any]:
         "problems": list(report.problems),
         "unlisted": report.unlisted,
     }
+    out["problems"] += cache_problems(folder)
     kind = None
     if (folder / BUNDLE_FILE).is_file():
         kind = json.loads((folder / BUNDLE_FILE).read_text(encoding="utf-8")).get("name")

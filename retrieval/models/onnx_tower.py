@@ -4,8 +4,10 @@ PyTorch, whose depthwise convolutions are slow on these cores (benchmarks/result
 Used only where it cannot change what is learned: inference (no autograd), on the CPU, for a tower none of whose
 weights train. The graph is exported once per tower weights (`checkpoint.fingerprint_state`), input size and output
 (pooled features or the last feature map) into `$CXR_HOME/onnx/` (default `~/.cache/cxr-retrieval/onnx/`;
-`CXR_ONNX_DIR` overrides it), and reused by every later process. `CXR_IMAGE_RUNTIME=torch` turns it off; without
-the `onnxruntime` package the tower simply runs in PyTorch.
+`CXR_ONNX_DIR` overrides it), and reused by every later process. Each export has a `.sha256` file beside it; a
+process checks it before its first session on that export, and an export that fails it (or has none) is exported
+again with a warning. `cxr models verify` lists the exports that fail (`check_exports`).
+`CXR_IMAGE_RUNTIME=torch` turns it off; without the `onnxruntime` package the tower simply runs in PyTorch.
 """
 
 from __future__ import annotations
@@ -76,7 +78,10 @@ def _session(tower: nn.Module, size: int, output: str):
         import onnxruntime as ort
 
         path = cache_dir() / f"{key[0][:24]}-{size}-{output}.onnx"
-        if not path.is_file():
+        problem = export_problem(path) if path.is_file() else None
+        if problem:
+            log.warning("%s: %s; exporting the tower again", path, problem)
+        if problem or not path.is_file():
             _export(tower, size, output, path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
@@ -84,6 +89,27 @@ def _session(tower: nn.Module, size: int, output: str):
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         _SESSIONS[key] = session
         return session
+
+
+def _sha_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def export_problem(path: Path) -> str | None:
+    """Why the export at `path` must not be used (None when its sha256 matches the one written beside it)."""
+    from retrieval.fileio import sha256_file
+
+    try:
+        want = _sha_file(path).read_text().strip()
+    except OSError:
+        return "no checksum beside it"
+    return None if sha256_file(path) == want else "checksum mismatch"
+
+
+def check_exports(folder: Path) -> list[str]:
+    """One line per export in `folder` that fails its checksum (`cxr models verify`)."""
+    found = sorted(Path(folder).glob("*.onnx")) if Path(folder).is_dir() else []
+    return [f"{p}: ONNX export {why}; it will be exported again" for p in found if (why := export_problem(p))]
 
 
 def _export(tower: nn.Module, size: int, output: str, path: Path) -> None:
@@ -106,6 +132,10 @@ def _export(tower: nn.Module, size: int, output: str, path: Path) -> None:
             dynamo=False,
             opset_version=17,
         )
+    from retrieval.fileio import sha256_file
+
+    with atomic_path(_sha_file(path)) as tmp:
+        tmp.write_text(sha256_file(path) + "\n")
     log.info("exported the image tower to %s", path)
 
 
