@@ -23,7 +23,7 @@ def generate_cmd(
 ) -> None:
     """Generate for one image; the output names the exemplar studies the prompt carried."""
     from cli.quiet import quiet_transformers
-    from generation.generate import generate_for_image
+    from generation.image_text_to_text import is_image_text_to_text
     from retrieval.errors import UsageError
 
     quiet_transformers()
@@ -31,6 +31,10 @@ def generate_cmd(
         raise UsageError("-k must be >= 0")
     if k > 0 and index is None:
         raise UsageError("retrieval needs --index (or pass -k 0)")
+    if is_image_text_to_text(vlm):  # a fine-tuned pretrained VLM (`cxr vlm train --base-vlm`)
+        from generation.image_text_to_text import generate_for_image
+    else:
+        from generation.generate import generate_for_image
     res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device)
     if as_json:
         print(json.dumps(res, indent=2))
