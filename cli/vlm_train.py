@@ -93,8 +93,8 @@ def _train_base_vlm(checked, out: Path, index: Path | None, base_vlm: str, confi
     """`--base-vlm`: LoRA fine-tuning of a pretrained image-text-to-text VLM (generation/image_text_to_text_train)."""
     from generation.image_text_to_text_train import ImageTextToTextTrainConfig, train_image_text_to_text
 
-    c = ImageTextToTextTrainConfig(base_vlm, config.tasks, config.rag_k, config.steps, config.batch_size, config.lr,
-                                   seed=config.seed)  # fmt: skip
+    c = ImageTextToTextTrainConfig(base_vlm, config.tasks, config.rag_k, config.rag_dropout, config.steps,
+                                   config.batch_size, config.lr, seed=config.seed)  # fmt: skip
     info = train_image_text_to_text(checked, out, c, index_dir=index)
     summary = {k: v for k, v in info.items() if k != "losses"}
     if as_json:

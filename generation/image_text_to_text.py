@@ -45,6 +45,7 @@ PROCESSOR_DIR = "processor"
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 MAX_NEW_TOKENS = {"report": 192, "vqa": 48, "classify": 48, "identify": 128, "ground": 64}
 EXEMPLAR_HEADER = "Reports of similar studies:"
+MAX_SIDE = 672  # longest image side handed to the processor: at most 24 x 24 patches of 28 px for Qwen2.5-VL
 
 
 @dataclass
@@ -100,14 +101,20 @@ def load_base(name: str, device: torch.device, processor_from: str | Path | None
     return model.to(device), processor
 
 
-def to_pil(image: np.ndarray | Any) -> Any:
-    """An HxW [0, 1] grey array (our image I/O) -> an RGB PIL image (what VLM processors take)."""
+def to_pil(image: np.ndarray | Any, max_side: int = MAX_SIDE) -> Any:
+    """An HxW [0, 1] grey array (our image I/O) -> an RGB PIL image (what VLM processors take), its longest side
+    at most `max_side` (aspect kept): a full-size radiograph would cost a native-resolution VLM (Qwen2.5-VL)
+    thousands of image tokens. Boxes are relative, so the resize never moves them."""
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    arr = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
-    return Image.fromarray((arr * 255 + 0.5).astype(np.uint8)).convert("RGB")
+        img = image.convert("RGB")
+    else:
+        arr = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+        img = Image.fromarray((arr * 255 + 0.5).astype(np.uint8)).convert("RGB")
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return img
 
 
 def instruction(task: str, prompt: str, box_format: str) -> str:
@@ -159,16 +166,19 @@ def encode(processor: Any, images: Sequence[Any], prompts: Sequence[str], target
     """The processor's batch for `prompts` (from `prompt_text`) and their images; with `targets`, the answers
     follow (ended by EOS) and `labels` holds their ids only (prompt, image and padding tokens are -100)."""
     tok = processor.tokenizer
+    images = [[im] for im in images]  # one image per prompt (a flat list is one sample's images to some processors)
+    # a chat template writes every special token itself (Gemma 3's <bos>); the tokenizer must not add another
+    kw = {"add_special_tokens": False} if getattr(processor, "chat_template", None) else {}
     if targets is None:
         tok.padding_side = "left"  # generation continues every row from its last token
-        return processor(text=list(prompts), images=list(images), padding=True, return_tensors="pt")
+        return processor(text=list(prompts), images=images, padding=True, return_tensors="pt", **kw)
     tok.padding_side = "right"
     if _takes_suffix(processor):
-        return processor(text=list(prompts), images=list(images), suffix=list(targets), padding=True,
+        return processor(text=list(prompts), images=images, suffix=list(targets), padding=True,
                          return_tensors="pt")  # fmt: skip
     full = [p + t + tok.eos_token for p, t in zip(prompts, targets, strict=True)]
-    batch = processor(text=full, images=list(images), padding=True, return_tensors="pt")
-    prompt_lens = [len(ids) for ids in processor(text=list(prompts), images=list(images))["input_ids"]]
+    batch = processor(text=full, images=images, padding=True, return_tensors="pt", **kw)
+    prompt_lens = [len(ids) for ids in processor(text=list(prompts), images=images, **kw)["input_ids"]]
     labels = batch["input_ids"].clone()
     for i, n in enumerate(prompt_lens):
         labels[i, :n] = -100
@@ -241,7 +251,8 @@ class ImageTextToTextVLM:
         ]
 
     def _to_device(self, batch: Any) -> Any:
-        return batch.to(self.device).to(dtype=_dtype(self.device)) if self.device.type == "cuda" else batch
+        """The batch on the model's device, its pixels in the model's dtype (ids stay integers)."""
+        return batch.to(self.device).to(dtype=_dtype(self.device))
 
     def loss(self, images: Sequence[Any], texts: Sequence[str], targets: Sequence[str]) -> torch.Tensor:
         """Mean cross-entropy of the `targets` given the images and the `prompts` texts (answer tokens only)."""

@@ -38,6 +38,7 @@ class ImageTextToTextTrainConfig:
     base_model: str
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     rag_k: int = 3
+    rag_dropout: float = 0.3  # share of examples trained without exemplars (so k = 0 still works)
     steps: int = 300
     batch_size: int = 4
     lr: float = 2e-4
@@ -151,7 +152,8 @@ def train_image_text_to_text(
     losses = []
     for step in range(config.steps):
         batch = [examples[rng.randrange(len(examples))] for _ in range(config.batch_size)]
-        losses.append(train_step(vlm, optim, sched, batch, images, exemplars))
+        context = {e.row: exemplars.get(e.row, []) if rng.random() >= config.rag_dropout else [] for e in batch}
+        losses.append(train_step(vlm, optim, sched, batch, images, context))
         if step % 10 == 0 or step == config.steps - 1:
             log.info("step %d/%d loss %.4f", step + 1, config.steps, losses[-1])
     vlm.save(out)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gen_synth import SynthRetrievalModel, make_index, make_manifest, one_thread  # noqa: F401 (an autouse fixture)
-from tiny_vlms import tiny_paligemma, tiny_qwen2_5_vl
+from tiny_vlms import tiny_gemma3, tiny_paligemma, tiny_qwen2_5_vl
 
 from generation.image_text_to_text import (
     EXEMPLAR_HEADER,
@@ -27,7 +27,7 @@ from generation.tasks import Example
 from retrieval.errors import ModelLoadError
 
 CPU = torch.device("cpu")
-BUILDERS = {"paligemma": tiny_paligemma, "qwen2_5_vl": tiny_qwen2_5_vl}
+BUILDERS = {"paligemma": tiny_paligemma, "qwen2_5_vl": tiny_qwen2_5_vl, "gemma3": tiny_gemma3}  # gemma3: MedGemma
 EXEMPLARS = [
     Exemplar("s1", "p1", 0.9, "there is a right pleural effusion ."),
     Exemplar("s2", "p2", 0.8, "the heart is enlarged . cardiomegaly ."),
@@ -57,7 +57,7 @@ def test_loads_through_auto_classes_with_lora_on_the_language_model_only(base):
     mtype, folder = base
     vlm = ImageTextToTextVLM.create(str(folder), CPU, lora_r=4)
     assert vlm.config.model_type == mtype
-    assert vlm.config.box_format == ("loc" if mtype == "paligemma" else "qwen-json")
+    assert vlm.config.box_format == ("qwen-json" if mtype == "qwen2_5_vl" else "loc")
     lora = [n for n, _ in vlm.model.named_modules() if n.endswith("lora_A")]
     assert lora and all("language_model" in n for n in lora)
     # every attention and MLP projection of the language model got an adapter (2 layers x 7)
@@ -82,6 +82,9 @@ def test_prompt_carries_exemplars_and_the_task_in_the_models_form(base):
     assert EXEMPLAR_HEADER not in texts[2]  # k = 0: no exemplar block
     if mtype == "paligemma":
         assert texts[0].startswith("<image>") and texts[1].endswith("detect right lung")
+    elif mtype == "gemma3":
+        assert texts[0].startswith("<bos><start_of_turn>user\n<start_of_image>")
+        assert texts[1].endswith("detect right lung<end_of_turn>\n<start_of_turn>model\n")
     else:
         assert texts[0].startswith("<|im_start|>user") and texts[0].endswith("<|im_start|>assistant\n")
         assert "bbox_2d" in texts[1]
@@ -98,6 +101,8 @@ def test_labels_cover_the_answer_and_nothing_else(base):
     for i, target in enumerate(targets):
         answer = [t for t in batch["labels"][i].tolist() if t != -100]
         assert answer == tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = [t for t, m in zip(batch["input_ids"][i].tolist(), batch["attention_mask"][i].tolist()) if m]
+        assert ids.count(tok.bos_token_id or -1) <= 1  # the chat template's <bos> is not doubled
 
 
 def test_one_lora_step_moves_only_the_adapter(base):
@@ -162,3 +167,9 @@ def test_cxr_vlm_train_base_vlm_then_cxr_generate(corpus, tmp_path, capsys):
     code = main(["vlm", "train", "--base-vlm", str(folder), "--manifest", str(root / "m.parquet"), "--out",
                  str(tmp_path / "ft"), "--steps", "1", "--rag-k", "0"])  # fmt: skip
     assert code == 2 and "already holds a fine-tuned VLM" in capsys.readouterr().err
+
+
+def test_images_reach_the_processor_as_rgb_with_a_bounded_side():
+    img = to_pil(np.linspace(0, 1, 2000 * 1000, dtype=np.float32).reshape(2000, 1000))
+    assert img.mode == "RGB" and img.size == (336, 672)
+    assert to_pil(_image()).size == (50, 40)  # small images keep their size

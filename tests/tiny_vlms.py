@@ -1,6 +1,7 @@
-"""Tiny random image-text-to-text models of the real classes (PaliGemma, Qwen2.5-VL), built offline: a WordLevel
-tokenizer from a word list (wrapped as a PreTrainedTokenizerFast), the family's image processor and processor,
-saved as a folder that `AutoModelForImageTextToText` / `AutoProcessor` load back. A few layers, hidden size 32-64."""
+"""Tiny random image-text-to-text models of the real classes (PaliGemma, Qwen2.5-VL, Gemma 3 = MedGemma's), built
+offline: a WordLevel tokenizer from a word list (wrapped as a PreTrainedTokenizerFast), the family's image processor
+and processor, saved as a folder that `AutoModelForImageTextToText` / `AutoProcessor` load back. A few layers, hidden
+size 32-64."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ QWEN_TEMPLATE = (
 )
 
 
-def word_tokenizer(specials: list[str], **kwargs):
-    """A whole-word tokenizer over WORDS + digits and punctuation (one token each), specials first."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def word_tokenizer(specials: list[str], add_bos: bool = False, **kwargs):
+    """A whole-word tokenizer over WORDS + digits and punctuation (one token each), specials first; `add_bos`:
+    every encoding starts with `<bos>` (as Gemma's tokenizer does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(dict.fromkeys([*specials, "<unk>", *WORDS, *PUNCT]))}
@@ -35,6 +37,10 @@ def word_tokenizer(specials: list[str], **kwargs):
         [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
     )
     tk.decoder = decoders.WordPiece()  # joins words with spaces
+    if add_bos:
+        tk.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+        )
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", **kwargs)
 
 
@@ -95,5 +101,40 @@ def tiny_qwen2_5_vl(folder: Path) -> Path:
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )  # fmt: skip
     Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
+
+
+GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                   "<end_of_image>", "<image_soft_token>"]  # fmt: skip
+# Gemma 3's chat template, cut down: <bos>, then turns; an image is <start_of_image> (the processor expands it).
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
+    "\n{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def tiny_gemma3(folder: Path) -> Path:
+    """Gemma3ForConditionalGeneration, MedGemma's class (SigLIP 1 layer, Gemma 3 text 2 layers, hidden 32, 4 image
+    tokens) + its processor with a chat template; the tokenizer adds <bos> as Gemma's does."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    tok = word_tokenizer(GEMMA3_SPECIALS, add_bos=True, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                               "image_token": "<image_soft_token>"})  # fmt: skip
+    ids = {t: tok.convert_tokens_to_ids(t) for t in GEMMA3_SPECIALS}
+    proc = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok,
+                           chat_template=GEMMA3_TEMPLATE, image_seq_length=4)  # fmt: skip
+    config = Gemma3Config(
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "head_dim": 16, "vocab_size": len(tok), "sliding_window": 16,
+                     "pad_token_id": ids["<pad>"], "eos_token_id": ids["<eos>"], "bos_token_id": ids["<bos>"]},
+        mm_tokens_per_image=4, boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+    )  # fmt: skip
+    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
     proc.save_pretrained(folder)
     return folder
