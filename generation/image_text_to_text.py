@@ -136,15 +136,16 @@ def instruction(task: str, prompt: str, box_format: str) -> str:
     return {"report": PROMPTS["report"], "classify": PROMPTS["classify"]}[task]
 
 
-def exemplar_block(tokenizer: Any, exemplars: Sequence[Exemplar], max_tokens: int) -> str:
-    """`Reports of similar studies:` and `[n] report` lines, each report cut to `max_tokens` tokens ('' for none)."""
+def exemplar_block(tokenizer: Any, exemplars: Sequence[Exemplar], max_tokens: int, sep: str = "\n") -> str:
+    """`Reports of similar studies:` and `[n] report` parts, each report cut to `max_tokens` tokens, joined by `sep`
+    ('' for none). PaliGemma gets `sep=" "`: a newline ends its prompt."""
     lines = []
     for rank, ex in enumerate(exemplars, start=1):
         ids = tokenizer(ex.report, add_special_tokens=False)["input_ids"][:max_tokens]
-        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        text = " ".join(tokenizer.decode(ids, skip_special_tokens=True).split())
         if text:
             lines.append(f"[{rank}] {text}")
-    return "\n".join([EXEMPLAR_HEADER, *lines]) + "\n" if lines else ""
+    return sep.join([EXEMPLAR_HEADER, *lines]) + sep if lines else ""
 
 
 def prompt_text(processor: Any, text: str) -> str:
@@ -245,8 +246,9 @@ class ImageTextToTextVLM:
     def prompts(self, tasks: Sequence[str], prompts: Sequence[str], exemplars: Sequence[Sequence[Exemplar]]):
         """The model's input text per example: exemplar reports, then the task's instruction."""
         tok, fmt, n = self.processor.tokenizer, self.config.box_format, self.config.exemplar_tokens
+        sep = "\n" if getattr(self.processor, "chat_template", None) else " "
         return [
-            prompt_text(self.processor, exemplar_block(tok, ex, n) + instruction(t, p, fmt))
+            prompt_text(self.processor, exemplar_block(tok, ex, n, sep) + instruction(t, p, fmt))
             for t, p, ex in zip(tasks, prompts, exemplars, strict=True)
         ]
 

@@ -80,8 +80,8 @@ def test_prompt_carries_exemplars_and_the_task_in_the_models_form(base):
     assert EXEMPLAR_HEADER in texts[0] and "[1] there is a" in texts[0] and "[2] the heart is" in texts[0]
     assert "effusion" not in texts[0]  # each exemplar cut to exemplar_tokens tokens
     assert EXEMPLAR_HEADER not in texts[2]  # k = 0: no exemplar block
-    if mtype == "paligemma":
-        assert texts[0].startswith("<image>") and texts[1].endswith("detect right lung")
+    if mtype == "paligemma":  # one line: a newline ends PaliGemma's prompt
+        assert texts[0].startswith("<image>") and texts[1].endswith("detect right lung") and "\n" not in texts[0]
     elif mtype == "gemma3":
         assert texts[0].startswith("<bos><start_of_turn>user\n<start_of_image>")
         assert texts[1].endswith("detect right lung<end_of_turn>\n<start_of_turn>model\n")
@@ -173,3 +173,43 @@ def test_images_reach_the_processor_as_rgb_with_a_bounded_side():
     img = to_pil(np.linspace(0, 1, 2000 * 1000, dtype=np.float32).reshape(2000, 1000))
     assert img.mode == "RGB" and img.size == (336, 672)
     assert to_pil(_image()).size == (50, 40)  # small images keep their size
+
+
+def test_training_targets_speak_the_models_box_format(base):
+    """Boxes are trained in the model's own format: PaliGemma `<loc>` (relative), Qwen2.5-VL JSON in pixels of the
+    image as its processor resized it (here 40 x 50 -> 56 x 84, multiples of 28), and read back to the same box
+    within one cell."""
+    from generation.box_formats import parse_model_boxes
+    from generation.image_text_to_text import seen_sizes
+    from generation.image_text_to_text_train import target_text
+
+    mtype, folder = base
+    vlm = ImageTextToTextVLM.create(str(folder), CPU, lora_r=4)
+    box = {"label": "right lung", "x1": 0.1, "y1": 0.2, "x2": 0.5, "y2": 0.9}
+    size = seen_sizes(vlm.processor, [to_pil(_image())])[0]
+    target = target_text(Example("ground", "right lung", "{<10><20><50><90>}", 0, {"boxes": [box]}),
+                         vlm.config.box_format, size)  # fmt: skip
+    if mtype == "qwen2_5_vl":
+        assert size == (84, 56)  # (width, height)
+        assert json.loads(target) == [{"bbox_2d": [8, 11, 42, 50], "label": "right lung"}]
+    else:
+        assert size is None and target == "<loc0205><loc0102><loc0922><loc0512> right lung"
+    back = parse_model_boxes(vlm.config.box_format, target, size)[0]
+    cell = 1 / 56 if size else 1 / 1024
+    assert all(abs(back[k] - box[k]) <= cell for k in ("x1", "y1", "x2", "y2"))
+    empty = target_text(Example("identify", "describe the findings with their boxes.", "", 0, {"boxes": []}),
+                        vlm.config.box_format, size)  # fmt: skip
+    assert empty == "no findings"
+
+
+def test_loc_tokens_survive_the_paligemma_tokenizer(tmp_path):
+    """PaliGemma's processor adds `<loc0000>`..`<loc1023>` as single tokens; what generation decodes parses back."""
+    from generation.box_formats import format_loc, parse_loc
+
+    vlm = ImageTextToTextVLM.create(str(tiny_paligemma(tmp_path)), CPU, lora_r=4)
+    tok = vlm.processor.tokenizer
+    boxes = [{"label": "cardiomegaly", "x1": 0.3, "y1": 0.45, "x2": 0.75, "y2": 0.85},
+             {"label": "right lung", "x1": 0.05, "y1": 0.1, "x2": 0.45, "y2": 0.9}]  # fmt: skip
+    ids = tok(format_loc(boxes), add_special_tokens=False)["input_ids"]
+    assert len(ids) == 4 + 1 + 1 + 4 + 2  # four loc tokens + label words, the ';' between
+    assert parse_loc(tok.decode(ids, skip_special_tokens=True)) == parse_loc(format_loc(boxes))

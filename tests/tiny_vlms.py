@@ -72,7 +72,7 @@ def tiny_paligemma(folder: Path) -> Path:
 
 def tiny_qwen2_5_vl(folder: Path) -> Path:
     """Qwen2_5_VLForConditionalGeneration (vision 2 blocks hidden 32, text 2 layers hidden 64) + its processor,
-    with a chat template; images resized to 56x56 pixels (4x4 patches of 14, 4 tokens after the 2x2 merge)."""
+    with a chat template; images resized to about 56 x 56 pixels (multiples of 28: 4-6 tokens after the merge)."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
