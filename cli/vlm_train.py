@@ -29,7 +29,10 @@ def vlm_train_cmd(
     lm: Path = typer.Option(None, "--lm", help="A local transformers causal LM folder (default: tiny Llama)."),
     lora: bool = typer.Option(False, "--lora", help="Wrap --lm with peft LoRA adapters."),
     base_vlm: str = typer.Option(
-        None, "--base-vlm", help="Fine-tune a pretrained image-text-to-text VLM (hub id or folder) with LoRA instead."
+        None,
+        "--base-vlm",
+        help="Fine-tune a pretrained image-text-to-text VLM (hub id or folder) with LoRA instead; the own VLM's "
+        "options (--encoder, --lm, --grid, --resume, ...) do not apply.",
     ),
     grid: int = typer.Option(8, "--grid", help="Visual tokens pooled to GRID x GRID before the 5-token concat."),
     token_cache: Path = typer.Option(
@@ -80,6 +83,8 @@ def vlm_train_cmd(
     )
     checked = gate_manifest(manifest, allow_outside, skip_bad_rows)  # the shared validator, before any work
     if base_vlm:
+        if resume:
+            raise UsageError("--resume is not supported with --base-vlm; start a new --out")
         _train_base_vlm(checked, out, index, base_vlm, config, as_json)
         return
     info = train_vlm(checked, out, config, index_dir=index, resume=resume)

@@ -167,6 +167,9 @@ def test_cxr_vlm_train_base_vlm_then_cxr_generate(corpus, tmp_path, capsys):
     code = main(["vlm", "train", "--base-vlm", str(folder), "--manifest", str(root / "m.parquet"), "--out",
                  str(tmp_path / "ft"), "--steps", "1", "--rag-k", "0"])  # fmt: skip
     assert code == 2 and "already holds a fine-tuned VLM" in capsys.readouterr().err
+    code = main(["vlm", "train", "--base-vlm", str(folder), "--manifest", str(root / "m.parquet"), "--out",
+                 str(tmp_path / "ft2"), "--rag-k", "0", "--resume"])  # fmt: skip
+    assert code == 2 and "--resume is not supported with --base-vlm" in capsys.readouterr().err
 
 
 def test_images_reach_the_processor_as_rgb_with_a_bounded_side():
@@ -213,3 +216,18 @@ def test_loc_tokens_survive_the_paligemma_tokenizer(tmp_path):
     ids = tok(format_loc(boxes), add_special_tokens=False)["input_ids"]
     assert len(ids) == 4 + 1 + 1 + 4 + 2  # four loc tokens + label words, the ';' between
     assert parse_loc(tok.decode(ids, skip_special_tokens=True)) == parse_loc(format_loc(boxes))
+
+
+def test_cxr_generate_with_a_missing_base_model_is_one_line(tmp_path, capsys):
+    """A fine-tuned folder names its base model; when that is gone (or the hub is off), one line and exit 1."""
+    from cli.main import main
+
+    vlm = ImageTextToTextVLM.create(str(tiny_paligemma(tmp_path / "base")), CPU, lora_r=4)
+    vlm.config.base_model = str(tmp_path / "moved-away")
+    vlm.save(tmp_path / "ft")
+    from PIL import Image
+
+    Image.fromarray((_image() * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    code = main(["generate", str(tmp_path / "x.png"), "--vlm", str(tmp_path / "ft"), "-k", "0", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("error: cannot load image-text-to-text model") and "\n" not in err
