@@ -7,6 +7,11 @@ from pathlib import Path
 
 import typer
 
+BASE_VLM_HELP = (
+    "Fine-tune a pretrained image-text-to-text VLM (hub id or folder: PaliGemma 2, Qwen2.5-VL, MedGemma) with LoRA "
+    "instead; the own VLM's options (--encoder, --lm, --grid, --resume, ...) do not apply."
+)
+
 
 def vlm_train_cmd(
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest (Parquet or CSV) with splits."),
@@ -28,12 +33,7 @@ def vlm_train_cmd(
     ),
     lm: Path = typer.Option(None, "--lm", help="A local transformers causal LM folder (default: tiny Llama)."),
     lora: bool = typer.Option(False, "--lora", help="Wrap --lm with peft LoRA adapters."),
-    base_vlm: str = typer.Option(
-        None,
-        "--base-vlm",
-        help="Fine-tune a pretrained image-text-to-text VLM (hub id or folder) with LoRA instead; the own VLM's "
-        "options (--encoder, --lm, --grid, --resume, ...) do not apply.",
-    ),
+    base_vlm: str = typer.Option(None, "--base-vlm", help=BASE_VLM_HELP),
     grid: int = typer.Option(8, "--grid", help="Visual tokens pooled to GRID x GRID before the 5-token concat."),
     token_cache: Path = typer.Option(
         None, "--token-cache", help="Frozen visual-token cache folder (filled once per corpus, e.g. by `cxr train`)."
@@ -83,10 +83,7 @@ def vlm_train_cmd(
     )
     checked = gate_manifest(manifest, allow_outside, skip_bad_rows)  # the shared validator, before any work
     if base_vlm:
-        if resume:
-            raise UsageError("--resume is not supported with --base-vlm; start a new --out")
-        _train_base_vlm(checked, out, index, base_vlm, config, as_json)
-        return
+        return _train_base_vlm(checked, out, index, base_vlm, config, as_json, resume)
     info = train_vlm(checked, out, config, index_dir=index, resume=resume)
     if as_json:
         print(json.dumps({k: v for k, v in info.items() if k != "losses"}, indent=2, default=str))
@@ -94,9 +91,13 @@ def vlm_train_cmd(
     _print_summary(info, out)
 
 
-def _train_base_vlm(checked, out: Path, index: Path | None, base_vlm: str, config, as_json: bool) -> None:
+def _train_base_vlm(checked, out: Path, index: Path | None, base_vlm: str, config, as_json: bool, resume: bool):
     """`--base-vlm`: LoRA fine-tuning of a pretrained image-text-to-text VLM (generation/image_text_to_text_train)."""
     from generation.image_text_to_text_train import ImageTextToTextTrainConfig, train_image_text_to_text
+    from retrieval.errors import UsageError
+
+    if resume:
+        raise UsageError("--resume is not supported with --base-vlm; start a new --out")
 
     c = ImageTextToTextTrainConfig(base_vlm, config.tasks, config.rag_k, config.rag_dropout, config.steps,
                                    config.batch_size, config.lr, seed=config.seed)  # fmt: skip
