@@ -62,7 +62,9 @@ class HFVLMConfig:
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
 
     def save(self, folder: Path) -> None:
-        (folder / CONFIG_FILE).write_text(json.dumps({"kind": "image-text-to-text", **asdict(self)}, indent=2))
+        from retrieval.fileio import write_json_atomic
+
+        write_json_atomic(folder / CONFIG_FILE, {"kind": "image-text-to-text", **asdict(self)})
 
     @classmethod
     def load(cls, folder: Path) -> HFVLMConfig:
@@ -236,7 +238,8 @@ class ImageTextToTextVLM:
         return cls(model.to(device), processor, config, device)
 
     def save(self, folder: str | Path) -> None:
-        """Adapter, processor and config into `folder` (the base weights are not copied)."""
+        """Adapter, processor, then the config (written last and atomically: a folder without it is no VLM) into
+        `folder`; the base weights are not copied."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(folder / ADAPTER_DIR))
