@@ -21,8 +21,10 @@ from collections.abc import Iterable, Sequence
 
 FORMATS = ("loc", "qwen-json")
 LOC_BINS = 1024
-# Model families by transformers `model_type`; anything else (MedGemma's gemma3, ...) is taught the loc format.
-_QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# Model families by transformers `model_type` that speak qwen-json in absolute pixels: Qwen2.5-VL only (Qwen2-VL
+# writes `<|box_start|>(x1,y1),(x2,y2)<|box_end|>` and Qwen3-VL JSON, both on a relative 0-1000 grid: not wired
+# here). Anything else (MedGemma's gemma3, ...) is taught the loc format.
+_QWEN_TYPES = ("qwen2_5_vl",)
 _LOC_BOX_RE = re.compile(r"((?:<loc\d{4}>\s*){4})([^;<]*)")
 _LOC_VALUE_RE = re.compile(r"<loc(\d{4})>")
 _JSON_OBJECT_RE = re.compile(r"\{[^{}]*\}")
