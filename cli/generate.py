@@ -39,7 +39,7 @@ def generate_cmd(
 ) -> None:
     """Generate for one image; the output names the exemplar studies the prompt carried."""
     from cli.quiet import quiet_transformers
-    from generation.generate import generate_for_image
+    from generation.image_text_to_text import is_image_text_to_text
     from retrieval.errors import UsageError
 
     quiet_transformers()
@@ -47,9 +47,17 @@ def generate_cmd(
         raise UsageError("-k must be >= 0")
     if k > 0 and index is None:
         raise UsageError("retrieval needs --index (or pass -k 0)")
-    if sr is not None or store is not None:
+    if is_image_text_to_text(vlm):  # a fine-tuned pretrained VLM (`cxr vlm train --base-vlm`)
+        if sr is not None or store is not None:
+            raise UsageError("--sr/--store take the project's own VLM folder (cxr vlm train), not a --base-vlm one")
+        from generation.image_text_to_text import generate_for_image
+
+        res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device)
+    elif sr is not None or store is not None:
         res = _structured_report(image, index, vlm, task, k, device, sr, store, store_token, store_user, store_password)
     else:
+        from generation.generate import generate_for_image
+
         res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device)
     if as_json:
         print(json.dumps(res, indent=2))
