@@ -17,10 +17,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_maker import make_radiograph, make_secondary_capture, make_test_folder
+from dicom_maker import as_archived, make_radiograph, make_secondary_capture, make_test_folder
 from orthanc import find_orthanc, start_orthanc
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
 from test_index_helpers import FakeModel
 
 from cli.main import main
@@ -37,20 +35,8 @@ COMPARED = ["image_id", "study_id", "patient_id", "view", "report", "labels", "s
             "series_instance_uid", "sop_instance_uid", "accession_number", "study_date", "modality"]  # fmt: skip
 
 
-def dataset(path: Path) -> pydicom.Dataset:
-    """A file as the dataset to upload (a preamble-less file gets the file meta an archive would hold)."""
-    ds = pydicom.dcmread(path, force=True)
-    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.preamble = b"\0" * 128
-    return ds
-
-
 def upload(orthanc, paths) -> None:
-    orthanc.client().store_instances([dataset(p) for p in paths])
+    orthanc.client().store_instances([as_archived(p) for p in paths])
 
 
 def wado_fetches(orthanc) -> list[str]:
