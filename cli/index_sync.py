@@ -35,13 +35,14 @@ def sync_cmd(
     from index.store import load_recorded_model, read_info
 
     info = read_info(index)
-    m = load_recorded_model(info, index, model, device)
+    load = lambda: load_recorded_model(info, index, model, device)  # noqa: E731 (only when something is new)
     options = {
         "since": since, "until": until, "filters": web.parse_filters(filters), "token": token, "user": user,
         "password": password, "workers": fetch_workers, "pseudonymize": pseudonymize,
     }  # fmt: skip
     default = None if read_state(index).get("cache") else web.default_cache(index)
-    result = sync_index(url, index, m, cache or default, BuildOptions(batch_size=batch_size, workers=workers), options)
+    opts = BuildOptions(batch_size=batch_size, workers=workers)
+    result = sync_index(url, index, None, cache or default, opts, options, load_model=load)
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2))
         return

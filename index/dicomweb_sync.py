@@ -12,7 +12,7 @@ done again by the next one (the fetched files stay in the cache).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,13 +81,18 @@ def held_ids(index_dir: Path) -> set[str]:
 def sync_index(
     url: str,
     index_dir: str | Path,
-    model: Any,
+    model: Any = None,
     cache: str | Path | None = None,
     options: BuildOptions | None = None,
     import_options: Mapping[str, Any] | None = None,
+    load_model: Callable[[], Any] | None = None,
 ) -> SyncResult:
     """Fetch what is new in the archive at `url` and append it to the index at `index_dir` (see the module doc).
-    `import_options` go to `import_dicomweb` (auth, since/until, filters, workers, pseudonymize, reports)."""
+    `import_options` go to `import_dicomweb` (auth, since/until, filters, workers, pseudonymize, reports). Give
+    the `model`, or `load_model` to load it only when there is something new (a sync with nothing new then costs
+    no model load)."""
+    if model is None and load_model is None:
+        raise ValueError("sync_index needs a model or a load_model callable")
     index_dir = Path(index_dir)
     store.read_info(index_dir)  # a missing index is an error before anything is fetched
     state = read_state(index_dir)
@@ -100,7 +105,7 @@ def sync_index(
     if len(new):
         opts = options or BuildOptions()
         opts.allow_outside = True  # the rows' files live in the cache, outside any manifest folder
-        build = add_to_index(index_dir, new, model, options=opts)
+        build = add_to_index(index_dir, new, model if model is not None else load_model(), options=opts)
     added = build.added if build is not None else 0
     _write_state(index_dir, url, cache, len(df), added)
     return SyncResult(index_dir, len(df), len(new), added, problems, build)

@@ -214,6 +214,18 @@ def write_without_preamble(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
+def as_archived(path: str | Path) -> Dataset:
+    """A file as the dataset an archive would hold and serve (a preamble-less file gets the Part 10 preamble and
+    file meta, its pixels and tags unchanged): what the tests upload by STOW-RS."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, force=True)
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        _file_meta(ds, ExplicitVRLittleEndian)  # write_without_preamble writes explicit VR little endian
+        ds.preamble = b"\0" * 128
+    return ds
+
+
 @dataclass(frozen=True)
 class Expected:
     """What the folder importer should make of one file: kept (with its patient and study), or skipped with a

@@ -148,3 +148,12 @@ def test_cli_json_summary_and_one_line_errors(folder, tmp_path, capsys):
     assert main(["data", "import", "dicom", str(tmp_path / "absent"), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert "not a folder" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_raw_for_processing_images_are_skipped(tmp_path):
+    path = make_radiograph(tmp_path / "raw.dcm", "P1", "S1")
+    ds = pydicom.dcmread(path)
+    ds.PresentationIntentType = "FOR PROCESSING"
+    ds.save_as(path, enforce_file_format=True)
+    df = import_source("dicom", tmp_path)
+    assert len(df) == 0 and df.attrs["import_problems"] == ["raw.dcm: for processing (raw detector data)"]

@@ -17,10 +17,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_maker import make_radiograph, make_secondary_capture, make_test_folder
+from dicom_maker import as_archived, make_radiograph, make_secondary_capture, make_test_folder
 from orthanc import find_orthanc, start_orthanc
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
 from test_index_helpers import FakeModel
 
 from cli.main import main
@@ -37,20 +35,8 @@ COMPARED = ["image_id", "study_id", "patient_id", "view", "report", "labels", "s
             "series_instance_uid", "sop_instance_uid", "accession_number", "study_date", "modality"]  # fmt: skip
 
 
-def dataset(path: Path) -> pydicom.Dataset:
-    """A file as the dataset to upload (a preamble-less file gets the file meta an archive would hold)."""
-    ds = pydicom.dcmread(path, force=True)
-    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.preamble = b"\0" * 128
-    return ds
-
-
 def upload(orthanc, paths) -> None:
-    orthanc.client().store_instances([dataset(p) for p in paths])
+    orthanc.client().store_instances([as_archived(p) for p in paths])
 
 
 def wado_fetches(orthanc) -> list[str]:
@@ -214,3 +200,20 @@ def test_cli_refuses_dicomweb_options_for_other_kinds(tmp_path, capsys):
     assert main(["data", "import", "dicom", str(tmp_path), "--out", out, "--token", "x"]) == 2
     assert "--token: only for the dicomweb kind" in capsys.readouterr().err
     assert main(["data", "import", "csv", str(tmp_path / "a.csv"), "--out", out, "--pseudonymize", "k"]) == 2
+
+
+def test_study_date_range_and_filters_narrow_the_search(orthanc, tmp_path):
+    dates = ["20230105", "20240110", "20240620", "20250101"]
+    upload(orthanc, [make_radiograph(tmp_path / f"{d}.dcm", f"P{i}", f"S{i}", size=32, seed=i, study_date=d,
+                                     accession=f"ACC{i}") for i, d in enumerate(dates)])  # fmt: skip
+    opts = web_options(orthanc)
+    got = import_source("dicomweb", orthanc.dicomweb_url, cache=tmp_path / "c", since="2024-01-01",
+                        until="20241231", **opts)  # fmt: skip
+    assert sorted(got["study_date"]) == ["20240110", "20240620"]
+    since = import_source("dicomweb", orthanc.dicomweb_url, cache=tmp_path / "c", since="20240601", **opts)
+    assert sorted(since["study_date"]) == ["20240620", "20250101"]
+    one = import_source("dicomweb", orthanc.dicomweb_url, cache=tmp_path / "c", filters={"AccessionNumber": "ACC2"},
+                        **opts)  # fmt: skip
+    assert list(one["accession_number"]) == ["ACC2"]
+    with pytest.raises(ImportError_, match="bad date"):
+        import_source("dicomweb", orthanc.dicomweb_url, cache=tmp_path / "c", since="June 2024", **opts)

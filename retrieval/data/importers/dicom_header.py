@@ -22,8 +22,12 @@ UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 # SOP classes of secondary captures (screenshots, scanned films), skipped even when the modality says CR/DX.
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
-# Tags read for a row (QIDO-RS asks for the same ones: importers/dicomweb.py).
-ROW_TAGS = (*UID_TAGS, "SOPClassUID", "PatientID", "Modality", "ViewPosition", "StudyDate", "AccessionNumber")
+# Raw detector data, not meant to be looked at (its display-ready twin is FOR PRESENTATION).
+FOR_PROCESSING_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.2.1",
+    "1.2.840.10008.5.1.4.1.1.1.3.1",
+)
 # pydicom reads a broken file leniently and only warns; these warnings mean the header is not what it says.
 _DAMAGE_WORDS = ("end of file", "delimiter", "truncated", "expected", "invalid tag", "unknown encoding")
 
@@ -71,7 +75,7 @@ def is_report(ds: Any) -> bool:
 
 def skip_reason(ds: Any) -> str | None:
     """Why an instance is not a projection radiograph to keep, or None to keep it: a missing or malformed UID,
-    a secondary capture, a modality other than CR/DX."""
+    a secondary capture, raw detector data (DX/MG/IO 'for processing'), a modality other than CR/DX."""
     from pydicom.uid import UID
 
     for tag in UID_TAGS:
@@ -82,6 +86,11 @@ def skip_reason(ds: Any) -> str | None:
             return f"invalid {tag} {value[:70]!r}"
     if tag_text(ds, "SOPClassUID").startswith(SECONDARY_CAPTURE_PREFIX):
         return "secondary capture"
+    if (
+        tag_text(ds, "SOPClassUID") in FOR_PROCESSING_CLASSES
+        or tag_text(ds, "PresentationIntentType") == "FOR PROCESSING"
+    ):
+        return "for processing (raw detector data)"
     modality = tag_text(ds, "Modality")
     if modality not in RADIOGRAPH_MODALITIES:
         return f"modality {modality or 'missing'}"
