@@ -25,6 +25,7 @@ from cli import (
     eval_retrieval,
     generate,
     index_cmd,
+    index_sync,
     models_cmd,
     query,
     serve,
@@ -62,6 +63,7 @@ index_app.command("add")(index_cmd.add_cmd)
 index_app.command("info")(index_cmd.info_cmd)
 index_app.command("verify")(index_cmd.verify_cmd)
 index_app.command("gc")(index_cmd.gc_cmd)
+index_app.command("sync")(index_sync.sync_cmd)
 app.command("query")(query.query_cmd)
 vlm_app.command("train")(vlm_train.vlm_train_cmd)
 app.command("generate")(generate.generate_cmd)

@@ -38,9 +38,9 @@ COLUMNS: tuple[str, ...] = (
     "split",
     "source",
 )
-# Optional columns of rows imported from DICOM (the importers `dicom` and `dicomweb` fill them, others leave them
-# empty): the UIDs and tags an archive's viewer opens a study by. The index keeps them in its meta rows and every
-# query result carries them ('' where unknown).
+# Optional text columns of rows imported from DICOM (importers/dicom_folder.py, importers/dicomweb.py); the
+# other importers leave them out (read: empty). Kept as text when present.
+# The index keeps them in its meta rows and every query result carries them ('' where unknown).
 DICOM_COLUMNS: tuple[str, ...] = (
     "study_instance_uid",
     "series_instance_uid",
@@ -199,7 +199,7 @@ def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
     for col in COLUMNS:
         if col not in out.columns and col not in REQUIRED:
             out[col] = [[] for _ in range(len(out))] if col in ("labels", "boxes") else ""
-    for col in TEXT_COLUMNS:
+    for col in (*TEXT_COLUMNS, *DICOM_COLUMNS):
         if col in out.columns:
             out[col] = path_column(out[col]) if col == "image_path" else text_column(out[col])
     ids = out["image_id"].tolist() if "image_id" in out.columns else [""] * len(out)
