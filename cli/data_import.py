@@ -49,12 +49,8 @@ def import_cmd(
     from retrieval.data.manifest import write_manifest
     from retrieval.data.manifest_check import summarize_manifest, validate_manifest
 
-    dicom = {"pseudonymize": pseudonymize}
-    if kind == "dicomweb":
-        dicom |= {
-            "cache": cache or web.default_cache(out), "since": since, "until": until, "token": token, "user": user,
-            "filters": web.parse_filters(filters), "password": password, "workers": fetch_workers,
-        }  # fmt: skip
+    dicom = web.import_options(kind, out, pseudonymize, cache, since, until, filters, token, user, password,
+                               fetch_workers)  # fmt: skip
     df = import_source(
         kind, src, images=images, boxes=boxes, reports=reports, column_map=column_map, seed=seed, **dicom
     )

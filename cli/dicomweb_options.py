@@ -45,3 +45,25 @@ def parse_filters(items: list[str] | None) -> dict[str, str]:
 def default_cache(out: Path) -> Path:
     """The cache folder beside a manifest or index."""
     return out.resolve().parent / "dicom-cache"
+
+
+def import_options(kind: str, out: Path, pseudonymize, cache, since, until, filters, token, user, password,
+                   fetch_workers: int) -> dict:  # fmt: skip
+    """`cxr data import`'s DICOM options as importer keywords; a DICOMweb option given to another kind (or
+    --pseudonymize to a non-DICOM kind) is a UsageError, never silently ignored."""
+    from retrieval.errors import UsageError
+
+    web_only = {"--cache": cache, "--since": since, "--until": until, "--filter": filters, "--token": token,
+                "--user": user, "--password": password}  # fmt: skip
+    given = [name for name, value in web_only.items() if value]
+    if kind != "dicomweb" and (given or fetch_workers != 4):
+        raise UsageError(f"{', '.join(given) or '--fetch-workers'}: only for the dicomweb kind")
+    if pseudonymize and kind not in ("dicom", "dicomweb"):
+        raise UsageError("--pseudonymize: only for the dicom and dicomweb kinds")
+    options = {"pseudonymize": pseudonymize}
+    if kind == "dicomweb":
+        options |= {
+            "cache": cache or default_cache(out), "since": since, "until": until, "token": token, "user": user,
+            "filters": parse_filters(filters), "password": password, "workers": fetch_workers,
+        }  # fmt: skip
+    return options

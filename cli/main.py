@@ -40,9 +40,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(
-    help="Import datasets into study manifests; build the demo corpus.", no_args_is_help=True
-)
+data_app = typer.Typer(help="Import datasets into study manifests; build the demo corpus.", no_args_is_help=True)
 eval_app = typer.Typer(help="Measure retrieval and generation quality.", no_args_is_help=True)
 index_app = typer.Typer(help="Build, extend and inspect FAISS indexes.", no_args_is_help=True)
 vlm_app = typer.Typer(help="Train the multi-task vision-language model.", no_args_is_help=True)

@@ -270,3 +270,45 @@ def make_test_folder(folder: str | Path) -> dict[str, Expected]:
     (folder / "notes.txt").write_text("not an image\n")
     exp["notes.txt"] = Expected(False, reason="not a DICOM file")
     return exp
+
+
+def from_manifest(manifest: str | Path, out: str | Path, limit: int | None = None) -> list[Path]:
+    """A manifest's images (e.g. `cxr data demo`'s) as DX DICOM files (8 bit, MONOCHROME2) in `out`, one Basic
+    Text SR per study holding its report: what an archive would hold for them. Returns the files written."""
+    from PIL import Image
+
+    from retrieval.data.manifest import read_manifest, resolve_image_path
+
+    df = read_manifest(manifest)
+    if limit:
+        df = df.head(limit)
+    out = Path(out)
+    written = []
+    for i, row in enumerate(df.to_dict("records")):
+        grey = np.asarray(Image.open(resolve_image_path(df.attrs["root"], row["image_path"])).convert("L"))
+        ds = _base(DigitalXRayImageStorageForPresentation, "DX", str(row["patient_id"]),
+                   uid(f"study:{row['study_id']}"), uid(f"series:{row['study_id']}:DX"),
+                   uid(f"sop:{row['image_id']}"))  # fmt: skip
+        ds.AccessionNumber = f"A{i:06d}"[:16]
+        ds.ViewPosition = row.get("view") or "PA"
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        _set_pixels(ds, grey.astype(np.uint8), "MONOCHROME2", "explicit")
+        written.append(_save(ds, out / f"{i:06d}.dcm"))
+    for study, group in df.groupby("study_id"):
+        report = str(group["report"].iloc[0] or "")
+        if report:
+            written.append(make_report_sr(out / f"sr-{len(written):06d}.dcm", str(group["patient_id"].iloc[0]),
+                                          str(study), report))  # fmt: skip
+    return written
+
+
+if __name__ == "__main__":  # python tests/dicom_maker.py MANIFEST OUT [--limit N]
+    import argparse
+
+    ap = argparse.ArgumentParser(description="A manifest's images (e.g. cxr data demo's) as DICOM files + SR reports.")
+    ap.add_argument("manifest", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--limit", type=int, default=None)
+    args = ap.parse_args()
+    files = from_manifest(args.manifest, args.out, args.limit)
+    print(f"wrote {len(files)} DICOM files to {args.out}")

@@ -213,3 +213,15 @@ def start_orthanc(folder: str | Path, timeout: float = 30.0, delay: float = 0.0)
         tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
         last_error = f"{last_error}; log: {tail}"
     raise RuntimeError(f"Orthanc did not start in {folder}: {last_error}")
+
+
+if __name__ == "__main__":  # python tests/orthanc.py FOLDER: a loopback archive to try the DICOMweb commands
+    import sys
+
+    server = start_orthanc(sys.argv[1] if len(sys.argv) > 1 else "orthanc-data")
+    print(f"Orthanc (pid {server.process.pid}) at {server.dicomweb_url}  user {server.user}  "
+          f"password {server.password}  (Ctrl-C stops it)", flush=True)  # fmt: skip
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        server.stop()

@@ -187,3 +187,47 @@ def test_sync_adds_exactly_the_new_uploads_and_then_nothing(orthanc, tmp_path):
     state = json.loads((tmp_path / "idx" / SYNC_FILE).read_text())
     assert [s["added"] for s in state["syncs"]] == [3, 0] and state["url"] == orthanc.dicomweb_url
     assert orthanc.password not in json.dumps(state)
+
+
+def test_cli_build_from_dicomweb_then_sync(orthanc, tmp_path, monkeypatch, capsys):
+    """The commands a user runs: import from the archive, build, upload more, `cxr index sync` (twice)."""
+    monkeypatch.setattr("retrieval.models.load_model", lambda name, device=None: FakeModel(seed=int(str(name)[-1])))
+    monkeypatch.setenv("CXR_DICOMWEB_TOKEN", orthanc.token)
+    upload(orthanc, [make_radiograph(tmp_path / f"a/{i}.dcm", f"P{i}", f"S{i}", size=32, seed=i) for i in range(4)])
+    manifest, idx = tmp_path / "pacs.parquet", tmp_path / "idx"
+    assert main(["data", "import", "dicomweb", orthanc.dicomweb_url, "--out", str(manifest)]) == 0
+    build = ["index", "build", "-m", str(manifest), "--model", "fake-0", "--out", str(idx), "--workers", "0"]
+    assert main(build) == 0
+    upload(orthanc, [make_radiograph(tmp_path / "b.dcm", "P9", "S9", size=32, seed=9)])
+    capsys.readouterr()
+    sync = ["index", "sync", orthanc.dicomweb_url, "--index", str(idx), "--model", "fake-0", "--workers", "0", "--json"]
+    assert main(sync) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert (first["found"], first["new"], first["added"], first["add"]["count"]) == (5, 1, 1, 5)
+    assert main(sync) == 0
+    assert json.loads(capsys.readouterr().out)["added"] == 0
+    assert json.loads((idx / SYNC_FILE).read_text())["cache"] == str(tmp_path / "dicom-cache")
+
+
+def test_cli_refuses_dicomweb_options_for_other_kinds(tmp_path, capsys):
+    out = str(tmp_path / "m.parquet")
+    assert main(["data", "import", "dicom", str(tmp_path), "--out", out, "--token", "x"]) == 2
+    assert "--token: only for the dicomweb kind" in capsys.readouterr().err
+    assert main(["data", "import", "csv", str(tmp_path / "a.csv"), "--out", out, "--pseudonymize", "k"]) == 2
+
+
+def test_study_date_range_and_filters_narrow_the_search(orthanc, tmp_path):
+    dates = ["20230105", "20240110", "20240620", "20250101"]
+    upload(orthanc, [make_radiograph(tmp_path / f"{d}.dcm", f"P{i}", f"S{i}", size=32, seed=i, study_date=d,
+                                     accession=f"ACC{i}") for i, d in enumerate(dates)])  # fmt: skip
+    opts = web_options(orthanc)
+    got = import_source("dicomweb", orthanc.dicomweb_url, cache=tmp_path / "c", since="2024-01-01",
+                        until="20241231", **opts)  # fmt: skip
+    assert sorted(got["study_date"]) == ["20240110", "20240620"]
+    since = import_source("dicomweb", orthanc.dicomweb_url, cache=tmp_path / "c", since="20240601", **opts)
+    assert sorted(since["study_date"]) == ["20240620", "20250101"]
+    one = import_source("dicomweb", orthanc.dicomweb_url, cache=tmp_path / "c", filters={"AccessionNumber": "ACC2"},
+                        **opts)  # fmt: skip
+    assert list(one["accession_number"]) == ["ACC2"]
+    with pytest.raises(ImportError_, match="bad date"):
+        import_source("dicomweb", orthanc.dicomweb_url, cache=tmp_path / "c", since="June 2024", **opts)

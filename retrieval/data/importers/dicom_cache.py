@@ -1,24 +1,27 @@
 """The content-addressed cache of fetched DICOM instances (importers/dicomweb.py, index/dicomweb_sync.py).
 
-Layout of the folder: `objects/ab/<sha256 of the bytes>.dcm` (each written atomically: temp name, fsync, rename),
-`instances.jsonl` (one line per instance, {"sop": UID, "sha256": hex}, appended and fsynced after its file is in
-place), and `cache_info.json` (what the cache was made with: the pseudonymisation key's check value, never the key).
+Layout of the folder: `objects/ab/<sha256 of the bytes>.dcm` (each written under a temporary name, then renamed),
+`instances.jsonl` (one line per instance, {"sop": UID, "sha256": hex}, appended after its file is in place), and
+`cache_info.json` (what the cache was made with: the pseudonymisation key's check value, never the key).
 
 A killed fetcher leaves at worst a torn last line (ignored when read) and a file without its line (fetched again);
 every line read names a complete file, so a rerun never fetches a mapped instance twice. `get` checks that the
-file is there and, once per process, that its bytes still hash to its name: a changed file is fetched again.
+file is there and, once per process, that its bytes still hash to its name: a changed file, or one a power cut
+left incomplete, is fetched again. That check is why nothing here is fsynced (fsync took half of a fetch's time,
+benchmarks/results/dicomweb_cpu.md): the content address already tells a whole file from a broken one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 from pathlib import Path
 
 from retrieval.data.pseudonym import Pseudonymizer
 from retrieval.errors import ImportError_
-from retrieval.fileio import atomic_path, clean_temporaries, fsync_dir, sha256_bytes, sha256_file, write_json_atomic
+from retrieval.fileio import clean_temporaries, sha256_bytes, sha256_file, write_json_atomic
 
 MAP_FILE = "instances.jsonl"
 INFO_FILE = "cache_info.json"
@@ -93,16 +96,19 @@ class InstanceCache:
         digest = sha256_bytes(data)
         path = self.path_of(digest)
         if not path.is_file() or sha256_file(path) != digest:
-            with atomic_path(path) as tmp:
-                tmp.write_bytes(data)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         line = json.dumps({"sop": sop, "sha256": digest}) + "\n"
         with self._lock:
             with open(self.folder / MAP_FILE, "a", encoding="utf-8") as f:
                 f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-            if len(self.map) == 0:
-                fsync_dir(self.folder)
             self.map[sop] = digest
             self._verified.add(digest)
         return path

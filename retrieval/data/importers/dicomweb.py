@@ -137,17 +137,22 @@ def search_instances(
     return sorted(found.values(), key=lambda i: (i.study, i.series, i.sop))
 
 
-def search_reports(client: Any, studies: Iterable[str]) -> list[Instance]:
-    """QIDO-RS: the SR documents of each study (a failed search of one study is logged and skipped)."""
-    out: list[Instance] = []
-    for study in sorted(set(studies)):
-        try:
-            items = client.search_for_instances(study_instance_uid=study, search_filters={"Modality": "SR"})
-        except Exception as e:
-            log.warning("SR search of a study failed: %s", _http_reason(e))
-            continue
-        out.extend(_instances(items, "SR"))
-    return out
+def search_reports(client: Any, studies: Iterable[str], since: str | None = None, until: str | None = None) -> list:
+    """QIDO-RS: the SR documents of the given studies, in one search (modality SR, the same StudyDate range); a
+    failed search is logged and gives no reports (the images still import)."""
+    wanted = set(studies)
+    if not wanted:
+        return []
+    query = {"Modality": "SR"}
+    dates = study_date_range(since, until)
+    if dates:
+        query["StudyDate"] = dates
+    try:
+        items = client.search_for_instances(search_filters=query, get_remaining=True)
+    except Exception as e:
+        log.warning("SR search failed, importing without SR reports: %s", _http_reason(e))
+        return []
+    return [inst for inst in _instances(items, "SR") if inst.study in wanted]
 
 
 def _http_reason(error: Exception) -> str:
@@ -254,7 +259,7 @@ def import_dicomweb(
     csv = read_report_csv(reports, pseudo) if reports else None
     client = make_client(src, auth)
     instances = search_instances(client, since=since, until=until, filters=filters)
-    sr = search_reports(client, {i.study for i in instances})
+    sr = search_reports(client, {i.study for i in instances}, since, until)
     log.info("QIDO-RS found %d radiograph instance(s) and %d SR document(s)", len(instances), len(sr))
     fetched, failures = fetch_all(lambda: make_client(src, auth), [*instances, *sr], store, workers, pseudo, progress)
     rows, sr_texts, skipped = rows_from_cache(store, instances, sr)
