@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from gen_synth import SynthRetrievalModel, make_index, make_manifest, one_thread  # noqa: F401 (an autouse fixture)
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr._concepts_dict import concepts
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -297,6 +298,27 @@ def test_draft_for_image_holds_what_the_sr_needs(trained):
     assert len(draft["exemplars"]) == 2
     for e in draft["exemplars"]:
         assert e["study_instance_uid"] == by_study[e["study_id"]]
+
+
+def test_an_indexed_study_arriving_under_another_path_is_not_its_own_exemplar(trained, tmp_path):
+    """A DICOM of an indexed study (same StudyInstanceUID, another path: an export, a cache) never retrieves its own
+    study or patient, as an indexed file does."""
+    from generation.generate import Generator, draft_for_image
+
+    root, df, idx, vlm, _ = trained
+    gen = Generator(vlm, idx, retrieval_model=SynthRetrievalModel(), device="cpu")
+    row = df.iloc[4]
+    src = write_source(tmp_path / "export.dcm", np.asarray(Image.open(root / row["image_path"]).convert("L")))
+    ds = pydicom.dcmread(src)
+    ds.StudyInstanceUID = row["study_instance_uid"]
+    ds.save_as(src)
+    k = len(df) - 1
+    studies = [e["study_id"] for e in draft_for_image(src, idx, vlm, k=k, generator=gen)["exemplars"]]
+    own = set(df.loc[df["patient_id"] == row["patient_id"], "study_id"])
+    assert len(studies) == len(set(df["study_id"]) - own) and not own & set(studies)
+    ds.StudyInstanceUID = generate_uid()  # an unknown study: every indexed study may come back
+    ds.save_as(src)
+    assert len(draft_for_image(src, idx, vlm, k=k, generator=gen)["exemplars"]) == k
 
 
 def test_cli_generate_writes_the_sr_and_refuses_a_png(trained, tmp_path, capsys):
