@@ -296,7 +296,8 @@ def generate_for_image(
     """Image path (PNG/JPEG/DICOM) or HxW array -> {text, task, prompt, exemplars, boxes?}.
 
     `index_dir=None` or `k=0` generates without retrieval. Exemplars never come from `exclude_study` /
-    `exclude_patient`; for an image file that is in the index, those default to its own study and patient.
+    `exclude_patient`; for an image file that is in the index (by its path, or a DICOM by its StudyInstanceUID),
+    those default to its own study and patient.
     `retrieval_model` defaults to the model recorded in the index's index_info.json; pass a loaded one (or a
     `generator`) to reuse it across calls. `report_source`: "findings" (default) writes the report from the
     finding head's findings and the exemplars' sentences, "generate" is the LM's draft, "quote" the exemplar the
