@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from cli import dicomweb_options as web
 from cli.options import DEVICE
 
 
@@ -20,22 +21,11 @@ def generate_cmd(
     k: int = typer.Option(3, "-k", help="Exemplar reports in the prompt (0 = no retrieval)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = DEVICE,
-    sr: Path = typer.Option(
-        None, "--sr", help="Also write the draft report as a DICOM Comprehensive SR (DICOM IMAGE)."
-    ),
+    sr: Path = typer.Option(None, "--sr", help="Also write the drafted report as a DICOM SR (IMAGE must be DICOM)."),
     store: str = typer.Option(None, "--store", help="Send the SR to this DICOMweb URL with STOW-RS."),
-    store_token: str = typer.Option(
-        None, "--store-token", envvar="CXR_DICOMWEB_TOKEN", help="Bearer token for --store."
-    ),
-    store_user: str = typer.Option(
-        None, "--store-user", envvar="CXR_DICOMWEB_USER", help="Basic-auth user for --store."
-    ),
-    store_password: str = typer.Option(
-        None,
-        "--store-password",
-        envvar="CXR_DICOMWEB_PASSWORD",
-        help="Basic-auth password (env CXR_DICOMWEB_PASSWORD).",
-    ),
+    token: str = web.TOKEN,
+    user: str = web.USER,
+    password: str = web.PASSWORD,
 ) -> None:
     """Generate for one image; the output names the exemplar studies the prompt carried."""
     from cli.quiet import quiet_transformers
@@ -54,7 +44,7 @@ def generate_cmd(
 
         res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device)
     elif sr is not None or store is not None:
-        res = _structured_report(image, index, vlm, task, k, device, sr, store, store_token, store_user, store_password)
+        res = _structured_report(image, index, vlm, task, k, device, sr, store, token, user, password)
     else:
         from generation.generate import generate_for_image
 
@@ -93,6 +83,8 @@ def _structured_report(image, index, vlm, task, k, device, sr, store, token, use
     res = draft_for_image(image, index, vlm, k=k, device=device)
     ds = write_sr(res, image, sr) if sr is not None else build_sr(res, read_source(image))
     if store is not None:
-        store_sr(ds, store, token=token, user=user, password=password)
+        from retrieval.data.importers.dicomweb import Auth
+
+        store_sr(ds, store, Auth.from_env(token, user, password))
     res["sr"] = {"path": str(sr) if sr else None, "stored": store, "sop_instance_uid": str(ds.SOPInstanceUID)}
     return res

@@ -296,7 +296,8 @@ def generate_for_image(
     """Image path (PNG/JPEG/DICOM) or HxW array -> {text, task, prompt, exemplars, boxes?}.
 
     `index_dir=None` or `k=0` generates without retrieval. Exemplars never come from `exclude_study` /
-    `exclude_patient`; for an image file that is in the index, those default to its own study and patient.
+    `exclude_patient`; for an image file that is in the index (by its path, or a DICOM by its StudyInstanceUID),
+    those default to its own study and patient.
     `retrieval_model` defaults to the model recorded in the index's index_info.json; pass a loaded one (or a
     `generator`) to reuse it across calls. `report_source`: "findings" (default) writes the report from the
     finding head's findings and the exemplars' sentences, "generate" is the LM's draft, "quote" the exemplar the
@@ -314,6 +315,18 @@ def generate_for_image(
     return gen.generate(gen.visual([image]), [task], [prompt], exemplars)[0]
 
 
+def dicom_study_uid(path: str | Path) -> str:
+    """The StudyInstanceUID in a DICOM file's header ('' for any other file): how an image from the archive is
+    recognised as an indexed study whatever its path."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+    except Exception:  # not DICOM, unreadable: read_image reports it
+        return ""
+    return str(ds.get("StudyInstanceUID", "") or "").strip()
+
+
 def _image_and_exemplars(
     gen: Generator, image: str | Path | np.ndarray, k: int, exclude_study: str | None, exclude_patient: str | None
 ) -> tuple[np.ndarray, list[list[Exemplar]]]:
@@ -325,6 +338,9 @@ def _image_and_exemplars(
             # An image that is itself in the index never retrieves its own study or patient.
             meta = gen.searcher.index.meta
             hit = meta[meta["image_path"].astype(str) == str(Path(image).resolve())]
+            study_uid = "" if len(hit) else dicom_study_uid(image)
+            if study_uid:  # the same study from the archive under another path (a DICOM export, a cache)
+                hit = meta[meta["study_instance_uid"].astype(str) == study_uid]
             if len(hit):
                 exclude_study, exclude_patient = str(hit.iloc[0]["study_id"]), str(hit.iloc[0]["patient_id"])
         image = read_image(image)

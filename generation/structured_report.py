@@ -266,22 +266,16 @@ def write_sr(draft: dict, source_path: str | Path, out: str | Path) -> Any:
     return sr
 
 
-def store_sr(sr: Any, url: str, token: str | None = None, user: str | None = None, password: str | None = None) -> None:
-    """Send the SR to a DICOMweb archive with STOW-RS (dicomweb-client): a bearer `token`, or basic auth with
-    `user` and `password`, or none. A refusal or an unreachable archive is one CXRError naming the URL."""
+def store_sr(sr: Any, url: str, auth: Any = None) -> None:
+    """Send the SR to a DICOMweb archive with STOW-RS, through the importer's client (`importers.dicomweb.make_client`:
+    `auth` is its `Auth`, a bearer token or basic auth, or None). A refusal or an unreachable archive is one
+    CXRError naming the URL, never a credential."""
     import requests
-    from dicomweb_client.api import DICOMwebClient
 
-    if token and user:
-        raise UsageError("give a bearer token or a user name for the archive, not both")
-    session = None
-    if user:
-        from dicomweb_client.session_utils import create_session_from_user_pass
+    from retrieval.data.importers.dicomweb import make_client
 
-        session = create_session_from_user_pass(user, password or "")
-    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        client = DICOMwebClient(url, session=session, headers=headers)
+        client = make_client(url, auth)
         # 3 tries 0.5 s and 1 s apart (a busy or unreachable archive), not the client's default of 5 over 30 s
         client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=250)
         client.store_instances([sr])

@@ -158,3 +158,32 @@ def test_cxr_serve_refuses_a_bad_template_in_one_line(uid_index, monkeypatch, ca
     code = main(["serve", "--index", str(idx), "--no-vlm", "--archive-url", "ftp://pacs/{study_instance_uid}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--archive-url must be an http" in err, err
+
+
+def test_a_dicom_folder_import_indexes_and_returns_each_files_own_uids(tmp_path, monkeypatch, capsys):
+    """Importer -> manifest -> index -> `cxr query --json`: each hit's UIDs and tags are those pydicom reads from
+    the hit's own file (the naive reference)."""
+    import pydicom
+    from dicom_maker import make_radiograph
+
+    from retrieval.data.importers import import_source
+
+    root = tmp_path / "dicom"
+    for i, (patient, study, modality) in enumerate([("P1", "S1", "DX"), ("P1", "S1", "DX"), ("P2", "S2", "CR"),
+                                                    ("P3", "S3", "DX"), ("P4", "S4", "CR")]):  # fmt: skip
+        make_radiograph(root / f"{study}_{i}.dcm", patient, study, modality, seed=i, accession=f"ACC-{study}")
+    df = import_source("dicom", root)
+    write_manifest(df, tmp_path / "manifest.parquet")
+    build_index(tmp_path / "manifest.parquet", FakeModel(), tmp_path / "idx", BuildOptions(workers=0, progress=False))
+    monkeypatch.setattr("retrieval.models.load_model", lambda name, device=None: FakeModel())
+    query = next(root.glob("S2_*.dcm"))
+    args = ["query", str(query), "--index", str(tmp_path / "idx"), "-k", "5", "--target", "images", "--json"]
+    assert main([*args, "--model", "fake-0"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert len(results) == 5 and results[0]["image_path"] == str(query.resolve())
+    tags = {"study_instance_uid": "StudyInstanceUID", "series_instance_uid": "SeriesInstanceUID",
+            "sop_instance_uid": "SOPInstanceUID", "accession_number": "AccessionNumber", "study_date": "StudyDate",
+            "modality": "Modality"}  # fmt: skip
+    for r in results:
+        ds = pydicom.dcmread(r["image_path"], stop_before_pixels=True)
+        assert {col: r[col] for col in tags} == {col: str(ds[kw].value) for col, kw in tags.items()}

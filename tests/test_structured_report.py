@@ -16,11 +16,13 @@ import numpy as np
 import pydicom
 import pytest
 from gen_synth import SynthRetrievalModel, make_index, make_manifest, one_thread  # noqa: F401 (an autouse fixture)
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr._concepts_dict import concepts
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from generation.structured_report import FINDING_CODES, LOCAL_SCHEME, build_sr, read_source, store_sr, write_sr
+from retrieval.data.importers.dicomweb import Auth
 from retrieval.errors import CXRError, UsageError
 from retrieval.labels import LABELS
 
@@ -182,7 +184,7 @@ def test_a_png_or_a_dicom_without_uids_is_refused_in_one_line(tmp_path):
 
 @pytest.mark.skipif(
     shutil.which("dciodvfy") is None,
-    reason="dciodvfy not found: install Debian's dicom3tools (apt-get install dicom3tools; `make orthanc`)",
+    reason="dciodvfy not found: install Debian's dicom3tools (apt-get install dicom3tools; `make orthanc` installs it)",
 )
 def test_dciodvfy_finds_no_error(tmp_path):
     """dicom3tools' IOD checker: no error line; its warnings are listed (it does not know the private 99CXR
@@ -239,19 +241,19 @@ def test_stow_rs_sends_the_sr_with_bearer_or_basic_auth(tmp_path, stow):
     server, url = stow
     sr = build_sr(DRAFT, read_source(write_source(tmp_path / "src.dcm")))
     _StowHandler.want_auth = "Bearer s3cret"
-    store_sr(sr, url, token="s3cret")
+    store_sr(sr, url, Auth(token="s3cret"))
     path, auth, ctype, body = _StowHandler.received[-1]
     assert path == "/dicom-web/studies" and auth == "Bearer s3cret"
     assert ctype.startswith("multipart/related") and "application/dicom" in ctype
     assert str(sr.SOPInstanceUID).encode() in body and DRAFT["text"].encode() in body
     _StowHandler.want_auth = "Basic " + base64.b64encode(b"alice:pw").decode()
-    store_sr(sr, url, user="alice", password="pw")
+    store_sr(sr, url, Auth(user="alice", password="pw"))
     assert _StowHandler.received[-1][1] == _StowHandler.want_auth
     with pytest.raises(CXRError, match="HTTP 401"):
-        store_sr(sr, url, token="wrong")
+        store_sr(sr, url, Auth(token="wrong"))
     server.shutdown()
     with pytest.raises(CXRError, match="STOW-RS"):
-        store_sr(sr, "http://127.0.0.1:9/dicom-web", token="x")  # nothing listens on the discard port
+        store_sr(sr, "http://127.0.0.1:9/dicom-web", Auth(token="x"))  # nothing listens on the discard port
 
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -298,6 +300,27 @@ def test_draft_for_image_holds_what_the_sr_needs(trained):
         assert e["study_instance_uid"] == by_study[e["study_id"]]
 
 
+def test_an_indexed_study_arriving_under_another_path_is_not_its_own_exemplar(trained, tmp_path):
+    """A DICOM of an indexed study (same StudyInstanceUID, another path: an export, a cache) never retrieves its own
+    study or patient, as an indexed file does."""
+    from generation.generate import Generator, draft_for_image
+
+    root, df, idx, vlm, _ = trained
+    gen = Generator(vlm, idx, retrieval_model=SynthRetrievalModel(), device="cpu")
+    row = df.iloc[4]
+    src = write_source(tmp_path / "export.dcm", np.asarray(Image.open(root / row["image_path"]).convert("L")))
+    ds = pydicom.dcmread(src)
+    ds.StudyInstanceUID = row["study_instance_uid"]
+    ds.save_as(src)
+    k = len(df) - 1
+    studies = [e["study_id"] for e in draft_for_image(src, idx, vlm, k=k, generator=gen)["exemplars"]]
+    own = set(df.loc[df["patient_id"] == row["patient_id"], "study_id"])
+    assert len(studies) == len(set(df["study_id"]) - own) and not own & set(studies)
+    ds.StudyInstanceUID = generate_uid()  # an unknown study: every indexed study may come back
+    ds.save_as(src)
+    assert len(draft_for_image(src, idx, vlm, k=k, generator=gen)["exemplars"]) == k
+
+
 def test_cli_generate_writes_the_sr_and_refuses_a_png(trained, tmp_path, capsys):
     from cli.main import main
 
@@ -316,3 +339,30 @@ def test_cli_generate_writes_the_sr_and_refuses_a_png(trained, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert "needs a DICOM source image" in err and len(err.splitlines()) == 1
     assert main(["generate", str(src), "--vlm", str(vlm), "-k", "0", "--task", "vqa", "--sr", str(out)]) == 2
+
+
+def test_round_trip_through_orthanc_stow_qido_wado(orthanc, tmp_path):
+    """Written, stored with STOW-RS (bearer token) in a real Orthanc beside its source image, found by QIDO-RS,
+    fetched by WADO-RS and read back by plain pydicom with the same text, codes and coordinates."""
+    src = write_source(tmp_path / "src.dcm", np.full((ROWS, COLUMNS), 90, np.uint8))
+    client = orthanc.client("basic")
+    client.store_instances([pydicom.dcmread(src)])
+    sr = write_sr(DRAFT, src, tmp_path / "draft.dcm")
+    store_sr(sr, orthanc.dicomweb_url, Auth(token=orthanc.token))
+    found = client.search_for_instances(study_instance_uid=sr.StudyInstanceUID, search_filters={"Modality": "SR"})
+    assert [f["00080018"]["Value"][0] for f in found] == [sr.SOPInstanceUID]
+    studies = client.search_for_instances(study_instance_uid=sr.StudyInstanceUID)
+    assert len(studies) == 2  # the radiograph and its draft, in one study
+    fetched = client.retrieve_instance(sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPInstanceUID)
+    fetched.save_as(tmp_path / "fetched.dcm", enforce_file_format=True)
+    local, remote = read_back(tmp_path / "draft.dcm"), read_back(tmp_path / "fetched.dcm")
+    assert remote["text"] == [DRAFT["text"]] and remote["exemplars"] == local["exemplars"]
+    assert set(remote["findings"]) == set(local["findings"])
+    for code, regions in local["findings"].items():
+        assert len(remote["findings"][code]) == len(regions)
+        for (kind, points, ref), (kind2, points2, ref2) in zip(regions, remote["findings"][code], strict=True):
+            assert (kind, ref) == (kind2, ref2)
+            np.testing.assert_array_equal(points, points2)
+    assert (remote["ds"].VerificationFlag, remote["ds"].CompletionFlag) == ("UNVERIFIED", "PARTIAL")
+    with pytest.raises(CXRError, match="HTTP 40"):
+        store_sr(sr, orthanc.dicomweb_url, Auth(token="wrong"))
