@@ -30,6 +30,7 @@ def prepare(
     rows.attrs["positions"] holds each kept row's position in the manifest."""
     from retrieval.data.manifest import normalize_manifest, read_manifest, resolve_image_path
     from retrieval.data.manifest_check import check_manifest
+    from retrieval.text_limits import truncate_reports
 
     if isinstance(manifest, str | Path):
         df = read_manifest(manifest)
@@ -57,7 +58,7 @@ def prepare(
                 for p in df["image_path"]
             ],
             "view": df["view"].astype(str),
-            "report": [report_text(r) for r in df.to_dict("records")],
+            "report": truncate_reports([report_text(r) for r in df.to_dict("records")], df["image_id"]),
             "labels": [list(x) for x in df["labels"]],
             "split": df["split"].astype(str),
             "source": df["source"].astype(str),
