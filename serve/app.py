@@ -147,7 +147,10 @@ def _add_error_handlers(app: FastAPI, service: ServeService) -> None:
 
     @app.exception_handler(UploadError)
     async def _upload_error(_: Request, e: UploadError):
-        return one_line(e, e.status)
+        response = one_line(e, e.status)
+        if e.status in (408, 413):  # the body was not read to its end: this connection is done
+            response.headers["Connection"] = "close"
+        return response
 
     @app.exception_handler(TextTooLong)
     async def _too_long(_: Request, e: TextTooLong):
