@@ -30,13 +30,16 @@ def serve(
     ef_search: int | None = None,
     access_log: bool = False,
     archive_url: str | None = None,
+    limits: dict | None = None,
 ) -> None:
-    """Load everything once, then serve until interrupted (also called by `cxr demo --serve`)."""
+    """Load everything once, then serve until interrupted (also called by `cxr demo --serve`). `limits`: the
+    `SERVE_LIMITS` keys to change (hosts, paths, timeouts, pixels)."""
     import logging
 
     from cli.quiet import quiet_transformers
     from retrieval.errors import UsageError
-    from serve.service import ServeConfig, ServeService, default_workers
+    from serve.service import ServeService
+    from serve.settings import ServeConfig, default_workers
 
     quiet_transformers()
 
@@ -44,10 +47,13 @@ def serve(
         import uvicorn
 
         from serve.app import bind_warning, create_app
+        from serve.connections import uvicorn_settings
+        from serve.web_guard import allowed_hosts
     except ImportError as e:
         raise UsageError(f"`cxr serve` needs the serve extra: pip install 'cxr-retrieval[serve]' ({e})") from e
     if max_upload_mb <= 0:
         raise UsageError("--max-upload-mb must be positive")
+    lim = {**SERVE_LIMITS, **(limits or {})}
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("retrieval").setLevel(logging.INFO)  # reloads and failures; not faiss's loader chatter
     warning = bind_warning(host, token)
@@ -67,10 +73,22 @@ def serve(
         watch_interval=watch_interval,
         max_upload_mb=max_upload_mb,
         archive_url=archive_url,
+        max_pixels=lim["max_pixels"],
+        max_decode_mb=lim["max_decode_mb"],
+        max_decodes=lim["max_decodes"],
+        show_paths=lim["show_paths"],
     )
     service = ServeService(config)
     try:
-        app = create_app(service, token=token, cors_origins=cors_origins, close_on_shutdown=True)
+        hosts = allowed_hosts(host, lim["allowed_hosts"])
+        app = create_app(
+            service,
+            token=token,
+            cors_origins=cors_origins,
+            close_on_shutdown=True,
+            allowed_hosts=hosts,
+            body_timeout=lim["body_timeout"],
+        )
         info = service.info()
         shown = f"[{host}]" if ":" in host else host
         print(
@@ -80,9 +98,23 @@ def serve(
             file=sys.stderr,
             flush=True,
         )
-        uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, workers=None)
+        timeouts = uvicorn_settings(lim["header_timeout"], lim["keep_alive"], lim["grace"])
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, workers=None, **timeouts)
     finally:
         service.close()
+
+
+SERVE_LIMITS = {
+    "allowed_hosts": [],
+    "show_paths": False,
+    "header_timeout": 10.0,
+    "body_timeout": 60.0,
+    "keep_alive": 5.0,
+    "grace": 10.0,
+    "max_pixels": 36_000_000,
+    "max_decode_mb": 1024.0,
+    "max_decodes": 2,
+}
 
 
 def serve_cmd(
@@ -116,6 +148,17 @@ def serve_cmd(
         envvar="CXR_ARCHIVE_URL",
         help="Link each study to the archive's viewer: a URL template naming {study_instance_uid} (or another UID).",
     ),
+    allowed_host: list[str] = typer.Option(
+        None, "--allowed-host", help="Also answer this Host name (default: the bound address; '*': any)."
+    ),
+    show_paths: bool = typer.Option(False, "--show-paths", help="Show the server's paths in responses."),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.1, help="Seconds for a request's head."),
+    body_timeout: float = typer.Option(60.0, "--body-timeout", min=0.1, help="Seconds for a request's body."),
+    keep_alive: float = typer.Option(5.0, "--timeout-keep-alive", min=0.1, help="Idle seconds between requests."),
+    grace: float = typer.Option(10.0, "--grace", min=0, help="On SIGTERM, seconds to finish requests in flight."),
+    max_pixels: int = typer.Option(36_000_000, "--max-pixels", min=1, help="Most pixels an upload may have."),
+    max_decode_mb: float = typer.Option(1024.0, "--max-decode-mb", min=1, help="Most memory one decode may need."),
+    max_decodes: int = typer.Option(2, "--max-decodes", min=1, help="Uploads decoded at once."),
 ) -> None:
     """Serve the HTTP API and the web viewer: model, index and VLM load once, queries answer in milliseconds."""
     from retrieval.errors import UsageError
@@ -147,4 +190,15 @@ def serve_cmd(
         ef_search,
         access_log,
         archive_url,
+        {
+            "allowed_hosts": allowed_host or [],
+            "show_paths": show_paths,
+            "header_timeout": header_timeout,
+            "body_timeout": body_timeout,
+            "keep_alive": keep_alive,
+            "grace": grace,
+            "max_pixels": max_pixels,
+            "max_decode_mb": max_decode_mb,
+            "max_decodes": max_decodes,
+        },
     )

@@ -36,6 +36,7 @@ from generation.tokenizer import TASKS, decode
 from retrieval.device import resolve_device
 from retrieval.errors import UsageError
 from retrieval.labels import LABELS
+from retrieval.text_limits import check_query_text
 
 VQA_SOURCES = ("head", "lm")  # closed "is there X?" answered by the finding head (head.py) or the LM
 # [report]: written from the finding head's findings + the exemplars' sentences (findings_report.py; the LM's draft
@@ -69,6 +70,8 @@ def task_prompt(task: str, question: str | None = None, phrase: str | None = Non
     """The instruction text for `task` (VQA needs a question, grounding a phrase)."""
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    check_query_text(question, "the question")
+    check_query_text(phrase, "the phrase")
     if task == "vqa":
         return (question or OPEN_QUESTION).strip().lower()
     if task == "ground":

@@ -36,6 +36,7 @@ def prepare(
         text_column,
     )
     from retrieval.data.manifest_check import check_manifest
+    from retrieval.text_limits import truncate_reports
 
     if isinstance(manifest, str | Path):
         df = read_manifest(manifest)
@@ -63,7 +64,7 @@ def prepare(
                 for p in df["image_path"]
             ],
             "view": df["view"].astype(str),
-            "report": [report_text(r) for r in df.to_dict("records")],
+            "report": truncate_reports([report_text(r) for r in df.to_dict("records")], df["image_id"]),
             "labels": [list(x) for x in df["labels"]],
             "split": df["split"].astype(str),
             "source": df["source"].astype(str),
