@@ -9,6 +9,20 @@ from pathlib import Path
 import typer
 
 from cli.options import DEVICE
+from serve.settings import MAX_DECODE_MB, MAX_DECODES, MAX_PIXELS
+
+# the defaults of what `cxr serve` bounds and reveals (`serve(limits=...)` changes any of them)
+SERVE_LIMITS = {
+    "allowed_hosts": [],
+    "show_paths": False,
+    "header_timeout": 10.0,
+    "body_timeout": 60.0,
+    "keep_alive": 5.0,
+    "grace": 10.0,
+    "max_pixels": MAX_PIXELS,
+    "max_decode_mb": MAX_DECODE_MB,
+    "max_decodes": MAX_DECODES,
+}
 
 
 def serve(
@@ -102,19 +116,6 @@ def serve(
         service.close()
 
 
-SERVE_LIMITS = {
-    "allowed_hosts": [],
-    "show_paths": False,
-    "header_timeout": 10.0,
-    "body_timeout": 60.0,
-    "keep_alive": 5.0,
-    "grace": 10.0,
-    "max_pixels": 36_000_000,
-    "max_decode_mb": 1024.0,
-    "max_decodes": 2,
-}
-
-
 def serve_cmd(
     index: Path = typer.Option(None, "--index", "-i", help="Index folder (default: the `cxr demo` work folder's)."),
     vlm: Path = typer.Option(
@@ -144,13 +145,27 @@ def serve_cmd(
         None, "--allowed-host", help="Also answer this Host name (default: the bound address; '*': any)."
     ),
     show_paths: bool = typer.Option(False, "--show-paths", help="Show the server's paths in responses."),
-    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.1, help="Seconds for a request's head."),
-    body_timeout: float = typer.Option(60.0, "--body-timeout", min=0.1, help="Seconds for a request's body."),
-    keep_alive: float = typer.Option(5.0, "--timeout-keep-alive", min=0.1, help="Idle seconds between requests."),
-    grace: float = typer.Option(10.0, "--grace", min=0, help="On SIGTERM, seconds to finish requests in flight."),
-    max_pixels: int = typer.Option(36_000_000, "--max-pixels", min=1, help="Most pixels an upload may have."),
-    max_decode_mb: float = typer.Option(1024.0, "--max-decode-mb", min=1, help="Most memory one decode may need."),
-    max_decodes: int = typer.Option(2, "--max-decodes", min=1, help="Uploads decoded at once."),
+    header_timeout: float = typer.Option(
+        SERVE_LIMITS["header_timeout"], "--header-timeout", min=0.1, help="Seconds for a request's head."
+    ),
+    body_timeout: float = typer.Option(
+        SERVE_LIMITS["body_timeout"], "--body-timeout", min=0.1, help="Seconds for a request's body."
+    ),
+    keep_alive: float = typer.Option(
+        SERVE_LIMITS["keep_alive"], "--timeout-keep-alive", min=0.1, help="Idle seconds between requests."
+    ),
+    grace: float = typer.Option(
+        SERVE_LIMITS["grace"], "--grace", min=0, help="On SIGTERM, seconds to finish requests in flight."
+    ),
+    max_pixels: int = typer.Option(
+        SERVE_LIMITS["max_pixels"], "--max-pixels", min=1, help="Most pixels an upload may have."
+    ),
+    max_decode_mb: float = typer.Option(
+        SERVE_LIMITS["max_decode_mb"], "--max-decode-mb", min=1, help="Most memory one decode may need."
+    ),
+    max_decodes: int = typer.Option(
+        SERVE_LIMITS["max_decodes"], "--max-decodes", min=1, help="Uploads decoded at once."
+    ),
 ) -> None:
     """Serve the HTTP API and the web viewer: model, index and VLM load once, queries answer in milliseconds."""
     from retrieval.errors import UsageError
