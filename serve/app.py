@@ -37,6 +37,8 @@ try:
     from fastapi.responses import FileResponse, Response
     from fastapi.staticfiles import StaticFiles
     from fastapi_offline import FastAPIOffline
+
+    from serve.connections import AnswerWhenCancelled  # uvicorn's protocol
 except ImportError as e:  # an optional extra
     raise ImportError(
         f"`cxr serve` needs the serve extra ({e.name} is missing): pip install 'cxr-retrieval[serve]'"
@@ -108,7 +110,8 @@ def create_app(
         )
     _add_error_handlers(app, service)
     app.middleware("http")(_page_headers)
-    app.middleware("http")(WebGuard(allowed_hosts, cors_origins or ()))  # added last: runs first
+    app.middleware("http")(WebGuard(allowed_hosts, cors_origins or ()))
+    app.add_middleware(AnswerWhenCancelled)  # added last: the outermost
     app.get("/", include_in_schema=False)(_page)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     auth = Depends(bearer_check(token))
