@@ -9,6 +9,47 @@ from pathlib import Path
 import typer
 
 from cli.options import DEVICE
+from serve.settings import MAX_DECODE_MB, MAX_DECODES, MAX_PIXELS
+
+# the defaults of what `cxr serve` bounds and reveals (`serve(limits=...)` changes any of them)
+SERVE_LIMITS = {
+    "allowed_hosts": [],
+    "show_paths": False,
+    "header_timeout": 10.0,
+    "body_timeout": 60.0,
+    "keep_alive": 5.0,
+    "grace": 10.0,
+    "max_pixels": MAX_PIXELS,
+    "max_decode_mb": MAX_DECODE_MB,
+    "max_decodes": MAX_DECODES,
+}
+# the options of those bounds
+ALLOWED_HOST = typer.Option(
+    None, "--allowed-host", help="Also answer this Host name (default: the bound address; '*': any)."
+)
+SHOW_PATHS = typer.Option(False, "--show-paths", help="Show the server's paths in responses.")
+HEADER_TIMEOUT = typer.Option(
+    SERVE_LIMITS["header_timeout"], "--header-timeout", min=0.1, help="Seconds for a request's head."
+)
+BODY_TIMEOUT = typer.Option(
+    SERVE_LIMITS["body_timeout"], "--body-timeout", min=0.1, help="Seconds for a request's body."
+)
+KEEP_ALIVE = typer.Option(
+    SERVE_LIMITS["keep_alive"], "--timeout-keep-alive", min=0.1, help="Idle seconds between requests."
+)
+GRACE = typer.Option(SERVE_LIMITS["grace"], "--grace", min=0, help="On SIGTERM, seconds to finish requests in flight.")
+MAX_PIXELS_OPTION = typer.Option(MAX_PIXELS, "--max-pixels", min=1, help="Most pixels an upload may have.")
+MAX_DECODE_MB_OPTION = typer.Option(MAX_DECODE_MB, "--max-decode-mb", min=1, help="Most memory one decode needs.")
+MAX_DECODES_OPTION = typer.Option(MAX_DECODES, "--max-decodes", min=1, help="Uploads decoded at once.")
+
+
+def _banner(info: dict, host: str, port: int, workers: int, token: str | None) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return (
+        f"serving http://{shown}:{port}/  model {info['model']['name']}, index {info['index']['count']:,} rows "
+        f"({info['index']['factory']}), VLM {'loaded' if info['vlm']['loaded'] else 'none'}, "
+        f"{workers} workers" + (", bearer token required" if token else "")
+    )
 
 
 def serve(
@@ -81,40 +122,12 @@ def serve(
     service = ServeService(config)
     try:
         hosts = allowed_hosts(host, lim["allowed_hosts"])
-        app = create_app(
-            service,
-            token=token,
-            cors_origins=cors_origins,
-            close_on_shutdown=True,
-            allowed_hosts=hosts,
-            body_timeout=lim["body_timeout"],
-        )
-        info = service.info()
-        shown = f"[{host}]" if ":" in host else host
-        print(
-            f"serving http://{shown}:{port}/  model {info['model']['name']}, index {info['index']['count']:,} rows "
-            f"({info['index']['factory']}), VLM {'loaded' if info['vlm']['loaded'] else 'none'}, "
-            f"{config.workers} workers" + (", bearer token required" if token else ""),
-            file=sys.stderr,
-            flush=True,
-        )
+        app = create_app(service, token, cors_origins, True, hosts, lim["body_timeout"])
+        print(_banner(service.info(), host, port, config.workers, token), file=sys.stderr, flush=True)
         timeouts = uvicorn_settings(lim["header_timeout"], lim["keep_alive"], lim["grace"])
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, workers=None, **timeouts)
     finally:
         service.close()
-
-
-SERVE_LIMITS = {
-    "allowed_hosts": [],
-    "show_paths": False,
-    "header_timeout": 10.0,
-    "body_timeout": 60.0,
-    "keep_alive": 5.0,
-    "grace": 10.0,
-    "max_pixels": 36_000_000,
-    "max_decode_mb": 1024.0,
-    "max_decodes": 2,
-}
 
 
 def serve_cmd(
@@ -148,17 +161,15 @@ def serve_cmd(
         envvar="CXR_ARCHIVE_URL",
         help="Link each study to the archive's viewer: a URL template naming {study_instance_uid} (or another UID).",
     ),
-    allowed_host: list[str] = typer.Option(
-        None, "--allowed-host", help="Also answer this Host name (default: the bound address; '*': any)."
-    ),
-    show_paths: bool = typer.Option(False, "--show-paths", help="Show the server's paths in responses."),
-    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.1, help="Seconds for a request's head."),
-    body_timeout: float = typer.Option(60.0, "--body-timeout", min=0.1, help="Seconds for a request's body."),
-    keep_alive: float = typer.Option(5.0, "--timeout-keep-alive", min=0.1, help="Idle seconds between requests."),
-    grace: float = typer.Option(10.0, "--grace", min=0, help="On SIGTERM, seconds to finish requests in flight."),
-    max_pixels: int = typer.Option(36_000_000, "--max-pixels", min=1, help="Most pixels an upload may have."),
-    max_decode_mb: float = typer.Option(1024.0, "--max-decode-mb", min=1, help="Most memory one decode may need."),
-    max_decodes: int = typer.Option(2, "--max-decodes", min=1, help="Uploads decoded at once."),
+    allowed_host: list[str] = ALLOWED_HOST,
+    show_paths: bool = SHOW_PATHS,
+    header_timeout: float = HEADER_TIMEOUT,
+    body_timeout: float = BODY_TIMEOUT,
+    keep_alive: float = KEEP_ALIVE,
+    grace: float = GRACE,
+    max_pixels: int = MAX_PIXELS_OPTION,
+    max_decode_mb: float = MAX_DECODE_MB_OPTION,
+    max_decodes: int = MAX_DECODES_OPTION,
 ) -> None:
     """Serve the HTTP API and the web viewer: model, index and VLM load once, queries answer in milliseconds."""
     from retrieval.errors import UsageError
@@ -190,15 +201,15 @@ def serve_cmd(
         ef_search,
         access_log,
         archive_url,
-        {
-            "allowed_hosts": allowed_host or [],
-            "show_paths": show_paths,
-            "header_timeout": header_timeout,
-            "body_timeout": body_timeout,
-            "keep_alive": keep_alive,
-            "grace": grace,
-            "max_pixels": max_pixels,
-            "max_decode_mb": max_decode_mb,
-            "max_decodes": max_decodes,
-        },
+        dict(
+            allowed_hosts=allowed_host or [],
+            show_paths=show_paths,
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            keep_alive=keep_alive,
+            grace=grace,
+            max_pixels=max_pixels,
+            max_decode_mb=max_decode_mb,
+            max_decodes=max_decodes,
+        ),
     )

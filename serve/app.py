@@ -37,6 +37,9 @@ try:
     from fastapi.responses import FileResponse, Response
     from fastapi.staticfiles import StaticFiles
     from fastapi_offline import FastAPIOffline
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from serve.connections import AnswerWhenCancelled  # uvicorn's protocol
 except ImportError as e:  # an optional extra
     raise ImportError(
         f"`cxr serve` needs the serve extra ({e.name} is missing): pip install 'cxr-retrieval[serve]'"
@@ -108,7 +111,8 @@ def create_app(
         )
     _add_error_handlers(app, service)
     app.middleware("http")(_page_headers)
-    app.middleware("http")(WebGuard(allowed_hosts, cors_origins or ()))  # added last: runs first
+    app.middleware("http")(WebGuard(allowed_hosts, cors_origins or ()))
+    app.add_middleware(AnswerWhenCancelled)  # added last: the outermost
     app.get("/", include_in_schema=False)(_page)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     auth = Depends(bearer_check(token))
@@ -139,7 +143,8 @@ async def in_pool(service: ServeService, fn: Callable[..., Any], *args: Any, **k
 
 def _add_error_handlers(app: FastAPI, service: ServeService) -> None:
     """UploadError -> its status, TextTooLong -> 413, UsageError -> 422, IndexError_ -> 409, a parameter FastAPI
-    refuses -> 422, any other error -> 500; each as one line of JSON without the server's paths."""
+    refuses -> 422, HTTPException -> its status, any other error -> 500; each as one line of JSON without the
+    server's paths."""
 
     def one_line(e: Exception | str, status: int) -> JSON:
         text = " ".join(service.redact(str(e)).split())
@@ -163,6 +168,12 @@ def _add_error_handlers(app: FastAPI, service: ServeService) -> None:
     @app.exception_handler(IndexError_)
     async def _index_error(_: Request, e: IndexError_):
         return one_line(e, 409)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):
+        response = one_line(e.detail, e.status_code)
+        response.headers.update(e.headers or {})  # WWW-Authenticate, Allow
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _bad_parameter(_: Request, e: RequestValidationError):

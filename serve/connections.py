@@ -6,11 +6,15 @@ deadline on a connection that never sends a request, or that sends its head a by
 connections stayed open for good. `TimedH11Protocol` adds that deadline: a connection whose request head has
 not fully arrived `head_timeout` seconds after it opened (or after its last response) is closed. A body that
 is slow to arrive is the app's to time out (`read_limited`'s `timeout`: 408).
+
+On SIGTERM uvicorn waits `timeout_graceful_shutdown` seconds for the requests in flight, then cancels them;
+`AnswerWhenCancelled` gives such a request a 503 in one line of JSON (uvicorn's own answer is a plain-text 500).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import h11
@@ -74,3 +78,31 @@ def uvicorn_settings(head_timeout: float, keep_alive: float, grace: float) -> di
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
         "timeout_graceful_shutdown": float(grace),
     }
+
+
+class AnswerWhenCancelled:
+    """ASGI middleware: a request cancelled before its response started (the server is shutting down and the
+    grace period is over) is answered 503 `{"detail": "the server is shutting down"}`."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if not started:
+                body = json.dumps({"detail": "the server is shutting down; the request was cancelled"}).encode()
+                headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+                await send({"type": "http.response.start", "status": 503, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+            raise

@@ -6,6 +6,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+MAX_PIXELS = 36_000_000  # 6000 x 6000: above any chest detector; checked from the header
+MAX_DECODE_MB = 1024.0  # memory one upload's decode may need (estimated from its header)
+MAX_DECODES = 2  # uploads decoded at once (the others wait)
+
 
 def default_workers() -> int:
     """Worker threads: one per core this process may use."""
@@ -31,9 +35,9 @@ class ServeConfig:
     max_wait_ms: float = 0.0
     watch_interval: float = 2.0  # seconds between checks of the index folder; 0 = only POST /reload
     max_upload_mb: float = 50.0
-    max_pixels: int = 36_000_000  # 6000 x 6000: above any chest detector; checked from the header
-    max_decode_mb: float = 1024.0  # memory one upload's decode may need (estimated from its header)
-    max_decodes: int = 2  # uploads decoded at once (the others wait)
+    max_pixels: int = MAX_PIXELS
+    max_decode_mb: float = MAX_DECODE_MB
+    max_decodes: int = MAX_DECODES
     show_paths: bool = False  # reveal the server's paths (index, image files, errors) in responses
     max_k: int = 1000
     thumbnail_cache: int = 512

@@ -18,7 +18,7 @@ from test_index_helpers import FakeModel  # noqa: E402
 from index.build import BuildOptions, build_index  # noqa: E402
 from serve.app import create_app  # noqa: E402
 from serve.service import ServeConfig, ServeService  # noqa: E402
-from serve.web_guard import allowed_hosts, host_of  # noqa: E402
+from serve.web_guard import allowed_hosts, host_allowed, host_of  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,8 @@ def test_default_allow_lists():
     assert allowed_hosts("::1") == ["::1", "localhost", "127.0.0.1"]
     assert allowed_hosts("192.168.1.4", ["cxr.example.org"]) == ["192.168.1.4", "cxr.example.org"]
     assert allowed_hosts("0.0.0.0") == ["*ip", "localhost", "127.0.0.1", "::1"]
+    assert host_allowed("any.name", allowed_hosts("127.0.0.1", ["*"]))
+    assert not host_allowed("any.name", allowed_hosts("127.0.0.1")) and host_allowed("::1", allowed_hosts("::1"))
     assert host_of("Example.org:8000") == "example.org" and host_of("[::1]:8000") == "::1" and host_of("::1") == "::1"
 
 

@@ -267,3 +267,10 @@ def test_decodes_run_at_most_max_decodes_at_once(data, monkeypatch):
 def test_png_of_is_a_real_png():
     img = Image.open(io.BytesIO(png_of(40, 30, "RGB")))
     assert img.size == (40, 30) and img.mode == "RGB" and not np.asarray(img).any()
+
+
+def test_generate_reveals_no_server_path(client, data):
+    png = png_bytes(data[0] / "img" / "1.png")
+    for task in ("report", "identify", "vqa"):
+        r = client.post("/generate", files={"image": ("1.png", png, "image/png")}, data={"task": task, "k": "2"})
+        assert r.status_code == 200 and str(data[0]) not in r.text and "/tmp/" not in r.text, r.text[:300]
