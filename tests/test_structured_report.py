@@ -166,6 +166,26 @@ def _nodule_code(got: dict) -> tuple[str, str]:
     return next(k for k in got["findings"] if k[1] == LOCAL_SCHEME and k != FINDING_CODES["Atelectasis"][:2])
 
 
+@pytest.mark.parametrize("drop", [("PatientBirthDate", "PatientSex", "StudyTime", "ReferringPhysicianName", "StudyID"),
+                                  ("PatientName", "AccessionNumber", "StudyDate")])  # fmt: skip
+def test_a_source_without_optional_patient_and_study_attributes_gets_them_empty(tmp_path, drop):
+    """An archive's image often lacks some (a pseudonymised copy has no birth date): the SR carries them empty
+    (type 2), keeps the ones it has, and dciodvfy (where installed) still finds no error."""
+    src = write_source(tmp_path / "src.dcm")
+    ds = pydicom.dcmread(src)
+    for keyword in drop:
+        delattr(ds, keyword)
+    ds.save_as(src)
+    out = tmp_path / "draft.dcm"
+    write_sr(DRAFT, src, out)
+    got = pydicom.dcmread(out)
+    assert all(got[k].value in ("", None) for k in drop)
+    assert got.PatientID == "PAT-1" and got.StudyInstanceUID == ds.StudyInstanceUID
+    if shutil.which("dciodvfy"):
+        run = subprocess.run(["dciodvfy", str(out)], capture_output=True, text=True, timeout=60)
+        assert not [ln for ln in (run.stdout + run.stderr).splitlines() if ln.startswith("Error")]
+
+
 def test_a_png_or_a_dicom_without_uids_is_refused_in_one_line(tmp_path):
     from PIL import Image
 
@@ -286,8 +306,20 @@ def trained(tmp_path_factory):
     return root, df, idx, root / "vlm", write_source(root / "query.dcm", pixels)
 
 
+def test_draft_findings_come_from_the_head_else_the_text_and_say_no_finding_when_none():
+    from generation.draft import draft_findings
+
+    box = [{"label": "Nodule", "x1": 0.1, "y1": 0.1, "x2": 0.2, "y2": 0.2}]
+    assert draft_findings({"head_findings": ["Edema"], "text": "large pneumothorax."}, []) == ["Edema"]
+    assert draft_findings({"text": "large right pneumothorax. no effusion."}, []) == ["Pneumothorax"]
+    assert draft_findings({"head_findings": [], "text": "large pneumothorax."}, []) == ["No Finding"]
+    assert draft_findings({"text": "the lungs are clear."}, []) == ["No Finding"]
+    assert draft_findings({"text": "the lungs are clear."}, box) == []  # the box names its own finding
+
+
 def test_draft_for_image_holds_what_the_sr_needs(trained):
-    from generation.generate import Generator, draft_for_image
+    from generation.draft import draft_for_image
+    from generation.generate import Generator
 
     root, df, idx, vlm, src = trained
     gen = Generator(vlm, idx, retrieval_model=SynthRetrievalModel(), device="cpu")
@@ -303,7 +335,8 @@ def test_draft_for_image_holds_what_the_sr_needs(trained):
 def test_an_indexed_study_arriving_under_another_path_is_not_its_own_exemplar(trained, tmp_path):
     """A DICOM of an indexed study (same StudyInstanceUID, another path: an export, a cache) never retrieves its own
     study or patient, as an indexed file does."""
-    from generation.generate import Generator, draft_for_image
+    from generation.draft import draft_for_image
+    from generation.generate import Generator
 
     root, df, idx, vlm, _ = trained
     gen = Generator(vlm, idx, retrieval_model=SynthRetrievalModel(), device="cpu")
