@@ -73,7 +73,7 @@ def generate_cmd(
 def _structured_report(image, index, vlm, task, k, device, sr, store, token, user, password) -> dict:
     """The draft (report text, findings, boxes, exemplars) as a Comprehensive SR: written to `sr`, sent to
     `store`. The source is checked first: a PNG/JPEG is refused before the model loads."""
-    from generation.generate import draft_for_image
+    from generation.draft import draft_for_image
     from generation.structured_report import build_sr, read_source, store_sr, write_sr
     from retrieval.errors import UsageError
 

@@ -314,7 +314,7 @@ def generate_for_image(
         report_source=report_source,
         device=device,
     )
-    image, exemplars = _image_and_exemplars(gen, image, k, exclude_study, exclude_patient)
+    image, exemplars = image_and_exemplars(gen, image, k, exclude_study, exclude_patient)
     return gen.generate(gen.visual([image]), [task], [prompt], exemplars)[0]
 
 
@@ -330,10 +330,11 @@ def dicom_study_uid(path: str | Path) -> str:
     return str(ds.get("StudyInstanceUID", "") or "").strip()
 
 
-def _image_and_exemplars(
+def image_and_exemplars(
     gen: Generator, image: str | Path | np.ndarray, k: int, exclude_study: str | None, exclude_patient: str | None
 ) -> tuple[np.ndarray, list[list[Exemplar]]]:
-    """The image as an array and its top-k exemplars ([[]] without retrieval)."""
+    """The image as an array and its top-k exemplars ([[]] without retrieval), never from the image's own study or
+    patient when the image is in the index (see `generate_for_image`)."""
     if isinstance(image, str | Path):
         from retrieval.data.image_io import read_image
 
@@ -351,36 +352,3 @@ def _image_and_exemplars(
     if k > 0 and gen.searcher is not None:
         exemplars = gen.exemplars_for_images([image], k, [exclude_study], [exclude_patient])
     return image, exemplars
-
-
-def draft_for_image(
-    image: str | Path | np.ndarray,
-    index_dir: str | Path | None,
-    vlm_dir: str | Path,
-    k: int = 3,
-    generator: Generator | None = None,
-    device: str | None = None,
-) -> dict:
-    """What a structured report holds (generation/structured_report.py): the `[report]` answer (text, exemplars,
-    ...) plus `findings` (the finding head's, else what the labeler reads in the text), `boxes` (the
-    `[identify]` answer on the same tokens) and each exemplar's `study_instance_uid` ('' when the index has none)."""
-    from retrieval.labels import label_report
-
-    gen = generator or Generator(vlm_dir, index_dir if k > 0 else None, device=device)
-    image, exemplars = _image_and_exemplars(gen, image, k, None, None)
-    visual = gen.visual([image])
-    report, identify = gen.generate(
-        visual.expand(2, *visual.shape[1:]),
-        ["report", "identify"],
-        [PROMPTS["report"], PROMPTS["identify"]],
-        exemplars * 2,
-    )
-    findings = report.get("head_findings")
-    if findings is None:
-        findings = [f for f in label_report(report["text"]) if f in LABELS]
-    uids: dict[str, str] = {}
-    if gen.searcher is not None:
-        meta = gen.searcher.index.meta
-        uids = dict(zip(meta["study_id"].astype(str), meta["study_instance_uid"].astype(str), strict=True))
-    exemplar_rows = [{**e, "study_instance_uid": uids.get(str(e["study_id"]), "")} for e in report["exemplars"]]
-    return {**report, "findings": list(findings), "boxes": identify.get("boxes", []), "exemplars": exemplar_rows}

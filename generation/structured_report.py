@@ -28,6 +28,7 @@ of the image it describes, and a PNG carries no patient, study or instance to re
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -120,6 +121,23 @@ def read_source(path: str | Path) -> Any:
     return ds
 
 
+# The patient and study attributes an SR copies from its source (type 2: present, possibly empty). Many archives'
+# images lack some (a pseudonymised copy has no birth date): the SR gets them empty, as the standard allows.
+COPIED_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
+    "StudyTime", "ReferringPhysicianName",
+)  # fmt: skip
+
+
+def with_type2(source: Any) -> Any:
+    """A copy of the source header with every attribute of COPIED_TYPE2 present (empty where it was absent)."""
+    header = copy.deepcopy(source)
+    for keyword in COPIED_TYPE2:
+        if keyword not in header or header[keyword].value is None:
+            setattr(header, keyword, "")
+    return header
+
+
 def box_polyline(box: dict, rows: int, columns: int) -> np.ndarray:
     """A box normalised to [0, 1] as the closed rectangle (5 points, column/row) in the image's pixel coordinates."""
     x1, x2 = (float(np.clip(box[k], 0.0, 1.0)) * columns for k in ("x1", "x2"))
@@ -195,7 +213,7 @@ def software_version() -> str:
 
 
 def build_sr(draft: dict, source: Any, sop_instance_uid: str | None = None) -> Any:
-    """The draft (`generate.draft_for_image`'s dict: text, findings, boxes, exemplars) as a highdicom
+    """The draft (`draft.draft_for_image`'s dict: text, findings, boxes, exemplars) as a highdicom
     ComprehensiveSR in the study of `source` (a DICOM header, `read_source`). highdicom checks every item and
     the relationships as it builds; a draft it refuses is a CXRError."""
     import highdicom as hd
@@ -203,6 +221,7 @@ def build_sr(draft: dict, source: Any, sop_instance_uid: str | None = None) -> A
     from pydicom.uid import generate_uid
 
     version = software_version()
+    source = with_type2(source)
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=DEVICE_UID, name=SOFTWARE, manufacturer_name=SOFTWARE, model_name=f"{SOFTWARE} {version}"
