@@ -10,8 +10,8 @@ import pandas as pd
 
 from index import store
 from index.generations import verify_generation
-from index.layout import BAD_FILE, IMAGES_FILE, INFO_FILE, META_FILE, REPORTS_FILE, check_files
-from index.store import BUSY, load_info, open_generation, read_bad, read_meta_bytes, resolve, shared_lock
+from index.layout import BAD_FILE, IMAGES_FILE, INFO_FILE, META_FILE, REPORTS_FILE, check_files, read_meta_bytes
+from index.store import BUSY, load_info, open_generation, read_bad, resolve, shared_lock
 from retrieval.errors import IndexError_
 
 
