@@ -40,7 +40,17 @@ def verify_index(index_dir: str | Path) -> dict:
         "rows": idx.count,
         "bytes": nbytes,
         "seconds": round(time.perf_counter() - t0, 4),
+        "model_caches": model_cache_problems(info),
     }
+
+
+def model_cache_problems(info: dict) -> list[str]:
+    """The feature caches of the model folder the index records that fail their checksums: the index is fine, but
+    the next build or add with that model runs the towers instead of reading them (a warning, not a failure)."""
+    from retrieval.models.model_status import cache_problems
+
+    path = store.recorded_model_path(info)
+    return cache_problems(Path(path)) if path else []
 
 
 def index_summary(index_dir: str | Path) -> dict:
