@@ -116,15 +116,19 @@ def _print_summary(s: dict[str, Any], max_problems: int = 10) -> None:
 def validate_cmd(
     manifest: Path = typer.Argument(..., help="Study manifest (.parquet or .csv)."),
     check_files: bool = typer.Option(False, "--check-files", help="Also check that every image file exists."),
+    allow_outside: bool = typer.Option(
+        False, "--allow-outside", help="Accept image paths outside the manifest's folder (as build/train do with it)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the problems as JSON."),
 ) -> None:
-    """Check a manifest: ids, duplicates, labels, boxes, splits (a patient in one split), files; exit 1 on
-    problems."""
+    """Check a manifest: ids, duplicates, labels, boxes, splits (a patient in one split), paths that leave the
+    manifest's folder (symlinks resolved), files; exit 1 on problems. It applies the rules build, add and train
+    apply."""
     from retrieval.data.manifest import read_manifest
     from retrieval.data.manifest_check import validate_manifest
 
     df = read_manifest(manifest)
-    problems = validate_manifest(df, check_files=check_files)
+    problems = validate_manifest(df, check_files=check_files, allow_outside=allow_outside)
     if as_json:
         out = {"manifest": str(manifest), "rows": len(df), "problems": [p.to_dict() for p in problems]}
         print(json.dumps(out, indent=2))

@@ -208,6 +208,8 @@ def verify_cmd(
         f"ok: {r['index']} ({r['generation']}, {r['rows']:,} rows): {len(r['files'])} files, "
         f"{r['bytes'] / 1e6:.2f} MB verified in {r['seconds']:.2f} s"
     )
+    for line in r["model_caches"]:
+        typer.echo(f"warning: the index's model folder: {line}", err=True)
 
 
 def gc_cmd(

@@ -172,13 +172,14 @@ def serve_cmd(
     max_decodes: int = MAX_DECODES_OPTION,
 ) -> None:
     """Serve the HTTP API and the web viewer: model, index and VLM load once, queries answer in milliseconds."""
+    from index.store import has_index
     from retrieval.errors import UsageError
     from serve.demo_pipeline import DEFAULT_WORKDIR
 
     demo = index is None
     if demo:
         index = DEFAULT_WORKDIR / "index"
-        if not (index / "index_info.json").exists():
+        if not has_index(index):  # the store's own test (CURRENT, or a folder written before generations)
             raise UsageError(f"no demo index at {index}: run `cxr demo` (or `make demo`) first, or pass --index")
         if vlm is None and (DEFAULT_WORKDIR / "vlm" / "vlm_config.json").exists():
             vlm = DEFAULT_WORKDIR / "vlm"

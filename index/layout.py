@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import re
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,7 +71,7 @@ META_COLUMNS = [
 
 
 # Optional meta columns (retrieval.data.manifest.DICOM_COLUMNS): a generation written before they existed, or from
-# a manifest without them, reads them as '' (`store.read_meta_bytes`).
+# a manifest without them, reads them as '' (`layout.read_meta_bytes`).
 OPTIONAL_META_COLUMNS = list(DICOM_COLUMNS)
 
 
@@ -279,3 +281,59 @@ def lost_pointer(root: Path, why: str) -> IndexError_:
         f"{where}: {why}; the newest intact generation is {found[0]}: run `cxr index repair {root}` to restore it "
         "(nothing was changed)"
     )
+
+
+class BackgroundHash:
+    """The full sha256 of the files an open skipped (a generation above `FULL_HASH_AT_OPEN`, or `--mmap`), in a
+    daemon thread started at open. Nothing is answered before it ends: `wait()` blocks until then and raises the
+    mismatch, naming the file, from then on (a reader stops serving a generation whose bytes changed)."""
+
+    def __init__(self, gen_dir: Path, info: dict, names: tuple[str, ...]):
+        self.error: str | None = None
+        self._done = threading.Event()
+        jobs = [(gen_dir / n, info["files"][n]["sha256"]) for n in names if n in (info.get("files") or {})]
+        threading.Thread(target=self._run, args=(jobs,), name="cxr-index-verify", daemon=True).start()
+
+    def _run(self, jobs: list[tuple[Path, str]]) -> None:
+        try:
+            for path, want in jobs:
+                if sha256_file(path) != want:
+                    self.error = f"{path}: damaged, sha256 mismatch with index_info.json (found after a quick open)"
+                    return
+        except OSError as e:
+            self.error = f"{jobs[0][0].parent}: unreadable while verifying ({e.strerror or e})"
+        finally:
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> None:
+        """Block until every file is hashed; an IndexError_ naming the file when one does not match."""
+        self._done.wait()
+        if self.error:
+            raise IndexError_(self.error)
+
+
+def read_meta_bytes(path: Path, rec: dict | None = None) -> pd.DataFrame:
+    """Read meta.parquet once: its bytes are hashed against `rec` (when given) and then parsed."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise IndexError_(f"{path}: missing") from None
+    if rec is not None and hashlib.sha256(raw).hexdigest() != rec["sha256"]:
+        raise IndexError_(f"{path}: damaged, sha256 mismatch with index_info.json")
+    if len(raw) < 12 or raw[:4] != b"PAR1" or raw[-4:] != b"PAR1":
+        raise IndexError_(f"{path}: corrupt (not a Parquet file)")
+    try:
+        meta = pd.read_parquet(io.BytesIO(raw))
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise IndexError_(f"{path}: corrupt ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from e
+    missing = [c for c in META_COLUMNS if c not in meta.columns]
+    if missing:
+        raise IndexError_(f"{path}: corrupt, missing column(s) {', '.join(missing)}")
+    for col in OPTIONAL_META_COLUMNS:  # generations written before the DICOM columns existed read them as ''
+        if col not in meta.columns:
+            meta[col] = ""
+    return meta

@@ -151,6 +151,7 @@ class Searcher:
         top k of the filtered ranking."""
         if k < 1:
             raise UsageError(f"-k must be at least 1, got {k}")
+        self.index.ensure_intact()  # a quick open answers only once its background hash has matched
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.index.dim:
             raise UsageError(f"query vectors have dim {queries.shape[1]}, the index has {self.index.dim}")

@@ -10,8 +10,8 @@ import pandas as pd
 
 from index import store
 from index.generations import verify_generation
-from index.layout import BAD_FILE, IMAGES_FILE, INFO_FILE, META_FILE, REPORTS_FILE, check_files
-from index.store import BUSY, load_info, open_generation, read_bad, read_meta_bytes, resolve, shared_lock
+from index.layout import BAD_FILE, IMAGES_FILE, INFO_FILE, META_FILE, REPORTS_FILE, check_files, read_meta_bytes
+from index.store import BUSY, load_info, open_generation, read_bad, resolve, shared_lock
 from retrieval.errors import IndexError_
 
 
@@ -40,7 +40,17 @@ def verify_index(index_dir: str | Path) -> dict:
         "rows": idx.count,
         "bytes": nbytes,
         "seconds": round(time.perf_counter() - t0, 4),
+        "model_caches": model_cache_problems(info),
     }
+
+
+def model_cache_problems(info: dict) -> list[str]:
+    """The feature caches of the model folder the index records that fail their checksums: the index is fine, but
+    the next build or add with that model runs the towers instead of reading them (a warning, not a failure)."""
+    from retrieval.models.model_status import cache_problems
+
+    path = store.recorded_model_path(info)
+    return cache_problems(Path(path)) if path else []
 
 
 def index_summary(index_dir: str | Path) -> dict:

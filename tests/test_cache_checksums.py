@@ -132,3 +132,25 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path):
     _flip(tmp_path / "ck" / "m1" / "a.bin", at=5)
     with pytest.raises(CXRError, match="m1: damaged"):
         ck.state(verify=True)
+
+
+def test_index_verify_names_a_damaged_feature_cache_of_its_model(tmp_path, capsys):
+    from reliability_helpers import meta_frame, unit_vectors
+
+    from cli.main import main
+    from index.factory import build_from_vectors
+    from index.generations import save_index
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_store(model_dir, TEXTS, torch.randn(3, 8), tower="abc")
+    images, factory = build_from_vectors(unit_vectors(20, 8))
+    reports, _ = build_from_vectors(unit_vectors(20, 8, seed=1))
+    info = {"factory": factory, "model": {"name": "m", "fingerprint": "f", "embed_dim": 8, "path": str(model_dir)}}
+    save_index(tmp_path / "idx", images, reports, meta_frame(20), info)
+    assert main(["index", "verify", str(tmp_path / "idx")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    _flip(model_dir / STORE_FILE)
+    assert main(["index", "verify", str(tmp_path / "idx")]) == 0  # the index itself is whole
+    err = capsys.readouterr().err
+    assert STORE_FILE in err and "checksum mismatch" in err

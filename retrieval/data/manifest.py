@@ -287,11 +287,11 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
 
 def resolve_image_path(root: str | Path | None, image_path: str | Path, allow_outside: bool = True) -> Path:
     """The file an `image_path` cell names: absolute as is, else relative to the manifest folder `root`;
-    lexically normalised (`a/../b` -> `b`, symlinks are not followed).
+    lexically normalised (`a/../b` -> `b`; the path returned keeps its symlinks).
 
     Spaces around the cell are kept when a file of that exact name exists (they belong to its name) and dropped
     otherwise. With `allow_outside=False` a path that leaves `root` (`..`, or an absolute path elsewhere) is a
-    ManifestError."""
+    ManifestError; so is a path whose symlinks lead out of `root` (`is_inside` compares real paths)."""
     raw = "" if _is_missing(image_path) else str(image_path)
     text = raw.strip()
     if not text:
@@ -320,9 +320,11 @@ def short_text(text: str, limit: int = 160) -> str:
 
 
 def is_inside(root: str | Path, path: str | Path) -> bool:
-    """True when `path` is `root` or below it, compared lexically on normalised absolute paths."""
-    r = os.path.normpath(os.path.abspath(root))
-    p = os.path.normpath(os.path.abspath(path))
+    """True when `path` is `root` or below it, compared on real paths (every symlink resolved): the one
+    containment rule of every command that reads a manifest, so a link to `/etc/passwd` or to a folder elsewhere
+    is outside."""
+    r = os.path.realpath(root)
+    p = os.path.realpath(path)
     return os.path.commonpath([r, p]) == r
 
 

@@ -105,19 +105,19 @@ def offline_status(name: str) -> tuple[bool, str]:
 
 
 def cache_problems(folder: Path) -> list[str]:
-    """The folder's feature caches and the shared ONNX exports that fail their own checksums (both are used only
-    when they pass, so a problem here costs speed, not correctness)."""
+    """The folder's feature caches that fail their own checksums (a cache is used only when it passes, so a
+    problem here costs speed, not correctness; but the folder is not as it was written)."""
     from retrieval.models.feature_store import check_store
-    from retrieval.models.onnx_tower import cache_dir, check_exports
 
     problems = [check_store(folder / name) for name in CACHE_FILES if (folder / name).is_file()]
-    return [p for p in problems if p] + check_exports(cache_dir())
+    return [p for p in problems if p]
 
 
 def verify(folder: str | Path, encode: bool = True) -> dict[str, Any]:
     """Check a folder's checksums, then build the model and encode one image and one sentence.
 
-    Returns {"ok", "checked", "problems", "unlisted", ...}; a problem names its file. Metric-weight folders
+    Returns {"ok", "checked", "problems", "unlisted", "warnings", ...}; a problem names its file; warnings name
+    the shared ONNX exports that fail their checksums (they are exported again when next used). Metric-weight folders
     (bundle.json name chexbert/radgraph) are checked by checksum only."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -130,6 +130,9 @@ def verify(folder: str | Path, encode: bool = True) -> dict[str, Any]:
         "unlisted": report.unlisted,
     }
     out["problems"] += cache_problems(folder)
+    from retrieval.models.onnx_tower import cache_dir, check_exports
+
+    out["warnings"] = check_exports(cache_dir())  # shared by every model, exported again when used: a warning
     kind = None
     if (folder / BUNDLE_FILE).is_file():
         kind = json.loads((folder / BUNDLE_FILE).read_text(encoding="utf-8")).get("name")
