@@ -38,9 +38,9 @@ def random_index(folder: Path, model, n: int) -> Path:
     from index.factory import build_from_vectors
     from index.generations import save_index
     from index.layout import versions
-    from index.store import model_record
+    from index.store import has_index, model_record
 
-    if (folder / "index_info.json").exists():
+    if has_index(folder):
         return folder
     rng = np.random.default_rng(0)
     vecs = rng.standard_normal((n, model.embed_dim), dtype=np.float32)

@@ -111,9 +111,9 @@ def _table(columns: list[str], rows: list[list[str]]) -> str:
 def _query_index(model: Any, model_path: Path | None, gallery: pd.DataFrame, test: pd.DataFrame, index_dir: Path):
     from index.build import BuildOptions, build_index
     from index.search import Searcher
-    from index.store import INFO_FILE
+    from index.store import has_index
 
-    if not (index_dir / INFO_FILE).exists():
+    if not has_index(index_dir):
         build_index(gallery, model, index_dir, options=BuildOptions(model_path=model_path, progress=False))
     searcher = Searcher(index_dir, model)
     paths = [str(Path(gallery.attrs["root"]) / p) for p in test["image_path"]]

@@ -1,4 +1,4 @@
-"""`cxr index build | add | info | verify | gc`: thin commands over index.build and index.store."""
+"""`cxr index build | add | info | verify | gc | repair`: thin commands over index.build and index.store."""
 
 from __future__ import annotations
 
@@ -208,6 +208,8 @@ def verify_cmd(
         f"ok: {r['index']} ({r['generation']}, {r['rows']:,} rows): {len(r['files'])} files, "
         f"{r['bytes'] / 1e6:.2f} MB verified in {r['seconds']:.2f} s"
     )
+    for line in r["model_caches"]:
+        typer.echo(f"warning: the index's model folder: {line}", err=True)
 
 
 def gc_cmd(
@@ -226,3 +228,20 @@ def gc_cmd(
         + (f" ({', '.join(r['removed'])})" if r["removed"] else "")
         + (f"; kept {', '.join(r['kept'])} (a reader holds it)" if r["kept"] else "")
     )
+
+
+def repair_cmd(
+    index: Path = typer.Argument(..., help="Index folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Point CURRENT at the newest generation that verifies (after CURRENT was lost or damaged)."""
+    from index.generations import repair_index
+
+    r = repair_index(index)
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    if r["repaired"]:
+        typer.echo(f"{index}: CURRENT restored to {r['generation']} (every file verified)")
+    else:
+        typer.echo(f"{index}: nothing to repair, CURRENT points to {r['generation']}, which verifies")

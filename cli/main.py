@@ -20,11 +20,13 @@ import typer
 from cli import (
     data_demo,
     data_import,
+    data_manifest,
     demo,
     eval_generation,
     eval_retrieval,
     generate,
     index_cmd,
+    index_sync,
     models_cmd,
     query,
     serve,
@@ -58,6 +60,8 @@ app.add_typer(models_cmd.app, name="models")
 data_app.command("import")(data_import.import_cmd)
 data_app.command("validate")(data_import.validate_cmd)
 data_app.command("demo")(data_demo.demo_data_cmd)
+data_app.command("merge")(data_manifest.merge_cmd)
+data_app.command("split")(data_manifest.split_cmd)
 app.command("train")(train.train_cmd)
 eval_app.command("retrieval")(eval_retrieval.eval_retrieval_cmd)
 eval_app.command("generation")(eval_generation.eval_generation_cmd)
@@ -66,6 +70,8 @@ index_app.command("add")(index_cmd.add_cmd)
 index_app.command("info")(index_cmd.info_cmd)
 index_app.command("verify")(index_cmd.verify_cmd)
 index_app.command("gc")(index_cmd.gc_cmd)
+index_app.command("sync")(index_sync.sync_cmd)
+index_app.command("repair")(index_cmd.repair_cmd)
 app.command("query")(query.query_cmd)
 vlm_app.command("train")(vlm_train.vlm_train_cmd)
 app.command("generate")(generate.generate_cmd)

@@ -31,12 +31,17 @@ def _records(frame) -> list[dict]:
     return out
 
 
-def _batch_queries(image: Path) -> tuple[list[str], list[str | None]]:
-    """The image paths of a folder (recursive, sorted) or manifest, with each query's patient id when known."""
+def _batch_queries(image: Path, allow_outside: bool = False) -> tuple[list[str], list[str | None]]:
+    """The image paths of a folder (recursive, sorted) or manifest, with each query's patient id when known; a path
+    that leaves the folder (symlinks resolved) is refused unless `allow_outside` (a folder's: left out)."""
+    from retrieval.data.manifest import is_inside
     from retrieval.errors import UsageError
 
     if image.is_dir():
-        paths = sorted(str(p) for p in image.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = sorted(
+            str(p) for p in image.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and (allow_outside or is_inside(image, p))
+        )  # fmt: skip
         if not paths:
             raise UsageError(f"{image}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
         return paths, [None] * len(paths)
@@ -44,7 +49,7 @@ def _batch_queries(image: Path) -> tuple[list[str], list[str | None]]:
 
     df = read_manifest(image)
     root = df.attrs.get("root")
-    paths = [str(resolve_image_path(root, p)) if str(p).strip() else "" for p in df["image_path"]]
+    paths = [str(resolve_image_path(root, p, allow_outside)) if str(p).strip() else "" for p in df["image_path"]]
     return paths, list(df["patient_id"].astype(str)) if "patient_id" in df.columns else [None] * len(paths)
 
 
@@ -74,6 +79,9 @@ def query_cmd(
     backend: str = typer.Option("auto", "--backend", help="auto, faiss, faiss-gpu or torch."),
     device: str = DEVICE,
     out: Path | None = typer.Option(None, "--out", "-o", help="Results Parquet for folder/manifest queries."),
+    allow_outside: bool = typer.Option(
+        False, "--allow-outside", help="Folder/manifest queries: allow image paths outside its folder."
+    ),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON (for scripts)."),
@@ -95,6 +103,7 @@ def query_cmd(
     from index.search import Searcher, image_query
     from index.store import load_recorded_model, open_index
 
+    queries = _batch_queries(image, allow_outside) if batch else None  # containment before anything opens
     # The cheap checks first: a damaged index or an unreadable query image fails in well under a second,
     # before the model (seconds) is loaded.
     opened = open_index(index, mmap=mmap)
@@ -110,7 +119,7 @@ def query_cmd(
         m = load_recorded_model(opened.info, index, model, device)
         searcher = Searcher(opened, m, backend=backend, device=device, **params)
         if batch:
-            _run_batch(searcher, image, out, k, target, exclude_patient, batch_size, workers, as_json)
+            _run_batch(searcher, queries[0], out, k, target, exclude_patient, batch_size, workers, as_json)
             return
         hits = searcher.query_text(text, k, target, exclude_patient=exclude_patient, findings=findings)
         query = {"text": text}
@@ -152,12 +161,11 @@ def _print_table(hits, query: dict, target: str, wide: bool = False) -> None:
     console.print(t)
 
 
-def _run_batch(searcher, image: Path, out: Path, k, target, exclude_patient, batch_size, workers, as_json) -> None:
+def _run_batch(searcher, paths: list[str], out: Path, k, target, exclude_patient, batch_size, workers, as_json) -> None:
     from rich.console import Console
 
     from retrieval.fileio import atomic_path
 
-    paths, _ = _batch_queries(image)
     excl = [exclude_patient] * len(paths)
     results, bad = searcher.query_images(paths, k, target, excl, batch_size=batch_size, workers=workers)
     results = results.copy()

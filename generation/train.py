@@ -365,7 +365,7 @@ def train_vlm(
     data = _prepare_inputs(df, config, index_dir, progress)
 
     ck = Checkpoint(out / "checkpoint")
-    state = ck.state() if resume else None
+    state = ck.state(verify=True) if resume else None
     start, losses = (int(state["step"]), list(state["losses"])) if state is not None else (0, [])
     vlm = _create_or_resume(config, data, state, ck)
     optim = _optimisation(config, vlm, data, state, ck)

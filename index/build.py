@@ -9,6 +9,8 @@ How a build survives a kill at any moment (SIGKILL included):
   DataLoader workers, reports with `encode_texts`) and written as ONE file, `OUT/.build/shard-NNNNNN.npz`
   (row ids, image vectors, report vectors, bad rows + reasons, and a sha256 of them all), under a temporary
   name renamed into place. A shard that fails its checksum or does not cover its rows is refused by name.
+* Each shard records its binding (a digest of its rows, the model and the options that change its vectors): a
+  resume reuses only shards whose binding matches, so a lost plan.json never lets another manifest's shards in.
 * `OUT/.build/plan.json` pins the manifest (a digest of its rows), the model fingerprint and the shard size,
   and carries its own sha256: a rerun with the same inputs encodes only the missing shards; other inputs, or a
   damaged plan, are refused with one line.
@@ -48,6 +50,7 @@ from index.shards import (
     iter_shards,
     pending_shards,
     sample,
+    shard_bindings,
 )
 from retrieval.errors import IndexError_, UsageError
 
@@ -167,7 +170,7 @@ def _warn_unmet(search: dict, factory: str, chosen: bool) -> None:
 def _meta(rows: pd.DataFrame, good: np.ndarray, start: int = 0) -> pd.DataFrame:
     meta = rows.iloc[good].reset_index(drop=True)
     meta.insert(0, "row_id", np.arange(start, start + len(meta), dtype=np.int64))
-    meta = meta[store.META_COLUMNS].copy()
+    meta = meta[layout.META_COLUMNS + [c for c in layout.OPTIONAL_META_COLUMNS if c in meta.columns]].copy()
     meta.attrs = {}
     return meta
 
@@ -225,10 +228,11 @@ def _encode_on_ray(work: Path, rows: pd.DataFrame, model: Any, opts: BuildOption
     from index.ray_build import encode_shards_ray, model_loader
 
     loader = opts.model_loader or model_loader(opts.model_path, model, opts.ray_gpus)
-    pending, done_rows = pending_shards(work, rows, opts.shard_rows, int(model.embed_dim))
+    bindings = shard_bindings(rows, opts.shard_rows, model.fingerprint, opts.precision)
+    pending, done_rows = pending_shards(work, rows, opts.shard_rows, int(model.embed_dim), bindings)
     encoded = encode_shards_ray(
         work, rows, pending, opts.shard_rows, loader, encode_shard, opts.batch_size, opts.precision, opts.ray_actors,
-        opts.ray_gpus, opts.ray_address, opts.progress,
+        opts.ray_gpus, opts.ray_address, opts.progress, bindings,
     )  # fmt: skip
     return encoded, done_rows
 

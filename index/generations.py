@@ -30,6 +30,11 @@ from index.layout import (
     check_files,
     file_record,
     gen_number,
+    generation_dirs,
+    intact_info_sha,
+    lost_pointer,
+    newest_intact,
+    unrecorded_files,
     validate_info,
 )
 from index.store import read_pointer, resolve
@@ -83,18 +88,15 @@ def write_bad(bad: pd.DataFrame, path: Path) -> None:
         bad.reindex(columns=BAD_COLUMNS).to_csv(tmp, index=False)
 
 
-def generations(root: Path) -> list[tuple[int, Path]]:
-    """The generation folders of an index, oldest first."""
-    out = []
-    for p in Path(root).iterdir() if Path(root).is_dir() else []:
-        n = gen_number(p.name)
-        if n is not None and p.is_dir():
-            out.append((n, p))
-    return sorted(out)
+generations = generation_dirs
 
 
 def verify_generation(gen_dir: Path, info: dict) -> int:
-    """Full check of a written generation: every file's size and sha256; returns the bytes hashed."""
+    """Full check of a written generation: every file's size and sha256, and no file it does not record; returns
+    the bytes hashed."""
+    extra = unrecorded_files(gen_dir, info)
+    if extra:
+        raise IndexError_(f"{gen_dir / extra[0]}: not recorded in {INFO_FILE} (remove it, or rebuild the index)")
     check_files(gen_dir, info, full=True)
     return sum(r["size"] for r in info["files"].values())
 
@@ -179,6 +181,10 @@ def collect_garbage(root: str | Path) -> dict:
     root = Path(root)
     clean_temporaries(root)
     pointer = read_pointer(root)
+    if pointer is None and newest_intact(root) is not None:  # CURRENT lost: never delete what it pointed to
+        raise lost_pointer(root, "missing")
+    if pointer is not None and not (root / pointer[0]).is_dir():
+        raise lost_pointer(root, f"points to {pointer[0]}, which is missing")
     current = gen_number(pointer[0]) if pointer else None
     removed, kept = [], []
     for number, gen in generations(root):
@@ -215,3 +221,26 @@ def gc_index(index_dir: str | Path) -> dict:
     resolve(root)  # an error for a folder that is not an index
     with writer_lock(root):
         return collect_garbage(root)
+
+
+def repair_index(index_dir: str | Path) -> dict:
+    """`cxr index repair`: point CURRENT at the newest generation that verifies in full, when CURRENT is missing,
+    damaged or points to a generation that does not verify. Returns {"index", "generation", "repaired"}."""
+    root = Path(index_dir)
+    if not root.is_dir():
+        raise IndexError_(f"{root}: no index folder here")
+    with writer_lock(root):
+        try:
+            pointer = read_pointer(root)
+        except IndexError_:
+            pointer = None
+        if pointer is not None and intact_info_sha(root / pointer[0]) == pointer[1]:
+            return {"index": str(root), "generation": pointer[0], "repaired": False}
+        found = newest_intact(root)
+        if found is None:
+            raise IndexError_(f"{root}: no intact generation is left to restore; rebuild the index")
+        name, sha = found
+        with atomic_path(root / CURRENT_FILE) as tmp:
+            tmp.write_text(f"{name} {sha}\n")
+        log.warning("%s: CURRENT restored to %s", root, name)
+        return {"index": str(root), "generation": name, "repaired": True}

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import re
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +15,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from retrieval.data.manifest import DICOM_COLUMNS
 from retrieval.errors import IndexError_
 from retrieval.fileio import sha256_file
 
@@ -65,6 +68,11 @@ META_COLUMNS = [
     "source",
     "has_report",
 ]
+
+
+# Optional meta columns (retrieval.data.manifest.DICOM_COLUMNS): a generation written before they existed, or from
+# a manifest without them, reads them as '' (`layout.read_meta_bytes`).
+OPTIONAL_META_COLUMNS = list(DICOM_COLUMNS)
 
 
 BAD_COLUMNS = ["row", "image_id", "path", "reason"]
@@ -220,3 +228,112 @@ def check_files(gen_dir: Path, info: dict, full: bool, skip_full: tuple[str, ...
 def gen_number(name: str) -> int | None:
     m = GEN_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+def generation_dirs(root: Path) -> list[tuple[int, Path]]:
+    """The generation folders of an index, oldest first."""
+    out = []
+    for p in Path(root).iterdir() if Path(root).is_dir() else []:
+        n = gen_number(p.name)
+        if n is not None and p.is_dir():
+            out.append((n, p))
+    return sorted(out)
+
+
+def unrecorded_files(gen_dir: Path, info: dict) -> list[str]:
+    """Names in a generation folder that its info record does not list (nothing may be dropped in unnoticed)."""
+    known = set(info.get("files") or {}) | {INFO_FILE, READ_LOCK}
+    return sorted(p.name for p in gen_dir.iterdir() if p.name not in known)
+
+
+def intact_info_sha(gen_dir: Path) -> str | None:
+    """The sha256 of a generation's index_info.json when the whole generation verifies (schema, every file's size
+    and sha256, nothing unrecorded), else None."""
+    import json
+
+    try:
+        raw = (gen_dir / INFO_FILE).read_bytes()
+        info = validate_info(json.loads(raw), gen_dir / INFO_FILE)
+        if info.get("files") is None or unrecorded_files(gen_dir, info):
+            return None
+        check_files(gen_dir, info, full=True)
+    except (OSError, ValueError, IndexError_):
+        return None
+    return hashlib.sha256(raw).hexdigest()
+
+
+def newest_intact(root: Path) -> tuple[str, str] | None:
+    """(name, info sha256) of the newest generation of `root` that verifies in full, None when none does."""
+    for _, gen in reversed(generation_dirs(root)):
+        sha = intact_info_sha(gen)
+        if sha is not None:
+            return gen.name, sha
+    return None
+
+
+def lost_pointer(root: Path, why: str) -> IndexError_:
+    """The one-line error for a folder whose CURRENT cannot be read: it names the generation to restore."""
+    where = Path(root) / CURRENT_FILE
+    found = newest_intact(root)
+    if found is None:
+        return IndexError_(f"{where}: {why}, and no intact generation is left; rebuild the index")
+    return IndexError_(
+        f"{where}: {why}; the newest intact generation is {found[0]}: run `cxr index repair {root}` to restore it "
+        "(nothing was changed)"
+    )
+
+
+class BackgroundHash:
+    """The full sha256 of the files an open skipped (a generation above `FULL_HASH_AT_OPEN`, or `--mmap`), in a
+    daemon thread started at open. Nothing is answered before it ends: `wait()` blocks until then and raises the
+    mismatch, naming the file, from then on (a reader stops serving a generation whose bytes changed)."""
+
+    def __init__(self, gen_dir: Path, info: dict, names: tuple[str, ...]):
+        self.error: str | None = None
+        self._done = threading.Event()
+        jobs = [(gen_dir / n, info["files"][n]["sha256"]) for n in names if n in (info.get("files") or {})]
+        threading.Thread(target=self._run, args=(jobs,), name="cxr-index-verify", daemon=True).start()
+
+    def _run(self, jobs: list[tuple[Path, str]]) -> None:
+        try:
+            for path, want in jobs:
+                if sha256_file(path) != want:
+                    self.error = f"{path}: damaged, sha256 mismatch with index_info.json (found after a quick open)"
+                    return
+        except OSError as e:
+            self.error = f"{jobs[0][0].parent}: unreadable while verifying ({e.strerror or e})"
+        finally:
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> None:
+        """Block until every file is hashed; an IndexError_ naming the file when one does not match."""
+        self._done.wait()
+        if self.error:
+            raise IndexError_(self.error)
+
+
+def read_meta_bytes(path: Path, rec: dict | None = None) -> pd.DataFrame:
+    """Read meta.parquet once: its bytes are hashed against `rec` (when given) and then parsed."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise IndexError_(f"{path}: missing") from None
+    if rec is not None and hashlib.sha256(raw).hexdigest() != rec["sha256"]:
+        raise IndexError_(f"{path}: damaged, sha256 mismatch with index_info.json")
+    if len(raw) < 12 or raw[:4] != b"PAR1" or raw[-4:] != b"PAR1":
+        raise IndexError_(f"{path}: corrupt (not a Parquet file)")
+    try:
+        meta = pd.read_parquet(io.BytesIO(raw))
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise IndexError_(f"{path}: corrupt ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from e
+    missing = [c for c in META_COLUMNS if c not in meta.columns]
+    if missing:
+        raise IndexError_(f"{path}: corrupt, missing column(s) {', '.join(missing)}")
+    for col in OPTIONAL_META_COLUMNS:  # generations written before the DICOM columns existed read them as ''
+        if col not in meta.columns:
+            meta[col] = ""
+    return meta

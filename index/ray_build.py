@@ -91,10 +91,12 @@ class ShardEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         done, bad = [], []
-        for s, lo, paths, texts in zip(batch["shard"], batch["lo"], batch["paths"], batch["texts"], strict=True):
+        cols = (batch["shard"], batch["lo"], batch["paths"], batch["texts"], batch["binding"])
+        for s, lo, paths, texts, binding in zip(*cols, strict=True):
             n_bad = self.encode(
-                self.work, int(s), int(lo), list(paths), list(texts), self.model, self.batch_size, self.precision
-            )
+                self.work, int(s), int(lo), list(paths), list(texts), self.model, self.batch_size, self.precision,
+                str(binding),
+            )  # fmt: skip
             done.append(int(s))
             bad.append(n_bad)
         return {"shard": np.asarray(done, dtype=np.int64), "bad": np.asarray(bad, dtype=np.int64)}
@@ -113,11 +115,12 @@ def encode_shards_ray(
     num_gpus: float = 0,
     address: str | None = None,
     progress: bool = True,
+    bindings: list[str] | None = None,
 ) -> int:
     """Encode the `pending` shards on Ray (an actor pool of `actors`, default: the cluster's CPUs, or one per GPU
     with `num_gpus`); returns the rows encoded. Joins the cluster at `address` (or the one this process already
-    runs), else starts a local one. `encode(work, shard, lo, paths, texts, model, batch_size, precision)` encodes and
-    writes one shard (`index.shards.encode_shard`)."""
+    runs), else starts a local one. `encode(work, shard, lo, paths, texts, model, batch_size, precision, binding)`
+    encodes and writes one shard (`index.shards.encode_shard`); `bindings` holds each shard's binding."""
     ray = require_ray()
     from retrieval.progress import make_progress
 
@@ -130,7 +133,8 @@ def encode_shards_ray(
     items = []
     for s in pending:
         lo, hi = s * shard_rows, min(n, (s + 1) * shard_rows)
-        items.append({"shard": s, "lo": lo, "paths": paths[lo:hi], "texts": texts[lo:hi]})
+        binding = bindings[s] if bindings is not None else ""
+        items.append({"shard": s, "lo": lo, "paths": paths[lo:hi], "texts": texts[lo:hi], "binding": binding})
     if actors is None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -3,14 +3,18 @@ and reading them back (for filling FAISS, sampling, and the tuning queries).
 
 `OUT/.build/plan.json` (or `.add/`) pins the manifest digest, the model fingerprint and the shard size, with its
 own sha256. Shard s holds rows s*shard_rows .. (s+1)*shard_rows - 1 as ONE file, `shard-NNNNNN.npz` (row ids,
-image vectors, report vectors, bad rows + reasons, and a sha256 of them all), renamed into place; a shard that
-fails its checksum or does not cover its rows is refused by name. See index/build.py for how a run resumes.
+image vectors, report vectors, bad rows + reasons, its binding, and a sha256 of them all), renamed into place; a
+shard that fails its checksum or does not cover its rows is refused by name. The binding is a digest of the rows
+the shard encodes, the model fingerprint and the options that change its vectors (`shard_bindings`), so a resume
+that lost its plan.json reuses only the shards made from the very same inputs: any other shard is dropped with a
+warning and encoded again. See index/build.py for how a run resumes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,11 @@ import numpy as np
 import pandas as pd
 
 from index.layout import BAD_COLUMNS
+from index.rows import manifest_digest
 from retrieval.errors import IndexError_
 from retrieval.fileio import atomic_path, clean_temporaries, write_json_atomic
 
+log = logging.getLogger(__name__)
 SHARD_ROWS = 1024
 
 
@@ -29,6 +35,18 @@ PLAN_FILE = "plan.json"
 
 
 SHARD_KEYS = ("ids", "images", "reports", "bad_ids", "bad_reasons")
+BINDING = "binding"  # absent from the shards of earlier releases: those are never reused
+
+
+def shard_bindings(rows: pd.DataFrame, shard_rows: int, fingerprint: str, precision: str | None) -> list[str]:
+    """Each shard's binding: a digest of its rows (every stored column), the model and the options its vectors
+    depend on. A shard is reused only where its binding is the one its position expects."""
+    opts = json.dumps({"model": str(fingerprint), "shard_rows": int(shard_rows), "precision": str(precision)})
+    out = []
+    for lo in range(0, len(rows), shard_rows):
+        digest = manifest_digest(rows.iloc[lo : lo + shard_rows])
+        out.append(hashlib.sha256(f"{opts}\x1e{digest}".encode()).hexdigest())
+    return out
 
 
 def shard_path(work: Path, s: int) -> Path:
@@ -71,7 +89,9 @@ def check_plan(work: Path, plan: dict) -> None:
 
 def shard_digest(arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
-    for key in SHARD_KEYS:
+    for key in (*SHARD_KEYS, BINDING):
+        if key not in arrays:
+            continue
         a = np.ascontiguousarray(arrays[key])
         h.update(f"{key}:{a.dtype.str}:{a.shape}".encode())
         h.update(a.tobytes())
@@ -84,7 +104,7 @@ def load_shard(path: Path, lo: int | None = None, hi: int | None = None, dim: in
     hint = f"delete it to re-encode it (or delete {path.parent} to start over)"
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in (*SHARD_KEYS, "sha256")}
+            arrays = {k: z[k] for k in (*SHARD_KEYS, "sha256", BINDING) if k != BINDING or k in z.files}
     except Exception as e:  # zip, format and pickle refusals come in many types
         why = (str(e).splitlines() or [""])[0][:80]
         raise IndexError_(f"{path}: damaged shard ({type(e).__name__}: {why}); {hint}") from None
@@ -103,8 +123,9 @@ def load_shard(path: Path, lo: int | None = None, hi: int | None = None, dim: in
     return arrays
 
 
-def write_shard(path: Path, ids: np.ndarray, img: np.ndarray, txt: np.ndarray, bad: list) -> None:
+def write_shard(path: Path, ids: np.ndarray, img: np.ndarray, txt: np.ndarray, bad: list, binding: str) -> None:
     arrays = {
+        BINDING: np.asarray(binding),
         "ids": np.asarray(ids, dtype=np.int64),
         "images": img.astype(np.float32),
         "reports": txt.astype(np.float32),
@@ -115,31 +136,45 @@ def write_shard(path: Path, ids: np.ndarray, img: np.ndarray, txt: np.ndarray, b
         np.savez(f, sha256=np.asarray(shard_digest(arrays)), **arrays)
 
 
-def check_shards(work: Path, n: int, shard_rows: int, dim: int) -> None:
-    """Refuse a resume over shards that are damaged or belong to other rows (before any new work)."""
+def check_shards(work: Path, n: int, shard_rows: int, dim: int, bindings: list[str]) -> None:
+    """Before any new work: drop (with a warning) the shards made from other rows, another model or other options,
+    and refuse a resume over shards that are damaged."""
     for p in sorted(work.glob("shard-*.npz")):
         try:
             s = int(p.stem.split("-")[1])
         except (IndexError, ValueError):
             raise IndexError_(f"{p}: not a shard of this build; delete {work} to start over") from None
-        if s * shard_rows >= n:
-            raise IndexError_(f"{p}: beyond the manifest's {n} rows; delete {work} to start over")
+        stored = str(load_shard(p).get(BINDING, ""))  # a damaged shard is refused by name here
+        if s >= len(bindings) or stored != bindings[s]:
+            log.warning("%s: made from other rows, another model or other options; encoding it again", p)
+            p.unlink()
+            continue
         load_shard(p, s * shard_rows, min(n, (s + 1) * shard_rows), dim)
 
 
-def pending_shards(work: Path, rows: pd.DataFrame, shard_rows: int, dim: int) -> tuple[list[int], int]:
-    """(the shards of `rows` not yet in `work`, rows already done), after removing temporaries and checking the
-    shards that are there."""
+def pending_shards(
+    work: Path, rows: pd.DataFrame, shard_rows: int, dim: int, bindings: list[str]
+) -> tuple[list[int], int]:
+    """(the shards of `rows` not yet in `work`, rows already done), after removing temporaries, dropping shards of
+    other inputs and checking the shards that are there."""
     clean_temporaries(work)  # what a killed run left: completed shards are never temporary
     n = len(rows)
-    check_shards(work, n, shard_rows, dim)
+    check_shards(work, n, shard_rows, dim, bindings)
     n_shards = (n + shard_rows - 1) // shard_rows
     pending = [s for s in range(n_shards) if not shard_path(work, s).is_file()]
     return pending, n - sum(min(shard_rows, n - s * shard_rows) for s in pending)
 
 
 def encode_shard(
-    work: Path, s: int, lo: int, paths: list[str], texts: list[str], model: Any, batch_size: int, precision: str | None
+    work: Path,
+    s: int,
+    lo: int,
+    paths: list[str],
+    texts: list[str],
+    model: Any,
+    batch_size: int,
+    precision: str | None,
+    binding: str,
 ) -> int:
     """Encode one shard (rows lo.. of the manifest, their image paths and report texts) in this process, without
     DataLoader workers, and write it (the Ray engine's unit of work). Returns how many images were unreadable."""
@@ -156,7 +191,7 @@ def encode_shard(
     txt = np.zeros((0, model.embed_dim), np.float32)
     if len(local):
         txt = np.asarray(model.encode_texts([texts[i] for i in local], batch_size=batch_size), np.float32)
-    write_shard(shard_path(work, s), local + lo, img, txt, bad_l)
+    write_shard(shard_path(work, s), local + lo, img, txt, bad_l, binding)
     return len(bad_l)
 
 
@@ -175,7 +210,8 @@ def encode_shards(
     from retrieval.progress import make_progress
 
     n = len(rows)
-    pending, done_rows = pending_shards(work, rows, shard_rows, int(model.embed_dim))
+    bindings = shard_bindings(rows, shard_rows, model.fingerprint, precision)
+    pending, done_rows = pending_shards(work, rows, shard_rows, int(model.embed_dim), bindings)
     batches: list[list[int]] = []
     batch_shard: list[int] = []
     batches_left: dict[int, int] = {}
@@ -205,7 +241,7 @@ def encode_shards(
                 all_ids = np.concatenate(ids_l)
                 img = np.concatenate(vecs_l) if len(all_ids) else np.zeros((0, model.embed_dim), np.float32)
                 txt = np.asarray(model.encode_texts(list(texts[all_ids]), batch_size=batch_size), np.float32)
-                write_shard(shard_path(work, s), all_ids, img, txt, bad_l)
+                write_shard(shard_path(work, s), all_ids, img, txt, bad_l, bindings[s])
                 del acc[s]
             encoded += len(ids) + len(bad)
             bar.advance(task, len(ids) + len(bad))

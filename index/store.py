@@ -18,15 +18,15 @@ lock (after each commit, and by `cxr index gc`).
 
 Opening checks the pointer, the typed info schema (pydantic), every file's size and a hash of its first and last
 64 KiB, the full hash of meta.parquet (it is read in full anyway), and, for generations up to
-`FULL_HASH_AT_OPEN` bytes, the full hash of every file. `verify_index` (`cxr index verify`) always hashes
-everything. Folders written before generations (files at the top level, no `CURRENT`) still open, without
-checksums; the next `add` turns them into a generation.
+`FULL_HASH_AT_OPEN` bytes, the full hash of every file; above that (and with `--mmap`) the FAISS files are hashed
+in a background thread and no search answers before it has matched (`CXRIndex.ensure_intact`). `verify_index`
+(`cxr index verify`) always hashes everything. Folders written before generations (files at the top level, no
+`CURRENT`) still open, without checksums; the next `add` turns them into a generation.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -44,12 +44,16 @@ from index.layout import (
     CURRENT_FILE,
     IMAGES_FILE,
     INFO_FILE,
-    META_COLUMNS,
     META_FILE,
     POINTER_RE,
     READ_LOCK,
     REPORTS_FILE,
+    BackgroundHash,
     check_files,
+    generation_dirs,
+    lost_pointer,
+    newest_intact,
+    read_meta_bytes,
     validate_info,
 )
 from retrieval.errors import IndexError_, UsageError
@@ -72,6 +76,12 @@ class CXRIndex:
     read_lock: Any = None  # the open `.readers` file an mmap-opened index holds its shared lock through
     generation: str = ""
     gen_dir: Path | None = None
+    pending: BackgroundHash | None = None  # the full hash a quick open left running
+
+    def ensure_intact(self) -> None:
+        """Wait for the background hash of a quick open (if any); an IndexError_ once a file does not match."""
+        if self.pending is not None:
+            self.pending.wait()
 
     @property
     def count(self) -> int:
@@ -207,10 +217,10 @@ def read_pointer(root: Path) -> tuple[str, str] | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise IndexError_(f"{p}: unreadable ({e.strerror or e})") from None
+        raise lost_pointer(root, f"unreadable ({e.strerror or e})") from None
     m = POINTER_RE.match(raw.decode("ascii", "replace")) if len(raw) < 200 else None
     if not m:
-        raise IndexError_(f"{p}: damaged pointer (expected 'gen-NNNNNN <sha256>'); run `cxr index verify`")
+        raise lost_pointer(root, "damaged pointer (expected 'gen-NNNNNN <sha256>')")
     return m.group(1), m.group(2)
 
 
@@ -224,10 +234,12 @@ def resolve(index_dir: str | Path) -> Ref:
         name, sha = pointer
         gen = root / name
         if not gen.is_dir():
-            raise IndexError_(f"{root / CURRENT_FILE}: points to {name}, which is missing")
+            raise lost_pointer(root, f"points to {name}, which is missing")
         return Ref(root, gen, name, sha)
     if (root / INFO_FILE).is_file():
         return Ref(root, root, "", None)
+    if generation_dirs(root) and newest_intact(root) is not None:
+        raise lost_pointer(root, "missing")
     hint = ""
     if (root / ".build").is_dir():
         hint = " (an unfinished build: rerun `cxr index build`)"
@@ -298,26 +310,6 @@ def read_faiss(path: Path, mmap: bool = False) -> Any:
         raise IndexError_(f"{path}: corrupt FAISS file ({str(e).splitlines()[0][:160]})") from e
 
 
-def read_meta_bytes(path: Path, rec: dict | None = None) -> pd.DataFrame:
-    """Read meta.parquet once: its bytes are hashed against `rec` (when given) and then parsed."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise IndexError_(f"{path}: missing") from None
-    if rec is not None and hashlib.sha256(raw).hexdigest() != rec["sha256"]:
-        raise IndexError_(f"{path}: damaged, sha256 mismatch with index_info.json")
-    if len(raw) < 12 or raw[:4] != b"PAR1" or raw[-4:] != b"PAR1":
-        raise IndexError_(f"{path}: corrupt (not a Parquet file)")
-    try:
-        meta = pd.read_parquet(io.BytesIO(raw))
-    except Exception as e:  # pyarrow raises several types for damaged files
-        raise IndexError_(f"{path}: corrupt ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from e
-    missing = [c for c in META_COLUMNS if c not in meta.columns]
-    if missing:
-        raise IndexError_(f"{path}: corrupt, missing column(s) {', '.join(missing)}")
-    return meta
-
-
 def open_generation(ref: Ref, model: Any, mmap: bool, full: bool | None) -> CXRIndex:
     info = load_info(ref)
     root, gen = ref.root, ref.gen_dir
@@ -329,9 +321,10 @@ def open_generation(ref: Ref, model: Any, mmap: bool, full: bool | None) -> CXRI
             f"{root} is {info['factory']!r}: drop --mmap or rebuild with an IVF factory"
         )
     files = info.get("files")
+    pending = None
     if full is None:
-        total = sum(r["size"] for r in (files or {}).values())
-        full = not mmap and total <= FULL_HASH_AT_OPEN
+        full = not mmap and sum(r["size"] for r in (files or {}).values()) <= FULL_HASH_AT_OPEN
+        pending = None if full or not files else BackgroundHash(gen, info, (IMAGES_FILE, REPORTS_FILE))
     check_files(gen, info, full, skip_full=(META_FILE,))  # meta is hashed as it is read, below
     images = read_faiss(gen / IMAGES_FILE, mmap)
     reports = read_faiss(gen / REPORTS_FILE, mmap)
@@ -353,8 +346,9 @@ def open_generation(ref: Ref, model: Any, mmap: bool, full: bool | None) -> CXRI
     if not np.array_equal(meta["row_id"].to_numpy(), np.arange(n)):
         raise IndexError_(f"{gen / META_FILE}: corrupt, row_id is not 0..{n - 1}")
     return CXRIndex(
-        path=root, images=images, reports=reports, meta=meta, info=info, mmap=mmap, generation=ref.name, gen_dir=gen
-    )
+        path=root, images=images, reports=reports, meta=meta, info=info, mmap=mmap, generation=ref.name, gen_dir=gen,
+        pending=pending,
+    )  # fmt: skip
 
 
 def open_index(index_dir: str | Path, model: Any = None, mmap: bool = False, full: bool | None = None) -> CXRIndex:

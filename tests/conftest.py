@@ -52,6 +52,23 @@ def test_device(request) -> str:
     return request.param
 
 
+@pytest.fixture
+def orthanc(tmp_path_factory):
+    """A fresh, empty loopback Orthanc with the DICOMweb plugin (tests/orthanc.py), killed by its PID after the
+    test (its temporary folder is thrown away). Skips, saying why, only where Debian's orthanc /
+    orthanc-dicomweb packages are not installed."""
+    from orthanc import find_orthanc, start_orthanc
+
+    binary, _plugin, why = find_orthanc()
+    if binary is None:
+        pytest.skip(why)
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests skip, saying why, where torch sees no CUDA device; unless TEST_DEVICE asks for CUDA (then the
     `test_device` fixture fails them: an explicit request is never silently skipped)."""

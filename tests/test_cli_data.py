@@ -95,4 +95,6 @@ def test_real_imports_through_the_cli(shared_data, tmp_path, capsys, kind, folde
     assert main(["data", "import", kind, str(shared_data / folder), "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert {k: summary[k] for k in expected} == expected
-    assert main(["data", "validate", str(out), "--check-files"]) == 0
+    # the images stay in ../shared, outside the manifest's folder: refused as build refuses them, unless allowed
+    assert main(["data", "validate", str(out), "--check-files"]) == 1
+    assert main(["data", "validate", str(out), "--check-files", "--allow-outside"]) == 0

@@ -373,3 +373,16 @@ def test_real_images_read_in_every_mode(shared_data):
         _check(out, (size[1], size[0]))
         assert out.std() > 0.01  # a real radiograph, not a blank
     assert {"L", "RGB"} <= modes  # the set mixes grey and colour files
+
+
+@pytest.mark.parametrize(
+    ("centre", "width", "bad"),
+    [(1000.0, "inf", "WindowWidth"), (1000.0, "NaN", "WindowWidth"), (1000.0, 0.0, "WindowWidth"),
+     (1000.0, -5.0, "WindowWidth"), ("inf", 400.0, "WindowCenter"), ("NaN", 400.0, "WindowCenter"),
+     ([1000.0, 20.0], ["inf", 40.0], "WindowWidth")],
+)  # fmt: skip
+def test_a_window_that_is_not_finite_or_not_positive_is_refused(tmp_path, centre, width, bad):
+    """A WindowWidth of inf decoded to a flat grey image that was answered (issue 29, item 5)."""
+    path = _dicom(tmp_path / "w.dcm", _gradient(maxval=2000, seed=5), bits=12, WindowCenter=centre, WindowWidth=width)
+    with pytest.raises(ImageReadError, match=f"w.dcm.*{bad}"):
+        read_image(path)

@@ -194,7 +194,7 @@ def _old_style(tmp_path: Path) -> Path:
     meta.insert(0, "row_id", np.arange(300))
     meta["has_report"] = True
     info = {"factory": "HNSW8,Flat", "model": {"name": "fake", "fingerprint": "f"}}
-    return generations.save_index(tmp_path / "old", images, reports, meta[store.META_COLUMNS], info)
+    return generations.save_index(tmp_path / "old", images, reports, meta[layout.META_COLUMNS], info)
 
 
 def test_an_index_without_a_search_record_still_opens_with_faiss_defaults(tmp_path, capsys):

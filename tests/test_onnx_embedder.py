@@ -14,7 +14,7 @@ import pytest
 from gen_synth import make_manifest
 
 from cli.main import main
-from retrieval.models import onnx_embedder
+from retrieval.models import onnx_cache, onnx_embedder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,6 +32,7 @@ def tiny(tmp_path_factory):
     model.save(root / "model")
     build_index(df, model, root / "idx", options=BuildOptions(workers=0, progress=False, model_path=root / "model"))
     assert onnx_embedder.export_embedder(model) is not None
+    assert onnx_cache.check_exports(onnx_cache.cache_dir()) == []  # `cxr models verify` finds it intact
     return root, df, model
 
 
@@ -63,7 +64,7 @@ def test_a_changed_or_foreign_graph_is_not_used(tiny, monkeypatch, tmp_path):
     assert onnx_embedder.open_embedder(fp) is None
     monkeypatch.delenv("CXR_IMAGE_RUNTIME")
     copy = tmp_path / "onnx"
-    shutil.copytree(onnx_embedder.cache_dir(), copy)
+    shutil.copytree(onnx_cache.cache_dir(), copy)
     monkeypatch.setenv("CXR_ONNX_DIR", str(copy))
     graph = onnx_embedder._paths(fp)[0]
     data = bytearray(graph.read_bytes())

@@ -82,7 +82,7 @@ def test_bit_flips_are_detected_by_open_and_verify(tmp_path, name):
     store.open_index(idx)  # the pristine file opens again
 
 
-def test_inverted_block_is_refused_by_the_score_guard(tmp_path, monkeypatch):
+def test_inverted_block_is_refused_by_the_score_guard(tmp_path):
     """The issue's probe: 4 KB of images.faiss inverted. Open-time hashing is switched off here to reach the last
     guard (a real index this size is fully hashed at open)."""
     idx = vector_index(tmp_path / "idx", n=4000, d=32)
@@ -93,8 +93,7 @@ def test_inverted_block_is_refused_by_the_score_guard(tmp_path, monkeypatch):
     (gen / store.IMAGES_FILE).write_bytes(bytes(data))
     with pytest.raises(IndexError_, match="images.faiss: damaged"):
         store.open_index(idx)  # default: full hash (small index)
-    monkeypatch.setattr(store, "FULL_HASH_AT_OPEN", 0)
-    searcher = Searcher(idx)  # size, head and tail hashes pass: the damage is in the middle
+    searcher = Searcher(store.open_index(idx, full=False))  # no full hash, not even in the background: the guard
     vecs = searcher.index.images.reconstruct_n(0, searcher.index.count)
     bad = int(np.argmax(np.abs(vecs).max(axis=1)))
     with pytest.raises(IndexError_, match="outside \\[-1, 1\\]"):

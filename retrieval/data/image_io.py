@@ -208,6 +208,23 @@ def _voi_output_range(ds: Any) -> tuple[float, float]:
     return min(lo, hi), max(lo, hi)
 
 
+def _check_window(path: Path, ds: Any) -> None:
+    """The window that applies (the first of several) must be finite, with a positive width: an infinite or NaN
+    one decodes to a flat or undefined image that would be answered as if it were a radiograph."""
+    from pydicom.multival import MultiValue
+
+    for name in ("WindowCenter", "WindowWidth"):
+        value = ds.get(name)
+        first = value[0] if isinstance(value, list | tuple | MultiValue) else value
+        try:
+            x = float(first)
+        except (TypeError, ValueError):
+            raise ImageReadError(path, f"{name} {first!r} is not a number") from None
+        if not np.isfinite(x) or (name == "WindowWidth" and x <= 0):
+            need = "a finite number above 0" if name == "WindowWidth" else "a finite number"
+            raise ImageReadError(path, f"{name} is {x}, it must be {need}")
+
+
 def _transfer_syntax(ds: Any) -> Any:
     """The dataset's transfer syntax; for a bare dataset (no file meta) the encoding pydicom read it with."""
     from pydicom.dataset import FileMetaDataset
@@ -288,6 +305,8 @@ def _decode_dicom(path: Path, max_pixels: int, force: bool = False) -> np.ndarra
         _check_finite(path, np.asarray(arr), "rescaled")
         has_lut = bool(ds.get("VOILUTSequence"))
         has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+        if has_window and not has_lut:
+            _check_window(path, ds)
         if has_lut or has_window:
             if has_lut and arr.dtype.kind == "f" and np.array_equal(arr, np.round(arr)):
                 arr = arr.astype(np.int64)  # a LUT indexes integers (pydicom warns on float input)

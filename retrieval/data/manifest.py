@@ -38,6 +38,17 @@ COLUMNS: tuple[str, ...] = (
     "split",
     "source",
 )
+# Optional columns of rows imported from DICOM (the importers `dicom` and `dicomweb` fill them, others leave them
+# empty): the UIDs and tags an archive's viewer opens a study by. The index keeps them in its meta rows and every
+# query result carries them ('' where unknown).
+DICOM_COLUMNS: tuple[str, ...] = (
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "accession_number",
+    "study_date",
+    "modality",
+)
 # Columns a manifest must carry; the others are filled with empty values when absent.
 REQUIRED: tuple[str, ...] = ("image_id", "study_id", "patient_id", "image_path")
 TEXT_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("labels", "boxes"))
@@ -188,7 +199,7 @@ def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
     for col in COLUMNS:
         if col not in out.columns and col not in REQUIRED:
             out[col] = [[] for _ in range(len(out))] if col in ("labels", "boxes") else ""
-    for col in TEXT_COLUMNS:
+    for col in (*TEXT_COLUMNS, *DICOM_COLUMNS):
         if col in out.columns:
             out[col] = path_column(out[col]) if col == "image_path" else text_column(out[col])
     ids = out["image_id"].tolist() if "image_id" in out.columns else [""] * len(out)
@@ -276,11 +287,11 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
 
 def resolve_image_path(root: str | Path | None, image_path: str | Path, allow_outside: bool = True) -> Path:
     """The file an `image_path` cell names: absolute as is, else relative to the manifest folder `root`;
-    lexically normalised (`a/../b` -> `b`, symlinks are not followed).
+    lexically normalised (`a/../b` -> `b`; the path returned keeps its symlinks).
 
     Spaces around the cell are kept when a file of that exact name exists (they belong to its name) and dropped
     otherwise. With `allow_outside=False` a path that leaves `root` (`..`, or an absolute path elsewhere) is a
-    ManifestError."""
+    ManifestError; so is a path whose symlinks lead out of `root` (`is_inside` compares real paths)."""
     raw = "" if _is_missing(image_path) else str(image_path)
     text = raw.strip()
     if not text:
@@ -309,9 +320,11 @@ def short_text(text: str, limit: int = 160) -> str:
 
 
 def is_inside(root: str | Path, path: str | Path) -> bool:
-    """True when `path` is `root` or below it, compared lexically on normalised absolute paths."""
-    r = os.path.normpath(os.path.abspath(root))
-    p = os.path.normpath(os.path.abspath(path))
+    """True when `path` is `root` or below it, compared on real paths (every symlink resolved): the one
+    containment rule of every command that reads a manifest, so a link to `/etc/passwd` or to a folder elsewhere
+    is outside."""
+    r = os.path.realpath(root)
+    p = os.path.realpath(path)
     return os.path.commonpath([r, p]) == r
 
 

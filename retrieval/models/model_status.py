@@ -1,5 +1,6 @@
 """What a model name or folder holds (`model_info`), whether a registry name is usable offline
-(`offline_status`), and whether a folder is whole and works (`verify`: checksums, then build and encode)."""
+(`offline_status`), and whether a folder is whole and works (`verify`: checksums, the feature caches' own
+checksums and the shared ONNX exports, then build and encode)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from retrieval.errors import ModelLoadError
 from retrieval.models.bundle import (
     BUNDLE_FILE,
+    CACHE_FILES,
     CHECKSUMS_FILE,
     METRIC_WEIGHTS,
     OC_CONFIG,
@@ -102,10 +104,20 @@ def offline_status(name: str) -> tuple[bool, str]:
     return False, f"not cached: {PREFETCH_HINT.format(name=name)} on a connected machine"
 
 
+def cache_problems(folder: Path) -> list[str]:
+    """The folder's feature caches that fail their own checksums (a cache is used only when it passes, so a
+    problem here costs speed, not correctness; but the folder is not as it was written)."""
+    from retrieval.models.feature_store import check_store
+
+    problems = [check_store(folder / name) for name in CACHE_FILES if (folder / name).is_file()]
+    return [p for p in problems if p]
+
+
 def verify(folder: str | Path, encode: bool = True) -> dict[str, Any]:
     """Check a folder's checksums, then build the model and encode one image and one sentence.
 
-    Returns {"ok", "checked", "problems", "unlisted", ...}; a problem names its file. Metric-weight folders
+    Returns {"ok", "checked", "problems", "unlisted", "warnings", ...}; a problem names its file; warnings name
+    the shared ONNX exports that fail their checksums (they are exported again when next used). Metric-weight folders
     (bundle.json name chexbert/radgraph) are checked by checksum only."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -117,14 +129,21 @@ def verify(folder: str | Path, encode: bool = True) -> dict[str, Any]:
         "problems": list(report.problems),
         "unlisted": report.unlisted,
     }
+    out["problems"] += cache_problems(folder)
+    from retrieval.models.onnx_cache import cache_dir, check_exports
+
+    out["warnings"] = check_exports(cache_dir())  # shared by every model, exported again when used: a warning
     kind = None
     if (folder / BUNDLE_FILE).is_file():
         kind = json.loads((folder / BUNDLE_FILE).read_text(encoding="utf-8")).get("name")
     linked = linked_text_path(folder) if (folder / OC_CONFIG).is_file() else None
+    out["notes"] = []
     if linked and (folder / TEXT_DIR / "config.json").is_file() and linked != str((folder / TEXT_DIR).resolve()):
-        out["problems"].append(
-            f"{OC_CONFIG}: text tower points at {linked}, not this folder's {TEXT_DIR}/ "
-            f"(moved? run `cxr models relink {folder}`)"
+        # A copied folder: this project's loader reads its own text/ wherever it is; plain open_clip would follow
+        # the recorded path, so say how to make it follow this folder.
+        out["notes"].append(
+            f"{OC_CONFIG}: the text tower path still names {linked}; this project loads the folder as it is, and "
+            f"`cxr models relink {folder}` points it here for plain open_clip"
         )
     if report.ok and encode and kind not in METRIC_WEIGHTS and not out["problems"]:
         import numpy as np

@@ -2,11 +2,11 @@
 so that a process holding only the fingerprint (an index's `index_info.json`) embeds an image on the CPU without
 importing torch or open_clip: what makes `cxr query IMAGE` answer in about a second (issue 25).
 
-- `export_embedder(model)` (needs torch): writes `embed-<fingerprint>-<size>.onnx` and a `.json` beside it (the
-  preprocessing: size, mean, std, interpolation; the graph's sha256) into the ONNX cache folder of `onnx_tower`
-  (`cache_dir()`), atomically, once per model.
+- `export_embedder(model)` (needs torch): writes `embed-<fingerprint>.onnx`, a `.json` beside it (the model's
+  fingerprint and preprocessing: size, mean, std, interpolation) and the graph's `.sha256` (`onnx_cache`, the folder
+  `onnx_tower` uses too), atomically, once per model.
 - `open_embedder(fingerprint)` (no torch): an `ImageEmbedder`, or None where nothing was exported for this
-  fingerprint, the graph's checksum does not match, ONNX Runtime is missing or `CXR_IMAGE_RUNTIME=torch`.
+  fingerprint, the graph fails its checksum, ONNX Runtime is missing or `CXR_IMAGE_RUNTIME=torch`.
   Its `encode(HxW array)` preprocesses as `GreyImageTransform` does (longest side resized with PIL's antialiased
   float resampling, within 2e-5 of torch's; symmetric black padding; grey x3; mean/std) and runs one cached
   `InferenceSession`. Its vectors equal the torch path's within 1e-4 (tests/test_onnx_embedder.py).
@@ -14,7 +14,6 @@ importing torch or open_clip: what makes `cxr query IMAGE` answer in about a sec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,26 +27,11 @@ _SESSIONS: dict[str, Any] = {}
 RESAMPLING = {"bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling.BILINEAR / BICUBIC
 
 
-def cache_dir() -> Path:
-    """Where exported graphs live (this module's and `onnx_tower`'s): `CXR_ONNX_DIR`, else `$CXR_HOME/onnx`, else
-    `~/.cache/cxr-retrieval/onnx`. Here, not in onnx_tower, so that reading it imports no torch."""
-    if os.environ.get("CXR_ONNX_DIR"):
-        return Path(os.environ["CXR_ONNX_DIR"])
-    home = os.environ.get("CXR_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "cxr-retrieval") / "onnx"
-
-
 def _paths(fingerprint: str) -> tuple[Path, Path]:
+    from retrieval.models.onnx_cache import cache_dir
+
     stem = cache_dir() / f"embed-{fingerprint[:32]}"
     return stem.with_suffix(".onnx"), stem.with_suffix(".json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def runtime_enabled() -> bool:
@@ -124,10 +108,13 @@ def open_embedder(fingerprint: str | None) -> ImageEmbedder | None:
     graph, meta_path = _paths(str(fingerprint))
     if not graph.is_file() or not meta_path.is_file():
         return None
+    from retrieval.models.onnx_cache import export_problem
+
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("fingerprint") != fingerprint or meta.get("sha256") != _sha256(graph):
-            log.warning("%s: does not match its record; the model runs in PyTorch", graph)
+        problem = export_problem(graph) or (None if meta.get("fingerprint") == fingerprint else "another model's")
+        if problem:
+            log.warning("%s: %s; the model runs in PyTorch (and exports it again)", graph, problem)
             return None
         return ImageEmbedder(graph, meta)
     except (OSError, ValueError, KeyError) as e:
@@ -152,11 +139,13 @@ def export_embedder(model: Any, fingerprint: str | None = None) -> Path | None:
         log.warning("could not export the image embedding to ONNX (%s: %s)", type(e).__name__, e)
         return None
     from retrieval.fileio import write_json_atomic
+    from retrieval.models.onnx_cache import write_checksum
 
     meta = {"fingerprint": fingerprint, "model": str(getattr(model, "name", "")), "size": transform.size,
-            "mean": list(transform.mean), "std": list(transform.std), "interpolation": transform.interpolation,
-            "sha256": _sha256(graph)}  # fmt: skip
+            "mean": list(transform.mean), "std": list(transform.std),
+            "interpolation": transform.interpolation}  # fmt: skip
     write_json_atomic(meta_path, meta)
+    write_checksum(graph)  # last: the graph counts as exported only once its checksum is there
     log.info("exported the image embedding to %s", graph)
     return graph
 

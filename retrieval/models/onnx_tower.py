@@ -4,8 +4,11 @@ PyTorch, whose depthwise convolutions are slow on these cores (benchmarks/result
 Used only where it cannot change what is learned: inference (no autograd), on the CPU, for a tower none of whose
 weights train. The graph is exported once per tower weights (`checkpoint.fingerprint_state`), input size and output
 (pooled features or the last feature map) into `$CXR_HOME/onnx/` (default `~/.cache/cxr-retrieval/onnx/`;
-`CXR_ONNX_DIR` overrides it), and reused by every later process. `CXR_IMAGE_RUNTIME=torch` turns it off; without
-the `onnxruntime` package the tower simply runs in PyTorch.
+`CXR_ONNX_DIR` overrides it), and reused by every later process. Each export has a `.sha256` file beside it; a
+process checks it before its first session on that export, and an export that fails it (or has none) is exported
+again with a warning. `cxr models verify` lists the exports that fail (`check_exports`; the folder
+and the checksums are `onnx_cache`'s).
+`CXR_IMAGE_RUNTIME=torch` turns it off; without the `onnxruntime` package the tower simply runs in PyTorch.
 """
 
 from __future__ import annotations
@@ -19,15 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrieval.models.onnx_embedder import cache_dir
+from retrieval.models.onnx_cache import cache_dir, export_problem, write_checksum
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("features", "fmap")
 _SESSIONS: dict[tuple[str, int, str], object] = {}
 _HASHES: dict[tuple, str] = {}  # (storage, in-place version) of every weight -> its fingerprint: hashed once
 _LOCK = threading.Lock()
-
-
 
 
 def enabled() -> bool:
@@ -73,7 +74,10 @@ def _session(tower: nn.Module, size: int, output: str):
         import onnxruntime as ort
 
         path = cache_dir() / f"{key[0][:24]}-{size}-{output}.onnx"
-        if not path.is_file():
+        problem = export_problem(path) if path.is_file() else None
+        if problem:
+            log.warning("%s: %s; exporting the tower again", path, problem)
+        if problem or not path.is_file():
             _export(tower, size, output, path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
@@ -103,6 +107,7 @@ def _export(tower: nn.Module, size: int, output: str, path: Path) -> None:
             dynamo=False,
             opset_version=17,
         )
+    write_checksum(path)
     log.info("exported the image tower to %s", path)
 
 

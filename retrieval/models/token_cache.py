@@ -2,7 +2,8 @@
 
 One safetensors file per (image-tower weights, grid) in a cache folder, `tokens-<key>.safetensors`, with a JSON list
 beside it naming each row by image path, size and mtime (a changed file is a new row). Rows are only appended, and
-both files are replaced atomically; a corrupt or mismatched pair is recomputed, never trusted.
+both files are replaced atomically; the tokens file records a sha256 of its tokens and of the key list, and a
+corrupt, mismatched or unchecksummed pair is recomputed with a warning, never trusted.
 
 Two writers fill it: the VLM's visual-token pass (`generation.features`), and the retrieval trainer's
 frozen-feature pass over a CNN tower, which computes the last feature map anyway (its pooled features are that
@@ -33,6 +34,12 @@ def image_key(path: str | Path) -> str:
         return f"{path}|missing"
 
 
+def _content_sha(tokens: torch.Tensor, raw_names: bytes) -> str:
+    h = hashlib.sha256(raw_names)
+    h.update(tokens.contiguous().view(torch.uint8).numpy().tobytes() if tokens.numel() else b"")
+    return h.hexdigest()
+
+
 class TokenCache:
     """The cache file of one frozen image tower (by its weights hash) at one grid, in `folder`."""
 
@@ -51,11 +58,18 @@ class TokenCache:
         self._names, self._store = [], None
         if not self.file.is_file():
             return
+        from safetensors import safe_open
+
         try:
-            names = json.loads(self.names_file.read_text())
+            raw_names = self.names_file.read_bytes()
+            names = json.loads(raw_names)
+            with safe_open(str(self.file), framework="pt") as f:
+                want = (f.metadata() or {}).get("content_sha256")
             store = load_file(str(self.file))["tokens"]
             if store.shape[0] != len(names):
                 raise ValueError("row count differs from the key list")
+            if want != _content_sha(store, raw_names):
+                raise ValueError("checksum mismatch" if want else "no checksum (written by an earlier release)")
             self._names, self._store = names, store
         except Exception as e:  # a corrupt cache is recomputed, never trusted
             log.warning("%s: unreadable token cache (%s); recomputing", self.file, e)
@@ -86,8 +100,10 @@ class TokenCache:
         names += [keys[j] for j in new]
         self.file.parent.mkdir(parents=True, exist_ok=True)
         tmp, tmp_names = self.file.with_name(self.file.name + ".tmp"), self.names_file.with_suffix(".json.tmp")
-        save_file({"tokens": store.contiguous()}, str(tmp))
-        tmp_names.write_text(json.dumps(names))
+        raw_names = json.dumps(names).encode()
+        store = store.contiguous()
+        save_file({"tokens": store}, str(tmp), metadata={"content_sha256": _content_sha(store, raw_names)})
+        tmp_names.write_bytes(raw_names)
         os.replace(tmp, self.file)
         os.replace(tmp_names, self.names_file)
         self._names, self._store = names, store

@@ -52,7 +52,7 @@ def resume(
     state and no best weights when there is none. A checkpoint of another run (`key`) is refused."""
     from safetensors.torch import load_file
 
-    state = checkpoint.state()
+    state = checkpoint.state(verify=True)
     if state is None:
         return fresh_state(key), None
     if state.get("key") != key:
