@@ -15,7 +15,8 @@ def train_cmd(
     model: str = typer.Option(
         "cxr-small",
         "--model",
-        help="cxr-small (offline default) | biomedclip (with the hub) | cxr-tiny | local-dir:PATH | a saved folder.",
+        help="cxr-small (offline default) | biomedclip (with the hub) | cxr-tiny | timm:NAME | hf:ORG/NAME | "
+        "local-dir:PATH | a saved folder.",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: the trained model, checkpoints, cache."),
     epochs: int = typer.Option(8, "--epochs", help="Maximum epochs (early stopping on val mAP may end sooner)."),
