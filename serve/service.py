@@ -66,6 +66,7 @@ class ServeConfig:
     max_pixels: int | None = None  # default: read_image's limit
     max_k: int = 1000
     thumbnail_cache: int = 512
+    one_per_patient: bool = True  # each patient's best result only, as `cxr query` by default
 
 
 @dataclass
@@ -276,12 +277,16 @@ class ServeService:
             hits = searcher.text_results(vec[None, :], job.query["text"], job.k, job.target, exclude_patient=exclude)
         else:
             hits = searcher.query_vector(vec[None, :], job.k, job.target, exclude_patient=exclude)
+        match = searcher.match(vec[None, :], "text" if "text" in job.query else "image", exclude)
+        far = match is not None and not match["close"]  # no close match: say so, rank nothing (index/abstain.py)
         return {
             **job.query,
             "index": str(self.index_path),
             "target": job.target,
             "k": job.k,
-            "results": result_records(hits),
+            "no_close_match": far,
+            "match": match,
+            "results": [] if far else result_records(hits),
         }
 
     def generate(
