@@ -39,7 +39,10 @@ def train_cmd(
     ),
     patience: int = typer.Option(3, "--patience", help="Early-stop after N epochs without val improvement."),
     monitor: str = typer.Option(
-        "i2r_map_label", "--monitor", help="Val metric to early-stop on: i2r_map_label | i2r_map_exact."
+        "auto",
+        "--monitor",
+        help="Val metric to early-stop on: auto (label mAP, or exact-study mAP where the val labels are nearly "
+        "uniform and label mAP cannot move) | i2r_map_label | i2r_map_exact.",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed (the run is deterministic for a seed)."),
     device: str = DEVICE,

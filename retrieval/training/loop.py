@@ -19,7 +19,7 @@ from retrieval.errors import CXRError, ManifestError
 from retrieval.fileio import clean_temporaries
 from retrieval.progress import console, make_progress
 from retrieval.retrieval_metrics import mean_average_precision, overlap_matrix, ranked_relevance
-from retrieval.training.config import TrainConfig, run_key
+from retrieval.training.config import LABEL_CEILING, TrainConfig, run_key
 from retrieval.training.data import PreparedSplit, epoch_batches, finish_split
 from retrieval.training.features import SplitFeatures, plan_features
 from retrieval.training.resume import resume, save_epoch
@@ -99,6 +99,7 @@ class Trainer:
             shutil.rmtree(self.checkpoint.folder)
         self.train_split = self.prepare(cfg.train_split, cfg.max_train_studies)
         self.val_split = self.prepare(cfg.val_split) if cfg.val_split else None
+        self.monitor, self.monitor_why = choose_monitor(cfg.monitor, self.val_split)
         if len(self.train_split.study_images) < 2:
             raise CXRError(f"split {cfg.train_split!r} has fewer than 2 usable studies")
         self.task = RetrievalTask(self.model, cfg.loss_weights, cfg.positive_rule, cfg.supcon_temperature)
@@ -128,7 +129,7 @@ class Trainer:
         losses = self._train_epoch(epoch)
         train_s = time.perf_counter() - t0
         val = self.validate(self.val_split) if self.val_split is not None else {}
-        metric = val.get(cfg.monitor)
+        metric = val.get(self.monitor)
         improved = metric is not None and (state["best_metric"] is None or metric > state["best_metric"])
         if improved or self.val_split is None:
             state["best_metric"], state["best_epoch"], state["bad_epochs"] = metric, epoch + 1, 0
@@ -208,3 +209,17 @@ class Trainer:
             "i2r_map_label": round(mean_average_precision(ranked_relevance(scores, label)), 5),
             "i2r_map_exact": round(mean_average_precision(ranked_relevance(scores, exact)), 5),
         }
+
+
+def choose_monitor(monitor: str, val: PreparedSplit | None) -> tuple[str, str]:
+    """(the validation metric early stopping watches, why): `auto` picks label mAP unless the split's share of
+    label-sharing image-report pairs (a random ranking's label precision) is at least LABEL_CEILING, where label
+    mAP starts at its ceiling and cannot move; then exact-study mAP."""
+    if monitor != "auto":
+        return monitor, "chosen"
+    if val is None:
+        return "i2r_map_label", "no validation split"
+    chance = float(overlap_matrix(val.items.image_labels, val.items.study_labels).mean())
+    if chance >= LABEL_CEILING:
+        return "i2r_map_exact", f"{chance:.0%} of validation image-report pairs share a label: label mAP cannot move"
+    return "i2r_map_label", f"{chance:.0%} of validation image-report pairs share a label"
