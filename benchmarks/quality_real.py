@@ -5,8 +5,9 @@ patient never counted); P@5 = the share of the top 5 that share the query's key:
 - covid-cxr: the same finding (metadata `finding`: COVID-19, SARS, Pneumocystis, ...; rows whose finding is
   `todo` or `Unknown` are left out), and the same view (PA vs AP);
 - TBX11K: the same lesion side (left, right or both lungs, from the boxes).
-Systems: cxr-small trained on covid-cxr's train split (`cxr train`'s defaults), cxr-small with its untrained
-projector, and the frozen tower's own features (no projector). Baselines in the same run:
+Systems: cxr-small trained on covid-cxr's train split (`cxr train`'s defaults), the same with the tower's last 2
+stages fine-tuned on augmented images (`--unfreeze-last 2 --augment`), cxr-small with its untrained projector, and
+the frozen tower's own features (no projector). Baselines in the same run:
 - random ranking: each query's expected P@5 under a random order (its key's share of the gallery);
 - image-free training prior: every query gets the gallery's most common key (labels by prevalence);
 - answers shuffled between test images: the best system's top 5 given to another test query (a seeded
@@ -106,11 +107,14 @@ def run_real(data: Path, epochs: int, work: Path) -> dict[str, Any]:
     covid = import_source("covid-cxr", data / "covid-cxr")
     covid.attrs["root"] = str(data / "covid-cxr")
     covid["view_key"] = covid["view"].astype(str).str.upper().str.replace(" ", "").str.replace("SUPINE", "")
-    trained = train(covid, "cxr-small", work / "covid-small", epochs=epochs, seed=0, show_progress=False).model
+    trained = train(covid, "cxr-small", work / "covid-small", epochs=epochs, seed=0, show_progress=False, fresh=True)
+    tuned = train(covid, "cxr-small", work / "covid-small-tuned", epochs=epochs, seed=0, show_progress=False,
+                  fresh=True, unfreeze_last=2, augment=True)  # fmt: skip
     untrained = load_model("cxr-small")
     paths = _paths(covid)
     vectors = {
-        "cxr-small trained on covid-cxr": trained.encode_images(paths),
+        f"cxr-small trained on covid-cxr (early stop on {trained.info['monitor']})": trained.model.encode_images(paths),
+        "cxr-small, last 2 stages fine-tuned with augmentation": tuned.model.encode_images(paths),
         "cxr-small untrained projector": untrained.encode_images(paths),
         "frozen tower features (no projector)": _frozen_features(untrained, paths),
     }

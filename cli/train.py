@@ -27,6 +27,12 @@ def train_cmd(
         None, "--positive-rule", help="SupCon positives: same-set | binary | overlap (default: binary)."
     ),
     unfreeze_last: int = typer.Option(0, "--unfreeze-last", help="Unfreeze the last N blocks of each tower."),
+    augment: bool = typer.Option(
+        False,
+        "--augment",
+        help="Radiograph augmentation of the training images: small rotations and crops, "
+        "contrast and gamma, never a left-right flip (the image tower then runs every epoch).",
+    ),
     image_tower: str = typer.Option(
         "auto", "--image-tower", help="auto (cxr-tiny trains it from scratch) | train | frozen."
     ),
@@ -78,6 +84,7 @@ def train_cmd(
         token_cache=None if token_cache is None else str(token_cache),
         patience=patience,
         monitor=monitor,
+        augment=augment,
         seed=seed,
         device=None if device == "auto" else device,
         precision=precision,

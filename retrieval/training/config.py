@@ -43,6 +43,7 @@ class TrainConfig:
     positive_rule: str = DEFAULT_POSITIVE_RULE
     supcon_temperature: float = 0.1
     unfreeze_last: int = 0
+    augment: bool = False  # radiograph augmentation of the training images (augment.py); the tower runs each epoch
     image_tower: str = "auto"  # auto: train from scratch when the model says so (cxr-tiny); train | frozen
     seed: int = 0  # projector init and data order
     tower_seed: int = 0  # init of randomly initialised towers (cxr-tiny's image tower); fixed across seeds

@@ -69,7 +69,7 @@ class Trainer:
         self.model = build_model(self.model_name, cfg.tower_seed, cfg.seed, self.device)
         self.scratch = scratch_towers(self.model, cfg.image_tower)
         self.tower_status = set_trainable(self.model, self.scratch, cfg.unfreeze_last)
-        self.plan = plan_features(self.model, self.scratch, cfg.unfreeze_last)
+        self.plan = plan_features(self.model, self.scratch, cfg.unfreeze_last, cfg.augment)
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / CACHE_DIR
         self.features = SplitFeatures(self.model, self.plan, cfg, self.device, self.precision, cache_dir)
         clean_temporaries(self.out, self.checkpoint.folder, cache_dir)  # what a killed run left behind
@@ -155,11 +155,12 @@ class Trainer:
         batches = epoch_batches(split.study_images, self.config.seed, epoch, self.config.batch_size)
         with make_progress(disable=not self.config.show_progress, transient=True) as progress:
             task = progress.add_task(f"epoch {epoch + 1}/{self.config.epochs}", total=len(batches), unit="batches")
-            for image_idx, study_idx in batches:
+            for b, (image_idx, study_idx) in enumerate(batches):
                 labels = split.labels[study_idx].to(self.device)
+                rng = np.random.default_rng([self.config.seed, epoch, b])  # augmentation draws (when it augments)
                 with autocast(self.device, self.precision):
                     inputs = self.task.outputs(
-                        self.features.images(split, image_idx), self.features.texts(split, study_idx), labels
+                        self.features.images(split, image_idx, rng), self.features.texts(split, study_idx), labels
                     )
                 out = self.task.loss(inputs)
                 self.optimizer.zero_grad(set_to_none=True)
