@@ -147,3 +147,21 @@ def test_one_per_patient_is_the_default_and_matches_a_naive_ranking(chest_index,
     assert pd.Series([r["patient_id"] for r in json.loads(out)["results"]]).is_unique
     _, out = _query(capsys, *base, "--all-per-patient")
     assert not pd.Series([r["patient_id"] for r in json.loads(out)["results"]]).is_unique  # 2 studies a patient
+
+
+def test_the_api_says_no_close_match_too(chest_index) -> None:
+    pytest.importorskip("fastapi")
+    from serve.service import ServeConfig, ServeService
+
+    index, new_chest = chest_index
+    svc = ServeService(ServeConfig(index=index, workers=1, watch_interval=0), model=FakeModel(seed=0))
+    try:
+        stripes = np.tile(np.linspace(0, 1, 32), (32, 1)).T
+        far = svc.search(image=stripes, k=3, target="images")
+        assert far["no_close_match"] and far["results"] == [] and far["match"]["closeness"] < far["match"]["threshold"]
+        chest = np.asarray(Image.open(new_chest), dtype=np.float32) / 255
+        near = svc.search(image=chest, k=3, target="images")
+        assert not near["no_close_match"] and len(near["results"]) == 3
+        assert len({r["patient_id"] for r in near["results"]}) == 3  # one per patient, as cxr query
+    finally:
+        svc.close()
