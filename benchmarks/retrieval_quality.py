@@ -11,10 +11,8 @@ demo (the demo corpus; its test split is the held-out set):
 Systems: cxr-small trained (each seed), cxr-small with its untrained projector, cxr-tiny trained as `cxr demo`
 trained it (each seed), random vectors.
 
-real (../shared/data, the importers' patient-disjoint splits; test images query the train+val images):
-- covid-cxr image -> image P@5 of the same view (PA vs AP); TBX11K P@5 of the same lesion side (left, right or
-  both lungs, from the boxes). Systems: cxr-small (trained on covid-cxr's train split, and untrained), cxr-tiny
-  (trained on the same split), random.
+real (../shared/data): benchmarks/quality_real.py (same finding, same view, same lesion side; random ranking,
+the image-free prior and shuffled answers in the same run; 95% bootstrap intervals).
 
 Run:  .venv/bin/python -m benchmarks.retrieval_quality demo [--seeds 0 1 2]
       .venv/bin/python -m benchmarks.retrieval_quality real [--data ../shared/data]
@@ -329,93 +327,6 @@ def demo_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------ real images
-
-
-def _side(boxes: list[dict]) -> str:
-    """Lesion side from YOLO boxes in image coordinates (a PA film: image left = the patient's right lung)."""
-    sides = {"right" if (b["x1"] + b["x2"]) / 2 < 0.5 else "left" for b in boxes if "x1" in b}
-    return "both" if len(sides) == 2 else (sides.pop() if sides else "none")
-
-
-def _i2i_precision(model: Any, df: pd.DataFrame, key: str) -> float:
-    """Test images query the train+val images: mean fraction of the top 5 with the query's `key`."""
-    from retrieval.data.manifest import resolve_image_path
-
-    root = df.attrs.get("root")
-    paths = [str(resolve_image_path(root, p)) for p in df["image_path"]]
-    is_test = (df["split"] == "test").to_numpy()
-    if model is None:
-        rng = np.random.default_rng(0)
-        v = rng.standard_normal((len(df), 256)).astype(np.float32)
-    else:
-        v = model.encode_images(paths)
-    q, g = v[is_test], v[~is_test]
-    qk, gk = df[key].to_numpy()[is_test], df[key].to_numpy()[~is_test]
-    qp, gp = df["patient_id"].to_numpy()[is_test], df["patient_id"].to_numpy()[~is_test]
-    scores = q @ g.T
-    scores[qp[:, None] == gp[None, :]] = -np.inf  # never the query's own patient
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :5]
-    return float(np.mean(gk[order] == qk[:, None]))
-
-
-def run_real(data: Path, epochs: int) -> dict[str, Any]:
-    from retrieval.data.importers import import_source
-    from retrieval.models import load_model
-    from retrieval.training import train
-
-    out: dict[str, Any] = {}
-    covid = import_source("covid-cxr", data / "covid-cxr")
-    covid["view_key"] = covid["view"].astype(str).str.upper().str.replace(" ", "")
-    covid = covid[covid["view_key"].isin(["PA", "AP"])].copy()
-    covid.attrs["root"] = str(data / "covid-cxr")
-    small = train(
-        covid, "cxr-small", WORK / "covid-small", epochs=epochs, seed=0, show_progress=False, val_split=None
-    ).model
-    tiny = train(
-        covid, "cxr-tiny", WORK / "covid-tiny", epochs=epochs, seed=0, show_progress=False, val_split=None
-    ).model
-    out["covid-cxr same view P@5"] = {
-        "cxr-small trained": _i2i_precision(small, covid, "view_key"),
-        "cxr-small untrained projector": _i2i_precision(load_model("cxr-small"), covid, "view_key"),
-        "cxr-tiny trained": _i2i_precision(tiny, covid, "view_key"),
-        "random": _i2i_precision(None, covid, "view_key"),
-        "test queries": int((covid["split"] == "test").sum()),
-        "views (all rows)": covid["view_key"].value_counts().to_dict(),
-    }
-    tb = import_source("yolo", data / "tbx11k-tb")
-    tb.attrs["root"] = str(data / "tbx11k-tb")
-    tb["side"] = [_side(b) for b in tb["boxes"]]
-    tb = tb[tb["side"] != "none"].copy()
-    tb.attrs["root"] = str(data / "tbx11k-tb")
-    out["tbx11k same lesion side P@5"] = {
-        "cxr-small untrained projector": _i2i_precision(load_model("cxr-small"), tb, "side"),
-        "cxr-tiny untrained": _i2i_precision(load_model("cxr-tiny"), tb, "side"),
-        "random": _i2i_precision(None, tb, "side"),
-        "test queries": int((tb["split"] == "test").sum()),
-        "sides (all rows)": tb["side"].value_counts().to_dict(),
-    }
-    return out
-
-
-def real_markdown(result: dict[str, Any]) -> str:
-    lines = ["# Retrieval quality on real images (../shared/data)", ""]
-    for name, row in result.items():
-        if not isinstance(row, dict) or name == "machine":
-            continue
-        lines += [f"## {name}", ""]
-        rows = [[k, f"{v:.3f}"] for k, v in row.items() if isinstance(v, float)]
-        lines.append(_table(["system", "P@5"], rows))
-        extra = {k: v for k, v in row.items() if not isinstance(v, float)}
-        lines += ["", f"{extra}", ""]
-    lines += [
-        "Test images (the importers' patient-disjoint test split) query the train+val images; the query's own "
-        "patient is never counted. TBX11K has no reports, so its models are not trained here.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["demo", "real"])
@@ -432,8 +343,11 @@ def main(argv: list[str] | None = None) -> None:
         result["seconds"] = round(time.perf_counter() - t0, 1)
         write_results("quality_demo", result, demo_markdown(result), COMMAND + " demo")
     else:
-        result = run_real(a.data, a.epochs)
+        from benchmarks.quality_real import real_markdown, run_real
+
+        result = run_real(a.data, a.epochs, WORK)
         result["machine"] = machine_info()
+        result["seconds"] = round(time.perf_counter() - t0, 1)
         write_results("quality_real", result, real_markdown(result), COMMAND + " real")
 
 

@@ -46,7 +46,10 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
         lines.append(
             f"{r['name']:<16} {'yes' if r['offline'] else 'no':<8} {desc}" + ("" if r["offline"] else f"  [{r['why']}]")
         )
-    lines.append("also: hf-hub:ORG/REPO, local-dir:PATH, or a folder saved by `cxr train` / `cxr models prefetch`")
+    lines.append(
+        "also: timm:NAME, hf:ORG/NAME (image towers by name), hf-hub:ORG/REPO, local-dir:PATH, or a folder saved by "
+        "`cxr train` / `cxr models prefetch`"
+    )
     _emit(rows, as_json, "\n".join(lines))
 
 

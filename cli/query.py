@@ -84,6 +84,12 @@ def query_cmd(
     ),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0),
+    one_per_patient: bool = typer.Option(
+        True, "--one-per-patient/--all-per-patient", help="Each patient's best study only (default), or all."
+    ),
+    show_far: bool = typer.Option(
+        False, "--show-far", help="List the nearest results even when the index says there is no close match."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON (for scripts)."),
     wide: bool = typer.Option(False, "--wide", help="The whole report in the table (default: its first sentence)."),
 ) -> None:
@@ -108,12 +114,13 @@ def query_cmd(
     # before the model (seconds) is loaded.
     opened = open_index(index, mmap=mmap)
     params = {"nprobe": nprobe, "ef_search": ef_search, "mmap": mmap, "k_factor": k_factor}
+    params["one_per_patient"] = one_per_patient
     if image is not None and not batch:
         from retrieval.data.image_io import read_image
 
         pixels = read_image(image)
-        hits = image_query(opened, pixels, k, target, model=model, device=device, backend=backend,
-                           exclude_patient=exclude_patient, **params)  # fmt: skip
+        hits, match = image_query(opened, pixels, k, target, model=model, device=device, backend=backend,
+                                  exclude_patient=exclude_patient, **params)  # fmt: skip
         query = {"image": str(image)}
     else:
         m = load_recorded_model(opened.info, index, model, device)
@@ -121,12 +128,33 @@ def query_cmd(
         if batch:
             _run_batch(searcher, queries[0], out, k, target, exclude_patient, batch_size, workers, as_json)
             return
-        hits = searcher.query_text(text, k, target, exclude_patient=exclude_patient, findings=findings)
+        vector = searcher.text_vector(text)
+        hits = searcher.text_results(vector, text, k, target, exclude_patient=exclude_patient, findings=findings)
+        match = searcher.match(vector, "text", exclude_patient)
         query = {"text": text}
+    _answer(hits, match, query, index, target, k, show_far, as_json, wide)
+
+
+def _answer(hits, match: dict | None, query: dict, index: Path, target: str, k: int, show_far: bool, as_json: bool,
+            wide: bool = False) -> None:  # fmt: skip
+    """Print the results, or "no close match" in their place when the query is unlike the whole collection."""
+    far = match is not None and not match["close"]
+    if far and not show_far:
+        hits = hits.iloc[0:0]
     if as_json:
-        doc = {**query, "index": str(index), "target": target, "k": k, "results": _records(hits)}
-        typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+        doc = {**query, "index": str(index), "target": target, "k": k, "no_close_match": far, "match": match}
+        typer.echo(json.dumps({**doc, "results": _records(hits)}, indent=2, ensure_ascii=False))
         return
+    if far:
+        from rich.console import Console
+
+        Console().print(
+            f"[bold yellow]no close match[/]: the nearest scores {match['closeness'] or float('nan'):.3f}, below the "
+            f"{match['threshold']:.3f} that {1 - match['quantile']:.0%} of the collection's own held-out queries reach"
+            + ("; the nearest results follow, far as they are" if show_far else " (--show-far lists them anyway)")
+        )
+        if not show_far:
+            return
     _print_table(hits, query, target, wide)
 
 
@@ -177,9 +205,11 @@ def _run_batch(searcher, paths: list[str], out: Path, k, target, exclude_patient
         with atomic_path(bad_path) as tmp:
             bad.to_csv(tmp, index=False)
     n_ok = results["query"].nunique() if len(results) else 0
+    far = results.loc[~results["close_match"].astype(bool), "query"].nunique() if len(results) else 0
     summary = {
         "queries": len(paths),
         "answered": int(n_ok),
+        "no_close_match": int(far),
         "bad_images": len(bad),
         "results": str(out),
         "bad_list": str(bad_path) if len(bad) else None,
@@ -189,5 +219,7 @@ def _run_batch(searcher, paths: list[str], out: Path, k, target, exclude_patient
         return
     console = Console()
     console.print(f"{n_ok:,} of {len(paths):,} queries answered, top-{k} {target} each -> [bold]{out}[/]")
+    if far:
+        console.print(f"[yellow]{far} of them have no close match in the index (column close_match)[/]")
     if len(bad):
         console.print(f"[yellow]skipped {len(bad)} unreadable image(s); see {bad_path}[/]")

@@ -15,7 +15,8 @@ def train_cmd(
     model: str = typer.Option(
         "cxr-small",
         "--model",
-        help="cxr-small (offline default) | biomedclip (with the hub) | cxr-tiny | local-dir:PATH | a saved folder.",
+        help="cxr-small (offline default) | biomedclip (with the hub) | cxr-tiny | timm:NAME | hf:ORG/NAME | "
+        "local-dir:PATH | a saved folder.",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: the trained model, checkpoints, cache."),
     epochs: int = typer.Option(8, "--epochs", help="Maximum epochs (early stopping on val mAP may end sooner)."),
@@ -26,6 +27,12 @@ def train_cmd(
         None, "--positive-rule", help="SupCon positives: same-set | binary | overlap (default: binary)."
     ),
     unfreeze_last: int = typer.Option(0, "--unfreeze-last", help="Unfreeze the last N blocks of each tower."),
+    augment: bool = typer.Option(
+        False,
+        "--augment",
+        help="Radiograph augmentation of the training images: small rotations and crops, "
+        "contrast and gamma, never a left-right flip (the image tower then runs every epoch).",
+    ),
     image_tower: str = typer.Option(
         "auto", "--image-tower", help="auto (cxr-tiny trains it from scratch) | train | frozen."
     ),
@@ -38,7 +45,10 @@ def train_cmd(
     ),
     patience: int = typer.Option(3, "--patience", help="Early-stop after N epochs without val improvement."),
     monitor: str = typer.Option(
-        "i2r_map_label", "--monitor", help="Val metric to early-stop on: i2r_map_label | i2r_map_exact."
+        "auto",
+        "--monitor",
+        help="Val metric to early-stop on: auto (label mAP, or exact-study mAP where the val labels are nearly "
+        "uniform and label mAP cannot move) | i2r_map_label | i2r_map_exact.",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed (the run is deterministic for a seed)."),
     device: str = DEVICE,
@@ -74,6 +84,7 @@ def train_cmd(
         token_cache=None if token_cache is None else str(token_cache),
         patience=patience,
         monitor=monitor,
+        augment=augment,
         seed=seed,
         device=None if device == "auto" else device,
         precision=precision,

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from index import generations, layout, merge, store, tune
+from index import abstain, generations, layout, merge, store, tune
 from index.factory import add_chunks, choose_factory, make_index, train_index, train_size
 from index.rows import manifest_digest, prepare
 from index.shards import (
@@ -145,6 +145,13 @@ def _tune_from_shards(work: Path, key: str, index: Any, n: int, target: float, p
     result = tune.tune_index(index, queries, truth, qids, target, scores, pick_coarse)
     result.sample = how
     return result.record()
+
+
+def _calibrate_abstain(work: Path, images: Any, reports: Any, meta: pd.DataFrame) -> dict:
+    """The no-close-match thresholds (index/abstain.py) from a seeded sample of the collection's own rows."""
+    ids = tune.sample_ids(len(meta), abstain.QUERIES)
+    vectors = {key: gather(work, key, ids) for key in ("images", "reports")}
+    return abstain.calibrate({"images": images, "reports": reports}, vectors, ids, meta["patient_id"].to_numpy())
 
 
 def retune(index: Any, record: dict | None, target: float) -> dict | None:
@@ -293,9 +300,11 @@ def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildRes
         for key, idx in (("images", images), ("reports", reports))
     }
     _warn_unmet(search, factory, opts.factory is not None)
+    meta = _meta(rows, good)
     info = {
         "factory": factory,
         "search": search,
+        "abstain": _calibrate_abstain(work, images, reports, meta),
         "normalized": True,
         "model": store.model_record(model, opts.model_path),
         "reports": REPORTS_NOTE,
@@ -304,7 +313,7 @@ def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildRes
         "manifests": [_manifest_record(manifest, rows, len(good), len(all_bad), digest, "build")],
     }
     (out / store.BAD_FILE).unlink(missing_ok=True)  # a failed earlier attempt's list
-    gen = generations.commit_generation(out, images, reports, _meta(rows, good), info, all_bad)
+    gen = generations.commit_generation(out, images, reports, meta, info, all_bad)
     shutil.rmtree(work, ignore_errors=True)
     return BuildResult(
         out, len(good), len(good), all_bad, factory, encoded, resumed, time.perf_counter() - t0, False, gen.name,

@@ -119,6 +119,16 @@ class SearchRecord(BaseModel):
     sample: str | None = None
 
 
+class AbstainRecord(BaseModel):
+    """The no-close-match threshold of one query modality (index/abstain.py); older indexes have none."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    threshold: float
+    quantile: float = Field(gt=0, lt=1)
+    neighbours: int = Field(default=1, ge=1)
+    queries: int = Field(ge=0)
+
+
 class InfoSchema(BaseModel):
     """index_info.json, typed: a wrong type is refused with the field's name instead of a traceback later."""
 
@@ -139,6 +149,7 @@ class InfoSchema(BaseModel):
     updated: str | None = None
     reports: str | None = None
     search: dict[Literal["images", "reports"], SearchRecord] | None = None
+    abstain: dict[Literal["image", "text"], AbstainRecord] | None = None
 
 
 def validate_info(info: Any, where: str | Path) -> dict:

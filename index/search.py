@@ -2,8 +2,9 @@
 to search an index folder, and the one search filter (`Searcher.search_ids`).
 
 Queries exclude nothing unless asked (`exclude_patient`, `exclude_study`). Report searches return each study
-once (reports.faiss holds one vector per image row, so a study's report repeats per image). The backends that
-run the raw top-k search and the query-time parameters are in `index/backends.py`.
+once (reports.faiss holds one vector per image row, so a study's report repeats per image); with
+`one_per_patient`, each patient once. `match` says whether a query has a close match at all (index/abstain.py).
+The backends that run the raw top-k search and the query-time parameters are in `index/backends.py`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from index import abstain
 from index.backends import apply_tuned, check_scores, make_backend, scores_are_bounded, set_search_params
 from index.layout import OPTIONAL_META_COLUMNS
 from index.store import CXRIndex, open_index
@@ -45,6 +47,7 @@ class _Filter:
     allowed: np.ndarray | None
     require_report: bool
     per_study: bool
+    per_patient: bool = False
 
 
 class Searcher:
@@ -54,7 +57,8 @@ class Searcher:
     `ef_search` and `k_factor` override them (`search_params` holds what applies per target).
 
     `model` is needed for image and text queries (its fingerprint must match the index); vector queries need
-    none.
+    none. `one_per_patient`: results keep each patient's best row only (`cxr query`'s default), so five studies
+    of one patient never fill a top 5.
     """
 
     def __init__(
@@ -68,7 +72,9 @@ class Searcher:
         ef_search: int | None = None,
         mmap: bool = False,
         k_factor: int | None = None,
+        one_per_patient: bool = False,
     ):
+        self.one_per_patient = bool(one_per_patient)
         self.index = index_dir if isinstance(index_dir, CXRIndex) else open_index(index_dir, model, mmap=mmap)
         if isinstance(index_dir, CXRIndex) and model is not None:
             from index.store import check_model
@@ -124,6 +130,9 @@ class Searcher:
         if rule.per_study and len(ids):
             _, first = np.unique(self._studies[ids], return_index=True)
             ids = ids[np.sort(first)]
+        if rule.per_patient and len(ids):
+            _, first = np.unique(self._patients[ids], return_index=True)
+            ids = ids[np.sort(first)]
         return ids
 
     def search_ids(
@@ -136,6 +145,7 @@ class Searcher:
         allowed: np.ndarray | None = None,
         require_report: bool | None = None,
         per_study: bool | None = None,
+        per_patient: bool | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores, row ids), each (n_queries, k), after the filter; padded with -inf / -1 where fewer than k rows
         qualify. The one search filter: `cxr query`, serve, evaluation and the VLM's RAG all come through here.
@@ -146,6 +156,7 @@ class Searcher:
         - `require_report`: drop rows without a report (default: for the reports target).
         - `per_study`: keep each study's best row only (default: for the reports target, whose vectors repeat
           a study's report per image).
+        - `per_patient`: keep each patient's best row only (default: the Searcher's `one_per_patient`).
 
         The search widens (4x per round) until k rows survive or every row was looked at, so the result is the
         top k of the filtered ranking."""
@@ -163,12 +174,13 @@ class Searcher:
             None if allowed is None else np.asarray(allowed, dtype=bool),
             reports if require_report is None else bool(require_report),
             reports if per_study is None else bool(per_study),
+            self.one_per_patient if per_patient is None else bool(per_patient),
         )
         backend = self.backend(target)
         out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
         out_ids = np.full((nq, k), -1, dtype=np.int64)
         # Over-fetch for exclusions and per-study de-duplication; widen until k usable rows or all rows.
-        fetch = min(n, k * (4 if rule.per_study else 1) + (16 if any(pats) or any(studs) else 0))
+        fetch = min(n, k * (4 if rule.per_study or rule.per_patient else 1) + (16 if any(pats) or any(studs) else 0))
         if rule.allowed is not None:  # a filter keeping a fraction f of the rows needs about 1/f times the rows
             fetch = min(n, int(fetch * n / max(1, int(rule.allowed.sum()))))
         todo = np.arange(nq)
@@ -232,6 +244,32 @@ class Searcher:
         """Top-k rows for one query vector."""
         return self.search_vectors(vector, k, target, [exclude_patient], [exclude_study])[0]
 
+    def match(self, vector: np.ndarray, modality: str = "image", exclude_patient: str | None = None) -> dict | None:
+        """Whether a query vector has a close match in the collection: {"close", "closeness", "threshold",
+        "quantile"} under the threshold calibrated at build time (index/abstain.py); None for an index built
+        without one."""
+        found = self.matches(vector, modality, [exclude_patient])
+        return None if found is None else found[0]
+
+    def matches(
+        self, vectors: np.ndarray, modality: str = "image", exclude_patients: Sequence[str | None] | None = None
+    ) -> list[dict] | None:
+        """`match` for many query vectors at once."""
+        record = (self.index.info.get("abstain") or {}).get(modality)
+        if not record:
+            return None
+        n = int(record.get("neighbours", 1))
+        target = abstain.MODALITIES[modality]
+        scores, _ = self.search_ids(vectors, n, target, exclude_patients, per_study=False, per_patient=False)
+        return [abstain.judge(record, float(np.mean(row))) for row in scores]
+
+    def image_vector(self, image: str | Path | np.ndarray) -> np.ndarray:
+        """(1, dim) embedding of one image (path or HxW float array in [0, 1]) with the index's model."""
+        from retrieval.models.image_stream import encode_image_items
+
+        vector, _, _ = encode_image_items(self._need_model(), [image], output="embeddings", on_error="raise")
+        return vector
+
     def query_image(
         self,
         image: str | Path | np.ndarray,
@@ -241,10 +279,7 @@ class Searcher:
         exclude_study: str | None = None,
     ) -> pd.DataFrame:
         """Top-k rows for an image (path to PNG/JPEG/DICOM, or an HxW float array in [0, 1])."""
-        from retrieval.models.image_stream import encode_image_items
-
-        vector, _, _ = encode_image_items(self._need_model(), [image], output="embeddings", on_error="raise")
-        return self.query_vector(vector, k, target, exclude_patient, exclude_study)
+        return self.query_vector(self.image_vector(image), k, target, exclude_patient, exclude_study)
 
     def query_text(
         self,
@@ -257,11 +292,14 @@ class Searcher:
     ) -> pd.DataFrame:
         """Top-k rows for a sentence (e.g. 'right lower lobe consolidation'); `findings="auto"` keeps to reports
         that have the findings the sentence names (index/report_findings.py), "off" ranks by the embedding alone."""
+        return self.text_results(self.text_vector(text), text, k, target, exclude_patient, exclude_study, findings)
+
+    def text_vector(self, text: str) -> np.ndarray:
+        """(1, dim) embedding of one sentence with the index's model (UsageError when it is empty)."""
         if not str(text).strip():
             raise UsageError("the text query is empty")
         check_query_text(str(text))
-        vec = np.asarray(self._need_model().encode_texts([str(text)]), dtype=np.float32)
-        return self.text_results(vec, text, k, target, exclude_patient, exclude_study, findings)
+        return np.asarray(self._need_model().encode_texts([str(text)]), dtype=np.float32)
 
     def text_results(
         self,
@@ -302,7 +340,8 @@ class Searcher:
         workers: int = 2,
         progress: bool = True,
     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Many image queries, decoded in worker processes: (results with a `query` column, bad images)."""
+        """Many image queries, decoded in worker processes: (results with a `query` column, bad images). Each
+        result row also says whether its query had a close match (`close_match`, `closeness`: see `match`)."""
         from index.encode import stream_image_vectors
         from retrieval.progress import make_progress
 
@@ -316,8 +355,11 @@ class Searcher:
             for ids, vecs, bad_rows in stream_image_vectors(paths, model, batches, workers=workers):
                 if len(ids):
                     found = self.search_vectors(vecs, k, target, [pats[i] for i in ids])
-                    for i, frame in zip(ids.tolist(), found, strict=True):
+                    judged = self.matches(vecs, "image", [pats[i] for i in ids]) or [{}] * len(ids)
+                    for i, frame, match in zip(ids.tolist(), found, judged, strict=True):
                         frame.insert(0, "query", paths[i])
+                        frame["close_match"] = match.get("close", True)  # True where the index has no threshold
+                        frame["closeness"] = match.get("closeness", np.nan)
                         frames.append(frame)
                 bad.extend({"path": paths[i], "reason": r} for i, r in bad_rows)
                 bar.advance(task, len(ids) + len(bad_rows))
@@ -336,8 +378,9 @@ def image_query(
     backend: str = "auto",
     exclude_patient: str | None = None,
     **params: Any,
-) -> pd.DataFrame:
-    """One image query as `cxr query IMAGE` answers it (`params`: nprobe, ef_search, k_factor, mmap).
+) -> tuple[pd.DataFrame, dict | None]:
+    """One image query as `cxr query IMAGE` answers it (`params`: nprobe, ef_search, k_factor, mmap,
+    one_per_patient): the hits and `Searcher.match` of the query vector (None without a calibrated threshold).
 
     On the CPU, when the index's model was exported (`retrieval.models.onnx_embedder`, keyed by the fingerprint
     the index records), ONNX Runtime embeds the image and neither torch nor open_clip is imported. Otherwise (a
@@ -350,12 +393,15 @@ def image_query(
     embedder = onnx_embedder.open_embedder(fingerprint) if cpu and model is None else None
     if embedder is not None:
         searcher = Searcher(index, None, backend=backend, device="cpu", **params)
-        return searcher.query_vector(embedder.encode(pixels), k, target, exclude_patient)
+        vector = embedder.encode(pixels)
+        hits = searcher.query_vector(vector, k, target, exclude_patient)
+        return hits, searcher.match(vector, "image", exclude_patient)
     from index.store import load_recorded_model
 
     loaded = load_recorded_model(index.info, index.path, model, device)
     searcher = Searcher(index, loaded, backend=backend, device=device, **params)
-    hits = searcher.query_image(pixels, k, target, exclude_patient=exclude_patient)
+    vector = searcher.image_vector(pixels)
+    hits = searcher.query_vector(vector, k, target, exclude_patient)
     if cpu:  # the Searcher checked that the model's fingerprint is the index's
         onnx_embedder.export_embedder(loaded, fingerprint)
-    return hits
+    return hits, searcher.match(vector, "image", exclude_patient)

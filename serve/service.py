@@ -285,12 +285,15 @@ class ServeService:
             hits = searcher.text_results(vec[None, :], job.query["text"], job.k, job.target, exclude_patient=exclude)
         else:
             hits = searcher.query_vector(vec[None, :], job.k, job.target, exclude_patient=exclude)
-        results = result_records(hits)
+        match = searcher.match(vec[None, :], "text" if "text" in job.query else "image", exclude)
+        far = match is not None and not match["close"]  # no close match: say so, rank nothing (index/abstain.py)
+        results = [] if far else result_records(hits)
         if not self.config.show_paths:
             for r in results:
                 r.pop("image_path", None)
         paths = {"index": str(self.index_path)} if self.config.show_paths else {}
-        return {**job.query, **paths, "target": job.target, "k": job.k, "results": results}
+        return {**job.query, **paths, "target": job.target, "k": job.k, "no_close_match": far, "match": match,
+                "results": results}  # fmt: skip
 
     def generate(
         self,

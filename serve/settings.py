@@ -41,4 +41,5 @@ class ServeConfig:
     show_paths: bool = False  # reveal the server's paths (index, image files, errors) in responses
     max_k: int = 1000
     thumbnail_cache: int = 512
+    one_per_patient: bool = True  # each patient's best result only, as `cxr query` by default
     archive_url: str | None = None  # a link template to the archive's viewer (serve/archive_link.py)

@@ -81,7 +81,10 @@ def open_snapshot(path: Path, model: Any, config: Any, generation: int) -> Index
 
     signature = folder_signature(path)
     c = config
-    searcher = Searcher(path, model, backend=c.backend, device=c.device, nprobe=c.nprobe, ef_search=c.ef_search)
+    searcher = Searcher(
+        path, model, backend=c.backend, device=c.device, nprobe=c.nprobe, ef_search=c.ef_search,
+        one_per_patient=c.one_per_patient,
+    )  # fmt: skip
     for target in TARGETS:  # made now, not lazily by two request threads at once
         searcher.backend(target)
     return IndexSnapshot(searcher, signature, generation, _now(), study_rows(searcher.index.meta))

@@ -522,7 +522,7 @@ def test_reload_swaps_the_index_and_in_flight_queries_finish_on_the_old(growing,
     idx, add = growing
     root = data[0]
     model = GatedModel()
-    svc = ServeService(ServeConfig(index=idx, workers=2, watch_interval=0), model=model)
+    svc = ServeService(ServeConfig(index=idx, workers=2, watch_interval=0, one_per_patient=False), model=model)
     try:
         with TestClient(create_app(svc)) as c:
             png = png_bytes(root / "img" / "30.png")

@@ -365,3 +365,22 @@ def test_task_owns_the_temperature_and_round_trips_its_trainable_state(test_devi
     task.load_trainable_state(before)
     restored = task.trainable_state()
     assert all(torch.equal(before[k], restored[k]) for k in before)
+
+
+def test_auto_monitor_watches_exact_map_where_label_map_cannot_move():
+    """covid-cxr's case: nearly every validation image carries the same label, so label mAP starts at its ceiling
+    (0.97 from epoch 1) and early stopping on it ends the run before it learns; auto watches exact-study mAP."""
+    from types import SimpleNamespace
+
+    from retrieval.training.loop import choose_monitor
+
+    def split(labels: list[int]) -> SimpleNamespace:
+        m = np.eye(3, dtype=bool)[labels]
+        return SimpleNamespace(items=SimpleNamespace(image_labels=m, study_labels=m))
+
+    uniform = split([0] * 18 + [1, 2])  # 82% of image-report pairs share a label
+    varied = split([0, 1, 2] * 6)  # 33%
+    assert choose_monitor("auto", uniform)[0] == "i2r_map_exact"
+    assert choose_monitor("auto", varied)[0] == "i2r_map_label"
+    assert choose_monitor("auto", None)[0] == "i2r_map_label"
+    assert choose_monitor("i2r_map_label", uniform) == ("i2r_map_label", "chosen")

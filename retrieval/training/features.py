@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,6 +18,7 @@ from retrieval.data.split_items import SplitItems
 from retrieval.errors import CXRError
 from retrieval.models import text_features
 from retrieval.models.checkpoint import fingerprint_state
+from retrieval.training.augment import RadiographAugment
 from retrieval.training.config import TrainConfig
 from retrieval.training.data import ImageSource, PreparedSplit, decode_images, drop_unreadable, items_hash
 from retrieval.training.towers import tower_frozen, tower_modules
@@ -35,13 +37,16 @@ class FeaturePlan:
     image_back: nn.Module | None = None
 
 
-def plan_features(model: nn.Module, scratch: Sequence[str], unfreeze_last: int) -> FeaturePlan:
-    """The plan for a model whose towers are set trainable (`towers.set_trainable`)."""
+def plan_features(model: nn.Module, scratch: Sequence[str], unfreeze_last: int, augment: bool = False) -> FeaturePlan:
+    """The plan for a model whose towers are set trainable (`towers.set_trainable`). With `augment`, no image
+    features are cached: every epoch runs the tower on freshly augmented pixels."""
     from retrieval.models.tower_parts import split_cnn
 
     towers = tower_modules(model)
     plan = FeaturePlan({k: fingerprint_state(t.state_dict()) for k, t in towers.items() if tower_frozen(t)})
     tower = towers["image"]
+    if augment:
+        return plan
     if tower_frozen(tower):
         plan.image_cut, plan.image_forward = "image", "features"
         plan.tower_hash["image_front"] = plan.tower_hash["image"]
@@ -102,7 +107,7 @@ class SplitFeatures:
         image_tower = tower_modules(self.model)["image"]
         if cfg.feature_cache and self.plan.image_cut is not None:
             out.items, out.image_feats = self._image_features(items, split)
-        elif not tower_frozen(image_tower) or not cfg.feature_cache:
+        elif not tower_frozen(image_tower) or not cfg.feature_cache or cfg.augment:
             size = int(getattr(self.model, "image_size", 224))
             out.items, out.decoded = decode_images(items, size, cfg.show_progress, f"decode {split}")
         if cfg.feature_cache and "text" in self.plan.tower_hash:
@@ -171,13 +176,15 @@ class SplitFeatures:
             featurize, reports, max(self.config.batch_size, 64), show_progress=self.config.show_progress, desc=desc
         )
 
-    def images(self, split: PreparedSplit, idx: Sequence[int]) -> torch.Tensor:
+    def images(self, split: PreparedSplit, idx: Sequence[int], rng: np.random.Generator | None = None) -> torch.Tensor:
         """The image features the projector reads for images `idx`: cached (through the trained back of a cut
-        CNN), or the tower run on their pixels."""
+        CNN), or the tower run on their pixels (augmented from `rng` when the run augments and `rng` is given:
+        training batches)."""
         if split.image_feats is not None:
             feats = split.image_feats[list(idx)].to(self.device)
             return self.plan.image_back(feats.float()) if self.plan.image_back is not None else feats
-        source = ImageSource(split.items.image_paths, self.transform, split.decoded)
+        augment = RadiographAugment() if self.config.augment and rng is not None else None
+        source = ImageSource(split.items.image_paths, self.transform, split.decoded, augment, rng)
         return self.model.image_features(torch.stack([source[i] for i in idx]).to(self.device))
 
     def texts(self, split: PreparedSplit, study_idx: Sequence[int]) -> torch.Tensor:

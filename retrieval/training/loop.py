@@ -19,7 +19,7 @@ from retrieval.errors import CXRError, ManifestError
 from retrieval.fileio import clean_temporaries
 from retrieval.progress import console, make_progress
 from retrieval.retrieval_metrics import mean_average_precision, overlap_matrix, ranked_relevance
-from retrieval.training.config import TrainConfig, run_key
+from retrieval.training.config import LABEL_CEILING, TrainConfig, run_key
 from retrieval.training.data import PreparedSplit, epoch_batches, finish_split
 from retrieval.training.features import SplitFeatures, plan_features
 from retrieval.training.resume import resume, save_epoch
@@ -69,7 +69,7 @@ class Trainer:
         self.model = build_model(self.model_name, cfg.tower_seed, cfg.seed, self.device)
         self.scratch = scratch_towers(self.model, cfg.image_tower)
         self.tower_status = set_trainable(self.model, self.scratch, cfg.unfreeze_last)
-        self.plan = plan_features(self.model, self.scratch, cfg.unfreeze_last)
+        self.plan = plan_features(self.model, self.scratch, cfg.unfreeze_last, cfg.augment)
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / CACHE_DIR
         self.features = SplitFeatures(self.model, self.plan, cfg, self.device, self.precision, cache_dir)
         clean_temporaries(self.out, self.checkpoint.folder, cache_dir)  # what a killed run left behind
@@ -99,6 +99,7 @@ class Trainer:
             shutil.rmtree(self.checkpoint.folder)
         self.train_split = self.prepare(cfg.train_split, cfg.max_train_studies)
         self.val_split = self.prepare(cfg.val_split) if cfg.val_split else None
+        self.monitor, self.monitor_why = choose_monitor(cfg.monitor, self.val_split)
         if len(self.train_split.study_images) < 2:
             raise CXRError(f"split {cfg.train_split!r} has fewer than 2 usable studies")
         self.task = RetrievalTask(self.model, cfg.loss_weights, cfg.positive_rule, cfg.supcon_temperature)
@@ -128,7 +129,7 @@ class Trainer:
         losses = self._train_epoch(epoch)
         train_s = time.perf_counter() - t0
         val = self.validate(self.val_split) if self.val_split is not None else {}
-        metric = val.get(cfg.monitor)
+        metric = val.get(self.monitor)
         improved = metric is not None and (state["best_metric"] is None or metric > state["best_metric"])
         if improved or self.val_split is None:
             state["best_metric"], state["best_epoch"], state["bad_epochs"] = metric, epoch + 1, 0
@@ -154,11 +155,12 @@ class Trainer:
         batches = epoch_batches(split.study_images, self.config.seed, epoch, self.config.batch_size)
         with make_progress(disable=not self.config.show_progress, transient=True) as progress:
             task = progress.add_task(f"epoch {epoch + 1}/{self.config.epochs}", total=len(batches), unit="batches")
-            for image_idx, study_idx in batches:
+            for b, (image_idx, study_idx) in enumerate(batches):
                 labels = split.labels[study_idx].to(self.device)
+                rng = np.random.default_rng([self.config.seed, epoch, b])  # augmentation draws (when it augments)
                 with autocast(self.device, self.precision):
                     inputs = self.task.outputs(
-                        self.features.images(split, image_idx), self.features.texts(split, study_idx), labels
+                        self.features.images(split, image_idx, rng), self.features.texts(split, study_idx), labels
                     )
                 out = self.task.loss(inputs)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -208,3 +210,17 @@ class Trainer:
             "i2r_map_label": round(mean_average_precision(ranked_relevance(scores, label)), 5),
             "i2r_map_exact": round(mean_average_precision(ranked_relevance(scores, exact)), 5),
         }
+
+
+def choose_monitor(monitor: str, val: PreparedSplit | None) -> tuple[str, str]:
+    """(the validation metric early stopping watches, why): `auto` picks label mAP unless the split's share of
+    label-sharing image-report pairs (a random ranking's label precision) is at least LABEL_CEILING, where label
+    mAP starts at its ceiling and cannot move; then exact-study mAP."""
+    if monitor != "auto":
+        return monitor, "chosen"
+    if val is None:
+        return "i2r_map_label", "no validation split"
+    chance = float(overlap_matrix(val.items.image_labels, val.items.study_labels).mean())
+    if chance >= LABEL_CEILING:
+        return "i2r_map_exact", f"{chance:.0%} of validation image-report pairs share a label: label mAP cannot move"
+    return "i2r_map_label", f"{chance:.0%} of validation image-report pairs share a label"

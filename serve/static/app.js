@@ -115,6 +115,13 @@ async function runSearch(call, title) {
   try {
     const doc = await (await call()).json();
     const ms = Math.round(performance.now() - t0);
+    if (doc.no_close_match) {
+      const m = doc.match;
+      status(`no close match for ${title}: the nearest scores ${m.closeness == null ? "nothing" : m.closeness.toFixed(3)}, below the ${m.threshold.toFixed(3)} ` +
+        `that ${Math.round(100 * (1 - m.quantile))}% of the collection's own queries reach · ${ms} ms`, true);
+      $("#grid").replaceChildren();
+      return;
+    }
     status(`${doc.results.length} ${title} · ${ms} ms`);
     renderGrid(doc);
   } catch (e) {
