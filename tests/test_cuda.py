@@ -142,7 +142,8 @@ def test_serve_on_cuda_answers_as_on_the_cpu(vlm, corpus):
     from index.build import BuildOptions, build_index
     from retrieval.models import load_model
     from serve.app import create_app
-    from serve.service import ServeConfig, ServeService
+    from serve.service import ServeService
+    from serve.settings import ServeConfig
 
     root, df = corpus
     build_index(df, load_model("cxr-tiny", device="cpu"), root / "idx", options=BuildOptions(workers=0, progress=False))
