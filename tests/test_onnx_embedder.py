@@ -104,6 +104,7 @@ def test_the_table_fits_80_columns_and_wide_shows_the_whole_report(tiny, monkeyp
     root, df, _ = tiny
     monkeypatch.setenv("COLUMNS", "80")
     args = ["query", str(root / df["image_path"][0]), "--index", str(root / "idx"), "-k", "12", "--target", "images"]
+    args.append("--all-per-patient")  # every image, not each patient's best only
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     hits = [line for line in lines if line.strip()[:2].strip().isdigit()]
