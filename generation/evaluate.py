@@ -146,9 +146,7 @@ def score_task(
             list(b) if b is not None else parse_boxes(a, LABELS)
             for a, b in zip(answers, boxes or [None] * len(answers), strict=True)
         ]
-        dets = [
-            list(d) if d is not None else p for p, d in zip(preds, detections or [None] * len(preds), strict=True)
-        ]
+        dets = [list(d) if d is not None else p for p, d in zip(preds, detections or [None] * len(preds), strict=True)]
         normal = [i for i, e in enumerate(examples) if not e.info.get("boxes")]
         out = {
             **localisation_accuracy(truth, preds),

