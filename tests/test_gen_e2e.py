@@ -289,3 +289,26 @@ def test_lora_projector_stage_leaves_the_lm_untouched(corpus, tmp_path):
     vlm = VLM.load(tmp_path / "v")
     lora_b = [p for n, p in vlm.lm.named_parameters() if "lora_B" in n]
     assert lora_b and all(not p.any() for p in lora_b)  # LoRA B starts at zero and was never stepped
+
+
+def test_image_controls_and_shuffled_answers(trained, corpus):
+    """Blank, noise and another study's image replace the test images (and the exemplars retrieved for them); the
+    finding head that reads the image beats its own answers shuffled, and answers a blank image all alike."""
+    from generation.image_controls import derangement
+
+    root, df, idx = corpus
+    kw = dict(split="test", k=2, meteor=False, progress=False, tasks=["classify"], shuffled=True)
+    kw["retrieval_model"] = SynthRetrievalModel()
+    res = {c: evaluate_generation(trained[0], df, idx, image_control=c, **kw) for c in ("real", "blank", "other")}
+    real = res["real"]["tasks"]["classify"]
+    assert list(real) == ["constant", "retrieval-only", "vlm k=0", "vlm k=2", "shuffled"]
+    assert real["vlm k=2"]["micro_f1"] > real["shuffled"]["micro_f1"] + 0.2
+    blank = res["blank"]["tasks"]["classify"]
+    assert blank["vlm k=2"]["micro_f1"] < real["vlm k=2"]["micro_f1"] - 0.2
+    assert len({s["output"] for s in res["blank"]["samples"]["classify"] if s["condition"] == "vlm k=2"}) == 1
+    assert res["other"]["tasks"]["classify"]["vlm k=2"]["micro_f1"] < real["vlm k=2"]["micro_f1"] - 0.2
+    assert res["blank"]["image_control"] == "blank"
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 10):
+        p = derangement(n, rng)
+        assert sorted(p) == list(range(n)) and not (p == np.arange(n)).any()
