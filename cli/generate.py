@@ -18,6 +18,12 @@ def generate_cmd(
     question: str = typer.Option(None, "--question", help="The question for --task vqa."),
     phrase: str = typer.Option(None, "--phrase", help="The anatomy or finding for --task ground."),
     k: int = typer.Option(3, "-k", help="Exemplar reports in the prompt (0 = no retrieval)."),
+    report_source: str = typer.Option(
+        "findings",
+        "--report-source",
+        help="[report]: findings (the template writer), generate (the LM writes it from the findings + exemplars), "
+        "quote (the best exemplar).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = DEVICE,
 ) -> None:
@@ -31,7 +37,9 @@ def generate_cmd(
         raise UsageError("-k must be >= 0")
     if k > 0 and index is None:
         raise UsageError("retrieval needs --index (or pass -k 0)")
-    res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device)
+    res = generate_for_image(
+        image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device, report_source=report_source
+    )
     if as_json:
         print(json.dumps(res, indent=2))
         return

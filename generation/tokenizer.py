@@ -114,4 +114,4 @@ def prompt_frame(tok) -> tuple[list[int], list[int]]:
 def decode(tok, ids) -> str:
     """Token ids -> text without [CLS]/[SEP]/[PAD] (or the LM's special tokens), keeping task, box and
     coordinate tokens."""
-    return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True).strip()
+    return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=is_wordpiece(tok)).strip()

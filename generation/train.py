@@ -232,12 +232,12 @@ def _prepare_inputs(df: pd.DataFrame, config: VLMTrainConfig, index_dir: str | P
     examples = {t: exs for t, exs in examples.items() if exs}
 
     exemplars: dict[int, list[Exemplar]] = {}
-    if searcher is not None and config.rag_k > 0:
+    if searcher is not None and config.rag_k > 0 and config.steps > 0:  # zero-shot (0 steps): no training prompt
         train_studies = {str(s) for s in df.iloc[rows]["study_id"]}
         exemplars = exemplars_for_rows(df, sorted(visual), searcher, config.rag_k, allowed_studies=train_studies)
     label_rows = row_label_targets(df, used_rows)
     findings = {}
-    if config.findings_in_prompt and "report" in examples:
+    if config.findings_in_prompt and "report" in examples and config.steps > 0:
         findings = findings_lines(df, visual, label_rows, config.seed)
     return _Inputs(df, rows, examples, encoders, used_rows, visual, bad, t_vis, exemplars, label_rows, findings)
 
@@ -287,7 +287,7 @@ def _create_or_resume(config: VLMTrainConfig, data: _Inputs, state: dict | None,
     vlm.config.prompt_budget = config.prompt_budget
     vlm.config.tasks = list(data.examples)
     vlm.config.rag_k = config.rag_k
-    vlm.config.findings_in_prompt = bool(data.findings)
+    vlm.config.findings_in_prompt = config.findings_in_prompt and "report" in data.examples
     vlm.config.image_in_prompt = config.steps > 0  # zero-shot (no step): an untrained projector would be noise
     return vlm
 
