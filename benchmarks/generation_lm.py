@@ -106,6 +106,40 @@ def _cost(vlm: Path, demo: Path) -> dict:
     }
 
 
+def lora_cost(steps: int, batch: int, prompt_len: int = 256, target_len: int = 80, visual_dim: int = 1280) -> dict:
+    """Training tokens/s of SmolLM2 + LoRA (r 8, every linear layer, the new token rows) + projector: `steps`
+    AdamW steps on batches of `batch` rows of a realistic length (prompt budget 256, 80 answer tokens, a 4x4 grid
+    of 1280-wide cxr-small tokens), timed after one warm-up step."""
+    import torch
+
+    from generation.model import VLM
+
+    vlm = VLM.create(visual_dim, [{"spec": "cost"}], lm_path="smollm2-135m", lora=True, lora_r=8).train()
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    visual = torch.randn(batch, 16, visual_dim, generator=gen)
+    prompts = [torch.randint(0, 49152, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
+    targets = [torch.randint(0, 49152, (target_len,), generator=gen).tolist() for _ in range(batch)]
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.time()
+        loss = vlm(visual, prompts, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.time() - t0)
+    per_step = sum(times[1:]) / steps
+    seq = 6 + prompt_len + target_len + 1  # the 4 grouped image tokens and 2 markers, prompt, answer, eos
+    return {
+        "steps": steps,
+        "batch": batch,
+        "seconds_per_step": round(per_step, 2),
+        "train_tokens_per_s": round(batch * seq / per_step, 1),
+        "trainable_params": sum(p.numel() for p in params),
+    }
+
+
 def _markdown(rows: list[dict], meta: dict) -> str:
     head = ["row", *COLUMNS, "copied", "vqa_closed", "vqa_open"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -124,7 +158,12 @@ def main() -> None:
     p.add_argument("--lora-batch", type=int, default=4)
     p.add_argument("--controls", default="blank,noise,other")
     p.add_argument("--skip-tiny", action="store_true")
+    p.add_argument("--lora-cost", type=int, default=0, help="only time N LoRA training steps, print, exit")
     args = p.parse_args()
+    if args.lora_cost:
+        print(json.dumps({"lora_cost": lora_cost(args.lora_cost, args.lora_batch), "machine": machine_info()}))
+        print("max_rss_mib", round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+        return
     demo, work = args.demo, args.work
     tasks = ["report", "vqa"]
     meta: dict = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()}}

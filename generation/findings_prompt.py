@@ -1,5 +1,5 @@
-"""The finding head's predictions as prompt text: the "Likely findings" line a pretrained LM writes the report from
-(AnatomiX's findings block beside the retrieved exemplars).
+"""The finding head's predictions as prompt text: the "Likely findings" line a pretrained LM writes the report and
+answers questions from (AnatomiX's findings block beside the retrieved exemplars), in `[report]` and `[vqa]` prompts.
 
     Likely findings: right pleural effusion (0.82), cardiomegaly (0.64).
     Likely findings: none.
@@ -22,6 +22,7 @@ from generation.findings_report import predicted_findings
 from retrieval.labels import LABELS
 
 PREFIX = "Likely findings:"
+TASKS = ("report", "vqa")  # the prompts that carry the line: the LM writes the report and answers questions from it
 NONE = "none"
 
 

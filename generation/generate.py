@@ -27,6 +27,7 @@ from generation.boxes import boxes_text, malformed_boxes, parse_boxes
 from generation.constraints import box_decoding
 from generation.encoders import encode_visual
 from generation.finding_ridge import FindingRidge
+from generation.findings_prompt import TASKS as FINDINGS_TASKS
 from generation.findings_prompt import findings_line
 from generation.findings_report import finding_sides, findings_report, predicted_findings
 from generation.head import closed_answer, rank_exemplars
@@ -225,8 +226,9 @@ class Generator:
         quote = task == "report" and self.report_source == "quote" and probs is not None
         head = probs is not None and thresholds is not None
         written = task == "report" and self.report_source == "findings" and head
-        # the LM writes the report from the heads' "Likely findings" line (a VLM trained or prompted with it)
-        lined = task == "report" and self.report_source == "generate" and head and self.vlm.config.findings_in_prompt
+        # the LM writes the report / answers from the heads' "Likely findings" line (a VLM trained or prompted with it)
+        by_lm = (task == "report" and self.report_source == "generate") or (task == "vqa" and self.vqa_source == "lm")
+        lined = task in FINDINGS_TASKS and by_lm and head and self.vlm.config.findings_in_prompt
         from_head = task == "vqa" and self.vqa_source == "head" and head
         classified = task == "classify" and self.classify_source == "head" and head
         boxed = self._box_answers(feats, task, prompts)

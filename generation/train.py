@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from generation.findings_prompt import TASKS as FINDINGS_TASKS
 from generation.language_model import DEFAULT_LM
 from generation.model import VLM, load_encoder
 from generation.rag import Exemplar, build_prompt_ids
@@ -62,7 +63,7 @@ class VLMTrainConfig:
     lora: bool = False
     lora_r: int = 8
     projector_fraction: float = 0.3  # with LoRA: the first fraction of steps trains the projector alone
-    findings_in_prompt: bool = True  # [report] prompts carry the finding head's "Likely findings" line
+    findings_in_prompt: bool = True  # [report] and [vqa] prompts carry the finding head's "Likely findings" line
     lm_overrides: dict = field(default_factory=dict)
     task_rule: str = "uniform"  # uniform | inverse (seed 000) | proportional
     balance: float = 0.5  # example weight freq(rarest finding)^-balance; 0 = uniform within a task
@@ -156,11 +157,11 @@ def encode_batch(
     findings: dict[int, str] | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Prompt and target token ids for a batch; example i carries its row's first ks[i] exemplars, and a
-    `[report]` example its row's "Likely findings" line from `findings` (row -> line) when given."""
+    `[report]` / `[vqa]` example its row's "Likely findings" line from `findings` (row -> line) when given."""
     prompts, targets = [], []
     findings = findings or {}
     for ex, k in zip(batch, ks, strict=True):
-        line = findings.get(ex.row) if ex.task == "report" else None
+        line = findings.get(ex.row) if ex.task in FINDINGS_TASKS else None
         ids, _ = build_prompt_ids(tok, ex.task, ex.prompt, exemplars.get(ex.row, [])[:k], budget, line)
         prompts.append(ids)
         targets.append(tok(ex.target, add_special_tokens=False)["input_ids"][:max_target])
@@ -237,7 +238,7 @@ def _prepare_inputs(df: pd.DataFrame, config: VLMTrainConfig, index_dir: str | P
         exemplars = exemplars_for_rows(df, sorted(visual), searcher, config.rag_k, allowed_studies=train_studies)
     label_rows = row_label_targets(df, used_rows)
     findings = {}
-    if config.findings_in_prompt and "report" in examples and config.steps > 0:
+    if config.findings_in_prompt and set(FINDINGS_TASKS) & set(examples) and config.steps > 0:
         findings = findings_lines(df, visual, label_rows, config.seed)
     return _Inputs(df, rows, examples, encoders, used_rows, visual, bad, t_vis, exemplars, label_rows, findings)
 
@@ -287,7 +288,7 @@ def _create_or_resume(config: VLMTrainConfig, data: _Inputs, state: dict | None,
     vlm.config.prompt_budget = config.prompt_budget
     vlm.config.tasks = list(data.examples)
     vlm.config.rag_k = config.rag_k
-    vlm.config.findings_in_prompt = config.findings_in_prompt and "report" in data.examples
+    vlm.config.findings_in_prompt = config.findings_in_prompt and bool(set(FINDINGS_TASKS) & set(data.examples))
     vlm.config.image_in_prompt = config.steps > 0  # zero-shot (no step): an untrained projector would be noise
     return vlm
 

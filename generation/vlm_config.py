@@ -37,7 +37,7 @@ class VLMConfig:
     tasks: list[str] | None = None
     rag_k: int = 1
     head_thresholds: list[float] | None = None
-    findings_in_prompt: bool = False  # [report] prompts carry the finding head's "Likely findings" line
+    findings_in_prompt: bool = False  # [report] and [vqa] prompts carry the finding head's "Likely findings" line
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer version, kept as they were
 
     def __post_init__(self) -> None:

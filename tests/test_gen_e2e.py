@@ -274,6 +274,9 @@ def test_pretrained_lm_lora_staging_and_zero_shot_write_from_the_findings(corpus
     rec = gen.generate(gen.visual([read_image(root / row["image_path"])]), ["report"], ["describe."], [[]])[0]
     assert rec["findings_line"].startswith("Likely findings: ") and rec["source"] == "lm"
     assert all(f.lower() in rec["findings_line"] for f in rec["head_findings"])
+    gen.vqa_source = "lm"  # closed questions answered by the LM read the same line
+    vqa = gen.generate(gen.visual([read_image(root / row["image_path"])]), ["vqa"], ["is there cardiomegaly?"], [[]])
+    assert vqa[0]["findings_line"] == rec["findings_line"] and vqa[0]["source"] == "lm"
 
 
 def test_lora_projector_stage_leaves_the_lm_untouched(corpus, tmp_path):
