@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from generation.findings_report import predicted_findings
@@ -70,3 +71,17 @@ def true_sides(boxes: Sequence[dict]) -> dict[str, str]:
     from generation.tasks import finding_boxes
 
     return finding_sides([{**b, "score": 1.0} for b in finding_boxes(boxes)])
+
+
+def findings_lines(
+    df: pd.DataFrame, visual: dict[int, torch.Tensor], label_rows: dict[int, torch.Tensor], seed: int
+) -> dict[int, str]:
+    """Each training row's "Likely findings" line from cross-fitted finding-ridge predictions, with the sides of
+    its own finding boxes (findings_prompt.py)."""
+    probs, thresholds = crossfit_probs(visual, label_rows, seed=seed)
+    out = {}
+    for r, p in probs.items():
+        boxes = df.iloc[r].get("boxes") if "boxes" in df.columns else None
+        boxes = [b for b in (boxes if isinstance(boxes, list | tuple | np.ndarray) else []) if isinstance(b, dict)]
+        out[r] = findings_line(p, thresholds, true_sides(boxes))
+    return out

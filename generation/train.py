@@ -122,21 +122,6 @@ def row_label_targets(df: pd.DataFrame, rows: Sequence[int]) -> dict[int, torch.
     return out
 
 
-def head_thresholds(vlm: VLM, visual: dict[int, torch.Tensor], label_rows: dict[int, torch.Tensor]) -> list[float]:
-    """The finding head's per-finding thresholds, fitted on the training rows (`head.fit_thresholds`)."""
-    from generation.head import fit_thresholds
-
-    order = sorted(visual)
-    probs = torch.cat(
-        [
-            vlm.finding_probs(torch.stack([visual[r] for r in order[i : i + 256]]).float())
-            for i in range(0, len(order), 256)
-        ]
-    )
-    targets = torch.stack([label_rows[r] for r in order])
-    return [round(t, 4) for t in fit_thresholds(probs.numpy(), targets.numpy())]
-
-
 def _lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -239,24 +224,10 @@ def _prepare_inputs(df: pd.DataFrame, config: VLMTrainConfig, index_dir: str | P
     label_rows = row_label_targets(df, used_rows)
     findings = {}
     if config.findings_in_prompt and set(FINDINGS_TASKS) & set(examples) and config.steps > 0:
+        from generation.findings_prompt import findings_lines
+
         findings = findings_lines(df, visual, label_rows, config.seed)
     return _Inputs(df, rows, examples, encoders, used_rows, visual, bad, t_vis, exemplars, label_rows, findings)
-
-
-def findings_lines(
-    df: pd.DataFrame, visual: dict[int, torch.Tensor], label_rows: dict[int, torch.Tensor], seed: int
-) -> dict[int, str]:
-    """Each training row's "Likely findings" line from cross-fitted finding-ridge predictions, with the sides of
-    its own finding boxes (findings_prompt.py)."""
-    from generation.findings_prompt import crossfit_probs, findings_line, true_sides
-
-    probs, thresholds = crossfit_probs(visual, label_rows, seed=seed)
-    out = {}
-    for r, p in probs.items():
-        boxes = df.iloc[r].get("boxes") if "boxes" in df.columns else None
-        boxes = [b for b in (boxes if isinstance(boxes, list | tuple | np.ndarray) else []) if isinstance(b, dict)]
-        out[r] = findings_line(p, thresholds, true_sides(boxes))
-    return out
 
 
 def _create_or_resume(config: VLMTrainConfig, data: _Inputs, state: dict | None, ck: Checkpoint) -> VLM:
@@ -362,7 +333,9 @@ def _finish(config: VLMTrainConfig, vlm: VLM, data: _Inputs, out: Path) -> float
     the seconds of the two closed-form heads."""
     vlm.eval()
     if vlm.aux_head is not None:  # thresholds for closed answers from the finding head (head.py)
-        vlm.config.head_thresholds = head_thresholds(vlm, data.visual, data.label_rows)
+        from generation.head import aux_head_thresholds
+
+        vlm.config.head_thresholds = aux_head_thresholds(vlm, data.visual, data.label_rows)
     vlm.save(out, data.encoders)
     t_box = time.time()
     if config.box_head:
