@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 
 from generation.findings_prompt import TASKS as FINDINGS_TASKS
-from generation.language_model import DEFAULT_LM
-from generation.model import VLM, load_encoder
+from generation.language_model import DEFAULT_LM, resolve_lm
+from generation.model import TINY, VLM, load_encoder
 from generation.rag import Exemplar, build_prompt_ids
 from generation.sampling import TaskSampler, stage_tasks
 from generation.tasks import Example, build_examples
@@ -363,6 +363,8 @@ def train_vlm(
     from retrieval.data.manifest import read_manifest
 
     config = config or VLMTrainConfig()
+    if config.lm_path not in (None, TINY):
+        resolve_lm(config.lm_path)  # a --lm that points nowhere fails before any image is read
     out = Path(out_dir)
     _check_out(out, resume)
     out.mkdir(parents=True, exist_ok=True)

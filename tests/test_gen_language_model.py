@@ -187,3 +187,19 @@ def test_models_commands_know_the_lm(lm_dir, tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     code, out, _ = cli("models", "verify", str(folder))
     assert code == 1 and "FAIL" in out and "model.safetensors" in out
+
+
+def test_cli_bad_lm_is_one_line_before_any_work(tmp_path, capsys):
+    from gen_synth import make_manifest
+
+    from cli.main import main
+
+    df = make_manifest(tmp_path, n=6)
+    df.to_parquet(tmp_path / "m.parquet")
+    args = ["vlm", "train", "-m", str(tmp_path / "m.parquet"), "-o", str(tmp_path / "v"), "--rag-k", "0"]
+    assert main([*args, "--lm", "no-such-lm"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no-such-lm: not an LM name (smollm2-135m)") and err.count("\n") == 1
+    assert not (tmp_path / "v").exists()
+    assert main([*args, "--steps", "-1"]) != 0
+    assert "--steps must be >= 0" in capsys.readouterr().err
