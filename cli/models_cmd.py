@@ -40,6 +40,11 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     for name, what in METRIC_WEIGHTS.items():
         ok, why = weights_status(name)  # report-metric weights (--metrics NAME), in their default places
         rows.append({"name": name, "offline": ok, "why": why, "description": what})
+    from generation.language_model import LM_REGISTRY, lm_status
+
+    for name, entry in LM_REGISTRY.items():  # the VLM's language models (`cxr vlm train --lm NAME`)
+        ok, why = lm_status(name)
+        rows.append({"name": name, "offline": ok, "why": why, "description": entry.description})
     lines = [f"{'name':<16} {'offline':<8} description"]
     for r in rows:
         desc = r["description"].split(". ")[0][:90]
@@ -59,9 +64,10 @@ def info_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Towers, dims, preprocessing, fingerprint, and the files with their sizes."""
+    from generation.language_model import LM_REGISTRY, lm_info
     from retrieval.models.model_status import format_size, model_info
 
-    info = model_info(model)
+    info = lm_info(model) if model in LM_REGISTRY else model_info(model)
     lines = [f"{k}: {v}" for k, v in info.items() if k not in ("files", "bundle", "description")]
     if info.get("description"):
         lines.insert(1, f"description: {info['description']}")
@@ -77,10 +83,11 @@ def prefetch_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Download (or build) everything MODEL needs into one folder that loads with HF_HUB_OFFLINE=1 and no cache."""
+    from generation.language_model import LM_REGISTRY, prefetch_lm
     from retrieval.models.bundle import CHECKSUMS_FILE, read_checksums
     from retrieval.models.prefetch import prefetch
 
-    folder = prefetch(model, to)
+    folder = prefetch_lm(model, to) if model in LM_REGISTRY else prefetch(model, to)
     files = read_checksums(folder)
     _emit(
         {"model": model, "folder": str(folder), "files": len(files)},
@@ -98,13 +105,16 @@ def verify_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Check sha256 checksums, build the model, encode one image and one sentence; exit 1 naming a bad file."""
+    from generation.language_model import is_lm_folder, verify_lm
     from retrieval.models.bundle import write_checksums
     from retrieval.models.model_status import verify
 
     if write:
         write_checksums(folder)
-    res = verify(folder, encode=not no_encode)
+    res = verify_lm(folder, run=not no_encode) if is_lm_folder(folder) else verify(folder, encode=not no_encode)
     lines = [f"{folder}: {res['checked']} files checked"]
+    if "sample" in res:
+        lines.append(f"loaded and generated: {res['sample']!r}")
     if "fingerprint" in res:
         lines.append(f"built and encoded: embed_dim {res['embed_dim']}, fingerprint {res['fingerprint'][:16]}…")
     if res["unlisted"]:

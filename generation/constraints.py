@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from generation.boxes import COORD_MAX
-from generation.tokenizer import COORD_TOKENS
+from generation.tokenizer import COORD_TOKENS, end_id
 
 
 class BoxGrammar:
@@ -34,8 +34,9 @@ class BoxGrammar:
         self.coord_of = {tid: i for i, tid in enumerate(self.coord_ids)}
         self.open, self.close = tok.convert_tokens_to_ids("{"), tok.convert_tokens_to_ids("}")
         self.sep = tok.convert_tokens_to_ids(";")
-        self.end = tok.sep_token_id
-        banned = set(self.coord_ids) | {self.close, tok.pad_token_id, tok.cls_token_id}
+        self.end = end_id(tok)
+        frame = {tok.pad_token_id, tok.cls_token_id, tok.bos_token_id} - {None, self.end}  # pad may be the LM's eos
+        banned = set(self.coord_ids) | {self.close} | frame
         # word pieces that spell a brace (`{`, `##}`) would open or close a box the parser sees but the grammar
         # does not: only the brace tokens themselves may
         pieces = tok.convert_ids_to_tokens(list(range(len(tok))))

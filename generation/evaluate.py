@@ -146,9 +146,7 @@ def score_task(
             list(b) if b is not None else parse_boxes(a, LABELS)
             for a, b in zip(answers, boxes or [None] * len(answers), strict=True)
         ]
-        dets = [
-            list(d) if d is not None else p for p, d in zip(preds, detections or [None] * len(preds), strict=True)
-        ]
+        dets = [list(d) if d is not None else p for p, d in zip(preds, detections or [None] * len(preds), strict=True)]
         normal = [i for i, e in enumerate(examples) if not e.info.get("boxes")]
         out = {
             **localisation_accuracy(truth, preds),
@@ -321,9 +319,12 @@ def evaluate_generation(
     box_source: str = "head",
     finding_source: str = "ridge",
     classify_source: str = "head",
+    image_control: str = "real",
+    shuffled: bool = False,
 ) -> dict:
-    """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K for each K in `k`); the
-    `*_source` options are the `Generator`'s."""
+    """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K for each K in `k`; with
+    `shuffled`, the last VLM condition's answers shuffled between the test images); the `*_source` options are the
+    `Generator`'s. `image_control` (`image_controls.py`): `blank`, `noise` or `other` replace every test image."""
     from generation.generate import Generator
     from retrieval.data.manifest import read_manifest
 
@@ -346,9 +347,19 @@ def evaluate_generation(
     data = _eval_inputs(
         gen, df, tasks, split, ks, max_per_task, seed, progress, retrieval_model, retrieval_target, token_cache
     )
+    if image_control != "real":
+        from generation.image_controls import apply_image_control
+        from generation.train import split_rows
+
+        train = {str(s) for s in df.iloc[split_rows(df, "train")]["study_id"]}
+        kmax = max([*ks, 1])
+        data.visual, data.exemplars = apply_image_control(
+            gen, data.visual, data.exemplars, df, image_control, kmax, train, seed
+        )
     conditions = ["constant"] + (["retrieval-only"] if data.exemplars else []) + ["vlm k=0"]
     if data.exemplars and gen.vlm.config.rag_k:
         conditions += [f"vlm k={kk}" for kk in ks]
+    conditions += ["shuffled"] if shuffled else []
 
     results: dict[str, dict] = {}
     samples: dict[str, list] = {}
@@ -356,8 +367,17 @@ def evaluate_generation(
     seconds: dict[str, float] = {}
     for task, exs in data.examples.items():
         results[task] = {}
+        answers: list = []
+        boxes = detections = None
         for cond in conditions:
-            if not cond.startswith("vlm"):
+            if cond == "shuffled":  # the last VLM condition's answers, each given to another test image
+                from generation.image_controls import derangement
+
+                order = derangement(len(exs), np.random.default_rng(seed))
+                answers = [answers[i] for i in order]
+                boxes = None if boxes is None else [boxes[i] for i in order]
+                detections = None if detections is None else [detections[i] for i in order]
+            elif not cond.startswith("vlm"):
                 answers, boxes, detections = _baseline_answers(data, cond, task, exs), None, None
             else:
                 kk = int(cond.split("=")[1])
@@ -379,6 +399,7 @@ def evaluate_generation(
         "split": split,
         "k": ks,
         "retrieval_target": retrieval_target,
+        "image_control": image_control,
         "rag": rag,
         "generation_seconds": seconds,
         "seconds_per_output": {

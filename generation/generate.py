@@ -27,6 +27,8 @@ from generation.boxes import boxes_text, malformed_boxes, parse_boxes
 from generation.constraints import box_decoding
 from generation.encoders import encode_visual
 from generation.finding_ridge import FindingRidge
+from generation.findings_prompt import TASKS as FINDINGS_TASKS
+from generation.findings_prompt import findings_line
 from generation.findings_report import finding_sides, findings_report, predicted_findings
 from generation.head import closed_answer, rank_exemplars
 from generation.model import VLM
@@ -200,9 +202,7 @@ class Generator:
         probs = self.vlm.finding_probs(visual)
         return (None if probs is None else probs.cpu().numpy()), self.vlm.config.head_thresholds
 
-    def _box_answers(
-        self, features: np.ndarray | None, task: str, prompts: Sequence[str]
-    ) -> list[list[dict] | None]:
+    def _box_answers(self, features: np.ndarray | None, task: str, prompts: Sequence[str]) -> list[list[dict] | None]:
         """The box head's boxes (`[identify]`'s with their `score`) from the batch's `box_features`, None where it
         has none: no head, another task, an unknown phrase."""
         none: list[list[dict] | None] = [None] * len(prompts)
@@ -220,11 +220,6 @@ class Generator:
         self, visual: torch.Tensor, task: str, prompts: Sequence[str], exemplars: Sequence[Sequence[Exemplar]]
     ) -> list[dict]:
         tok = self.vlm.tok
-        ids, used = [], []
-        for p, ex in zip(prompts, exemplars, strict=True):
-            i, u = build_prompt_ids(tok, task, p, ex, self.budget)
-            ids.append(i)
-            used.append(u)
         controls = dict(self.decoding[task])
         if self.constrain_boxes:
             controls.update(box_decoding(tok, task, prompts))
@@ -234,13 +229,24 @@ class Generator:
         quote = task == "report" and self.report_source == "quote" and probs is not None
         head = probs is not None and thresholds is not None
         written = task == "report" and self.report_source == "findings" and head
+        # the LM writes the report / answers from the heads' "Likely findings" line (a VLM trained or prompted with it)
+        by_lm = (task == "report" and self.report_source == "generate") or (task == "vqa" and self.vqa_source == "lm")
+        lined = task in FINDINGS_TASKS and by_lm and head and self.vlm.config.findings_in_prompt
         from_head = task == "vqa" and self.vqa_source == "head" and head
         classified = task == "classify" and self.classify_source == "head" and head
         boxed = self._box_answers(feats, task, prompts)
         # every finding group scored: mAP's ranked list for [identify], the findings' sides for the written report
-        scoring = self.box_head is not None and (task == "identify" or written)
+        scoring = self.box_head is not None and (task == "identify" or written or lined)
         scored = self.box_head.detections(feats) if scoring else None
-        sided = [finding_sides(d) for d in scored] if written and scored is not None else None
+        sided = [finding_sides(d) for d in scored] if (written or lined) and scored is not None else None
+        lines = [None] * len(prompts)
+        if lined:
+            lines = [findings_line(probs[i], thresholds, sided[i] if sided else None) for i in range(len(prompts))]
+        ids, used = [], []
+        for p, ex, line in zip(prompts, exemplars, lines, strict=True):
+            i, u = build_prompt_ids(tok, task, p, ex, self.budget, line)
+            ids.append(i)
+            used.append(u)
         if written or classified or (quote and all(exemplars)) or all(b is not None for b in boxed):  # no decoding
             gen: list[list[int]] = [[] for _ in prompts]
         else:
@@ -258,7 +264,9 @@ class Generator:
                 best = rank_exemplars(exemplars[i], probs[i])[0]
                 text, source = best.report, "quoted exemplar"
                 u = list(exemplars[i])
-            extra = {}
+            extra = {"findings_line": lines[i]} if lines[i] else {}
+            if lined:
+                extra["head_findings"] = predicted_findings(probs[i], thresholds)
             if written:
                 rep = findings_report(probs[i], thresholds, exemplars[i], sides=None if sided is None else sided[i])
                 text, source, u = rep.text, "finding head + exemplars", list(exemplars[i])

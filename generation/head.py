@@ -68,3 +68,19 @@ def rank_exemplars(exemplars: Sequence[Exemplar], probs: np.ndarray) -> list[Exe
     scores = [exemplar_log_likelihood(e.report, probs) for e in exemplars]
     order = sorted(range(len(exemplars)), key=lambda i: (-scores[i], i))
     return [exemplars[i] for i in order]
+
+
+def aux_head_thresholds(vlm, visual: dict, label_rows: dict) -> list[float]:
+    """The VLM's auxiliary finding head's per-finding thresholds, fitted on the training rows (`fit_thresholds`);
+    `visual`: row -> frozen tokens, `label_rows`: row -> multi-hot labels."""
+    import torch
+
+    order = sorted(visual)
+    probs = torch.cat(
+        [
+            vlm.finding_probs(torch.stack([visual[r] for r in order[i : i + 256]]).float())
+            for i in range(0, len(order), 256)
+        ]
+    )
+    targets = torch.stack([label_rows[r] for r in order])
+    return [round(t, 4) for t in fit_thresholds(probs.numpy(), targets.numpy())]

@@ -5,9 +5,14 @@ image wrapped in `<image> ... </image>` embeddings.
 The frozen visual encoders and their tokens are `encoders.py`; the settings are a `VLMConfig`
 (`vlm_config.py`); padding a batch and placing the image in it is `collate.py`.
 
-A saved VLM is a folder: `vlm_config.json`, `tokenizer/`, `lm/` (transformers `save_pretrained`, safetensors;
-a peft adapter when trained with LoRA), `projector.safetensors`, `encoders/<i>/`
-(each frozen encoder's own folder).
+The LM is the tiny Llama trained from scratch on the MiniLM vocabulary (`lm_path` None or `tiny`), or a
+pretrained causal LM by name (`language_model.resolve_lm`: `smollm2-135m`, a GGUF, a folder, a hub id) with its
+own tokenizer, grown by the VLM's tokens. A pretrained LM's own weights stay frozen: the projector learns to
+speak to it, and with `lora` peft adds LoRA on every linear layer and makes the new token rows trainable.
+
+A saved VLM is a folder: `vlm_config.json`, `tokenizer/`, `lm/` (the tiny LM's `save_pretrained`, safetensors;
+a peft adapter for a pretrained LM with LoRA; nothing for a frozen pretrained LM, rebuilt from `lm_path`),
+`projector.safetensors`, `encoders/<i>/` (each frozen encoder's own folder).
 """
 
 from __future__ import annotations
@@ -24,12 +29,22 @@ from torch import nn
 
 from generation.collate import IGNORE, collate, splice_image
 from generation.encoders import load_encoder
-from generation.tokenizer import COORD_TOKENS, IMAGE_END, IMAGE_START, build_tokenizer, load_tokenizer
+from generation.language_model import add_vlm_tokens, load_lm
+from generation.tokenizer import (
+    COORD_TOKENS,
+    EXTRA_TOKENS,
+    IMAGE_END,
+    IMAGE_START,
+    build_tokenizer,
+    end_id,
+    load_tokenizer,
+)
 from generation.vlm_config import GROUP, VLMConfig
 from retrieval.errors import ModelLoadError
 from retrieval.fileio import write_json_atomic
 
 __all__ = ["VLM", "VLMConfig", "group_tokens", "init_coordinate_embeddings", "load_encoder"]  # load_encoder: train.py
+TINY = "tiny"  # `lm_path` of the tiny Llama trained from scratch (as None)
 TINY_LM = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512}
 COORD_FREQUENCIES = 8  # Fourier features of a coordinate's value in the initial coordinate-token embeddings
 
@@ -69,7 +84,7 @@ class VLM(nn.Module):
         self.tok = tok
         self.lm = lm
         self.config = config if isinstance(config, VLMConfig) else VLMConfig.from_dict(config)
-        hidden = lm.get_input_embeddings().embedding_dim
+        hidden = lm.get_input_embeddings().weight.shape[1]
         visual_dim = self.config.visual_dim
         self.projector = nn.Sequential(nn.Linear(GROUP * visual_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         # Auxiliary finding head on the mean projected visual token (training only): a multi-label BCE that makes
@@ -98,13 +113,15 @@ class VLM(nn.Module):
         loss_norm: str = "token",
     ) -> VLM:
         """A fresh VLM: tiny Llama from scratch on the MiniLM vocabulary (pruned to `corpus`'s pieces when
-        given), or a local causal LM (+ LoRA) on the full MiniLM vocabulary.
+        given) when `lm_path` is None or `tiny`, else a pretrained causal LM by name with its own tokenizer
+        (`pretrained_lm`), + LoRA when `lora`.
 
         `coord_init`: the coordinate tokens start from smooth Fourier features of their value (neighbouring
         coordinates start close; see `init_coordinate_embeddings`). `coord_sigma` > 0: a coordinate target is a
         Gaussian over the grid (sigma in grid units) instead of one token, so "off by one" costs little.
         `loss_norm`: `token` (mean over every answer token of the batch: long reports dominate) or `example` (each
         example's mean, then the batch mean: every task weighs by its examples, not its answer length)."""
+        lm_path = None if lm_path in (None, TINY) else str(lm_path)
         config = VLMConfig(
             visual_dim=visual_dim,
             group=GROUP,
@@ -118,16 +135,15 @@ class VLM(nn.Module):
             loss_norm=loss_norm,
         )
         torch.manual_seed(seed)
-        tok = build_tokenizer(corpus=corpus if lm_path is None else None)
         if lm_path is None:
+            tok = build_tokenizer(corpus=corpus)
             lm = _tiny_lm(len(tok), tok, lm_overrides)
             if coord_init:
                 init_coordinate_embeddings(lm.get_input_embeddings().weight, tok, seed)
         else:
-            lm = _load_causal_lm(lm_path)
-            lm.resize_token_embeddings(len(tok))
-            if lora:
-                lm = _wrap_lora(lm, lora_r)
+            lm, tok, new_ids = pretrained_lm(lm_path)
+            if config.lora:
+                lm = _wrap_lora(lm, lora_r, new_ids)
         return cls(tok, lm, config)
 
     @property
@@ -167,7 +183,8 @@ class VLM(nn.Module):
         if label_targets is not None and self.aux_head is not None:
             logits_aux = self.aux_head(img[:, 1:-1].mean(dim=1))
             aux = F.binary_cross_entropy_with_logits(logits_aux, label_targets.to(self.device, torch.float32))
-        batch = collate(prompts, targets, img.shape[1], self.tok.pad_token_id, self.tok.sep_token_id)
+        img = img if self.config.image_in_prompt else img[:, :0]
+        batch = collate(prompts, targets, img.shape[1], self.tok.pad_token_id, end_id(self.tok))
         text = self.lm.get_input_embeddings()(batch.ids.to(self.device))
         embeds = splice_image(img, text, batch.image_at)
         mask = batch.attention_mask.to(self.device)
@@ -213,8 +230,9 @@ class VLM(nn.Module):
         (the prompt enters as embeddings), so copying from an exemplar is not penalised.
         """
         img = self._image_embeds(visual)
-        pad = self.tok.pad_token_id
-        batch = collate(prompts, None, img.shape[1], pad, self.tok.sep_token_id)  # [pad ... pad] [image] [prompt]
+        img = img if self.config.image_in_prompt else img[:, :0]  # zero-shot: the LM reads the heads' text only
+        pad, eos = self.tok.pad_token_id, end_id(self.tok)
+        batch = collate(prompts, None, img.shape[1], pad, eos)  # [pad ... pad] [image] [prompt]
         text = self.lm.get_input_embeddings()(batch.ids.to(self.device))
         with warnings.catch_warnings():  # the prompt is embeddings on purpose: penalties see generated tokens only
             warnings.filterwarnings("ignore", message=".*only to newly generated tokens.*")
@@ -223,13 +241,13 @@ class VLM(nn.Module):
                 attention_mask=batch.attention_mask.to(self.device),
                 max_new_tokens=max_new_tokens,
                 **{"do_sample": False, "num_beams": 1, **decoding},
-                eos_token_id=self.tok.sep_token_id,
+                eos_token_id=eos,
                 pad_token_id=pad,
             )
         result = []
         for row in out.tolist():
-            if self.tok.sep_token_id in row:
-                row = row[: row.index(self.tok.sep_token_id)]
+            if eos in row:
+                row = row[: row.index(eos)]
             result.append([t for t in row if t != pad])
         return result
 
@@ -241,7 +259,8 @@ class VLM(nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.tok.save_pretrained(str(out / "tokenizer"))
-        self.lm.save_pretrained(str(out / "lm"), safe_serialization=True)
+        if self.config.lm_path is None or self.config.lora:  # a frozen pretrained LM is rebuilt from lm_path
+            self.lm.save_pretrained(str(out / "lm"), safe_serialization=True)
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
             str(out / "projector.safetensors"),
@@ -272,14 +291,16 @@ class VLM(nn.Module):
             raise ModelLoadError(f"{cfg_path}: not a VLM config: {e}") from e
         tok = load_tokenizer(path / "tokenizer")
         try:
-            if config.lora:
-                from peft import PeftModel
-
-                base = _load_causal_lm(config.lm_path)
-                base.resize_token_embeddings(len(tok))
-                lm = PeftModel.from_pretrained(base, str(path / "lm"), is_trainable=trainable)
-            else:
+            if config.lm_path is None:
                 lm = _load_causal_lm(path / "lm")
+            else:
+                lm, own_tok, _ = pretrained_lm(config.lm_path)
+                if len(own_tok) != len(tok):
+                    raise ModelLoadError(f"{path}: {len(tok)} tokens saved, {config.lm_path} grows to {len(own_tok)}")
+                if config.lora:
+                    from peft import PeftModel
+
+                    lm = PeftModel.from_pretrained(lm, str(path / "lm"), is_trainable=trainable)
             vlm = cls(tok, lm, config)
             vlm.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
             if vlm.aux_head is not None:
@@ -334,8 +355,18 @@ def _load_causal_lm(path: str | Path):
         raise ModelLoadError(f"{path}: cannot load causal LM: {e}") from e
 
 
-def _wrap_lora(lm, r: int):
-    """LoRA on every linear layer; the resized embeddings and head stay trainable for the new tokens."""
+def pretrained_lm(lm_path: str):
+    """(frozen LM, its tokenizer grown by the VLM's tokens, the new token ids) for a `--lm` value."""
+    lm, tok = load_lm(lm_path)
+    new_ids = add_vlm_tokens(tok, lm, EXTRA_TOKENS)
+    tok.model_max_length = 100_000
+    lm.requires_grad_(False)
+    return lm, tok, new_ids
+
+
+def _wrap_lora(lm, r: int, new_ids: Sequence[int]):
+    """LoRA on every linear layer (the output layer excepted); the new token rows stay trainable (peft's
+    `trainable_token_indices`, which keeps a tied output layer tied), every other pretrained weight frozen."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -344,6 +375,6 @@ def _wrap_lora(lm, r: int):
         lora_dropout=0.05,
         target_modules="all-linear",
         task_type="CAUSAL_LM",
-        modules_to_save=["embed_tokens", "lm_head"] if hasattr(lm, "lm_head") else None,
+        trainable_token_indices={"embed_tokens": list(new_ids)} if new_ids else None,
     )
     return get_peft_model(lm, config)

@@ -3,7 +3,10 @@
 assembled within a token budget (exemplars are truncated, the task prompt never is).
 
 Prompt layout (text part; the image embeddings come before it):
-    [CLS] [task] <task prompt> [ref] 1 : <exemplar 1> [ref] 2 : <exemplar 2> ... [SEP]
+    <frame> [task] <task prompt> <findings> [ref] 1 : <exemplar 1> [ref] 2 : <exemplar 2> ... <frame>
+The frame is `tokenizer.prompt_frame`: `[CLS]` ... `[SEP]` for the tiny LM's WordPiece vocabulary, the LM's chat
+template (system turn, user turn, assistant prompt) for a pretrained LM, where each part starts a new line.
+`<findings>` is the finding head's "Likely findings: ..." line (`findings_prompt.py`) when the caller gives one.
 The number after `[ref]` is the exemplar's rank, the same number the output's `exemplars[i]["ref"]` carries, so
 what the model copied can be traced to the exemplar it came from (`copied_sentences`).
 """
@@ -18,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from generation.tokenizer import REF_TOKEN, TASK_TOKENS
+from generation.tokenizer import REF_TOKEN, TASK_TOKENS, prompt_frame
 
 # Shortest exemplar slice worth adding: fewer tokens than this say nothing and only cost attention.
 MIN_EXEMPLAR_TOKENS = 4
@@ -88,17 +91,22 @@ def retrieve_exemplars(
 
 
 def build_prompt_ids(
-    tok, task: str, prompt: str, exemplars: Sequence[Exemplar], budget: int
+    tok, task: str, prompt: str, exemplars: Sequence[Exemplar], budget: int, findings: str | None = None
 ) -> tuple[list[int], list[Exemplar]]:
     """Prompt token ids within `budget` tokens, and the exemplars that made it in (possibly truncated).
 
-    The `[CLS] [task] prompt ... [SEP]` frame is always kept whole, even when it alone exceeds the budget;
-    exemplars fill what is left in rank order, each cut to fit, and stop once fewer than
+    The frame, `[task] prompt` and the `findings` line are always kept whole, even when they alone exceed the
+    budget; exemplars fill what is left in rank order, each cut to fit, and stop once fewer than
     MIN_EXEMPLAR_TOKENS tokens remain.
     """
-    head = [tok.cls_token_id, tok.convert_tokens_to_ids(TASK_TOKENS[task])]
-    head += tok(prompt, add_special_tokens=False)["input_ids"]
-    tail = [tok.sep_token_id]
+
+    def enc(text: str) -> list[int]:  # WordPiece drops the separators; a byte-level vocabulary keeps them
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    before, tail = prompt_frame(tok)
+    head = [*before, tok.convert_tokens_to_ids(TASK_TOKENS[task]), *enc(" " + prompt)]
+    if findings:
+        head += enc("\n" + findings)
     ref_id = tok.convert_tokens_to_ids(REF_TOKEN)
     room = budget - len(head) - len(tail)
     body: list[int] = []
@@ -106,10 +114,10 @@ def build_prompt_ids(
     for ex in exemplars:
         if not ex.report.strip():
             continue
-        mark = [ref_id, *tok(exemplar_marker(len(used) + 1), add_special_tokens=False)["input_ids"]]
+        mark = [*enc("\n"), ref_id, *enc(" " + exemplar_marker(len(used) + 1))]
         if room - len(mark) < MIN_EXEMPLAR_TOKENS:
             break
-        ids = tok(ex.report, add_special_tokens=False)["input_ids"][: room - len(mark)]
+        ids = enc(" " + ex.report)[: room - len(mark)]
         body += [*mark, *ids]
         room -= len(mark) + len(ids)
         used.append(ex)

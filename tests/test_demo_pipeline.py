@@ -13,7 +13,6 @@ from serve import demo_pipeline
 @pytest.mark.slow
 def test_demo_runs_end_to_end_then_reuses_every_step(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo_pipeline, "TRAIN_EPOCHS", 1)
-    monkeypatch.setattr(demo_pipeline, "VLM_STEPS", 4)
     args = ["demo", "--workdir", str(tmp_path), "--limit", "60", "--size", "128", "-k", "3", "--json"]
 
     assert main(args) == 0
@@ -25,7 +24,7 @@ def test_demo_runs_end_to_end_then_reuses_every_step(tmp_path, monkeypatch, caps
     # the query is a held-out test study: it is never in the index, so never retrieved
     assert query["study_id"] not in {r["study_id"] for r in first["retrieved"]}
     gen = first["generated"]
-    assert gen["task"] == "report" and isinstance(gen["text"], str)  # 4 training steps: the text may be empty
+    assert gen["task"] == "report" and gen["text"].strip() and gen["source"] == "lm"  # SmolLM2, zero-shot
     assert 1 <= len(gen["exemplars"]) <= 3  # the exemplars that fit the prompt's token budget
     assert query["study_id"] not in {e["study_id"] for e in gen["exemplars"]}
 

@@ -30,6 +30,7 @@ def config(steps: int) -> VLMTrainConfig:
         encoders=["patch:1"],
         steps=steps,
         batch_size=8,
+        lm_path="tiny",
         lm_overrides=TINY,
         rag_k=2,
         visual_grid=4,
@@ -238,3 +239,79 @@ def test_visual_token_cache_is_reused_and_matches(corpus, tmp_path):
     # another encoder (other weights) gets its own cache file
     other, _ = visual_tokens_for_rows(df, rows[:2], [load_encoder("patch:2")], 4, progress=False, cache_dir=tmp_path)
     assert not torch.allclose(other[0].float(), fresh[0].float())
+
+
+def test_pretrained_lm_lora_staging_and_zero_shot_write_from_the_findings(corpus, tmp_path):
+    """A pretrained LM (a tiny random Llama saved with its own BPE tokenizer): LoRA trains after the projector
+    alone, and the report prompt carries the finding head's line; with 0 steps the LM is prompted zero-shot."""
+    from tiny_lm import save_tiny_lm
+
+    from generation.generate import Generator
+
+    root, df, idx = corpus
+    lm = save_tiny_lm(tmp_path / "lm")
+    cfg = VLMTrainConfig(
+        encoders=["patch:1"], steps=6, batch_size=4, lm_path=str(lm), lora=True, lora_r=4, rag_k=1, visual_grid=4
+    )
+    cfg.projector_fraction = 0.5
+    info = train_vlm(df, tmp_path / "lora", cfg, index_dir=idx, progress=False)
+    vlm = VLM.load(tmp_path / "lora")
+    assert vlm.config.lora and vlm.config.findings_in_prompt and vlm.config.image_in_prompt
+    assert info["vocab_size"] == len(vlm.tok) > 300  # the LM's own BPE vocabulary, grown
+    zero = train_vlm(
+        df,
+        tmp_path / "zero",
+        VLMTrainConfig(encoders=["patch:1"], steps=0, lm_path=str(lm), rag_k=1, visual_grid=4),
+        index_dir=idx,
+        progress=False,
+    )
+    assert zero["steps"] == 0 and not (tmp_path / "zero" / "lm").exists()  # the frozen LM is not copied
+    gen = Generator(tmp_path / "zero", idx, retrieval_model=SynthRetrievalModel(), report_source="generate")
+    assert not gen.vlm.config.image_in_prompt
+    row = df.iloc[int(np.flatnonzero(df["split"] == "test")[0])]
+    from retrieval.data.image_io import read_image
+
+    rec = gen.generate(gen.visual([read_image(root / row["image_path"])]), ["report"], ["describe."], [[]])[0]
+    assert rec["findings_line"].startswith("Likely findings: ") and rec["source"] == "lm"
+    assert all(f.lower() in rec["findings_line"] for f in rec["head_findings"])
+    gen.vqa_source = "lm"  # closed questions answered by the LM read the same line
+    vqa = gen.generate(gen.visual([read_image(root / row["image_path"])]), ["vqa"], ["is there cardiomegaly?"], [[]])
+    assert vqa[0]["findings_line"] == rec["findings_line"] and vqa[0]["source"] == "lm"
+
+
+def test_lora_projector_stage_leaves_the_lm_untouched(corpus, tmp_path):
+    from tiny_lm import save_tiny_lm
+
+    root, df, idx = corpus
+    lm = save_tiny_lm(tmp_path / "lm")
+    cfg = VLMTrainConfig(
+        encoders=["patch:1"], steps=3, batch_size=4, lm_path=str(lm), lora=True, lora_r=4, rag_k=0, visual_grid=4
+    )
+    cfg.projector_fraction = 1.0  # every step in the projector stage
+    train_vlm(df, tmp_path / "v", cfg, progress=False)
+    vlm = VLM.load(tmp_path / "v")
+    lora_b = [p for n, p in vlm.lm.named_parameters() if "lora_B" in n]
+    assert lora_b and all(not p.any() for p in lora_b)  # LoRA B starts at zero and was never stepped
+
+
+def test_image_controls_and_shuffled_answers(trained, corpus):
+    """Blank, noise and another study's image replace the test images (and the exemplars retrieved for them); the
+    finding head that reads the image beats its own answers shuffled, and answers a blank image all alike."""
+    from generation.image_controls import derangement
+
+    root, df, idx = corpus
+    kw = dict(split="test", k=2, meteor=False, progress=False, tasks=["classify"], shuffled=True)
+    kw["retrieval_model"] = SynthRetrievalModel()
+    res = {c: evaluate_generation(trained[0], df, idx, image_control=c, **kw) for c in ("real", "blank", "other")}
+    real = res["real"]["tasks"]["classify"]
+    assert list(real) == ["constant", "retrieval-only", "vlm k=0", "vlm k=2", "shuffled"]
+    assert real["vlm k=2"]["micro_f1"] > real["shuffled"]["micro_f1"] + 0.2
+    blank = res["blank"]["tasks"]["classify"]
+    assert blank["vlm k=2"]["micro_f1"] < real["vlm k=2"]["micro_f1"] - 0.2
+    assert len({s["output"] for s in res["blank"]["samples"]["classify"] if s["condition"] == "vlm k=2"}) == 1
+    assert res["other"]["tasks"]["classify"]["vlm k=2"]["micro_f1"] < real["vlm k=2"]["micro_f1"] - 0.2
+    assert res["blank"]["image_control"] == "blank"
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 10):
+        p = derangement(n, rng)
+        assert sorted(p) == list(range(n)) and not (p == np.arange(n)).any()

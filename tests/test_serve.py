@@ -54,6 +54,7 @@ def vlm(data):
         encoders=["patch:1"],
         steps=120,
         batch_size=8,
+        lm_path="tiny",
         lm_overrides=TINY,
         rag_k=2,
         visual_grid=4,
