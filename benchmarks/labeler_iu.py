@@ -12,9 +12,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from retrieval.data.importers.iu_xray import read_iu_reports, report_text
+from retrieval.data.importers.iu_xray import read_iu_reports
 from retrieval.fileio import atomic_path, write_json_atomic
 from retrieval.labels import LABELS, label_report, labels_from_mesh
+from retrieval.study_text import report_text
 
 COMMAND = "python -m benchmarks.labeler_iu"
 

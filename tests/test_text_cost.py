@@ -69,7 +69,8 @@ def test_the_quadratic_labeler_would_fail_the_ratio(monkeypatch):
 
 
 def test_the_bounded_scope_reads_real_reports_as_the_unbounded_one(monkeypatch):
-    from retrieval.data.importers.iu_xray import builtin_reports_path, read_iu_reports, report_text
+    from retrieval.data.importers.iu_xray import builtin_reports_path, read_iu_reports
+    from retrieval.study_text import report_text
 
     if not builtin_reports_path().is_file():
         pytest.skip("torchxrayvision's NLMCXR_reports.tgz is not installed")
