@@ -12,36 +12,24 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from retrieval.data.importers.iu_xray import read_iu_reports, report_text
+from retrieval.data.importers.iu_xray import read_iu_reports
 from retrieval.fileio import atomic_path, write_json_atomic
 from retrieval.labels import LABELS, label_report, labels_from_mesh
+from retrieval.study_text import report_text
 
 COMMAND = "python -m benchmarks.labeler_iu"
 
 
 def score_labels(truth: list[list[str]], pred: list[list[str]]) -> dict[str, Any]:
-    """Per-label precision, recall, F1 and support (true count), plus micro and macro averages.
+    """Per-label precision, recall, F1, support (true count) and predicted count, plus micro and macro averages:
+    `generation.metrics.multilabel_prf`, the project's one P/R/F1 (micro pools all labels, No Finding included;
+    macro averages over the labels in truth or prediction)."""
+    from generation.metrics import multilabel_prf
 
-    Macro averages over labels with support > 0; micro pools all labels (No Finding included).
-    """
-    rows: dict[str, dict[str, float]] = {}
-    tp_all = fp_all = fn_all = 0
-    for label in LABELS:
-        tp = sum(label in t and label in p for t, p in zip(truth, pred, strict=True))
-        fp = sum(label not in t and label in p for t, p in zip(truth, pred, strict=True))
-        fn = sum(label in t and label not in p for t, p in zip(truth, pred, strict=True))
-        prec = tp / (tp + fp) if tp + fp else 0.0
-        rec = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        rows[label] = {"precision": prec, "recall": rec, "f1": f1, "support": tp + fn, "predicted": tp + fp}
-        tp_all, fp_all, fn_all = tp_all + tp, fp_all + fp, fn_all + fn
-    mp = tp_all / (tp_all + fp_all) if tp_all + fp_all else 0.0
-    mr = tp_all / (tp_all + fn_all) if tp_all + fn_all else 0.0
-    present = [r for r in rows.values() if r["support"] > 0]
+    m = multilabel_prf(truth, pred, LABELS, per_label=True)
     return {
-        "per_label": rows,
-        "micro": {"precision": mp, "recall": mr, "f1": 2 * mp * mr / (mp + mr) if mp + mr else 0.0},
-        "macro": {k: sum(r[k] for r in present) / len(present) for k in ("precision", "recall", "f1")},
+        "per_label": m["per_label"],
+        **{avg: {k: m[f"{avg}_{k}"] for k in ("precision", "recall", "f1")} for avg in ("micro", "macro")},
         "n_reports": len(truth),
     }
 

@@ -39,10 +39,10 @@ from generation.metrics import (
     text_metrics,
     vqa_accuracy,
 )
-from generation.rag import sentences
 from generation.tasks import Example, build_examples, row_examples
 from generation.tokenizer import TASKS
-from retrieval.labels import LABELS, NO_FINDING
+from retrieval.labels import LABELS, NO_FINDING, is_abnormal
+from retrieval.study_text import normalized_sentences as sentences
 
 DEFAULT_ANSWER = {
     "report": "",
@@ -414,7 +414,7 @@ def evaluate_generation(
 
 
 def _is_abnormal_row(df: pd.DataFrame, pos: int) -> bool:
-    return any(x in LABELS and x != NO_FINDING for x in df.iloc[pos]["labels"])
+    return is_abnormal(df.iloc[pos]["labels"])
 
 
 def _fmt(v: Any) -> str:

@@ -13,7 +13,7 @@ benchmarks/results/generation_demo.md). `findings_report` turns the head's predi
    pneumothorax."), none repeating a chosen one in other words, up to `max_normal`; with nothing at all,
    `NORMAL_SENTENCE`.
 
-Only sentences that lost no word to de-identification are quoted (`labels.whole_sentences`). No sentence
+Only sentences that lost no word to de-identification are quoted (`study_text.whole_sentences`). No sentence
 appears twice. The report names exactly the findings the head predicts (the labeler reads back the
 predicted set, which a test checks for every label), so its clinical efficacy follows the head's accuracy.
 """
@@ -29,7 +29,8 @@ import numpy as np
 
 from generation.head import rank_exemplars
 from generation.rag import Exemplar
-from retrieval.labels import LABELS, NO_FINDING, label_sentence, whole_sentences
+from retrieval.labels import LABELS, NO_FINDING, label_sentence
+from retrieval.study_text import whole_sentences
 
 # One sentence per finding that the labeler reads as exactly that finding (tests/test_gen_findings_report.py).
 FINDING_SENTENCES: dict[str, str] = {

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from generation.rag import Exemplar
-from retrieval.labels import LABELS, label_report
+from retrieval.labels import LABELS, label_report, multi_hot
 
 _CLOSED_RE = re.compile(r"^is there (?:an? )?(.+?)\s*\?$")
 _LABEL_INDEX = {lab.lower(): i for i, lab in enumerate(LABELS)}
@@ -57,9 +57,7 @@ def closed_answer(question: str, probs: np.ndarray, thresholds: Sequence[float])
 def exemplar_log_likelihood(report: str, probs: np.ndarray) -> float:
     """log P(the report's labeler labels | head probabilities), findings independent."""
     p = np.clip(np.asarray(probs, dtype=np.float64), 1e-4, 1 - 1e-4)
-    y = np.zeros(len(LABELS))
-    for lab in label_report(report):
-        y[LABELS.index(lab)] = 1.0
+    y = multi_hot([label_report(report)])[0].astype(np.float64)
     return float((y * np.log(p) + (1 - y) * np.log(1 - p)).sum())
 
 

@@ -31,7 +31,7 @@ from torchvision.ops import box_iou
 
 from generation.boxes import boxes_tensor
 from generation.report_metrics import active_scores
-from retrieval.labels import LABELS
+from retrieval.labels import LABELS, multi_hot
 
 IOU_THRESHOLDS = (0.3, 0.4, 0.5)
 
@@ -81,22 +81,21 @@ BLEU_NOTE = (
 
 
 def multilabel_prf(
-    true: Sequence[Sequence[str]], pred: Sequence[Sequence[str]], labels: Sequence[str] = LABELS
+    true: Sequence[Sequence[str]],
+    pred: Sequence[Sequence[str]],
+    labels: Sequence[str] = LABELS,
+    per_label: bool = False,
 ) -> dict:
-    """Micro and macro precision/recall/F1 over `labels` (macro: labels in truth or prediction)."""
+    """Micro and macro precision/recall/F1 over `labels` (scikit-learn; macro: over the labels in truth or
+    prediction, so a label nobody names neither counts as 0 nor hides a false positive). With `per_label`, also
+    `per_label[label]` = precision, recall, f1, support (true count) and predicted (count). The project's one P/R/F1
+    of label lists: the report labeler's benchmark uses it too."""
     from sklearn.metrics import precision_recall_fscore_support
 
-    idx = {lab: i for i, lab in enumerate(labels)}
-    y_true = np.zeros((len(true), len(labels)), dtype=int)
-    y_pred = np.zeros_like(y_true)
-    for r, (t, p) in enumerate(zip(true, pred, strict=True)):
-        for lab in t:
-            if lab in idx:
-                y_true[r, idx[lab]] = 1
-        for lab in p:
-            if lab in idx:
-                y_pred[r, idx[lab]] = 1
-    out = {}
+    if len(true) != len(pred):
+        raise ValueError(f"{len(true)} true label lists but {len(pred)} predicted ones")
+    y_true, y_pred = multi_hot(true, labels).astype(int), multi_hot(pred, labels).astype(int)
+    out: dict = {}
     for avg in ("micro", "macro"):
         cols = np.flatnonzero(y_true.any(0) | y_pred.any(0)) if avg == "macro" else np.arange(len(labels))
         if len(cols) == 0:
@@ -104,6 +103,13 @@ def multilabel_prf(
         else:
             p, r, f, _ = precision_recall_fscore_support(y_true[:, cols], y_pred[:, cols], average=avg, zero_division=0)
         out[f"{avg}_precision"], out[f"{avg}_recall"], out[f"{avg}_f1"] = float(p), float(r), float(f)
+    if per_label:
+        p, r, f, support = precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0)
+        out["per_label"] = {
+            lab: {"precision": float(p[j]), "recall": float(r[j]), "f1": float(f[j])}
+            | {"support": int(support[j]), "predicted": int(y_pred[:, j].sum())}
+            for j, lab in enumerate(labels)
+        }
     return out
 
 
@@ -232,9 +238,9 @@ def grounding_iou(truth: Sequence[Sequence[dict]], preds: Sequence[Sequence[dict
 
 def repeats_a_sentence(text: str) -> bool:
     """True when some sentence occurs twice in `text` (lower-cased, whitespace and final period normalised)."""
-    from generation.rag import sentences
+    from retrieval.study_text import normalized_sentences
 
-    s = sentences(text)
+    s = normalized_sentences(text)
     return len(s) != len(set(s))
 
 

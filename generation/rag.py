@@ -13,7 +13,6 @@ what the model copied can be traced to the exemplar it came from (`copied_senten
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from generation.tokenizer import REF_TOKEN, TASK_TOKENS, prompt_frame
+from retrieval.study_text import normalized_sentences as sentences
 
 # Shortest exemplar slice worth adding: fewer tokens than this say nothing and only cost attention.
 MIN_EXEMPLAR_TOKENS = 4
@@ -127,12 +127,6 @@ def build_prompt_ids(
 def exemplar_marker(rank: int) -> str:
     """The text after `[ref]` that names exemplar `rank` (1-based) in the prompt."""
     return f"{rank} :"
-
-
-def sentences(text: str) -> list[str]:
-    """Normalised sentences of a report (lower case, single spaces, no final period)."""
-    parts = re.split(r"(?<=[.!?])\s+|\n+", str(text).lower())
-    return [s for s in (re.sub(r"\s+", " ", p).strip(" .") for p in parts) if s]
 
 
 def copied_sentences(text: str, exemplars: Sequence[Exemplar]) -> list[dict]:

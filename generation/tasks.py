@@ -23,6 +23,7 @@ import pandas as pd
 from generation.boxes import format_box, format_findings, merge_boxes
 from generation.tokenizer import TASKS
 from retrieval.labels import ANATOMY, ANATOMY_PREFIX, LABELS, NO_FINDING
+from retrieval.study_text import sections_text
 
 PROMPTS: dict[str, str] = {
     "report": "describe the findings and impression.",
@@ -50,17 +51,9 @@ def _list(value: Any) -> list:
     return list(value)
 
 
-def _text(value: Any) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return ""
-    return str(value).strip()
-
-
 def report_target(row: Any) -> str:
     """Findings + impression, or the report when both sections are empty."""
-    findings, impression = _text(row.get("findings")), _text(row.get("impression"))
-    text = " ".join(t for t in (findings, impression) if t)
-    return text or _text(row.get("report"))
+    return sections_text(row)
 
 
 ANATOMY_NAMES = frozenset(n.lower() for n in (*ANATOMY, "Lungs"))  # "Lungs": a box over both lungs (covid-cxr)

@@ -33,7 +33,7 @@ from generation.tokenizer import TASKS
 from retrieval.checkpoint import Checkpoint
 from retrieval.errors import CXRError, UsageError
 from retrieval.fileio import write_json_atomic
-from retrieval.labels import LABELS
+from retrieval.labels import LABELS, multi_hot
 from retrieval.models.token_cache import DEFAULT_GRID
 from retrieval.progress import make_progress
 
@@ -111,15 +111,8 @@ def row_balance_keys(df: pd.DataFrame, rows: Sequence[int]) -> dict[int, str]:
 
 def row_label_targets(df: pd.DataFrame, rows: Sequence[int]) -> dict[int, torch.Tensor]:
     """Each row's multi-hot finding vector over LABELS (the auxiliary head's target)."""
-    idx = {lab: i for i, lab in enumerate(LABELS)}
-    out = {}
-    for p in rows:
-        t = torch.zeros(len(LABELS))
-        for lab in df.iloc[p]["labels"]:
-            if lab in idx:
-                t[idx[lab]] = 1.0
-        out[int(p)] = t
-    return out
+    targets = multi_hot([df.iloc[p]["labels"] for p in rows]).astype(np.float32)
+    return {int(p): torch.tensor(t) for p, t in zip(rows, targets, strict=True)}
 
 
 def _lr_lambda(warmup: int, total: int):

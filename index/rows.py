@@ -6,19 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from retrieval.errors import ManifestError
-
-
-def report_text(row: Any) -> str:
-    """The text indexed for a row: `report`, else findings + impression (empty when there is none)."""
-    text = str(row.get("report") or "").strip()
-    if not text:
-        text = " ".join(str(row.get(c) or "").strip() for c in ("findings", "impression")).strip()
-    return text
+from retrieval.study_text import report_text
 
 
 def prepare(

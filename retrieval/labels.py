@@ -3,7 +3,8 @@
 The labeler follows the CheXpert labeler's idea (mention phrases, then negation and uncertainty rules) with
 our own small regular-expression rules, so it needs no parser or model:
 
-* a report is split into sentences, and each sentence into clauses at contrast words ("but", "however", ";");
+* a report is split into sentences (`study_text.clean_sentences`), and each sentence into clauses at contrast words
+  ("but", "however", ";");
 * a *mention* of a label is found by regular expressions ("effusion", "blunting of the costophrenic angle");
 * a mention is *negated* when a negation cue ("no", "without", "negative for", "free of", "resolved")
   governs it inside its clause, and *uncertain* when a hedge governs it ("cannot exclude", "possible", "may",
@@ -13,16 +14,19 @@ our own small regular-expression rules, so it needs no parser or model:
 `labels_from_mesh` maps the Open-I (IU X-ray) MeSH terms to the same vocabulary; `benchmarks/labeler_iu.py`
 measures the text labeler against those MeSH-implied labels on every IU report.
 
-A leaf module: it imports nothing from the project, so every other module may import it. It also names the
-anatomy the demo phantom draws (`ANATOMY`) and the one definition of "abnormal" (`is_abnormal`, and
+It imports only `study_text` from the project, so every other module may import it. It also names the anatomy the
+demo phantom draws (`ANATOMY`), holds the one conversion of label lists to a multi-hot matrix (`multi_hot`, and
+`label_matrix` for training and evaluation) and the one definition of "abnormal" (`is_abnormal`, and
 `abnormal_rows` for a multi-hot label matrix).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from retrieval.study_text import clean_sentences
 
 LABELS: list[str] = [
     "No Finding",
@@ -72,6 +76,28 @@ def abnormal_rows(label_matrix: Any, no_finding_column: int = 0) -> Any:
     is No Finding: (B,) bool, True where any other column is set."""
     others = [c for c in range(label_matrix.shape[1]) if c != no_finding_column]
     return label_matrix[:, others].any(1)
+
+
+def multi_hot(label_lists: Iterable[Iterable[str]], vocabulary: Sequence[str] = LABELS) -> Any:
+    """(B, L) bool numpy matrix: row i marks the labels of list i among the L names of `vocabulary`. Labels outside
+    it are not counted, and an empty list is a row of zeros (see `label_matrix` for the other reading)."""
+    import numpy as np
+
+    index = {name: i for i, name in enumerate(vocabulary)}
+    rows = [[index[name] for name in labels if name in index] for labels in label_lists]
+    out = np.zeros((len(rows), len(index)), dtype=bool)
+    for r, cols in enumerate(rows):
+        out[r, cols] = True
+    return out
+
+
+def label_matrix(label_lists: Iterable[Iterable[str]], vocabulary: Sequence[str] = LABELS) -> tuple[Any, list[str]]:
+    """Training's and evaluation's label matrix: `multi_hot` where an empty list means No Finding and labels outside
+    `vocabulary` get columns of their own (first seen first), so that no label is silently dropped. Returns the
+    (B, L') bool matrix and its L' column names."""
+    lists = [list(labels) or [NO_FINDING] for labels in label_lists]
+    names = list(dict.fromkeys([*vocabulary, *(name for labels in lists for name in labels)]))
+    return multi_hot(lists, names), names
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,29 +239,6 @@ _CLAUSE_BREAK = re.compile(
     r"in addition|also|and (?:a|an|the|mild|moderate|small|large|minimal|stable)|is seen|are seen)\b|[;:]"
 )
 _RANK = {"negative": 0, "uncertain": 1, "positive": 2}
-_SENT_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
-
-
-def clean_text(text: str) -> str:
-    """Lower-case, squash whitespace, drop de-identification tokens."""
-    text = text.lower().replace("x-xxxx", "x-ray")
-    text = re.sub(r"\bxxxx\b", " ", text)
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def sentences(text: str | None) -> list[str]:
-    """The cleaned (`clean_text`) sentences of a report, as the labeler reads them."""
-    return _SENT_SPLIT.split(clean_text(text or ""))
-
-
-def whole_sentences(text: str | None) -> list[str]:
-    """The cleaned sentences of a report that lost no word to de-identification (IU's `XXXX`): the ones fit to
-    quote ("the pulmonary XXXX and mediastinum are within normal limits" reads as nonsense without its word), and
-    not the bare list numbers of an impression ("1.", "2.")."""
-    raw = (text or "").lower().replace("x-xxxx", "x-ray")
-    return [
-        clean_text(s) for s in _SENT_SPLIT.split(raw) if re.search(r"[a-z]{2}", s) and not re.search(r"\bxxxx\b", s)
-    ]
 
 
 # How far a cue reaches: NegEx-style scopes are a few words; a cue more than this many characters before a
@@ -292,7 +295,7 @@ def label_sentence(sentence: str) -> dict[str, str]:
 def label_report_detailed(text: str) -> dict[str, str]:
     """Per label mentioned in `text`: 'positive', 'uncertain' or 'negative' (the strongest over sentences)."""
     out: dict[str, str] = {}
-    for sentence in sentences(text):
+    for sentence in clean_sentences(text):
         for label, status in label_sentence(sentence).items():
             if label not in out or _RANK[status] > _RANK[out[label]]:
                 out[label] = status

@@ -21,7 +21,7 @@ Each term is a small module named in `LOSS_TERMS`; `WeightedLoss(weights)` sums 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,7 +30,7 @@ from open_clip.loss import ClipLoss
 from pytorch_metric_learning.losses import SupConLoss
 from torch import nn
 
-from retrieval.labels import LABELS, NO_FINDING, abnormal_rows
+from retrieval.labels import abnormal_rows
 
 POSITIVE_RULES = ("same-set", "binary", "overlap")
 # Chosen by benchmarks/retrieval_ablation.py: `binary` had the best image->report label mAP on the demo corpus
@@ -38,25 +38,6 @@ POSITIVE_RULES = ("same-set", "binary", "overlap")
 DEFAULT_POSITIVE_RULE = "binary"
 MAX_LOGIT_SCALE = 100.0
 CLIP_INIT_TEMPERATURE = 0.07
-
-
-def multi_hot(label_lists: Sequence[Sequence[str]], vocabulary: Sequence[str] = LABELS) -> torch.Tensor:
-    """(B, L) bool matrix of label sets; an empty set means "No Finding"; labels outside `vocabulary` get
-    extra columns (in first-seen order) so that no label is silently dropped."""
-    vocab = list(vocabulary)
-    index = {name: i for i, name in enumerate(vocab)}
-    rows = []
-    for labels in label_lists:
-        names = list(labels) if len(labels) else [NO_FINDING]
-        for name in names:
-            if name not in index:
-                index[name] = len(vocab)
-                vocab.append(name)
-        rows.append([index[name] for name in names])
-    out = torch.zeros(len(rows), len(vocab), dtype=torch.bool)
-    for r, cols in enumerate(rows):
-        out[r, cols] = True
-    return out
 
 
 def abnormal_targets(label_matrix: torch.Tensor, no_finding_column: int = 0) -> torch.Tensor:
@@ -106,7 +87,7 @@ class LossInputs:
 
     image_emb: torch.Tensor  # (B, D), L2-normalised
     text_emb: torch.Tensor  # (B, D), L2-normalised
-    label_matrix: torch.Tensor  # (B, L), `multi_hot`
+    label_matrix: torch.Tensor  # (B, L), `retrieval.labels.label_matrix`
     logit_scale: torch.Tensor | None = None  # log inverse temperature (the CLIP term)
     abnormal_logits: torch.Tensor | None = None  # (k*B,) the abnormality head's logits (the BCE term)
 

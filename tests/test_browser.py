@@ -217,6 +217,7 @@ def test_viewer_search_draft_and_boxes_in_chromium(served, tmp_path):
             assert text and text != "drafting…", text
             links = page.locator("#exemplars a.exemplar")
             assert links.count() >= 1 and (links.first.get_attribute("href") or "").startswith("#study/")
+            assert page.inner_text("#exemplars p.report >> nth=0").strip()  # sentences the server split
 
             # [identify]: a box drawn over the query image
             page.click("#identify")

@@ -9,7 +9,7 @@ from sklearn.metrics import average_precision_score
 
 from retrieval.data.split_items import SplitItems, split_items
 from retrieval.evaluate import evaluate_embeddings, random_embeddings
-from retrieval.losses import multi_hot
+from retrieval.labels import multi_hot
 from retrieval.retrieval_metrics import (
     average_precisions,
     mean_average_precision,
@@ -89,8 +89,8 @@ def test_ties_are_broken_by_gallery_order():
 
 
 def test_label_relevance_matrices():
-    q = multi_hot([["No Finding"], ["Edema", "Cardiomegaly"]]).numpy()
-    g = multi_hot([["No Finding"], ["Edema"], ["Cardiomegaly", "Edema"], ["Pneumothorax"]]).numpy()
+    q = multi_hot([["No Finding"], ["Edema", "Cardiomegaly"]])
+    g = multi_hot([["No Finding"], ["Edema"], ["Cardiomegaly", "Edema"], ["Pneumothorax"]])
     assert overlap_matrix(q, g).tolist() == [[True, False, False, False], [False, True, True, False]]
     assert same_set_matrix(q, g).tolist() == [[True, False, False, False], [False, False, True, False]]
 
@@ -100,7 +100,7 @@ def _items() -> SplitItems:
     study_sets = [["No Finding"], ["Edema"], ["Edema", "Cardiomegaly"], ["No Finding"], ["Pneumothorax"], ["Edema"]]
     image_study = np.array([0, 0, 1, 2, 2, 3, 4, 4, 5, 5])
     patient_of_study = np.array([0, 0, 1, 2, 3, 3])
-    m = multi_hot(study_sets).numpy()
+    m = multi_hot(study_sets)
     return SplitItems(
         image_ids=[f"i{i}" for i in range(10)],
         image_paths=[f"i{i}.png" for i in range(10)],

@@ -113,7 +113,7 @@ def test_finding_sides_read_the_patients_side_of_the_best_box_in_one_half():
 
 
 def test_sentences_with_a_deidentified_gap_are_not_quoted():
-    from retrieval.labels import whole_sentences
+    from retrieval.study_text import whole_sentences
 
     report = "Heart size is normal. The pulmonary XXXX and mediastinum are within normal limits. No X-XXXX change."
     assert whole_sentences(report) == ["heart size is normal.", "no x-ray change."]

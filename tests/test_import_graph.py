@@ -128,8 +128,11 @@ def test_no_module_level_cycle():
     assert not cycles, f"import cycles: {cycles}"
 
 
-def test_labels_is_a_leaf():
-    assert import_graph()["retrieval.labels"] == set()
+def test_the_study_text_and_labels_are_leaves():
+    """The study's text imports nothing from the project, and the labels only it: every layer may use both."""
+    graph = import_graph()
+    assert graph["retrieval.study_text"] == set()
+    assert graph["retrieval.labels"] == {"retrieval.study_text"}
 
 
 def test_packages_import_only_downwards():

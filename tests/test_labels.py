@@ -11,8 +11,10 @@ from retrieval.labels import (
     NO_FINDING,
     abnormal_rows,
     is_abnormal,
+    label_matrix,
     label_report,
     labels_from_mesh,
+    multi_hot,
 )
 
 
@@ -121,24 +123,65 @@ def test_labels_from_mesh(mesh, expected):
     assert labels_from_mesh(mesh) == [label for label in LABELS if label in expected]
 
 
-def test_score_labels_matches_sklearn():
-    metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is the reference implementation")
+def naive_prf(truth, pred, label):
+    """A label's precision, recall, F1, support and predicted count, counted by hand."""
+    tp = sum(label in t and label in p for t, p in zip(truth, pred, strict=True))
+    fp = sum(label not in t and label in p for t, p in zip(truth, pred, strict=True))
+    fn = sum(label in t and label not in p for t, p in zip(truth, pred, strict=True))
+    prec, rec = (tp / (tp + fp) if tp + fp else 0.0), (tp / (tp + fn) if tp + fn else 0.0)
+    return prec, rec, (2 * prec * rec / (prec + rec) if prec + rec else 0.0), tp + fn, tp + fp, (tp, fp, fn)
+
+
+def test_score_labels_against_a_hand_count():
+    """The benchmark's scores are `multilabel_prf`'s (the one P/R/F1); macro over the labels in truth or prediction:
+    Tuberculosis (predicted, never true) counts with F1 0, Fracture (neither) does not count."""
     rng = np.random.default_rng(0)
-    truth = [[lab for lab in LABELS if rng.random() < 0.2] for _ in range(300)]
-    pred = [[lab for lab in LABELS if rng.random() < 0.25] for _ in range(300)]
+    common = [lab for lab in LABELS if lab not in ("Tuberculosis", "Fracture")]
+    truth = [[lab for lab in common if rng.random() < 0.2] for _ in range(300)]
+    pred = [[lab for lab in common if rng.random() < 0.25] for _ in range(300)]
+    pred[0].append("Tuberculosis")
     scores = score_labels(truth, pred)
-    Y = np.array([[lab in t for lab in LABELS] for t in truth])
-    P = np.array([[lab in p for lab in LABELS] for p in pred])
-    prec, rec, f1, sup = metrics.precision_recall_fscore_support(Y, P, zero_division=0)
-    for j, lab in enumerate(LABELS):
+    hand = {lab: naive_prf(truth, pred, lab) for lab in LABELS}
+    for lab, (prec, rec, f1, support, predicted, _) in hand.items():
         row = scores["per_label"][lab]
-        assert row["precision"] == pytest.approx(prec[j])
-        assert row["recall"] == pytest.approx(rec[j])
-        assert row["f1"] == pytest.approx(f1[j])
-        assert row["support"] == sup[j]
-    micro = metrics.precision_recall_fscore_support(Y, P, average="micro", zero_division=0)
-    assert scores["micro"]["f1"] == pytest.approx(micro[2])
-    assert scores["macro"]["f1"] == pytest.approx(f1[sup > 0].mean())
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((prec, rec, f1))
+        assert (row["support"], row["predicted"]) == (support, predicted)
+    tp, fp, fn = (sum(h[5][i] for h in hand.values()) for i in range(3))
+    assert scores["micro"]["precision"] == pytest.approx(tp / (tp + fp))
+    assert scores["micro"]["recall"] == pytest.approx(tp / (tp + fn))
+    counted = [lab for lab in LABELS if lab != "Fracture"]
+    assert scores["macro"]["f1"] == pytest.approx(np.mean([hand[lab][2] for lab in counted]))
+    assert scores["per_label"]["Tuberculosis"]["f1"] == 0.0 and scores["n_reports"] == 300
+
+
+LABEL_SETS = [["No Finding"], ["Edema", "Cardiomegaly"], [], ["Calcified Granuloma"], ["Edema", "Mass X", "Edema"]]
+
+
+def naive_label_matrix(label_sets):
+    """The conversion training used before (`losses.multi_hot`): empty = No Finding, unknown labels appended."""
+    names = list(LABELS)
+    for labels in label_sets:
+        names += [lab for lab in (labels or [NO_FINDING]) if lab not in names]
+    rows = [[name in (labels or [NO_FINDING]) for name in names] for labels in label_sets]
+    return np.array(rows, dtype=bool), names
+
+
+def test_multi_hot_counts_only_the_vocabulary():
+    m = multi_hot(LABEL_SETS)
+    assert m.dtype == bool and m.shape == (5, len(LABELS))
+    assert m.tolist() == [[lab in labels for lab in LABELS] for labels in LABEL_SETS]
+    assert not m[2].any()  # an empty list is a row of zeros here (nothing named, nothing predicted)
+    assert multi_hot([["b", "z"]], ["a", "b"]).tolist() == [[False, True]]
+    assert multi_hot([]).shape == (0, len(LABELS))
+
+
+def test_label_matrix_matches_the_old_conversion_and_abnormal():
+    m, names = label_matrix(LABEL_SETS)
+    ref, ref_names = naive_label_matrix(LABEL_SETS)
+    assert names == ref_names == [*LABELS, "Calcified Granuloma", "Mass X"]
+    assert (m == ref).all()
+    # abnormal: the same answer from a label list and from its matrix row, for extra labels and empty lists too
+    assert abnormal_rows(m).tolist() == [is_abnormal(labels) for labels in LABEL_SETS] == [0, 1, 0, 1, 1]
 
 
 @pytest.fixture(scope="module")

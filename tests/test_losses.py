@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retrieval.labels import LABELS
+from retrieval.labels import LABELS, label_matrix
 from retrieval.losses import (
     LOSS_TERMS,
     LossInputs,
@@ -17,10 +17,14 @@ from retrieval.losses import (
     abnormal_targets,
     clamp_logit_scale_,
     initial_logit_scale,
-    multi_hot,
     parse_loss_weights,
     positive_mask,
 )
+
+
+def multi_hot(label_sets) -> torch.Tensor:
+    """The training label matrix (`label_matrix`) as the losses take it."""
+    return torch.from_numpy(label_matrix(label_sets)[0])
 
 
 def weighted(weights, img, txt, m, logits=None, temperature=0.07, **options):

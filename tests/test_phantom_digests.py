@@ -18,7 +18,8 @@ import pytest
 
 from retrieval.data import phantom
 from retrieval.data.demo import study_seed
-from retrieval.data.importers.iu_xray import builtin_reports_path, read_iu_reports, report_text
+from retrieval.data.importers.iu_xray import builtin_reports_path, read_iu_reports
+from retrieval.study_text import report_text
 
 DIGESTS = """
 CXR1@192 4f7214d9dbb50eaebccfc55715dc7a82b8d2ed1d5a6d223e08c10e3b714b2bca

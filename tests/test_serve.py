@@ -27,9 +27,9 @@ from test_index_helpers import FakeModel  # noqa: E402
 
 from cli.main import main  # noqa: E402
 from index.build import BuildOptions, add_to_index, build_index  # noqa: E402
+from retrieval.study_text import shared_sentences, split_sentences  # noqa: E402
 from serve.app import bind_warning, create_app, is_loopback  # noqa: E402
 from serve.batching import EmbedBatcher  # noqa: E402
-from serve.sentences import matched_report_sentences, shared_sentences, split_sentences  # noqa: E402
 from serve.service import ServeConfig, ServeService  # noqa: E402
 from serve.uploads import sniff  # noqa: E402
 
@@ -261,6 +261,8 @@ def test_generate_returns_text_boxes_and_the_exemplars_it_used(client, data):
         assert e["report"] == study["report"] and e["labels"] == study["labels"]
         assert set(e["shared"]) <= set(split_sentences(res["text"]))
         assert all(s in shared_sentences(res["text"], e["report"]) for s in e["shared"])
+        assert e["report_sentences"] == split_sentences(e["report"])  # the viewer's split is the server's
+        assert set(e["matched"]) <= set(e["report_sentences"])
         assert isinstance(e["score"], float)
     assert [s["text"] for s in res["sentences"]] == split_sentences(res["text"])
 
@@ -293,19 +295,6 @@ def test_generate_without_a_vlm_is_a_usage_error(data):
         assert r.status_code == 422 and "--vlm" in r.json()["detail"]
     finally:
         svc.close()
-
-
-def test_shared_sentences():
-    text = "the heart is enlarged. there is a right pleural effusion. no pneumothorax."
-    report = "There is a right pleural effusion.  The lungs are otherwise clear.\nNo pneumothorax"
-    assert shared_sentences(text, report) == ["there is a right pleural effusion.", "no pneumothorax."]
-    clause = "The lungs are clear, and without focal airspace opacity. No effusion."
-    assert shared_sentences("the lungs are clear. no.", clause) == ["the lungs are clear."]  # words in a row
-    assert matched_report_sentences("the lungs are clear.", clause) == [
-        "The lungs are clear, and without focal airspace opacity."
-    ]
-    assert shared_sentences("lungs clear.", "The lungs are clear.") == []  # not the same words in a row
-    assert split_sentences("a. b! c? {<1><2><3><4>}") == ["a.", "b!", "c?", "{<1><2><3><4>}"]
 
 
 # ---------------------------------------------------------------------------------------------- studies

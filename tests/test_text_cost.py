@@ -11,11 +11,10 @@ import time
 
 import pytest
 
-from generation.rag import sentences as rag_sentences
 from retrieval import labels
-from retrieval.labels import label_report, label_report_detailed, whole_sentences
+from retrieval.labels import label_report, label_report_detailed
+from retrieval.study_text import normalized_sentences, shared_sentences, split_sentences, whole_sentences
 from retrieval.text_limits import MAX_QUERY_CHARS, MAX_REPORT_CHARS, TextTooLong, check_query_text, truncate_reports
-from serve.sentences import shared_sentences, split_sentences
 
 SHAPES = {
     # one unbroken sentence of real words with findings, negations and clause breaks (the probe)
@@ -23,12 +22,14 @@ SHAPES = {
     "one clause": "effusion opacity no nodule ",  # no clause break at all: every mention's clause is the text
     "one word": "mediastinblunt",  # one giant word: open-ended word patterns re-scanned it per prefix
     "sentences": "no effusion. ",
+    "abbreviations": "dr. smith e.g. a 1.5 cm nodule ",  # periods that end no sentence: one sentence in all
+    "list": "1. no effusion. ",  # list numbers, each read back a few characters
 }
 WORK = {
     "label_report": label_report,
     "whole_sentences": whole_sentences,
     "split_sentences": split_sentences,
-    "rag sentences": rag_sentences,
+    "normalized_sentences": normalized_sentences,
     "shared_sentences": lambda t: shared_sentences(t, "No effusion. The lungs are clear."),
 }
 
@@ -68,7 +69,8 @@ def test_the_quadratic_labeler_would_fail_the_ratio(monkeypatch):
 
 
 def test_the_bounded_scope_reads_real_reports_as_the_unbounded_one(monkeypatch):
-    from retrieval.data.importers.iu_xray import builtin_reports_path, read_iu_reports, report_text
+    from retrieval.data.importers.iu_xray import builtin_reports_path, read_iu_reports
+    from retrieval.study_text import report_text
 
     if not builtin_reports_path().is_file():
         pytest.skip("torchxrayvision's NLMCXR_reports.tgz is not installed")

@@ -330,7 +330,8 @@ def test_train_cli_json_and_errors(tmp_path, capsys):
 def test_task_owns_the_temperature_and_round_trips_its_trainable_state(test_device):
     """RetrievalTask: the loss of a batch, one step that moves the heads and `logit_scale` (clamped), and a
     trainable state that restores exactly what the step changed (and nothing frozen)."""
-    from retrieval.losses import MAX_LOGIT_SCALE, multi_hot
+    from retrieval.labels import label_matrix
+    from retrieval.losses import MAX_LOGIT_SCALE
     from retrieval.models import load_model
     from retrieval.training.task import RetrievalTask
     from retrieval.training.towers import set_trainable
@@ -347,7 +348,8 @@ def test_task_owns_the_temperature_and_round_trips_its_trainable_state(test_devi
     g = torch.Generator().manual_seed(0)
     img_f = torch.randn(4, model.projector.cfg.image_dim, generator=g).to(test_device)
     txt_f = torch.randn(4, model.projector.cfg.text_dim, generator=g).to(test_device)
-    labels = multi_hot([["No Finding"], ["Edema"], ["No Finding"], ["Cardiomegaly"]]).to(test_device)
+    labels = torch.from_numpy(label_matrix([["No Finding"], ["Edema"], ["No Finding"], ["Cardiomegaly"]])[0])
+    labels = labels.to(test_device)
     out = task.loss(task.outputs(img_f, txt_f, labels))
     assert list(out) == ["loss", "clip", "bce"]
     assert torch.allclose(out["loss"], out["clip"] + 0.5 * out["bce"])

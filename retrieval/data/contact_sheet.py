@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from retrieval.study_text import first_sentence
 
-def first_sentence(text: str, width: int = 48, lines: int = 2) -> str:
+
+def _caption(text: str, width: int = 48, lines: int = 2) -> str:
     """The report's first sentence, de-identification tokens dropped, wrapped to `lines` lines of `width`."""
     text = re.sub(r"\s+", " ", re.sub(r"\bX+\b", "", str(text or ""))).strip()
-    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0] if text else "(no report text)"
+    sentence = first_sentence(text) or "(no report text)"
     wrapped = textwrap.wrap(sentence, width) or [""]
     if len(wrapped) > lines:
         wrapped = wrapped[:lines]
@@ -99,7 +101,7 @@ def contact_sheet(
             )
         labels = ", ".join(row["labels"])
         ax.set_title(
-            f"{row['study_id']}: {first_sentence(row['report'])}\n[{labels}]", fontsize=6.5, loc="left"
+            f"{row['study_id']}: {_caption(row['report'])}\n[{labels}]", fontsize=6.5, loc="left"
         )
     fig.suptitle(
         "cxr-retrieval demo corpus: synthetic radiographs rendered from real IU X-ray reports "

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from retrieval.data.importers.iu_xray import read_iu_reports, report_text
+from retrieval.data.importers.iu_xray import read_iu_reports
+from retrieval.study_text import report_text
 
 DEMO_VERSION = 1
 INFO_NAME = "demo_info.json"

@@ -1,5 +1,6 @@
 """Manifest rows -> study items: the images and studies (one report each) of a split, with multi-hot labels,
-as training and evaluation read them (`SplitItems`, `split_items`)."""
+as training and evaluation read them (`SplitItems`, `split_items`). A study's text is `study_text.report_text`;
+its label matrix `labels.label_matrix`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from retrieval.labels import LABELS, NO_FINDING
+from retrieval.labels import LABELS, NO_FINDING, label_matrix
+from retrieval.study_text import report_text
 
 
 @dataclass
@@ -29,14 +31,6 @@ class SplitItems:
     labelled_by_labeler: int = 0  # images whose manifest labels were empty: labels read from the report text
 
 
-def _study_text(row: pd.Series) -> str:
-    report = str(row.get("report", "") or "").strip()
-    if report:
-        return report
-    parts = [str(row.get(c, "") or "").strip() for c in ("findings", "impression")]
-    return " ".join(p for p in parts if p)
-
-
 def _labels_of(labels: Sequence[str], text: str) -> list[str]:
     if len(labels):
         return list(labels)
@@ -52,7 +46,6 @@ def split_items(df: pd.DataFrame, split: str | None, check_files: bool = True) -
     whose file is missing are skipped and listed in `skipped`; empty label lists get the report labeler's."""
     from retrieval.data.manifest import resolve_image_path
     from retrieval.errors import ManifestError
-    from retrieval.losses import multi_hot
 
     rows = df if split is None else df[df["split"] == split]
     if len(rows) == 0:
@@ -67,7 +60,7 @@ def split_items(df: pd.DataFrame, split: str | None, check_files: bool = True) -
     auto_labelled = 0
     for _, row in rows.iterrows():
         study = str(row["study_id"])
-        text = _study_text(row)
+        text = report_text(row)
         if not text:
             skipped.append(f"{row['image_id']}: study {study} has no report text")
             continue
@@ -95,11 +88,7 @@ def split_items(df: pd.DataFrame, split: str | None, check_files: bool = True) -
     if not image_ids:
         raise ManifestError(f"split {split!r}: no usable rows ({len(skipped)} skipped, e.g. {skipped[:1]})")
     all_sets = img_labels + [sorted(s) for s in study_label_sets]
-    m = multi_hot(all_sets).numpy()
-    names = list(LABELS) + [f"extra_{i}" for i in range(m.shape[1] - len(LABELS))]
-    seen_extra = [lab for labs in all_sets for lab in labs if lab not in LABELS]
-    for i, name in enumerate(dict.fromkeys(seen_extra)):
-        names[len(LABELS) + i] = name
+    m, names = label_matrix(all_sets)
     n = len(image_ids)
     return SplitItems(
         image_ids=image_ids,

@@ -218,8 +218,7 @@ async function draft() {
       a.addEventListener("click", (ev) => { ev.preventDefault(); openStudy(e.study_id); });
       const matched = new Set(e.matched);  // the report's sentences that say a sentence of the draft
       const rep = el("p", { class: "report" });
-      for (const s of e.report.match(/[^.!?\n]+[.!?]?/g) || []) {
-        const t = s.trim();
+      for (const t of e.report_sentences) {  // split by the server (retrieval/study_text.py)
         rep.append(matched.has(t) ? el("mark", { text: t }) : document.createTextNode(t), " ");
       }
       list.append(el("li", {}, a, el("span", { class: "score", text: ` ${e.score.toFixed(3)}` }),

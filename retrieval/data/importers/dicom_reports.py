@@ -17,6 +17,7 @@ import pandas as pd
 
 from retrieval.data.pseudonym import Pseudonymizer
 from retrieval.errors import ImportError_
+from retrieval.study_text import report_text
 
 _ACCESSION = ("accession_number", "AccessionNumber", "accession")
 _STUDY = ("study_instance_uid", "StudyInstanceUID", "study_uid")
@@ -54,8 +55,7 @@ def read_report_csv(path: str | Path, pseudonymize: Pseudonymizer | None = None)
     out = Reports()
     for rec in df.to_dict("records"):
         entry = {k: str(rec.get(k, "") or "").strip() for k in ("report", "findings", "impression")}
-        if not entry["report"]:
-            entry["report"] = " ".join(x for x in (entry["findings"], entry["impression"]) if x)
+        entry["report"] = report_text(entry)  # the report, else findings + impression
         if not entry["report"]:
             continue
         if acc_col and str(rec[acc_col]).strip():

@@ -22,6 +22,7 @@ import pandas as pd
 from retrieval.data.importers.common import finish, index_images, normalize_view
 from retrieval.errors import ImportError_
 from retrieval.progress import track
+from retrieval.study_text import report_text
 
 
 def builtin_reports_path() -> Path:
@@ -79,11 +80,6 @@ def iter_report_files(src: str | Path) -> Iterator[tuple[str, bytes]]:
 def _report_number(name: str) -> int:
     digits = re.sub(r"\D", "", name)
     return int(digits) if digits else 0
-
-
-def report_text(rec: dict[str, Any]) -> str:
-    """An Open-I report's text: its FINDINGS then its IMPRESSION section (empty when it has neither)."""
-    return " ".join(x for x in (rec["findings"], rec["impression"]) if x)
 
 
 def read_iu_reports(src: str | Path = "builtin") -> list[dict[str, Any]]:

@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass
 
 from retrieval.data.phantom import rules
-from retrieval.labels import NO_FINDING, label_report, mention_status, sentences
+from retrieval.labels import NO_FINDING, label_report, mention_status
+from retrieval.study_text import clean_sentences
 
 
 @dataclass
@@ -82,7 +83,7 @@ def parse_findings(text: str) -> tuple[list[Finding], list[str]]:
     exclude pneumonia") are skipped through `retrieval.labels.mention_status`."""
     found: dict[tuple[str, str | None], Finding] = {}
     extra: list[str] = []
-    for sentence in sentences(text):
+    for sentence in clean_sentences(text):
         claimed: list[tuple[int, int]] = []
         for name, rx, covers in rules.RULE_RE:
             for m in rx.finditer(sentence):
