@@ -362,8 +362,9 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=5000)
     ap.add_argument("--cost-sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--cost-dim", type=int, default=256)
+    ap.add_argument("--crash-seconds", type=float, default=180)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", nargs="+", default=["flips", "kills", "readers", "cost"])
+    ap.add_argument("--only", nargs="+", default=["flips", "kills", "readers", "cost"])  # and "crash" (crasher.py)
     ap.add_argument("--name", default="reliability")
     args = ap.parse_args()
     import faiss
@@ -380,6 +381,10 @@ def main() -> None:
             payload["readers"] = readers(work, args.reads)
         if "cost" in args.only:
             payload["cost"] = cost(work, args.cost_sizes, args.cost_dim)
+        if "crash" in args.only:
+            from benchmarks.crasher import crash_test
+
+            payload["crash"] = crash_test(work, args.crash_seconds, args.seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     md = []
@@ -397,6 +402,9 @@ def main() -> None:
         md += ["## Readers during a writer", "", markdown_table([payload["readers"]])]
     if "cost" in payload:
         md += ["## Cost of the checks (median of 5; Flat, random unit vectors)", "", markdown_table(payload["cost"])]
+    if "crash" in payload:
+        md += ["## Crash test: server and writer SIGKILLed at random (benchmarks/crasher.py)", "",
+               markdown_table([payload["crash"]])]  # fmt: skip
     cmd = "python -m benchmarks.reliability " + " ".join(sys.argv[1:])
     json_path, md_path = write_results(args.name, payload, "\n".join(md), cmd.strip())
     print(md_path.read_text())
