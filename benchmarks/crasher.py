@@ -43,13 +43,20 @@ m.load_model = lambda name, device=None: FakeModel()
 from cli.main import main
 sys.exit(main({argv!r}))
 """
-WORDS = ("opacity effusion nodule hilar apical basal cardiac pleural rib clavicle lobar patchy linear streaky "
-         "dense faint left right upper lower mid zone margin contour shadow line tube wire clip stable new").split()
+WORDS = (
+    "opacity effusion nodule hilar apical basal cardiac pleural rib clavicle lobar patchy linear streaky "
+    "dense faint left right upper lower mid zone margin contour shadow line tube wire clip stable new"
+).split()
+
+
+def cli_env(delay: float = 0.0) -> dict:
+    """The environment of a `cxr` child running the test encoder (CXR_FAKE_DELAY seconds per image batch)."""
+    return dict(os.environ, CXR_FAKE_DELAY=str(delay), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
 
 
 def _spawn(argv: list[str], delay: float = 0.02, log: Path | None = None) -> subprocess.Popen:
     """`cxr ARGV` with the test encoder, in a new process group; stderr to `log` (appended) or a pipe."""
-    env = dict(os.environ, CXR_FAKE_DELAY=str(delay), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = cli_env(delay)
     script = CLI.format(tests=str(TESTS), repo=str(REPO), argv=argv)
     err = open(log, "a") if log is not None else subprocess.PIPE  # noqa: SIM115 - the child holds it
     return subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
