@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: install demo test fuzz lint clean chromium serve
+.PHONY: install demo test fuzz lint clean chromium orthanc serve
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,17 @@ chromium:
 	else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
 		|| echo "WARNING: could not install chromium (apt-get failed): tests/test_browser.py will skip"; fi
+
+# Debian's Orthanc with its DICOMweb plugin (the tests' loopback archive, tests/orthanc.py) and dicom3tools
+# (dciodvfy). Idempotent like `make chromium`; without apt-get or root it says so and the Orthanc tests skip.
+orthanc:
+	@if [ -x /usr/sbin/Orthanc ] && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && command -v dciodvfy >/dev/null 2>&1; \
+	then echo "orthanc: /usr/sbin/Orthanc (with DICOMweb)"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get here: the Orthanc tests will skip"; \
+	else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			orthanc orthanc-dicomweb dicom3tools; } \
+		|| echo "WARNING: could not install orthanc (apt-get failed): the Orthanc tests will skip"; fi
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: install

@@ -8,30 +8,52 @@ from typing import Any
 
 import typer
 
-KIND_HELP = "Source kind: iu-xray | mimic-cxr | covid-cxr | yolo | coco | csv."
+from cli import dicomweb_options as web
+
+KIND_HELP = "Source kind: iu-xray | mimic-cxr | covid-cxr | yolo | coco | csv | dicom | dicomweb."
 
 
 def import_cmd(
     kind: str = typer.Argument(..., help=KIND_HELP),
     src: str = typer.Argument(
-        ..., help="The dataset: a folder, a file (.tgz, .json, .csv, data.yaml), or 'builtin' for iu-xray."
+        ...,
+        help="The dataset: a folder, a file (.tgz, .json, .csv, data.yaml), 'builtin' for iu-xray, or the "
+        "DICOMweb root URL for dicomweb (e.g. http://127.0.0.1:8042/dicom-web).",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest to write (.parquet, or .csv)."),
     images: Path = typer.Option(None, "--images", help="Image folder (iu-xray, mimic-cxr, coco, csv, yolo)."),
     boxes: Path = typer.Option(None, "--boxes", help="COCO box file (covid-cxr; default annotations/*.json)."),
-    reports: Path = typer.Option(None, "--reports", help="MIMIC-CXR report folder (default: SRC)."),
+    reports: Path = typer.Option(
+        None,
+        "--reports",
+        help="MIMIC-CXR report folder (default: SRC); dicom/dicomweb: a report CSV keyed by "
+        "accession_number or study_instance_uid (default: the studies' SR documents).",
+    ),
     column_map: str = typer.Option(
         None, "--column-map", help="csv: rename columns, e.g. 'image_id=dicom,report=text' (manifest=source)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the patient-disjoint splits (when the source has none)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    pseudonymize: str = web.PSEUDONYMIZE,
+    cache: Path = web.CACHE,
+    since: str = web.SINCE,
+    until: str = web.UNTIL,
+    filters: list[str] = web.FILTERS,
+    token: str = web.TOKEN,
+    user: str = web.USER,
+    password: str = web.PASSWORD,
+    fetch_workers: int = web.FETCH_WORKERS,
 ) -> None:
     """Import a dataset into a study manifest; skipped rows are reported, never fatal."""
     from retrieval.data.importers import NOTES, PROBLEMS, import_source, relativize_paths
     from retrieval.data.manifest import write_manifest
     from retrieval.data.manifest_check import summarize_manifest, validate_manifest
 
-    df = import_source(kind, src, images=images, boxes=boxes, reports=reports, column_map=column_map, seed=seed)
+    dicom = web.import_options(kind, out, pseudonymize, cache, since, until, filters, token, user, password,
+                               fetch_workers)  # fmt: skip
+    df = import_source(
+        kind, src, images=images, boxes=boxes, reports=reports, column_map=column_map, seed=seed, **dicom
+    )
     problems = list(df.attrs.get(PROBLEMS, []))
     notes = list(df.attrs.get(NOTES, []))
     df = relativize_paths(df, out.resolve().parent)

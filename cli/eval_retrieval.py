@@ -56,6 +56,11 @@ def eval_retrieval_cmd(
         f"{result['studies']} studies, {result['patients']} patients, {result['abnormal_images']} abnormal; "
         f"{len(result['skipped'])} skipped"
     )
+    if result["labelled_by_labeler"]:
+        print(
+            f"note: {result['labelled_by_labeler']} of {result['images']} images had no labels in the manifest; "
+            "their labels were read from the report text by the rule labeler"
+        )
     print(format_table(result))
     print("\nper label, image->report (model):")
     print(format_per_label(result))

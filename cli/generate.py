@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from cli import dicomweb_options as web
 from cli.options import DEVICE
 
 
@@ -20,10 +21,15 @@ def generate_cmd(
     k: int = typer.Option(3, "-k", help="Exemplar reports in the prompt (0 = no retrieval)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = DEVICE,
+    sr: Path = typer.Option(None, "--sr", help="Also write the drafted report as a DICOM SR (IMAGE must be DICOM)."),
+    store: str = typer.Option(None, "--store", help="Send the SR to this DICOMweb URL with STOW-RS."),
+    token: str = web.TOKEN,
+    user: str = web.USER,
+    password: str = web.PASSWORD,
 ) -> None:
     """Generate for one image; the output names the exemplar studies the prompt carried."""
     from cli.quiet import quiet_transformers
-    from generation.generate import generate_for_image
+    from generation.image_text_to_text import is_image_text_to_text
     from retrieval.errors import UsageError
 
     quiet_transformers()
@@ -31,7 +37,18 @@ def generate_cmd(
         raise UsageError("-k must be >= 0")
     if k > 0 and index is None:
         raise UsageError("retrieval needs --index (or pass -k 0)")
-    res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device)
+    if is_image_text_to_text(vlm):  # a fine-tuned pretrained VLM (`cxr vlm train --base-vlm`)
+        if sr is not None or store is not None:
+            raise UsageError("--sr/--store take the project's own VLM folder (cxr vlm train), not a --base-vlm one")
+        from generation.image_text_to_text import generate_for_image
+
+        res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device)
+    elif sr is not None or store is not None:
+        res = _structured_report(image, index, vlm, task, k, device, sr, store, token, user, password)
+    else:
+        from generation.generate import generate_for_image
+
+        res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device)
     if as_json:
         print(json.dumps(res, indent=2))
         return
@@ -47,3 +64,27 @@ def generate_cmd(
         c.print("exemplars: " + ", ".join(f"{e['study_id']} ({e['score']:.3f})" for e in res["exemplars"]))
     else:
         c.print("[dim]no exemplars (retrieval off)[/dim]")
+    if "sr" in res:
+        where = [f"written to {res['sr']['path']}"] if res["sr"]["path"] else []
+        where += [f"stored at {res['sr']['stored']}"] if res["sr"]["stored"] else []
+        c.print(f"SR (unverified draft, SOP Instance UID {res['sr']['sop_instance_uid']}) {' and '.join(where)}")
+
+
+def _structured_report(image, index, vlm, task, k, device, sr, store, token, user, password) -> dict:
+    """The draft (report text, findings, boxes, exemplars) as a Comprehensive SR: written to `sr`, sent to
+    `store`. The source is checked first: a PNG/JPEG is refused before the model loads."""
+    from generation.draft import draft_for_image
+    from generation.structured_report import build_sr, read_source, store_sr, write_sr
+    from retrieval.errors import UsageError
+
+    if task != "report":
+        raise UsageError(f"--sr and --store write the drafted report; drop --task {task}")
+    read_source(image)
+    res = draft_for_image(image, index, vlm, k=k, device=device)
+    ds = write_sr(res, image, sr) if sr is not None else build_sr(res, read_source(image))
+    if store is not None:
+        from retrieval.data.importers.dicomweb import Auth
+
+        store_sr(ds, store, Auth.from_env(token, user, password))
+    res["sr"] = {"path": str(sr) if sr else None, "stored": store, "sop_instance_uid": str(ds.SOPInstanceUID)}
+    return res

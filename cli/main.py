@@ -20,11 +20,13 @@ import typer
 from cli import (
     data_demo,
     data_import,
+    data_manifest,
     demo,
     eval_generation,
     eval_retrieval,
     generate,
     index_cmd,
+    index_sync,
     models_cmd,
     query,
     serve,
@@ -39,9 +41,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(
-    help="Import datasets into study manifests; build the demo corpus.", no_args_is_help=True
-)
+data_app = typer.Typer(help="Import datasets into study manifests; build the demo corpus.", no_args_is_help=True)
 eval_app = typer.Typer(help="Measure retrieval and generation quality.", no_args_is_help=True)
 index_app = typer.Typer(help="Build, extend and inspect FAISS indexes.", no_args_is_help=True)
 vlm_app = typer.Typer(help="Train the multi-task vision-language model.", no_args_is_help=True)
@@ -54,6 +54,8 @@ app.add_typer(models_cmd.app, name="models")
 data_app.command("import")(data_import.import_cmd)
 data_app.command("validate")(data_import.validate_cmd)
 data_app.command("demo")(data_demo.demo_data_cmd)
+data_app.command("merge")(data_manifest.merge_cmd)
+data_app.command("split")(data_manifest.split_cmd)
 app.command("train")(train.train_cmd)
 eval_app.command("retrieval")(eval_retrieval.eval_retrieval_cmd)
 eval_app.command("generation")(eval_generation.eval_generation_cmd)
@@ -62,6 +64,7 @@ index_app.command("add")(index_cmd.add_cmd)
 index_app.command("info")(index_cmd.info_cmd)
 index_app.command("verify")(index_cmd.verify_cmd)
 index_app.command("gc")(index_cmd.gc_cmd)
+index_app.command("sync")(index_sync.sync_cmd)
 index_app.command("repair")(index_cmd.repair_cmd)
 app.command("query")(query.query_cmd)
 vlm_app.command("train")(vlm_train.vlm_train_cmd)

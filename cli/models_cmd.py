@@ -102,6 +102,7 @@ def verify_cmd(
         lines.append(f"built and encoded: embed_dim {res['embed_dim']}, fingerprint {res['fingerprint'][:16]}…")
     if res["unlisted"]:
         lines.append(f"not in the checksum list (not checked): {', '.join(res['unlisted'][:5])}")
+    lines += [f"note: {n}" for n in res.get("notes", [])]
     lines += [f"WARN {w}" for w in res.get("warnings", [])]
     lines += [f"FAIL {p}" for p in res["problems"]] or ["OK"]
     _emit(res, as_json, "\n".join(lines))

@@ -9,6 +9,47 @@ from pathlib import Path
 import typer
 
 from cli.options import DEVICE
+from serve.settings import MAX_DECODE_MB, MAX_DECODES, MAX_PIXELS
+
+# the defaults of what `cxr serve` bounds and reveals (`serve(limits=...)` changes any of them)
+SERVE_LIMITS = {
+    "allowed_hosts": [],
+    "show_paths": False,
+    "header_timeout": 10.0,
+    "body_timeout": 60.0,
+    "keep_alive": 5.0,
+    "grace": 10.0,
+    "max_pixels": MAX_PIXELS,
+    "max_decode_mb": MAX_DECODE_MB,
+    "max_decodes": MAX_DECODES,
+}
+# the options of those bounds
+ALLOWED_HOST = typer.Option(
+    None, "--allowed-host", help="Also answer this Host name (default: the bound address; '*': any)."
+)
+SHOW_PATHS = typer.Option(False, "--show-paths", help="Show the server's paths in responses.")
+HEADER_TIMEOUT = typer.Option(
+    SERVE_LIMITS["header_timeout"], "--header-timeout", min=0.1, help="Seconds for a request's head."
+)
+BODY_TIMEOUT = typer.Option(
+    SERVE_LIMITS["body_timeout"], "--body-timeout", min=0.1, help="Seconds for a request's body."
+)
+KEEP_ALIVE = typer.Option(
+    SERVE_LIMITS["keep_alive"], "--timeout-keep-alive", min=0.1, help="Idle seconds between requests."
+)
+GRACE = typer.Option(SERVE_LIMITS["grace"], "--grace", min=0, help="On SIGTERM, seconds to finish requests in flight.")
+MAX_PIXELS_OPTION = typer.Option(MAX_PIXELS, "--max-pixels", min=1, help="Most pixels an upload may have.")
+MAX_DECODE_MB_OPTION = typer.Option(MAX_DECODE_MB, "--max-decode-mb", min=1, help="Most memory one decode needs.")
+MAX_DECODES_OPTION = typer.Option(MAX_DECODES, "--max-decodes", min=1, help="Uploads decoded at once.")
+
+
+def _banner(info: dict, host: str, port: int, workers: int, token: str | None) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return (
+        f"serving http://{shown}:{port}/  model {info['model']['name']}, index {info['index']['count']:,} rows "
+        f"({info['index']['factory']}), VLM {'loaded' if info['vlm']['loaded'] else 'none'}, "
+        f"{workers} workers" + (", bearer token required" if token else "")
+    )
 
 
 def serve(
@@ -29,13 +70,17 @@ def serve(
     nprobe: int | None = None,
     ef_search: int | None = None,
     access_log: bool = False,
+    archive_url: str | None = None,
+    limits: dict | None = None,
 ) -> None:
-    """Load everything once, then serve until interrupted (also called by `cxr demo --serve`)."""
+    """Load everything once, then serve until interrupted (also called by `cxr demo --serve`). `limits`: the
+    `SERVE_LIMITS` keys to change (hosts, paths, timeouts, pixels)."""
     import logging
 
     from cli.quiet import quiet_transformers
     from retrieval.errors import UsageError
-    from serve.service import ServeConfig, ServeService, default_workers
+    from serve.service import ServeService
+    from serve.settings import ServeConfig, default_workers
 
     quiet_transformers()
 
@@ -43,10 +88,13 @@ def serve(
         import uvicorn
 
         from serve.app import bind_warning, create_app
+        from serve.connections import uvicorn_settings
+        from serve.web_guard import allowed_hosts
     except ImportError as e:
         raise UsageError(f"`cxr serve` needs the serve extra: pip install 'cxr-retrieval[serve]' ({e})") from e
     if max_upload_mb <= 0:
         raise UsageError("--max-upload-mb must be positive")
+    lim = {**SERVE_LIMITS, **(limits or {})}
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("retrieval").setLevel(logging.INFO)  # reloads and failures; not faiss's loader chatter
     warning = bind_warning(host, token)
@@ -65,20 +113,19 @@ def serve(
         max_wait_ms=max_wait_ms,
         watch_interval=watch_interval,
         max_upload_mb=max_upload_mb,
+        archive_url=archive_url,
+        max_pixels=lim["max_pixels"],
+        max_decode_mb=lim["max_decode_mb"],
+        max_decodes=lim["max_decodes"],
+        show_paths=lim["show_paths"],
     )
     service = ServeService(config)
     try:
-        app = create_app(service, token=token, cors_origins=cors_origins, close_on_shutdown=True)
-        info = service.info()
-        shown = f"[{host}]" if ":" in host else host
-        print(
-            f"serving http://{shown}:{port}/  model {info['model']['name']}, index {info['index']['count']:,} rows "
-            f"({info['index']['factory']}), VLM {'loaded' if info['vlm']['loaded'] else 'none'}, "
-            f"{config.workers} workers" + (", bearer token required" if token else ""),
-            file=sys.stderr,
-            flush=True,
-        )
-        uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, workers=None)
+        hosts = allowed_hosts(host, lim["allowed_hosts"])
+        app = create_app(service, token, cors_origins, True, hosts, lim["body_timeout"])
+        print(_banner(service.info(), host, port, config.workers, token), file=sys.stderr, flush=True)
+        timeouts = uvicorn_settings(lim["header_timeout"], lim["keep_alive"], lim["grace"])
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, workers=None, **timeouts)
     finally:
         service.close()
 
@@ -108,6 +155,21 @@ def serve_cmd(
     nprobe: int | None = typer.Option(None, "--nprobe", min=1, help="IVF indexes: inverted lists to visit."),
     ef_search: int | None = typer.Option(None, "--ef-search", min=1, help="HNSW indexes: search breadth."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
+    archive_url: str | None = typer.Option(
+        None,
+        "--archive-url",
+        envvar="CXR_ARCHIVE_URL",
+        help="Link each study to the archive's viewer: a URL template naming {study_instance_uid} (or another UID).",
+    ),
+    allowed_host: list[str] = ALLOWED_HOST,
+    show_paths: bool = SHOW_PATHS,
+    header_timeout: float = HEADER_TIMEOUT,
+    body_timeout: float = BODY_TIMEOUT,
+    keep_alive: float = KEEP_ALIVE,
+    grace: float = GRACE,
+    max_pixels: int = MAX_PIXELS_OPTION,
+    max_decode_mb: float = MAX_DECODE_MB_OPTION,
+    max_decodes: int = MAX_DECODES_OPTION,
 ) -> None:
     """Serve the HTTP API and the web viewer: model, index and VLM load once, queries answer in milliseconds."""
     from index.store import has_index
@@ -139,4 +201,16 @@ def serve_cmd(
         nprobe,
         ef_search,
         access_log,
+        archive_url,
+        dict(
+            allowed_hosts=allowed_host or [],
+            show_paths=show_paths,
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            keep_alive=keep_alive,
+            grace=grace,
+            max_pixels=max_pixels,
+            max_decode_mb=max_decode_mb,
+            max_decodes=max_decodes,
+        ),
     )

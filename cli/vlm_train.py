@@ -7,6 +7,11 @@ from pathlib import Path
 
 import typer
 
+BASE_VLM_HELP = (
+    "Fine-tune a pretrained image-text-to-text VLM (hub id or folder: PaliGemma 2, Qwen2.5-VL, MedGemma) with LoRA "
+    "instead; the own VLM's options (--encoder, --lm, --grid, --resume, ...) do not apply."
+)
+
 
 def vlm_train_cmd(
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest (Parquet or CSV) with splits."),
@@ -28,6 +33,7 @@ def vlm_train_cmd(
     ),
     lm: Path = typer.Option(None, "--lm", help="A local transformers causal LM folder (default: tiny Llama)."),
     lora: bool = typer.Option(False, "--lora", help="Wrap --lm with peft LoRA adapters."),
+    base_vlm: str = typer.Option(None, "--base-vlm", help=BASE_VLM_HELP),
     grid: int = typer.Option(8, "--grid", help="Visual tokens pooled to GRID x GRID before the 5-token concat."),
     token_cache: Path = typer.Option(
         None, "--token-cache", help="Frozen visual-token cache folder (filled once per corpus, e.g. by `cxr train`)."
@@ -76,11 +82,34 @@ def vlm_train_cmd(
         lm_overrides={"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": 2 * hidden},
     )
     checked = gate_manifest(manifest, allow_outside, skip_bad_rows)  # the shared validator, before any work
+    if base_vlm:
+        return _train_base_vlm(checked, out, index, base_vlm, config, as_json, resume)
     info = train_vlm(checked, out, config, index_dir=index, resume=resume)
     if as_json:
         print(json.dumps({k: v for k, v in info.items() if k != "losses"}, indent=2, default=str))
         return
     _print_summary(info, out)
+
+
+def _train_base_vlm(checked, out: Path, index: Path | None, base_vlm: str, config, as_json: bool, resume: bool):
+    """`--base-vlm`: LoRA fine-tuning of a pretrained image-text-to-text VLM (generation/image_text_to_text_train)."""
+    from generation.image_text_to_text_train import ImageTextToTextTrainConfig, train_image_text_to_text
+    from retrieval.errors import UsageError
+
+    if resume:
+        raise UsageError("--resume is not supported with --base-vlm; start a new --out")
+
+    c = ImageTextToTextTrainConfig(base_vlm, config.tasks, config.rag_k, config.rag_dropout, config.steps,
+                                   config.batch_size, config.lr, seed=config.seed)  # fmt: skip
+    info = train_image_text_to_text(checked, out, c, index_dir=index)
+    summary = {k: v for k, v in info.items() if k != "losses"}
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    print(f"VLM {info['base_model']} + LoRA -> {out}  ({info['steps']} steps, {info['seconds']} s)")
+    print(f"loss {info['loss_first']:.3f} (first 10 steps) -> {info['loss_last']:.3f} (last 10)")
+    if info["bad_rows"]:
+        print(f"{len(info['bad_rows'])} image(s) skipped, e.g. {info['bad_rows'][0]['reason']}")
 
 
 def _print_summary(info: dict, out: Path) -> None:

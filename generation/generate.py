@@ -36,6 +36,7 @@ from generation.tokenizer import TASKS, decode
 from retrieval.device import resolve_device
 from retrieval.errors import UsageError
 from retrieval.labels import LABELS
+from retrieval.text_limits import check_query_text
 
 VQA_SOURCES = ("head", "lm")  # closed "is there X?" answered by the finding head (head.py) or the LM
 # [report]: written from the finding head's findings + the exemplars' sentences (findings_report.py; the LM's draft
@@ -69,6 +70,8 @@ def task_prompt(task: str, question: str | None = None, phrase: str | None = Non
     """The instruction text for `task` (VQA needs a question, grounding a phrase)."""
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    check_query_text(question, "the question")
+    check_query_text(phrase, "the phrase")
     if task == "vqa":
         return (question or OPEN_QUESTION).strip().lower()
     if task == "ground":
@@ -296,7 +299,8 @@ def generate_for_image(
     """Image path (PNG/JPEG/DICOM) or HxW array -> {text, task, prompt, exemplars, boxes?}.
 
     `index_dir=None` or `k=0` generates without retrieval. Exemplars never come from `exclude_study` /
-    `exclude_patient`; for an image file that is in the index, those default to its own study and patient.
+    `exclude_patient`; for an image file that is in the index (by its path, or a DICOM by its StudyInstanceUID),
+    those default to its own study and patient.
     `retrieval_model` defaults to the model recorded in the index's index_info.json; pass a loaded one (or a
     `generator`) to reuse it across calls. `report_source`: "findings" (default) writes the report from the
     finding head's findings and the exemplars' sentences, "generate" is the LM's draft, "quote" the exemplar the
@@ -310,6 +314,27 @@ def generate_for_image(
         report_source=report_source,
         device=device,
     )
+    image, exemplars = image_and_exemplars(gen, image, k, exclude_study, exclude_patient)
+    return gen.generate(gen.visual([image]), [task], [prompt], exemplars)[0]
+
+
+def dicom_study_uid(path: str | Path) -> str:
+    """The StudyInstanceUID in a DICOM file's header ('' for any other file): how an image from the archive is
+    recognised as an indexed study whatever its path."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+    except Exception:  # not DICOM, unreadable: read_image reports it
+        return ""
+    return str(ds.get("StudyInstanceUID", "") or "").strip()
+
+
+def image_and_exemplars(
+    gen: Generator, image: str | Path | np.ndarray, k: int, exclude_study: str | None, exclude_patient: str | None
+) -> tuple[np.ndarray, list[list[Exemplar]]]:
+    """The image as an array and its top-k exemplars ([[]] without retrieval), never from the image's own study or
+    patient when the image is in the index (see `generate_for_image`)."""
     if isinstance(image, str | Path):
         from retrieval.data.image_io import read_image
 
@@ -317,10 +342,13 @@ def generate_for_image(
             # An image that is itself in the index never retrieves its own study or patient.
             meta = gen.searcher.index.meta
             hit = meta[meta["image_path"].astype(str) == str(Path(image).resolve())]
+            study_uid = "" if len(hit) else dicom_study_uid(image)
+            if study_uid:  # the same study from the archive under another path (a DICOM export, a cache)
+                hit = meta[meta["study_instance_uid"].astype(str) == study_uid]
             if len(hit):
                 exclude_study, exclude_patient = str(hit.iloc[0]["study_id"]), str(hit.iloc[0]["patient_id"])
         image = read_image(image)
-    exemplars = [[]]
+    exemplars: list[list[Exemplar]] = [[]]
     if k > 0 and gen.searcher is not None:
         exemplars = gen.exemplars_for_images([image], k, [exclude_study], [exclude_patient])
-    return gen.generate(gen.visual([image]), [task], [prompt], exemplars)[0]
+    return image, exemplars

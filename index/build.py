@@ -170,7 +170,7 @@ def _warn_unmet(search: dict, factory: str, chosen: bool) -> None:
 def _meta(rows: pd.DataFrame, good: np.ndarray, start: int = 0) -> pd.DataFrame:
     meta = rows.iloc[good].reset_index(drop=True)
     meta.insert(0, "row_id", np.arange(start, start + len(meta), dtype=np.int64))
-    meta = meta[layout.META_COLUMNS].copy()
+    meta = meta[layout.META_COLUMNS + [c for c in layout.OPTIONAL_META_COLUMNS if c in meta.columns]].copy()
     meta.attrs = {}
     return meta
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from retrieval.data.manifest import DICOM_COLUMNS
 from retrieval.errors import IndexError_
 from retrieval.fileio import sha256_file
 
@@ -67,6 +68,11 @@ META_COLUMNS = [
     "source",
     "has_report",
 ]
+
+
+# Optional meta columns (retrieval.data.manifest.DICOM_COLUMNS): a generation written before they existed, or from
+# a manifest without them, reads them as '' (`layout.read_meta_bytes`).
+OPTIONAL_META_COLUMNS = list(DICOM_COLUMNS)
 
 
 BAD_COLUMNS = ["row", "image_id", "path", "reason"]
@@ -341,4 +347,7 @@ def read_meta_bytes(path: Path, rec: dict | None = None) -> pd.DataFrame:
     missing = [c for c in META_COLUMNS if c not in meta.columns]
     if missing:
         raise IndexError_(f"{path}: corrupt, missing column(s) {', '.join(missing)}")
+    for col in OPTIONAL_META_COLUMNS:  # generations written before the DICOM columns existed read them as ''
+        if col not in meta.columns:
+            meta[col] = ""
     return meta

@@ -28,8 +28,15 @@ def prepare(
     after the shared validator; and the refused rows (row, image_id, path, reason), with `skip_bad_rows`.
 
     rows.attrs["positions"] holds each kept row's position in the manifest."""
-    from retrieval.data.manifest import normalize_manifest, read_manifest, resolve_image_path
+    from retrieval.data.manifest import (
+        DICOM_COLUMNS,
+        normalize_manifest,
+        read_manifest,
+        resolve_image_path,
+        text_column,
+    )
     from retrieval.data.manifest_check import check_manifest
+    from retrieval.text_limits import truncate_reports
 
     if isinstance(manifest, str | Path):
         df = read_manifest(manifest)
@@ -57,13 +64,15 @@ def prepare(
                 for p in df["image_path"]
             ],
             "view": df["view"].astype(str),
-            "report": [report_text(r) for r in df.to_dict("records")],
+            "report": truncate_reports([report_text(r) for r in df.to_dict("records")], df["image_id"]),
             "labels": [list(x) for x in df["labels"]],
             "split": df["split"].astype(str),
             "source": df["source"].astype(str),
         }
     )
     rows["has_report"] = rows["report"].str.len() > 0
+    for col in DICOM_COLUMNS:  # the archive's UIDs of DICOM rows; '' for rows from other sources
+        rows[col] = text_column(df[col]).to_numpy() if col in df.columns else ""
     rows = rows.reset_index(drop=True)
     rows.attrs["positions"] = checked.positions
     return rows, checked.refused
@@ -82,4 +91,9 @@ def manifest_digest(rows: pd.DataFrame) -> str:
         h.update("\x1f".join(rows[col].astype(str)).encode())
         h.update(b"\x1e")
     h.update(json.dumps([list(v) for v in rows["labels"]]).encode())
+    from retrieval.data.manifest import DICOM_COLUMNS
+
+    dicom = [c for c in DICOM_COLUMNS if c in rows.columns and rows[c].astype(str).str.len().any()]
+    for col in dicom:  # only when filled: the digest of a manifest without them stays what it was
+        h.update(col.encode() + b"\x1f" + "\x1f".join(rows[col].astype(str)).encode() + b"\x1e")
     return h.hexdigest()[:16]

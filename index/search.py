@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 
 from index.backends import apply_tuned, check_scores, make_backend, scores_are_bounded, set_search_params
+from index.layout import OPTIONAL_META_COLUMNS
 from index.store import CXRIndex, open_index
 from retrieval.errors import UsageError
+from retrieval.text_limits import check_query_text
 
 RESULT_COLUMNS = [
     "rank",
@@ -32,6 +34,7 @@ RESULT_COLUMNS = [
     "report",
     "image_path",
     "split",
+    *OPTIONAL_META_COLUMNS,  # the archive's UIDs (DICOM rows); '' for rows from other sources
 ]
 
 
@@ -256,6 +259,7 @@ class Searcher:
         that have the findings the sentence names (index/report_findings.py), "off" ranks by the embedding alone."""
         if not str(text).strip():
             raise UsageError("the text query is empty")
+        check_query_text(str(text))
         vec = np.asarray(self._need_model().encode_texts([str(text)]), dtype=np.float32)
         return self.text_results(vec, text, k, target, exclude_patient, exclude_study, findings)
 

@@ -201,6 +201,7 @@ def evaluate_retrieval(
         "patients": int(len(set(items.image_patient.tolist()))),
         "abnormal_images": int(abnormal_of(items).sum()),
         "skipped": items.skipped,
+        "labelled_by_labeler": items.labelled_by_labeler,
         "systems": systems,
         "definitions": DEFINITIONS,
     }

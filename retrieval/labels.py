@@ -158,8 +158,17 @@ _MENTIONS: dict[str, list[str]] = {
     ],
     "Tuberculosis": [r"tubercul\w*|\btb\b|mycobacter\w*|koch"],
 }
+
+
+def _bounded(pattern: str) -> str:
+    """`pattern` with its open-ended word runs capped at 40 characters: `mediastin\\w* ...` tried at every
+    'mediastin' of one giant word would re-scan the rest of the word each time (quadratic); no real word is
+    longer, so nothing a report says reads differently."""
+    return pattern.replace(r"\w*", r"\w{0,40}").replace(r"\w+", r"\w{1,40}")
+
+
 _MENTION_RE: dict[str, re.Pattern[str]] = {
-    label: re.compile("|".join(f"(?:{p})" for p in pats)) for label, pats in _MENTIONS.items()
+    label: re.compile("|".join(f"(?:{_bounded(p)})" for p in pats)) for label, pats in _MENTIONS.items()
 }
 
 # Negation cues that govern mentions after them, up to the end of the clause.
@@ -229,19 +238,31 @@ def whole_sentences(text: str | None) -> list[str]:
     ]
 
 
+# How far a cue reaches: NegEx-style scopes are a few words; a cue more than this many characters before a
+# mention does not govern it, even inside one clause. The post-cues above match within their first ~130
+# characters, so looking this far after a mention changes nothing. Bounding both keeps each mention's cost
+# constant, so labelling is linear in the text's length (an unbounded look-back made it quadratic).
+SCOPE = 240
+
+
 def _clause_start(sentence: str, pos: int) -> int:
-    """Index where the clause holding `pos` starts (after the last clause break before it)."""
-    start = 0
-    for m in _CLAUSE_BREAK.finditer(sentence, 0, pos):
-        if m.end() <= pos:
-            start = m.start()
+    """Index where the clause holding `pos` starts (after the last clause break before it), at most `SCOPE`
+    characters back (and then at a word's start, so no cue is read from half a word)."""
+    lo = max(0, pos - SCOPE)
+    if lo > 0:
+        space = sentence.find(" ", lo, pos)
+        lo = pos if space < 0 else space + 1
+    start = lo
+    for m in _CLAUSE_BREAK.finditer(sentence, lo, pos):
+        start = m.start()
     return start
 
 
 def _clause_end(sentence: str, pos: int) -> int:
-    """Index where the clause holding `pos` ends."""
-    m = _CLAUSE_BREAK.search(sentence, pos)
-    return m.start() if m else len(sentence)
+    """Index where the clause holding `pos` ends, at most `SCOPE` characters on."""
+    hi = min(len(sentence), pos + SCOPE)
+    m = _CLAUSE_BREAK.search(sentence, pos, hi)
+    return m.start() if m else hi
 
 
 def mention_status(sentence: str, start: int, end: int) -> str:

@@ -4,7 +4,10 @@
   worker pool, the batching model thread and the index that is reloaded when it changes on disk.
 - `batching.EmbedBatcher` runs every forward pass of the retrieval model on one thread and lets concurrent
   requests share a pass.
-- `uploads` sniffs and decodes uploaded images without leaving temporary files behind.
+- `uploads` sniffs and decodes uploaded images without leaving temporary files behind, refusing from the
+  header alone those over the pixel or decode-memory limits (`settings.ServeConfig`).
+- `web_guard` (Host allow-list, cross-site posts), `redaction` (no server path in a response) and `connections`
+  (deadlines on request heads; uvicorn's timeouts) bound what the server answers and reveals.
 - `app.create_app(service)` is the thin FastAPI layer (needs the `serve` extra: fastapi, uvicorn,
   python-multipart); `static/` is the page it serves.
 """

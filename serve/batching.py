@@ -87,12 +87,12 @@ class EmbedBatcher:
         futures = [self._submit("image", transform(np.asarray(im, dtype=np.float32))) for im in images]
         return np.stack([f.result() for f in futures]) if futures else np.zeros((0, self.model.embed_dim), "f4")
 
-    def close(self) -> None:
-        """Stop the model thread after the jobs already queued."""
+    def close(self, timeout: float = 30) -> None:
+        """Stop the model thread after the jobs already queued (waiting at most `timeout` seconds for it)."""
         if not self._closed:
             self._closed = True
             self._queue.put(_STOP)
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
 
     # ------------------------------------------------------------------ model thread
 

@@ -3,6 +3,7 @@ fields, the JSON response class, and the request bodies the OpenAPI schema shows
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,23 +92,49 @@ class Parsed:
     content_type: str = ""
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes `limit` bytes (or at once by its Content-Length)."""
+async def read_limited(request: Request, limit: int, timeout: float | None = None) -> bytes:
+    """The whole body, refused with 413 as soon as it passes `limit` bytes (or at once by its Content-Length),
+    and with 408 when it has not all arrived within `timeout` seconds."""
     too_big = UploadError(413, f"upload over the limit of {limit / 2**20:g} MB")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise too_big
     chunks, n = [], 0
-    async for chunk in request.stream():
-        n += len(chunk)
-        if n > limit:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > limit:
+                    raise too_big
+                chunks.append(chunk)
+    except TimeoutError:
+        raise UploadError(408, f"the request body did not arrive within {timeout:g} s") from None
     return b"".join(chunks)
 
 
-async def parse_request(request: Request, limit: int) -> Parsed:
-    body = await read_limited(request, limit)
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json_object(body: bytes) -> dict:
+    """The JSON object of a body (empty: {}); UploadError 422 for anything else, in one line: invalid UTF-8 or
+    JSON, NaN / Infinity, integers of thousands of digits, nesting deeper than Python's parser goes, or a value
+    that is not an object."""
+    try:
+        doc = json.loads((body or b"{}").decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise UploadError(422, "the JSON body is nested too deeply") from None
+    except UnicodeDecodeError:
+        raise UploadError(422, "the JSON body is not UTF-8") from None
+    except ValueError as e:  # JSONDecodeError, over-long integers, NaN / Infinity
+        raise UploadError(422, f"the JSON body does not parse: {str(e)[:200]}") from None
+    if not isinstance(doc, dict):
+        raise UploadError(422, 'the JSON body must be an object, e.g. {"text": "pleural effusion"}')
+    return doc
+
+
+async def parse_request(request: Request, limit: int, timeout: float | None = None) -> Parsed:
+    body = await read_limited(request, limit, timeout)
     out = Parsed(fields=dict(request.query_params))
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
@@ -135,13 +162,7 @@ async def parse_request(request: Request, limit: int) -> Parsed:
         finally:
             await form.close()
     elif ctype.startswith("application/json"):
-        try:
-            doc = json.loads(body or b"{}")
-        except ValueError as e:
-            raise UploadError(422, f"the JSON body does not parse: {e}") from None
-        if not isinstance(doc, dict):
-            raise UploadError(422, 'the JSON body must be an object, e.g. {"text": "pleural effusion"}')
-        out.fields.update(doc)
+        out.fields.update(parse_json_object(body))
     elif body:
         out.image = body
         out.filename = str(out.fields.pop("filename", "upload"))
@@ -164,4 +185,6 @@ def str_field(fields: dict, name: str, default: str | None = None) -> str | None
     v = fields.get(name, default)
     if v is None or (isinstance(v, str) and v == "" and default is None):
         return default
-    return str(v)
+    if not isinstance(v, str):  # a JSON number, list or object where a string belongs
+        raise UsageError(f"{name} must be a string, got {type(v).__name__}")
+    return v

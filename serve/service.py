@@ -10,7 +10,10 @@ Everything here is a library call (`Searcher.query_vector`, `Generator`, `read_i
   opens the new index beside it and swaps it in; a failed reload keeps serving the old one;
 - study ids looked up in the index's meta rows, never joined into file paths (`studies.py`);
 - the exemplars a drafted report rests on, with their reports and the sentences the draft shares with each
-  (`sentences.py`).
+  (`sentences.py`);
+- bounded work per request: text over `MAX_QUERY_CHARS` is refused, an upload is refused from its header when its
+  pixels or its decode's memory are over the limits, and at most `max_decodes` uploads decode at once;
+- no server path in what it returns (search results, /info, error messages) unless `show_paths`.
 
 The snapshot and the folder signature the watcher compares are `snapshot.py`.
 """
@@ -18,54 +21,28 @@ The snapshot and the folder signature the watcher compares are `snapshot.py`.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from retrieval.errors import IndexError_, UsageError
+from retrieval.text_limits import check_query_text
 from serve.batching import EmbedBatcher
+from serve.redaction import redact_paths
 from serve.sentences import annotate_exemplars
+from serve.settings import ServeConfig
 from serve.snapshot import TARGETS, IndexSnapshot, folder_signature, open_snapshot
 from serve.studies import Thumbnails, study_record
 
 log = logging.getLogger(__name__)
-
-
-def default_workers() -> int:
-    """Worker threads: one per core this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-@dataclass
-class ServeConfig:
-    """What `cxr serve` loads and how it serves (see `cxr serve --help` for each option)."""
-
-    index: Path
-    model: str | None = None  # default: the model folder recorded in the index's index_info.json
-    vlm: Path | None = None
-    device: str = "auto"  # retrieval.device.resolve_device: CUDA when present
-    backend: str = "auto"
-    nprobe: int | None = None
-    ef_search: int | None = None
-    workers: int = field(default_factory=default_workers)
-    max_batch: int = 32  # 1 = no batching
-    max_wait_ms: float = 0.0
-    watch_interval: float = 2.0  # seconds between checks of the index folder; 0 = only POST /reload
-    max_upload_mb: float = 50.0
-    max_pixels: int | None = None  # default: read_image's limit
-    max_k: int = 1000
-    thumbnail_cache: int = 512
 
 
 @dataclass
@@ -114,6 +91,10 @@ class ServeService:
     def __init__(self, config: ServeConfig, model: Any = None, start_watcher: bool = True):
         from index.store import load_recorded_model, read_info
 
+        if config.archive_url is not None:
+            from serve.archive_link import check_archive_url
+
+            config.archive_url = check_archive_url(config.archive_url)
         self.config = config
         self.index_path = Path(config.index)
         if model is None:
@@ -126,11 +107,13 @@ class ServeService:
         self._generation = 0
         self.reload_error: str | None = None
         self._failed_signature: tuple | None = None
+        self._last_retry = 0.0
         self._snapshot = self._open()  # refuses a model of another fingerprint, like `cxr query`
         self.batcher = EmbedBatcher(model, config.max_batch, config.max_wait_ms)
         self.pool = ThreadPoolExecutor(max_workers=max(1, int(config.workers)), thread_name_prefix="cxr-serve")
         self.upload_dir = Path(tempfile.mkdtemp(prefix="cxr-serve-uploads-"))
         self.thumbnails = Thumbnails(config.thumbnail_cache)
+        self._decode_slots = threading.BoundedSemaphore(max(1, int(config.max_decodes)))
         self._gen_lock = threading.Lock()
         self.generator = None
         if config.vlm is not None:
@@ -192,6 +175,17 @@ class ServeService:
             )
             return {"reloaded": True, "previous_count": old.searcher.index.count, **new.state()}
 
+    def retry_failed_reload(self, min_interval: float = 1.0) -> None:
+        """While the last reload failed, try again (at most once per `min_interval` seconds): once the folder
+        opens again (repaired, even to the very files being served), the error is cleared."""
+        if self.reload_error is None or time.monotonic() - self._last_retry < min_interval:
+            return
+        self._last_retry = time.monotonic()
+        try:
+            self.reload(force=True)
+        except IndexError_:
+            pass
+
     def check_for_change(self) -> bool:
         """Reload when the folder's files changed; True when a new index was swapped in. Errors are logged once
         per folder state and retried when the folder changes again."""
@@ -226,9 +220,23 @@ class ServeService:
         """An uploaded image's pixels (UploadError 415/422 when it is not a readable PNG, JPEG or DICOM)."""
         from serve.uploads import decode_upload
 
-        return decode_upload(
-            data, filename, content_type, self.upload_dir, self.config.max_pixels, min_size=self._decode_size
-        )
+        with self._decode_slots:  # at most max_decodes at once: memory is bounded per decode and in all
+            return decode_upload(
+                data,
+                filename,
+                content_type,
+                self.upload_dir,
+                self.config.max_pixels,
+                min_size=self._decode_size,
+                max_decode_bytes=int(self.config.max_decode_mb * 2**20),
+            )
+
+    def redact(self, message: str) -> str:
+        """`message` without the server's paths (unless `show_paths`)."""
+        if self.config.show_paths:
+            return message
+        named = {"index": self.index_path, "vlm": self.config.vlm, "uploads": self.upload_dir}
+        return redact_paths(message, named)
 
     def search(
         self,
@@ -264,6 +272,7 @@ class ServeService:
         if text is not None:
             if not str(text).strip():
                 raise UsageError("the text query is empty")
+            check_query_text(str(text))
             return SearchJob(snap, self.batcher.submit_text(text), {"text": text}, k, target, exclude_patient)
         pixels = self._transform(np.asarray(image, dtype=np.float32))
         return SearchJob(snap, self.batcher.submit_image(pixels), {"image": name}, k, target, exclude_patient)
@@ -276,13 +285,12 @@ class ServeService:
             hits = searcher.text_results(vec[None, :], job.query["text"], job.k, job.target, exclude_patient=exclude)
         else:
             hits = searcher.query_vector(vec[None, :], job.k, job.target, exclude_patient=exclude)
-        return {
-            **job.query,
-            "index": str(self.index_path),
-            "target": job.target,
-            "k": job.k,
-            "results": result_records(hits),
-        }
+        results = result_records(hits)
+        if not self.config.show_paths:
+            for r in results:
+                r.pop("image_path", None)
+        paths = {"index": str(self.index_path)} if self.config.show_paths else {}
+        return {**job.query, **paths, "target": job.target, "k": job.k, "results": results}
 
     def generate(
         self,
@@ -346,33 +354,40 @@ class ServeService:
                 "embed_dim": int(getattr(m, "embed_dim", idx.dim)),
             },
             "index": {
-                "path": str(self.index_path),
+                **({"path": str(self.index_path)} if self.config.show_paths else {}),
                 "factory": idx.info.get("factory"),
                 "dim": idx.dim,
                 "created": idx.info.get("created"),
                 "backends": {t: b.name for t, b in snap.searcher._backends.items()},
-                "reload_error": self.reload_error,
+                "reload_error": None if self.reload_error is None else self.redact(self.reload_error),
                 **snap.state(),
             },
-            "vlm": {"path": str(self.config.vlm) if self.config.vlm else None, "loaded": self.generator is not None},
+            "vlm": {
+                **({"path": str(self.config.vlm) if self.config.vlm else None} if self.config.show_paths else {}),
+                "loaded": self.generator is not None,
+            },
             "versions": library_versions(),
             "workers": self.config.workers,
             "batching": {"max_batch": self.batcher.max_batch, **self.batcher.stats.as_dict()},
             "max_upload_mb": self.config.max_upload_mb,
             "watch_interval_s": self.config.watch_interval,
+            "archive_url": self.config.archive_url,
         }
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any):
         """Submit blocking work to the worker pool (a concurrent.futures.Future)."""
         return self.pool.submit(fn, *args, **kwargs)
 
-    def close(self) -> None:
-        """Stop the watcher, the model thread and the pool; remove the upload folder. Safe to call twice."""
+    def close(self, wait: bool = True) -> None:
+        """Stop the watcher, the model thread and the pool; remove the upload folder. Safe to call twice.
+
+        `wait=False` (a server shutting down after its grace period) cancels the queued work and does not wait
+        for the work still running: its threads are left to the process's exit."""
         if self._stop.is_set():
             return
         self._stop.set()
         if self._watcher is not None:
-            self._watcher.join(timeout=5)
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.batcher.close()
+            self._watcher.join(timeout=5 if wait else 0.5)
+        self.pool.shutdown(wait=wait, cancel_futures=True)
+        self.batcher.close(timeout=30 if wait else 0.5)
         shutil.rmtree(self.upload_dir, ignore_errors=True)

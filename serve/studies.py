@@ -30,14 +30,22 @@ def study_record(snap: IndexSnapshot, study_id: str) -> dict | None:
                 labels.append(str(lab))
     with_report = meta[meta["has_report"].astype(bool)]
     first = meta.iloc[0]
+    study_tags = ("study_instance_uid", "accession_number", "study_date", "modality")  # '' for non-DICOM rows
     return {
         "study_id": str(study_id),
         "patient_id": str(first["patient_id"]),
+        **{tag: str(first.get(tag) or "") for tag in study_tags},
         "report": str(with_report.iloc[0]["report"]) if len(with_report) else "",
         "labels": labels,
         "split": str(first["split"]),
         "images": [
-            {"image_id": str(r["image_id"]), "row_id": int(r["row_id"]), "view": str(r["view"])}
+            {
+                "image_id": str(r["image_id"]),
+                "row_id": int(r["row_id"]),
+                "view": str(r["view"]),
+                "series_instance_uid": str(r.get("series_instance_uid") or ""),
+                "sop_instance_uid": str(r.get("sop_instance_uid") or ""),
+            }
             for r in meta.to_dict("records")
         ],
     }

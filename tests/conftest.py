@@ -50,3 +50,20 @@ def test_device(request) -> str:
         if not torch.cuda.is_available():
             pytest.fail(f"TEST_DEVICE asks for {request.param}, which torch does not see")
     return request.param
+
+
+@pytest.fixture
+def orthanc(tmp_path_factory):
+    """A fresh, empty loopback Orthanc with the DICOMweb plugin (tests/orthanc.py), killed by its PID after the
+    test (its temporary folder is thrown away). Skips, saying why, only where Debian's orthanc /
+    orthanc-dicomweb packages are not installed."""
+    from orthanc import find_orthanc, start_orthanc
+
+    binary, _plugin, why = find_orthanc()
+    if binary is None:
+        pytest.skip(why)
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)

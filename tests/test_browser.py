@@ -32,6 +32,22 @@ CHROMIUM_ARGS = [
 ]
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 K = 4
+# `cxr serve --archive-url`: the viewer links the studies that have UIDs (all but s1 here) to the archive
+ARCHIVE = "http://pacs.invalid/ohif/viewer?StudyInstanceUIDs={study_instance_uid}&acc={accession_number}"
+NO_UID_STUDY = "s1"
+
+
+def with_uids(df):
+    """The synthetic manifest with DICOM UIDs on every study but NO_UID_STUDY (an accession with a space and '&',
+    which the link must encode)."""
+    df = df.copy()
+    for col in ("study_instance_uid", "accession_number"):
+        df[col] = ""
+    for i, sid in enumerate(df["study_id"]):
+        if sid != NO_UID_STUDY:
+            df.loc[i, "study_instance_uid"] = f"1.2.826.0.1.3680043.8.498.{i + 1}"
+            df.loc[i, "accession_number"] = f"A&{i} x"
+    return df
 
 if not Path(CHROMIUM).is_file():
     pytest.skip(
@@ -107,7 +123,7 @@ def served(tmp_path_factory):
     from retrieval.models import load_model
 
     root = tmp_path_factory.mktemp("browser")
-    df = make_manifest(root, n=36)
+    df = with_uids(make_manifest(root, n=36))
     model = load_model("cxr-tiny", device="cpu")
     model.save(root / "model")
     build_index(df, model, root / "idx", options=BuildOptions(model_path=root / "model", workers=0, progress=False))
@@ -131,9 +147,10 @@ def served(tmp_path_factory):
     log, tmp = root / "serve.log", root / "tmp"
     tmp.mkdir()
     args = ["--index", str(root / "idx"), "--vlm", str(root / "vlm"), "--watch-interval", "0"]
+    args += ["--archive-url", ARCHIVE]
     proc, url = start_server(args, log, tmp)
     assert [p.name for p in tmp.iterdir()][0].startswith("cxr-serve-uploads-")
-    yield url, root
+    yield url, root, df
     stop_server(proc)
     # SIGTERM: uvicorn shuts the app down (which closes the service) and the upload folder goes with it
     assert proc.returncode is not None and list(tmp.iterdir()) == [], list(tmp.iterdir())
@@ -155,7 +172,7 @@ def image_with_boxes(url: str, root: Path) -> Path:
 
 
 def test_viewer_search_draft_and_boxes_in_chromium(served, tmp_path):
-    url, root = served
+    url, root, _ = served
     query = image_with_boxes(url, root)
     errors: list[str] = []
     with sync_api.sync_playwright() as p:
@@ -219,7 +236,10 @@ def test_viewer_search_draft_and_boxes_in_chromium(served, tmp_path):
 
 
 def test_text_search_and_a_bad_upload_in_chromium(served, tmp_path):
-    url, root = served
+    from serve.archive_link import archive_link
+
+    url, root, df = served
+    by_study = {r["study_id"]: r for r in df.to_dict("records")}
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"this is not a picture")
     with sync_api.sync_playwright() as p:
@@ -231,6 +251,23 @@ def test_text_search_and_a_bad_upload_in_chromium(served, tmp_path):
             page.fill("#text", "right pleural effusion")
             page.click("#text-form button")
             wait_js(page, "() => document.querySelectorAll('#grid .card').length === 3")
+            wait_js(page, "() => document.querySelector('#info').textContent.includes('studies')")
+            # each card links to the archive's viewer exactly as serve/archive_link.py fills the template
+            cards = page.evaluate(
+                "() => [...document.querySelectorAll('#grid .card')].map(c => "
+                "[c.dataset.study, c.querySelector('a.archive') && c.querySelector('a.archive').href])"
+            )
+            assert len(cards) == 3
+            for sid, href in cards:
+                assert href == archive_link(ARCHIVE, by_study[sid]), (sid, href)
+            # the study dialog: a link for a study with UIDs, none for the one without
+            for sid in ("s2", NO_UID_STUDY):
+                page.evaluate(f"() => {{ location.hash = '#study/{sid}'; }}")
+                wait_js(page, f"() => document.querySelector('#study-meta').textContent.includes('img{sid[1:]} ')")
+                href = page.evaluate("() => (document.querySelector('#study-archive a') || {}).href || null")
+                assert href == archive_link(ARCHIVE, by_study[sid]), (sid, href)
+                page.keyboard.press("Escape")
+            assert archive_link(ARCHIVE, by_study["s2"]) and archive_link(ARCHIVE, by_study[NO_UID_STUDY]) is None
             page.set_input_files("#file", str(bad))
             wait_js(page, "() => document.querySelector('#status').classList.contains('error')")
             assert page.inner_text("#status").startswith("415")

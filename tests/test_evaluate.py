@@ -184,6 +184,7 @@ def test_split_items_skips_bad_rows_and_labels_empty_sets(tmp_path):
     assert len(items.skipped) == 2 and any("missing.png" in s for s in items.skipped)
     effusion = items.label_names.index("Pleural Effusion")
     assert items.image_labels[2, effusion]  # filled by the report labeler
+    assert items.labelled_by_labeler == 1  # and counted, so the CLI says so
     with pytest.raises(Exception, match="no rows in split"):
         split_items(df, "val")
 

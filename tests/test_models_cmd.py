@@ -134,13 +134,18 @@ def test_verify_names_a_missing_file_and_a_missing_list(
     assert code == 1 and f"{CHECKSUMS_FILE}: no checksum list" in out
 
 
-def test_moved_folder_is_flagged_then_relinked(saved: tuple[Path, str], tmp_path: Path, capsys) -> None:
+def test_copied_folder_verifies_and_loads_then_relinks_for_open_clip(saved: tuple[Path, str], tmp_path: Path, capsys):
     folder = copy_of(saved[0], tmp_path)  # still names the original folder's text/
-    code, out, _ = run_cli(capsys, "models", "verify", str(folder), "--no-encode")
-    assert code == 1 and "cxr models relink" in out
-    assert main(["models", "relink", str(folder)]) == 0
-    code, out, _ = run_cli(capsys, "models", "verify", str(folder), "--no-encode")
-    assert code == 0, out  # relinking changes the path only: the checksum of open_clip_config.json still holds
+    shutil.rmtree(saved[0] / "text")  # the original's text tower is gone: the copy must use its own
+    try:
+        code, out, _ = run_cli(capsys, "models", "verify", str(folder))
+        assert code == 0 and "built and encoded" in out and f"fingerprint {saved[1][:16]}" in out, out
+        assert "note:" in out and "cxr models relink" in out  # plain open_clip would follow the old path
+        assert main(["models", "relink", str(folder)]) == 0
+        code, out, _ = run_cli(capsys, "models", "verify", str(folder), "--no-encode")
+        assert code == 0 and "note:" not in out, out  # relinking changes the path only: checksums still hold
+    finally:
+        shutil.copytree(folder / "text", saved[0] / "text")
 
 
 def test_export_unpack_round_trip(saved: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -66,7 +66,9 @@ def vlm(data):
 
 @pytest.fixture(scope="module")
 def service(data, vlm):
-    svc = ServeService(ServeConfig(index=data[2], vlm=vlm, workers=2, watch_interval=0), model=FakeModel())
+    svc = ServeService(
+        ServeConfig(index=data[2], vlm=vlm, workers=2, watch_interval=0, show_paths=True), model=FakeModel()
+    )
     yield svc
     svc.close()
 
@@ -391,7 +393,9 @@ def test_bearer_token(service):
 def test_cors_is_off_by_default(service):
     origin = {"Origin": "https://evil.example"}
     with TestClient(create_app(service)) as c:
-        r = c.post("/search", json={"text": "effusion"}, headers=origin)
+        r = c.post("/search", json={"text": "effusion"}, headers=origin)  # a cross-site post: refused (issue 29)
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+        r = c.get("/health", headers=origin)
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
         pre = c.options("/search", headers={**origin, "Access-Control-Request-Method": "POST"})
         assert "access-control-allow-origin" not in pre.headers

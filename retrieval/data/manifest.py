@@ -38,6 +38,17 @@ COLUMNS: tuple[str, ...] = (
     "split",
     "source",
 )
+# Optional columns of rows imported from DICOM (the importers `dicom` and `dicomweb` fill them, others leave them
+# empty): the UIDs and tags an archive's viewer opens a study by. The index keeps them in its meta rows and every
+# query result carries them ('' where unknown).
+DICOM_COLUMNS: tuple[str, ...] = (
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "accession_number",
+    "study_date",
+    "modality",
+)
 # Columns a manifest must carry; the others are filled with empty values when absent.
 REQUIRED: tuple[str, ...] = ("image_id", "study_id", "patient_id", "image_path")
 TEXT_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("labels", "boxes"))
@@ -188,7 +199,7 @@ def normalize_manifest(df: pd.DataFrame) -> pd.DataFrame:
     for col in COLUMNS:
         if col not in out.columns and col not in REQUIRED:
             out[col] = [[] for _ in range(len(out))] if col in ("labels", "boxes") else ""
-    for col in TEXT_COLUMNS:
+    for col in (*TEXT_COLUMNS, *DICOM_COLUMNS):
         if col in out.columns:
             out[col] = path_column(out[col]) if col == "image_path" else text_column(out[col])
     ids = out["image_id"].tolist() if "image_id" in out.columns else [""] * len(out)

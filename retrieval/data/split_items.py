@@ -26,6 +26,7 @@ class SplitItems:
     study_labels: np.ndarray  # (S, L) bool
     label_names: list[str] = field(default_factory=lambda: list(LABELS))
     skipped: list[str] = field(default_factory=list)  # "image_id: reason"
+    labelled_by_labeler: int = 0  # images whose manifest labels were empty: labels read from the report text
 
 
 def _study_text(row: pd.Series) -> str:
@@ -63,6 +64,7 @@ def split_items(df: pd.DataFrame, split: str | None, check_files: bool = True) -
     study_label_sets: list[set[str]] = []
     image_ids, paths, img_study, img_patient, img_labels = [], [], [], [], []
     patients: dict[str, int] = {}
+    auto_labelled = 0
     for _, row in rows.iterrows():
         study = str(row["study_id"])
         text = _study_text(row)
@@ -78,6 +80,7 @@ def split_items(df: pd.DataFrame, split: str | None, check_files: bool = True) -
             skipped.append(f"{row['image_id']}: image file not found: {path}")
             continue
         labels = _labels_of(row["labels"], text)
+        auto_labelled += not len(row["labels"])
         if study not in study_index:
             study_index[study] = len(reports)
             reports.append(text)
@@ -109,4 +112,5 @@ def split_items(df: pd.DataFrame, split: str | None, check_files: bool = True) -
         study_labels=m[n:],
         label_names=names,
         skipped=skipped,
+        labelled_by_labeler=auto_labelled,
     )

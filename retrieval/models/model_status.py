@@ -137,10 +137,13 @@ def verify(folder: str | Path, encode: bool = True) -> dict[str, Any]:
     if (folder / BUNDLE_FILE).is_file():
         kind = json.loads((folder / BUNDLE_FILE).read_text(encoding="utf-8")).get("name")
     linked = linked_text_path(folder) if (folder / OC_CONFIG).is_file() else None
+    out["notes"] = []
     if linked and (folder / TEXT_DIR / "config.json").is_file() and linked != str((folder / TEXT_DIR).resolve()):
-        out["problems"].append(
-            f"{OC_CONFIG}: text tower points at {linked}, not this folder's {TEXT_DIR}/ "
-            f"(moved? run `cxr models relink {folder}`)"
+        # A copied folder: this project's loader reads its own text/ wherever it is; plain open_clip would follow
+        # the recorded path, so say how to make it follow this folder.
+        out["notes"].append(
+            f"{OC_CONFIG}: the text tower path still names {linked}; this project loads the folder as it is, and "
+            f"`cxr models relink {folder}` points it here for plain open_clip"
         )
     if report.ok and encode and kind not in METRIC_WEIGHTS and not out["problems"]:
         import numpy as np

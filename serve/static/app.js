@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { file: null, token: sessionStorage.getItem("cxr-token") || null };
+const state = { file: null, token: sessionStorage.getItem("cxr-token") || null, archiveUrl: null };
 
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -62,6 +62,28 @@ function labelsEl(labels) {
   return d;
 }
 
+// The archive viewer's URL for a study (`cxr serve --archive-url TEMPLATE`): every {field} of the template filled
+// with the study's URL-encoded value; null without a template or when a named field is empty (non-DICOM rows).
+// serve/archive_link.py `archive_link` is the same rule in Python.
+function archiveLink(row) {
+  if (!state.archiveUrl) return null;
+  let missing = false;
+  const url = state.archiveUrl.replace(/\{([a-z_]+)\}/g, (_, name) => {
+    const v = row[name];
+    if (v === undefined || v === null || String(v) === "") missing = true;
+    return encodeURIComponent(String(v ?? ""));
+  });
+  return missing ? null : url;
+}
+
+function archiveAnchor(row) {
+  const href = archiveLink(row);
+  if (!href) return "";
+  const a = el("a", { class: "archive", href, target: "_blank", rel: "noopener noreferrer", text: "open in archive" });
+  a.addEventListener("click", (ev) => ev.stopPropagation());
+  return a;
+}
+
 function params() {
   return { k: $("#k").value || "8", target: $("#target").value, exclude_patient: $("#exclude").value.trim() };
 }
@@ -112,7 +134,8 @@ function renderGrid(doc) {
       el("div", { class: "card-head" },
         el("span", { class: "rank", text: `#${r.rank}` }),
         el("span", { class: "score", text: r.score.toFixed(3) }),
-        el("span", { class: "sid muted", text: r.study_id })),
+        el("span", { class: "sid muted", text: r.study_id }),
+        archiveAnchor(r)),
       labelsEl(r.labels),
       el("p", { class: "report", text: r.report || "(no report)" }),
     );
@@ -130,6 +153,7 @@ async function openStudy(studyId, imageId) {
   $("#study-report").textContent = "loading…";
   $("#study-labels").replaceChildren();
   $("#study-meta").textContent = "";
+  $("#study-archive").replaceChildren();
   $("#study-img").removeAttribute("src");
   if (!dlg.open) dlg.showModal();
   try {
@@ -138,6 +162,7 @@ async function openStudy(studyId, imageId) {
     $("#study-labels").replaceWith(Object.assign(labelsEl(s.labels), { id: "study-labels" }));
     $("#study-meta").textContent = `patient ${s.patient_id} · split ${s.split} · ${s.images.length} image(s): ` +
       s.images.map((i) => `${i.image_id} (${i.view})`).join(", ");
+    $("#study-archive").replaceChildren(archiveAnchor(s));
     thumb($("#study-img"), studyId, imageId, 512);
   } catch (e) {
     $("#study-report").textContent = String(e.message || e);
@@ -257,6 +282,7 @@ async function showInfo() {
     $("#info").textContent = `model ${i.model.name} · ${i.index.count.toLocaleString()} images, ` +
       `${i.index.studies.toLocaleString()} studies (${i.index.factory}) · VLM ${i.vlm.loaded ? "loaded" : "none"}`;
     for (const id of ["draft", "identify"]) $("#" + id).disabled = !i.vlm.loaded;
+    state.archiveUrl = i.archive_url || null;
   } catch (e) {
     $("#info").textContent = String(e.message || e);
   }

@@ -15,7 +15,7 @@ import pandas as pd
 from retrieval.data.importers.common import NOTES, PROBLEMS, map_label, relativize_paths
 from retrieval.errors import UsageError
 
-KINDS: tuple[str, ...] = ("iu-xray", "mimic-cxr", "covid-cxr", "yolo", "coco", "csv")
+KINDS: tuple[str, ...] = ("iu-xray", "mimic-cxr", "covid-cxr", "yolo", "coco", "csv", "dicom", "dicomweb")
 
 
 def _importer(kind: str) -> Callable[..., pd.DataFrame]:
@@ -43,14 +43,24 @@ def _importer(kind: str) -> Callable[..., pd.DataFrame]:
         from retrieval.data.importers.csv_import import import_csv
 
         return import_csv
+    if kind == "dicom":
+        from retrieval.data.importers.dicom_folder import import_dicom_folder
+
+        return import_dicom_folder
+    if kind == "dicomweb":
+        from retrieval.data.importers.dicomweb import import_dicomweb
+
+        return import_dicomweb
     raise UsageError(f"unknown import kind {kind!r} (choose from {', '.join(KINDS)})")
 
 
 def import_source(kind: str, src: str | Path, **options: Any) -> pd.DataFrame:
-    """Import dataset `src` of the given kind ('iu-xray', 'mimic-cxr', 'covid-cxr', 'yolo', 'coco', 'csv').
+    """Import dataset `src` of the given kind ('iu-xray', 'mimic-cxr', 'covid-cxr', 'yolo', 'coco', 'csv', 'dicom'
+    (a folder), 'dicomweb' (an archive's URL)).
 
     Options (each importer takes the ones it knows, ignores the rest): images (image folder), boxes (COCO box
-    file, covid-cxr), reports (MIMIC report folder), column_map (csv), seed (for patient-disjoint splits)."""
+    file, covid-cxr), reports (MIMIC report folder; dicom/dicomweb: a report CSV), column_map (csv), seed (for
+    patient-disjoint splits), pseudonymize (dicom/dicomweb: the HMAC key); dicomweb: see importers/dicomweb.py."""
     importer = _importer(kind)
     options = {k: v for k, v in options.items() if v is not None}
     return importer(src, **options)
