@@ -13,7 +13,7 @@ import pytest
 from test_index_helpers import FakeModel, make_corpus
 
 from cli.main import main
-from index import generations, store
+from index import generations, layout
 from index.build import BuildOptions, build_index
 from index.search import Searcher
 from retrieval.data.manifest import DICOM_COLUMNS, read_manifest, write_manifest
@@ -95,7 +95,7 @@ def test_a_generation_written_before_the_columns_opens_with_empty_uids(tmp_path)
             "source": "old",
             "has_report": True,
         }
-    )[store.META_COLUMNS]
+    )[layout.META_COLUMNS]
     info = {"factory": "Flat", "model": {"name": "fake", "fingerprint": "f"}}
     folder = generations.save_index(tmp_path / "old", images, reports, meta, info)
     hits = Searcher(folder).query_vector(x[2], k=3, target="images")

@@ -67,7 +67,7 @@ def test_round_trip(saved):
     np.testing.assert_array_equal(idx.reports.reconstruct_n(0, 20), x[::-1])
     written = _meta(20).columns  # the optional DICOM columns this meta lacks read back as ''
     pd.testing.assert_frame_equal(idx.meta[written].drop(columns="labels"), _meta(20).drop(columns="labels"))
-    assert all((idx.meta[c] == "").all() for c in store.OPTIONAL_META_COLUMNS)
+    assert all((idx.meta[c] == "").all() for c in layout.OPTIONAL_META_COLUMNS)
     assert [list(v) for v in idx.meta["labels"]] == list(_meta(20)["labels"])
     info = json.loads((gen / store.INFO_FILE).read_text())
     assert info["metric"] == "inner_product" and info["count"] == 20 and info["dim"] == 8
