@@ -8,6 +8,7 @@
   and meta; final weights for train), then rerun once more: it must exit 0.
 * Readers: opens + searches in a loop while `cxr index add` commits generation after generation; errors counted.
 * Cost: open time with and without the checks, and verify time per GB.
+* Crash (`--only crash`, benchmarks/crasher.py): server and writer SIGKILLed at random, queries throughout.
 
 Small synthetic data (tests/test_index_helpers.py, tests/test_train.py) so that it runs in minutes on 2 cores.
 """
@@ -30,35 +31,20 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.common import markdown_table, write_results
+from benchmarks.crasher import CLI, REPO, TESTS, cli_env
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = REPO / "tests"
 sys.path[:0] = [str(TESTS), str(REPO)]
-
-CLI = """
-import sys
-sys.path[:0] = [{tests!r}, {repo!r}]
-import retrieval.models as m
-from test_index_helpers import FakeModel
-m.load_model = lambda name, device=None: FakeModel()
-from cli.main import main
-sys.exit(main({argv!r}))
-"""
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _env(delay: float = 0.0) -> dict:
-    return dict(os.environ, CXR_FAKE_DELAY=str(delay), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-
-
 def _cli(argv: list[str], delay: float = 0.0, kill_after: float | None = None) -> tuple[int, float, str]:
     """Run `cxr ARGV` with the test encoder in a new process group; SIGKILL the group after `kill_after` s."""
     script = CLI.format(tests=str(TESTS), repo=str(REPO), argv=argv)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", script], env=_env(delay), start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-c", script], env=cli_env(delay), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     if kill_after is not None:
         try:
@@ -133,7 +119,7 @@ def bit_flips(work: Path, flips: int, seed: int) -> list[dict]:
     for name in (store.IMAGES_FILE, store.REPORTS_FILE, store.META_FILE):
         pristine = (gen / name).read_bytes()
         flip_bit(gen / name, rng)
-        p = subprocess.run([sys.executable, "-m", "cli.main", "index", "verify", str(idx)], env=_env(),
+        p = subprocess.run([sys.executable, "-m", "cli.main", "index", "verify", str(idx)], env=cli_env(),
                            capture_output=True, text=True)  # fmt: skip
         cli_ok += p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and name in p.stderr
         (gen / name).write_bytes(pristine)
@@ -220,7 +206,7 @@ def train_kills(work: Path, n: int, rng: np.random.Generator) -> list[dict]:
     def run(out: Path, kill_after: float | None = None) -> tuple[int, float]:
         t0 = time.perf_counter()
         p = subprocess.Popen([sys.executable, "-c", TRAIN.format(tests=str(TESTS), repo=str(REPO), argv=argv(out))],
-                             env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                             env=cli_env(), start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             p.wait(kill_after)
@@ -293,7 +279,7 @@ def readers(work: Path, n_reads: int) -> dict:
     build_index(corpus, FakeModel(), out, options=BuildOptions(workers=0, progress=False))
     stop = work / "stop"
     script = ADDER.format(tests=str(TESTS), repo=str(REPO), corpus=str(corpus), out=str(out), stop=str(stop))
-    proc = subprocess.Popen([sys.executable, "-c", script], env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     q = unit_vectors(1, 32)
     errors, generations = [], set()
@@ -362,8 +348,9 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=5000)
     ap.add_argument("--cost-sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--cost-dim", type=int, default=256)
+    ap.add_argument("--crash-seconds", type=float, default=180)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", nargs="+", default=["flips", "kills", "readers", "cost"])
+    ap.add_argument("--only", nargs="+", default=["flips", "kills", "readers", "cost"])  # and "crash" (crasher.py)
     ap.add_argument("--name", default="reliability")
     args = ap.parse_args()
     import faiss
@@ -380,6 +367,10 @@ def main() -> None:
             payload["readers"] = readers(work, args.reads)
         if "cost" in args.only:
             payload["cost"] = cost(work, args.cost_sizes, args.cost_dim)
+        if "crash" in args.only:
+            from benchmarks.crasher import crash_test
+
+            payload["crash"] = crash_test(work, args.crash_seconds, args.seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     md = []
@@ -397,6 +388,7 @@ def main() -> None:
         md += ["## Readers during a writer", "", markdown_table([payload["readers"]])]
     if "cost" in payload:
         md += ["## Cost of the checks (median of 5; Flat, random unit vectors)", "", markdown_table(payload["cost"])]
+    md += [f"## Crash test (crasher.py)\n\n{markdown_table([payload['crash']])}"] if "crash" in payload else []
     cmd = "python -m benchmarks.reliability " + " ".join(sys.argv[1:])
     json_path, md_path = write_results(args.name, payload, "\n".join(md), cmd.strip())
     print(md_path.read_text())

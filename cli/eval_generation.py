@@ -39,6 +39,9 @@ def eval_generation_cmd(
     ),
     shuffled: bool = typer.Option(False, "--shuffled", help="Add the VLM's answers shuffled between test images."),
     out: Path = typer.Option(None, "--out", "-o", help="Also write the results: OUT.json and OUT.md."),
+    allow_outside: bool = typer.Option(
+        False, "--allow-outside", help="Allow image paths outside the manifest's folder (symlinks resolved)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """BLEU/METEOR/ROUGE-L/CIDEr, clinical efficacy, VQA, classification, localisation and grounding metrics,
@@ -51,10 +54,13 @@ def eval_generation_cmd(
     if image not in IMAGE_CONTROLS:
         raise UsageError(f"--image must be one of {', '.join(IMAGE_CONTROLS)}, got {image!r}")
     from generation.report_metrics import check_report_metrics, parse_metrics, use_report_metrics
+    from retrieval.data.manifest_check import require_inside
     from retrieval.fileio import atomic_path, write_json_atomic
+
 
     extra = parse_metrics(metrics)
     check_report_metrics(extra, metrics_dir)  # a missing library or weight: one line naming the fix, before any work
+    require_inside(manifest, allow_outside)  # the containment rule, before any model loads
     with use_report_metrics(extra, metrics_dir):
         res = evaluate_generation(
             vlm,

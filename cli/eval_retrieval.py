@@ -20,13 +20,19 @@ def eval_retrieval_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the zero-shot projector and the random baseline."),
     no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the zero-shot and random rows."),
     plot: Path = typer.Option(None, "--plot", help="Write a 2-D map of the image embeddings to this PNG."),
+    allow_outside: bool = typer.Option(
+        False, "--allow-outside", help="Allow image paths outside the manifest's folder (symlinks resolved)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the full result (all metrics, per label) as JSON."),
 ) -> None:
     """Recall@1/5/10, MRR, exact and label mAP, label precision@K for image->report, report->image and
     image->image (own patient excluded), next to the untrained-projector and random baselines."""
+    from retrieval.data.manifest_check import require_inside
     from retrieval.device import resolve_device
     from retrieval.evaluate import evaluate_retrieval, format_per_label, format_table
     from retrieval.models import load_model
+
+    require_inside(manifest, allow_outside)  # the containment rule, before the model loads
 
     dev = resolve_device(device)
     loaded = load_model(model, device=dev)

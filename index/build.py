@@ -271,6 +271,9 @@ def _check_options(model: Any, opts: BuildOptions) -> None:
 def _build(manifest: Any, model: Any, out: Path, opts: BuildOptions) -> BuildResult:
     t0 = time.perf_counter()
     work = out / BUILD_DIR
+    if not store.has_index(out) and generations.generations(out):  # a kill between the commit and its pointer?
+        rows, _ = prepare(manifest, opts.allow_outside, opts.skip_bad_rows)
+        generations.adopt_first_commit(out, manifest_digest(rows), str(model.fingerprint))
     generations.collect_garbage(out)  # leftovers of a killed commit: unfinished generations, temporaries
     _check_options(model, opts)
     if store.has_index(out):

@@ -223,6 +223,26 @@ def gc_index(index_dir: str | Path) -> dict:
         return collect_garbage(root)
 
 
+def adopt_first_commit(root: Path, digest: str, fingerprint: str) -> bool:
+    """A first build killed after its generation was verified but before `CURRENT` was written left a whole
+    generation and no pointer. When the newest intact generation holds exactly this build (its one manifest has
+    `digest`, its model `fingerprint`), point `CURRENT` at it and return True; anything else is left to the
+    lost-pointer rule (refused, naming `cxr index repair`). The caller holds `writer_lock(root)`."""
+    if (root / CURRENT_FILE).exists() or (root / INFO_FILE).exists():
+        return False
+    found = newest_intact(root)
+    if found is None:
+        return False
+    info = json.loads((root / found[0] / INFO_FILE).read_text())
+    manifests = info.get("manifests") or []
+    if len(manifests) != 1 or manifests[0].get("digest") != digest or info["model"]["fingerprint"] != fingerprint:
+        return False
+    with atomic_path(root / CURRENT_FILE) as tmp:
+        tmp.write_text(f"{found[0]} {found[1]}\n")
+    log.info("%s: %s was committed but not pointed to (a kill at the last step): CURRENT now names it", root, found[0])
+    return True
+
+
 def repair_index(index_dir: str | Path) -> dict:
     """`cxr index repair`: point CURRENT at the newest generation that verifies in full, when CURRENT is missing,
     damaged or points to a generation that does not verify. Returns {"index", "generation", "repaired"}."""

@@ -302,6 +302,8 @@ class BackgroundHash:
     def __init__(self, gen_dir: Path, info: dict, names: tuple[str, ...]):
         self.error: str | None = None
         self._done = threading.Event()
+        self._guard = threading.Lock()
+        self._held: Any = None  # the generation's read lock, kept until the hash ends (a gc waits for it)
         jobs = [(gen_dir / n, info["files"][n]["sha256"]) for n in names if n in (info.get("files") or {})]
         threading.Thread(target=self._run, args=(jobs,), name="cxr-index-verify", daemon=True).start()
 
@@ -314,7 +316,19 @@ class BackgroundHash:
         except OSError as e:
             self.error = f"{jobs[0][0].parent}: unreadable while verifying ({e.strerror or e})"
         finally:
-            self._done.set()
+            with self._guard:
+                self._done.set()
+                held, self._held = self._held, None
+            if held is not None:
+                held.close()
+
+    def hold(self, lock: Any) -> None:
+        """Keep the generation's shared read lock (an open file) until the hash ends, then close it."""
+        with self._guard:
+            if not self._done.is_set():
+                self._held = lock
+                return
+        lock.close()
 
     @property
     def done(self) -> bool:

@@ -377,6 +377,8 @@ def open_index(index_dir: str | Path, model: Any = None, mmap: bool = False, ful
             raise
         if mmap and lock is not None:
             idx.read_lock = lock
+        elif lock is not None and idx.pending is not None:
+            idx.pending.hold(lock)  # no gc removes the files while the background hash reads them
         elif lock is not None:
             lock.close()
         return idx

@@ -76,3 +76,13 @@ def test_query_of_a_manifest_applies_the_same_rule(folders, cell, tmp_path, caps
     err = capsys.readouterr().err
     assert code == 1 and "outside the manifest folder" in err and "--allow-outside" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["eval", "retrieval", "--model", "cxr-tiny"],
+                                     ["eval", "generation", "--vlm", "no-vlm"]])  # fmt: skip
+def test_the_eval_commands_apply_the_same_rule(folders, command, capsys):
+    inside, _ = folders
+    manifest = _manifest(inside, ["images/ok.png", "dir-link/secret.png"])
+    assert main([*command, "--manifest", str(manifest)]) == 1
+    err = capsys.readouterr().err
+    assert "row 1" in err and "outside the manifest folder" in err and len(err.strip().splitlines()) == 1

@@ -127,3 +127,16 @@ def test_info_checks_the_structure_it_reports(index, changes, match):
     _rewrite_info(index, **changes)
     with pytest.raises(IndexError_, match=match):
         index_summary(index)
+
+
+def test_a_first_build_killed_before_its_pointer_is_finished_by_the_rerun(source, tmp_path):
+    """A kill after the first generation was verified but before CURRENT was written: rerunning the same build
+    adopts it (exit 0, nothing encoded again); another manifest is refused by the lost-pointer rule."""
+    out = tmp_path / "first"
+    first = source.parent / "first.parquet"
+    build_index(first, FakeModel(), out, BuildOptions(**OPTS))
+    (out / CURRENT_FILE).unlink()
+    with pytest.raises(IndexError_, match=LOST.replace("000002", "000001")):
+        build_index(source.parent / "second.parquet", FakeModel(), out, BuildOptions(**OPTS))
+    again = build_index(first, FakeModel(), out, BuildOptions(**OPTS))
+    assert again.already_done and again.encoded_rows == 0 and store.resolve(out).name == "gen-000001"

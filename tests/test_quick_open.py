@@ -56,3 +56,29 @@ def test_a_flip_the_quick_checks_miss_stops_the_searcher(built, monkeypatch, nam
         opened.close()
     finally:
         path.write_bytes(pristine)
+
+
+def test_a_gc_waits_for_the_background_hash(tmp_path, monkeypatch):
+    """A quick (non-mmap) open keeps its generation's read lock until the hash has read every file: a writer's gc
+    never removes the files under it (which would stop a healthy searcher)."""
+    import threading
+
+    from index import generations, layout
+
+    idx = vector_index(tmp_path / "idx", n=3000, d=16)
+    monkeypatch.setattr(store, "FULL_HASH_AT_OPEN", 0)
+    release, real = threading.Event(), layout.sha256_file
+
+    def slow_in_background(path):
+        if threading.current_thread().name == "cxr-index-verify":
+            release.wait(30)
+        return real(path)
+
+    monkeypatch.setattr(layout, "sha256_file", slow_in_background)
+    opened = store.open_index(idx)
+    old = opened.gen_dir
+    vector_index(idx, n=3000, d=16, seed=5)  # a newer generation is committed meanwhile
+    assert old.is_dir() and old.name in generations.gc_index(idx)["kept"]
+    release.set()
+    Searcher(opened).search_ids(unit_vectors(1, 16), k=3, target="images")  # the hash ends and matches
+    assert old.name in generations.gc_index(idx)["removed"] and not old.exists()

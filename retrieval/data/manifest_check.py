@@ -235,6 +235,22 @@ def gate_manifest(
     return checked.rows
 
 
+def require_inside(path: str | Path, allow_outside: bool = False) -> None:
+    """The containment rule alone, for the commands that read a manifest without the full gate (`cxr eval
+    retrieval|generation`): a row whose image path leaves the manifest's folder (symlinks resolved) is a
+    ManifestError naming it, unless `allow_outside`."""
+    if allow_outside:
+        return
+    df = read_manifest(path)
+    root = df.attrs.get("root")
+    for i, cell in enumerate(path_column(df["image_path"]).tolist() if "image_path" in df.columns else []):
+        if cell:
+            try:
+                resolve_image_path(root, cell, allow_outside=False)
+            except ManifestError as e:
+                raise ManifestError(f"{path}: row {i}: {e}") from None
+
+
 def summarize_manifest(df: pd.DataFrame, problems: Sequence[Problem | str] | None = None) -> dict[str, Any]:
     """Counts a person wants after an import: studies, images, patients, per-label image counts, boxes (total
     and per label), splits, views, images without a file, and the problems (strings) passed in, or by default
