@@ -165,7 +165,7 @@ def _print_table(hits, query: dict, target: str, wide: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from retrieval.data.contact_sheet import first_sentence
+    from retrieval.study_text import first_sentence
 
     console = Console()
     title = f"{target} like " + (f'"{query["text"]}"' if "text" in query else query["image"])
@@ -184,7 +184,7 @@ def _print_table(hits, query: dict, target: str, wide: bool = False) -> None:
                      overflow="fold" if wide else "ellipsis", no_wrap=not wide)  # fmt: skip
     for row in rows:
         text = str(row[-1] or "").strip()
-        report = (_excerpt(text, 100_000) if wide else first_sentence(text, width=room, lines=1)) if text else ""
+        report = (_excerpt(text, 100_000) if wide else _excerpt(first_sentence(text) or text, room)) if text else ""
         t.add_row(*row[:-1], report or "[dim](no report)[/]")
     console.print(t)
 
