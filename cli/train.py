@@ -27,6 +27,9 @@ def train_cmd(
         None, "--positive-rule", help="SupCon positives: same-set | binary | overlap (default: binary)."
     ),
     unfreeze_last: int = typer.Option(0, "--unfreeze-last", help="Unfreeze the last N blocks of each tower."),
+    unfreeze_towers: str = typer.Option(
+        "image,text", "--unfreeze-towers", help="The towers --unfreeze-last applies to: image,text | image | text."
+    ),
     augment: bool = typer.Option(
         False,
         "--augment",
@@ -85,6 +88,7 @@ def train_cmd(
         patience=patience,
         monitor=monitor,
         augment=augment,
+        unfreeze_towers=tuple(t.strip() for t in unfreeze_towers.split(",") if t.strip()),
         seed=seed,
         device=None if device == "auto" else device,
         precision=precision,
