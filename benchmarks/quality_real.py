@@ -5,9 +5,10 @@ patient never counted); P@5 = the share of the top 5 that share the query's key:
 - covid-cxr: the same finding (metadata `finding`: COVID-19, SARS, Pneumocystis, ...; rows whose finding is
   `todo` or `Unknown` are left out), and the same view (PA vs AP);
 - TBX11K: the same lesion side (left, right or both lungs, from the boxes).
-Systems: cxr-small trained on covid-cxr's train split (`cxr train`'s defaults), the same with the tower's last 2
-stages fine-tuned (`--unfreeze-last 2`), and on augmented images (`--augment`, fewer epochs: the tower runs every
-epoch), cxr-small with its untrained projector, and the frozen tower's own features (no projector).
+Systems: cxr-small trained on covid-cxr's train split (`cxr train`'s defaults), the same with the image tower's
+last 2 stages fine-tuned (`--unfreeze-last 2 --unfreeze-towers image`), and on augmented images (`--augment`,
+fewer epochs: the tower runs every epoch), cxr-small with its untrained projector, and the frozen tower's own
+features (no projector).
 Baselines in the same run:
 - random ranking: each query's expected P@5 under a random order (its key's share of the gallery);
 - image-free training prior: every query gets the gallery's most common key (labels by prevalence);
@@ -111,7 +112,7 @@ def run_real(data: Path, epochs: int, work: Path, aug_epochs: int = 3) -> dict[s
     covid.attrs["root"] = str(data / "covid-cxr")
     covid["view_key"] = covid["view"].astype(str).str.upper().str.replace(" ", "").str.replace("SUPINE", "")
     trained = train(covid, "cxr-small", work / "covid-small", epochs=epochs, seed=0, show_progress=False, fresh=True)
-    common = dict(seed=0, show_progress=False, fresh=True, unfreeze_last=2)
+    common = dict(seed=0, show_progress=False, fresh=True, unfreeze_last=2, unfreeze_towers=("image",))
     tuned = train(covid, "cxr-small", work / "covid-small-tuned", epochs=epochs, **common)  # the front cached
     augmented = train(covid, "cxr-small", work / "covid-small-aug", epochs=aug_epochs, augment=True, **common)
     untrained = load_model("cxr-small")

@@ -9,15 +9,23 @@ import typer
 
 from cli.options import DEVICE, PRECISION
 
+MODEL_HELP = (
+    "cxr-small (offline default) | biomedclip (with the hub) | cxr-tiny | timm:NAME | hf:ORG/NAME | local-dir:PATH "
+    "| a saved folder."
+)
+AUGMENT_HELP = (
+    "Radiograph augmentation of the training images: small rotations and crops, contrast and gamma, never a "
+    "left-right flip (the image tower then runs every epoch)."
+)
+MONITOR_HELP = (
+    "Val metric to early-stop on: auto (label mAP, or exact-study mAP where the val labels are nearly uniform and "
+    "label mAP cannot move) | i2r_map_label | i2r_map_exact."
+)
+
 
 def train_cmd(
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest (Parquet or CSV) with splits."),
-    model: str = typer.Option(
-        "cxr-small",
-        "--model",
-        help="cxr-small (offline default) | biomedclip (with the hub) | cxr-tiny | timm:NAME | hf:ORG/NAME | "
-        "local-dir:PATH | a saved folder.",
-    ),
+    model: str = typer.Option("cxr-small", "--model", help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: the trained model, checkpoints, cache."),
     epochs: int = typer.Option(8, "--epochs", help="Maximum epochs (early stopping on val mAP may end sooner)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Studies per batch."),
@@ -27,12 +35,10 @@ def train_cmd(
         None, "--positive-rule", help="SupCon positives: same-set | binary | overlap (default: binary)."
     ),
     unfreeze_last: int = typer.Option(0, "--unfreeze-last", help="Unfreeze the last N blocks of each tower."),
-    augment: bool = typer.Option(
-        False,
-        "--augment",
-        help="Radiograph augmentation of the training images: small rotations and crops, "
-        "contrast and gamma, never a left-right flip (the image tower then runs every epoch).",
+    unfreeze_towers: str = typer.Option(
+        "image,text", "--unfreeze-towers", help="The towers --unfreeze-last applies to: image,text | image | text."
     ),
+    augment: bool = typer.Option(False, "--augment", help=AUGMENT_HELP),
     image_tower: str = typer.Option(
         "auto", "--image-tower", help="auto (cxr-tiny trains it from scratch) | train | frozen."
     ),
@@ -44,12 +50,7 @@ def train_cmd(
         help="Also keep a frozen CNN tower's grid tokens here, for `cxr vlm train --token-cache`.",
     ),
     patience: int = typer.Option(3, "--patience", help="Early-stop after N epochs without val improvement."),
-    monitor: str = typer.Option(
-        "auto",
-        "--monitor",
-        help="Val metric to early-stop on: auto (label mAP, or exact-study mAP where the val labels are nearly "
-        "uniform and label mAP cannot move) | i2r_map_label | i2r_map_exact.",
-    ),
+    monitor: str = typer.Option("auto", "--monitor", help=MONITOR_HELP),
     seed: int = typer.Option(0, "--seed", help="Random seed (the run is deterministic for a seed)."),
     device: str = DEVICE,
     precision: str = PRECISION,
@@ -85,6 +86,7 @@ def train_cmd(
         patience=patience,
         monitor=monitor,
         augment=augment,
+        unfreeze_towers=tuple(t.strip() for t in unfreeze_towers.split(",") if t.strip()),
         seed=seed,
         device=None if device == "auto" else device,
         precision=precision,

@@ -386,3 +386,16 @@ def test_auto_monitor_watches_exact_map_where_label_map_cannot_move():
     assert choose_monitor("auto", varied)[0] == "i2r_map_label"
     assert choose_monitor("auto", None)[0] == "i2r_map_label"
     assert choose_monitor("i2r_map_label", uniform) == ("i2r_map_label", "chosen")
+
+
+def test_unfreeze_towers_limits_unfreezing_to_the_image_tower():
+    from retrieval.models import load_model
+    from retrieval.training import set_trainable, tower_modules
+    from retrieval.training.config import TrainConfig
+
+    model = load_model("cxr-tiny")
+    status = set_trainable(model, [], 1, unfreeze=("image",))
+    assert status["text"] == "frozen" and status["image"].startswith("last 1")
+    assert not any(p.requires_grad for p in tower_modules(model)["text"].parameters())
+    with pytest.raises(Exception, match="image and/or text"):
+        TrainConfig(unfreeze_towers=("vision",)).validate()

@@ -158,9 +158,12 @@ def _hf_tower(ref: str, local: Path | None, cache_dir: str | None) -> HFTower:
         processor = AutoImageProcessor.from_pretrained(where, cache_dir=cache_dir)
     except Exception as e:  # noqa: BLE001
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        raise ModelLoadError(
-            f"hf:{ref}: no image processor (preprocessor_config.json), so no native size and normalisation ({msg})"
-        ) from None
+        what = (
+            "no image processor (preprocessor_config.json) in the folder"
+            if Path(where).is_dir()
+            else "cannot fetch its image processor from the hub or the HF cache (offline? `cxr models prefetch`)"
+        )
+        raise ModelLoadError(f"hf:{ref}: {what}, so no native size and normalisation ({msg})") from None
     try:
         config = _vision_config(AutoConfig.from_pretrained(where, cache_dir=cache_dir))
         if local is not None:

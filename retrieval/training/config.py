@@ -43,6 +43,7 @@ class TrainConfig:
     positive_rule: str = DEFAULT_POSITIVE_RULE
     supcon_temperature: float = 0.1
     unfreeze_last: int = 0
+    unfreeze_towers: tuple[str, ...] = ("image", "text")  # the towers `unfreeze_last` applies to
     augment: bool = False  # radiograph augmentation of the training images (augment.py); the tower runs each epoch
     image_tower: str = "auto"  # auto: train from scratch when the model says so (cxr-tiny); train | frozen
     seed: int = 0  # projector init and data order
@@ -80,6 +81,9 @@ class TrainConfig:
             raise CXRError(f"loss weights: {e}") from None
         if self.unfreeze_last < 0:
             raise CXRError("unfreeze-last must be >= 0")
+        self.unfreeze_towers = tuple(self.unfreeze_towers)
+        if not set(self.unfreeze_towers) <= {"image", "text"}:
+            raise CXRError(f"unfreeze towers must be image and/or text, got {', '.join(self.unfreeze_towers)}")
         if self.image_tower not in ("auto", "train", "frozen"):
             raise CXRError(f"image tower must be auto, train or frozen, got {self.image_tower!r}")
 

@@ -68,7 +68,7 @@ class Trainer:
         cfg = self.config
         self.model = build_model(self.model_name, cfg.tower_seed, cfg.seed, self.device)
         self.scratch = scratch_towers(self.model, cfg.image_tower)
-        self.tower_status = set_trainable(self.model, self.scratch, cfg.unfreeze_last)
+        self.tower_status = set_trainable(self.model, self.scratch, cfg.unfreeze_last, cfg.unfreeze_towers)
         self.plan = plan_features(self.model, self.scratch, cfg.unfreeze_last, cfg.augment)
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / CACHE_DIR
         self.features = SplitFeatures(self.model, self.plan, cfg, self.device, self.precision, cache_dir)

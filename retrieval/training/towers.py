@@ -52,11 +52,13 @@ def tower_modules(model: nn.Module) -> dict[str, nn.Module]:
     return dict(towers())
 
 
-def set_trainable(model: nn.Module, scratch: Sequence[str], unfreeze_last: int) -> dict[str, str]:
-    """Freeze the pretrained towers except their last `unfreeze_last` blocks and head (`CXRModel.unfreeze_last`,
-    the stem stays frozen); towers named in `scratch` train fully; projectors and head always train.
-    Returns {tower: "frozen" | "trained (from scratch)" | "last N blocks"}."""
-    pretrained = [k for k in ("image", "text") if k not in scratch]
+def set_trainable(
+    model: nn.Module, scratch: Sequence[str], unfreeze_last: int, unfreeze: Sequence[str] = ("image", "text")
+) -> dict[str, str]:
+    """Freeze the pretrained towers except the last `unfreeze_last` blocks and head of those named in `unfreeze`
+    (`CXRModel.unfreeze_last`, the stem stays frozen); towers named in `scratch` train fully; projectors and head
+    always train. Returns {tower: "frozen" | "trained (from scratch)" | "last N blocks"}."""
+    pretrained = [k for k in ("image", "text") if k not in scratch and k in unfreeze]
     counts = model.unfreeze_last(unfreeze_last, towers=pretrained) if pretrained else {}
     if not pretrained:
         model.freeze_towers()
