@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from generation.box_head import box_features, ridge
-from retrieval.data.region_masks import mask_to_polygons, resize_mask
+from retrieval.data.region_masks import encode_rle, mask_to_polygons, resize_mask
 from retrieval.labels import ANATOMY_PREFIX
 
 log = logging.getLogger(__name__)
@@ -217,3 +217,16 @@ def segment(
         return None
     name = head.names[head.region(region)]
     return {"region": name, "mask": masks[0], "polygons": mask_to_polygons(masks[0]), "source": "segment head"}
+
+
+def answer_json(answer: Mapping[str, Any]) -> dict:
+    """A `segment` answer as JSON-ready data (what the HTTP API and `--json` return): the region, the polygons,
+    the mask as a binary array (rows of 0/1) and as COCO RLE (`retrieval.data.region_masks.decode_rle` reads it)."""
+    mask = np.asarray(answer["mask"], dtype=bool)
+    return {
+        "region": answer["region"],
+        "polygons": answer["polygons"],
+        "mask": mask.astype(np.uint8).tolist(),
+        "rle": encode_rle(mask),
+        "source": answer["source"],
+    }

@@ -4,14 +4,23 @@ polygons that draw the same region (or None for a region it does not know)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from generation.encoders import FrozenPatchEncoder
-from generation.segment_head import SegmentHead, fit_segment_head, masks_from_maps, segment, segment_features
+from generation.segment_head import (
+    SegmentHead,
+    answer_json,
+    fit_segment_head,
+    masks_from_maps,
+    segment,
+    segment_features,
+)
 from retrieval.data.phantom import render_phantom
-from retrieval.data.region_masks import iou, polygons_to_mask, resize_mask
+from retrieval.data.region_masks import decode_rle, iou, polygons_to_mask, resize_mask
 
 REPORTS = [
     "No acute cardiopulmonary abnormality.",
@@ -86,6 +95,9 @@ def test_save_load_and_segment_answers(phantoms, tmp_path):
     assert by_tokens["mask"].shape == by_image["mask"].shape == (128, 128)
     assert iou(by_tokens["mask"], by_image["mask"]) > 0.98
     assert iou(polygons_to_mask(by_image["polygons"], 128, 128), by_image["mask"]) > 0.9
+    data = json.loads(json.dumps(answer_json(by_image)))  # what the API sends
+    assert (np.array(data["mask"], dtype=bool) == by_image["mask"]).all()
+    assert (decode_rle(data["rle"]) == by_image["mask"]).all() and data["polygons"] == by_image["polygons"]
     assert segment(head, tokens[40], "Pacemaker") is None
     with pytest.raises(ValueError):
         segment(head, images[40], "Heart")
