@@ -18,8 +18,17 @@ How, in closed form like the box head (`generation/box_head.py`), fitted in seco
   answers with the most likely area, as `[ground]` answers with a box.
 
 It answers where the named region is; whether a finding is present at all is the finding head's question.
-Measured on the demo against its priors (mean training mask, masks shuffled between test images, the box head's box
-as a mask): `benchmarks/segment_demo.py` -> `benchmarks/results/segment_demo.md`.
+
+Measured on the demo (`benchmarks/segment_demo.py` -> `benchmarks/results/segment_demo.md`: 700 phantoms, 630 to
+fit, 70 to test, frozen cxr-small tokens): on the organs it reads the image (mean IoU 0.935 over the lungs and the
+heart, against 0.796 for the mean training mask, 0.727 for shuffled masks, 0.699 for the box head's box and 0.703
+for even the true box), and the whole-chest findings likewise (cardiomegaly, emphysema, low lung volumes). It does
+not place focal findings: nodules, granulomas, atelectasis and scarring score near 0 (as the box head does), far
+below the true box. Every token (`pool` 7) beats the 3x3 pooling on the organs (0.935 against 0.928) and on 10
+of the 14 regions. The trainable alternative (a small torch decoder on the same feature map, the benchmark's
+`--decoder` arm) loses on the organs (0.910) and costs 7x the fit time, but wins on the findings (mean 0.358
+against 0.329; consolidation 0.284 against 0.143), so it is the next step for focal findings; it is not in the
+library yet.
 """
 
 from __future__ import annotations
