@@ -211,22 +211,27 @@ def _score(
 
 
 def _verdict(table: list[dict], arms: list[str]) -> list[str]:
-    """Where the head (7x7) wins and where it loses, by IoU, against every answer that does not see the test
-    truth (`true box` does: it is the ceiling of a box answer, not a baseline), and other than its own 3x3 ablation."""
-    rivals = [a for a in arms if a not in ("head 7x7", "head 3x3", "true box")]
-    wins, losses = [], []
-    for r in table:
-        best = max(rivals, key=lambda a: r[f"IoU {a}"])
-        ours, theirs = r["IoU head 7x7"], r[f"IoU {best}"]
-        (wins if ours > theirs else losses).append(f"{r['region']} ({ours:.3f} vs {best} {theirs:.3f})")
-    return [
-        "## Where the head wins and loses (IoU, head 7x7 vs the best baseline or other model; `true box` is left "
-        "out: it reads the test truth)",
-        "",
-        f"- wins on {len(wins)}: " + ("; ".join(wins) or "none"),
-        f"- loses or ties on {len(losses)}: " + ("; ".join(losses) or "none"),
-        "",
-    ]
+    """Where the head (7x7) wins and where it loses, by IoU: against the priors and the box head, then against every
+    other answer too (the decoder). Its own 3x3 ablation and `true box` (it reads the test truth: the ceiling of a
+    box answer, not a baseline) are left out."""
+    lines = ["## Where the head wins and loses (IoU of head 7x7 against the best other arm)", ""]
+    groups = [("the priors and the box head", ["box head", "mean mask", "shuffled"])]
+    if "decoder" in arms:
+        groups.append(("those and the trainable decoder", ["decoder", "box head", "mean mask", "shuffled"]))
+    for title, rivals in groups:
+        wins, losses = [], []
+        for r in table:
+            best = max(rivals, key=lambda a: r[f"IoU {a}"])
+            ours, theirs = r["IoU head 7x7"], r[f"IoU {best}"]
+            (wins if ours > theirs else losses).append(f"{r['region']} ({ours:.3f} vs {best} {theirs:.3f})")
+        lines += [
+            f"Against {title}:",
+            "",
+            f"- wins on {len(wins)}: " + ("; ".join(wins) or "none"),
+            f"- loses or ties on {len(losses)}: " + ("; ".join(losses) or "none"),
+            "",
+        ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
