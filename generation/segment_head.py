@@ -91,6 +91,8 @@ class SegmentHead:
 
     def soft_maps(self, features: np.ndarray, region: int) -> np.ndarray:
         """(B, grid, grid) predicted share of each cell the region covers, clipped to [0, 1]."""
+        if np.shape(features)[-1] != len(self.mean):
+            raise ValueError(f"segment head: features of {np.shape(features)[-1]} values, fitted on {len(self.mean)}")
         xc = np.asarray(features, dtype=np.float64) - self.mean
         coef = xc @ self.weights[region] + self.bias[region]
         maps = self.map_mean[region] + coef @ self.components[region]
@@ -196,7 +198,8 @@ def fit_for_rows(
     rows = sorted(r for r in masks if r in visual and masks[r])
     if not rows:
         return None
-    pool = int(options.pop("pool", POOL))
+    grid = int(round(visual[rows[0]].shape[-2] ** 0.5))  # tokens pooled coarser than `pool` keep their grid
+    pool = min(int(options.pop("pool", POOL)), grid)
     feats = np.concatenate([segment_features(visual[r], pool) for r in rows])
     return fit_segment_head(feats, [masks[r] for r in rows], pool=pool, **options)
 

@@ -103,6 +103,22 @@ def test_save_load_and_segment_answers(phantoms, tmp_path):
         segment(head, images[40], "Heart")
 
 
+def test_fit_for_rows_keeps_the_token_grid_it_was_given(phantoms):
+    """Tokens cached at a coarser grid than `pool` (a VLM pooled to 4x4) fit a head that reads any finer grid."""
+    from generation.encoders import pool_grid
+    from generation.segment_head import fit_for_rows
+
+    _, _, masks, tokens = phantoms
+    coarse = pool_grid(tokens, 4)  # (48, 16, 64)
+    head = fit_for_rows({r: coarse[r] for r in range(36)}, {r: masks[r] for r in range(36)}, min_rows=4)
+    assert head.pool == 4
+    a = head.segment(head.features(coarse[40:]), "Heart", 64)
+    b = head.segment(head.features(tokens[40:]), "Heart", 64)  # the full 8x8 grid, pooled to 4x4
+    assert (a == b).all()
+    with pytest.raises(ValueError, match="fitted on"):
+        head.soft_maps(np.zeros((1, 7)), 0)
+
+
 def test_an_unsure_map_is_cut_at_half_its_peak():
     maps = np.zeros((2, 8, 8), np.float32)
     maps[0, 2:4, 2:4] = 0.9
