@@ -12,6 +12,9 @@ Manifest (`DIR/manifest.parquet`), one row per study (each IU study is one patie
   `labels_text` holds the labeler's labels for every study, `label_source` says which one `labels` is.
 * `boxes`: the rendered findings' boxes (labels like "Pleural Effusion", "Nodule", "Pacemaker") followed by the
   anatomy boxes, whose labels carry the prefix `anatomy:` ("anatomy:Right Lung", "anatomy:Heart" ...).
+* `masks`: the region masks (the lungs and the heart as `anatomy:Right Lung`, `anatomy:Left Lung`,
+  `anatomy:Heart`, and each drawn finding by its box label), one JSON object of COCO RLEs per row
+  (`retrieval.data.region_masks.masks_from_json`); a finding's box is its mask's bounding box.
 * `unrendered`: findings the report names positively that the renderer does not draw (e.g. "kyphosis").
 * `mesh`: the MeSH terms; `seed`: the per-study render seed; splits by patient (80/10/10, from `seed`).
 
@@ -35,7 +38,7 @@ import pandas as pd
 from retrieval.data.importers.iu_xray import read_iu_reports
 from retrieval.study_text import report_text
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: the `masks` column (the images are those of 1: the phantom's VERSION keys them)
 INFO_NAME = "demo_info.json"
 MANIFEST_NAME = "manifest.parquet"
 
@@ -50,6 +53,7 @@ def _render_one(task: tuple[dict[str, Any], str, int, int]) -> dict[str, Any]:
     from PIL import Image
 
     from retrieval.data.phantom import render_phantom
+    from retrieval.data.region_masks import masks_to_json
     from retrieval.labels import label_report, labels_from_mesh
 
     rec, out_dir, size, seed = task
@@ -79,6 +83,7 @@ def _render_one(task: tuple[dict[str, Any], str, int, int]) -> dict[str, Any]:
         "labels_text": text_labels,
         "label_source": "mesh" if indexed else "labeler",
         "unrendered": list(ph.unrendered),
+        "masks": masks_to_json(ph.masks),
         "mesh": list(rec["mesh"]),
         "seed": sseed,
     }
@@ -162,6 +167,7 @@ def build_demo_corpus(
             "workers": workers,
             "labels": "MeSH-implied (labels_from_mesh); labeler on the text where a study has no MeSH indexing",
             "boxes": "finding boxes, then anatomy boxes labelled 'anatomy:<name>'",
+            "masks": "COCO RLE per region (anatomy:Right Lung, anatomy:Left Lung, anatomy:Heart, drawn findings)",
             "note": "synthetic images rendered from real IU X-ray reports: a demo and test bed, not clinical data",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },

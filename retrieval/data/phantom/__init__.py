@@ -4,7 +4,9 @@ the findings the report names, drawn where the report places them, with a box fo
 It is a demo and a test bed, not a simulator: densities are summed in a 2-D attenuation map (soft tissue,
 air-filled lungs, heart, mediastinum, spine, ribs, clavicles, diaphragm), then exposed (1 - exp(-k * density)),
 blurred and given noise. Geometry is drawn on a normalised grid that is rotated per patient, so boxes are read
-off the drawn masks in image coordinates and stay exact. The patient's right is on the image's left (PA view).
+off the drawn masks in image coordinates and stay exact; `Phantom.masks` keeps the region masks themselves (the
+lungs, the heart and each drawn finding; a finding's box is its mask's bounding box). The patient's right is on
+the image's left (PA view).
 
 `parse_findings(text)` turns a report into `Finding`s (negation-aware through `retrieval.labels`; side, zone and
 severity from the words near each mention); `render_findings(findings, size, seed)` draws them;
@@ -22,14 +24,14 @@ The modules, in drawing order:
 | `skeleton.py` | spine, ribs, clavicles, gastric bubble, breast shadows |
 | `context.py` | `DrawContext` (what a finding drawer sees), the `DRAWERS` registry and `@drawer`, placement helpers |
 | `drawers/` | one drawer per finding, a module per kind (chest, pleura, parenchyma, lesions, bones, devices) |
-| `render.py` | `Phantom`, `render_findings`, `render_phantom`, the anatomy boxes |
+| `render.py` | `Phantom`, `render_findings`, `render_phantom`, the anatomy boxes, the region masks (`MASK_ANATOMY`) |
 """
 
 from __future__ import annotations
 
 from retrieval.data.phantom.context import DRAWERS, DrawContext, drawer
 from retrieval.data.phantom.parse import Finding, parse_findings
-from retrieval.data.phantom.render import Phantom, render_findings, render_phantom
+from retrieval.data.phantom.render import MASK_ANATOMY, Phantom, render_findings, render_phantom
 from retrieval.data.phantom.rules import FINDING_RULES
 
 # The drawing's version: the demo corpus cache keys on it, so bump it whenever a seed's pixels or boxes change.
@@ -38,6 +40,7 @@ VERSION = 2
 __all__ = [
     "DRAWERS",
     "FINDING_RULES",
+    "MASK_ANATOMY",
     "VERSION",
     "DrawContext",
     "Finding",

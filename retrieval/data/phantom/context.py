@@ -1,6 +1,7 @@
 """What a finding drawer sees (`DrawContext`), the registry of drawers, and the placement helpers they share.
 
-A drawer is `draw(f, rng, ctx) -> density | None`: it adds the finding's box(es) to `ctx.boxes`, may dim
+A drawer is `draw(f, rng, ctx) -> density | None`: it marks the finding's region(s) with `ctx.mark` (a box in
+`ctx.boxes` and the same pixels in `ctx.masks`, so a finding's mask and box always agree), may dim
 `ctx.lung_vessels` in place, and returns the density it adds (None when the finding is drawn by the anatomy's
 geometry, e.g. cardiomegaly). `rng` is the finding's own random stream. Register one with `@drawer("Name", ...)`;
 most findings are drawn on one lung or both, so their drawers draw one side (`@drawer("Name", per_side=True)`).
@@ -16,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from retrieval.data.phantom.anatomy import Anatomy
+from retrieval.data.phantom.geometry import add_box
 from retrieval.data.phantom.parse import Finding
 from retrieval.data.phantom.skeleton import RibPaths
 
@@ -24,7 +26,7 @@ from retrieval.data.phantom.skeleton import RibPaths
 class DrawContext:
     """The drawn chest a finding is placed on: the grid, the soft-edge width, the anatomy and its masks, each
     lung's mask, the rib centre lines, the lung vessel markings (dimmed in place by findings that hide them) and
-    the finding boxes drawn so far."""
+    the finding boxes drawn so far and each finding's mask (bool HxW, the union over its sides), by name."""
 
     X: np.ndarray
     Y: np.ndarray
@@ -34,10 +36,24 @@ class DrawContext:
     rib_paths: RibPaths
     lung_vessels: np.ndarray
     boxes: list[dict[str, Any]] = field(default_factory=list)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
         return self.X.shape[0]
+
+    def mark(self, name: str, mask: np.ndarray, thr: float = 0.25) -> None:
+        """Record a drawn region of finding `name`: the pixels of mask > thr * max go into `masks[name]` (or'ed
+        with the region drawn before on another side) and their box into `boxes` (`geometry.add_box`, so the box
+        is the mask's bounding box). Nothing when the mask is empty."""
+        add_box(self.boxes, name, mask, thr)
+        m = float(mask.max())
+        if m <= 1e-6:
+            return
+        on = mask > thr * m
+        if not on.any():
+            return
+        self.masks[name] = self.masks[name] | on if name in self.masks else on
 
 
 Drawer = Callable[[Finding, np.random.Generator, DrawContext], "np.ndarray | None"]

@@ -1,5 +1,6 @@
 """Findings -> a phantom: draw the anatomy into a density map, add each finding's drawer, expose, blur and add
-noise; read the anatomy boxes off the drawn masks."""
+noise; read the anatomy boxes off the drawn masks, and keep the region masks (`MASK_ANATOMY` and each drawn
+finding) beside the image."""
 
 from __future__ import annotations
 
@@ -16,16 +17,21 @@ from retrieval.data.phantom.geometry import add_box, smooth_noise, stream
 from retrieval.data.phantom.parse import Finding, parse_findings
 from retrieval.labels import ANATOMY, ANATOMY_PREFIX
 
+# The organs whose masks a phantom keeps (the segmentation task's anatomy), by their `labels.ANATOMY` name.
+MASK_ANATOMY = ("Right Lung", "Left Lung", "Heart")
+
 
 @dataclass
 class Phantom:
-    """A rendered study: image float32 HxW in [0, 1], finding boxes, anatomy boxes, findings, unrendered names."""
+    """A rendered study: image float32 HxW in [0, 1], finding boxes, anatomy boxes, findings, unrendered names,
+    and `masks`: bool HxW per region, named as the boxes are (finding names, `anatomy:`-prefixed organs)."""
 
     image: np.ndarray
     finding_boxes: list[dict[str, Any]]
     anatomy_boxes: list[dict[str, Any]]
     findings: list[Finding]
     unrendered: list[str] = field(default_factory=list)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def boxes(self) -> list[dict[str, Any]]:
@@ -80,7 +86,13 @@ def render_findings(findings: list[Finding], size: int = 256, seed: int = 0) -> 
     img = np.clip((img - lo) / max(hi - lo, 1e-3), 0, 1)
     gamma = nr.uniform(0.85, 1.2)
     img = img**gamma
-    return Phantom(img.astype(np.float32), ctx.boxes, anatomy_boxes(ctx.anatomy), list(findings))
+    masks = {**anatomy_masks(ctx.anatomy), **ctx.masks}
+    return Phantom(img.astype(np.float32), ctx.boxes, anatomy_boxes(ctx.anatomy), list(findings), masks=masks)
+
+
+def anatomy_masks(A: anatomy.Anatomy) -> dict[str, np.ndarray]:
+    """The `MASK_ANATOMY` organs' masks (drawn mask > 0.5, the threshold of their boxes), `anatomy:`-prefixed."""
+    return {f"{ANATOMY_PREFIX}{name}": A.masks[name.lower().replace(" ", "_")] > 0.5 for name in MASK_ANATOMY}
 
 
 def anatomy_boxes(A: anatomy.Anatomy) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from retrieval.data.phantom.context import DrawContext, drawer
-from retrieval.data.phantom.geometry import add_box, band, ellipse
+from retrieval.data.phantom.geometry import band, ellipse
 from retrieval.data.phantom.parse import Finding
 
 
@@ -24,7 +24,7 @@ def degenerative_spine(f: Finding, rng: np.random.Generator, ctx: DrawContext) -
                 ys = np.array([ly - 0.004, ly + 0.006 * rng.choice([-1, 1])])
                 o = np.maximum(o, band(X, Y, xs, ys, 0.0045, eps))
     out += 1.4 * o
-    add_box(ctx.boxes, f.name, o, 0.3)
+    ctx.mark(f.name, o, 0.3)
     return out
 
 
@@ -39,5 +39,5 @@ def rib_fracture(f: Finding, rng: np.random.Generator, ctx: DrawContext, side: s
     on_rib = band(X, Y, xs, ys, 0.016, eps)
     callus = ellipse(X, Y, px, py, 0.016, 0.016, eps) * on_rib
     gap = ellipse(X, Y, px, py, 0.006, 0.02, eps) * band(X, Y, xs, ys, 0.01, eps)
-    add_box(ctx.boxes, f.name, ellipse(X, Y, px, py, 0.02, 0.02, eps), 0.5)
+    ctx.mark(f.name, ellipse(X, Y, px, py, 0.02, 0.02, eps), 0.5)
     return 0.42 * callus - 0.18 * gap

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from retrieval.data.phantom.context import DrawContext, drawer, side_index, sides
-from retrieval.data.phantom.geometry import add_box, band, ellipse, sig
+from retrieval.data.phantom.geometry import band, ellipse, sig
 from retrieval.data.phantom.parse import Finding
 
 
@@ -14,7 +14,7 @@ def _add(ctx: DrawContext, f: Finding, density: float, o: np.ndarray) -> np.ndar
     """The density `density * o` of a device drawn as the mask `o`, boxed."""
     out = np.zeros_like(ctx.X)
     out += density * o
-    add_box(ctx.boxes, f.name, o, 0.3)
+    ctx.mark(f.name, o, 0.3)
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from retrieval.data.phantom.context import DrawContext, drawer, point_in_lung, side_index
-from retrieval.data.phantom.geometry import add_box, ellipse, smooth_noise
+from retrieval.data.phantom.geometry import ellipse, smooth_noise
 from retrieval.data.phantom.parse import Finding
 
 
@@ -31,7 +31,7 @@ def lesion(f: Finding, rng: np.random.Generator, ctx: DrawContext, side: str) ->
     if f.name == "Cavity":
         o = np.clip(o - 0.85 * ellipse(X, Y, cx + 0.005, cy - 0.004, rr * 0.55, rr * 0.5, eps), 0, None)
     pad = 2.0 / S  # the blur spreads small findings by a pixel or two
-    add_box(ctx.boxes, f.name, ellipse(X, Y, cx, cy, rr + pad, rr + pad, eps), 0.5)
+    ctx.mark(f.name, ellipse(X, Y, cx, cy, rr + pad, rr + pad, eps), 0.5)
     return dens * np.clip(o, 0, 1.3)
 
 
@@ -44,5 +44,5 @@ def calcified_lymph_nodes(f: Finding, rng: np.random.Generator, ctx: DrawContext
     o = np.zeros_like(X)
     for _ in range(2 + rng.integers(2)):
         o = np.maximum(o, ellipse(X, Y, hx + rng.normal(0, 0.012), hy + rng.normal(0, 0.015), 0.009, 0.008, eps))
-    add_box(ctx.boxes, f.name, o, 0.4)
+    ctx.mark(f.name, o, 0.4)
     return 1.0 * o

@@ -8,7 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from retrieval.data.phantom.context import DrawContext, drawer, point_in_lung, side_index, zone_range
-from retrieval.data.phantom.geometry import add_box, band, smooth_noise
+from retrieval.data.phantom.geometry import band, smooth_noise
 from retrieval.data.phantom.parse import Finding
 
 
@@ -25,7 +25,7 @@ def edema(f: Finding, rng: np.random.Generator, ctx: DrawContext, side: str) -> 
     w_h = np.clip(o * 1.5, 0, 1)  # vessels go indistinct inside the haze only
     vessels = ctx.lung_vessels
     vessels[:] = vessels * (1 - w_h) + ndimage.gaussian_filter(vessels, 1.2) * w_h
-    add_box(ctx.boxes, f.name, o, 0.35)
+    ctx.mark(f.name, o, 0.35)
     return 0.4 * (0.7 + 0.3 * f.severity) * o
 
 
@@ -41,7 +41,7 @@ def interstitial_markings(f: Finding, rng: np.random.Generator, ctx: DrawContext
     # the zero crossings of smooth noise form a network of thin curved lines (reticulation)
     n1, n2 = smooth_noise(rng, X.shape, S / 36), smooth_noise(rng, X.shape, S / 24)
     ret = np.maximum(np.exp(-((n1 / 0.22) ** 2)), 0.7 * np.exp(-((n2 / 0.2) ** 2)))
-    add_box(ctx.boxes, f.name, zmask, 0.5)
+    ctx.mark(f.name, zmask, 0.5)
     return 0.2 * (zmask * ret)
 
 
@@ -75,10 +75,10 @@ def band_or_wedge(f: Finding, rng: np.random.Generator, ctx: DrawContext, side: 
     cx, cy = point_in_lung(rng, ctx, side, f.zone)
     if f.name == "Scarring" or f.severity < 1.4:
         o = _plate(f, rng, ctx, lung, cx, cy)
-        add_box(ctx.boxes, f.name, o, 0.3)
+        ctx.mark(f.name, o, 0.3)
     else:
         o = _wedge(ctx, lung, sg, cx, cy)
-        add_box(ctx.boxes, f.name, o, 0.35)
+        ctx.mark(f.name, o, 0.35)
     return 0.5 * o
 
 
@@ -110,5 +110,5 @@ def consolidation(f: Finding, rng: np.random.Generator, ctx: DrawContext, side: 
         xs, ys = np.array([cx - sg * r, cx + sg * r * 0.8]), np.array([cy - r * 0.2, cy + r * 0.4])
         o *= 1 - 0.35 * band(X, Y, xs, ys, 0.004, eps)
     ctx.lung_vessels *= 1 - 0.5 * np.clip(o, 0, 1)
-    add_box(ctx.boxes, f.name, o, 0.3)
+    ctx.mark(f.name, o, 0.3)
     return (0.55 if f.name == "Consolidation" else 0.42) * o

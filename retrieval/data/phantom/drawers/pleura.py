@@ -7,7 +7,7 @@ import numpy as np
 from scipy import ndimage
 
 from retrieval.data.phantom.context import DrawContext, drawer, side_index, zone_range
-from retrieval.data.phantom.geometry import add_box, sig
+from retrieval.data.phantom.geometry import sig
 from retrieval.data.phantom.parse import Finding
 
 
@@ -27,7 +27,7 @@ def pleural_effusion(f: Finding, rng: np.random.Generator, ctx: DrawContext, sid
     recess = sig(Y - (A.yb[i] - 0.02 - h * 0.5), 0.01) * sig(0.05 - np.abs((X - xc) * sg - A.wl), 0.01)
     fl = np.clip(fluid + 0.6 * recess * (lung > 0.05), 0, 1)
     ctx.lung_vessels *= 1 - fl
-    add_box(ctx.boxes, f.name, fl, 0.3)
+    ctx.mark(f.name, fl, 0.3)
     return 0.72 * fl
 
 
@@ -48,7 +48,7 @@ def pneumothorax(f: Finding, rng: np.random.Generator, ctx: DrawContext, side: s
     space = np.maximum(space, lung * sig(A.ya + gap * 1.3 - Y, eps))
     line = lung * sig(0.0035 - np.abs(d - edge), eps * 0.7) * (Y < A.yb[i] - 0.1) * (Y > A.ya + gap * 1.2)
     ctx.lung_vessels *= 1 - space
-    add_box(ctx.boxes, f.name, space, 0.5)
+    ctx.mark(f.name, space, 0.5)
     return -0.16 * space + 0.28 * line
 
 
@@ -68,5 +68,5 @@ def pleural_thickening(f: Finding, rng: np.random.Generator, ctx: DrawContext, s
     y0, y1 = zone_range(f.zone, A, i)
     zone = Y < A.ya + 0.1 if apical else (Y > y0) & (Y < y1 + 0.1)
     o = ndimage.gaussian_filter((rim & zone).astype(np.float32), 0.8)
-    add_box(ctx.boxes, f.name, o, 0.3)
+    ctx.mark(f.name, o, 0.3)
     return 0.45 * o
