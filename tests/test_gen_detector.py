@@ -26,7 +26,7 @@ def _square_manifest(folder, n_train: int = 32, n_val: int = 8, n_test: int = 12
     for i in range(n_train + n_val + n_test):
         h, w = 96, 128
         img = rng.normal(0.3, 0.05, (h, w))
-        side = int(rng.integers(16, 28))
+        side = int(rng.integers(28, 44))
         y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
         img[y : y + side, x : x + side] = 0.9
         path = folder / f"im{i}.png"
@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("det")
     df = _square_manifest(folder)
     torch.set_num_threads(1)
-    cfg = DetectorTrainConfig(size=SIZE, epochs=12, batch_size=8, lr=5e-3, views=1, patience=12, fpn_channels=32)
+    cfg = DetectorTrainConfig(size=SIZE, epochs=8, batch_size=4, lr=5e-3, views=1, patience=8, fpn_channels=32)
     info = train_detector(df, folder / "det", cfg, progress=False)
     return df, folder / "det", info
 
@@ -67,9 +67,9 @@ def test_detector_finds_the_square_better_than_the_prior(trained):
     preds = det.predict([_read(p) for p in test["image_path"]])
     prior = [[_prior(df)] for _ in truth]
     det_map, prior_map = map50(truth, preds), map50(truth, prior)
-    assert det_map > prior_map + 0.3, (det_map, prior_map, info["history"])
+    assert det_map > prior_map + 0.5, (det_map, prior_map, info["history"])
     answers = [det.answer(p) for p in preds]
-    assert localisation_accuracy(truth, answers)["acc@0.3"] > localisation_accuracy(truth, prior)["acc@0.3"]
+    assert localisation_accuracy(truth, answers)["acc@0.3"] > localisation_accuracy(truth, prior)["acc@0.3"] + 0.5
     assert all(b["label"] == "Nodule" and 0 <= b["x1"] < b["x2"] <= 1 for p in preds for b in p)
     assert info["epochs_run"] >= 1 and info["best_val_map50"] == max(h["val_map50"] for h in info["history"])
 
