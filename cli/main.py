@@ -31,6 +31,7 @@ from cli import (
     query,
     serve,
     train,
+    vlm_detector,
     vlm_train,
 )
 
@@ -74,6 +75,7 @@ index_app.command("sync")(index_sync.sync_cmd)
 index_app.command("repair")(index_cmd.repair_cmd)
 app.command("query")(query.query_cmd)
 vlm_app.command("train")(vlm_train.vlm_train_cmd)
+vlm_app.command("detector")(vlm_detector.vlm_detector_cmd)
 app.command("generate")(generate.generate_cmd)
 app.command("demo")(demo.demo_cmd)
 app.command("serve")(serve.serve_cmd)
