@@ -323,7 +323,33 @@ def generate_for_image(
         device=device,
     )
     image, exemplars = image_and_exemplars(gen, image, k, exclude_study, exclude_patient)
-    return gen.generate(gen.visual([image]), [task], [prompt], exemplars)[0]
+    answer = gen.generate(gen.visual([image]), [task], [prompt], exemplars)[0]
+    return detector_answer(answer, Path(vlm_dir) / DETECTOR_DIR, image, task, phrase)
+
+
+DETECTOR_DIR = "detector"  # `cxr vlm detector --out VLM_DIR/detector`: the VLM answers boxes from it
+
+
+def detector_answer(answer: dict, folder: Path, image: np.ndarray, task: str, phrase: str | None) -> dict:
+    """`answer` with its boxes from the trained detector in `folder` (generation/detector.py) for `[identify]`, and
+    for `[ground]` of a label the detector knows; unchanged when there is no detector or it has no such class."""
+    if task not in ("identify", "ground") or not (folder / "detector.json").is_file():
+        return answer
+    from generation.boxes import boxes_text
+    from generation.detector import Detector
+
+    detector = Detector.load(folder)
+    if task == "identify":
+        detections = detector.predict([image])[0]
+        boxes = detector.answer(detections)
+    else:
+        boxes, detections = detector.ground([image], [phrase or ""])[0], None
+        if boxes is None:
+            return answer
+    out = {**answer, "boxes": boxes, "text": boxes_text(task, boxes), "source": "detector", "malformed_boxes": 0}
+    if detections is not None:
+        out["detections"] = detections
+    return out
 
 
 def dicom_study_uid(path: str | Path) -> str:

@@ -132,3 +132,30 @@ def test_cli_refuses_a_bad_size_in_one_line(tmp_path, capsys):
     assert main(["vlm", "detector", "-m", str(tmp_path / "m.parquet"), "-o", str(tmp_path / "d"), "--size", "100"]) == 2
     err = capsys.readouterr().err
     assert "--size must be a multiple of 32" in err and "Traceback" not in err
+
+
+def test_a_detector_in_the_vlm_folder_answers_identify_and_ground(trained, tmp_path):
+    """generate.detector_answer: with `VLM/detector/` the box answers are the detector's (its threshold, its
+    ranked detections for mAP); a phrase it has no class for, another task, or no detector: the VLM's answer.
+    An untrained detector at 128 px answering one image (as `cxr generate` does) is enough to test the wiring."""
+    from generation.generate import DETECTOR_DIR, detector_answer
+
+    df, _, _ = trained
+    vlm = tmp_path / "vlm"
+    torch.manual_seed(0)
+    cfg = DetectorConfig(labels=["Nodule"], size=128, min_score=0.0, answer_threshold=0.0)
+    Detector.create(cfg, weights=None).save(vlm / DETECTOR_DIR)
+    det = Detector.load(vlm / DETECTOR_DIR)
+    image = _read(df.loc[df["split"] == "test", "image_path"].iloc[0])
+    head = {"task": "identify", "text": "", "boxes": [], "source": "box head"}
+    got = detector_answer(head, vlm / DETECTOR_DIR, image, "identify", None)
+    assert got["source"] == "detector" and got["detections"] == det.predict([image])[0]
+    assert got["boxes"] == det.answer(got["detections"]) and got["boxes"], got
+    grounded = detector_answer({**head, "task": "ground"}, vlm / DETECTOR_DIR, image, "ground", "nodule")
+    assert grounded["source"] == "detector" and grounded["boxes"]
+    assert all(b["label"] == "Nodule" for b in grounded["boxes"])
+    unknown = {**head, "task": "ground"}
+    assert detector_answer(unknown, vlm / DETECTOR_DIR, image, "ground", "right lung") is unknown
+    assert detector_answer(head, tmp_path / "none", image, "identify", None) is head
+    report = {**head, "task": "report"}
+    assert detector_answer(report, vlm / DETECTOR_DIR, image, "report", None) is report
