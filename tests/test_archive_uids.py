@@ -63,6 +63,7 @@ def test_cxr_query_json_carries_the_uids_of_each_row(uid_index, monkeypatch, cap
     idx, df = uid_index
     monkeypatch.setattr("retrieval.models.load_model", lambda name, device=None: FakeModel())
     args = ["query", "--text", "pneumonia", "--index", str(idx), "-k", "6", "--target", target, "--json"]
+    args.append("--all-per-patient")  # every row, not each patient's best only
     assert main([*args, "--model", "fake-0"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
     assert len(results) == 6
@@ -111,7 +112,7 @@ def test_the_http_api_carries_the_uids_and_the_archive_template(uid_index):
     from serve.service import ServeConfig, ServeService
 
     idx, df = uid_index
-    cfg = ServeConfig(index=idx, workers=1, watch_interval=0, archive_url=f"  {OHIF} ")
+    cfg = ServeConfig(index=idx, workers=1, watch_interval=0, archive_url=f"  {OHIF} ", one_per_patient=False)
     svc = ServeService(cfg, model=FakeModel())
     try:
         with TestClient(create_app(svc)) as client:
@@ -178,6 +179,7 @@ def test_a_dicom_folder_import_indexes_and_returns_each_files_own_uids(tmp_path,
     monkeypatch.setattr("retrieval.models.load_model", lambda name, device=None: FakeModel())
     query = next(root.glob("S2_*.dcm"))
     args = ["query", str(query), "--index", str(tmp_path / "idx"), "-k", "5", "--target", "images", "--json"]
+    args.append("--all-per-patient")
     assert main([*args, "--model", "fake-0"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
     assert len(results) == 5 and results[0]["image_path"] == str(query.resolve())
