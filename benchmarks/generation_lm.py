@@ -149,6 +149,13 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n\n```json\n" + json.dumps(meta, indent=1, default=str) + "\n```\n"
 
 
+def _save(rows: list[dict], meta: dict) -> None:
+    """Write the results so far (a long run on a shared machine keeps what it finished)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "generation_lm_demo.json").write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
+    (RESULTS / "generation_lm_demo.md").write_text(_markdown(rows, {k: v for k, v in meta.items() if k != "rows"}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--demo", type=Path, required=True)
@@ -158,6 +165,7 @@ def main() -> None:
     p.add_argument("--lora-batch", type=int, default=4)
     p.add_argument("--controls", default="blank,noise,other")
     p.add_argument("--skip-tiny", action="store_true")
+    p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--lora-cost", type=int, default=0, help="only time N LoRA training steps, print, exit")
     args = p.parse_args()
     if args.lora_cost:
@@ -171,12 +179,16 @@ def main() -> None:
     zero = _train("smollm2-zero", work, demo, lm_path="smollm2-135m", steps=0, prompt_budget=256)
     res = _evaluate(zero, demo, args.n, tasks, report_source="findings")
     rows += _rows(res, "template writer", ("constant", "retrieval-only", "vlm k=0", "vlm k=3"))
+    _save(rows, meta)
     res = _evaluate(zero, demo, args.n, tasks, report_source="generate", vqa_source="lm", shuffled=True)
     rows += _rows(res, "SmolLM2 zero-shot", ("vlm k=0", "vlm k=3", "shuffled"))
     meta["samples_zero_shot"] = res["samples"].get("report", [])[:6]
+    meta["seconds_per_output_zero_shot"] = res["seconds_per_output"]
+    _save(rows, meta)
     for control in filter(None, args.controls.split(",")):
         res = _evaluate(zero, demo, args.n, tasks, report_source="generate", vqa_source="lm", image_control=control)
-        rows += _rows(res, f"SmolLM2 zero-shot, {control} image", ("vlm k=3",))
+        rows += _rows(res, f"SmolLM2 zero-shot, {control} image", ("vlm k=0", "vlm k=3"))
+        _save(rows, meta)
     if not args.skip_tiny:
         tiny_over = dict(lm_path="tiny", steps=300, lr=2e-3, prompt_budget=128, lm_overrides=TINY_SIZE)
         tiny = _train("tiny", work, demo, **tiny_over)
@@ -205,13 +217,11 @@ def main() -> None:
         res = _evaluate(lora, demo, args.n, tasks, report_source="generate", vqa_source="lm", shuffled=True)
         rows += _rows(res, "SmolLM2 + LoRA", ("vlm k=0", "vlm k=3", "shuffled"))
         meta["samples_lora"] = res["samples"].get("report", [])[:6]
-    meta["cost"] = _cost(zero, demo)
+    if not args.skip_cost:
+        meta["cost"] = _cost(zero, demo)
     meta["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    meta["rows"] = rows
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "generation_lm_demo.json").write_text(json.dumps(meta, indent=1, default=str))
-    (RESULTS / "generation_lm_demo.md").write_text(_markdown(rows, {k: v for k, v in meta.items() if k != "rows"}))
-    print(_markdown(rows, {"cost": meta["cost"], "max_rss_mib": meta["max_rss_mib"]}))
+    _save(rows, meta)
+    print(_markdown(rows, {"cost": meta.get("cost"), "max_rss_mib": meta["max_rss_mib"]}))
 
 
 if __name__ == "__main__":
