@@ -224,3 +224,12 @@ def test_summarize():
     assert summarize_manifest(df)["problems"] == [
         "row 1 (image_id 'i1'): split: unknown split 'holdout' (expected one of ('train', 'val', 'test'))"
     ]
+
+
+def test_an_image_path_with_a_nul_byte_is_one_manifest_error(tmp_path):
+    """Found by fuzzing: the containment check's realpath raised ValueError on a NUL byte."""
+    from retrieval.data.manifest import resolve_image_path
+    from retrieval.errors import ManifestError
+
+    with pytest.raises(ManifestError, match="NUL byte"):
+        resolve_image_path(tmp_path, "a\x00b.png", allow_outside=False)

@@ -296,6 +296,8 @@ def resolve_image_path(root: str | Path | None, image_path: str | Path, allow_ou
     text = raw.strip()
     if not text:
         raise ManifestError("image_path is empty (this row has no image file)")
+    if "\x00" in text:  # no file system takes one (found by fuzzing: realpath raised ValueError)
+        raise ManifestError(f"{short_text(text.replace(chr(0), '?'), 80)!r}: image_path holds a NUL byte")
     candidates = [raw, text] if raw != text else [text]
     paths = []
     for cell in candidates:
