@@ -219,6 +219,7 @@ class _EvalInputs:
     study_rows: dict[str, int]
     by_prompt: dict
     by_task: dict
+    available: dict[str, int]  # examples per task in the split, before the `max_per_task` sample
 
 
 def _eval_inputs(
@@ -241,7 +242,8 @@ def _eval_inputs(
 
     rows = split_rows(df, split)
     train_rows = split_rows(df, "train")
-    examples = _cap(build_examples(df, tasks, rows, seed=seed), max_per_task, seed)
+    every = build_examples(df, tasks, rows, seed=seed)
+    examples = _cap(every, max_per_task, seed)
     used = sorted({e.row for exs in examples.values() for e in exs})
     visual, bad = visual_tokens_for_rows(df, used, gen.encoders, gen.grid, progress=progress, cache_dir=token_cache)
     examples = {t: [e for e in exs if e.row in visual] for t, exs in examples.items()}
@@ -263,7 +265,8 @@ def _eval_inputs(
     for pos in train_rows:
         study_rows.setdefault(str(df.iloc[pos]["study_id"]), pos)
     by_prompt, by_task = constant_answers(build_examples(df, tasks, train_rows, seed=seed))
-    return _EvalInputs(df, rows, examples, visual, bad, exemplars, study_rows, by_prompt, by_task)
+    available = {t: len(exs) for t, exs in every.items()}
+    return _EvalInputs(df, rows, examples, visual, bad, exemplars, study_rows, by_prompt, by_task, available)
 
 
 def _baseline_answers(data: _EvalInputs, cond: str, task: str, exs: Sequence[Example]) -> list[str]:
@@ -406,6 +409,7 @@ def evaluate_generation(
             c: round(v / max(1, len(data.examples[c.split("/")[0]])), 4) for c, v in seconds.items()
         },
         "rows": len(data.rows),
+        "examples_available": data.available,  # n in a table is a seeded sample of these when it is smaller
         "bad_rows": data.bad,
         "tasks": results,
         "samples": samples,
@@ -425,13 +429,21 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def len_sampled(res: dict, task: str) -> tuple[int, int]:
+    """(examples scored, examples the split has) for `task`; equal when nothing was sampled."""
+    n = max((int(m.get("n", 0)) for m in res["tasks"][task].values()), default=0)
+    return n, max(n, int(res.get("examples_available", {}).get(task, n)))
+
+
 def results_markdown(res: dict) -> str:
     """One markdown table per task: conditions as rows, metrics as columns."""
     lines = []
     for task, conds in res["tasks"].items():
         cols = [c for c in next(iter(conds.values())) if c != "gt_boxes"]
+        n, of = len_sampled(res, task)
+        sampled = f" (n = {n}: a seeded sample of the split's {of}; --max-per-task 0 takes all)" if n < of else ""
         lines += [
-            f"### [{task}]",
+            f"### [{task}]{sampled}",
             "",
             "| condition | " + " | ".join(cols) + " |",
             "|---" * (len(cols) + 1) + "|",

@@ -209,6 +209,12 @@ def test_cli_eval_generation_writes_tables(trained, corpus, tmp_path, capsys):
     assert list(res["tasks"]["classify"]) == ["constant", "retrieval-only", "vlm k=0"]
     assert "| retrieval-only |" in (out.with_suffix(".md")).read_text()
     assert json.loads(out.with_suffix(".json").read_text())["split"] == "test"
+    n = res["tasks"]["classify"]["constant"]["n"]
+    assert res["examples_available"]["classify"] == n and "seeded sample" not in out.with_suffix(".md").read_text()
+    assert main([*args, "--max-per-task", "2"]) == 0  # a sample of the split: the table says so
+    sampled = json.loads(capsys.readouterr().out)
+    assert sampled["tasks"]["classify"]["constant"]["n"] == 2 and sampled["examples_available"]["classify"] == n
+    assert f"### [classify] (n = 2: a seeded sample of the split's {n};" in out.with_suffix(".md").read_text()
 
 
 def test_visual_token_cache_is_reused_and_matches(corpus, tmp_path):
