@@ -22,15 +22,6 @@ def _excerpt(text: str, width: int = 110) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _records(frame) -> list[dict]:
-    out = []
-    for r in frame.to_dict("records"):
-        r["score"] = round(float(r["score"]), 6)
-        r["labels"] = [str(x) for x in r["labels"]]
-        out.append({k: (int(v) if k in ("rank", "row_id") else v) for k, v in r.items()})
-    return out
-
-
 def _batch_queries(image: Path, allow_outside: bool = False) -> tuple[list[str], list[str | None]]:
     """The image paths of a folder (recursive, sorted) or manifest, with each query's patient id when known; a path
     that leaves the folder (symlinks resolved) is refused unless `allow_outside` (a folder's: left out)."""
@@ -142,8 +133,10 @@ def _answer(hits, match: dict | None, query: dict, index: Path, target: str, k: 
     if far and not show_far:
         hits = hits.iloc[0:0]
     if as_json:
+        from index.search import result_records
+
         doc = {**query, "index": str(index), "target": target, "k": k, "no_close_match": far, "match": match}
-        typer.echo(json.dumps({**doc, "results": _records(hits)}, indent=2, ensure_ascii=False))
+        typer.echo(json.dumps({**doc, "results": result_records(hits)}, indent=2, ensure_ascii=False))
         return
     if far:
         from rich.console import Console

@@ -367,6 +367,18 @@ class Searcher:
         return results, pd.DataFrame(bad, columns=["path", "reason"])
 
 
+
+def result_records(frame: pd.DataFrame) -> list[dict]:
+    """Result rows as JSON records, as `cxr query --json` and the HTTP API give them (score rounded to 6 places,
+    labels as strings, rank and row_id as ints)."""
+    out = []
+    for r in frame.to_dict("records"):
+        r["score"] = round(float(r["score"]), 6)
+        r["labels"] = [str(x) for x in r["labels"]]
+        out.append({k: (int(v) if k in ("rank", "row_id") else v) for k, v in r.items()})
+    return out
+
+
 def image_query(
     index: CXRIndex,
     pixels: np.ndarray,

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from index.search import result_records
 from retrieval.errors import IndexError_, UsageError
 from retrieval.text_limits import check_query_text
 from serve.batching import EmbedBatcher
@@ -55,16 +56,6 @@ class SearchJob:
     k: int
     target: str
     exclude: str | None
-
-
-def result_records(frame: Any) -> list[dict]:
-    """Result rows as `cxr query --json` prints them (score rounded to 6 places, labels as strings)."""
-    out = []
-    for r in frame.to_dict("records"):
-        r["score"] = round(float(r["score"]), 6)
-        r["labels"] = [str(x) for x in r["labels"]]
-        out.append({k: (int(v) if k in ("rank", "row_id") else v) for k, v in r.items()})
-    return out
 
 
 def library_versions() -> dict:
