@@ -174,29 +174,38 @@ class BoxHead:
         return [boxes_text("identify", f) for f in self.identify(features)]
 
     def save(self, out_dir: str | Path) -> None:
-        from safetensors.numpy import save_file
-
-        tensors = {
-            k: np.ascontiguousarray(getattr(self, k), dtype=np.float32)
-            for k in ("mean", "weights", "bias", "presence", "presence_bias", "thresholds")
-        }
+        arrays = ("mean", "weights", "bias", "presence", "presence_bias", "thresholds")
         meta = {k: json.dumps(getattr(self, k)) for k in ("names", "sides", "anatomy")}
-        save_file(tensors, str(Path(out_dir) / FILE), metadata=meta)
+        save_head(Path(out_dir) / FILE, {k: getattr(self, k) for k in arrays}, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> BoxHead | None:
         """The head saved in VLM folder `path`, or None when it has none."""
-        f = Path(path) / FILE
-        if not f.exists():
+        saved = load_head(Path(path) / FILE)
+        if saved is None:
             return None
-        from safetensors import safe_open
-
-        with safe_open(str(f), "np") as fh:
-            meta = fh.metadata()
-            t = {k: fh.get_tensor(k).astype(np.float64) for k in fh.keys()}  # noqa: SIM118
+        meta, t = saved
         names = json.loads(meta["names"])
         sides = json.loads(meta["sides"]) if "sides" in meta else ["all"] * len(names)  # heads saved before sides
         return cls(names, sides, json.loads(meta["anatomy"]), **t)
+
+
+def save_head(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> None:
+    """A closed-form head's arrays (float32) and its string metadata in one safetensors file (the box and segment
+    heads)."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(path), metadata=meta)
+
+
+def load_head(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]] | None:
+    """(metadata, arrays as float64) of a file `save_head` wrote, or None when there is none."""
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as fh:
+        return fh.metadata(), {k: fh.get_tensor(k).astype(np.float64) for k in fh.keys()}  # noqa: SIM118
 
 
 def _groups(

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from generation.box_head import box_features, ridge
+from generation.box_head import box_features, load_head, ridge, save_head
 from retrieval.data.region_masks import encode_rle, mask_to_polygons, resize_mask
 from retrieval.labels import ANATOMY_PREFIX
 
@@ -107,26 +107,17 @@ class SegmentHead:
 
     def save(self, out_dir: str | Path) -> None:
         """`segment_head.safetensors` in `out_dir` (a VLM folder, beside `box_head.safetensors`)."""
-        from safetensors.numpy import save_file
-
-        tensors = {
-            k: np.ascontiguousarray(getattr(self, k), dtype=np.float32)
-            for k in ("mean", "weights", "bias", "components", "map_mean")
-        }
+        arrays = {k: getattr(self, k) for k in ("mean", "weights", "bias", "components", "map_mean")}
         meta = {"names": json.dumps(self.names), "pool": str(self.pool), "grid": str(self.grid)}
-        save_file(tensors, str(Path(out_dir) / FILE), metadata=meta)
+        save_head(Path(out_dir) / FILE, arrays, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> SegmentHead | None:
         """The head saved in folder `path`, or None when it has none."""
-        f = Path(path) / FILE
-        if not f.exists():
+        saved = load_head(Path(path) / FILE)
+        if saved is None:
             return None
-        from safetensors import safe_open
-
-        with safe_open(str(f), "np") as fh:
-            meta = fh.metadata()
-            t = {k: fh.get_tensor(k).astype(np.float64) for k in fh.keys()}  # noqa: SIM118
+        meta, t = saved
         return cls(json.loads(meta["names"]), int(meta["pool"]), int(meta["grid"]), **t)
 
 
