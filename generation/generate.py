@@ -15,6 +15,7 @@ measure what it does).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,10 @@ def task_prompt(task: str, question: str | None = None, phrase: str | None = Non
     return PROMPTS[task]
 
 
+DETECTOR_DIR = "detector"  # `cxr vlm detector --out VLM_DIR/detector`: the VLM answers boxes from it
+DETECTOR_TASKS = ("identify", "ground")
+
+
 class Generator:
     """A loaded VLM (+ its frozen encoders) and, optionally, the index its exemplars come from."""
 
@@ -130,6 +135,17 @@ class Generator:
             from generation.features import open_searcher
 
             self.searcher = open_searcher(index_dir)
+
+    @functools.cached_property
+    def detector(self) -> Any:
+        """The trained detector saved as `VLM_DIR/detector`, loaded once on first use (`cxr serve` asks per request);
+        None without one."""
+        folder = self.vlm_dir / DETECTOR_DIR
+        if not (folder / "detector.json").is_file():
+            return None
+        from generation.detector import Detector
+
+        return Detector.load(folder)
 
     def visual(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Combined, pooled visual tokens for HxW [0, 1] arrays."""
@@ -324,21 +340,19 @@ def generate_for_image(
     )
     image, exemplars = image_and_exemplars(gen, image, k, exclude_study, exclude_patient)
     answer = gen.generate(gen.visual([image]), [task], [prompt], exemplars)[0]
-    return detector_answer(answer, Path(vlm_dir) / DETECTOR_DIR, image, task, phrase)
+    if task in DETECTOR_TASKS:
+        answer = detector_answer(answer, gen.detector, image, task, phrase)
+    return answer
 
 
-DETECTOR_DIR = "detector"  # `cxr vlm detector --out VLM_DIR/detector`: the VLM answers boxes from it
-
-
-def detector_answer(answer: dict, folder: Path, image: np.ndarray, task: str, phrase: str | None) -> dict:
-    """`answer` with its boxes from the trained detector in `folder` (generation/detector.py) for `[identify]`, and
-    for `[ground]` of a label the detector knows; unchanged when there is no detector or it has no such class."""
-    if task not in ("identify", "ground") or not (folder / "detector.json").is_file():
+def detector_answer(answer: dict, detector: Any, image: np.ndarray, task: str, phrase: str | None) -> dict:
+    """`answer` with its boxes from a trained `detector` (generation/detector.py) for `[identify]`, and for `[ground]`
+    of a label the detector knows; unchanged for another task, without a detector, or for a phrase it has no class
+    for."""
+    if task not in DETECTOR_TASKS or detector is None:
         return answer
     from generation.boxes import boxes_text
-    from generation.detector import Detector
 
-    detector = Detector.load(folder)
     if task == "identify":
         detections = detector.predict([image])[0]
         boxes = detector.answer(detections)

@@ -138,7 +138,7 @@ def test_a_detector_in_the_vlm_folder_answers_identify_and_ground(trained, tmp_p
     """generate.detector_answer: with `VLM/detector/` the box answers are the detector's (its threshold, its
     ranked detections for mAP); a phrase it has no class for, another task, or no detector: the VLM's answer.
     An untrained detector at 128 px answering one image (as `cxr generate` does) is enough to test the wiring."""
-    from generation.generate import DETECTOR_DIR, detector_answer
+    from generation.generate import DETECTOR_DIR, Generator, detector_answer
 
     df, _, _ = trained
     vlm = tmp_path / "vlm"
@@ -146,16 +146,22 @@ def test_a_detector_in_the_vlm_folder_answers_identify_and_ground(trained, tmp_p
     cfg = DetectorConfig(labels=["Nodule"], size=128, min_score=0.0, answer_threshold=0.0)
     Detector.create(cfg, weights=None).save(vlm / DETECTOR_DIR)
     det = Detector.load(vlm / DETECTOR_DIR)
+    generator = Generator.__new__(Generator)  # only its vlm_dir: the detector property reads nothing else
+    generator.vlm_dir = vlm
+    assert generator.detector is generator.detector and generator.detector.cfg == det.cfg  # loaded once
     image = _read(df.loc[df["split"] == "test", "image_path"].iloc[0])
     head = {"task": "identify", "text": "", "boxes": [], "source": "box head"}
-    got = detector_answer(head, vlm / DETECTOR_DIR, image, "identify", None)
+    got = detector_answer(head, det, image, "identify", None)
     assert got["source"] == "detector" and got["detections"] == det.predict([image])[0]
     assert got["boxes"] == det.answer(got["detections"]) and got["boxes"], got
-    grounded = detector_answer({**head, "task": "ground"}, vlm / DETECTOR_DIR, image, "ground", "nodule")
+    grounded = detector_answer({**head, "task": "ground"}, det, image, "ground", "nodule")
     assert grounded["source"] == "detector" and grounded["boxes"]
     assert all(b["label"] == "Nodule" for b in grounded["boxes"])
     unknown = {**head, "task": "ground"}
-    assert detector_answer(unknown, vlm / DETECTOR_DIR, image, "ground", "right lung") is unknown
-    assert detector_answer(head, tmp_path / "none", image, "identify", None) is head
+    assert detector_answer(unknown, det, image, "ground", "right lung") is unknown
+    assert detector_answer(head, None, image, "identify", None) is head
+    bare = Generator.__new__(Generator)
+    bare.vlm_dir = tmp_path / "none"
+    assert bare.detector is None  # a VLM folder without a detector answers boxes from its box head
     report = {**head, "task": "report"}
-    assert detector_answer(report, vlm / DETECTOR_DIR, image, "report", None) is report
+    assert detector_answer(report, det, image, "report", None) is report
