@@ -32,14 +32,15 @@ def collate(
     targets: Sequence[Sequence[int]] | None,
     n_image: int,
     pad_id: int,
-    eos_id: int,
+    eos_id: int | None,
 ) -> VLMBatch:
-    """With `targets`: right-padded training rows `prompt + target + [eos]` with answer-only labels. Without:
-    left-padded prompts for generation."""
+    """With `targets`: right-padded training rows `prompt + target + [eos]` with answer-only labels (no eos
+    when `eos_id` is None: scoring a given answer). Without: left-padded prompts for generation."""
     if targets is None:
         seqs = [list(p) for p in prompts]
     else:
-        seqs = [list(p) + list(t) + [eos_id] for p, t in zip(prompts, targets, strict=True)]
+        end = [] if eos_id is None else [eos_id]
+        seqs = [list(p) + list(t) + end for p, t in zip(prompts, targets, strict=True)]
     length = max(map(len, seqs))
     b = len(seqs)
     ids = torch.full((b, length), pad_id, dtype=torch.long)

@@ -32,6 +32,7 @@ from generation.findings_prompt import TASKS as FINDINGS_TASKS
 from generation.findings_prompt import findings_line
 from generation.findings_report import finding_sides, findings_report, predicted_findings
 from generation.head import closed_answer, rank_exemplars
+from generation.lm_answers import is_closed, lm_closed_answers
 from generation.model import VLM
 from generation.rag import Exemplar, build_prompt_ids, copied_sentences
 from generation.tasks import OPEN_QUESTION, PROMPTS, classify_target
@@ -263,13 +264,20 @@ class Generator:
             i, u = build_prompt_ids(tok, task, p, ex, self.budget, line)
             ids.append(i)
             used.append(u)
-        if written or classified or (quote and all(exemplars)) or all(b is not None for b in boxed):  # no decoding
-            gen: list[list[int]] = [[] for _ in prompts]
-        else:
-            gen = self.vlm.generate(visual, ids, max_new_tokens=MAX_NEW_TOKENS[task], **controls)
+        # closed "is there X?" from the LM: the answer it scores higher of yes / no (lm_answers.py), not decoded
+        closed = [i for i, p in enumerate(prompts) if task == "vqa" and self.vqa_source == "lm" and is_closed(p)]
+        picked = dict(zip(closed, lm_closed_answers(self.vlm, visual[closed], [ids[i] for i in closed]), strict=True))
+        gen: list[list[int]] = [[] for _ in prompts]
+        decoded = [i for i in range(len(prompts)) if i not in picked]
+        if decoded and not (written or classified or (quote and all(exemplars)) or all(b is not None for b in boxed)):
+            new = self.vlm.generate(visual[decoded], [ids[i] for i in decoded], MAX_NEW_TOKENS[task], **controls)
+            for i, g in zip(decoded, new, strict=True):
+                gen[i] = g
         out: list[dict] = []
         for i, (p, g, u) in enumerate(zip(prompts, gen, used, strict=True)):
             text, source = decode(tok, g), "lm"
+            if i in picked:
+                text, source = picked[i], "lm (yes/no scored)"
             if from_head and (answer := closed_answer(p, probs[i], thresholds)) is not None:
                 text, source = answer, "finding head"
             if classified:

@@ -183,8 +183,23 @@ class VLM(nn.Module):
         if label_targets is not None and self.aux_head is not None:
             logits_aux = self.aux_head(img[:, 1:-1].mean(dim=1))
             aux = F.binary_cross_entropy_with_logits(logits_aux, label_targets.to(self.device, torch.float32))
+        logits, target, row = self._answer_logits(img, prompts, targets, end=True)
+        per_token = self._token_losses(logits.float(), target)
+        if self.config.loss_norm == "example":
+            b = len(prompts)
+            per_row = torch.zeros(b, device=self.device).index_add_(0, row, per_token)
+            loss = (per_row / torch.bincount(row, minlength=b).clamp(min=1)).mean()
+        else:
+            loss = per_token.mean()
+        return loss if aux is None else loss + aux_weight * aux
+
+    def _answer_logits(
+        self, img: torch.Tensor, prompts: Sequence[list[int]], targets: Sequence[list[int]], end: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits at the answer positions only, their target ids and each one's row: the image
+        embeddings `img`, the prompt, then the answer (+ the end token when `end`)."""
         img = img if self.config.image_in_prompt else img[:, :0]
-        batch = collate(prompts, targets, img.shape[1], self.tok.pad_token_id, end_id(self.tok))
+        batch = collate(prompts, targets, img.shape[1], self.tok.pad_token_id, end_id(self.tok) if end else None)
         text = self.lm.get_input_embeddings()(batch.ids.to(self.device))
         embeds = splice_image(img, text, batch.image_at)
         mask = batch.attention_mask.to(self.device)
@@ -192,16 +207,18 @@ class VLM(nn.Module):
         hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         shift = batch.labels.to(self.device)[:, 1:]
         keep = shift != IGNORE
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
-        per_token = self._token_losses(logits.float(), shift[keep])
-        if self.config.loss_norm == "example":
-            b = len(prompts)
-            row = torch.arange(b, device=self.device)[:, None].expand_as(shift)[keep]
-            per_row = torch.zeros(b, device=self.device).index_add_(0, row, per_token)
-            loss = (per_row / torch.bincount(row, minlength=b).clamp(min=1)).mean()
-        else:
-            loss = per_token.mean()
-        return loss if aux is None else loss + aux_weight * aux
+        row = torch.arange(len(prompts), device=self.device)[:, None].expand_as(shift)[keep]
+        return self.lm.get_output_embeddings()(hidden[:, :-1][keep]), shift[keep], row
+
+    @torch.no_grad()
+    def answer_log_likelihood(
+        self, visual: torch.Tensor, prompts: Sequence[list[int]], answers: Sequence[list[int]]
+    ) -> torch.Tensor:
+        """(B,) summed log-probability the LM gives each row's answer token ids after its image and prompt
+        (teacher forcing, no end token): how the LM itself scores a closed set of answers."""
+        logits, target, row = self._answer_logits(self._image_embeds(visual), prompts, answers, end=False)
+        logp = -F.cross_entropy(logits.float(), target, reduction="none")
+        return torch.zeros(len(prompts), device=self.device).index_add_(0, row, logp).cpu()
 
     def _token_losses(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy; with `coord_sigma` > 0 a coordinate token's target is a Gaussian over the

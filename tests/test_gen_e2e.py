@@ -111,10 +111,12 @@ def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpu
     image = [root / row["image_path"]]
     from retrieval.data.image_io import read_image
 
-    for source, expect in (("head", "finding head"), ("lm", "lm")):
+    for source, expect in (("head", "finding head"), ("lm", "lm (yes/no scored)")):
         gen = Generator(trained[0], vqa_source=source)
         res = gen.generate(gen.visual([read_image(image[0])]), ["vqa"], ["is there cardiomegaly?"], [[]])[0]
-        assert res["source"] == expect and (res["text"] in ("yes", "no") or source == "lm")
+        assert res["source"] == expect and res["text"] in ("yes", "no")
+    open_q = gen.generate(gen.visual([read_image(image[0])]), ["vqa"], ["what abnormality is seen?"], [[]])[0]
+    assert open_q["source"] == "lm"  # an open question is decoded, not scored
 
 
 def test_box_head_and_written_report_answer_by_default(trained, corpus):
@@ -282,7 +284,7 @@ def test_pretrained_lm_lora_staging_and_zero_shot_write_from_the_findings(corpus
     assert all(f.lower() in rec["findings_line"] for f in rec["head_findings"])
     gen.vqa_source = "lm"  # closed questions answered by the LM read the same line
     vqa = gen.generate(gen.visual([read_image(root / row["image_path"])]), ["vqa"], ["is there cardiomegaly?"], [[]])
-    assert vqa[0]["findings_line"] == rec["findings_line"] and vqa[0]["source"] == "lm"
+    assert vqa[0]["findings_line"] == rec["findings_line"] and vqa[0]["source"] == "lm (yes/no scored)"
 
 
 def test_lora_projector_stage_leaves_the_lm_untouched(corpus, tmp_path):

@@ -192,3 +192,34 @@ def test_example_loss_norm_weighs_each_example_equally():
     assert not torch.allclose(vlm(visual, prompts, targets), both, atol=1e-4)
     with pytest.raises(ValueError):
         VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["no"], loss_norm="tokens")
+
+
+def test_answer_log_likelihood_matches_full_logits_and_picks_the_likelier_answer(vlm):
+    """The teacher-forced answer score equals the log-softmax of the LM's full logits at the answer positions
+    (the naive reference: one left-to-right pass over image + prompt + answer, no masking tricks), and
+    `lm_closed_answers` picks the answer with the larger score."""
+    from generation.collate import splice_image
+    from generation.lm_answers import lm_closed_answers
+
+    tok = vlm.tok
+    gen = torch.Generator().manual_seed(1)
+    visual = torch.randn(2, 4, 12, generator=gen)
+    prompts = [build_prompt_ids(tok, "vqa", q, [], 32)[0] for q in ("is there cardiomegaly?", "is there edema?")]
+    answers = [tok("yes", add_special_tokens=False)["input_ids"], tok("no", add_special_tokens=False)["input_ids"]]
+    got = vlm.answer_log_likelihood(visual, prompts, answers)
+    with torch.no_grad():
+        for i in range(2):
+            ids = torch.tensor([prompts[i] + answers[i]])
+            img = vlm._image_embeds(visual[i : i + 1])
+            emb = splice_image(img, vlm.lm.get_input_embeddings()(ids), [0])
+            logp = torch.log_softmax(vlm.lm(inputs_embeds=emb).logits[0].float(), dim=-1)
+            start = img.shape[1] + len(prompts[i])
+            ref = sum(float(logp[start - 1 + j, t]) for j, t in enumerate(answers[i]))
+            assert float(got[i]) == pytest.approx(ref, abs=1e-4)
+    both = []
+    for word in ("yes", "no"):
+        forms = [tok(f, add_special_tokens=False)["input_ids"] for f in (word, word.capitalize())]
+        both.append(torch.stack([vlm.answer_log_likelihood(visual, prompts, [f, f]) for f in forms]).max(0).values)
+    expect = ["yes" if float(both[0][i]) > float(both[1][i]) else "no" for i in range(2)]
+    assert lm_closed_answers(vlm, visual, prompts) == expect
+    assert lm_closed_answers(vlm, visual[:0], []) == []
