@@ -43,8 +43,14 @@ def _train(name: str, work: Path, demo: Path, **over) -> Path:
 
 
 def _evaluate(vlm: Path, demo: Path, n: int, tasks: list[str], **kw) -> dict:
+    """evaluate_generation's result, kept under the VLM folder per (n, tasks, options): a run interrupted on a
+    shared machine, or run in parts, reuses what it finished."""
     from generation.evaluate import evaluate_generation
 
+    key = "-".join([str(n), *tasks, *(f"{a}={kw[a]}" for a in sorted(kw))])
+    cached = vlm / "bench_evals" / f"{key}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
     t0 = time.time()
     res = evaluate_generation(
         vlm,
@@ -59,6 +65,9 @@ def _evaluate(vlm: Path, demo: Path, n: int, tasks: list[str], **kw) -> dict:
         **kw,
     )
     print(f"evaluated {vlm.name} {kw}: {time.time() - t0:.0f} s")
+    res["evaluate_s"] = round(time.time() - t0, 1)
+    cached.parent.mkdir(exist_ok=True)
+    cached.write_text(json.dumps(res, default=str))
     return res
 
 
@@ -185,15 +194,13 @@ def main() -> None:
     meta["samples_zero_shot"] = res["samples"].get("report", [])[:6]
     meta["seconds_per_output_zero_shot"] = res["seconds_per_output"]
     _save(rows, meta)
-    for control in filter(None, args.controls.split(",")):
-        res = _evaluate(zero, demo, args.n, tasks, report_source="generate", vqa_source="lm", image_control=control)
-        rows += _rows(res, f"SmolLM2 zero-shot, {control} image", ("vlm k=0", "vlm k=3"))
-        _save(rows, meta)
     if not args.skip_tiny:
         tiny_over = dict(lm_path="tiny", steps=300, lr=2e-3, prompt_budget=128, lm_overrides=TINY_SIZE)
         tiny = _train("tiny", work, demo, **tiny_over)
         res = _evaluate(tiny, demo, args.n, tasks, report_source="generate", vqa_source="lm")
         rows += _rows(res, "tiny LM", ("vlm k=0", "vlm k=3"))
+        _save(rows, meta)
+    probe, probe_label = zero, "SmolLM2 zero-shot"
     if args.lora_steps:
         t0 = time.time()
         lora = _train(
@@ -208,7 +215,7 @@ def main() -> None:
             lr=1e-3,
             tasks=tasks,
             prompt_budget=256,
-            warmup_steps=5,
+            warmup_steps=10,
         )
         meta["lora_train_s"] = round(time.time() - t0, 1)
         meta["lora_train_info"] = {
@@ -217,6 +224,13 @@ def main() -> None:
         res = _evaluate(lora, demo, args.n, tasks, report_source="generate", vqa_source="lm", shuffled=True)
         rows += _rows(res, "SmolLM2 + LoRA", ("vlm k=0", "vlm k=3", "shuffled"))
         meta["samples_lora"] = res["samples"].get("report", [])[:6]
+        meta["seconds_per_output_lora"] = res["seconds_per_output"]
+        _save(rows, meta)
+        probe, probe_label = lora, "SmolLM2 + LoRA"
+    for control in filter(None, args.controls.split(",")):  # the image controls, on the last VLM trained
+        res = _evaluate(probe, demo, args.n, tasks, report_source="generate", vqa_source="lm", image_control=control)
+        rows += _rows(res, f"{probe_label}, {control} image", ("vlm k=0", "vlm k=3"))
+        _save(rows, meta)
     if not args.skip_cost:
         meta["cost"] = _cost(zero, demo)
     meta["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

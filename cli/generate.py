@@ -15,9 +15,9 @@ def generate_cmd(
     image: Path = typer.Argument(..., help="A radiograph: PNG, JPEG or DICOM."),
     vlm: Path = typer.Option(..., "--vlm", help="A VLM folder written by `cxr vlm train`."),
     index: Path = typer.Option(None, "--index", help="Index folder to retrieve exemplar reports from."),
-    task: str = typer.Option("report", "--task", help="report | vqa | classify | identify | ground."),
+    task: str = typer.Option("report", "--task", help="report | vqa | classify | identify | ground | segment."),
     question: str = typer.Option(None, "--question", help="The question for --task vqa."),
-    phrase: str = typer.Option(None, "--phrase", help="The anatomy or finding for --task ground."),
+    phrase: str = typer.Option(None, "--phrase", help="The anatomy or finding for --task ground or segment."),
     k: int = typer.Option(3, "-k", help="Exemplar reports in the prompt (0 = no retrieval)."),
     report_source: str = typer.Option(
         "findings",

@@ -35,6 +35,7 @@ from generation.head import closed_answer, rank_exemplars
 from generation.lm_answers import is_closed, lm_closed_answers
 from generation.model import VLM
 from generation.rag import Exemplar, build_prompt_ids, copied_sentences
+from generation.segment_head import SegmentHead, segment_record
 from generation.tasks import OPEN_QUESTION, PROMPTS, classify_target
 from generation.tokenizer import TASKS, decode
 from retrieval.device import resolve_device
@@ -72,21 +73,22 @@ def where_phrase(question: str) -> str | None:
 
 def task_prompt(task: str, question: str | None = None, phrase: str | None = None) -> str:
     """The instruction text for `task` (VQA needs a question, grounding a phrase)."""
-    if task not in TASKS:
-        raise UsageError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if task not in (*TASKS, SEGMENT_TASK):
+        raise UsageError(f"unknown task {task!r}; choose from {', '.join((*TASKS, SEGMENT_TASK))}")
     check_query_text(question, "the question")
     check_query_text(phrase, "the phrase")
     if task == "vqa":
         return (question or OPEN_QUESTION).strip().lower()
-    if task == "ground":
+    if task in ("ground", SEGMENT_TASK):
         if not phrase or not phrase.strip():
-            raise UsageError("--task ground needs --phrase (an anatomy or finding, e.g. 'right lung')")
+            raise UsageError(f"--task {task} needs --phrase (an anatomy or finding, e.g. 'right lung')")
         return phrase.strip().lower()
     return PROMPTS[task]
 
 
 DETECTOR_DIR = "detector"  # `cxr vlm detector --out VLM_DIR/detector`: the VLM answers boxes from it
 DETECTOR_TASKS = ("identify", "ground")
+SEGMENT_TASK = "segment"  # answered by the segment head alone (segment_head.py), never by the LM
 
 
 class Generator:
@@ -147,6 +149,12 @@ class Generator:
         from generation.detector import Detector
 
         return Detector.load(folder)
+
+    @functools.cached_property
+    def segment_head(self) -> SegmentHead | None:
+        """The `[segment]` head saved in the VLM folder (fitted by `cxr vlm train` on a manifest with region
+        masks), loaded once on first use; None without one."""
+        return SegmentHead.load(self.vlm_dir)
 
     def visual(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Combined, pooled visual tokens for HxW [0, 1] arrays."""
@@ -346,6 +354,9 @@ def generate_for_image(
         report_source=report_source,
         device=device,
     )
+    if task == SEGMENT_TASK:
+        image, _ = image_and_exemplars(gen, image, 0, exclude_study, exclude_patient)
+        return segment_record(gen.segment_head, gen.visual([image]), prompt, image.shape)
     image, exemplars = image_and_exemplars(gen, image, k, exclude_study, exclude_patient)
     answer = gen.generate(gen.visual([image]), [task], [prompt], exemplars)[0]
     if task in DETECTOR_TASKS:

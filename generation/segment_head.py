@@ -233,3 +233,21 @@ def answer_json(answer: Mapping[str, Any]) -> dict:
         "rle": encode_rle(mask),
         "source": answer["source"],
     }
+
+
+def segment_record(head: SegmentHead | None, tokens: torch.Tensor, region: str, size: tuple[int, ...]) -> dict:
+    """`cxr generate --task segment` / the API's answer for one image's tokens: the region, its polygons and COCO
+    RLE at the image's `size` (no dense mask: `decode_rle` rebuilds it), a one-line summary as `text`. A folder
+    without a head, or a region the head does not know, is a usage error naming what there is."""
+    from retrieval.errors import UsageError
+
+    if head is None:
+        raise UsageError("this VLM folder has no segment head: train it on a manifest with a masks column")
+    answer = segment(head, tokens, region, tuple(size[:2]))
+    if answer is None:
+        raise UsageError(f"the segment head knows no region {region!r}; it knows: {', '.join(head.names)}")
+    data = answer_json(answer)
+    del data["mask"]
+    share = float(np.asarray(answer["mask"], dtype=bool).mean())
+    text = f"{data['region']}: {len(data['polygons'])} polygon(s) covering {share:.1%} of the image"
+    return {"task": "segment", "prompt": region, "text": text, **data, "exemplars": [], "copied": []}

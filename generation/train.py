@@ -74,6 +74,7 @@ class VLMTrainConfig:
     coord_init: bool = True  # coordinate tokens start from Fourier features of their value
     box_head: bool = True  # fit the ridge box head on the frozen tokens at the end (box_head.py)
     finding_ridge: bool = True  # fit the ridge finding head on the frozen tokens at the end (finding_ridge.py)
+    segment_head: bool = True  # with a `masks` column: fit the [segment] head at the end (segment_head.py)
 
 
 def split_rows(df: pd.DataFrame, split: str) -> list[int]:
@@ -322,8 +323,8 @@ def _train_steps(
 
 
 def _finish(config: VLMTrainConfig, vlm: VLM, data: _Inputs, out: Path) -> float:
-    """Fit the finding head's thresholds, save the VLM and fit + save the box head and the finding ridge; returns
-    the seconds of the two closed-form heads."""
+    """Fit the finding head's thresholds, save the VLM and fit + save the box head, the finding ridge and (with
+    region masks) the segment head; returns the seconds of the closed-form heads."""
     vlm.eval()
     if vlm.aux_head is not None:  # thresholds for closed answers from the finding head (head.py)
         from generation.head import aux_head_thresholds
@@ -341,6 +342,13 @@ def _finish(config: VLMTrainConfig, vlm: VLM, data: _Inputs, out: Path) -> float
 
         if (ridge := fit_finding_ridge(data.visual, data.label_rows)) is not None:
             ridge.save(out)
+    if config.segment_head and "masks" in data.df.columns:  # [segment]: the region masks a manifest carries
+        from generation.segment_head import fit_for_rows
+        from retrieval.data.region_masks import masks_from_json
+
+        masks = {r: masks_from_json(data.df.iloc[r]["masks"]) for r in data.visual}
+        if (seg := fit_for_rows(data.visual, masks)) is not None:
+            seg.save(out)
     return time.time() - t_box
 
 

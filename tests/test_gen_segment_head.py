@@ -125,3 +125,76 @@ def test_an_unsure_map_is_cut_at_half_its_peak():
     maps[1, 5, 5], maps[1, 5, 6], maps[1, 0, 0] = 0.3, 0.2, 0.1
     out = masks_from_maps(maps)
     assert out[0].sum() == 4 and out[1].sum() == 2 and out[1, 5, 5] and out[1, 5, 6] and not out[1, 0, 0]
+
+
+def _moving_square_manifest(root, n: int = 30, size: int = 64):
+    """Studies whose one finding (a bright square) sits at one of three places, its mask in the `masks` column:
+    a head that does not read the image can only answer the blurred mean of the three."""
+    import pandas as pd
+    from PIL import Image
+
+    from retrieval.data.region_masks import masks_to_json
+
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        img = rng.normal(0.2, 0.03, (size, size))
+        x = (4, 24, 44)[i % 3]
+        mask = np.zeros((size, size), bool)
+        mask[20:40, x : x + 16] = True
+        img[mask] += 0.6
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(root / "img" / f"{i}.png")
+        rows.append({
+            "image_id": f"i{i}", "study_id": f"s{i}", "patient_id": f"p{i}", "image_path": f"img/{i}.png",
+            "view": "PA", "report": "there is a nodule.", "findings": "there is a nodule.", "impression": "",
+            "labels": ["Nodule"], "boxes": [], "split": "test" if i >= 24 else "train", "source": "synthetic",
+            "masks": masks_to_json({"Nodule": mask}),
+        })  # fmt: skip
+    df = pd.DataFrame(rows)
+    df.attrs["root"] = str(root)
+    return df
+
+
+def test_vlm_training_fits_the_segment_head_and_generate_answers_segment(tmp_path):
+    """`cxr vlm train` on a manifest with region masks saves a segment head; `generate_for_image(task="segment")`
+    answers with the region's polygons and RLE, placed where the image shows it (better than the mean training
+    mask, the image-free answer); a folder without a head, or an unknown region, is one usage error."""
+    from generation.generate import generate_for_image
+    from generation.train import VLMTrainConfig, train_vlm
+    from retrieval.errors import UsageError
+
+    df = _moving_square_manifest(tmp_path)
+    cfg = VLMTrainConfig(encoders=["patch:1"], steps=0, lm_path="tiny", rag_k=0, visual_grid=4)
+    train_vlm(df, tmp_path / "vlm", cfg, progress=False)
+    assert (tmp_path / "vlm" / "segment_head.safetensors").exists()
+    truth = [next(iter(masks_from_json_cell(m).values())) for m in df["masks"]]
+    prior = np.mean([truth[i] for i in range(24)], axis=0) > 0.5
+    ours, base = [], []
+    for i in range(24, 30):
+        res = generate_for_image(tmp_path / df.iloc[i]["image_path"], None, tmp_path / "vlm", task="segment",
+                                 phrase="nodule", k=0)  # fmt: skip
+        assert res["task"] == "segment" and res["region"] == "Nodule" and res["source"] == "segment head"
+        mask = decode_rle(res["rle"])
+        assert mask.shape == truth[i].shape and "mask" not in res
+        drawn = polygons_to_mask(res["polygons"], *mask.shape)
+        assert iou(drawn, mask) > 0.8  # the polygons draw the RLE's region
+        ours.append(iou(mask, truth[i]))
+        base.append(iou(prior, truth[i]))
+    assert np.mean(ours) > max(0.6, np.mean(base) + 0.2), (ours, base)
+    with pytest.raises(UsageError, match="knows no region 'heart'; it knows: Nodule"):
+        generate_for_image(tmp_path / df.iloc[0]["image_path"], None, tmp_path / "vlm", task="segment",
+                           phrase="heart", k=0)  # fmt: skip
+    cfg.segment_head = False
+    train_vlm(df, tmp_path / "plain", cfg, progress=False)
+    with pytest.raises(UsageError, match="no segment head"):
+        generate_for_image(tmp_path / df.iloc[0]["image_path"], None, tmp_path / "plain", task="segment",
+                           phrase="nodule", k=0)  # fmt: skip
+    with pytest.raises(UsageError, match="needs --phrase"):
+        generate_for_image(tmp_path / df.iloc[0]["image_path"], None, tmp_path / "vlm", task="segment", k=0)
+
+
+def masks_from_json_cell(cell):
+    from retrieval.data.region_masks import masks_from_json
+
+    return masks_from_json(cell)
