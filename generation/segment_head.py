@@ -56,6 +56,8 @@ COMPONENTS = 48  # principal components of a region's training maps
 DEFAULT_LAMBDA = 0.1  # ridge penalty x the mean squared feature norm
 MIN_ROWS = 8
 
+MAX_FIT_ROWS = 630  # rows `fit_for_rows` fits on by default (benchmarks/results/segment_demo.md fitted 630)
+
 
 def segment_features(tokens: torch.Tensor, pool: int = POOL) -> np.ndarray:
     """(B, n, d) or (n, d) tokens on a square grid -> (B, D) float32 features the head reads."""
@@ -182,13 +184,20 @@ def fit_segment_head(
 
 
 def fit_for_rows(
-    visual: Mapping[int, torch.Tensor], masks: Mapping[int, Mapping[str, np.ndarray]], **options: Any
+    visual: Mapping[int, torch.Tensor],
+    masks: Mapping[int, Mapping[str, np.ndarray]],
+    max_rows: int | None = MAX_FIT_ROWS,
+    **options: Any,
 ) -> SegmentHead | None:
     """The head for a training run: `visual` {row: (n, d) tokens} (the VLM's token cache), `masks` {row: {region:
-    bool mask}} (e.g. `region_masks.masks_from_json` of the manifest's `masks` cells); rows in both are used."""
+    bool mask}} (e.g. `region_masks.masks_from_json` of the manifest's `masks` cells); rows in both are used, at
+    most `max_rows` of them (a seeded sample: the fit's cost grows with the rows, and the demo's benchmark measured
+    the head fitted on 630; None = all)."""
     rows = sorted(r for r in masks if r in visual and masks[r])
     if not rows:
         return None
+    if max_rows is not None and len(rows) > max_rows:
+        rows = sorted(np.random.default_rng(0).choice(rows, max_rows, replace=False).tolist())
     grid = int(round(visual[rows[0]].shape[-2] ** 0.5))  # tokens pooled coarser than `pool` keep their grid
     pool = min(int(options.pop("pool", POOL)), grid)
     feats = np.concatenate([segment_features(visual[r], pool) for r in rows])
