@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import RESULTS, machine_info  # noqa: E402
 from benchmarks.generation_runs import _parse_arm  # noqa: E402
+from generation.prior_answers import prior_groups  # noqa: E402
 
 N_BOOT = 300
 MARK = "<!-- tables below are written by benchmarks/detector_tbx11k.py -->"
@@ -67,21 +68,6 @@ def shuffled(items: list, seed: int = 0) -> list:
     """Answers moved between test images (a derangement-free random permutation is fine at n = 60)."""
     perm = np.random.default_rng(seed).permutation(len(items))
     return [items[p] for p in perm]
-
-
-def prior_groups(train_boxes: list[list[dict]]) -> list[dict]:
-    """The image-free prior: per (label, image half) the mean training box, scored by its prevalence (share of
-    training images with a box of that group), most prevalent first."""
-    groups: dict[tuple[str, str], list[tuple[int, dict]]] = {}
-    for r, bs in enumerate(train_boxes):
-        for b in bs:
-            side = "left" if (b["x1"] + b["x2"]) / 2 < 0.5 else "right"
-            groups.setdefault((str(b["label"]), side), []).append((r, b))
-    out = []
-    for (label, _), items in groups.items():
-        mean = {k: float(np.mean([b[k] for _, b in items])) for k in ("x1", "y1", "x2", "y2")}
-        out.append({"label": label, **mean, "score": len({r for r, _ in items}) / len(train_boxes)})
-    return sorted(out, key=lambda b: -b["score"])
 
 
 def ridge_head(df, work: Path, test_rows: list[int]) -> tuple[list, list, float]:

@@ -187,7 +187,7 @@ def main() -> None:
     rows: list[dict] = []
     zero = _train("smollm2-zero", work, demo, lm_path="smollm2-135m", steps=0, prompt_budget=256)
     res = _evaluate(zero, demo, args.n, tasks, report_source="findings")
-    rows += _rows(res, "template writer", ("constant", "retrieval-only", "vlm k=0", "vlm k=3"))
+    rows += _rows(res, "template writer", ("constant", "training prior", "retrieval-only", "vlm k=0", "vlm k=3"))
     _save(rows, meta)
     res = _evaluate(zero, demo, args.n, tasks, report_source="generate", vqa_source="lm", shuffled=True)
     rows += _rows(res, "SmolLM2 zero-shot", ("vlm k=0", "vlm k=3", "shuffled"))

@@ -3,6 +3,8 @@
 Conditions (one table row each):
 - `constant`: the most common training answer for the same task and prompt (e.g. the most common report; for
   `[ground]` the phrase's mean training box);
+- `training prior`: what the training split alone answers (`prior_answers.py`: the mean box per finding and image
+  half scored by prevalence for `[identify]`, the findings by prevalence for `[classify]` and closed VQA);
 - `retrieval-only`: the answer of the top-1 retrieved training study (its report, labels or boxes);
 - `vlm k=0`: the VLM without retrieval;  `vlm k=K`: the VLM with the top-K retrieved reports in its prompt, for
   every K asked for (e.g. 1, 3, 5 in one table).
@@ -39,6 +41,7 @@ from generation.metrics import (
     text_metrics,
     vqa_accuracy,
 )
+from generation.prior_answers import TrainingPrior, fit_prior
 from generation.tasks import Example, build_examples, row_examples
 from generation.tokenizer import TASKS
 from retrieval.labels import LABELS, NO_FINDING, is_abnormal
@@ -220,6 +223,7 @@ class _EvalInputs:
     by_prompt: dict
     by_task: dict
     available: dict[str, int]  # examples per task in the split, before the `max_per_task` sample
+    prior: TrainingPrior
 
 
 def _eval_inputs(
@@ -264,16 +268,26 @@ def _eval_inputs(
     study_rows: dict[str, int] = {}
     for pos in train_rows:
         study_rows.setdefault(str(df.iloc[pos]["study_id"]), pos)
-    by_prompt, by_task = constant_answers(build_examples(df, tasks, train_rows, seed=seed))
+    train_examples = build_examples(df, tasks, train_rows, seed=seed)
+    by_prompt, by_task = constant_answers(train_examples)
     available = {t: len(exs) for t, exs in every.items()}
-    return _EvalInputs(df, rows, examples, visual, bad, exemplars, study_rows, by_prompt, by_task, available)
+    prior = fit_prior(train_examples, [list(df.iloc[r]["labels"]) for r in train_rows])
+    return _EvalInputs(df, rows, examples, visual, bad, exemplars, study_rows, by_prompt, by_task, available, prior)
 
 
-def _baseline_answers(data: _EvalInputs, cond: str, task: str, exs: Sequence[Example]) -> list[str]:
-    """The `constant` or `retrieval-only` answers."""
+def _baseline_answers(data: _EvalInputs, cond: str, task: str, exs: Sequence[Example]) -> tuple[list, Any, Any]:
+    """The `constant`, `training prior` (prior_answers.py) or `retrieval-only` answers, boxes and detections."""
+    const = [data.by_prompt.get((task, e.prompt), data.by_task.get(task, DEFAULT_ANSWER[task])) for e in exs]
     if cond == "constant":
-        return [data.by_prompt.get((task, e.prompt), data.by_task.get(task, DEFAULT_ANSWER[task])) for e in exs]
-    return [retrieval_answer(data.df, data.study_rows, e, data.exemplars.get(e.row, [])) for e in exs]
+        return const, None, None
+    if cond == "training prior":
+        answers, boxes, dets = zip(*(data.prior.answer(e, c) for e, c in zip(exs, const, strict=True)), strict=True)
+        return (
+            list(answers),
+            (list(boxes) if task == "identify" else None),
+            (list(dets) if task == "identify" else None),
+        )
+    return [retrieval_answer(data.df, data.study_rows, e, data.exemplars.get(e.row, [])) for e in exs], None, None
 
 
 def _vlm_outputs(gen: Any, data: _EvalInputs, task: str, exs: Sequence[Example], k: int) -> list[dict]:
@@ -359,7 +373,7 @@ def evaluate_generation(
         data.visual, data.exemplars = apply_image_control(
             gen, data.visual, data.exemplars, df, image_control, kmax, train, seed
         )
-    conditions = ["constant"] + (["retrieval-only"] if data.exemplars else []) + ["vlm k=0"]
+    conditions = ["constant", "training prior"] + (["retrieval-only"] if data.exemplars else []) + ["vlm k=0"]
     if data.exemplars and gen.vlm.config.rag_k:
         conditions += [f"vlm k={kk}" for kk in ks]
     conditions += ["shuffled"] if shuffled else []
@@ -381,7 +395,7 @@ def evaluate_generation(
                 boxes = None if boxes is None else [boxes[i] for i in order]
                 detections = None if detections is None else [detections[i] for i in order]
             elif not cond.startswith("vlm"):
-                answers, boxes, detections = _baseline_answers(data, cond, task, exs), None, None
+                answers, boxes, detections = _baseline_answers(data, cond, task, exs)
             else:
                 kk = int(cond.split("=")[1])
                 t1 = time.time()

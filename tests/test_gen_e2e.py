@@ -173,7 +173,7 @@ def test_evaluation_has_every_baseline(trained, corpus):
     res = evaluate_generation(trained[0], df, idx, split="test", k=2, meteor=False, progress=False)
     assert set(res["tasks"]) == {"report", "vqa", "classify", "identify", "ground"}
     for task, conds in res["tasks"].items():
-        assert list(conds) == ["constant", "retrieval-only", "vlm k=0", "vlm k=2"], task
+        assert list(conds) == ["constant", "training prior", "retrieval-only", "vlm k=0", "vlm k=2"], task
     # the synthetic images' classes are separable by the retrieval vectors: top-1 retrieval is exact
     assert res["tasks"]["classify"]["retrieval-only"]["micro_f1"] == pytest.approx(1.0)
     assert "bleu4" in res["tasks"]["report"]["vlm k=2"] and "acc@0.5" in res["tasks"]["identify"]["vlm k=0"]
@@ -208,7 +208,7 @@ def test_cli_eval_generation_writes_tables(trained, corpus, tmp_path, capsys):
     args += ["-k", "0", "--tasks", "classify", "--out", str(out), "--json"]
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out)
-    assert list(res["tasks"]["classify"]) == ["constant", "retrieval-only", "vlm k=0"]
+    assert list(res["tasks"]["classify"]) == ["constant", "training prior", "retrieval-only", "vlm k=0"]
     assert "| retrieval-only |" in (out.with_suffix(".md")).read_text()
     assert json.loads(out.with_suffix(".json").read_text())["split"] == "test"
     n = res["tasks"]["classify"]["constant"]["n"]
@@ -312,7 +312,7 @@ def test_image_controls_and_shuffled_answers(trained, corpus):
     kw["retrieval_model"] = SynthRetrievalModel()
     res = {c: evaluate_generation(trained[0], df, idx, image_control=c, **kw) for c in ("real", "blank", "other")}
     real = res["real"]["tasks"]["classify"]
-    assert list(real) == ["constant", "retrieval-only", "vlm k=0", "vlm k=2", "shuffled"]
+    assert list(real) == ["constant", "training prior", "retrieval-only", "vlm k=0", "vlm k=2", "shuffled"]
     assert real["vlm k=2"]["micro_f1"] > real["shuffled"]["micro_f1"] + 0.2
     blank = res["blank"]["tasks"]["classify"]
     assert blank["vlm k=2"]["micro_f1"] < real["vlm k=2"]["micro_f1"] - 0.2
