@@ -149,6 +149,7 @@ def main() -> None:
                 progress=False,
                 retrieval_target=args.retrieval_target,
                 token_cache=work / "visual_tokens",
+                shuffled=True,
             )
             for variant in args.variant:
                 _add_variant(res, variant, out, df, args, cfg)
