@@ -5,7 +5,8 @@ Endpoints (JSON; the schema is at /openapi.json, browsable at /docs):
     POST /search             image upload (multipart field `image`, or the raw bytes) or {"text": ...};
                              k, target (reports | images), exclude_patient as fields or query parameters;
                              returns what `cxr query --json` prints
-    POST /generate           image + task (report | vqa | classify | identify | ground) + question / phrase + k;
+    POST /generate           image + task (report | vqa | classify | identify | ground | segment) + question /
+                             phrase + k;
                              text, boxes, and the exemplars the prompt carried (study id, score, report, shared)
     GET  /studies/{id}       a study's report, labels and images (looked up in the index meta)
     GET  /studies/{id}/image a PNG thumbnail (?size=256, ?image_id= for one image of the study)

@@ -53,9 +53,9 @@ GENERATE_BODY = _request_body(
         "multipart/form-data": _object(
             {
                 "image": _IMAGE_FIELD,
-                "task": {"type": "string", "enum": ["report", "vqa", "classify", "identify", "ground"]},
+                "task": {"type": "string", "enum": ["report", "vqa", "classify", "identify", "ground", "segment"]},
                 "question": {"type": "string", "description": "for task vqa"},
-                "phrase": {"type": "string", "description": "for task ground, e.g. 'right lung'"},
+                "phrase": {"type": "string", "description": "for task ground or segment, e.g. 'right lung'"},
                 "k": {"type": "integer", "minimum": 0, "default": 3},
                 "exclude_patient": {"type": "string"},
                 "exclude_study": {"type": "string"},

@@ -285,6 +285,8 @@ def test_generate_returns_text_boxes_and_the_exemplars_it_used(client, data):
         client.post("/generate", files={"image": ("1.png", png, "image/png")}, data={"task": "poem"}).status_code == 422
     )
     assert client.post("/generate", json={"task": "report"}).status_code == 422  # no image
+    seg = client.post("/generate?task=segment&phrase=heart&k=0", content=png, headers={"Content-Type": "image/png"})
+    assert seg.status_code == 422 and "no segment head" in seg.text  # this VLM was trained without region masks
 
 
 def test_generate_without_a_vlm_is_a_usage_error(data):
