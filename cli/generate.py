@@ -23,7 +23,7 @@ def generate_cmd(
         "findings",
         "--report-source",
         help="[report]: findings (the template writer), generate (the LM writes it from the findings + exemplars), "
-        "quote (the best exemplar).",
+        "generate-filtered (the same, from only the exemplars whose findings agree), quote (the best exemplar).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = DEVICE,

@@ -31,7 +31,7 @@ from generation.finding_ridge import FindingRidge
 from generation.findings_prompt import TASKS as FINDINGS_TASKS
 from generation.findings_prompt import findings_line
 from generation.findings_report import finding_sides, findings_report, predicted_findings
-from generation.head import closed_answer, rank_exemplars
+from generation.head import agreeing_exemplars, closed_answer, rank_exemplars
 from generation.lm_answers import is_closed, lm_closed_answers
 from generation.model import VLM
 from generation.rag import Exemplar, build_prompt_ids, copied_sentences
@@ -46,7 +46,7 @@ from retrieval.text_limits import check_query_text
 VQA_SOURCES = ("head", "lm")  # closed "is there X?" answered by the finding head (head.py) or the LM
 # [report]: written from the finding head's findings + the exemplars' sentences (findings_report.py; the LM's draft
 # when the VLM has no head), the LM's draft, or the exemplar the finding head ranks first
-REPORT_SOURCES = ("findings", "generate", "quote")
+REPORT_SOURCES = ("findings", "generate", "generate-filtered", "quote")
 BOX_SOURCES = ("head", "lm")  # [ground] / [identify] / "where is": the ridge box head (box_head.py) or the LM
 # the findings behind closed VQA, [classify], the written report and exemplar ranking: the ridge on the frozen tokens
 # (finding_ridge.py; the VLM's auxiliary head in folders that have none) or the auxiliary head (VLM.aux_head)
@@ -255,7 +255,8 @@ class Generator:
         head = probs is not None and thresholds is not None
         written = task == "report" and self.report_source == "findings" and head
         # the LM writes the report / answers from the heads' "Likely findings" line (a VLM trained or prompted with it)
-        by_lm = (task == "report" and self.report_source == "generate") or (task == "vqa" and self.vqa_source == "lm")
+        lm_report = task == "report" and self.report_source in ("generate", "generate-filtered")
+        by_lm = lm_report or (task == "vqa" and self.vqa_source == "lm")
         lined = task in FINDINGS_TASKS and by_lm and head and self.vlm.config.findings_in_prompt
         from_head = task == "vqa" and self.vqa_source == "head" and head
         classified = task == "classify" and self.classify_source == "head" and head
@@ -267,6 +268,8 @@ class Generator:
         lines = [None] * len(prompts)
         if lined:
             lines = [findings_line(probs[i], thresholds, sided[i] if sided else None) for i in range(len(prompts))]
+        if lined and lm_report and self.report_source == "generate-filtered":  # LaB-RAG: exemplars that agree
+            exemplars = [agreeing_exemplars(ex, probs[i], thresholds) for i, ex in enumerate(exemplars)]
         ids, used = [], []
         for p, ex, line in zip(prompts, exemplars, lines, strict=True):
             i, u = build_prompt_ids(tok, task, p, ex, self.budget, line)
@@ -343,7 +346,8 @@ def generate_for_image(
     those default to its own study and patient.
     `retrieval_model` defaults to the model recorded in the index's index_info.json; pass a loaded one (or a
     `generator`) to reuse it across calls. `report_source`: "findings" (default) writes the report from the
-    finding head's findings and the exemplars' sentences, "generate" is the LM's draft, "quote" the exemplar the
+    finding head's findings and the exemplars' sentences, "generate" is the LM's draft ("generate-filtered": from
+    only the exemplars whose findings the head also predicts, LaB-RAG's filter), "quote" the exemplar the
     finding head ranks first (see `Generator`). `device`: None / "auto" (CUDA when present), "cpu", "cuda:N".
     """
     prompt = task_prompt(task, question, phrase)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from generation.rag import Exemplar
-from retrieval.labels import LABELS, label_report, multi_hot
+from retrieval.labels import LABELS, NO_FINDING, label_report, multi_hot
 
 _CLOSED_RE = re.compile(r"^is there (?:an? )?(.+?)\s*\?$")
 _LABEL_INDEX = {lab.lower(): i for i, lab in enumerate(LABELS)}
@@ -82,3 +82,17 @@ def aux_head_thresholds(vlm, visual: dict, label_rows: dict) -> list[float]:
     )
     targets = torch.stack([label_rows[r] for r in order])
     return [round(t, 4) for t in fit_thresholds(probs.numpy(), targets.numpy())]
+
+
+def agreeing_exemplars(exemplars: Sequence[Exemplar], probs: np.ndarray, thresholds: Sequence[float]) -> list[Exemplar]:
+    """The exemplars that agree with the head (LaB-RAG's label filter), in retrieval order: every finding the
+    labeler reads in the exemplar is one the head predicts, and a normal exemplar only when the head predicts
+    nothing (an exemplar that reports what the head does not see, or calls normal what it sees, pulls the LM into
+    writing it). None when none agrees: the LM then writes from the findings line alone."""
+    predicted = {LABELS[j] for j in range(len(LABELS)) if float(probs[j]) > float(thresholds[j])} - {NO_FINDING}
+    out = []
+    for e in exemplars:
+        found = set(label_report(e.report)) - {NO_FINDING}
+        if found <= predicted and (bool(found) or not predicted):
+            out.append(e)
+    return out

@@ -121,3 +121,22 @@ def test_sentences_with_a_deidentified_gap_are_not_quoted():
     assert whole_sentences(numbered) == ["no acute disease.", "stable cardiomegaly."]
     rep = findings_report(*_probs(), [_ex(0, report)])
     assert "pulmonary and mediastinum" not in rep.text and "heart size is normal." in rep.text
+
+
+def test_agreeing_exemplars_keep_only_what_the_head_also_sees():
+    """LaB-RAG's filter: an exemplar passes when its labeler findings are among the head's predicted findings,
+    and a normal one only when the head predicts nothing."""
+    from generation.head import agreeing_exemplars
+
+    def ex(i, report):
+        return Exemplar(study_id=f"s{i}", patient_id=f"p{i}", score=1.0 - i / 10, report=report)
+
+    pool = [ex(0, "Cardiomegaly. Small right pleural effusion."), ex(1, "Cardiomegaly."), ex(2, "Normal chest."),
+            ex(3, "Right pneumothorax.")]  # fmt: skip
+    thresholds = [0.5] * len(LABELS)
+    probs = np.zeros(len(LABELS))
+    probs[LABELS.index("Cardiomegaly")] = 0.9
+    assert [e.study_id for e in agreeing_exemplars(pool, probs, thresholds)] == ["s1"]
+    probs[LABELS.index("Pleural Effusion")] = 0.7
+    assert [e.study_id for e in agreeing_exemplars(pool, probs, thresholds)] == ["s0", "s1"]
+    assert [e.study_id for e in agreeing_exemplars(pool, np.zeros(len(LABELS)), thresholds)] == ["s2"]
