@@ -45,6 +45,7 @@ def import_cmd(
     fetch_workers: int = web.FETCH_WORKERS,
 ) -> None:
     """Import a dataset into a study manifest; skipped rows are reported, never fatal."""
+    from retrieval.data.dataset_roots import recorded_roots
     from retrieval.data.importers import NOTES, PROBLEMS, import_source, relativize_paths
     from retrieval.data.manifest import write_manifest
     from retrieval.data.manifest_check import summarize_manifest, validate_manifest
@@ -57,12 +58,17 @@ def import_cmd(
     problems = list(df.attrs.get(PROBLEMS, []))
     notes = list(df.attrs.get(NOTES, []))
     df = relativize_paths(df, out.resolve().parent)
+    roots = recorded_roots(df)
+    if roots and out.suffix.lower() == ".csv":
+        notes.append(f"a CSV manifest cannot record the dataset root ({', '.join(roots)}): write .parquet, or pass "
+                     "--allow-outside to build and train from it")  # fmt: skip
     problems += [f"manifest {p}" for p in validate_manifest(df)]
     write_manifest(df, out)
     summary = {
         "kind": kind,
         "src": str(src),
         "out": str(out),
+        "dataset_roots": roots,
         **summarize_manifest(df, problems),
         "notes": notes,
     }

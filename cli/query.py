@@ -36,11 +36,14 @@ def _batch_queries(image: Path, allow_outside: bool = False) -> tuple[list[str],
         if not paths:
             raise UsageError(f"{image}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
         return paths, [None] * len(paths)
+    from retrieval.data.dataset_roots import existing_roots
     from retrieval.data.manifest import read_manifest, resolve_image_path
 
     df = read_manifest(image)
-    root = df.attrs.get("root")
-    paths = [str(resolve_image_path(root, p, allow_outside)) if str(p).strip() else "" for p in df["image_path"]]
+    root, also_inside = df.attrs.get("root"), [] if allow_outside else existing_roots(df)
+    paths = [
+        str(resolve_image_path(root, p, allow_outside, also_inside)) if str(p).strip() else "" for p in df["image_path"]
+    ]
     return paths, list(df["patient_id"].astype(str)) if "patient_id" in df.columns else [None] * len(paths)
 
 

@@ -60,10 +60,19 @@ def import_source(kind: str, src: str | Path, **options: Any) -> pd.DataFrame:
 
     Options (each importer takes the ones it knows, ignores the rest): images (image folder), boxes (COCO box
     file, covid-cxr), reports (MIMIC report folder; dicom/dicomweb: a report CSV), column_map (csv), seed (for
-    patient-disjoint splits), pseudonymize (dicom/dicomweb: the HMAC key); dicomweb: see importers/dicomweb.py."""
+    patient-disjoint splits), pseudonymize (dicom/dicomweb: the HMAC key); dicomweb: see importers/dicomweb.py.
+
+    The folders the importer read that hold the images (`dataset_roots.image_roots`) are recorded in
+    ``df.attrs["dataset_roots"]``; `write_manifest` keeps them in the Parquet file."""
+    from retrieval.data import dataset_roots
+
     importer = _importer(kind)
     options = {k: v for k, v in options.items() if v is not None}
-    return importer(src, **options)
+    df = importer(src, **options)
+    folder = Path(src) if Path(src).is_dir() else Path(src).parent if Path(src).is_file() else None
+    declared = (options.get("images"), options.get("cache"), folder)
+    df.attrs[dataset_roots.ATTR] = dataset_roots.image_roots(df["image_path"] if len(df) else [], declared)
+    return df
 
 
 __all__ = ["KINDS", "NOTES", "PROBLEMS", "import_source", "map_label", "relativize_paths"]

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from retrieval.data import dataset_roots
 from retrieval.data.manifest import COLUMNS, SPLIT_ALIASES, SPLITS, assign_splits, normalize_manifest
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
@@ -189,10 +190,11 @@ def _fill_splits(df: pd.DataFrame, seed: int, fractions: Mapping[str, float] | N
 
 
 def relativize_paths(df: pd.DataFrame, root: str | Path) -> pd.DataFrame:
-    """A copy with image paths under `root` (the manifest's folder) made relative, the others absolute."""
+    """A copy with image paths under `root` (the manifest's folder) made relative, the others absolute; of the
+    dataset roots in ``df.attrs``, those that hold an absolute path are kept."""
     root = Path(root).resolve()
     out = df.copy()
-    paths = []
+    paths, outside = [], []
     for p in out["image_path"]:
         if not p:
             paths.append("")
@@ -202,5 +204,7 @@ def relativize_paths(df: pd.DataFrame, root: str | Path) -> pd.DataFrame:
             paths.append(path.relative_to(root).as_posix())
         except ValueError:
             paths.append(str(path))
+            outside.append(str(path))
     out["image_path"] = pd.Series(paths, index=out.index, dtype=object)
+    out.attrs[dataset_roots.ATTR] = dataset_roots.holding(dataset_roots.recorded_roots(df), outside)
     return out
