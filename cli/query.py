@@ -100,7 +100,8 @@ def query_cmd(
     if not batch and out is not None:
         raise UsageError("--out is for folder or manifest queries; a single query prints its results")
 
-    from index.search import Searcher, image_query
+    from index.image_query import image_query
+    from index.search import Searcher
     from index.store import load_recorded_model, open_index
 
     queries = _batch_queries(image, allow_outside) if batch else None  # containment before anything opens
