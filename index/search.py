@@ -267,29 +267,16 @@ class Searcher:
         vector, _, _ = encode_image_items(self._need_model(), [image], output="embeddings", on_error="raise")
         return vector
 
-    def query_image(
-        self,
-        image: str | Path | np.ndarray,
-        k: int = 5,
-        target: str = "reports",
-        exclude_patient: str | None = None,
-        exclude_study: str | None = None,
-    ) -> pd.DataFrame:
-        """Top-k rows for an image (path to PNG/JPEG/DICOM, or an HxW float array in [0, 1])."""
-        return self.query_vector(self.image_vector(image), k, target, exclude_patient, exclude_study)
+    def query_image(self, image: str | Path | np.ndarray, *args: Any, **kwargs: Any) -> pd.DataFrame:
+        """Top-k rows for an image (path to PNG/JPEG/DICOM, or an HxW float array in [0, 1]); the other
+        arguments are `query_vector`'s (k, target, exclude_patient, exclude_study)."""
+        return self.query_vector(self.image_vector(image), *args, **kwargs)
 
-    def query_text(
-        self,
-        text: str,
-        k: int = 5,
-        target: str = "reports",
-        exclude_patient: str | None = None,
-        exclude_study: str | None = None,
-        findings: str = "auto",
-    ) -> pd.DataFrame:
-        """Top-k rows for a sentence (e.g. 'right lower lobe consolidation'); `findings="auto"` keeps to reports
+    def query_text(self, text: str, *args: Any, **kwargs: Any) -> pd.DataFrame:
+        """Top-k rows for a sentence (e.g. 'right lower lobe consolidation'); the other arguments are
+        `text_results`'s (k, target, exclude_patient, exclude_study, findings): `findings="auto"` keeps to reports
         that have the findings the sentence names (index/report_findings.py), "off" ranks by the embedding alone."""
-        return self.text_results(self.text_vector(text), text, k, target, exclude_patient, exclude_study, findings)
+        return self.text_results(self.text_vector(text), text, *args, **kwargs)
 
     def text_vector(self, text: str) -> np.ndarray:
         """(1, dim) embedding of one sentence with the index's model (UsageError when it is empty)."""
