@@ -13,6 +13,7 @@ from cli import dicomweb_options as web
 KIND_HELP = "Source kind: iu-xray | mimic-cxr | covid-cxr | yolo | coco | csv | dicom | dicomweb."
 
 
+@web.archive_options
 def import_cmd(
     kind: str = typer.Argument(..., help=KIND_HELP),
     src: str = typer.Argument(
@@ -34,15 +35,7 @@ def import_cmd(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the patient-disjoint splits (when the source has none)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-    pseudonymize: str = web.PSEUDONYMIZE,
-    cache: Path = web.CACHE,
-    since: str = web.SINCE,
-    until: str = web.UNTIL,
-    filters: list[str] = web.FILTERS,
-    token: str = web.TOKEN,
-    user: str = web.USER,
-    password: str = web.PASSWORD,
-    fetch_workers: int = web.FETCH_WORKERS,
+    archive: web.ArchiveOptions = None,
 ) -> None:
     """Import a dataset into a study manifest; skipped rows are reported, never fatal."""
     from retrieval.data.dataset_roots import recorded_roots
@@ -50,8 +43,7 @@ def import_cmd(
     from retrieval.data.manifest import write_manifest
     from retrieval.data.manifest_check import summarize_manifest, validate_manifest
 
-    dicom = web.import_options(kind, out, pseudonymize, cache, since, until, filters, token, user, password,
-                               fetch_workers)  # fmt: skip
+    dicom = web.import_options(kind, out, archive)
     df = import_source(
         kind, src, images=images, boxes=boxes, reports=reports, column_map=column_map, seed=seed, **dicom
     )
