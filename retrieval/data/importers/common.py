@@ -17,6 +17,7 @@ import pandas as pd
 
 from retrieval.data import dataset_roots
 from retrieval.data.manifest import COLUMNS, SPLIT_ALIASES, SPLITS, assign_splits, normalize_manifest
+from retrieval.errors import ImportError_
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
 PROBLEMS = "import_problems"
@@ -111,6 +112,14 @@ def normalize_split(split: Any) -> str:
     text = str(split or "").strip().lower()
     text = SPLIT_ALIASES.get(text, text)
     return text if text in SPLITS else ""
+
+
+def read_csv_text(path: Path) -> pd.DataFrame:
+    """A dataset's CSV with every cell as text ('' for empty cells); ImportError_ naming the file when unreadable."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:  # pandas raises many types for a bad file
+        raise ImportError_(f"{path}: cannot read CSV: {type(e).__name__}: {e}") from None
 
 
 def index_images(folder: str | Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> dict[str, Path]:

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from retrieval.data.importers.coco import boxes_by_image, read_coco
-from retrieval.data.importers.common import finish, map_finding, normalize_view
+from retrieval.data.importers.common import finish, map_finding, normalize_view, read_csv_text
 from retrieval.errors import ImportError_
 from retrieval.progress import track
 
@@ -48,10 +48,7 @@ def import_covid_cxr(
     root = meta_path.parent
     if not meta_path.is_file():
         raise ImportError_(f"{meta_path}: metadata.csv not found (expected the ieee8023 covid-chestxray layout)")
-    try:
-        meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise ImportError_(f"{meta_path}: cannot read CSV: {type(e).__name__}: {e}") from None
+    meta = read_csv_text(meta_path)
     missing = [c for c in ("patientid", "finding", "filename") if c not in meta.columns]
     if missing:
         raise ImportError_(f"{meta_path}: missing column(s) {', '.join(missing)} of the ieee8023 schema")
