@@ -108,8 +108,7 @@ def query_cmd(
     # The cheap checks first: a damaged index or an unreadable query image fails in well under a second,
     # before the model (seconds) is loaded.
     opened = open_index(index, mmap=mmap)
-    params = {"nprobe": nprobe, "ef_search": ef_search, "mmap": mmap, "k_factor": k_factor}
-    params["one_per_patient"] = one_per_patient
+    params = dict(nprobe=nprobe, ef_search=ef_search, mmap=mmap, k_factor=k_factor, one_per_patient=one_per_patient)
     if image is not None and not batch:
         from retrieval.data.image_io import read_image
 

@@ -52,6 +52,23 @@ def _box_problem(box: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _patients_in_two_splits(patients: list[str], splits: list[str], ids: list[str]) -> list[Problem]:
+    """One Problem per patient whose rows sit in two splits, at the first row of the second split."""
+    patient_splits: dict[str, dict[str, int]] = {}
+    for i, (patient, split) in enumerate(zip(patients, splits, strict=True)):
+        if patient and split in SPLITS:
+            patient_splits.setdefault(patient, {}).setdefault(split, i)
+    problems = []
+    for patient, found in patient_splits.items():
+        if len(found) > 1:
+            rows = sorted(found.values())
+            detail = ", ".join(f"{s} (row {r})" for s, r in sorted(found.items(), key=lambda kv: kv[1]))
+            problems.append(
+                Problem(rows[1], "patient_id", f"patient {patient!r} is in two splits: {detail}", ids[rows[1]])
+            )
+    return problems
+
+
 def validate_manifest(
     df: pd.DataFrame,
     root: str | Path | None = None,
@@ -121,17 +138,7 @@ def validate_manifest(
                 if check_files and not path.is_file():
                     problems.append(Problem(i, "image_path", f"file not found: {path}", image_id))
 
-    patient_splits: dict[str, dict[str, int]] = {}
-    for i, (patient, split) in enumerate(zip(cols["patient_id"], cols["split"], strict=True)):
-        if patient and split in SPLITS:
-            patient_splits.setdefault(patient, {}).setdefault(split, i)
-    for patient, splits in patient_splits.items():
-        if len(splits) > 1:
-            rows = sorted(splits.values())
-            detail = ", ".join(f"{s} (row {r})" for s, r in sorted(splits.items(), key=lambda kv: kv[1]))
-            problems.append(
-                Problem(rows[1], "patient_id", f"patient {patient!r} is in two splits: {detail}", ids[rows[1]])
-            )
+    problems.extend(_patients_in_two_splits(cols["patient_id"], cols["split"], ids))
     problems.sort(key=lambda p: -1 if p.row is None else p.row)
     return problems
 
