@@ -201,10 +201,7 @@ def _search_rows(search: dict | None) -> list[tuple[str, str]]:
     return out
 
 
-def verify_cmd(
-    index: Path = INDEX,
-    as_json: bool = AS_JSON,
-) -> None:
+def verify_cmd(index: Path = INDEX, as_json: bool = AS_JSON) -> None:
     """Check every file of the current generation against its recorded size and sha256 (exit 1 if damaged)."""
     from index.verify import verify_index
 
@@ -219,10 +216,7 @@ def verify_cmd(
         typer.echo(f"warning: the index's model folder: {line}", err=True)
 
 
-def gc_cmd(
-    index: Path = INDEX,
-    as_json: bool = AS_JSON,
-) -> None:
+def gc_cmd(index: Path = INDEX, as_json: bool = AS_JSON) -> None:
     """Remove superseded generations no reader holds, unfinished ones and temporary files."""
     from index.generations import gc_index
 
@@ -236,10 +230,7 @@ def gc_cmd(
     )
 
 
-def repair_cmd(
-    index: Path = INDEX,
-    as_json: bool = AS_JSON,
-) -> None:
+def repair_cmd(index: Path = INDEX, as_json: bool = AS_JSON) -> None:
     """Point CURRENT at the newest generation that verifies (after CURRENT was lost or damaged)."""
     from index.generations import repair_index
 
