@@ -84,18 +84,22 @@ def image_roots(paths: Iterable[str], declared: Iterable[str | Path | None]) -> 
     all share (never the file system's root). Absolute real paths."""
     folders = [os.path.realpath(d) for d in declared if d is not None and str(d) and os.path.isdir(d)]
     used: list[str] = []
-    rest: list[str] = []
+    rest: set[str] = set()
+    real_dirs: dict[str, str] = {}  # a dataset's images share few folders: resolve each folder once
     for path in paths:
         if not str(path).strip():
             continue
-        real = os.path.realpath(path)
+        parent = os.path.dirname(os.path.abspath(path))
+        if parent not in real_dirs:
+            real_dirs[parent] = os.path.realpath(parent)
+        real = real_dirs[parent]
         folder = next((d for d in folders if os.path.commonpath([d, real]) == d), None)
         if folder is None:
-            rest.append(os.path.dirname(real))
+            rest.add(real)
         elif folder not in used:
             used.append(folder)
     if rest:
-        shared = os.path.commonpath(rest)
+        shared = os.path.commonpath(sorted(rest))
         if os.path.dirname(shared) != shared:  # '/' (or a drive's root) would let every path in
             used.append(shared)
     return used
