@@ -120,19 +120,24 @@ def validate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the problems as JSON."),
 ) -> None:
     """Check a manifest: ids, duplicates, labels, boxes, splits (a patient in one split), paths that leave the
-    manifest's folder (symlinks resolved), files; exit 1 on problems. It applies the rules build, add and train
-    apply."""
+    manifest's folder and the dataset folder its import recorded (symlinks resolved), files; exit 1 on problems.
+    It applies the rules build, add and train apply."""
+    from retrieval.data.dataset_roots import recorded_roots
     from retrieval.data.manifest import read_manifest
     from retrieval.data.manifest_check import validate_manifest
 
     df = read_manifest(manifest)
     problems = validate_manifest(df, check_files=check_files, allow_outside=allow_outside)
+    roots = recorded_roots(df)
     if as_json:
-        out = {"manifest": str(manifest), "rows": len(df), "problems": [p.to_dict() for p in problems]}
+        out = {"manifest": str(manifest), "rows": len(df), "dataset_roots": roots,
+               "problems": [p.to_dict() for p in problems]}  # fmt: skip
         print(json.dumps(out, indent=2))
     else:
         for p in problems:
             print(p)
+        if roots:
+            print(f"dataset root(s) recorded by its import: {', '.join(roots)}")
         verdict = "no problems" if not problems else f"{len(problems)} problem(s)"
         files = ", files checked" if check_files else ""
         print(f"{manifest}: {len(df):,} rows, {verdict}{files}")

@@ -53,7 +53,9 @@ def test_an_imported_manifest_builds_an_index_without_the_flag(tmp_path, capsys)
     df = read_manifest(manifest)
     assert dataset_roots.recorded_roots(df) == [root]
     assert all(Path(p).is_absolute() and p.startswith(root) for p in df["image_path"])  # outside the manifest's folder
+    capsys.readouterr()
     assert main(["data", "validate", "--check-files", str(manifest)]) == 0
+    assert f"dataset root(s) recorded by its import: {root}" in capsys.readouterr().out
     assert main(["index", "build", "-m", str(manifest), "--model", "cxr-tiny", "-o", str(tmp_path / "idx")]) == 0
     assert (tmp_path / "idx" / "CURRENT").is_file()
     # the recorded root is what lets it through: the same rows as CSV (no metadata) are refused
@@ -158,12 +160,17 @@ def test_image_roots_prefers_the_folders_the_importer_read(tmp_path):
     assert dataset_roots.holding([str(tmp_path / "data"), str(tmp_path / "zzz")], paths[:1]) == [str(tmp_path / "data")]
 
 
-@pytest.mark.parametrize("value", [b"not json", b'"/one/string"', b'["relative/path"]', b"[1]"])
-def test_bad_root_metadata_is_one_line(tmp_path, value):
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [(b"not json", "is not a JSON list of absolute folders"), (b'"/one/string"', "is not a JSON list"),
+     (b'["relative/path"]', "is not a JSON list"), (b"[1]", "is not a JSON list"),
+     (b'["/"]', "names the file system's root"), (b'["/tmp", "//"]', "names the file system's root")],
+)  # fmt: skip
+def test_bad_root_metadata_is_one_line(tmp_path, value, reason):
     path = tmp_path / "m.parquet"
     write_manifest(pd.DataFrame({"image_id": ["a"], "study_id": ["s"], "patient_id": ["p"], "image_path": ["a.png"]}),
                    path)  # fmt: skip
     table = pq.read_table(path)
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"cxr.dataset_root": value}), path)
-    with pytest.raises(ManifestError, match="cxr.dataset_root is not a JSON list of absolute folders"):
+    with pytest.raises(ManifestError, match=f"cxr.dataset_root {reason}"):
         read_manifest(path)

@@ -48,6 +48,9 @@ def from_metadata(metadata: Mapping[bytes, bytes] | None, where: str | Path) -> 
         roots = None
     if not isinstance(roots, list) or not all(isinstance(r, str) and os.path.isabs(r) for r in roots):
         raise ManifestError(f"{where}: metadata {METADATA_KEY.decode()} is not a JSON list of absolute folders")
+    if any(os.path.dirname(os.path.normpath(r)) == os.path.normpath(r) for r in roots):
+        raise ManifestError(f"{where}: metadata {METADATA_KEY.decode()} names the file system's root, which would "
+                            "let every path in")  # fmt: skip
     return roots
 
 
