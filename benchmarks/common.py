@@ -143,3 +143,41 @@ def synthetic_radiographs(folder: Path, n: int, size: int = 256, fmt: str = "jpg
         img = 255 * np.clip(a * xx + b * yy * (1 - yy) * 2 + c * 0.3 + 0.05 * noise, 0, 1)
         Image.fromarray(img.astype(np.uint8)).save(p, **({"quality": 90} if fmt == "jpg" else {}))
     return paths
+
+
+def random_index(folder: Path, model, n: int, model_dir: Path | None = None) -> Path:
+    """An index folder for `model` (recorded with `model_dir` when given) holding n seeded random unit vectors and
+    plausible meta rows, written through `index.generations.save_index` so search and metadata cost what they would;
+    an index already there is reused."""
+    import pandas as pd
+
+    from index.factory import build_from_vectors
+    from index.generations import save_index
+    from index.layout import versions
+    from index.store import has_index, model_record
+
+    if has_index(folder):
+        return folder
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((n, model.embed_dim), dtype=np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    images, factory = build_from_vectors(vecs)
+    reports, _ = build_from_vectors(vecs[::-1].copy(), factory)
+    meta = pd.DataFrame(
+        {
+            "row_id": np.arange(n),
+            "image_id": [f"i{i}" for i in range(n)],
+            "study_id": [f"s{i}" for i in range(n)],
+            "patient_id": [f"p{i}" for i in range(n)],
+            "image_path": [f"/data/i{i}.jpg" for i in range(n)],
+            "view": "PA",
+            "report": ["Heart size is normal. The lungs are clear. No pleural effusion or pneumothorax."] * n,
+            "labels": [["No Finding"]] * n,
+            "split": "train",
+            "source": "synthetic",
+            "has_report": True,
+        }
+    )
+    info = {"factory": factory, "normalized": True, "model": model_record(model, model_dir), "versions": versions()}
+    save_index(folder, images, reports, meta, info)
+    return folder

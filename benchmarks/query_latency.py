@@ -28,42 +28,10 @@ import torch  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS,
     markdown_table,
+    random_index,
     synthetic_radiographs,
     write_results,
 )
-
-
-def random_index(folder: Path, model, n: int) -> Path:
-    """An index folder for `model` holding n random unit vectors and plausible meta rows."""
-    from index.factory import build_from_vectors
-    from index.generations import save_index
-    from index.layout import versions
-    from index.store import has_index, model_record
-
-    if has_index(folder):
-        return folder
-    rng = np.random.default_rng(0)
-    vecs = rng.standard_normal((n, model.embed_dim), dtype=np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    images, factory = build_from_vectors(vecs)
-    reports, _ = build_from_vectors(vecs[::-1].copy(), factory)
-    meta = pd.DataFrame(
-        {
-            "row_id": np.arange(n),
-            "image_id": [f"i{i}" for i in range(n)],
-            "study_id": [f"s{i}" for i in range(n)],
-            "patient_id": [f"p{i}" for i in range(n)],
-            "image_path": [f"/data/i{i}.jpg" for i in range(n)],
-            "report": ["Heart size is normal. The lungs are clear. No pleural effusion or pneumothorax."] * n,
-            "labels": [["No Finding"]] * n,
-            "view": "PA",
-            "split": "train",
-            "has_report": True,
-        }
-    )
-    info = {"factory": factory, "normalized": True, "model": model_record(model), "versions": versions()}
-    save_index(folder, images, reports, meta, info)
-    return folder
 
 
 def percentiles(xs: list[float]) -> tuple[float, float]:

@@ -197,28 +197,22 @@ def run_demo(seeds: list[int], epochs: int, tiny_epochs: int, tiny_seeds: list[i
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"{name}: P@5 all {row['P@5 all']:.3f}, abnormal {row['P@5 abnormal']:.3f}", flush=True)
 
-    def _tiny(seed: int) -> None:  # cxr-tiny as `cxr demo` trained it before cxr-small
-        out = WORK / f"demo-tiny-s{seed}"
+    def trained(base: str, short: str, n_epochs: int, seed: int, raw_text: bool = False) -> Path:
+        """Train `base` on the demo corpus (as `cxr demo` does), time it, measure it; returns its folder."""
+        out = WORK / f"demo-{short}-s{seed}"
         t0 = time.perf_counter()
-        tiny = train(
-            manifest, "cxr-tiny", out, epochs=tiny_epochs, seed=seed, show_progress=False, cache_dir=str(cache)
-        ).model
-        timings[f"train cxr-tiny s{seed}"] = round(time.perf_counter() - t0, 1)
-        measure(f"cxr-tiny trained (seed {seed})", tiny, out, WORK / f"idx-tiny-s{seed}")
+        model = train(manifest, base, out, epochs=n_epochs, seed=seed, show_progress=False, cache_dir=str(cache)).model
+        timings[f"train {base} s{seed}"] = round(time.perf_counter() - t0, 1)
+        measure(f"{base} trained (seed {seed})", model, out, WORK / f"idx-{short}-s{seed}", raw_text=raw_text)
+        return out
 
     for seed in seeds:
-        out = WORK / f"demo-small-s{seed}"
-        t0 = time.perf_counter()
-        model = train(
-            manifest, "cxr-small", out, epochs=epochs, seed=seed, show_progress=False, cache_dir=str(cache)
-        ).model
-        timings[f"train cxr-small s{seed}"] = round(time.perf_counter() - t0, 1)
-        measure(f"cxr-small trained (seed {seed})", model, out, WORK / f"idx-small-s{seed}", raw_text=seed == seeds[0])
+        out = trained("cxr-small", "small", epochs, seed, raw_text=seed == seeds[0])
         untrained = load_model("cxr-small", seed=seed)
         untrained.source_dir = out  # same frozen towers: the trained folder's feature stores are valid for it too
         measure(f"cxr-small untrained projector (seed {seed})", untrained, None, WORK / f"idx-small-zs-s{seed}")
-        if seed in tiny_seeds:
-            _tiny(seed)
+        if seed in tiny_seeds:  # cxr-tiny as `cxr demo` trained it before cxr-small
+            trained("cxr-tiny", "tiny", tiny_epochs, seed)
         # random vectors: the same queries against one vector per study, ranked by numpy
         qv, gv = random_embeddings(len(test), len(studies), 256, seed)
         row = label_precision(q_labels, topk_overlap(q_labels, g_labels, qv @ gv.T))

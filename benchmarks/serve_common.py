@@ -1,4 +1,5 @@
-"""Shared by the serve benchmarks and the viewer screenshot: start `cxr serve` on a free loopback port, stop it."""
+"""Shared by the serve benchmarks, the viewer screenshot and the browser test: start `cxr serve` on a free loopback
+port, stop it, and the flags of Debian's headless Chromium."""
 
 from __future__ import annotations
 
@@ -10,6 +11,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Headless Chromium without the network calls and features a test or a screenshot never needs.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
@@ -19,12 +31,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], log: Path, timeout: float = 300) -> tuple[subprocess.Popen, str]:
-    """`cxr serve ARGS --host 127.0.0.1 --port FREE` as a child process; (process, base URL) once /health answers."""
+def start_server(
+    args: list[str], log: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`cxr serve ARGS --host 127.0.0.1 --port FREE` as a child process, with `env` added to this one's
+    environment; (process, base URL) once /health answers."""
     import httpx
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     cmd = [sys.executable, "-m", "cli.main", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)

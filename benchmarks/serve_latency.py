@@ -28,9 +28,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
-from benchmarks.common import markdown_table, synthetic_radiographs, write_results  # noqa: E402
+from benchmarks.common import markdown_table, random_index, synthetic_radiographs, write_results  # noqa: E402
 from benchmarks.serve_common import REPO, load_avg, start_server, stop_server  # noqa: E402
 
 WORK = Path(os.environ.get("CXR_BENCH_DIR", tempfile.gettempdir())) / "cxr-bench-serve"
@@ -48,42 +47,12 @@ def saved_model(name: str) -> Path:
     return folder
 
 
-def random_index(folder: Path, model_dir: Path, n: int) -> Path:
-    """An index folder of n random unit vectors for the model in `model_dir`, recording that folder."""
-    from index.factory import build_from_vectors
-    from index.generations import save_index
-    from index.layout import versions
-    from index.store import has_index, model_record
+def random_index_for(folder: Path, model_dir: Path, n: int) -> Path:
+    """`common.random_index` for the model saved in `model_dir` (recording that folder), named by its fingerprint."""
     from retrieval.models import load_model
 
     model = load_model(model_dir, device="cpu")
-    folder = folder.with_name(f"{folder.name}_{model.fingerprint[:12]}")
-    if has_index(folder):
-        return folder
-    rng = np.random.default_rng(0)
-    vecs = rng.standard_normal((n, model.embed_dim), dtype=np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    images, factory = build_from_vectors(vecs)
-    reports, _ = build_from_vectors(vecs[::-1].copy(), factory)
-    report = "Heart size is normal. The lungs are clear. No pleural effusion or pneumothorax."
-    meta = pd.DataFrame(
-        {
-            "row_id": np.arange(n),
-            "image_id": [f"i{i}" for i in range(n)],
-            "study_id": [f"s{i}" for i in range(n)],
-            "patient_id": [f"p{i}" for i in range(n)],
-            "image_path": [f"/data/i{i}.jpg" for i in range(n)],
-            "view": "PA",
-            "report": [report] * n,
-            "labels": [["No Finding"]] * n,
-            "split": "train",
-            "source": "synthetic",
-            "has_report": True,
-        }
-    )
-    info = {"factory": factory, "model": model_record(model, model_dir), "versions": versions()}
-    save_index(folder, images, reports, meta, info)
-    return folder
+    return random_index(folder.with_name(f"{folder.name}_{model.fingerprint[:12]}"), model, n, model_dir)
 
 
 def pct(xs: list[float]) -> dict:
@@ -163,7 +132,7 @@ def main() -> None:
         model_dir = Path(read_info(index)["model"]["path"])
     else:
         model_dir = saved_model(a.model)
-        index = random_index(WORK / f"index_{Path(a.model).name}_{a.gallery}", model_dir, a.gallery)
+        index = random_index_for(WORK / f"index_{Path(a.model).name}_{a.gallery}", model_dir, a.gallery)
     info = read_info(index)
     files = synthetic_radiographs(WORK / "files", a.files, a.file_size, "jpg")
     label = {"model": info["model"]["name"], "rows": info["count"], "factory": info["factory"]}

@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import markdown_table, synthetic_radiographs, write_results  # noqa: E402
 from benchmarks.serve_common import load_avg, rss_mib, start_server, stop_server  # noqa: E402
-from benchmarks.serve_latency import WORK, random_index, saved_model  # noqa: E402
+from benchmarks.serve_latency import WORK, random_index_for, saved_model  # noqa: E402
 
 UPLOAD_LIMIT_MB = 1.0  # the servers here run with --max-upload-mb 1 so that the 413 payload stays small
 
@@ -209,7 +209,8 @@ def main() -> None:
     a = p.parse_args()
     from index.store import read_info
 
-    index = a.index or random_index(WORK / f"index_{Path(a.model).name}_{a.gallery}", saved_model(a.model), a.gallery)
+    gallery = WORK / f"index_{Path(a.model).name}_{a.gallery}"
+    index = a.index or random_index_for(gallery, saved_model(a.model), a.gallery)
     info = read_info(index)
     files = synthetic_radiographs(WORK / "files", a.files, 1024, "jpg")
     good = [(Path(f).name, Path(f).read_bytes()) for f in files]

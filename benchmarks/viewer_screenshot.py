@@ -12,18 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks.serve_common import REPO, start_server, stop_server
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from benchmarks.serve_common import CHROMIUM_ARGS, REPO, start_server, stop_server
 
 
 def wait_js(page, fn: str, timeout: float = 120) -> None:

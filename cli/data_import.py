@@ -13,6 +13,7 @@ from cli import dicomweb_options as web
 KIND_HELP = "Source kind: iu-xray | mimic-cxr | covid-cxr | yolo | coco | csv | dicom | dicomweb."
 
 
+@web.archive_options
 def import_cmd(
     kind: str = typer.Argument(..., help=KIND_HELP),
     src: str = typer.Argument(
@@ -34,35 +35,32 @@ def import_cmd(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the patient-disjoint splits (when the source has none)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-    pseudonymize: str = web.PSEUDONYMIZE,
-    cache: Path = web.CACHE,
-    since: str = web.SINCE,
-    until: str = web.UNTIL,
-    filters: list[str] = web.FILTERS,
-    token: str = web.TOKEN,
-    user: str = web.USER,
-    password: str = web.PASSWORD,
-    fetch_workers: int = web.FETCH_WORKERS,
+    archive: web.ArchiveOptions = None,
 ) -> None:
     """Import a dataset into a study manifest; skipped rows are reported, never fatal."""
+    from retrieval.data.dataset_roots import recorded_roots
     from retrieval.data.importers import NOTES, PROBLEMS, import_source, relativize_paths
     from retrieval.data.manifest import write_manifest
     from retrieval.data.manifest_check import summarize_manifest, validate_manifest
 
-    dicom = web.import_options(kind, out, pseudonymize, cache, since, until, filters, token, user, password,
-                               fetch_workers)  # fmt: skip
+    dicom = web.import_options(kind, out, archive)
     df = import_source(
         kind, src, images=images, boxes=boxes, reports=reports, column_map=column_map, seed=seed, **dicom
     )
     problems = list(df.attrs.get(PROBLEMS, []))
     notes = list(df.attrs.get(NOTES, []))
     df = relativize_paths(df, out.resolve().parent)
+    roots = recorded_roots(df)
+    if roots and out.suffix.lower() == ".csv":
+        notes.append(f"a CSV manifest cannot record the dataset root ({', '.join(roots)}): write .parquet, or pass "
+                     "--allow-outside to build and train from it")  # fmt: skip
     problems += [f"manifest {p}" for p in validate_manifest(df)]
     write_manifest(df, out)
     summary = {
         "kind": kind,
         "src": str(src),
         "out": str(out),
+        "dataset_roots": roots,
         **summarize_manifest(df, problems),
         "notes": notes,
     }
@@ -122,19 +120,24 @@ def validate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the problems as JSON."),
 ) -> None:
     """Check a manifest: ids, duplicates, labels, boxes, splits (a patient in one split), paths that leave the
-    manifest's folder (symlinks resolved), files; exit 1 on problems. It applies the rules build, add and train
-    apply."""
+    manifest's folder and the dataset folder its import recorded (symlinks resolved), files; exit 1 on problems.
+    It applies the rules build, add and train apply."""
+    from retrieval.data.dataset_roots import recorded_roots
     from retrieval.data.manifest import read_manifest
     from retrieval.data.manifest_check import validate_manifest
 
     df = read_manifest(manifest)
     problems = validate_manifest(df, check_files=check_files, allow_outside=allow_outside)
+    roots = recorded_roots(df)
     if as_json:
-        out = {"manifest": str(manifest), "rows": len(df), "problems": [p.to_dict() for p in problems]}
+        out = {"manifest": str(manifest), "rows": len(df), "dataset_roots": roots,
+               "problems": [p.to_dict() for p in problems]}  # fmt: skip
         print(json.dumps(out, indent=2))
     else:
         for p in problems:
             print(p)
+        if roots:
+            print(f"dataset root(s) recorded by its import: {', '.join(roots)}")
         verdict = "no problems" if not problems else f"{len(problems)} problem(s)"
         files = ", files checked" if check_files else ""
         print(f"{manifest}: {len(df):,} rows, {verdict}{files}")

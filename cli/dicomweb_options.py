@@ -1,8 +1,14 @@
-"""The options of the commands that read a DICOMweb archive (`cxr data import dicomweb`, `cxr index sync`)."""
+"""The options of the commands that read a DICOMweb archive (`cxr data import dicomweb`, `cxr index sync`): the
+`archive_options` decorator gives a command all of them as one `archive: ArchiveOptions` argument."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -29,6 +35,60 @@ PSEUDONYMIZE = typer.Option(
 )
 
 
+
+
+@dataclass(frozen=True)
+class ArchiveOptions:
+    """What the archive options say (None: not given)."""
+
+    pseudonymize: str | None = None
+    cache: Path | None = None
+    since: str | None = None
+    until: str | None = None
+    filters: list[str] | None = None
+    token: str | None = None
+    user: str | None = None
+    password: str | None = None
+    fetch_workers: int = 4
+
+    def query(self) -> dict[str, Any]:
+        """The importer's (and the sync's) keywords for the archive, all but the cache."""
+        return {"since": self.since, "until": self.until, "filters": parse_filters(self.filters), "token": self.token,
+                "user": self.user, "password": self.password, "workers": self.fetch_workers,
+                "pseudonymize": self.pseudonymize}  # fmt: skip
+
+
+# Each field of ArchiveOptions as a command-line option: (type, typer option).
+_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "pseudonymize": (str, PSEUDONYMIZE),
+    "cache": (Path, CACHE),
+    "since": (str, SINCE),
+    "until": (str, UNTIL),
+    "filters": (list[str], FILTERS),
+    "token": (str, TOKEN),
+    "user": (str, USER),
+    "password": (str, PASSWORD),
+    "fetch_workers": (int, FETCH_WORKERS),
+}
+assert list(_OPTIONS) == [f.name for f in fields(ArchiveOptions)]
+
+
+def archive_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: `command` (which takes `archive: ArchiveOptions`) as typer sees it, with the archive options in
+    place of `archive` (after its own options); typer's parsed values reach it as one ArchiveOptions."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "archive"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+             for name, (kind, option) in _OPTIONS.items()]  # fmt: skip
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        archive = ArchiveOptions(**{name: kwargs.pop(name) for name in _OPTIONS})
+        return command(*args, archive=archive, **kwargs)
+
+    run.__signature__ = inspect.Signature([*own, *added])  # type: ignore[attr-defined]
+    return run
+
+
 def parse_filters(items: list[str] | None) -> dict[str, str]:
     """['Key=Value', ...] -> {Key: Value}; a malformed item is a UsageError."""
     from retrieval.errors import UsageError
@@ -47,23 +107,19 @@ def default_cache(out: Path) -> Path:
     return out.resolve().parent / "dicom-cache"
 
 
-def import_options(kind: str, out: Path, pseudonymize, cache, since, until, filters, token, user, password,
-                   fetch_workers: int) -> dict:  # fmt: skip
+def import_options(kind: str, out: Path, archive: ArchiveOptions) -> dict:
     """`cxr data import`'s DICOM options as importer keywords; a DICOMweb option given to another kind (or
     --pseudonymize to a non-DICOM kind) is a UsageError, never silently ignored."""
     from retrieval.errors import UsageError
 
-    web_only = {"--cache": cache, "--since": since, "--until": until, "--filter": filters, "--token": token,
-                "--user": user, "--password": password}  # fmt: skip
+    a = archive
+    web_only = {"--cache": a.cache, "--since": a.since, "--until": a.until, "--filter": a.filters,
+                "--token": a.token, "--user": a.user, "--password": a.password}  # fmt: skip
     given = [name for name, value in web_only.items() if value]
-    if kind != "dicomweb" and (given or fetch_workers != 4):
+    if kind != "dicomweb" and (given or a.fetch_workers != 4):
         raise UsageError(f"{', '.join(given) or '--fetch-workers'}: only for the dicomweb kind")
-    if pseudonymize and kind not in ("dicom", "dicomweb"):
+    if a.pseudonymize and kind not in ("dicom", "dicomweb"):
         raise UsageError("--pseudonymize: only for the dicom and dicomweb kinds")
-    options = {"pseudonymize": pseudonymize}
-    if kind == "dicomweb":
-        options |= {
-            "cache": cache or default_cache(out), "since": since, "until": until, "token": token, "user": user,
-            "filters": parse_filters(filters), "password": password, "workers": fetch_workers,
-        }  # fmt: skip
-    return options
+    if kind != "dicomweb":
+        return {"pseudonymize": a.pseudonymize}
+    return {**a.query(), "cache": a.cache or default_cache(out)}

@@ -10,6 +10,11 @@ import typer
 from cli import dicomweb_options as web
 from cli.options import DEVICE
 
+REPORT_SOURCE_HELP = (
+    "[report]: findings (the template writer), generate (the LM writes it from the findings + exemplars), "
+    "generate-filtered (the same, from only the exemplars whose findings agree), quote (the best exemplar)."
+)
+
 
 def generate_cmd(
     image: Path = typer.Argument(..., help="A radiograph: PNG, JPEG or DICOM."),
@@ -19,12 +24,7 @@ def generate_cmd(
     question: str = typer.Option(None, "--question", help="The question for --task vqa."),
     phrase: str = typer.Option(None, "--phrase", help="The anatomy or finding for --task ground or segment."),
     k: int = typer.Option(3, "-k", help="Exemplar reports in the prompt (0 = no retrieval)."),
-    report_source: str = typer.Option(
-        "findings",
-        "--report-source",
-        help="[report]: findings (the template writer), generate (the LM writes it from the findings + exemplars), "
-        "generate-filtered (the same, from only the exemplars whose findings agree), quote (the best exemplar).",
-    ),
+    report_source: str = typer.Option("findings", "--report-source", help=REPORT_SOURCE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = DEVICE,
     sr: Path = typer.Option(None, "--sr", help="Also write the drafted report as a DICOM SR (IMAGE must be DICOM)."),

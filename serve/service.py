@@ -229,19 +229,10 @@ class ServeService:
         named = {"index": self.index_path, "vlm": self.config.vlm, "uploads": self.upload_dir}
         return redact_paths(message, named)
 
-    def search(
-        self,
-        image: np.ndarray | None = None,
-        text: str | None = None,
-        k: int = 5,
-        target: str = "reports",
-        exclude_patient: str | None = None,
-        name: str = "upload",
-    ) -> dict:
-        """Top-k reports or images for an image (HxW array in [0, 1]) or a sentence, as `cxr query --json`."""
-        job = self.search_begin(image, text, k, target, exclude_patient, name)
-        job.vector.result()
-        return self.search_finish(job)
+    def search(self, *args: Any, **kwargs: Any) -> dict:
+        """Top-k reports or images for an image (HxW array in [0, 1]) or a sentence, as `cxr query --json`; the
+        arguments are `search_begin`'s (image or text, k, target, exclude_patient, name)."""
+        return self.search_finish(self.search_begin(*args, **kwargs))
 
     def search_begin(
         self,

@@ -9,27 +9,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from gen_synth import make_manifest, one_thread  # noqa: F401 (an autouse fixture)
 
+from benchmarks.serve_common import CHROMIUM_ARGS, start_server, stop_server
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CXR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 K = 4
 # `cxr serve --archive-url`: the viewer links the studies that have UIDs (all but s1 here) to the archive
@@ -49,6 +38,7 @@ def with_uids(df):
             df.loc[i, "accession_number"] = f"A&{i} x"
     return df
 
+
 if not Path(CHROMIUM).is_file():
     pytest.skip(
         f"Chromium not found at {CHROMIUM}: install Debian's package (apt-get install chromium), as .ci/run does",
@@ -56,45 +46,6 @@ if not Path(CHROMIUM).is_file():
     )
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'")
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: list[str], log: Path, tmp: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:
-    """`cxr serve ARGS` on a free loopback port, its temporary files under `tmp`; returns (process, base URL)
-    once /health answers."""
-    import httpx
-
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "TMPDIR": str(tmp)}
-    cmd = [sys.executable, "-m", "cli.main", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"cxr serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError(f"cxr serve did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 def wait_js(page, fn: str, timeout: float = 60) -> object:
@@ -149,7 +100,7 @@ def served(tmp_path_factory):
     tmp.mkdir()
     args = ["--index", str(root / "idx"), "--vlm", str(root / "vlm"), "--watch-interval", "0"]
     args += ["--archive-url", ARCHIVE]
-    proc, url = start_server(args, log, tmp)
+    proc, url = start_server(args, log, 180, {"TMPDIR": str(tmp)})  # its temporary files under tmp
     assert [p.name for p in tmp.iterdir()][0].startswith("cxr-serve-uploads-")
     yield url, root, df
     stop_server(proc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,7 @@ def test_real_imports_through_the_cli(shared_data, tmp_path, capsys, kind, folde
     assert main(["data", "import", kind, str(shared_data / folder), "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert {k: summary[k] for k in expected} == expected
-    # the images stay in ../shared, outside the manifest's folder: refused as build refuses them, unless allowed
-    assert main(["data", "validate", str(out), "--check-files"]) == 1
-    assert main(["data", "validate", str(out), "--check-files", "--allow-outside"]) == 0
+    # the images stay in ../shared, outside the manifest's folder, under the dataset root the import recorded
+    # (issue 25): build, train and validate read them without --allow-outside
+    assert summary["dataset_roots"] == [os.path.realpath(shared_data / folder)]
+    assert main(["data", "validate", str(out), "--check-files"]) == 0

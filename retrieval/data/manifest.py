@@ -5,7 +5,8 @@ labels (list of str), boxes (list of {label, x1, y1, x2, y2} normalised to [0, 1
 Extra columns are kept. In memory `labels` is a list of str and `boxes` a list of dicts; Parquet stores
 `labels` as list<string> and `boxes` as a JSON string; CSV stores `labels` as JSON or '|'-separated and
 `boxes` as JSON.
-Image paths are relative to the manifest's folder (``df.attrs["root"]``) or absolute.
+Image paths are relative to the manifest's folder (``df.attrs["root"]``) or absolute. A Parquet manifest also
+records the dataset folders its importer read (`dataset_roots`: ``df.attrs["dataset_roots"]``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from retrieval.data import dataset_roots
 from retrieval.errors import ManifestError
 from retrieval.fileio import atomic_path
 
@@ -239,10 +241,14 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
     try:
         if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
             df = pd.read_parquet(path)
+            roots = dataset_roots.from_metadata(pq.read_schema(path).metadata, path)
         elif suffix in (".csv", ".csv.gz", ".tsv", ".tsv.gz"):
             sep = "\t" if suffix.startswith(".tsv") else ","
             df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+            roots = []
         else:
             raise ManifestError(f"{path}: unknown manifest format {suffix!r} (use .parquet or .csv)")
     except ManifestError:
@@ -252,17 +258,20 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     df = normalize_manifest(df)
     df.attrs["root"] = str(path.resolve().parent)
     df.attrs["path"] = str(path)
+    df.attrs[dataset_roots.ATTR] = roots
     return df
 
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     """Write the manifest atomically as Parquet (or CSV when the name ends in .csv); returns the path.
 
-    Parquet: `labels` as list<string>, `boxes` as a JSON string. CSV: `labels` and `boxes` as JSON."""
+    Parquet: `labels` as list<string>, `boxes` as a JSON string, the dataset roots of ``df.attrs`` in the file's
+    metadata. CSV: `labels` and `boxes` as JSON (and no dataset root)."""
     path = Path(path)
     if path.suffix.lower() not in (".parquet", ".csv"):
         raise ManifestError(f"{path}: a manifest is written as .parquet or .csv, not {path.suffix or 'no suffix'!r}")
     out = normalize_manifest(df)
+    metadata = dataset_roots.to_metadata(dataset_roots.recorded_roots(df))
     out.attrs = {}
     out["boxes"] = [json.dumps(b) for b in out["boxes"]]
     is_csv = path.suffix.lower() == ".csv"
@@ -280,18 +289,24 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
 
             table = pa.Table.from_pandas(out, preserve_index=False)
             fields = [pa.field("labels", pa.list_(pa.string())) if f.name == "labels" else f for f in table.schema]
-            table = table.cast(pa.schema(fields, metadata=table.schema.metadata))
+            table = table.cast(pa.schema(fields, metadata={**(table.schema.metadata or {}), **metadata}))
             pq.write_table(table, tmp)
     return path
 
 
-def resolve_image_path(root: str | Path | None, image_path: str | Path, allow_outside: bool = True) -> Path:
+def resolve_image_path(
+    root: str | Path | None,
+    image_path: str | Path,
+    allow_outside: bool = True,
+    also_inside: Sequence[str | Path] = (),
+) -> Path:
     """The file an `image_path` cell names: absolute as is, else relative to the manifest folder `root`;
     lexically normalised (`a/../b` -> `b`; the path returned keeps its symlinks).
 
     Spaces around the cell are kept when a file of that exact name exists (they belong to its name) and dropped
     otherwise. With `allow_outside=False` a path that leaves `root` (`..`, or an absolute path elsewhere) is a
-    ManifestError; so is a path whose symlinks lead out of `root` (`is_inside` compares real paths)."""
+    ManifestError, unless it lies under one of the folders `also_inside` (the manifest's dataset roots); so is a
+    path whose symlinks lead out of them (`is_inside` compares real paths)."""
     raw = "" if _is_missing(image_path) else str(image_path)
     text = raw.strip()
     if not text:
@@ -310,7 +325,7 @@ def resolve_image_path(root: str | Path | None, image_path: str | Path, allow_ou
             p = Path(root) / p
         paths.append(Path(os.path.normpath(p)))
     path = next((p for p in paths if p.exists()), paths[-1])
-    if not allow_outside and root is not None and not is_inside(root, path):
+    if not allow_outside and root is not None and not any(is_inside(r, path) for r in (root, *also_inside)):
         shown = short_text(text, 80)
         raise ManifestError(f"{shown!r} is outside the manifest folder (pass --allow-outside to read it)")
     return path

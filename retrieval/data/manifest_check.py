@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from retrieval.data import dataset_roots
 from retrieval.data.manifest import (
     BOX_KEYS,
     COMMA_JOINED,
@@ -51,6 +52,23 @@ def _box_problem(box: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _patients_in_two_splits(patients: list[str], splits: list[str], ids: list[str]) -> list[Problem]:
+    """One Problem per patient whose rows sit in two splits, at the first row of the second split."""
+    patient_splits: dict[str, dict[str, int]] = {}
+    for i, (patient, split) in enumerate(zip(patients, splits, strict=True)):
+        if patient and split in SPLITS:
+            patient_splits.setdefault(patient, {}).setdefault(split, i)
+    problems = []
+    for patient, found in patient_splits.items():
+        if len(found) > 1:
+            rows = sorted(found.values())
+            detail = ", ".join(f"{s} (row {r})" for s, r in sorted(found.items(), key=lambda kv: kv[1]))
+            problems.append(
+                Problem(rows[1], "patient_id", f"patient {patient!r} is in two splits: {detail}", ids[rows[1]])
+            )
+    return problems
+
+
 def validate_manifest(
     df: pd.DataFrame,
     root: str | Path | None = None,
@@ -62,8 +80,9 @@ def validate_manifest(
 
     Checks: required columns, empty ids, duplicate image_id, labels outside the vocabulary (default
     `retrieval.labels.LABELS`), boxes out of [0, 1] or with x2<=x1/y2<=y1, unknown or empty split, a patient
-    in two splits, unparseable cells, labels joined by a comma, (without `allow_outside`) image paths that leave
-    `root` (default ``df.attrs["root"]``), and (with `check_files`) image files that do not exist."""
+    in two splits, unparseable cells, labels joined by a comma, (without `allow_outside`) a recorded dataset root
+    that does not exist and image paths that leave both `root` (default ``df.attrs["root"]``) and the recorded
+    dataset roots, and (with `check_files`) image files that do not exist."""
     problems: list[Problem] = []
     missing = [c for c in REQUIRED if c not in df.columns]
     for col in missing:
@@ -77,6 +96,10 @@ def validate_manifest(
     problems.extend(df.attrs.get(PARSE_PROBLEMS_ATTR, []))
     vocab = set(_vocabulary() if vocabulary is None else vocabulary)
     root = root if root is not None else df.attrs.get("root")
+    also_inside = [] if allow_outside else dataset_roots.recorded_roots(df)
+    missing_root = dataset_roots.missing_root(also_inside)
+    if missing_root:
+        problems.append(Problem(None, "dataset_root", missing_root))
 
     ids = text_column(df["image_id"]).tolist()
     cols = {c: text_column(df[c]).tolist() for c in ("study_id", "patient_id", "split")}
@@ -108,24 +131,14 @@ def validate_manifest(
             problems.append(Problem(i, "split", f"unknown split {split!r} (expected one of {SPLITS})", image_id))
         if check_files or (not allow_outside and cols["image_path"][i]):
             try:
-                path = resolve_image_path(root, cols["image_path"][i], allow_outside=allow_outside)
+                path = resolve_image_path(root, cols["image_path"][i], allow_outside, also_inside)
             except ManifestError as e:
                 problems.append(Problem(i, "image_path", str(e), image_id))
             else:
                 if check_files and not path.is_file():
                     problems.append(Problem(i, "image_path", f"file not found: {path}", image_id))
 
-    patient_splits: dict[str, dict[str, int]] = {}
-    for i, (patient, split) in enumerate(zip(cols["patient_id"], cols["split"], strict=True)):
-        if patient and split in SPLITS:
-            patient_splits.setdefault(patient, {}).setdefault(split, i)
-    for patient, splits in patient_splits.items():
-        if len(splits) > 1:
-            rows = sorted(splits.values())
-            detail = ", ".join(f"{s} (row {r})" for s, r in sorted(splits.items(), key=lambda kv: kv[1]))
-            problems.append(
-                Problem(rows[1], "patient_id", f"patient {patient!r} is in two splits: {detail}", ids[rows[1]])
-            )
+    problems.extend(_patients_in_two_splits(cols["patient_id"], cols["split"], ids))
     problems.sort(key=lambda p: -1 if p.row is None else p.row)
     return problems
 
@@ -237,16 +250,16 @@ def gate_manifest(
 
 def require_inside(path: str | Path, allow_outside: bool = False) -> None:
     """The containment rule alone, for the commands that read a manifest without the full gate (`cxr eval
-    retrieval|generation`): a row whose image path leaves the manifest's folder (symlinks resolved) is a
-    ManifestError naming it, unless `allow_outside`."""
+    retrieval|generation`): a row whose image path leaves the manifest's folder and its recorded dataset roots
+    (symlinks resolved) is a ManifestError naming it, unless `allow_outside`."""
     if allow_outside:
         return
     df = read_manifest(path)
-    root = df.attrs.get("root")
+    root, also_inside = df.attrs.get("root"), dataset_roots.existing_roots(df)
     for i, cell in enumerate(path_column(df["image_path"]).tolist() if "image_path" in df.columns else []):
         if cell:
             try:
-                resolve_image_path(root, cell, allow_outside=False)
+                resolve_image_path(root, cell, False, also_inside)
             except ManifestError as e:
                 raise ManifestError(f"{path}: row {i}: {e}") from None
 

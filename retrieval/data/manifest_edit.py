@@ -4,6 +4,8 @@
 stacks the rows; ids that two manifests share are refused (or prefixed with each manifest's name, `prefix=True`),
 and a patient whose rows carry two different splits is reported. `resplit` assigns new patient-disjoint splits,
 seeded, through `manifest.assign_splits`. The caller writes the result with `relativize_paths` to its own folder.
+Both keep the dataset roots the inputs record, and add each input's own folder where its rows lie in it, so the
+result's paths pass the containment rule wherever it is written (`dataset_roots`).
 """
 
 from __future__ import annotations
@@ -13,17 +15,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from retrieval.data.manifest import SPLITS, assign_splits, read_manifest, resolve_image_path
+from retrieval.data import dataset_roots
+from retrieval.data.manifest import SPLITS, assign_splits, is_inside, read_manifest, resolve_image_path
 from retrieval.errors import ManifestError, UsageError
 
 ID_COLUMNS: tuple[str, ...] = ("image_id", "study_id", "patient_id")
 
 
 def absolute_paths(df: pd.DataFrame) -> pd.DataFrame:
-    """A copy whose image paths are absolute, resolved against the manifest's folder (``df.attrs["root"]``)."""
+    """A copy whose image paths are absolute, resolved against the manifest's folder (``df.attrs["root"]``); its
+    dataset roots are the recorded ones, plus that folder when one of the paths lies in it."""
     root = df.attrs.get("root")
     out = df.copy()
     out["image_path"] = [str(resolve_image_path(root, p)) if str(p).strip() else "" for p in out["image_path"]]
+    own = [root] if root and any(p and is_inside(root, p) for p in out["image_path"]) else []
+    out.attrs[dataset_roots.ATTR] = dataset_roots.union(dataset_roots.recorded_roots(df), own)
     return out
 
 
@@ -53,12 +59,13 @@ def merge_manifests(paths: Sequence[str | Path], prefix: bool = False) -> pd.Dat
             seen[image_id] = str(path)
         frames.append(df)
     merged = pd.concat(frames, ignore_index=True)
+    roots = dataset_roots.union(*(dataset_roots.recorded_roots(f) for f in frames))
     notes = [f"{len(merged):,} rows from {len(paths)} manifests"]
     splits = merged[merged["patient_id"] != ""].groupby("patient_id")["split"].nunique()
     mixed = splits[splits > 1]
     if len(mixed):
         notes.append(f"{len(mixed):,} patient(s) are in more than one split (re-split with `cxr data split`)")
-    merged.attrs = {"notes": notes}
+    merged.attrs = {"notes": notes, dataset_roots.ATTR: roots}
     return merged
 
 
@@ -86,5 +93,8 @@ def resplit(df: pd.DataFrame, fractions: Mapping[str, float] | None = None, seed
     except ManifestError as e:
         raise UsageError(str(e)) from None
     counts = out["split"].value_counts()
-    out.attrs = {"notes": [", ".join(f"{s} {counts.get(s, 0):,}" for s in SPLITS) + " images"]}
+    out.attrs = {
+        "notes": [", ".join(f"{s} {counts.get(s, 0):,}" for s in SPLITS) + " images"],
+        dataset_roots.ATTR: dataset_roots.recorded_roots(out),
+    }
     return out

@@ -69,18 +69,12 @@ class ImageEmbedder:
         """(3, S, S) float32, as `GreyImageTransform` makes it."""
         from PIL import Image
 
-        a = np.asarray(image, dtype=np.float32)
-        if a.ndim == 3 and a.shape[-1] in (3, 4):
-            a = a[..., :3].mean(axis=-1)
-        if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
-            raise ValueError(f"expected a non-empty HxW grey array, got shape {a.shape}")
-        h, w = a.shape
-        scale = self.size / max(h, w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        if (nh, nw) != (h, w):
+        from retrieval.models.preprocess import letterbox
+
+        a, nh, nw, top, left = letterbox(image, self.size)
+        if (nh, nw) != a.shape:
             a = np.asarray(Image.fromarray(np.ascontiguousarray(a), mode="F").resize((nw, nh), self.resample))
         out = np.zeros((self.size, self.size), dtype=np.float32)
-        top, left = (self.size - nh) // 2, (self.size - nw) // 2
         out[top : top + nh, left : left + nw] = np.clip(a, 0.0, 1.0)
         return (np.broadcast_to(out, (3, self.size, self.size)) - self.mean) / self.std
 

@@ -18,32 +18,23 @@ from retrieval.errors import ImportError_
 from retrieval.progress import track
 
 
-def import_coco(
-    src: str | Path,
-    images: str | Path | None = None,
-    seed: int = 0,
-    **_: Any,
-) -> pd.DataFrame:
-    """A manifest from a COCO JSON file; images are looked up in `images` (default: the JSON's folder, its
-    `images/` sub-folder, then the parent of an `annotations/` folder) by relative path, then by file name."""
-    src = Path(src)
+def read_coco(path: Path) -> tuple[list[Any], dict[Any, str], list[dict[str, Any]]]:
+    """A COCO file's image entries, category names by id and annotations; ImportError_ when it cannot be read."""
     try:
-        coco = json.loads(src.read_text())
+        coco = json.loads(path.read_text())
         entries = list(coco["images"])
         categories = {c["id"]: str(c["name"]) for c in coco.get("categories", [])}
         annotations = list(coco.get("annotations", []))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ImportError_(f"{src}: not a readable COCO file: {type(e).__name__}: {e}") from None
-    if images:
-        folders = [Path(images)]
-    else:
-        folders = [src.parent, src.parent / "images"]
-        if src.parent.name == "annotations":
-            folders += [src.parent.parent, src.parent.parent / "images"]
-    by_name: dict[str, Path] = {}
-    for folder in reversed(folders):
-        by_name.update(index_images(folder))
+        raise ImportError_(f"{path}: not a readable COCO file: {type(e).__name__}: {e}") from None
+    return entries, categories, annotations
 
+
+def boxes_by_image(
+    where: str, entries: list[Any], categories: dict[Any, str], annotations: list[dict[str, Any]]
+) -> tuple[dict[Any, list[dict[str, Any]]], list[str]]:
+    """The annotations as normalised boxes (by the image's width and height) keyed by COCO image id, and the ones
+    skipped ('where: annotation N: why': malformed, empty, or an image of unknown size)."""
     problems: list[str] = []
     by_image: dict[Any, list[dict[str, Any]]] = {}
     sizes = {e.get("id"): (e.get("width", 0), e.get("height", 0)) for e in entries if isinstance(e, dict)}
@@ -54,12 +45,36 @@ def import_coco(
             width, height = sizes[ann["image_id"]]
             box = box_from_xywh(label, x, y, w, h, float(width or 0), float(height or 0))
         except (KeyError, TypeError, ValueError) as e:
-            problems.append(f"{src.name}: annotation {ann.get('id', '?')}: malformed ({type(e).__name__}: {e})")
+            problems.append(f"{where}: annotation {ann.get('id', '?')}: malformed ({type(e).__name__}: {e})")
             continue
         if box is None:
-            problems.append(f"{src.name}: annotation {ann.get('id', '?')}: empty box or unknown image size, skipped")
+            problems.append(f"{where}: annotation {ann.get('id', '?')}: empty box or unknown image size, skipped")
             continue
         by_image.setdefault(ann["image_id"], []).append(box)
+    return by_image, problems
+
+
+def import_coco(
+    src: str | Path,
+    images: str | Path | None = None,
+    seed: int = 0,
+    **_: Any,
+) -> pd.DataFrame:
+    """A manifest from a COCO JSON file; images are looked up in `images` (default: the JSON's folder, its
+    `images/` sub-folder, then the parent of an `annotations/` folder) by relative path, then by file name."""
+    src = Path(src)
+    entries, categories, annotations = read_coco(src)
+    if images:
+        folders = [Path(images)]
+    else:
+        folders = [src.parent, src.parent / "images"]
+        if src.parent.name == "annotations":
+            folders += [src.parent.parent, src.parent.parent / "images"]
+    by_name: dict[str, Path] = {}
+    for folder in reversed(folders):
+        by_name.update(index_images(folder))
+
+    by_image, problems = boxes_by_image(src.name, entries, categories, annotations)
 
     order = {label: i for i, label in enumerate(vocabulary())}
     rows = []

@@ -15,7 +15,9 @@ from typing import Any
 
 import pandas as pd
 
+from retrieval.data import dataset_roots
 from retrieval.data.manifest import COLUMNS, SPLIT_ALIASES, SPLITS, assign_splits, normalize_manifest
+from retrieval.errors import ImportError_
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
 PROBLEMS = "import_problems"
@@ -112,6 +114,14 @@ def normalize_split(split: Any) -> str:
     return text if text in SPLITS else ""
 
 
+def read_csv_text(path: Path) -> pd.DataFrame:
+    """A dataset's CSV with every cell as text ('' for empty cells); ImportError_ naming the file when unreadable."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:  # pandas raises many types for a bad file
+        raise ImportError_(f"{path}: cannot read CSV: {type(e).__name__}: {e}") from None
+
+
 def index_images(folder: str | Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> dict[str, Path]:
     """Every image file under `folder` (recursive), by file name and by stem (first one wins)."""
     found: dict[str, Path] = {}
@@ -189,10 +199,11 @@ def _fill_splits(df: pd.DataFrame, seed: int, fractions: Mapping[str, float] | N
 
 
 def relativize_paths(df: pd.DataFrame, root: str | Path) -> pd.DataFrame:
-    """A copy with image paths under `root` (the manifest's folder) made relative, the others absolute."""
+    """A copy with image paths under `root` (the manifest's folder) made relative, the others absolute; of the
+    dataset roots in ``df.attrs``, those that hold an absolute path are kept."""
     root = Path(root).resolve()
     out = df.copy()
-    paths = []
+    paths, outside = [], []
     for p in out["image_path"]:
         if not p:
             paths.append("")
@@ -202,5 +213,7 @@ def relativize_paths(df: pd.DataFrame, root: str | Path) -> pd.DataFrame:
             paths.append(path.relative_to(root).as_posix())
         except ValueError:
             paths.append(str(path))
+            outside.append(str(path))
     out["image_path"] = pd.Series(paths, index=out.index, dtype=object)
+    out.attrs[dataset_roots.ATTR] = dataset_roots.holding(dataset_roots.recorded_roots(df), outside)
     return out

@@ -10,13 +10,13 @@ file name.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from retrieval.data.importers.common import box_from_xywh, finish, map_finding, normalize_view
+from retrieval.data.importers.coco import boxes_by_image, read_coco
+from retrieval.data.importers.common import finish, map_finding, normalize_view, read_csv_text
 from retrieval.errors import ImportError_
 from retrieval.progress import track
 
@@ -26,28 +26,12 @@ DEFAULT_BOXES = Path("annotations") / "lung_boxes_coco.json"
 def read_coco_boxes(path: str | Path) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """COCO boxes by image file name (normalised by the COCO image size), and the problems met."""
     path = Path(path)
-    try:
-        coco = json.loads(path.read_text())
-        images = {im["id"]: im for im in coco["images"]}
-        names = {c["id"]: c["name"] for c in coco.get("categories", [])}
-        annotations = coco.get("annotations", [])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ImportError_(f"{path}: not a readable COCO file: {type(e).__name__}: {e}") from None
+    entries, categories, annotations = read_coco(path)
+    names = {e.get("id"): Path(str(e.get("file_name", ""))).name for e in entries if isinstance(e, dict)}
+    by_id, problems = boxes_by_image(path.name, entries, categories, annotations)
     boxes: dict[str, list[dict[str, Any]]] = {}
-    problems: list[str] = []
-    for ann in annotations:
-        try:
-            image = images[ann["image_id"]]
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            label = names.get(ann["category_id"], str(ann["category_id"]))
-            box = box_from_xywh(label, x, y, w, h, float(image.get("width", 0)), float(image.get("height", 0)))
-        except (KeyError, TypeError, ValueError) as e:
-            problems.append(f"{path.name}: annotation {ann.get('id', '?')}: malformed ({type(e).__name__}: {e})")
-            continue
-        if box is None:
-            problems.append(f"{path.name}: annotation {ann.get('id', '?')}: empty box or unknown image size, skipped")
-            continue
-        boxes.setdefault(Path(image["file_name"]).name, []).append(box)
+    for image_id, found in by_id.items():
+        boxes.setdefault(names[image_id], []).extend(found)
     return boxes, problems
 
 
@@ -64,10 +48,7 @@ def import_covid_cxr(
     root = meta_path.parent
     if not meta_path.is_file():
         raise ImportError_(f"{meta_path}: metadata.csv not found (expected the ieee8023 covid-chestxray layout)")
-    try:
-        meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise ImportError_(f"{meta_path}: cannot read CSV: {type(e).__name__}: {e}") from None
+    meta = read_csv_text(meta_path)
     missing = [c for c in ("patientid", "finding", "filename") if c not in meta.columns]
     if missing:
         raise ImportError_(f"{meta_path}: missing column(s) {', '.join(missing)} of the ieee8023 schema")

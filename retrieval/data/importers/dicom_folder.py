@@ -20,14 +20,7 @@ import pandas as pd
 
 from retrieval.data.image_io import DICOM_SUFFIXES, is_dicom
 from retrieval.data.importers.common import finish
-from retrieval.data.importers.dicom_header import (
-    HeaderError,
-    header_row,
-    is_report,
-    read_header,
-    report_text,
-    skip_reason,
-)
+from retrieval.data.importers.dicom_header import HeaderError, InstanceScan, read_header
 from retrieval.data.importers.dicom_reports import attach_reports, read_report_csv
 from retrieval.data.pseudonym import Pseudonymizer, key_from
 from retrieval.errors import ImportError_
@@ -68,31 +61,21 @@ def skipped_note(skipped: Counter, kept: int) -> str:
 
 def scan_folder(folder: Path, pseudonymize: Pseudonymizer | None) -> tuple[list[dict], dict[str, str], list[str]]:
     """Rows of the kept radiographs, SR report texts by study UID, and the skipped files ('path: reason')."""
-    rows: list[dict] = []
-    sr_texts: dict[str, str] = {}
-    skipped: list[str] = []
+    scan = InstanceScan("dicom", pseudonymize)
     for path in walk_files(folder):
         rel = path.relative_to(folder).as_posix()
         try:
             ds = read_instance(path)
         except HeaderError as e:
-            skipped.append(f"{rel}: {e.reason}")
+            scan.skip(rel, e.reason)
             continue
         except OSError as e:
-            skipped.append(f"{rel}: cannot read: {e.strerror or e}")
+            scan.skip(rel, f"cannot read: {e.strerror or e}")
             continue
-        if is_report(ds):
-            text, study = report_text(ds), str(ds.get("StudyInstanceUID", "") or "")
-            if text and study:
-                sr_texts[study] = " ".join(x for x in (sr_texts.get(study, ""), text) if x)
-            skipped.append(f"{rel}: report (SR): {'text used' if text and study else 'no text or study UID'}")
-            continue
-        reason = skip_reason(ds)
-        if reason:
-            skipped.append(f"{rel}: {reason}")
-            continue
-        rows.append(header_row(ds, path.resolve(), "dicom", pseudonymize))
-    return rows, sr_texts, skipped
+        kind = scan.take(rel, ds, path)
+        if kind in ("report", "empty report"):
+            scan.skip(rel, f"report (SR): {'text used' if kind == 'report' else 'no text or study UID'}")
+    return scan.rows, scan.sr_texts, scan.skipped
 
 
 def import_dicom_folder(

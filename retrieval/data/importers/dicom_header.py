@@ -1,8 +1,9 @@
 """What a DICOM header says, for the importers: read it without the pixels, decide whether the instance is a
 projection radiograph to keep (CR/DX), a report (SR) or something to skip (and why), and turn it into a manifest row.
 
-Both DICOM importers (`importers/dicom_folder.py`, `importers/dicomweb.py`) go through `header_row` and
-`skip_reason`, so the same instance gives the same row wherever it came from. A DICOM row's ids are its UIDs:
+Both DICOM importers (`importers/dicom_folder.py`, `importers/dicomweb.py`) sort the headers they read with
+`InstanceScan.take` (`header_row`, `skip_reason`, the SR text), so the same instance gives the same row wherever it
+came from. A DICOM row's ids are its UIDs:
 image_id = SOPInstanceUID, study_id = StudyInstanceUID; patient_id = PatientID (or its keyed pseudonym, with
 the study UID standing in when the tag is empty). The header's other identifying tags are never stored.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +132,36 @@ def _text_items(items: Any) -> Iterator[str]:
 def report_text(ds: Any) -> str:
     """The text content of an SR document: every TEXT item's value, depth first, joined by spaces."""
     return " ".join(_text_items(ds.get("ContentSequence")))
+
+
+@dataclass
+class InstanceScan:
+    """What a pass over DICOM instances keeps: the rows of the radiographs (`header_row`, `source` and
+    `pseudonymize` as given), the SR report texts by study UID (several SRs of a study joined), and the skipped
+    instances as 'where: reason'."""
+
+    source: str
+    pseudonymize: Pseudonymizer | None = None
+    rows: list[dict] = field(default_factory=list)
+    sr_texts: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def skip(self, where: str, reason: str) -> None:
+        self.skipped.append(f"{where}: {reason}")
+
+    def take(self, where: str, ds: Any, path: Path, study: str | None = None) -> str:
+        """Sort one header read from `path`: a report gives its study's text (`study`, default its
+        StudyInstanceUID), a radiograph a row, anything else a skipped line. Returns 'report' (its text used),
+        'empty report' (no text or no study UID), 'row' or 'skipped'."""
+        if is_report(ds):
+            text, study = report_text(ds), study or str(ds.get("StudyInstanceUID", "") or "")
+            if not (text and study):
+                return "empty report"
+            self.sr_texts[study] = " ".join(x for x in (self.sr_texts.get(study, ""), text) if x)
+            return "report"
+        reason = skip_reason(ds)
+        if reason:
+            self.skip(where, reason)
+            return "skipped"
+        self.rows.append(header_row(ds, path.resolve(), self.source, self.pseudonymize))
+        return "row"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from retrieval.data.importers.common import read_csv_text
 from retrieval.data.pseudonym import Pseudonymizer
 from retrieval.errors import ImportError_
 from retrieval.study_text import report_text
@@ -43,10 +44,7 @@ def read_report_csv(path: str | Path, pseudonymize: Pseudonymizer | None = None)
     path = Path(path)
     if not path.is_file():
         raise ImportError_(f"{path}: report file not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise ImportError_(f"{path}: cannot read: {type(e).__name__}: {e}") from None
+    df = read_csv_text(path)
     acc_col, study_col = _column(df, _ACCESSION), _column(df, _STUDY)
     if acc_col is None and study_col is None:
         raise ImportError_(f"{path}: needs an accession_number or study_instance_uid column")

@@ -31,14 +31,7 @@ import pandas as pd
 from retrieval.data.importers.common import finish
 from retrieval.data.importers.dicom_cache import InstanceCache
 from retrieval.data.importers.dicom_folder import SKIPPED, reason_kind, skipped_note
-from retrieval.data.importers.dicom_header import (
-    HeaderError,
-    header_row,
-    is_report,
-    read_header,
-    report_text,
-    skip_reason,
-)
+from retrieval.data.importers.dicom_header import HeaderError, InstanceScan, read_header
 from retrieval.data.importers.dicom_reports import attach_reports, read_report_csv
 from retrieval.data.pseudonym import Pseudonymizer, key_from, pseudonymize_dataset
 from retrieval.errors import ImportError_
@@ -213,7 +206,7 @@ def rows_from_cache(
     cache: InstanceCache, instances: list[Instance], reports: list[Instance]
 ) -> tuple[list[dict], dict[str, str], list[str]]:
     """Rows of the cached radiographs (read like the folder import), SR texts by study, skipped 'SOP: reason'."""
-    rows, sr_texts, skipped = [], {}, []
+    scan = InstanceScan("dicomweb")  # already pseudonymised in the cache
     for inst in [*instances, *reports]:
         path = cache.get(inst.sop)
         if path is None:
@@ -221,18 +214,10 @@ def rows_from_cache(
         try:
             ds = read_header(path)
         except HeaderError as e:
-            skipped.append(f"{inst.sop}: {e.reason}")
+            scan.skip(inst.sop, e.reason)
             continue
-        if is_report(ds):
-            if report_text(ds):
-                sr_texts[inst.study] = " ".join(x for x in (sr_texts.get(inst.study, ""), report_text(ds)) if x)
-            continue
-        reason = skip_reason(ds)
-        if reason:
-            skipped.append(f"{inst.sop}: {reason}")
-            continue
-        rows.append(header_row(ds, path.resolve(), "dicomweb"))  # already pseudonymised in the cache
-    return rows, sr_texts, skipped
+        scan.take(inst.sop, ds, path, inst.study)
+    return scan.rows, scan.sr_texts, scan.skipped
 
 
 def import_dicomweb(

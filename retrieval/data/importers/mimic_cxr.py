@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from retrieval.data.importers.common import finish, normalize_split, normalize_view
+from retrieval.data.importers.common import finish, normalize_split, normalize_view, read_csv_text
 from retrieval.errors import ImportError_
 from retrieval.progress import track
 
@@ -40,13 +40,6 @@ def _find_csv(folder: Path, name: str) -> Path | None:
             if path.is_file():
                 return path
     return None
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise ImportError_(f"{path}: cannot read CSV: {type(e).__name__}: {e}") from None
 
 
 def _id(prefix: str, value: str) -> str:
@@ -86,7 +79,7 @@ def import_mimic_cxr(
     meta_path = _find_csv(src, "metadata")
     if meta_path is None:
         raise ImportError_(f"{src}: {PREFIX}metadata.csv(.gz) not found")
-    meta = _read_csv(meta_path)
+    meta = read_csv_text(meta_path)
     missing = [c for c in ("dicom_id", "subject_id", "study_id") if c not in meta.columns]
     if missing:
         raise ImportError_(f"{meta_path}: missing column(s) {', '.join(missing)}")
@@ -115,7 +108,7 @@ def _read_splits(src: Path, notes: list[str]) -> dict[str, str]:
     if split_path is None:
         notes.append("no split file: splits assigned by patient")
         return {}
-    split_df = _read_csv(split_path)
+    split_df = read_csv_text(split_path)
     return {d: normalize_split(s) for d, s in zip(split_df["dicom_id"], split_df["split"], strict=True)}
 
 
@@ -127,7 +120,7 @@ def _read_chexpert(src: Path, notes: list[str]) -> dict[str, list[str]]:
     if chex_path is None:
         notes.append("no CheXpert file: labels from the rule labeler on the report text")
         return {}
-    chex = _read_csv(chex_path)
+    chex = read_csv_text(chex_path)
     cols = [c for c in chex.columns if c in LABELS]
     return {_id("s", rec["study_id"]): chexpert_labels(rec, cols) for rec in chex.to_dict("records")}
 
