@@ -54,7 +54,7 @@ def test_device(request) -> str:
 
 @pytest.fixture
 def orthanc(tmp_path_factory):
-    """A fresh, empty loopback Orthanc with the DICOMweb plugin (tests/orthanc.py), killed by its PID after the
+    """A fresh, empty loopback Orthanc with the DICOMweb plugin (tests/helpers/orthanc.py), killed by its PID after the
     test (its temporary folder is thrown away). Skips, saying why, only where Debian's orthanc /
     orthanc-dicomweb packages are not installed."""
     from orthanc import find_orthanc, start_orthanc

@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_models import TEXTS, tiny_model
+from repo_paths import REPO
+from tiny_model import TEXTS, tiny_model
 
 from cli.main import main
 from retrieval.models import load_model
 from retrieval.models.bundle import CHECKSUMS_FILE, linked_text_path, read_checksums
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
@@ -216,7 +215,7 @@ def test_prefetch_metric_folders_through_loopback_hub(tmp_path: Path, capsys: py
     import io
     import tarfile
 
-    from test_prefetch_loopback import prefetch_through_hub
+    from loopback_hub import prefetch_through_hub
 
     from retrieval.models.bundle import CHEXBERT_BERT_REPO, RRG_SCORERS
 

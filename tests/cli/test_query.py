@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from index_helpers import FakeModel, make_corpus
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-from test_index_helpers import FakeModel, make_corpus
 
 from cli.main import main
 from index.search import Searcher

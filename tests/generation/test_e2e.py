@@ -7,15 +7,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from gen_synth import SynthRetrievalModel, make_index, make_manifest, one_thread  # noqa: F401 (an autouse fixture)
+from gen_synth import (
+    SynthRetrievalModel,
+    make_index,
+    make_manifest,
+    one_thread,  # noqa: F401 (an autouse fixture)
+    tiny_vlm_config,
+)
 
 from generation.evaluate import evaluate_generation
 from generation.generate import generate_for_image
 from generation.model import VLM
 from generation.train import VLMTrainConfig, train_vlm
 from retrieval.errors import UsageError
-
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +30,7 @@ def corpus(tmp_path_factory):
 
 
 def config(steps: int) -> VLMTrainConfig:
-    return VLMTrainConfig(
-        encoders=["patch:1"],
-        steps=steps,
-        batch_size=8,
-        lm_path="tiny",
-        lm_overrides=TINY,
-        rag_k=2,
-        visual_grid=4,
-        checkpoint_every=20,
-        lr=3e-3,
-    )
+    return tiny_vlm_config(steps, checkpoint_every=20)
 
 
 @pytest.fixture(scope="module")

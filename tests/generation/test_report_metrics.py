@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from repo_paths import REPO
 
 from cli.main import main
 from generation import metrics, report_metrics
@@ -413,7 +414,7 @@ def test_prefetch_metric_weights_through_loopback_hub_then_score_offline(
     import io
     import tarfile
 
-    from test_prefetch_loopback import prefetch_through_hub
+    from loopback_hub import prefetch_through_hub
 
     from retrieval.models.bundle import CHEXBERT_BERT_REPO, RRG_SCORERS, read_checksums
 
@@ -515,7 +516,7 @@ def test_same_outputs_as_the_unmodified_libraries_on_transformers_4(tiny_chexber
         )
     texts = REFS + HYPS
     libs = {str(Path(m.__file__).resolve().parents[1]) for m in (f1chexbert, radgraph)}
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([site, str(Path(__file__).resolve().parents[1]), *libs])}
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([site, str(REPO), *libs])}
     run = subprocess.run(
         [
             sys.executable,

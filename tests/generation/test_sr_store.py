@@ -1,6 +1,7 @@
 """The drafted SR leaves for an archive by STOW-RS (generation/structured_report.py `store_sr`): to a loopback
-endpoint that checks bearer and basic auth, and through a real Orthanc (tests/orthanc.py): stored beside its source
-image, found by QIDO-RS, fetched by WADO-RS, read back by plain pydicom with the same text, codes and coordinates."""
+endpoint that checks bearer and basic auth, and through a real Orthanc (tests/helpers/orthanc.py): stored beside its
+source image, found by QIDO-RS, fetched by WADO-RS, read back by plain pydicom with the same text, codes
+and coordinates."""
 
 from __future__ import annotations
 

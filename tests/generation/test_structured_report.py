@@ -1,6 +1,7 @@
 """The drafted report as a DICOM Comprehensive SR (generation/structured_report.py): written, read back by plain
 pydicom with the same text, codes and coordinates; valid for dciodvfy (Debian's dicom3tools); a PNG source refused;
-the draft it is made of (generation/draft.py); `cxr generate --sr` end to end. STOW-RS: tests/test_sr_store.py."""
+the draft it is made of (generation/draft.py); `cxr generate --sr` end to end. STOW-RS:
+tests/generation/test_sr_store.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
-from gen_synth import SynthRetrievalModel, make_index, make_manifest, one_thread  # noqa: F401 (an autouse fixture)
+from gen_synth import (
+    SynthRetrievalModel,
+    make_index,
+    make_manifest,
+    one_thread,  # noqa: F401 (an autouse fixture)
+    tiny_vlm_config,
+)
 from PIL import Image
 from pydicom.sr._concepts_dict import concepts
 from pydicom.uid import generate_uid
@@ -130,31 +137,20 @@ def test_dciodvfy_finds_no_error(tmp_path):
     assert all("99CXR" in w for w in warnings), warnings  # the only warning seen: the private coding scheme
 
 
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny VLM (box head and finding ridge fitted at the end) over synthetic studies whose index rows carry
     Study Instance UIDs; and a DICOM source made from one of the test images."""
     from PIL import Image
 
-    from generation.train import VLMTrainConfig, train_vlm
+    from generation.language_model import DEFAULT_LM
+    from generation.train import train_vlm
 
     root = tmp_path_factory.mktemp("sr")
     df = make_manifest(root, n=18)
     df["study_instance_uid"] = [f"1.2.826.0.1.3680043.8.498.{i + 1}" for i in range(len(df))]
     idx = make_index(df, root / "index")
-    cfg = VLMTrainConfig(
-        encoders=["patch:1"],
-        steps=20,
-        batch_size=8,
-        lm_overrides=TINY,
-        rag_k=2,
-        visual_grid=4,
-        lr=3e-3,
-        checkpoint_every=1000,
-    )
+    cfg = tiny_vlm_config(20, lm_path=DEFAULT_LM)  # the config's default LM, SmolLM2 (lm_overrides unused)
     train_vlm(df, root / "vlm", cfg, index_dir=idx, progress=False)
     pixels = np.asarray(Image.open(root / df.iloc[3]["image_path"]).convert("L"))
     return root, df, idx, root / "vlm", write_source(root / "query.dcm", pixels)

@@ -1,4 +1,5 @@
-"""Writes the compatibility fixtures under tests/fixtures/compat/ (no tests here; tests/test_compat.py reads them).
+"""Writes the compatibility fixtures under tests/fixtures/compat/ (no tests here; tests/system/test_compat.py reads
+them).
 
 Each release whose on-disk formats change adds a NEW folder `tests/fixtures/compat/<name>/` written by that release;
 an existing folder is never rewritten (this script refuses to). A folder holds:
@@ -10,7 +11,7 @@ an existing folder is never rewritten (this script refuses to). A folder holds:
   vlm/          a VLM folder (`VLM.save`: tiny Llama from scratch, projector, one frozen patch encoder)
   expected.json the queries and the answers this release gave: vectors, ids and scores
 
-    python tests/compat_fixtures.py NAME      # e.g. format2 (index format_version 2)
+    python tests/helpers/compat_fixtures.py NAME      # e.g. format2 (index format_version 2)
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE / "fixtures" / "compat"
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+HERE = Path(__file__).resolve().parent  # tests/helpers
+ROOT = HERE.parent / "fixtures" / "compat"
+sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 ROWS = 300
 TINY_BERT = {"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,

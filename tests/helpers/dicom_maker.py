@@ -314,7 +314,7 @@ def from_manifest(manifest: str | Path, out: str | Path, limit: int | None = Non
     return written
 
 
-if __name__ == "__main__":  # python tests/dicom_maker.py MANIFEST OUT [--limit N]
+if __name__ == "__main__":  # python tests/helpers/dicom_maker.py MANIFEST OUT [--limit N]
     import argparse
 
     ap = argparse.ArgumentParser(description="A manifest's images (e.g. cxr data demo's) as DICOM files + SR reports.")

@@ -112,3 +112,15 @@ def make_index(df: pd.DataFrame, out: Path) -> Path:
     }
     save_index(out, images, reports, meta, info)
     return out
+
+
+TINY_LM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def tiny_vlm_config(steps: int, **changes):
+    """The VLM training config of the tests: one frozen patch encoder, the tiny Llama (TINY_LM), 2 exemplars, a 4x4
+    visual grid; `changes` override any field."""
+    from generation.train import VLMTrainConfig
+
+    base = dict(encoders=["patch:1"], batch_size=8, lm_path="tiny", lm_overrides=TINY_LM, rag_k=2, visual_grid=4)
+    return VLMTrainConfig(**(base | dict(steps=steps, lr=3e-3, checkpoint_every=1000) | changes))

@@ -215,7 +215,7 @@ def start_orthanc(folder: str | Path, timeout: float = 30.0, delay: float = 0.0)
     raise RuntimeError(f"Orthanc did not start in {folder}: {last_error}")
 
 
-if __name__ == "__main__":  # python tests/orthanc.py FOLDER: a loopback archive to try the DICOMweb commands
+if __name__ == "__main__":  # python tests/helpers/orthanc.py FOLDER: a loopback archive to try the DICOMweb commands
     import sys
 
     server = start_orthanc(sys.argv[1] if len(sys.argv) > 1 else "orthanc-data")

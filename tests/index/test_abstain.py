@@ -11,8 +11,8 @@ import faiss
 import numpy as np
 import pandas as pd
 import pytest
+from index_helpers import FakeModel
 from PIL import Image
-from test_index_helpers import FakeModel
 
 from cli.main import main
 from index import abstain

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_index_helpers import FakeModel, FakeTransform, make_corpus
+from index_helpers import FakeModel, FakeTransform, make_corpus
+from repo_paths import HELPERS, REPO
 
 from index import store
 from index.build import BUILD_DIR, BuildOptions, add_to_index, build_index
@@ -27,7 +28,6 @@ from retrieval.data.manifest import read_manifest, write_manifest
 from retrieval.errors import IndexError_, ManifestError
 
 faiss.omp_set_num_threads(1)
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_a_second_writer_is_refused_while_another_process_holds_the_folder(corpu
     holder = "import sys, time; sys.path.insert(0, {repo!r}); from pathlib import Path; from index.generations "
     holder += "import writer_lock\nwith writer_lock(Path({out!r})):\n    print('locked', flush=True); time.sleep(60)"
     proc = subprocess.Popen(
-        [sys.executable, "-c", holder.format(repo=str(TESTS.parent), out=str(out))], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", holder.format(repo=str(REPO), out=str(out))], stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout.readline().strip() == "locked"
@@ -169,7 +169,7 @@ KILLED_BUILD = textwrap.dedent(
     """
     import sys
     sys.path[:0] = [{tests!r}, {repo!r}]
-    from test_index_helpers import FakeModel
+    from index_helpers import FakeModel
     from index.build import BuildOptions, build_index
     build_index({manifest!r}, FakeModel(), {out!r}, BuildOptions(batch_size=4, workers=2, shard_rows=8, progress=False))
     """
@@ -179,7 +179,7 @@ KILLED_BUILD = textwrap.dedent(
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_build(corpus, built, tmp_path):
     out = tmp_path / "killed"
-    script = KILLED_BUILD.format(tests=str(TESTS), repo=str(TESTS.parent), manifest=str(corpus), out=str(out))
+    script = KILLED_BUILD.format(tests=str(HELPERS), repo=str(REPO), manifest=str(corpus), out=str(out))
     env = dict(os.environ, CXR_FAKE_DELAY="0.15", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
     work = out / BUILD_DIR

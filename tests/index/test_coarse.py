@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_index_tune import clustered_pixels, embed, exact_top, recall_at, stored, write_corpus
+from clustered_corpus import clustered_pixels, embed, exact_top, recall_at, stored, write_corpus
 
 from index import coarse, store, tune
 from index.build import BuildOptions, build_index
@@ -103,7 +103,7 @@ def cheap_graph(monkeypatch):
 
 def test_the_default_rule_build_records_the_chosen_quantizer_and_queries_reach_the_target(tmp_path, cheap_graph,
                                                                                            monkeypatch):  # fmt: skip
-    from test_index_helpers import FakeModel
+    from index_helpers import FakeModel
 
     import index.build as build
 

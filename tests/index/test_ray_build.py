@@ -12,7 +12,8 @@ import faiss
 import numpy as np
 import pandas as pd
 import pytest
-from test_index_helpers import FakeModel, make_corpus
+from index_helpers import FakeModel, make_corpus
+from repo_paths import HELPERS, REPO
 
 from index import build as build_mod
 from index import store
@@ -22,14 +23,13 @@ from index.shards import iter_shards
 from retrieval.errors import UsageError
 
 faiss.omp_set_num_threads(1)
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed")
     # the actors import this checkout (and FakeModel from tests/), not whatever else is installed
-    path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(REPO), str(HELPERS), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield ray
     ray.shutdown()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import faiss
 import pytest
-from test_index_helpers import FakeModel, make_corpus
+from index_helpers import FakeModel, make_corpus
 
 from cli.main import main
 from index import store

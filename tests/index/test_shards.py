@@ -9,7 +9,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from test_index_helpers import FakeModel, make_corpus
+from index_helpers import FakeModel, make_corpus
 
 from index import store
 from index.build import ADD_DIR, BUILD_DIR, BuildOptions, add_to_index, build_index

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from repo_paths import REPO
 
 from retrieval.checkpoint import STATE_FILE, Checkpoint
 from retrieval.errors import CXRError
@@ -111,7 +112,7 @@ def _check_whole(ck: Checkpoint) -> int:
 @pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_a_whole_checkpoint(tmp_path):
     folder = tmp_path / "ck"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     steps = [0]
     for delay in (0.0, 0.011, 0.023, 0.037, 0.053, 0.071, 0.097, 0.13):  # kills land at different moments
         proc = subprocess.Popen([sys.executable, "-c", CHILD, str(folder)], env=env)

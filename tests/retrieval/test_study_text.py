@@ -2,7 +2,7 @@
 
 The splitter is checked against the rule it replaced (`(?<=[.!?])\\s+|\\n+`, which the labeler, RAG and the quoted
 sentences all used) on every text where that rule was right, and on the cases it cut wrongly: decimals ("1.5 cm"),
-abbreviations ("Dr. Smith", "e.g.") and numbered lists. Linear cost is `tests/test_text_cost.py`'s.
+abbreviations ("Dr. Smith", "e.g.") and numbered lists. Linear cost is `tests/system/test_text_cost.py`'s.
 """
 
 from __future__ import annotations

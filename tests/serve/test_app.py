@@ -1,7 +1,8 @@
 """`cxr serve`: the HTTP API over a tiny synthetic index and VLM, through FastAPI's TestClient.
 
-The index is built with the seeded `FakeModel` over `gen_synth`'s images (bright boxes that match their labels);
-the VLM is the tiny patch-encoder model `test_gen_e2e` trains, 120 steps. Nothing is downloaded.
+The index and the VLM are the `data` and `vlm` fixtures of tests/serve/conftest.py: the seeded `FakeModel` over
+`gen_synth`'s images (bright boxes that match their labels), and the tiny patch-encoder model that
+tests/generation/test_e2e.py trains, 120 steps. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (the serve
 
 from fastapi.testclient import TestClient  # noqa: E402
 from gen_synth import make_manifest, one_thread  # noqa: E402, F401 (an autouse fixture)
-from test_index_helpers import FakeModel  # noqa: E402
+from index_helpers import FakeModel  # noqa: E402
 
 from cli.main import main  # noqa: E402
 from index.build import BuildOptions, add_to_index, build_index  # noqa: E402
@@ -32,37 +33,6 @@ from serve.app import bind_warning, create_app, is_loopback  # noqa: E402
 from serve.batching import EmbedBatcher  # noqa: E402
 from serve.service import ServeConfig, ServeService  # noqa: E402
 from serve.uploads import sniff  # noqa: E402
-
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """(root, manifest frame, index folder) over 36 synthetic studies."""
-    root = tmp_path_factory.mktemp("serve")
-    df = make_manifest(root, n=36)
-    build_index(df, FakeModel(), root / "idx", options=BuildOptions(workers=0, progress=False))
-    return root, df, root / "idx"
-
-
-@pytest.fixture(scope="module")
-def vlm(data):
-    from generation.train import VLMTrainConfig, train_vlm
-
-    root, df, idx = data
-    cfg = VLMTrainConfig(
-        encoders=["patch:1"],
-        steps=120,
-        batch_size=8,
-        lm_path="tiny",
-        lm_overrides=TINY,
-        rag_k=2,
-        visual_grid=4,
-        lr=3e-3,
-        checkpoint_every=1000,
-    )
-    train_vlm(df, root / "vlm", cfg, index_dir=idx, progress=False)
-    return root / "vlm"
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +54,6 @@ def client(service):
 def fake_models(monkeypatch):
     """`--model fake-N` loads FakeModel(seed=N) in `cxr query` and `cxr serve`."""
     monkeypatch.setattr("retrieval.models.load_model", lambda name, device=None: FakeModel(seed=int(str(name)[-1])))
-
-
-def png_bytes(path: Path) -> bytes:
-    return Path(path).read_bytes()
 
 
 def write_dicom(path: Path, pixels: np.ndarray | None) -> Path:
@@ -127,7 +93,7 @@ def test_image_search_returns_what_cxr_query_json_returns(client, data, fake_mod
     png = root / "img" / "4.png"
     want = cli_query([str(png), "--index", str(idx), "-k", "4", "--target", target], capsys)
     r = client.post(
-        "/search", files={"image": ("4.png", png_bytes(png), "image/png")}, data={"k": "4", "target": target}
+        "/search", files={"image": ("4.png", png.read_bytes(), "image/png")}, data={"k": "4", "target": target}
     )
     assert r.status_code == 200, r.text
     got = r.json()
@@ -194,7 +160,7 @@ def strict(data, tmp_path, monkeypatch):
 def test_bad_uploads_get_their_status_and_leave_no_files(strict, data, tmp_path):
     c, svc, tmp = strict
     root = data[0]
-    good = png_bytes(root / "img" / "2.png")
+    good = (root / "img" / "2.png").read_bytes()
     big = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300), dtype=np.uint8)).save(big, "PNG")
     huge_pixels = io.BytesIO()
@@ -250,7 +216,7 @@ def test_sniff():
 
 def test_generate_returns_text_boxes_and_the_exemplars_it_used(client, data):
     root, df, idx = data
-    png = png_bytes(root / "img" / "1.png")  # a pleural effusion
+    png = (root / "img" / "1.png").read_bytes()  # a pleural effusion
     r = client.post("/generate", files={"image": ("1.png", png, "image/png")}, data={"task": "report", "k": "2"})
     assert r.status_code == 200, r.text
     res = r.json()
@@ -291,7 +257,7 @@ def test_generate_without_a_vlm_is_a_usage_error(data):
     svc = ServeService(ServeConfig(index=data[2], workers=1, watch_interval=0), model=FakeModel())
     try:
         with TestClient(create_app(svc)) as c:
-            r = c.post("/generate", files={"image": ("1.png", png_bytes(data[0] / "img" / "1.png"), "image/png")})
+            r = c.post("/generate", files={"image": ("1.png", (data[0] / "img" / "1.png").read_bytes(), "image/png")})
         assert r.status_code == 422 and "--vlm" in r.json()["detail"]
     finally:
         svc.close()
@@ -444,7 +410,7 @@ def test_concurrent_searches_share_forward_passes_and_stay_correct(data):
             out: dict[int, dict] = {}
 
             def one(i: int) -> None:
-                files = {"image": (f"{i}.png", png_bytes(root / "img" / f"{i}.png"), "image/png")}
+                files = {"image": (f"{i}.png", (root / "img" / f"{i}.png").read_bytes(), "image/png")}
                 out[i] = c.post("/search", files=files, data={"k": "3", "target": "images"}).json()
 
             threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
@@ -515,7 +481,7 @@ def test_reload_swaps_the_index_and_in_flight_queries_finish_on_the_old(growing,
     svc = ServeService(ServeConfig(index=idx, workers=2, watch_interval=0, one_per_patient=False), model=model)
     try:
         with TestClient(create_app(svc)) as c:
-            png = png_bytes(root / "img" / "30.png")
+            png = (root / "img" / "30.png").read_bytes()
             before = {}
             t = threading.Thread(
                 target=lambda: before.update(

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import pytest
+from index_helpers import FakeModel
 from reliability_helpers import vector_index
-from test_index_helpers import FakeModel
+from repo_paths import REPO
 
 from cli.main import main
 from index import store
@@ -35,7 +36,6 @@ def test_the_benchmarks_reuse_an_index_of_generations(tmp_path):
 @pytest.mark.parametrize("bench", ["benchmarks/query_latency.py", "benchmarks/serve_latency.py",
                                    "benchmarks/retrieval_quality.py", "cli/serve.py"])  # fmt: skip
 def test_no_benchmark_looks_for_the_info_file_by_name(bench):
-    from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / bench).read_text()
+    text = (REPO / bench).read_text()
     assert "index_info.json\").exists()" not in text and "INFO_FILE).exists()" not in text

@@ -2,8 +2,8 @@
 line of JSON, never a 500; text is bounded in length; uploads are bounded by pixels and decode memory from their
 header, and decode a few at a time.
 
-The server is the one `test_serve` builds (FakeModel index and the tiny trained VLM), through FastAPI's
-TestClient.
+The server is the one tests/serve/test_app.py serves (FakeModel index and the tiny trained VLM: the `data` and `vlm`
+fixtures of tests/serve/conftest.py), through FastAPI's TestClient.
 """
 
 from __future__ import annotations
@@ -22,16 +22,13 @@ from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
-import test_serve  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
-from test_index_helpers import FakeModel  # noqa: E402
-from test_serve import one_thread, png_bytes  # noqa: E402, F401 (an autouse fixture)
+from gen_synth import one_thread  # noqa: E402, F401 (an autouse fixture)
+from index_helpers import FakeModel  # noqa: E402
 
 from retrieval.text_limits import MAX_QUERY_CHARS  # noqa: E402
 from serve.app import create_app  # noqa: E402
 from serve.service import ServeConfig, ServeService  # noqa: E402
-
-data, vlm = test_serve.data, test_serve.vlm  # test_serve's fixtures: the synthetic index and the tiny VLM
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +176,7 @@ def test_over_long_text_and_questions_are_413_naming_the_limit(client, data):
     r = client.post("/search", json={"text": text})
     assert r.status_code == 413 and "the limit is 10,000" in r.json()["detail"]
     assert client.post("/search", json={"text": text[:MAX_QUERY_CHARS]}).status_code == 200  # at the limit: served
-    png = png_bytes(data[0] / "img" / "1.png")
+    png = (data[0] / "img" / "1.png").read_bytes()
     r = client.post("/generate", files={"image": ("1.png", png, "image/png")}, data={"task": "vqa", "question": text})
     assert r.status_code == 413 and r.json()["detail"].startswith("the question is")
     r = client.post("/generate", files={"image": ("1.png", png, "image/png")}, data={"task": "ground", "phrase": text})
@@ -248,7 +245,7 @@ def test_decodes_run_at_most_max_decodes_at_once(data, monkeypatch):
     svc = ServeService(ServeConfig(index=data[2], workers=6, watch_interval=0, max_decodes=2), model=FakeModel())
     try:
         with TestClient(create_app(svc)) as c:
-            png = png_bytes(data[0] / "img" / "3.png")
+            png = (data[0] / "img" / "3.png").read_bytes()
             codes = []
 
             def one() -> None:
@@ -270,7 +267,7 @@ def test_png_of_is_a_real_png():
 
 
 def test_generate_reveals_no_server_path(client, data):
-    png = png_bytes(data[0] / "img" / "1.png")
+    png = (data[0] / "img" / "1.png").read_bytes()
     for task in ("report", "identify", "vqa"):
         r = client.post("/generate", files={"image": ("1.png", png, "image/png")}, data={"task": task, "k": "2"})
         assert r.status_code == 200 and str(data[0]) not in r.text and "/tmp/" not in r.text, r.text[:300]

@@ -21,20 +21,20 @@ import time
 from pathlib import Path
 
 import pytest
+from repo_paths import HELPERS, REPO
 
 pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
 from gen_synth import make_manifest  # noqa: E402
-from test_index_helpers import FakeModel  # noqa: E402
+from index_helpers import FakeModel  # noqa: E402
 
 from index.build import BuildOptions, build_index  # noqa: E402
 
-TESTS = Path(__file__).resolve().parent
 SERVER = textwrap.dedent(
     """
     import sys, time
     sys.path[:0] = [{tests!r}, {repo!r}]
-    from test_index_helpers import FakeModel
+    from index_helpers import FakeModel
 
     class SlowText(FakeModel):
         def encode_texts(self, texts, batch_size=32, **kw):
@@ -71,7 +71,7 @@ class Server:
     def __init__(self, index: Path, tmp: Path, *extra: str):
         self.port, self.tmp = free_port(), tmp
         tmp.mkdir(parents=True, exist_ok=True)
-        script = SERVER.format(tests=str(TESTS), repo=str(TESTS.parent), index=str(index), port=self.port, extra=extra)
+        script = SERVER.format(tests=str(HELPERS), repo=str(REPO), index=str(index), port=self.port, extra=extra)
         env = dict(os.environ, TMPDIR=str(tmp), OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)  # fmt: skip

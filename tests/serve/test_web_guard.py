@@ -13,7 +13,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 
 from fastapi.testclient import TestClient  # noqa: E402
 from gen_synth import make_manifest, one_thread  # noqa: E402, F401 (an autouse fixture)
-from test_index_helpers import FakeModel  # noqa: E402
+from index_helpers import FakeModel  # noqa: E402
 
 from index.build import BuildOptions, build_index  # noqa: E402
 from serve.app import create_app  # noqa: E402

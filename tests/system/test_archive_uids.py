@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pandas as pd
 import pytest
-from test_index_helpers import FakeModel, make_corpus
+from index_helpers import FakeModel, make_corpus
 
 from cli.main import main
 from index import generations, layout

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from gen_synth import make_manifest, one_thread  # noqa: F401 (an autouse fixture)
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CXR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",

@@ -1,6 +1,6 @@
 """Compatibility as a test (issue 29, item 21): every fixture folder under tests/fixtures/compat/, written by an
-earlier release (tests/compat_fixtures.py), must still open and answer exactly as that release did, or be refused
-in one line (an index: naming `cxr index upgrade`). Fixtures are added for each new format, never replaced."""
+earlier release (tests/helpers/compat_fixtures.py), must still open and answer exactly as that release did, or be
+refused in one line (an index: naming `cxr index upgrade`). Fixtures are added for each new format, never replaced."""
 
 from __future__ import annotations
 

@@ -13,7 +13,9 @@ import ast
 import functools
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from repo_paths import REPO
+
+ROOT = REPO
 PACKAGES = ("retrieval", "index", "generation", "serve", "cli")
 
 

@@ -1,5 +1,5 @@
-"""The loopback Orthanc fixture itself (tests/orthanc.py): auth, STOW-RS / QIDO-RS / WADO-RS, its request log,
-and that it stops by its PID. The DICOM maker's files (tests/dicom_maker.py) are what it stores."""
+"""The loopback Orthanc fixture itself (tests/helpers/orthanc.py): auth, STOW-RS / QIDO-RS / WADO-RS, its request log,
+and that it stops by its PID. The DICOM maker's files (tests/helpers/dicom_maker.py) are what it stores."""
 
 from __future__ import annotations
 

@@ -28,9 +28,10 @@ import faiss
 import numpy as np
 import pandas as pd
 import pytest
+from index_helpers import FakeModel, make_corpus
 from PIL import Image
 from reliability_helpers import flip_bit, float_dicom, unit_vectors, vector_index
-from test_index_helpers import FakeModel, make_corpus
+from repo_paths import HELPERS, REPO
 
 from cli.main import main
 from index import layout, store, verify
@@ -44,7 +45,6 @@ from retrieval.errors import ImageReadError, IndexError_, ManifestError
 from retrieval.fileio import sha256_file
 
 faiss.omp_set_num_threads(1)
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
@@ -363,7 +363,7 @@ def test_cli_probes_print_one_line_naming_the_file(corpus, tmp_path, fake_models
 @pytest.mark.slow
 def test_train_resume_with_a_refused_pickle_is_one_line(tmp_path, capsys):
     """The real probe: a checkpoint whose optimiser file is a pickle torch refuses; `cxr train` resumes."""
-    from test_train import make_manifest
+    from train_manifest import make_manifest
 
     manifest = make_manifest(tmp_path / "data", 40)
     out = tmp_path / "run"
@@ -432,7 +432,7 @@ ADDER = textwrap.dedent(
     """
     import sys
     sys.path[:0] = [{tests!r}, {repo!r}]
-    from test_index_helpers import FakeModel
+    from index_helpers import FakeModel
     from index.build import BuildOptions, add_to_index
     for m in {manifests!r}:
         add_to_index({out!r}, m, FakeModel(), BuildOptions(batch_size=8, workers=0, shard_rows=4, progress=False))
@@ -453,7 +453,7 @@ def test_readers_never_see_a_half_written_commit(corpus, tmp_path):
         p = corpus.parent / f"add{j}.parquet"
         write_manifest(part, p)
         manifests.append(str(p))
-    script = ADDER.format(tests=str(TESTS), repo=str(TESTS.parent), manifests=manifests, out=str(out))
+    script = ADDER.format(tests=str(HELPERS), repo=str(REPO), manifests=manifests, out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     q = unit_vectors(1, 32)

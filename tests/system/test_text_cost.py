@@ -106,7 +106,7 @@ def test_truncate_reports_cuts_and_warns_once(caplog):
 @pytest.fixture
 def tiny_index(tmp_path, monkeypatch):
     from gen_synth import make_manifest
-    from test_index_helpers import FakeModel
+    from index_helpers import FakeModel
 
     from index.build import BuildOptions, build_index
 

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from test_models import tiny_model
+from tiny_model import tiny_model
 
 from retrieval.errors import ImageReadError
 from retrieval.models import CXRModel, GreyImageTransform, load_model

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import make_manifest
+from train_manifest import make_manifest
 
 from retrieval.errors import ImageReadError
 from retrieval.models import load_model

@@ -7,16 +7,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from gen_synth import make_manifest
+from repo_paths import REPO
 
 from cli.main import main
 from retrieval.models import onnx_cache, onnx_embedder
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

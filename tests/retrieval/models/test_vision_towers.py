@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import make_manifest
+from train_manifest import make_manifest
 
 from cli.main import main
 from retrieval.errors import ModelLoadError

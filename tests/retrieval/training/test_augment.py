@@ -43,7 +43,7 @@ def test_identity_settings_return_the_image() -> None:
 
 @pytest.mark.slow
 def test_train_augments_training_batches_only(tmp_path, capsys, monkeypatch) -> None:
-    from test_train import make_manifest
+    from train_manifest import make_manifest
 
     from cli.main import main
 

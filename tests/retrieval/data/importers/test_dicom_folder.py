@@ -1,4 +1,4 @@
-"""`cxr data import dicom DIR` (retrieval/data/importers/dicom_folder.py) on the files of tests/dicom_maker.py:
+"""`cxr data import dicom DIR` (retrieval/data/importers/dicom_folder.py) on the files of tests/helpers/dicom_maker.py:
 which files are kept, each skip reason, the rows against a plain pydicom reading, reports from SR and CSV,
 patient-disjoint splits, and the pseudonyms (HMAC-SHA256 computed here independently)."""
 

@@ -1,6 +1,6 @@
-"""`cxr data import dicomweb` and `cxr index sync` against a real loopback Orthanc (tests/orthanc.py), fed by
-STOW-RS with the files of tests/dicom_maker.py: the same rows and bit-identical pixels as the folder import, skip
-reasons, auth (basic, bearer, refused), a SIGKILL mid-import resumed with nothing fetched twice (counted on the
+"""`cxr data import dicomweb` and `cxr index sync` against a real loopback Orthanc (tests/helpers/orthanc.py), fed by
+STOW-RS with the files of tests/helpers/dicom_maker.py: the same rows and bit-identical pixels as the folder import,
+skip reasons, auth (basic, bearer, refused), a SIGKILL mid-import resumed with nothing fetched twice (counted on the
 server), and a sync that adds exactly the new uploads, then nothing."""
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_maker import as_archived, make_radiograph, make_secondary_capture, make_test_folder
+from index_helpers import FakeModel
 from orthanc import find_orthanc, start_orthanc
-from test_index_helpers import FakeModel
+from repo_paths import REPO
 
 from cli.main import main
 from index import store
@@ -30,7 +31,6 @@ from retrieval.data.importers import import_source
 from retrieval.data.importers.dicom_cache import MAP_FILE
 from retrieval.errors import ImportError_
 
-REPO = Path(__file__).resolve().parents[1]
 COMPARED = ["image_id", "study_id", "patient_id", "view", "report", "labels", "split", "study_instance_uid",
             "series_instance_uid", "sop_instance_uid", "accession_number", "study_date", "modality"]  # fmt: skip
 
