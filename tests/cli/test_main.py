@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from run_python import run_python
+
 from cli.main import main
 
 
@@ -45,6 +47,5 @@ def test_help_imports_no_heavy_library():
         "import sys\nfrom cli.main import main\nassert main(['--help']) == 0\n"
         "print(sorted(m for m in ('torch', 'pandas', 'faiss', 'open_clip', 'rich.markdown') if m in sys.modules))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_python(code)
     assert proc.stdout.strip().splitlines()[-1] == "[]"

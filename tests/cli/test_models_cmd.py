@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from repo_paths import REPO
+from run_python import run_python
 from tiny_model import TEXTS, tiny_model
 
 from cli.main import main
@@ -75,23 +74,7 @@ def test_saved_folder_loads_in_plain_open_clip_offline(saved: tuple[Path, str], 
     np.save(tmp_path / "px.npy", px)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf"), "PYTHONPATH": str(REPO)}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            OFFLINE,
-            str(folder),
-            str(tmp_path / "o.npz"),
-            str(tmp_path / "px.npy"),
-            json.dumps(TEXTS),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
+    run_python(OFFLINE, folder, tmp_path / "o.npz", tmp_path / "px.npy", json.dumps(TEXTS), env=env, cwd=tmp_path)
     got = np.load(tmp_path / "o.npz")
     ours = load_model(folder, device="cpu")
     with torch.no_grad():

@@ -10,21 +10,14 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from dicom_maker import write_dicom
 from index_helpers import FakeModel, make_corpus
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cli.main import main
 from index.search import Searcher
 from retrieval.data.manifest import read_manifest, write_manifest
 
 faiss.omp_set_num_threads(1)
-
-
-@pytest.fixture
-def fake_models(monkeypatch):
-    """`--model fake-N` loads FakeModel(seed=N): the CLI path without a real network."""
-    monkeypatch.setattr("retrieval.models.load_model", lambda name, device=None: FakeModel(seed=int(str(name)[-1])))
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +33,6 @@ def index(corpus, tmp_path, fake_models, capsys) -> Path:
     result = json.loads(capsys.readouterr().out)
     assert result["count"] == 24 and result["bad_images"] == 2
     return out
-
-
-def _write_dicom(path: Path, pixels: np.ndarray) -> Path:
-    """A minimal 8-bit MONOCHROME2 DICOM holding `pixels`."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = pixels.astype(np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def test_info(index, capsys):
@@ -87,7 +62,7 @@ def test_dicom_query_finds_the_same_picture(index, corpus, tmp_path, capsys):
     from PIL import Image
 
     png = Path(read_manifest(corpus).attrs["root"]) / "images" / "im0009.png"
-    dcm = _write_dicom(tmp_path / "query.dcm", np.asarray(Image.open(png)))
+    dcm = write_dicom(tmp_path / "query.dcm", np.asarray(Image.open(png)))
     args = ["query", str(dcm), "--index", str(index), "--model", "fake-0", "--target", "images", "-k", "2", "--json"]
     assert main(args) == 0
     top, second = json.loads(capsys.readouterr().out)["results"]

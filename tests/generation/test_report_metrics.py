@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from repo_paths import REPO
+from run_python import run_python
 
 from cli.main import main
 from generation import metrics, report_metrics
@@ -505,8 +506,6 @@ def test_same_outputs_as_the_unmodified_libraries_on_transformers_4(tiny_chexber
     annotate exactly as this module does on the installed transformers 5: CheXbert labels, RadGraph entities,
     relations and rewards. Needs a second transformers, so it runs only where one is provided."""
     import os
-    import subprocess
-    import sys
 
     site = os.environ.get("CXR_TRANSFORMERS4_SITE")
     if not site:
@@ -517,21 +516,8 @@ def test_same_outputs_as_the_unmodified_libraries_on_transformers_4(tiny_chexber
     texts = REFS + HYPS
     libs = {str(Path(m.__file__).resolve().parents[1]) for m in (f1chexbert, radgraph)}
     env = os.environ | {"PYTHONPATH": os.pathsep.join([site, str(REPO), *libs])}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            TRANSFORMERS4_RUN,
-            str(tiny_chexbert / "chexbert"),
-            str(tiny_radgraph / "radgraph"),
-            json.dumps(texts),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    chexbert, radgraph_dir = tiny_chexbert / "chexbert", tiny_radgraph / "radgraph"
+    run = run_python(TRANSFORMERS4_RUN, chexbert, radgraph_dir, json.dumps(texts), env=env, timeout=600)
     theirs = json.loads(run.stdout.strip().splitlines()[-1])
     assert theirs["transformers"].startswith("4.") and theirs["native"]
     ours = report_metrics.CheXbertLabeler(tiny_chexbert / "chexbert").labels(texts)

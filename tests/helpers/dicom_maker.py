@@ -1,12 +1,16 @@
 """Radiographs as DICOM files for the tests, made with pydicom from small synthetic chest-like images.
 
-`make_radiograph(path, ...)` writes one CR or DX image (MONOCHROME1 or MONOCHROME2; uncompressed, JPEG baseline or
-JPEG 2000); `make_ct`, `make_secondary_capture`, `make_report_sr` write what an importer must skip or read as a
-report; `damage_header` and `write_without_preamble` spoil a file on purpose. `make_test_folder(folder)` lays out
-the whole set the importer tests walk and returns what each file is expected to give (kept, or skipped and why).
+`write_dicom(path, pixels, ...)` writes a minimal file (8-bit, float or no pixel data; any attributes): the query
+images and hostile inputs of the query, serve, fuzz, reliability and SR tests; `minimal_dataset` is its dataset
+before pixels. `make_radiograph(path, ...)` writes one CR or DX image (MONOCHROME1 or MONOCHROME2; uncompressed,
+JPEG baseline or JPEG 2000); `make_ct`, `make_secondary_capture`, `make_report_sr` write what an importer must skip
+or read as a report; `damage_header` and `write_without_preamble` spoil a file on purpose. `make_test_folder(folder)`
+lays out the whole set the importer tests walk and returns what each file is expected to give (kept, or skipped and
+why).
 
 JPEG baseline is 8 bit (Pillow encodes it; pydicom encapsulates the frame); JPEG 2000 is lossless 12 bit through
-pydicom's encoder (pylibjpeg-openjpeg). Every file is deterministic for its arguments (seeded pixels, given UIDs).
+pydicom's encoder (pylibjpeg-openjpeg). Every `make_*` file is deterministic for its arguments (seeded pixels,
+given UIDs); `write_dicom` gives each file a fresh SOP instance UID.
 """
 
 from __future__ import annotations
@@ -104,6 +108,46 @@ def _set_pixels(ds: Dataset, pixels: np.ndarray, photometric: str, syntax: str) 
         ds.compress(JPEG2000Lossless, pixels, generate_instance_uid=False)
     else:
         raise ValueError(f"unknown syntax {syntax!r} (one of {SYNTAXES})")
+
+
+def minimal_dataset(sop_class: str = SecondaryCaptureImageStorage, **attrs) -> Dataset:
+    """A dataset with its file meta (explicit VR little endian), `sop_class` and a fresh SOP instance UID, and
+    `attrs` (e.g. Modality="DX"); no pixel attributes."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def write_dicom(
+    path: str | Path | io.BytesIO,
+    pixels: np.ndarray | None = None,
+    sop_class: str = SecondaryCaptureImageStorage,
+    **attrs,
+) -> str | Path | io.BytesIO:
+    """A minimal DICOM file (`minimal_dataset`, Modality DX unless `attrs` say otherwise) holding `pixels` as one
+    MONOCHROME2 frame: 8 bit for integers, FloatPixelData (BitsAllocated 32) for floats, or no pixel data (None).
+    `attrs` are set after the pixels, so they may change any of them. `path` may be a file object."""
+    ds = minimal_dataset(sop_class, Modality="DX")
+    if pixels is not None:
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        if pixels.dtype.kind == "f":
+            ds.BitsAllocated = 32
+            ds.FloatPixelData = np.ascontiguousarray(pixels, dtype="<f4").tobytes()
+        else:
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+            ds.PixelData = pixels.astype(np.uint8).tobytes()
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def make_radiograph(

@@ -57,23 +57,8 @@ def flip_bit(path: Path, rng: np.random.Generator) -> tuple[int, int]:
 def float_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
     """A DICOM with 32-bit float pixel data (FloatPixelData), e.g. a parametric map or a processed image."""
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from dicom_maker import write_dicom
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.30"  # parametric map storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = 32
-    ds.FloatPixelData = np.ascontiguousarray(pixels, dtype="<f4").tobytes()
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    assert pydicom.dcmread(path).pixel_array.dtype.kind == "f"
+    write_dicom(path, np.asarray(pixels, dtype=np.float32), sop_class="1.2.840.10008.5.1.4.1.1.30", **tags)
+    assert pydicom.dcmread(path).pixel_array.dtype.kind == "f"  # parametric map storage
     return path

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from dicom_maker import write_dicom
+from pydicom.uid import generate_uid
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 ROWS, COLUMNS = 64, 80
@@ -29,23 +29,22 @@ DRAFT = {
 def write_source(path: Path, pixels: np.ndarray | None = None) -> Path:
     """A DX (for presentation) radiograph with the patient and study attributes a PACS sends."""
     pixels = np.zeros((ROWS, COLUMNS), np.uint8) if pixels is None else pixels
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = DX_FOR_PRESENTATION, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = DX_FOR_PRESENTATION, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "PAT-1", "Test^Patient", "19700101", "F"
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20240102", "101010", "ACC0001", "1"
-    ds.ReferringPhysicianName = ""
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = pixels.astype(np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_dicom(
+        path,
+        pixels,
+        DX_FOR_PRESENTATION,
+        StudyInstanceUID=generate_uid(),
+        SeriesInstanceUID=generate_uid(),
+        PatientID="PAT-1",
+        PatientName="Test^Patient",
+        PatientBirthDate="19700101",
+        PatientSex="F",
+        StudyDate="20240102",
+        StudyTime="101010",
+        AccessionNumber="ACC0001",
+        StudyID="1",
+        ReferringPhysicianName="",
+    )
 
 
 def walk(items, out=None, parents=()):

@@ -246,21 +246,8 @@ def test_eval_cli_on_tiny_manifest(tmp_path, capsys):
     torch.manual_seed(0)
     load_model("cxr-tiny").save(tmp_path / "model")  # an untrained seed-0 model: equals its zero-shot baseline
     plot = tmp_path / "emb.png"
-    code = main(
-        [
-            "eval",
-            "retrieval",
-            "--model",
-            str(tmp_path / "model"),
-            "--manifest",
-            str(manifest),
-            "--split",
-            "test",
-            "--json",
-            "--plot",
-            str(plot),
-        ]
-    )
+    args = ["eval", "retrieval", "--model", str(tmp_path / "model"), "--manifest", str(manifest), "--split", "test"]
+    code = main([*args, "--json", "--plot", str(plot)])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 16 and result["studies"] == 16 and result["patients"] == 4
@@ -273,22 +260,7 @@ def test_eval_cli_on_tiny_manifest(tmp_path, capsys):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
     # the human-readable table, and a clear error for a missing split
-    assert (
-        main(
-            [
-                "eval",
-                "retrieval",
-                "--model",
-                str(tmp_path / "model"),
-                "--manifest",
-                str(manifest),
-                "--split",
-                "test",
-                "--no-baselines",
-            ]
-        )
-        == 0
-    )
+    assert main([*args, "--no-baselines"]) == 0
     out = capsys.readouterr().out
     assert "image->report" in out and "R@1" in out and "random" not in out
     assert (

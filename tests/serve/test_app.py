@@ -13,7 +13,6 @@ import shutil
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx (the serve extra)")
 
+from dicom_maker import write_dicom  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from gen_synth import make_manifest, one_thread  # noqa: E402, F401 (an autouse fixture)
 from index_helpers import FakeModel  # noqa: E402
@@ -48,34 +48,6 @@ def service(data, vlm):
 def client(service):
     with TestClient(create_app(service)) as c:
         yield c
-
-
-@pytest.fixture
-def fake_models(monkeypatch):
-    """`--model fake-N` loads FakeModel(seed=N) in `cxr query` and `cxr serve`."""
-    monkeypatch.setattr("retrieval.models.load_model", lambda name, device=None: FakeModel(seed=int(str(name)[-1])))
-
-
-def write_dicom(path: Path, pixels: np.ndarray | None) -> Path:
-    """A minimal 8-bit MONOCHROME2 DICOM holding `pixels` (None: a DICOM without pixel data)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    if pixels is not None:
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-        ds.PixelData = pixels.astype(np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def cli_query(args: list[str], capsys) -> dict:

@@ -9,28 +9,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from gen_synth import make_manifest, one_thread  # noqa: F401 (an autouse fixture)
-from repo_paths import REPO
+from gen_synth import make_manifest, one_thread, tiny_vlm_config  # noqa: F401 (an autouse fixture)
+
+from benchmarks.serve_common import CHROMIUM_ARGS, start_server, stop_server, wait_js
 
 CHROMIUM = os.environ.get("CXR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 K = 4
 # `cxr serve --archive-url`: the viewer links the studies that have UIDs (all but s1 here) to the archive
 ARCHIVE = "http://pacs.invalid/ohif/viewer?StudyInstanceUIDs={study_instance_uid}&acc={accession_number}"
@@ -49,6 +35,7 @@ def with_uids(df):
             df.loc[i, "accession_number"] = f"A&{i} x"
     return df
 
+
 if not Path(CHROMIUM).is_file():
     pytest.skip(
         f"Chromium not found at {CHROMIUM}: install Debian's package (apt-get install chromium), as .ci/run does",
@@ -58,67 +45,15 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: list[str], log: Path, tmp: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:
-    """`cxr serve ARGS` on a free loopback port, its temporary files under `tmp`; returns (process, base URL)
-    once /health answers."""
-    import httpx
-
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "TMPDIR": str(tmp)}
-    cmd = [sys.executable, "-m", "cli.main", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"cxr serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError(f"cxr serve did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
-def wait_js(page, fn: str, timeout: float = 60) -> object:
-    """Poll `fn` (a JS function) in the page until it returns something truthy. Not `wait_for_function`: that
-    evaluates a string with eval, which the viewer's Content-Security-Policy (rightly) refuses."""
-    deadline = time.time() + timeout
-    while True:
-        got = page.evaluate(fn)
-        if got:
-            return got
-        if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {fn}")
-        time.sleep(0.1)
-
-
 def launch(p):
-    """Debian's Chromium, headless, with nothing that reaches the network by itself."""
+    """Debian's Chromium, headless, with nothing that reaches the network by itself (CHROMIUM_ARGS)."""
     return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A real cxr-tiny model folder, an index over 36 synthetic studies, a tiny VLM, and `cxr serve` over them."""
-    from generation.train import VLMTrainConfig, train_vlm
+    from generation.train import train_vlm
     from index.build import BuildOptions, build_index
     from retrieval.models import load_model
 
@@ -129,17 +64,10 @@ def served(tmp_path_factory):
     build_index(df, model, root / "idx", options=BuildOptions(model_path=root / "model", workers=0, progress=False))
     # report + identify only: in 200 steps (~10 s) this tiny VLM learns to draft the synthetic reports and to
     # draw boxes for the images with findings; with all five tasks it often draws none yet
-    cfg = VLMTrainConfig(
+    cfg = tiny_vlm_config(
+        200,
         tasks=["report", "identify"],
-        encoders=["patch:1"],
-        steps=200,
-        batch_size=8,
-        lm_path="tiny",
-        lm_overrides=TINY,
         rag_k=3,  # the server's default k: a prompt of the length it was trained on
-        visual_grid=4,
-        lr=3e-3,
-        checkpoint_every=1000,
         task_rule="inverse",  # the settings this tiny run was tuned with (before uniform tasks, balance, aux loss)
         balance=0.0,
         aux_weight=0.0,
@@ -149,7 +77,7 @@ def served(tmp_path_factory):
     tmp.mkdir()
     args = ["--index", str(root / "idx"), "--vlm", str(root / "vlm"), "--watch-interval", "0"]
     args += ["--archive-url", ARCHIVE]
-    proc, url = start_server(args, log, tmp)
+    proc, url = start_server(args, log, timeout=180, tmp=tmp)
     assert [p.name for p in tmp.iterdir()][0].startswith("cxr-serve-uploads-")
     yield url, root, df
     stop_server(proc)

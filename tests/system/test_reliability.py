@@ -47,11 +47,6 @@ from retrieval.fileio import sha256_file
 faiss.omp_set_num_threads(1)
 
 
-@pytest.fixture
-def fake_models(monkeypatch):
-    monkeypatch.setattr("retrieval.models.load_model", lambda name, device=None: FakeModel(seed=int(str(name)[-1])))
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus"), n=24)

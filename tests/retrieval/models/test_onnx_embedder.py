@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from gen_synth import make_manifest
 from repo_paths import REPO
+from run_python import run_python
 
 from cli.main import main
 from retrieval.models import onnx_cache, onnx_embedder
@@ -90,8 +89,7 @@ def test_cxr_query_answers_without_torch_as_the_torch_path_does(tiny, monkeypatc
         "print(json.dumps(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules)), file=sys.stderr)"
     )
     env = {**os.environ, "CXR_IMAGE_RUNTIME": "auto", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_python(code, *args, env=env, timeout=120)
     assert json.loads(proc.stderr.strip().splitlines()[-1]) == []  # neither torch nor open_clip was imported
     got = json.loads(proc.stdout)
     assert [r["row_id"] for r in got["results"]] == [r["row_id"] for r in want["results"]]

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from loopback_hub import LoopbackHub, hub_env
+from run_python import run_python
 from tiny_model import TEXTS, TINY_BERT
 
 from retrieval.models.bundle import CHECKSUMS_FILE, linked_text_path, read_checksums
@@ -118,23 +119,8 @@ def test_prefetch_through_loopback_hub_then_offline(tmp_path: Path, capsys: pyte
     px = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
     np.save(tmp_path / "px.npy", px)
     empty = tmp_path / "hf-empty"
-    load = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            OFFLINE_LOAD,
-            str(dest),
-            str(tmp_path / "out.npz"),
-            json.dumps(TEXTS),
-            str(tmp_path / "px.npy"),
-        ],
-        env=hub_env(HF_HUB_OFFLINE="1", HF_HOME=str(empty), HF_ENDPOINT=hub.url),
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-    )
-    assert load.returncode == 0, load.stderr[-2000:]
+    env = hub_env(HF_HUB_OFFLINE="1", HF_HOME=str(empty), HF_ENDPOINT=hub.url)
+    run_python(OFFLINE_LOAD, dest, tmp_path / "out.npz", json.dumps(TEXTS), tmp_path / "px.npy", env=env, cwd=tmp_path)
     got = np.load(tmp_path / "out.npz")
 
     from open_clip.tokenizer import HFTokenizer

@@ -175,9 +175,8 @@ def test_sync_adds_exactly_the_new_uploads_and_then_nothing(orthanc, tmp_path):
     assert orthanc.password not in json.dumps(state)
 
 
-def test_cli_build_from_dicomweb_then_sync(orthanc, tmp_path, monkeypatch, capsys):
+def test_cli_build_from_dicomweb_then_sync(orthanc, tmp_path, monkeypatch, capsys, fake_models):
     """The commands a user runs: import from the archive, build, upload more, `cxr index sync` (twice)."""
-    monkeypatch.setattr("retrieval.models.load_model", lambda name, device=None: FakeModel(seed=int(str(name)[-1])))
     monkeypatch.setenv("CXR_DICOMWEB_TOKEN", orthanc.token)
     upload(orthanc, [make_radiograph(tmp_path / f"a/{i}.dcm", f"P{i}", f"S{i}", size=32, seed=i) for i in range(4)])
     manifest, idx = tmp_path / "pacs.parquet", tmp_path / "idx"
