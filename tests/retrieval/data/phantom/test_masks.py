@@ -1,6 +1,6 @@
 """The phantom's region masks agree with what it draws: each finding's mask is the region its box was read from,
 the lung fields are the dark air the image shows, a finding's pixels lie inside its mask, and the demo manifest
-carries the masks (`masks` column) for every row. The image bytes themselves are pinned by test_phantom_digests."""
+carries the masks (`masks` column) for every row. The image bytes themselves are pinned by test_digests.py."""
 
 from __future__ import annotations
 
