@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gen_synth import one_thread  # noqa: F401 (an autouse fixture)
+from gen_synth import UNIT_LM, one_thread  # noqa: F401 (an autouse fixture)
 
 from generation.boxes import malformed_boxes, parse_boxes
 from generation.constraints import BoxGrammar, box_decoding
@@ -64,7 +64,7 @@ def test_constrained_generation_of_an_untrained_vlm_never_emits_a_malformed_box(
     vlm = VLM.create(
         12,
         [{"spec": "t"}],
-        lm_overrides={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+        lm_overrides=UNIT_LM,
         corpus=["cardiomegaly", "right lung"],
     ).eval()
     t = vlm.tok

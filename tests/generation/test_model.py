@@ -5,15 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gen_synth import one_thread  # noqa: F401 (an autouse fixture)
+from gen_synth import UNIT_LM, one_thread  # noqa: F401 (an autouse fixture)
 
 from generation.encoders import FrozenPatchEncoder, combine_tokens, encode_visual, pool_grid
 from generation.model import VLM, group_tokens
 from generation.rag import build_prompt_ids
 from generation.tokenizer import COORD_TOKENS, TASK_TOKENS, build_tokenizer, decode
 from retrieval.errors import ModelLoadError
-
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 
 
 def test_group_tokens_concatenates_five_adjacent():
@@ -47,7 +45,7 @@ def test_multi_encoder_features_concatenate():
 @pytest.fixture(scope="module")
 def vlm():
     torch.manual_seed(0)
-    return VLM.create(12, [{"spec": "test"}], lm_overrides=TINY, corpus=["the heart is normal.", "no"])
+    return VLM.create(12, [{"spec": "test"}], lm_overrides=UNIT_LM, corpus=["the heart is normal.", "no"])
 
 
 def _batch(vlm):
@@ -122,7 +120,7 @@ def test_tokenizer_keeps_task_and_coordinate_tokens():
 
 def test_aux_finding_head_adds_its_loss_trains_the_projector_and_round_trips(tmp_path):
     torch.manual_seed(0)
-    vlm = VLM.create(12, [{"spec": "test"}], lm_overrides=TINY, corpus=["the heart is normal.", "no"], aux_labels=3)
+    vlm = VLM.create(12, [{"spec": "test"}], lm_overrides=UNIT_LM, corpus=["the heart is normal.", "no"], aux_labels=3)
     tok = vlm.tok
     prompt, target = [tok.cls_token_id], tok("no", add_special_tokens=False)["input_ids"]
     visual = torch.randn(2, 10, 12)
@@ -136,7 +134,7 @@ def test_aux_finding_head_adds_its_loss_trains_the_projector_and_round_trips(tmp
     vlm.save(tmp_path / "v")
     back = VLM.load(tmp_path / "v")
     assert torch.equal(back.aux_head.weight, vlm.aux_head.weight)
-    assert VLM.create(12, [{"spec": "test"}], lm_overrides=TINY, corpus=["no"]).aux_head is None
+    assert VLM.create(12, [{"spec": "test"}], lm_overrides=UNIT_LM, corpus=["no"]).aux_head is None
 
 
 def _coord_batch(vlm, value: int):
@@ -148,7 +146,7 @@ def _coord_batch(vlm, value: int):
 
 def test_soft_coordinate_targets_cost_less_for_a_near_miss_than_a_far_one():
     torch.manual_seed(0)
-    vlm = VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["heart"], coord_sigma=2.0)
+    vlm = VLM.create(12, [{"spec": "t"}], lm_overrides=UNIT_LM, corpus=["heart"], coord_sigma=2.0)
     tok = vlm.tok
     # logits that put all mass on <42> at every answer position: the target <40> is a near miss, <90> a far one
     logits = torch.full((1, len(tok)), -20.0)
@@ -160,7 +158,7 @@ def test_soft_coordinate_targets_cost_less_for_a_near_miss_than_a_far_one():
     assert torch.allclose(
         vlm._token_losses(logits, word), torch.nn.functional.cross_entropy(logits, word, reduction="none")
     )
-    hard = VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["heart"])
+    hard = VLM.create(12, [{"spec": "t"}], lm_overrides=UNIT_LM, corpus=["heart"])
     assert torch.allclose(  # one-hot (sigma 0): a near miss is as wrong as any other token
         hard._token_losses(logits, torch.tensor([tok.convert_tokens_to_ids("<40>")])),
         hard._token_losses(logits, torch.tensor([tok.convert_tokens_to_ids("<90>")])),
@@ -169,7 +167,7 @@ def test_soft_coordinate_targets_cost_less_for_a_near_miss_than_a_far_one():
 
 def test_coordinate_embeddings_start_ordered():
     torch.manual_seed(0)
-    vlm = VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["heart"], coord_init=True)
+    vlm = VLM.create(12, [{"spec": "t"}], lm_overrides=UNIT_LM, corpus=["heart"], coord_init=True)
     emb = vlm.lm.get_input_embeddings().weight
     ids = [vlm.tok.convert_tokens_to_ids(c) for c in COORD_TOKENS]
     sim = torch.nn.functional.cosine_similarity(emb[ids[40]][None], emb[ids], dim=-1).detach()
@@ -177,13 +175,14 @@ def test_coordinate_embeddings_start_ordered():
     # side lobes, so similarity is not monotonic beyond the main lobe)
     assert sim[39] > 0.9 and sim[41] > 0.9
     assert max(float(sim[i]) for i in range(101) if abs(i - 40) >= 15) < 0.6
-    plain = VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["heart"])
+    plain = VLM.create(12, [{"spec": "t"}], lm_overrides=UNIT_LM, corpus=["heart"])
     assert abs(float(emb.std()) - float(plain.lm.get_input_embeddings().weight.std())) < 0.01
 
 
 def test_example_loss_norm_weighs_each_example_equally():
     torch.manual_seed(0)
-    vlm = VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["the heart is normal.", "no"], loss_norm="example")
+    corpus = ["the heart is normal.", "no"]
+    vlm = VLM.create(12, [{"spec": "t"}], lm_overrides=UNIT_LM, corpus=corpus, loss_norm="example")
     visual, prompts, targets = _batch(vlm)  # a 6-token report and a 1-token answer
     both = vlm(visual, prompts, targets)
     each = [vlm(visual[i : i + 1], prompts[i : i + 1], targets[i : i + 1]) for i in range(2)]
@@ -191,4 +190,4 @@ def test_example_loss_norm_weighs_each_example_equally():
     vlm.config.loss_norm = "token"
     assert not torch.allclose(vlm(visual, prompts, targets), both, atol=1e-4)
     with pytest.raises(ValueError):
-        VLM.create(12, [{"spec": "t"}], lm_overrides=TINY, corpus=["no"], loss_norm="tokens")
+        VLM.create(12, [{"spec": "t"}], lm_overrides=UNIT_LM, corpus=["no"], loss_norm="tokens")

@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
-from gen_synth import one_thread  # noqa: F401 (an autouse fixture)
+from gen_synth import UNIT_LM, one_thread  # noqa: F401 (an autouse fixture)
 
 from generation.collate import IGNORE, collate, splice_image
 from generation.model import VLM
 from generation.vlm_config import DEFAULT_BUDGET, VLMConfig
 from retrieval.errors import ModelLoadError
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 # vlm_config.json as the first VLM versions wrote it: a plain dict without the later keys
 OLD_CONFIG = {
     "visual_dim": 12,
@@ -47,7 +46,7 @@ def test_config_round_trips_and_reads_like_the_old_dict():
 
 def test_an_old_dict_config_folder_still_loads(tmp_path):
     torch.manual_seed(0)
-    vlm = VLM.create(12, OLD_CONFIG["encoders"], lm_overrides=TINY, corpus=["the heart is normal.", "no"]).eval()
+    vlm = VLM.create(12, OLD_CONFIG["encoders"], lm_overrides=UNIT_LM, corpus=["the heart is normal.", "no"]).eval()
     vlm.save(tmp_path / "v")
     (tmp_path / "v" / "vlm_config.json").write_text(json.dumps(OLD_CONFIG))
     back = VLM.load(tmp_path / "v")

@@ -114,7 +114,9 @@ def make_index(df: pd.DataFrame, out: Path) -> Path:
     return out
 
 
+# The tiny Llama (`lm_overrides`): TINY_LM for the runs that train, UNIT_LM for the tests that only build a VLM.
 TINY_LM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+UNIT_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 
 
 def tiny_vlm_config(steps: int, **changes):

@@ -6,15 +6,13 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from gen_synth import one_thread  # noqa: F401 (an autouse fixture)
+from gen_synth import UNIT_LM, one_thread  # noqa: F401 (an autouse fixture)
 
 from generation import generate as generate_module
 from generation.encoders import FrozenPatchEncoder
 from generation.model import VLM
 from index import backends
 from retrieval.device import resolve_device
-
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 
 
 @pytest.mark.parametrize("cuda", [False, True])
@@ -53,7 +51,7 @@ def test_auto_backend_is_the_same_for_none_and_auto(monkeypatch, cuda):
 
 def test_generator_puts_the_vlm_on_the_same_device_for_none_and_auto(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    vlm = VLM.create(12, [{"spec": "patch:3"}], lm_overrides=TINY, corpus=["the heart is normal."])
+    vlm = VLM.create(12, [{"spec": "patch:3"}], lm_overrides=UNIT_LM, corpus=["the heart is normal."])
     vlm.save(tmp_path / "v", encoders=[FrozenPatchEncoder(3, 32, 8, 12)])
     asked = []
     real_load = VLM.load

@@ -11,13 +11,12 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from gen_synth import make_manifest
+from gen_synth import make_manifest, tiny_vlm_config
 
 from retrieval.data.image_io import read_image
 
 pytestmark = pytest.mark.gpu
 
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 # cos(CPU fp32, CUDA) of the same embedding at least: fp32 on CUDA uses TF32 in cuDNN convolutions; bf16 keeps 8 bits
 MIN_COS = {"fp32": 0.999, "bf16": 0.99}
 
@@ -98,11 +97,11 @@ def test_cuda_search_backend_returns_faiss_cpu_top_k(precision):
 
 @pytest.fixture(scope="module")
 def vlm(corpus):
-    from generation.train import VLMTrainConfig, train_vlm
+    from generation.language_model import DEFAULT_LM
+    from generation.train import train_vlm
 
     root, df = corpus
-    cfg = VLMTrainConfig(encoders=["patch:1"], steps=60, batch_size=8, lm_overrides=TINY, rag_k=0, visual_grid=4,
-                         lr=3e-3, checkpoint_every=1000)  # fmt: skip
+    cfg = tiny_vlm_config(60, lm_path=DEFAULT_LM, rag_k=0)  # the config's default LM, SmolLM2 (lm_overrides unused)
     train_vlm(df, root / "vlm", cfg, progress=False)
     return root / "vlm"
 
