@@ -25,16 +25,16 @@ demo: install
 serve: install
 	$(VENV)/bin/cxr serve
 
-# Debian's chromium for tests/test_browser.py (playwright drives it; no browser download). Idempotent: does nothing
+# Debian's chromium for tests/system/test_browser.py (playwright drives it; no browser download). Idempotent: does nothing
 # when chromium is already there; needs apt-get and root (or sudo), else says so and leaves the test to skip.
 chromium:
 	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; \
-	elif ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get here: tests/test_browser.py will skip"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get here: tests/system/test_browser.py will skip"; \
 	else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
-		|| echo "WARNING: could not install chromium (apt-get failed): tests/test_browser.py will skip"; fi
+		|| echo "WARNING: could not install chromium (apt-get failed): tests/system/test_browser.py will skip"; fi
 
-# Debian's Orthanc with its DICOMweb plugin (the tests' loopback archive, tests/orthanc.py) and dicom3tools
+# Debian's Orthanc with its DICOMweb plugin (the tests' loopback archive, tests/helpers/orthanc.py) and dicom3tools
 # (dciodvfy). Idempotent like `make chromium`; without apt-get or root it says so and the Orthanc tests skip.
 orthanc:
 	@if [ -x /usr/sbin/Orthanc ] && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && command -v dciodvfy >/dev/null 2>&1; \
@@ -51,7 +51,7 @@ test: install
 
 # The hypothesis fuzz tests with thousands of examples per property (CI runs a few hundred in `make test`).
 fuzz: install
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -p no:cacheprovider tests/system/test_fuzz.py
 
 # The GPU check (benchmarks/gpu_check.sh; benchmarks/README.md): the gpu tests and the GPU rows of the speed tables.
 # DRY=1: the same code on the CPU with tiny sizes, saying which rows a GPU run fills (CI runs it).

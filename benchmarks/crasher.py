@@ -33,12 +33,12 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = REPO / "tests"
+HELPERS = REPO / "tests" / "helpers"
 CLI = """
 import sys
 sys.path[:0] = [{tests!r}, {repo!r}]
 import retrieval.models as m
-from test_index_helpers import FakeModel
+from index_helpers import FakeModel
 m.load_model = lambda name, device=None: FakeModel()
 from cli.main import main
 sys.exit(main({argv!r}))
@@ -57,7 +57,7 @@ def cli_env(delay: float = 0.0) -> dict:
 def _spawn(argv: list[str], delay: float = 0.02, log: Path | None = None) -> subprocess.Popen:
     """`cxr ARGV` with the test encoder, in a new process group; stderr to `log` (appended) or a pipe."""
     env = cli_env(delay)
-    script = CLI.format(tests=str(TESTS), repo=str(REPO), argv=argv)
+    script = CLI.format(tests=str(HELPERS), repo=str(REPO), argv=argv)
     err = open(log, "a") if log is not None else subprocess.PIPE  # noqa: SIM115 - the child holds it
     return subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=err, text=True)  # fmt: skip
@@ -150,7 +150,7 @@ def _server_killer(server: Server, stop: threading.Event, recovery: list, seed: 
 
 def crash_test(work: Path, seconds: float, seed: int = 0) -> dict:
     """Run the crash test for `seconds`; returns its counts (see the module docstring)."""
-    from test_index_helpers import FakeModel, make_corpus
+    from index_helpers import FakeModel, make_corpus
 
     from index import store
     from index.build import BuildOptions, build_index

@@ -2,9 +2,9 @@
 
     python -m benchmarks.dicomweb_cpu --n 200
 
-Makes `n` chest-like radiographs as DICOM (tests/dicom_maker.py: 256 px, CR/DX, a third each uncompressed, JPEG
-baseline and JPEG 2000), uploads them by STOW-RS to a loopback Orthanc with the DICOMweb plugin (tests/orthanc.py),
-then times, in one run:
+Makes `n` chest-like radiographs as DICOM (tests/helpers/dicom_maker.py: 256 px, CR/DX, a third each uncompressed,
+JPEG baseline and JPEG 2000), uploads them by STOW-RS to a loopback Orthanc with the DICOMweb plugin
+(tests/helpers/orthanc.py), then times, in one run:
 - the import: `cxr data import dicom` of the folder against `cxr data import dicomweb` (QIDO-RS + WADO-RS into a
   fresh cache) with 1 fetch worker and with 4, and a rerun on the full cache (what a resume costs);
 - decoding every image (retrieval.data.image_io.read_image) from disk and from the cache;
@@ -31,11 +31,11 @@ import pydicom
 
 from benchmarks.common import markdown_table, write_results
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
+HELPERS = Path(__file__).resolve().parents[1] / "tests" / "helpers"
 
 
 def make_files(folder: Path, n: int, size: int) -> list[Path]:
-    sys.path.insert(0, str(TESTS))
+    sys.path.insert(0, str(HELPERS))
     from dicom_maker import make_radiograph
 
     syntaxes = ("explicit", "jpeg", "j2k")
@@ -60,7 +60,7 @@ def decode_all(paths) -> tuple[list, float]:
 
 
 def run(n: int, size: int, workdir: Path) -> tuple[list[dict], dict]:
-    sys.path.insert(0, str(TESTS))
+    sys.path.insert(0, str(HELPERS))
     from orthanc import start_orthanc
 
     from index.build import BuildOptions, build_index

@@ -48,9 +48,9 @@ fi
 
 rc=0
 if [ "$DRY" = 1 ]; then
-    tests=(tests/test_cuda.py)  # they skip here, saying why
+    tests=(tests/system/test_cuda.py)  # they skip here, saying why
 else
-    tests=(tests/test_cuda.py tests/test_losses.py tests/test_train.py)  # + the device-parametrised tests
+    tests=(tests/system/test_cuda.py tests/retrieval/test_losses.py tests/retrieval/training/test_train.py)  # + the device-parametrised tests
 fi
 # A second try in the same window can repeat only what failed: SKIP_TESTS=1, ONLY="lm_speed_gpu ..." (table names).
 if [ "${SKIP_TESTS:-0}" != 1 ]; then

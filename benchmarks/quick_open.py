@@ -30,7 +30,7 @@ import numpy as np
 from benchmarks.common import markdown_table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+sys.path[:0] = [str(REPO / "tests" / "helpers"), str(REPO)]
 FACTORIES = ("Flat", "HNSW32,Flat", "IVF64,Flat")
 
 

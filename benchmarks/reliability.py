@@ -10,7 +10,8 @@
 * Cost: open time with and without the checks, and verify time per GB.
 * Crash (`--only crash`, benchmarks/crasher.py): server and writer SIGKILLed at random, queries throughout.
 
-Small synthetic data (tests/test_index_helpers.py, tests/test_train.py) so that it runs in minutes on 2 cores.
+Small synthetic data (tests/helpers/index_helpers.py, tests/helpers/train_manifest.py) so that it runs in minutes on
+2 cores.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.common import markdown_table, write_results
-from benchmarks.crasher import CLI, REPO, TESTS, cli_env
+from benchmarks.crasher import CLI, HELPERS, REPO, cli_env
 
-sys.path[:0] = [str(TESTS), str(REPO)]
+sys.path[:0] = [str(HELPERS), str(REPO)]
 
 
 def _sha(path: Path) -> str:
@@ -42,7 +43,7 @@ def _sha(path: Path) -> str:
 
 def _cli(argv: list[str], delay: float = 0.0, kill_after: float | None = None) -> tuple[int, float, str]:
     """Run `cxr ARGV` with the test encoder in a new process group; SIGKILL the group after `kill_after` s."""
-    script = CLI.format(tests=str(TESTS), repo=str(REPO), argv=argv)
+    script = CLI.format(tests=str(HELPERS), repo=str(REPO), argv=argv)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", script], env=cli_env(delay), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -132,8 +133,8 @@ def bit_flips(work: Path, flips: int, seed: int) -> list[dict]:
 
 
 def kills(work: Path, n_build: int, n_add: int, n_train: int, seed: int) -> list[dict]:
+    from index_helpers import make_corpus
     from reliability_helpers import unit_vectors  # noqa: F401 - keeps the helpers importable here
-    from test_index_helpers import make_corpus
 
     from retrieval.data.manifest import read_manifest, write_manifest
 
@@ -195,7 +196,7 @@ sys.exit(main({argv!r}))
 
 def train_kills(work: Path, n: int, rng: np.random.Generator) -> list[dict]:
     from safetensors.torch import load_file
-    from test_train import make_manifest
+    from train_manifest import make_manifest
 
     manifest = make_manifest(work / "train-data", 40)
 
@@ -205,7 +206,7 @@ def train_kills(work: Path, n: int, rng: np.random.Generator) -> list[dict]:
 
     def run(out: Path, kill_after: float | None = None) -> tuple[int, float]:
         t0 = time.perf_counter()
-        p = subprocess.Popen([sys.executable, "-c", TRAIN.format(tests=str(TESTS), repo=str(REPO), argv=argv(out))],
+        p = subprocess.Popen([sys.executable, "-c", TRAIN.format(tests=str(HELPERS), repo=str(REPO), argv=argv(out))],
                              env=cli_env(), start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)  # fmt: skip
         try:
@@ -250,7 +251,7 @@ ADDER = """
 import sys
 sys.path[:0] = [{tests!r}, {repo!r}]
 from pathlib import Path
-from test_index_helpers import FakeModel
+from index_helpers import FakeModel
 from index.build import BuildOptions, add_to_index
 from retrieval.data.manifest import read_manifest, write_manifest
 df = read_manifest({corpus!r})
@@ -268,8 +269,8 @@ print(j, flush=True)
 
 
 def readers(work: Path, n_reads: int) -> dict:
+    from index_helpers import FakeModel, make_corpus
     from reliability_helpers import unit_vectors
-    from test_index_helpers import FakeModel, make_corpus
 
     from index.build import BuildOptions, build_index
     from index.search import Searcher
@@ -278,7 +279,7 @@ def readers(work: Path, n_reads: int) -> dict:
     out = work / "ridx"
     build_index(corpus, FakeModel(), out, options=BuildOptions(workers=0, progress=False))
     stop = work / "stop"
-    script = ADDER.format(tests=str(TESTS), repo=str(REPO), corpus=str(corpus), out=str(out), stop=str(stop))
+    script = ADDER.format(tests=str(HELPERS), repo=str(REPO), corpus=str(corpus), out=str(out), stop=str(stop))
     proc = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     q = unit_vectors(1, 32)

@@ -1,5 +1,5 @@
-"""Shared by the serve benchmarks, the viewer screenshot and the browser test: start `cxr serve` on a free loopback
-port, stop it, and the flags of Debian's headless Chromium."""
+"""Shared by the serve benchmarks, the viewer screenshot and tests/system/test_browser.py: start `cxr serve` on a
+free loopback port, stop it; drive the viewer in Debian's headless Chromium."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# Headless Chromium without the network calls and features a test or a screenshot never needs.
+# Debian's Chromium, headless, with nothing that reaches the network by itself.
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -32,14 +32,16 @@ def free_port() -> int:
 
 
 def start_server(
-    args: list[str], log: Path, timeout: float = 300, env: dict[str, str] | None = None
+    args: list[str], log: Path, timeout: float = 300, tmp: Path | None = None
 ) -> tuple[subprocess.Popen, str]:
-    """`cxr serve ARGS --host 127.0.0.1 --port FREE` as a child process, with `env` added to this one's
-    environment; (process, base URL) once /health answers."""
+    """`cxr serve ARGS --host 127.0.0.1 --port FREE` as a child process (its temporary files under `tmp` when
+    given); (process, base URL) once /health answers."""
     import httpx
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if tmp is not None:
+        env["TMPDIR"] = str(tmp)
     cmd = [sys.executable, "-m", "cli.main", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -66,6 +68,20 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+def wait_js(page, fn: str, timeout: float = 120) -> object:
+    """Poll `fn` (a JS function) in a playwright page until it returns something truthy, and return that. Not
+    `wait_for_function`: that evaluates a string with eval, which the viewer's Content-Security-Policy (rightly)
+    refuses."""
+    deadline = time.time() + timeout
+    while True:
+        got = page.evaluate(fn)
+        if got:
+            return got
+        if time.time() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {fn}")
+        time.sleep(0.1)
 
 
 def rss_mib(pid: int) -> float:

@@ -35,7 +35,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import markdown_table, synthetic_radiographs, write_results  # noqa: E402
-from benchmarks.serve_common import load_avg, rss_mib, start_server, stop_server  # noqa: E402
+from benchmarks.serve_common import REPO, load_avg, rss_mib, start_server, stop_server  # noqa: E402
 from benchmarks.serve_latency import WORK, random_index_for, saved_model  # noqa: E402
 
 UPLOAD_LIMIT_MB = 1.0  # the servers here run with --max-upload-mb 1 so that the 413 payload stays small
@@ -44,22 +44,15 @@ UPLOAD_LIMIT_MB = 1.0  # the servers here run with --max-upload-mb 1 so that the
 def bad_uploads(good_jpeg: bytes) -> list[tuple[str, str, bytes, str, int]]:
     """(kind, filename, bytes, content type, expected status) for each kind of bad upload."""
     from PIL import Image
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    sys.path.insert(0, str(REPO / "tests" / "helpers"))
+    from dicom_maker import write_dicom
 
     rng = np.random.default_rng(1)
     oversize = b"\x89PNG\r\n\x1a\n" + rng.bytes(int(1.5 * UPLOAD_LIMIT_MB * 2**20))
     bomb = io.BytesIO()
     Image.new("L", (10_000, 10_000)).save(bomb, "PNG")  # 100 M pixels, ~100 KB of file
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, generate_uid(), "DX"
-    dcm = io.BytesIO()
-    ds.save_as(dcm, enforce_file_format=True)
+    dcm = write_dicom(io.BytesIO())  # a DICOM without pixel data
     return [
         ("oversize", "big.png", oversize, "image/png", 413),
         ("gif", "x.gif", b"GIF89a" + rng.bytes(2000), "image/gif", 415),

@@ -9,18 +9,9 @@ neighbour grid, drafts a report, runs [identify], asks a question, opens nothing
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-from benchmarks.serve_common import CHROMIUM_ARGS, REPO, start_server, stop_server
-
-
-def wait_js(page, fn: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not page.evaluate(fn):
-        if time.time() > deadline:
-            raise TimeoutError(fn)
-        time.sleep(0.1)
+from benchmarks.serve_common import CHROMIUM_ARGS, REPO, start_server, stop_server, wait_js
 
 
 def main() -> None:

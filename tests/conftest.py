@@ -53,8 +53,17 @@ def test_device(request) -> str:
 
 
 @pytest.fixture
+def fake_models(monkeypatch):
+    """`--model fake-N` loads FakeModel(seed=N) (tests/helpers/index_helpers.py) wherever the CLI or `cxr serve`
+    loads a model: the command paths without a real network."""
+    from index_helpers import FakeModel
+
+    monkeypatch.setattr("retrieval.models.load_model", lambda name, device=None: FakeModel(seed=int(str(name)[-1])))
+
+
+@pytest.fixture
 def orthanc(tmp_path_factory):
-    """A fresh, empty loopback Orthanc with the DICOMweb plugin (tests/orthanc.py), killed by its PID after the
+    """A fresh, empty loopback Orthanc with the DICOMweb plugin (tests/helpers/orthanc.py), killed by its PID after the
     test (its temporary folder is thrown away). Skips, saying why, only where Debian's orthanc /
     orthanc-dicomweb packages are not installed."""
     from orthanc import find_orthanc, start_orthanc
