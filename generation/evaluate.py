@@ -388,9 +388,9 @@ def evaluate_generation(
         boxes = detections = None
         for cond in conditions:
             if cond == "shuffled":  # the last VLM condition's answers, each given to another test image
-                from generation.image_controls import derangement
+                from generation.image_controls import prompt_derangement
 
-                order = derangement(len(exs), np.random.default_rng(seed))
+                order = prompt_derangement([e.prompt for e in exs], np.random.default_rng(seed))
                 answers = [answers[i] for i in order]
                 boxes = None if boxes is None else [boxes[i] for i in order]
                 detections = None if detections is None else [detections[i] for i in order]

@@ -30,6 +30,20 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
             return p
 
 
+def prompt_derangement(prompts: list[str], rng: np.random.Generator) -> np.ndarray:
+    """An order that gives each example the answer of another example with the same prompt (another test image
+    asked the same question or phrase), so that shuffled answers stay answers to the question asked. A prompt asked
+    of one image only keeps its own answer (no other image answered it)."""
+    order = np.arange(len(prompts))
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    for idx in groups.values():
+        if len(idx) > 1:
+            order[idx] = np.asarray(idx)[derangement(len(idx), rng)]
+    return order
+
+
 def _replacement_images(kind: str, n: int, rng: np.random.Generator) -> list[np.ndarray]:
     if kind == "blank":
         return [np.full((SIZE, SIZE), 0.5, dtype=np.float32)] * n

@@ -299,7 +299,7 @@ def test_lora_projector_stage_leaves_the_lm_untouched(corpus, tmp_path):
 def test_image_controls_and_shuffled_answers(trained, corpus):
     """Blank, noise and another study's image replace the test images (and the exemplars retrieved for them); the
     finding head that reads the image beats its own answers shuffled, and answers a blank image all alike."""
-    from generation.image_controls import derangement
+    from generation.image_controls import derangement, prompt_derangement
 
     root, df, idx = corpus
     kw = dict(split="test", k=2, meteor=False, progress=False, tasks=["classify"], shuffled=True)
@@ -317,3 +317,7 @@ def test_image_controls_and_shuffled_answers(trained, corpus):
     for n in (2, 3, 10):
         p = derangement(n, rng)
         assert sorted(p) == list(range(n)) and not (p == np.arange(n)).any()
+    prompts = ["right lung", "heart", "right lung", "left lung", "heart", "right lung"]
+    order = prompt_derangement(prompts, rng)  # shuffled answers stay answers to the same question
+    assert sorted(order) == list(range(6)) and all(prompts[o] == prompts[i] for i, o in enumerate(order))
+    assert [i for i, o in enumerate(order) if i == o] == [3]  # asked of one image only: no other answer
