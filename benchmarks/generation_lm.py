@@ -30,7 +30,7 @@ COLUMNS = ("ce_macro_f1", "ce_micro_f1", "bleu4", "rougeL", "repeat_sentence")
 
 
 def _train(name: str, work: Path, demo: Path, **over) -> Path:
-    from generation.train import VLMTrainConfig, train_vlm
+    from generation.training.train import VLMTrainConfig, train_vlm
 
     out = work / name
     if (out / "train_info.json").exists():
@@ -43,7 +43,7 @@ def _train(name: str, work: Path, demo: Path, **over) -> Path:
 
 
 def _evaluate(vlm: Path, demo: Path, n: int, tasks: list[str], **kw) -> dict:
-    from generation.evaluate import evaluate_generation
+    from generation.evaluation.evaluate_generation import evaluate_generation
 
     t0 = time.time()
     res = evaluate_generation(
@@ -85,7 +85,7 @@ def _cost(vlm: Path, demo: Path) -> dict:
     """Generation tokens/s and `cxr generate` latency with the model loaded once (as `cxr serve` holds it)."""
     import pandas as pd
 
-    from generation.generate import Generator, generate_for_image
+    from generation.writing.generate import Generator, generate_for_image
 
     df = pd.read_parquet(demo / "corpus" / "manifest.parquet")
     t0 = time.time()
@@ -112,7 +112,7 @@ def lora_cost(steps: int, batch: int, prompt_len: int = 256, target_len: int = 8
     of 1280-wide cxr-small tokens), timed after one warm-up step."""
     import torch
 
-    from generation.model import VLM
+    from generation.model.vlm import VLM
 
     vlm = VLM.create(visual_dim, [{"spec": "cost"}], lm_path="smollm2-135m", lora=True, lora_r=8).train()
     params = [p for p in vlm.parameters() if p.requires_grad]

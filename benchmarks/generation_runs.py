@@ -99,8 +99,8 @@ def summarise(runs: list[dict]) -> str:
 
 
 def main() -> None:
-    from generation.evaluate import evaluate_generation
-    from generation.train import VLMTrainConfig, train_vlm
+    from generation.evaluation.evaluate_generation import evaluate_generation
+    from generation.training.train import VLMTrainConfig, train_vlm
     from retrieval.data.manifest import read_manifest
 
     ap = argparse.ArgumentParser()
@@ -164,7 +164,7 @@ def main() -> None:
 def _add_variant(res: dict, text: str, out: Path, df: Any, args: argparse.Namespace, cfg: Any) -> None:
     """Evaluate the same VLM again with other generator options (`NAME:tasks=a+b,option=value`, e.g.
     `lm-vqa:tasks=vqa,vqa_source=lm`; `ks=1+5` for other k) and add its VLM rows to `res` as `vlm k=K [NAME]`."""
-    from generation.evaluate import evaluate_generation
+    from generation.evaluation.evaluate_generation import evaluate_generation
 
     name, over = _parse_arm(text)
     tasks = over.pop("tasks", None)

@@ -35,7 +35,7 @@ def generate_cmd(
 ) -> None:
     """Generate for one image; the output names the exemplar studies the prompt carried."""
     from cli.quiet import quiet_transformers
-    from generation.image_text_to_text import is_image_text_to_text
+    from generation.writing.image_text_to_text import is_image_text_to_text
     from retrieval.errors import UsageError
 
     quiet_transformers()
@@ -46,13 +46,13 @@ def generate_cmd(
     if is_image_text_to_text(vlm):  # a fine-tuned pretrained VLM (`cxr vlm train --base-vlm`)
         if sr is not None or store is not None:
             raise UsageError("--sr/--store take the project's own VLM folder (cxr vlm train), not a --base-vlm one")
-        from generation.image_text_to_text import generate_for_image
+        from generation.writing.image_text_to_text import generate_for_image
 
         res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device)
     elif sr is not None or store is not None:
         res = _structured_report(image, index, vlm, task, k, device, sr, store, token, user, password)
     else:
-        from generation.generate import generate_for_image
+        from generation.writing.generate import generate_for_image
 
         res = generate_for_image(
             image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device,
@@ -82,8 +82,8 @@ def generate_cmd(
 def _structured_report(image, index, vlm, task, k, device, sr, store, token, user, password) -> dict:
     """The draft (report text, findings, boxes, exemplars) as a Comprehensive SR: written to `sr`, sent to
     `store`. The source is checked first: a PNG/JPEG is refused before the model loads."""
-    from generation.draft import draft_for_image
-    from generation.structured_report import build_sr, read_source, store_sr, write_sr
+    from generation.writing.draft import draft_for_image
+    from generation.writing.structured_report import build_sr, read_source, store_sr, write_sr
     from retrieval.errors import UsageError
 
     if task != "report":

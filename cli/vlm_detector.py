@@ -26,7 +26,7 @@ def vlm_detector_cmd(
     """Train an FCOS detector on the pretrained image tower + FPN from the manifest's boxes."""
     import torch
 
-    from generation.detector_train import DetectorTrainConfig, train_detector
+    from generation.training.detector_train import DetectorTrainConfig, train_detector
     from retrieval.data.manifest_check import gate_manifest
     from retrieval.errors import UsageError
 

@@ -61,7 +61,7 @@ def vlm_train_cmd(
     import torch
 
     from cli.quiet import quiet_transformers
-    from generation.train import VLMTrainConfig, train_vlm
+    from generation.training.train import VLMTrainConfig, train_vlm
     from retrieval.data.manifest_check import gate_manifest
     from retrieval.errors import UsageError
 
@@ -99,8 +99,9 @@ def vlm_train_cmd(
 
 
 def _train_base_vlm(checked, out: Path, index: Path | None, base_vlm: str, config, as_json: bool, resume: bool):
-    """`--base-vlm`: LoRA fine-tuning of a pretrained image-text-to-text VLM (generation/image_text_to_text_train)."""
-    from generation.image_text_to_text_train import ImageTextToTextTrainConfig, train_image_text_to_text
+    """`--base-vlm`: LoRA fine-tuning of a pretrained image-text-to-text VLM
+    (generation/training/image_text_to_text_train.py)."""
+    from generation.training.image_text_to_text_train import ImageTextToTextTrainConfig, train_image_text_to_text
     from retrieval.errors import UsageError
 
     if resume:

@@ -207,8 +207,8 @@ def _generation_step(
     steps: _Steps, manifest: pd.DataFrame, seed: int, image_path: Path, true_labels: list[str]
 ) -> dict[str, Any]:
     """[5/5] train the VLM (resuming a checkpoint; skipped when a finished folder is there) and draft a report."""
-    from generation.generate import generate_for_image
-    from generation.train import VLMTrainConfig, train_vlm
+    from generation.training.train import VLMTrainConfig, train_vlm
+    from generation.writing.generate import generate_for_image
 
     vlm_dir, index_dir = steps.folder("vlm"), steps.folder("index")
     done = (vlm_dir / "vlm_config.json").exists() and not (vlm_dir / "checkpoint").exists()

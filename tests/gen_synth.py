@@ -77,12 +77,12 @@ class SynthRetrievalModel:
     embed_dim = 32
 
     def __init__(self):
-        from generation.encoders import FrozenPatchEncoder
+        from generation.model.encoders import FrozenPatchEncoder
 
         self.enc = FrozenPatchEncoder(seed=7, image_size=64, patch=8, dim=32)
 
     def encode_images(self, images, **kwargs) -> np.ndarray:
-        from generation.encoders import encode_visual
+        from generation.model.encoders import encode_visual
         from retrieval.data.image_io import read_image
 
         arrays = [read_image(x) if isinstance(x, str | Path) else x for x in images]

@@ -98,7 +98,7 @@ def test_cuda_search_backend_returns_faiss_cpu_top_k(precision):
 
 @pytest.fixture(scope="module")
 def vlm(corpus):
-    from generation.train import VLMTrainConfig, train_vlm
+    from generation.training.train import VLMTrainConfig, train_vlm
 
     root, df = corpus
     cfg = VLMTrainConfig(encoders=["patch:1"], steps=60, batch_size=8, lm_overrides=TINY, rag_k=0, visual_grid=4,
@@ -108,7 +108,7 @@ def vlm(corpus):
 
 
 def test_vlm_generates_on_cuda_as_on_the_cpu(vlm, corpus):
-    from generation.generate import Generator
+    from generation.writing.generate import Generator
 
     root, df = corpus
     images = [read_image(root / p) for p in df["image_path"][:3]]

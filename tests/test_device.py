@@ -8,9 +8,9 @@ import pytest
 import torch
 from gen_synth import one_thread  # noqa: F401 (an autouse fixture)
 
-from generation import generate as generate_module
-from generation.encoders import FrozenPatchEncoder
-from generation.model import VLM
+from generation.model.encoders import FrozenPatchEncoder
+from generation.model.vlm import VLM
+from generation.writing import generate as generate_module
 from index import backends
 from retrieval.device import resolve_device
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from gen_synth import SynthRetrievalModel, make_index, make_manifest, one_thread  # noqa: F401 (an autouse fixture)
 
-from generation.evaluate import evaluate_generation
-from generation.generate import generate_for_image
-from generation.model import VLM
-from generation.train import VLMTrainConfig, train_vlm
+from generation.evaluation.evaluate_generation import evaluate_generation
+from generation.model.vlm import VLM
+from generation.training.train import VLMTrainConfig, train_vlm
+from generation.writing.generate import generate_for_image
 from retrieval.errors import UsageError
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -74,7 +74,7 @@ def test_generate_names_exemplars_never_own_study_or_patient(trained, corpus):
 def test_resume_continues_where_it_stopped(corpus, monkeypatch):
     root, df, idx = corpus
     full = train_vlm(df, root / "a", config(40), index_dir=idx, progress=False)
-    import generation.train as tr
+    import generation.training.train as tr
 
     real, calls = tr.encode_batch, {"n": 0}
 
@@ -94,7 +94,7 @@ def test_resume_continues_where_it_stopped(corpus, monkeypatch):
 
 
 def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpus):
-    from generation.generate import Generator
+    from generation.writing.generate import Generator
     from retrieval.labels import LABELS
 
     root, df, idx = corpus
@@ -118,7 +118,7 @@ def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpu
 
 
 def test_box_head_and_written_report_answer_by_default(trained, corpus):
-    from generation.generate import Generator
+    from generation.writing.generate import Generator
     from retrieval.data.image_io import read_image
 
     root, df, idx = corpus
@@ -140,10 +140,10 @@ def test_box_head_and_written_report_answer_by_default(trained, corpus):
 
 
 def test_findings_come_from_the_ridge_by_default_and_from_the_aux_head_on_request(trained, corpus):
-    from generation.box_head import box_features
-    from generation.findings_report import predicted_findings
-    from generation.generate import Generator
-    from generation.tasks import PROMPTS, classify_target
+    from generation.data.tasks import PROMPTS, classify_target
+    from generation.heads.box_head import box_features
+    from generation.writing.findings_report import predicted_findings
+    from generation.writing.generate import Generator
     from retrieval.data.image_io import read_image
 
     root, df, idx = corpus
@@ -218,8 +218,8 @@ def test_cli_eval_generation_writes_tables(trained, corpus, tmp_path, capsys):
 
 
 def test_visual_token_cache_is_reused_and_matches(corpus, tmp_path):
-    from generation.encoders import load_encoder
-    from generation.features import visual_tokens_for_rows
+    from generation.data.features import visual_tokens_for_rows
+    from generation.model.encoders import load_encoder
 
     root, df, _ = corpus
     df = df.copy()
@@ -252,7 +252,7 @@ def test_pretrained_lm_lora_staging_and_zero_shot_write_from_the_findings(corpus
     alone, and the report prompt carries the finding head's line; with 0 steps the LM is prompted zero-shot."""
     from tiny_lm import save_tiny_lm
 
-    from generation.generate import Generator
+    from generation.writing.generate import Generator
 
     root, df, idx = corpus
     lm = save_tiny_lm(tmp_path / "lm")
@@ -303,7 +303,7 @@ def test_lora_projector_stage_leaves_the_lm_untouched(corpus, tmp_path):
 def test_image_controls_and_shuffled_answers(trained, corpus):
     """Blank, noise and another study's image replace the test images (and the exemplars retrieved for them); the
     finding head that reads the image beats its own answers shuffled, and answers a blank image all alike."""
-    from generation.image_controls import derangement
+    from generation.data.image_controls import derangement
 
     root, df, idx = corpus
     kw = dict(split="test", k=2, meteor=False, progress=False, tasks=["classify"], shuffled=True)

@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from generation.findings_report import (
+from generation.data.rag import Exemplar
+from generation.evaluation.metrics import repeats_a_sentence
+from generation.writing.findings_report import (
     FINDING_SENTENCES,
     NORMAL_SENTENCE,
     finding_sides,
     findings_report,
     predicted_findings,
 )
-from generation.metrics import repeats_a_sentence
-from generation.rag import Exemplar
 from retrieval.labels import LABELS, NO_FINDING, label_report
 
 FINDINGS = [lab for lab in LABELS if lab != NO_FINDING]

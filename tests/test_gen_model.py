@@ -7,10 +7,10 @@ import pytest
 import torch
 from gen_synth import one_thread  # noqa: F401 (an autouse fixture)
 
-from generation.encoders import FrozenPatchEncoder, combine_tokens, encode_visual, pool_grid
-from generation.model import VLM, group_tokens
-from generation.rag import build_prompt_ids
-from generation.tokenizer import COORD_TOKENS, TASK_TOKENS, build_tokenizer, decode
+from generation.data.rag import build_prompt_ids
+from generation.model.encoders import FrozenPatchEncoder, combine_tokens, encode_visual, pool_grid
+from generation.model.tokenizer import COORD_TOKENS, TASK_TOKENS, build_tokenizer, decode
+from generation.model.vlm import VLM, group_tokens
 from retrieval.errors import ModelLoadError
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}

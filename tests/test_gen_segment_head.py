@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from generation.encoders import FrozenPatchEncoder
-from generation.segment_head import (
+from generation.heads.segment_head import (
     SegmentHead,
     answer_json,
     fit_segment_head,
@@ -19,6 +18,7 @@ from generation.segment_head import (
     segment,
     segment_features,
 )
+from generation.model.encoders import FrozenPatchEncoder
 from retrieval.data.phantom import render_phantom
 from retrieval.data.region_masks import decode_rle, iou, polygons_to_mask, resize_mask
 
@@ -105,8 +105,8 @@ def test_save_load_and_segment_answers(phantoms, tmp_path):
 
 def test_fit_for_rows_keeps_the_token_grid_it_was_given(phantoms):
     """Tokens cached at a coarser grid than `pool` (a VLM pooled to 4x4) fit a head that reads any finer grid."""
-    from generation.encoders import pool_grid
-    from generation.segment_head import fit_for_rows
+    from generation.heads.segment_head import fit_for_rows
+    from generation.model.encoders import pool_grid
 
     _, _, masks, tokens = phantoms
     coarse = pool_grid(tokens, 4)  # (48, 16, 64)

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from generation.encoders import combine_tokens, encode_visual
-from generation.rag import Exemplar, retrieve_exemplars
+from generation.data.rag import Exemplar, retrieve_exemplars
+from generation.model.encoders import combine_tokens, encode_visual
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def row_image_path(df: pd.DataFrame, pos: int) -> Path:
 def encoder_key(enc: Any) -> str:
     """A hash of what an encoder's tokens depend on: its image tower's weights (a retrieval model's projector
     heads do not change its tokens, so a trained model and its untrained config share a cache)."""
-    from retrieval.models.checkpoint import fingerprint_state
+    from retrieval.models.saved_model import fingerprint_state
 
     module = enc.towers()["image"] if hasattr(enc, "towers") else enc
     return fingerprint_state(module.state_dict())

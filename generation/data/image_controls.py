@@ -68,7 +68,7 @@ def apply_image_control(
     new_visual = {r: tokens[i] for i, r in enumerate(rows)}
     new_ex: dict[int, list] = {r: [] for r in rows}
     if k > 0 and gen.searcher is not None:
-        from generation.rag import retrieve_exemplars
+        from generation.data.rag import retrieve_exemplars
 
         vecs = np.asarray(gen.retrieval_model().encode_images(images), dtype=np.float32)
         found = retrieve_exemplars(gen.searcher, vecs, k, studies, patients, allowed_studies=allowed_studies)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from generation.tokenizer import REF_TOKEN, TASK_TOKENS, prompt_frame
+from generation.model.tokenizer import REF_TOKEN, TASK_TOKENS, prompt_frame
 from retrieval.study_text import normalized_sentences as sentences
 
 # Shortest exemplar slice worth adding: fewer tokens than this say nothing and only cost attention.

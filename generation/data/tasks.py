@@ -20,8 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from generation.boxes import format_box, format_findings, merge_boxes
-from generation.tokenizer import TASKS
+from generation.data.boxes import format_box, format_findings, merge_boxes
+from generation.model.tokenizer import TASKS
 from retrieval.labels import ANATOMY, ANATOMY_PREFIX, LABELS, NO_FINDING
 from retrieval.study_text import sections_text
 

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from generation.boxes import format_box, malformed_boxes, parse_boxes
-from generation.metrics import (
+from generation.data.boxes import format_box, malformed_boxes, parse_boxes
+from generation.data.tasks import Example, build_examples, row_examples
+from generation.evaluation.metrics import (
     clinical_efficacy,
     grounding_iou,
     localisation_accuracy,
@@ -39,8 +40,7 @@ from generation.metrics import (
     text_metrics,
     vqa_accuracy,
 )
-from generation.tasks import Example, build_examples, row_examples
-from generation.tokenizer import TASKS
+from generation.model.tokenizer import TASKS
 from retrieval.labels import LABELS, NO_FINDING, is_abnormal
 from retrieval.study_text import normalized_sentences as sentences
 
@@ -237,8 +237,8 @@ def _eval_inputs(
 ) -> _EvalInputs:
     """The split's examples (capped per task; rows whose image cannot be read dropped), their visual tokens and
     exemplars (training studies only), the first training row per study and the constant answers."""
-    from generation.features import exemplars_for_rows, visual_tokens_for_rows
-    from generation.train import split_rows
+    from generation.data.features import exemplars_for_rows, visual_tokens_for_rows
+    from generation.training.train import split_rows
 
     rows = split_rows(df, split)
     train_rows = split_rows(df, "train")
@@ -328,7 +328,7 @@ def evaluate_generation(
     """Metrics per task and condition (constant, retrieval-only, VLM k=0, VLM k=K for each K in `k`; with
     `shuffled`, the last VLM condition's answers shuffled between the test images); the `*_source` options are the
     `Generator`'s. `image_control` (`image_controls.py`): `blank`, `noise` or `other` replace every test image."""
-    from generation.generate import Generator
+    from generation.writing.generate import Generator
     from retrieval.data.manifest import read_manifest
 
     t0 = time.time()
@@ -351,8 +351,8 @@ def evaluate_generation(
         gen, df, tasks, split, ks, max_per_task, seed, progress, retrieval_model, retrieval_target, token_cache
     )
     if image_control != "real":
-        from generation.image_controls import apply_image_control
-        from generation.train import split_rows
+        from generation.data.image_controls import apply_image_control
+        from generation.training.train import split_rows
 
         train = {str(s) for s in df.iloc[split_rows(df, "train")]["study_id"]}
         kmax = max([*ks, 1])
@@ -374,7 +374,7 @@ def evaluate_generation(
         boxes = detections = None
         for cond in conditions:
             if cond == "shuffled":  # the last VLM condition's answers, each given to another test image
-                from generation.image_controls import derangement
+                from generation.data.image_controls import derangement
 
                 order = derangement(len(exs), np.random.default_rng(seed))
                 answers = [answers[i] for i in order]

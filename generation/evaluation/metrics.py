@@ -29,8 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 from torchvision.ops import box_iou
 
-from generation.boxes import boxes_tensor
-from generation.report_metrics import active_scores
+from generation.data.boxes import boxes_tensor
+from generation.evaluation.report_metrics import active_scores
 from retrieval.labels import LABELS, multi_hot
 
 IOU_THRESHOLDS = (0.3, 0.4, 0.5)

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from generation.boxes import boxes_tensor, boxes_text, snap
-from generation.head import fit_thresholds
+from generation.data.boxes import boxes_tensor, boxes_text, snap
+from generation.heads.head import fit_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def fit_for_examples(
 ) -> BoxHead | None:
     """The head for a training run: each row's boxes from its `[ground]` examples (anatomy and findings, merged as
     the targets are), else from its `[identify]` examples; None without box examples."""
-    from generation.tasks import is_anatomy
+    from generation.data.tasks import is_anatomy
 
     row_boxes: dict[int, list[dict]] = {}
     for e in examples.get("ground") or []:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from generation.box_head import pooled_features, ridge
-from generation.head import fit_thresholds
+from generation.heads.box_head import pooled_features, ridge
+from generation.heads.head import fit_thresholds
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from generation.rag import Exemplar
+from generation.data.rag import Exemplar
 from retrieval.labels import LABELS, label_report, multi_hot
 
 _CLOSED_RE = re.compile(r"^is there (?:an? )?(.+?)\s*\?$")

@@ -3,7 +3,7 @@
 Given an image's tokens and a region name (`Right Lung`, `Heart`, a drawn finding such as `Pleural Effusion`), it
 returns the region's mask: a bool array at the image's size, and polygons (normalised [0, 1] x/y lists) for a reader.
 
-How, in closed form like the box head (`generation/box_head.py`), fitted in seconds on the training rows' masks:
+How, in closed form like the box head (`generation/heads/box_head.py`), fitted in seconds on the training rows' masks:
 - features: the tokens (B, g*g, d) average-pooled to a `pool` x `pool` grid and flattened (`box_head.box_features`;
   `pool` = the token grid keeps every token);
 - targets: each training mask area-averaged to a `grid` x `grid` map (the share of each cell the region covers),
@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from generation.box_head import box_features, load_head, ridge, save_head
+from generation.heads.box_head import box_features, load_head, ridge, save_head
 from retrieval.data.region_masks import encode_rle, mask_to_polygons, resize_mask
 from retrieval.labels import ANATOMY_PREFIX
 
@@ -209,7 +209,7 @@ def segment(
     else:
         if encoder is None:
             raise ValueError("segment: an image needs the encoder that made the head's tokens")
-        from generation.encoders import encode_visual
+        from generation.model.encoders import encode_visual
         from retrieval.data.image_io import read_image
 
         image = tokens_or_image if isinstance(tokens_or_image, np.ndarray) else read_image(tokens_or_image)

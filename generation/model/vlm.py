@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from generation.collate import IGNORE, collate, splice_image
-from generation.encoders import load_encoder
-from generation.language_model import add_vlm_tokens, load_lm
-from generation.tokenizer import (
+from generation.model.collate import IGNORE, collate, splice_image
+from generation.model.encoders import load_encoder
+from generation.model.language_model import add_vlm_tokens, load_lm
+from generation.model.tokenizer import (
     COORD_TOKENS,
     EXTRA_TOKENS,
     IMAGE_END,
@@ -39,7 +39,7 @@ from generation.tokenizer import (
     end_id,
     load_tokenizer,
 )
-from generation.vlm_config import GROUP, VLMConfig
+from generation.model.vlm_config import GROUP, VLMConfig
 from retrieval.errors import ModelLoadError
 from retrieval.fileio import write_json_atomic
 

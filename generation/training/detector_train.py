@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from generation.detector import Detector, DetectorConfig, Letterbox, forward_from_stages, letterbox
+from generation.heads.detector import Detector, DetectorConfig, Letterbox, forward_from_stages, letterbox
 from retrieval.errors import CXRError, ManifestError
 from retrieval.fileio import write_json_atomic
 
@@ -104,7 +104,7 @@ def _boxes(value) -> list[dict]:
 
 def load_split(df: pd.DataFrame, split: str, labels: Sequence[str], size: int) -> tuple[Split, list[dict]]:
     """The letterboxed images and targets of `split` (boxes of unknown labels dropped); bad rows reported."""
-    from generation.features import row_image_path
+    from generation.data.features import row_image_path
     from retrieval.data.image_io import read_image
 
     index = {n: i for i, n in enumerate(labels)}
@@ -222,7 +222,7 @@ def train_detector(
 ) -> dict:
     """Train on `df`'s train split, stop early on its val split's mAP@0.5, save the best to `out_dir`; returns
     the run's info (also written to `out_dir/detector_train.json`)."""
-    from generation.metrics import map50
+    from generation.evaluation.metrics import map50
 
     tcfg = tcfg or DetectorTrainConfig()
     if not isinstance(df, pd.DataFrame):

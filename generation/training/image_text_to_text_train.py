@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from generation.box_formats import format_boxes
-from generation.boxes import NO_FINDINGS_TEXT
-from generation.image_text_to_text import ImageTextToTextVLM, is_image_text_to_text, seen_sizes, to_pil
-from generation.tasks import Example, build_examples
-from generation.tokenizer import TASKS
+from generation.data.box_formats import format_boxes
+from generation.data.boxes import NO_FINDINGS_TEXT
+from generation.data.tasks import Example, build_examples
+from generation.model.tokenizer import TASKS
+from generation.writing.image_text_to_text import ImageTextToTextVLM, is_image_text_to_text, seen_sizes, to_pil
 from retrieval.errors import CXRError, ImageReadError, UsageError
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def target_text(ex: Example, box_format: str, size: tuple[int, int] | None) -> s
 
 def _read_rows(df: pd.DataFrame, rows: set[int], bad: dict[int, str]) -> dict[int, Any]:
     """PIL images of manifest rows; a row that cannot be read goes to `bad` (row -> reason) instead."""
-    from generation.features import row_image_path
+    from generation.data.features import row_image_path
     from retrieval.data.image_io import read_image
 
     out = {}
@@ -81,7 +81,7 @@ def _exemplars(df: pd.DataFrame, rows: list[int], index_dir: str | Path | None, 
         if k > 0:
             raise UsageError("--rag-k > 0 needs --index (or pass --rag-k 0 to train without retrieval)")
         return {}
-    from generation.features import exemplars_for_rows, open_searcher
+    from generation.data.features import exemplars_for_rows, open_searcher
 
     studies = {str(s) for s in df.iloc[rows]["study_id"]}
     return exemplars_for_rows(df, rows, open_searcher(index_dir), k, allowed_studies=studies)
@@ -122,7 +122,7 @@ def train_image_text_to_text(
     device: str | None = None,
 ) -> dict:
     """Fine-tune `config.base_model` with LoRA on the manifest's training split; writes `out_dir`; returns run info."""
-    from generation.train import split_rows
+    from generation.training.train import split_rows
     from retrieval.data.manifest import read_manifest
     from retrieval.device import resolve_device
     from retrieval.fileio import write_json_atomic

@@ -23,19 +23,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from generation.findings_prompt import TASKS as FINDINGS_TASKS
-from generation.language_model import DEFAULT_LM, resolve_lm
-from generation.model import TINY, VLM, load_encoder
-from generation.rag import Exemplar, build_prompt_ids
-from generation.sampling import TaskSampler, stage_tasks
-from generation.tasks import Example, build_examples
-from generation.tokenizer import TASKS
-from retrieval.checkpoint import Checkpoint
+from generation.data.rag import Exemplar, build_prompt_ids
+from generation.data.sampling import TaskSampler, stage_tasks
+from generation.data.tasks import Example, build_examples
+from generation.model.language_model import DEFAULT_LM, resolve_lm
+from generation.model.tokenizer import TASKS
+from generation.model.vlm import TINY, VLM, load_encoder
+from generation.writing.findings_prompt import TASKS as FINDINGS_TASKS
 from retrieval.errors import CXRError, UsageError
 from retrieval.fileio import write_json_atomic
 from retrieval.labels import LABELS, multi_hot
 from retrieval.models.token_cache import DEFAULT_GRID
 from retrieval.progress import make_progress
+from retrieval.training_checkpoint import Checkpoint
 
 
 @dataclass
@@ -147,7 +147,7 @@ def encode_batch(
 
 
 def _save_checkpoint(out: Path, vlm: VLM, opt, sched, sampler: TaskSampler, step: int, losses: list) -> None:
-    """Commit step `step` to `OUT/checkpoint` (`retrieval.checkpoint`: the last committed step stays
+    """Commit step `step` to `OUT/checkpoint` (`retrieval.training_checkpoint`: the last committed step stays
     whole until state.json names the new one)."""
     optim = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
     write = {
@@ -185,7 +185,7 @@ def _check_out(out: Path, resume: bool) -> None:
 def _prepare_inputs(df: pd.DataFrame, config: VLMTrainConfig, index_dir: str | Path | None, progress: bool) -> _Inputs:
     """Examples of the training split, frozen visual tokens (rows whose image cannot be read are dropped and
     reported), and each row's exemplars (training studies only); resolves `config.encoders`."""
-    from generation.features import exemplars_for_rows, open_searcher, visual_tokens_for_rows
+    from generation.data.features import exemplars_for_rows, open_searcher, visual_tokens_for_rows
 
     rows = split_rows(df, config.split)
     searcher = None
@@ -217,7 +217,7 @@ def _prepare_inputs(df: pd.DataFrame, config: VLMTrainConfig, index_dir: str | P
     label_rows = row_label_targets(df, used_rows)
     findings = {}
     if config.findings_in_prompt and set(FINDINGS_TASKS) & set(examples) and config.steps > 0:
-        from generation.findings_prompt import findings_lines
+        from generation.writing.findings_prompt import findings_lines
 
         findings = findings_lines(df, visual, label_rows, config.seed)
     return _Inputs(df, rows, examples, encoders, used_rows, visual, bad, t_vis, exemplars, label_rows, findings)
@@ -326,18 +326,18 @@ def _finish(config: VLMTrainConfig, vlm: VLM, data: _Inputs, out: Path) -> float
     the seconds of the two closed-form heads."""
     vlm.eval()
     if vlm.aux_head is not None:  # thresholds for closed answers from the finding head (head.py)
-        from generation.head import aux_head_thresholds
+        from generation.heads.head import aux_head_thresholds
 
         vlm.config.head_thresholds = aux_head_thresholds(vlm, data.visual, data.label_rows)
     vlm.save(out, data.encoders)
     t_box = time.time()
     if config.box_head:
-        from generation.box_head import fit_for_examples
+        from generation.heads.box_head import fit_for_examples
 
         if (head := fit_for_examples(data.visual, data.examples)) is not None:
             head.save(out)
     if config.finding_ridge:
-        from generation.finding_ridge import fit_finding_ridge
+        from generation.heads.finding_ridge import fit_finding_ridge
 
         if (ridge := fit_finding_ridge(data.visual, data.label_rows)) is not None:
             ridge.save(out)

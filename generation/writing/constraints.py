@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-from generation.boxes import COORD_MAX
-from generation.tokenizer import COORD_TOKENS, end_id
+from generation.data.boxes import COORD_MAX
+from generation.model.tokenizer import COORD_TOKENS, end_id
 
 
 class BoxGrammar:

@@ -1,4 +1,4 @@
-"""What a drafted report holds for a structured report (generation/structured_report.py): the `[report]` answer,
+"""What a drafted report holds for a structured report (generation/writing/structured_report.py): the `[report]` answer,
 its findings, the `[identify]` boxes on the same visual tokens, and the exemplars with their Study Instance UIDs."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from generation.generate import Generator, image_and_exemplars
-from generation.tasks import PROMPTS
+from generation.data.tasks import PROMPTS
+from generation.writing.generate import Generator, image_and_exemplars
 from retrieval.labels import LABELS, NO_FINDING, label_report
 
 
@@ -31,7 +31,7 @@ def draft_for_image(
     generator: Generator | None = None,
     device: str | None = None,
 ) -> dict:
-    """What a structured report holds (generation/structured_report.py): the `[report]` answer (text, exemplars,
+    """What a structured report holds (generation/writing/structured_report.py): the `[report]` answer (text, exemplars,
     ...) plus `findings` (the finding head's, else what the labeler reads in the text), `boxes` (the
     `[identify]` answer on the same tokens) and each exemplar's `study_instance_uid` ('' when the index has none)."""
     gen = generator or Generator(vlm_dir, index_dir if k > 0 else None, device=device)

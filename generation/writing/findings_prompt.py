@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from generation.findings_report import predicted_findings
+from generation.writing.findings_report import predicted_findings
 from retrieval.labels import LABELS
 
 PREFIX = "Likely findings:"
@@ -46,8 +46,8 @@ def crossfit_probs(
 ) -> tuple[dict[int, np.ndarray], list[float]]:
     """Each row's finding probabilities from a finding ridge fitted on the other folds, and the thresholds of the
     ridge fitted on every row (the ones used at inference)."""
-    from generation.box_head import pooled_features
-    from generation.finding_ridge import fit_finding_ridge
+    from generation.heads.box_head import pooled_features
+    from generation.heads.finding_ridge import fit_finding_ridge
 
     rows = sorted(r for r in visual if r in label_rows)
     full = fit_finding_ridge(visual, label_rows)
@@ -67,8 +67,8 @@ def crossfit_probs(
 
 def true_sides(boxes: Sequence[dict]) -> dict[str, str]:
     """A training row's finding sides from its own finding boxes (the box head's job at inference)."""
-    from generation.findings_report import finding_sides
-    from generation.tasks import finding_boxes
+    from generation.data.tasks import finding_boxes
+    from generation.writing.findings_report import finding_sides
 
     return finding_sides([{**b, "score": 1.0} for b in finding_boxes(boxes)])
 

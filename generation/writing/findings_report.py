@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from generation.head import rank_exemplars
-from generation.rag import Exemplar
+from generation.data.rag import Exemplar
+from generation.heads.head import rank_exemplars
 from retrieval.labels import LABELS, NO_FINDING, label_sentence
 from retrieval.study_text import whole_sentences
 

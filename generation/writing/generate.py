@@ -23,19 +23,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from generation.box_head import BoxHead, box_features
-from generation.boxes import boxes_text, malformed_boxes, parse_boxes
-from generation.constraints import box_decoding
-from generation.encoders import encode_visual
-from generation.finding_ridge import FindingRidge
-from generation.findings_prompt import TASKS as FINDINGS_TASKS
-from generation.findings_prompt import findings_line
-from generation.findings_report import finding_sides, findings_report, predicted_findings
-from generation.head import closed_answer, rank_exemplars
-from generation.model import VLM
-from generation.rag import Exemplar, build_prompt_ids, copied_sentences
-from generation.tasks import OPEN_QUESTION, PROMPTS, classify_target
-from generation.tokenizer import TASKS, decode
+from generation.data.boxes import boxes_text, malformed_boxes, parse_boxes
+from generation.data.rag import Exemplar, build_prompt_ids, copied_sentences
+from generation.data.tasks import OPEN_QUESTION, PROMPTS, classify_target
+from generation.heads.box_head import BoxHead, box_features
+from generation.heads.finding_ridge import FindingRidge
+from generation.heads.head import closed_answer, rank_exemplars
+from generation.model.encoders import encode_visual
+from generation.model.tokenizer import TASKS, decode
+from generation.model.vlm import VLM
+from generation.writing.constraints import box_decoding
+from generation.writing.findings_prompt import TASKS as FINDINGS_TASKS
+from generation.writing.findings_prompt import findings_line
+from generation.writing.findings_report import finding_sides, findings_report, predicted_findings
 from retrieval.device import resolve_device
 from retrieval.errors import UsageError
 from retrieval.labels import LABELS
@@ -132,7 +132,7 @@ class Generator:
         self.searcher = None
         self._retrieval_model = retrieval_model
         if index_dir is not None:
-            from generation.features import open_searcher
+            from generation.data.features import open_searcher
 
             self.searcher = open_searcher(index_dir)
 
@@ -143,7 +143,7 @@ class Generator:
         folder = self.vlm_dir / DETECTOR_DIR
         if not (folder / "detector.json").is_file():
             return None
-        from generation.detector import Detector
+        from generation.heads.detector import Detector
 
         return Detector.load(folder)
 
@@ -174,7 +174,7 @@ class Generator:
             return [[] for _ in images]
         if self.searcher is None:
             raise UsageError("retrieval needs --index (or pass -k 0)")
-        from generation.rag import retrieve_exemplars
+        from generation.data.rag import retrieve_exemplars
 
         vecs = np.asarray(self.retrieval_model().encode_images(list(images)), dtype=np.float32)
         n = len(images)
@@ -346,12 +346,12 @@ def generate_for_image(
 
 
 def detector_answer(answer: dict, detector: Any, image: np.ndarray, task: str, phrase: str | None) -> dict:
-    """`answer` with its boxes from a trained `detector` (generation/detector.py) for `[identify]`, and for `[ground]`
-    of a label the detector knows; unchanged for another task, without a detector, or for a phrase it has no class
-    for."""
+    """`answer` with its boxes from a trained `detector` (generation/heads/detector.py) for `[identify]`, and for
+    `[ground]` of a label the detector knows; unchanged for another task, without a detector, or for a phrase it has no
+    class for."""
     if task not in DETECTOR_TASKS or detector is None:
         return answer
-    from generation.boxes import boxes_text
+    from generation.data.boxes import boxes_text
 
     if task == "identify":
         detections = detector.predict([image])[0]

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from generation.box_formats import box_format_for, parse_model_boxes
-from generation.rag import Exemplar, copied_sentences
-from generation.tasks import OPEN_QUESTION, PROMPTS
-from generation.tokenizer import TASKS
+from generation.data.box_formats import box_format_for, parse_model_boxes
+from generation.data.rag import Exemplar, copied_sentences
+from generation.data.tasks import OPEN_QUESTION, PROMPTS
+from generation.model.tokenizer import TASKS
 from retrieval.errors import ModelLoadError, UsageError
 from retrieval.labels import LABELS
 
@@ -310,8 +310,8 @@ def exemplars_for_image(index_dir: str | Path, image: str | Path | np.ndarray, a
                         retrieval_model: Any = None) -> list[Exemplar]:  # fmt: skip
     """Top-k exemplar reports for one image from an index: never the image's own study or patient when the
     image file is itself in the index. `retrieval_model` defaults to the model the index records."""
-    from generation.features import open_searcher
-    from generation.rag import retrieve_exemplars
+    from generation.data.features import open_searcher
+    from generation.data.rag import retrieve_exemplars
 
     searcher = open_searcher(index_dir)
     study = patient = None

@@ -17,11 +17,11 @@ from torch import nn
 from retrieval.data.split_items import SplitItems
 from retrieval.errors import CXRError
 from retrieval.models import text_features
-from retrieval.models.checkpoint import fingerprint_state
+from retrieval.models.saved_model import fingerprint_state
 from retrieval.training.augment import RadiographAugment
 from retrieval.training.config import TrainConfig
 from retrieval.training.data import ImageSource, PreparedSplit, decode_images, drop_unreadable, items_hash
-from retrieval.training.towers import tower_frozen, tower_modules
+from retrieval.training.initial_model import tower_frozen, tower_modules
 
 log = logging.getLogger(__name__)
 
