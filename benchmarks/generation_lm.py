@@ -44,8 +44,10 @@ def _train(name: str, work: Path, demo: Path, **over) -> Path:
 
 def _evaluate(vlm: Path, demo: Path, n: int, tasks: list[str], **kw) -> dict:
     from generation.evaluation.evaluate_generation import evaluate_generation
+    from generation.writing.generator_options import GeneratorOptions
 
     t0 = time.time()
+    options = GeneratorOptions.pop_from(kw)  # report_source=..., vqa_source=...
     res = evaluate_generation(
         vlm,
         demo / "corpus" / "manifest.parquet",
@@ -56,6 +58,7 @@ def _evaluate(vlm: Path, demo: Path, n: int, tasks: list[str], **kw) -> dict:
         meteor=False,
         progress=False,
         token_cache=demo / "visual_tokens",
+        options=options,
         **kw,
     )
     print(f"evaluated {vlm.name} {kw}: {time.time() - t0:.0f} s")
@@ -85,11 +88,13 @@ def _cost(vlm: Path, demo: Path) -> dict:
     """Generation tokens/s and `cxr generate` latency with the model loaded once (as `cxr serve` holds it)."""
     import pandas as pd
 
-    from generation.writing.generate import Generator, generate_for_image
+    from generation.writing.generate import Generator
+    from generation.writing.generator_options import GeneratorOptions
+    from generation.writing.image_answer import generate_for_image
 
     df = pd.read_parquet(demo / "corpus" / "manifest.parquet")
     t0 = time.time()
-    gen = Generator(vlm, demo / "index", report_source="generate")
+    gen = Generator(vlm, demo / "index", options=GeneratorOptions(report_source="generate"))
     load_s = time.time() - t0
     test = df[df["split"] == "test"].head(4)
     times, tokens = [], 0

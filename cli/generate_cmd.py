@@ -52,11 +52,12 @@ def generate_cmd(
     elif sr is not None or store is not None:
         res = _structured_report(image, index, vlm, task, k, device, sr, store, token, user, password)
     else:
-        from generation.writing.generate import generate_for_image
+        from generation.writing.generator_options import GeneratorOptions
+        from generation.writing.image_answer import generate_for_image
 
         res = generate_for_image(
             image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device,
-            report_source=report_source,
+            options=GeneratorOptions(report_source=report_source),
         )  # fmt: skip
     if as_json:
         print(json.dumps(res, indent=2))

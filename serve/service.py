@@ -298,7 +298,8 @@ class ServeService:
     ) -> dict:
         """The VLM's output for one image: text, boxes, and the exemplars the prompt carried (with their reports
         and the sentences of the text that each exemplar's report also contains)."""
-        from generation.writing.generate import generate_for_image, task_prompt
+        from generation.writing.generate import task_prompt
+        from generation.writing.image_answer import generate_for_image
 
         if self.generator is None:
             raise UsageError("this server has no VLM; start it with --vlm DIR (a folder from `cxr vlm train`)")

@@ -165,8 +165,8 @@ def test_identify_scores_map_over_the_detections_and_over_the_answer():
     """score_task's `map@0.5` ranks the detections when given (the answer's boxes otherwise); `map@0.5_answer`
     ranks the answer alone; Acc@IoU reads the answer."""
     from generation.data.tasks import Example
-    from generation.evaluation.evaluate_generation import score_task
     from generation.evaluation.metrics import map50
+    from generation.evaluation.task_scores import score_task
 
     x, rows = _sided()
     head = fit_box_head(x[:200], rows[:200], set())

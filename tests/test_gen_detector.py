@@ -135,10 +135,11 @@ def test_cli_refuses_a_bad_size_in_one_line(tmp_path, capsys):
 
 
 def test_a_detector_in_the_vlm_folder_answers_identify_and_ground(trained, tmp_path):
-    """generate.detector_answer: with `VLM/detector/` the box answers are the detector's (its threshold, its
+    """image_answer.detector_answer: with `VLM/detector/` the box answers are the detector's (its threshold, its
     ranked detections for mAP); a phrase it has no class for, another task, or no detector: the VLM's answer.
     An untrained detector at 128 px answering one image (as `cxr generate` does) is enough to test the wiring."""
-    from generation.writing.generate import DETECTOR_DIR, Generator, detector_answer
+    from generation.writing.generate import DETECTOR_DIR, Generator
+    from generation.writing.image_answer import detector_answer
 
     df, _, _ = trained
     vlm = tmp_path / "vlm"

@@ -12,7 +12,8 @@ from gen_synth import SynthRetrievalModel, make_index, make_manifest, one_thread
 from generation.evaluation.evaluate_generation import evaluate_generation
 from generation.model.vlm import VLM
 from generation.training.train import VLMTrainConfig, train_vlm
-from generation.writing.generate import generate_for_image
+from generation.writing.generator_options import GeneratorOptions
+from generation.writing.image_answer import generate_for_image
 from retrieval.errors import UsageError
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -102,7 +103,8 @@ def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpu
     model = SynthRetrievalModel()
     assert len(VLM.load(trained[0]).config.head_thresholds) == len(LABELS)  # fitted at the end of training
     quoted = generate_for_image(
-        root / row["image_path"], idx, trained[0], task="report", k=2, retrieval_model=model, report_source="quote"
+        root / row["image_path"], idx, trained[0], task="report", k=2, retrieval_model=model,
+        options=GeneratorOptions(report_source="quote"),
     )
     reports = {str(s): str(r) for s, r in zip(df["study_id"], df["report"])}
     assert quoted["source"] == "quoted exemplar"
@@ -112,7 +114,7 @@ def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpu
     from retrieval.data.image_io import read_image
 
     for source, expect in (("head", "finding head"), ("lm", "lm")):
-        gen = Generator(trained[0], vqa_source=source)
+        gen = Generator(trained[0], options=GeneratorOptions(vqa_source=source))
         res = gen.generate(gen.visual([read_image(image[0])]), ["vqa"], ["is there cardiomegaly?"], [[]])[0]
         assert res["source"] == expect and (res["text"] in ("yes", "no") or source == "lm")
 
@@ -125,7 +127,7 @@ def test_box_head_and_written_report_answer_by_default(trained, corpus):
     assert (trained[0] / "box_head.safetensors").exists()  # fitted at the end of training
     vis_img = read_image(root / df.iloc[0]["image_path"])
     for source, expect in (("head", "box head"), ("lm", "lm")):
-        gen = Generator(trained[0], box_source=source)
+        gen = Generator(trained[0], options=GeneratorOptions(box_source=source))
         vis = gen.visual([vis_img, vis_img])
         outs = gen.generate(
             vis, ["ground", "identify"], ["right lung", "describe the findings with their boxes."], [[], []]
@@ -149,7 +151,7 @@ def test_findings_come_from_the_ridge_by_default_and_from_the_aux_head_on_reques
     root, df, idx = corpus
     assert (trained[0] / "finding_head.safetensors").exists()  # fitted at the end of training
     imgs = [read_image(root / df.iloc[i]["image_path"]) for i in range(4)]
-    ridge, aux = Generator(trained[0]), Generator(trained[0], finding_source="aux")
+    ridge, aux = Generator(trained[0]), Generator(trained[0], options=GeneratorOptions(finding_source="aux"))
     vis = ridge.visual(imgs)
     p_ridge, t_ridge = ridge.finding_probs(vis)
     p_aux, t_aux = aux.finding_probs(vis)
@@ -160,10 +162,11 @@ def test_findings_come_from_the_ridge_by_default_and_from_the_aux_head_on_reques
     for i, o in enumerate(outs):
         assert o["source"] == "finding head"
         assert o["text"] == classify_target(predicted_findings(p_ridge[i], t_ridge))
-    lm = Generator(trained[0], classify_source="lm").generate(vis[:1], ["classify"], [PROMPTS["classify"]], [[]])
+    lm_classify = Generator(trained[0], options=GeneratorOptions(classify_source="lm"))
+    lm = lm_classify.generate(vis[:1], ["classify"], [PROMPTS["classify"]], [[]])
     assert lm[0]["source"] == "lm"
     with pytest.raises(UsageError, match="finding_source"):
-        Generator(trained[0], finding_source="nope")
+        GeneratorOptions(finding_source="nope")
 
 
 def test_evaluation_has_every_baseline(trained, corpus):
@@ -272,7 +275,8 @@ def test_pretrained_lm_lora_staging_and_zero_shot_write_from_the_findings(corpus
         progress=False,
     )
     assert zero["steps"] == 0 and not (tmp_path / "zero" / "lm").exists()  # the frozen LM is not copied
-    gen = Generator(tmp_path / "zero", idx, retrieval_model=SynthRetrievalModel(), report_source="generate")
+    by_lm = GeneratorOptions(report_source="generate")
+    gen = Generator(tmp_path / "zero", idx, retrieval_model=SynthRetrievalModel(), options=by_lm)
     assert not gen.vlm.config.image_in_prompt
     row = df.iloc[int(np.flatnonzero(df["split"] == "test")[0])]
     from retrieval.data.image_io import read_image
@@ -280,7 +284,7 @@ def test_pretrained_lm_lora_staging_and_zero_shot_write_from_the_findings(corpus
     rec = gen.generate(gen.visual([read_image(root / row["image_path"])]), ["report"], ["describe."], [[]])[0]
     assert rec["findings_line"].startswith("Likely findings: ") and rec["source"] == "lm"
     assert all(f.lower() in rec["findings_line"] for f in rec["head_findings"])
-    gen.vqa_source = "lm"  # closed questions answered by the LM read the same line
+    gen.options = gen.options.replace(vqa_source="lm")  # closed questions answered by the LM read the same line
     vqa = gen.generate(gen.visual([read_image(root / row["image_path"])]), ["vqa"], ["is there cardiomegaly?"], [[]])
     assert vqa[0]["findings_line"] == rec["findings_line"] and vqa[0]["source"] == "lm"
 

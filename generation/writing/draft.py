@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from generation.data.tasks import PROMPTS
-from generation.writing.generate import Generator, image_and_exemplars
+from generation.writing.generate import Generator
+from generation.writing.image_answer import image_and_exemplars
 from retrieval.labels import LABELS, NO_FINDING, label_report
 
 

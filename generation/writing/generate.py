@@ -1,9 +1,10 @@
-"""Decoding with a trained VLM: image(s) + task (+ question / phrase) + top-k retrieved exemplars -> text.
+"""Decoding with a trained VLM: visual tokens + task + prompt + top-k retrieved exemplars -> answers (`Generator`).
 
-`generate_for_image(image, index_dir, vlm_dir)` is the one-call entry point (`cxr generate`, `cxr demo`): it
-returns the text, the task, the boxes parsed from it (identify / ground / where-questions; malformed ones are
-dropped and counted), the exemplars the prompt carried (`ref` = the number the prompt gave them, study ids,
-scores) and which of them the output copied sentences from.
+Where each kind of answer comes from (the heads or the LM) is the `GeneratorOptions` the Generator holds; the
+one-image entry point (`cxr generate`, `cxr demo`) is `image_answer.generate_for_image`. An answer holds the text,
+the task, the boxes parsed from it (identify / ground / where-questions; malformed ones are dropped and counted),
+the exemplars the prompt carried (`ref` = the number the prompt gave them, study ids, scores) and which of them
+the output copied sentences from.
 
 Decoding uses transformers' own controls, per task (`DECODING`): reports get beam search with
 `no_repeat_ngram_size` and `repetition_penalty` (a small greedy decoder otherwise loops on "the lungs are
@@ -36,20 +37,12 @@ from generation.writing.constraints import box_decoding
 from generation.writing.findings_prompt import TASKS as FINDINGS_TASKS
 from generation.writing.findings_prompt import findings_line
 from generation.writing.findings_report import finding_sides, findings_report, predicted_findings
+from generation.writing.generator_options import GeneratorOptions
 from retrieval.device import resolve_device
 from retrieval.errors import UsageError
 from retrieval.labels import LABELS
 from retrieval.text_limits import check_query_text
 
-VQA_SOURCES = ("head", "lm")  # closed "is there X?" answered by the finding head (head.py) or the LM
-# [report]: written from the finding head's findings + the exemplars' sentences (findings_report.py; the LM's draft
-# when the VLM has no head), the LM's draft, or the exemplar the finding head ranks first
-REPORT_SOURCES = ("findings", "generate", "quote")
-BOX_SOURCES = ("head", "lm")  # [ground] / [identify] / "where is": the ridge box head (box_head.py) or the LM
-# the findings behind closed VQA, [classify], the written report and exemplar ranking: the ridge on the frozen tokens
-# (finding_ridge.py; the VLM's auxiliary head in folders that have none) or the auxiliary head (VLM.aux_head)
-FINDING_SOURCES = ("ridge", "aux")
-CLASSIFY_SOURCES = ("head", "lm")  # [classify]: the findings the finding head predicts, or the LM's answer
 MAX_NEW_TOKENS = {"report": 96, "vqa": 32, "classify": 32, "identify": 64, "ground": 24}
 REPORT_DECODING: dict[str, Any] = {"num_beams": 3, "no_repeat_ngram_size": 3, "repetition_penalty": 1.2}
 DECODING: dict[str, dict[str, Any]] = {
@@ -100,33 +93,18 @@ class Generator:
         decoding: dict[str, dict[str, Any]] | None = None,
         token_cache: str | Path | None = None,
         constrain_boxes: bool = True,
-        vqa_source: str = "head",
-        report_source: str = "findings",
-        box_source: str = "head",
-        finding_source: str = "ridge",
-        classify_source: str = "head",
+        options: GeneratorOptions | None = None,
     ):
-        for name, value, allowed in (
-            ("vqa_source", vqa_source, VQA_SOURCES),
-            ("report_source", report_source, REPORT_SOURCES),
-            ("box_source", box_source, BOX_SOURCES),
-            ("finding_source", finding_source, FINDING_SOURCES),
-            ("classify_source", classify_source, CLASSIFY_SOURCES),
-        ):
-            if value not in allowed:
-                raise UsageError(f"{name} must be one of {allowed}, got {value!r}")
         self.vlm_dir = Path(vlm_dir)
         self.constrain_boxes = constrain_boxes
-        self.vqa_source = vqa_source
-        self.report_source = report_source
-        self.classify_source = classify_source
+        self.options = options = options or GeneratorOptions()
         self.decoding = {**DECODING, **(decoding or {})}
         self.token_cache = token_cache
         self.device = resolve_device(device)  # None and "auto" alike: CUDA when torch sees it
         self.vlm = VLM.load(vlm_dir, device=self.device)
         self.encoders = self.vlm.load_encoders(vlm_dir, device=self.device)
-        self.box_head = BoxHead.load(vlm_dir) if box_source == "head" else None
-        self.finding_ridge = FindingRidge.load(vlm_dir) if finding_source == "ridge" else None
+        self.box_head = BoxHead.load(vlm_dir) if options.box_source == "head" else None
+        self.finding_ridge = FindingRidge.load(vlm_dir) if options.finding_source == "ridge" else None
         self.grid = self.vlm.config.visual_grid
         self.budget = int(self.vlm.config.prompt_budget)
         self.searcher = None
@@ -242,14 +220,15 @@ class Generator:
         heads = self.box_head is not None or self.finding_ridge is not None
         feats = box_features(visual) if heads else None  # pooled once for every head that reads the tokens
         probs, thresholds = self.finding_probs(visual, feats)
-        quote = task == "report" and self.report_source == "quote" and probs is not None
+        opt = self.options
+        quote = task == "report" and opt.report_source == "quote" and probs is not None
         head = probs is not None and thresholds is not None
-        written = task == "report" and self.report_source == "findings" and head
+        written = task == "report" and opt.report_source == "findings" and head
         # the LM writes the report / answers from the heads' "Likely findings" line (a VLM trained or prompted with it)
-        by_lm = (task == "report" and self.report_source == "generate") or (task == "vqa" and self.vqa_source == "lm")
+        by_lm = (task == "report" and opt.report_source == "generate") or (task == "vqa" and opt.vqa_source == "lm")
         lined = task in FINDINGS_TASKS and by_lm and head and self.vlm.config.findings_in_prompt
-        from_head = task == "vqa" and self.vqa_source == "head" and head
-        classified = task == "classify" and self.classify_source == "head" and head
+        from_head = task == "vqa" and opt.vqa_source == "head" and head
+        classified = task == "classify" and opt.classify_source == "head" and head
         boxed = self._box_answers(feats, task, prompts)
         # every finding group scored: mAP's ranked list for [identify], the findings' sides for the written report
         scoring = self.box_head is not None and (task == "identify" or written or lined)
@@ -303,100 +282,3 @@ class Generator:
                 rec["detections"] = scored[i]
             out.append(rec)
         return out
-
-
-def generate_for_image(
-    image: str | Path | np.ndarray,
-    index_dir: str | Path | None,
-    vlm_dir: str | Path,
-    task: str = "report",
-    k: int = 3,
-    question: str | None = None,
-    phrase: str | None = None,
-    generator: Generator | None = None,
-    retrieval_model: Any = None,
-    exclude_study: str | None = None,
-    exclude_patient: str | None = None,
-    report_source: str = "findings",
-    device: str | None = None,
-) -> dict:
-    """Image path (PNG/JPEG/DICOM) or HxW array -> {text, task, prompt, exemplars, boxes?}.
-
-    `index_dir=None` or `k=0` generates without retrieval. Exemplars never come from `exclude_study` /
-    `exclude_patient`; for an image file that is in the index (by its path, or a DICOM by its StudyInstanceUID),
-    those default to its own study and patient.
-    `retrieval_model` defaults to the model recorded in the index's index_info.json; pass a loaded one (or a
-    `generator`) to reuse it across calls. `report_source`: "findings" (default) writes the report from the
-    finding head's findings and the exemplars' sentences, "generate" is the LM's draft, "quote" the exemplar the
-    finding head ranks first (see `Generator`). `device`: None / "auto" (CUDA when present), "cpu", "cuda:N".
-    """
-    prompt = task_prompt(task, question, phrase)
-    gen = generator or Generator(
-        vlm_dir,
-        index_dir if k > 0 else None,
-        retrieval_model=retrieval_model,
-        report_source=report_source,
-        device=device,
-    )
-    image, exemplars = image_and_exemplars(gen, image, k, exclude_study, exclude_patient)
-    answer = gen.generate(gen.visual([image]), [task], [prompt], exemplars)[0]
-    if task in DETECTOR_TASKS:
-        answer = detector_answer(answer, gen.detector, image, task, phrase)
-    return answer
-
-
-def detector_answer(answer: dict, detector: Any, image: np.ndarray, task: str, phrase: str | None) -> dict:
-    """`answer` with its boxes from a trained `detector` (generation/heads/detector.py) for `[identify]`, and for
-    `[ground]` of a label the detector knows; unchanged for another task, without a detector, or for a phrase it has no
-    class for."""
-    if task not in DETECTOR_TASKS or detector is None:
-        return answer
-    from generation.data.boxes import boxes_text
-
-    if task == "identify":
-        detections = detector.predict([image])[0]
-        boxes = detector.answer(detections)
-    else:
-        boxes, detections = detector.ground([image], [phrase or ""])[0], None
-        if boxes is None:
-            return answer
-    out = {**answer, "boxes": boxes, "text": boxes_text(task, boxes), "source": "detector", "malformed_boxes": 0}
-    if detections is not None:
-        out["detections"] = detections
-    return out
-
-
-def dicom_study_uid(path: str | Path) -> str:
-    """The StudyInstanceUID in a DICOM file's header ('' for any other file): how an image from the archive is
-    recognised as an indexed study whatever its path."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-    except Exception:  # not DICOM, unreadable: read_image reports it
-        return ""
-    return str(ds.get("StudyInstanceUID", "") or "").strip()
-
-
-def image_and_exemplars(
-    gen: Generator, image: str | Path | np.ndarray, k: int, exclude_study: str | None, exclude_patient: str | None
-) -> tuple[np.ndarray, list[list[Exemplar]]]:
-    """The image as an array and its top-k exemplars ([[]] without retrieval), never from the image's own study or
-    patient when the image is in the index (see `generate_for_image`)."""
-    if isinstance(image, str | Path):
-        from retrieval.data.image_io import read_image
-
-        if gen.searcher is not None and exclude_study is None and exclude_patient is None:
-            # An image that is itself in the index never retrieves its own study or patient.
-            meta = gen.searcher.index.meta
-            hit = meta[meta["image_path"].astype(str) == str(Path(image).resolve())]
-            study_uid = "" if len(hit) else dicom_study_uid(image)
-            if study_uid:  # the same study from the archive under another path (a DICOM export, a cache)
-                hit = meta[meta["study_instance_uid"].astype(str) == study_uid]
-            if len(hit):
-                exclude_study, exclude_patient = str(hit.iloc[0]["study_id"]), str(hit.iloc[0]["patient_id"])
-        image = read_image(image)
-    exemplars: list[list[Exemplar]] = [[]]
-    if k > 0 and gen.searcher is not None:
-        exemplars = gen.exemplars_for_images([image], k, [exclude_study], [exclude_patient])
-    return image, exemplars
