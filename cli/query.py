@@ -97,15 +97,15 @@ def query_cmd(
     if not batch and out is not None:
         raise UsageError("--out is for folder or manifest queries; a single query prints its results")
 
-    from index.search import Searcher, image_query
+    from index.image_query import image_query
+    from index.search import Searcher
     from index.store import load_recorded_model, open_index
 
     queries = _batch_queries(image, allow_outside) if batch else None  # containment before anything opens
     # The cheap checks first: a damaged index or an unreadable query image fails in well under a second,
     # before the model (seconds) is loaded.
     opened = open_index(index, mmap=mmap)
-    params = {"nprobe": nprobe, "ef_search": ef_search, "mmap": mmap, "k_factor": k_factor}
-    params["one_per_patient"] = one_per_patient
+    params = dict(nprobe=nprobe, ef_search=ef_search, mmap=mmap, k_factor=k_factor, one_per_patient=one_per_patient)
     if image is not None and not batch:
         from retrieval.data.image_io import read_image
 

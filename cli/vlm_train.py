@@ -71,23 +71,12 @@ def vlm_train_cmd(
     if rag_k < 0 or steps < 0 or batch_size < 1:
         raise UsageError("--rag-k and --steps must be >= 0, --batch-size >= 1")
     config = VLMTrainConfig(
-        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
-        encoders=list(encoder or []),
-        rag_k=rag_k,
-        rag_dropout=rag_dropout,
-        prompt_budget=budget,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        two_stage=two_stage,
-        checkpoint_every=checkpoint_every,
-        visual_grid=grid,
-        token_cache=None if token_cache is None else str(token_cache),
-        seed=seed,
-        lm_path=lm,
-        lora=lora,
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()], encoders=list(encoder or []), rag_k=rag_k,
+        rag_dropout=rag_dropout, prompt_budget=budget, steps=steps, batch_size=batch_size, lr=lr,
+        two_stage=two_stage, checkpoint_every=checkpoint_every, visual_grid=grid,
+        token_cache=None if token_cache is None else str(token_cache), seed=seed, lm_path=lm, lora=lora,
         lm_overrides={"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": 2 * hidden},
-    )
+    )  # fmt: skip
     checked = gate_manifest(manifest, allow_outside, skip_bad_rows)  # the shared validator, before any work
     if base_vlm:
         return _train_base_vlm(checked, out, index, base_vlm, config, as_json, resume)
