@@ -58,10 +58,10 @@ def eval_inputs(
     """The split's examples (capped per task; rows whose image cannot be read dropped), their visual tokens and
     exemplars (training studies only), the first training row per study and the constant answers."""
     from generation.data.features import exemplars_for_rows, visual_tokens_for_rows
-    from generation.training.train import split_rows
+    from retrieval.data.split_items import split_positions
 
-    rows = split_rows(df, split)
-    train_rows = split_rows(df, "train")
+    rows = split_positions(df, split)
+    train_rows = split_positions(df, "train")
     every = build_examples(df, tasks, rows, seed=seed)
     examples = cap_examples(every, max_per_task, seed)
     used = sorted({e.row for exs in examples.values() for e in exs})

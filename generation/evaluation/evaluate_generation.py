@@ -133,9 +133,9 @@ def evaluate_generation(
     )
     if image_control != "real":
         from generation.data.image_controls import apply_image_control
-        from generation.training.train import split_rows
+        from retrieval.data.split_items import split_positions
 
-        train = {str(s) for s in df.iloc[split_rows(df, "train")]["study_id"]}
+        train = {str(s) for s in df.iloc[split_positions(df, "train")]["study_id"]}
         kmax = max([*ks, 1])
         data.visual, data.exemplars = apply_image_control(
             gen, data.visual, data.exemplars, df, image_control, kmax, train, seed

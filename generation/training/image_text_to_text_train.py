@@ -122,8 +122,8 @@ def train_image_text_to_text(
     device: str | None = None,
 ) -> dict:
     """Fine-tune `config.base_model` with LoRA on the manifest's training split; writes `out_dir`; returns run info."""
-    from generation.training.train import split_rows
     from retrieval.data.manifest import read_manifest
+    from retrieval.data.split_items import split_positions
     from retrieval.device import resolve_device
     from retrieval.fileio import write_json_atomic
 
@@ -134,7 +134,7 @@ def train_image_text_to_text(
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
-    rows = split_rows(df, config.split)
+    rows = split_positions(df, config.split)
     examples = [e for exs in build_examples(df, config.tasks, rows, seed=config.seed).values() for e in exs]
     if not examples:
         raise CXRError(f"the {config.split} split yields no examples for tasks {config.tasks}")

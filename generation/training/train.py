@@ -30,6 +30,7 @@ from generation.model.language_model import DEFAULT_LM, resolve_lm
 from generation.model.tokenizer import TASKS
 from generation.model.vlm import TINY, VLM, load_encoder
 from generation.writing.findings_prompt import TASKS as FINDINGS_TASKS
+from retrieval.data.split_items import split_positions
 from retrieval.errors import CXRError, UsageError
 from retrieval.fileio import write_json_atomic
 from retrieval.labels import LABELS, multi_hot
@@ -74,17 +75,6 @@ class VLMTrainConfig:
     coord_init: bool = True  # coordinate tokens start from Fourier features of their value
     box_head: bool = True  # fit the ridge box head on the frozen tokens at the end (box_head.py)
     finding_ridge: bool = True  # fit the ridge finding head on the frozen tokens at the end (finding_ridge.py)
-
-
-def split_rows(df: pd.DataFrame, split: str) -> list[int]:
-    """Positions of the rows in `split` (an error naming the splits present when there are none)."""
-    if "split" not in df.columns:
-        raise UsageError("the manifest has no split column; assign splits first (by patient)")
-    rows = [i for i, s in enumerate(df["split"].astype(str)) if s == split]
-    if not rows:
-        present = sorted(set(df["split"].astype(str)))
-        raise UsageError(f"no rows in split {split!r}; the manifest has {present}")
-    return rows
 
 
 def resolve_encoders(specs: Sequence[str], searcher: Any | None) -> list[str]:
@@ -187,7 +177,7 @@ def _prepare_inputs(df: pd.DataFrame, config: VLMTrainConfig, index_dir: str | P
     reported), and each row's exemplars (training studies only); resolves `config.encoders`."""
     from generation.data.features import exemplars_for_rows, open_searcher, visual_tokens_for_rows
 
-    rows = split_rows(df, config.split)
+    rows = split_positions(df, config.split)
     searcher = None
     if index_dir is not None:
         searcher = open_searcher(index_dir)
