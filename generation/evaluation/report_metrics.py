@@ -42,24 +42,11 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import CXRError
+from retrieval.labels import LABELS, NO_FINDING
 
 EXTRA_HINT = "pip install 'cxr-retrieval[metrics]'"
-CHEXPERT_14 = [  # f1chexbert's target_names: the order of its 14 heads
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-    "No Finding",
-]
+# f1chexbert's target_names, the order of its 14 heads: the CheXpert findings in the project's order, then No Finding
+CHEXPERT_14 = [*(x for x in LABELS if x not in (NO_FINDING, "Tuberculosis")), NO_FINDING]
 CHEXPERT_5 = ["Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion"]
 MAX_TOKENS = 512  # BERT's positions; f1chexbert keeps the first 511 ids and [SEP]
 
@@ -203,6 +190,11 @@ class CheXbertLabeler:
         return np.stack([self._cache[str(t).strip()] for t in texts]) if texts else np.zeros((0, 14), int)
 
 
+def _check_pairs(references: Sequence[str], hypotheses: Sequence[str]) -> None:
+    if len(references) != len(hypotheses) or not references:
+        raise ValueError("need as many hypotheses as references, and at least one")
+
+
 _SCORERS: dict[tuple[str, str], Any] = {}  # (metric, weights folder) -> loaded scorer, once per process
 
 
@@ -212,8 +204,7 @@ def chexbert_f1(
     """CheXbert-label F1: micro/macro over the 14 CheXpert labels and over the 5, plus exact-match accuracy over 5."""
     from sklearn.metrics import accuracy_score, classification_report
 
-    if len(references) != len(hypotheses) or not references:
-        raise ValueError("need as many hypotheses as references, and at least one")
+    _check_pairs(references, hypotheses)
     try:
         from appdirs import user_cache_dir  # f1chexbert's own cache location (and one of its dependencies)
     except ImportError as e:
@@ -285,8 +276,7 @@ def radgraph_f1(
     """RadGraph F1 (radgraph's F1RadGraph, RadGraph-XL): simple, partial and complete rewards, mean over reports."""
     from retrieval.models.bundle import RADGRAPH_BERT_DIR, RADGRAPH_MODEL
 
-    if len(references) != len(hypotheses) or not references:
-        raise ValueError("need as many hypotheses as references, and at least one")
+    _check_pairs(references, hypotheses)
     try:
         import radgraph
         from radgraph import F1RadGraph

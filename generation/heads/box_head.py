@@ -181,8 +181,7 @@ class BoxHead:
     @classmethod
     def load(cls, path: str | Path) -> BoxHead | None:
         """The head saved in VLM folder `path`, or None when it has none."""
-        saved = load_head(Path(path) / FILE)
-        if saved is None:
+        if (saved := load_head(Path(path) / FILE)) is None:
             return None
         meta, t = saved
         names = json.loads(meta["names"])

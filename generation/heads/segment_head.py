@@ -114,8 +114,7 @@ class SegmentHead:
     @classmethod
     def load(cls, path: str | Path) -> SegmentHead | None:
         """The head saved in folder `path`, or None when it has none."""
-        saved = load_head(Path(path) / FILE)
-        if saved is None:
+        if (saved := load_head(Path(path) / FILE)) is None:
             return None
         meta, t = saved
         return cls(json.loads(meta["names"]), int(meta["pool"]), int(meta["grid"]), **t)

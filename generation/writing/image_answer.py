@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from generation.data.rag import Exemplar
 from generation.writing.generate import DETECTOR_TASKS, Generator, task_prompt
@@ -92,6 +93,19 @@ def dicom_study_uid(path: str | Path) -> str:
     return str(ds.get("StudyInstanceUID", "") or "").strip()
 
 
+def indexed_study(meta: pd.DataFrame, image: str | Path) -> tuple[str | None, str | None]:
+    """(study_id, patient_id) of an image file that is in the index (`meta`): by its path, or for a DICOM file by
+    its StudyInstanceUID (the same study from the archive under another path: a DICOM export, a cache); else
+    (None, None)."""
+    hit = meta[meta["image_path"].astype(str) == str(Path(image).resolve())]
+    study_uid = "" if len(hit) else dicom_study_uid(image)
+    if study_uid:
+        hit = meta[meta["study_instance_uid"].astype(str) == study_uid]
+    if not len(hit):
+        return None, None
+    return str(hit.iloc[0]["study_id"]), str(hit.iloc[0]["patient_id"])
+
+
 def image_and_exemplars(
     gen: Generator, image: str | Path | np.ndarray, k: int, exclude_study: str | None, exclude_patient: str | None
 ) -> tuple[np.ndarray, list[list[Exemplar]]]:
@@ -102,13 +116,7 @@ def image_and_exemplars(
 
         if gen.searcher is not None and exclude_study is None and exclude_patient is None:
             # An image that is itself in the index never retrieves its own study or patient.
-            meta = gen.searcher.index.meta
-            hit = meta[meta["image_path"].astype(str) == str(Path(image).resolve())]
-            study_uid = "" if len(hit) else dicom_study_uid(image)
-            if study_uid:  # the same study from the archive under another path (a DICOM export, a cache)
-                hit = meta[meta["study_instance_uid"].astype(str) == study_uid]
-            if len(hit):
-                exclude_study, exclude_patient = str(hit.iloc[0]["study_id"]), str(hit.iloc[0]["patient_id"])
+            exclude_study, exclude_patient = indexed_study(gen.searcher.index.meta, image)
         image = read_image(image)
     exemplars: list[list[Exemplar]] = [[]]
     if k > 0 and gen.searcher is not None:

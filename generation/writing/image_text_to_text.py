@@ -30,7 +30,7 @@ import torch
 
 from generation.data.box_formats import box_format_for, parse_model_boxes
 from generation.data.rag import Exemplar, copied_sentences
-from generation.data.tasks import OPEN_QUESTION, PROMPTS
+from generation.data.tasks import PROMPTS
 from generation.model.tokenizer import TASKS
 from retrieval.errors import ModelLoadError, UsageError
 from retrieval.labels import LABELS
@@ -293,33 +293,16 @@ class ImageTextToTextVLM:
         return recs
 
 
-def task_prompt(task: str, question: str | None = None, phrase: str | None = None) -> str:
-    """The example prompt of a request (as `tasks.py` writes it): the question, the phrase or the task's own."""
-    if task not in TASKS:
-        raise UsageError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    if task == "vqa":
-        return (question or OPEN_QUESTION).strip().lower()
-    if task == "ground":
-        if not phrase or not phrase.strip():
-            raise UsageError("--task ground needs --phrase (an anatomy or finding, e.g. 'right lung')")
-        return phrase.strip().lower()
-    return PROMPTS[task]
-
-
 def exemplars_for_image(index_dir: str | Path, image: str | Path | np.ndarray, array: np.ndarray, k: int,
                         retrieval_model: Any = None) -> list[Exemplar]:  # fmt: skip
     """Top-k exemplar reports for one image from an index: never the image's own study or patient when the
     image file is itself in the index. `retrieval_model` defaults to the model the index records."""
     from generation.data.features import open_searcher
     from generation.data.rag import retrieve_exemplars
+    from generation.writing.image_answer import indexed_study
 
     searcher = open_searcher(index_dir)
-    study = patient = None
-    if isinstance(image, str | Path):
-        meta = searcher.index.meta
-        hit = meta[meta["image_path"].astype(str) == str(Path(image).resolve())]
-        if len(hit):
-            study, patient = str(hit.iloc[0]["study_id"]), str(hit.iloc[0]["patient_id"])
+    study, patient = indexed_study(searcher.index.meta, image) if isinstance(image, str | Path) else (None, None)
     model = retrieval_model or searcher.index.load_model()
     vecs = np.asarray(model.encode_images([array]), dtype=np.float32)
     return retrieve_exemplars(searcher, vecs, k, [study], [patient])[0]
@@ -340,6 +323,7 @@ def generate_for_image(
     """`cxr generate` for a fine-tuned image-text-to-text folder: one image (path or HxW array) -> the answer
     record of `ImageTextToTextVLM.generate`, with up to k exemplar reports from `index_dir` in the prompt
     (k = 0 or no index: none). Pass a loaded `vlm` to reuse it across calls."""
+    from generation.writing.generate import task_prompt
     from retrieval.data.image_io import read_image
     from retrieval.device import resolve_device
 
