@@ -43,19 +43,15 @@ def generate_cmd(
         raise UsageError("-k must be >= 0")
     if k > 0 and index is None:
         raise UsageError("retrieval needs --index (or pass -k 0)")
-    if is_image_text_to_text(vlm):  # a fine-tuned pretrained VLM (`cxr vlm train --base-vlm`)
-        if sr is not None or store is not None:
+    if sr is not None or store is not None:
+        if is_image_text_to_text(vlm):  # a fine-tuned pretrained VLM (`cxr vlm train --base-vlm`)
             raise UsageError("--sr/--store take the project's own VLM folder (cxr vlm train), not a --base-vlm one")
-        from generation.writing.image_text_to_text import generate_for_image
-
-        res = generate_for_image(image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device)
-    elif sr is not None or store is not None:
         res = _structured_report(image, index, vlm, task, k, device, sr, store, token, user, password)
     else:
         from generation.writing.generator_options import GeneratorOptions
         from generation.writing.image_answer import generate_for_image
 
-        res = generate_for_image(
+        res = generate_for_image(  # either VLM kind: the project's own, or a --base-vlm fine-tuned one
             image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device,
             options=GeneratorOptions(report_source=report_source),
         )  # fmt: skip

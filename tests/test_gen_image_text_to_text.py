@@ -16,11 +16,11 @@ from tiny_vlms import tiny_gemma3, tiny_paligemma, tiny_qwen2_5_vl
 from generation.data.rag import Exemplar
 from generation.data.tasks import Example
 from generation.training.image_text_to_text_train import ImageTextToTextTrainConfig, optimiser, train_step
+from generation.writing.image_answer import generate_for_image
 from generation.writing.image_text_to_text import (
     EXEMPLAR_HEADER,
     ImageTextToTextVLM,
     encode,
-    generate_for_image,
     is_image_text_to_text,
     to_pil,
 )

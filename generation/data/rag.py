@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,3 +140,28 @@ def copied_sentences(text: str, exemplars: Sequence[Exemplar]) -> list[dict]:
         if same:
             found.append({"ref": rank, "study_id": ex.study_id, "sentences": same})
     return found
+
+
+def dicom_study_uid(path: str | Path) -> str:
+    """The StudyInstanceUID in a DICOM file's header ('' for any other file): how an image from the archive is
+    recognised as an indexed study whatever its path."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+    except Exception:  # not DICOM, unreadable: read_image reports it
+        return ""
+    return str(ds.get("StudyInstanceUID", "") or "").strip()
+
+
+def indexed_study(meta: pd.DataFrame, image: str | Path) -> tuple[str | None, str | None]:
+    """(study_id, patient_id) of an image file that is in the index (`meta`): by its path, or for a DICOM file by
+    its StudyInstanceUID (the same study from the archive under another path: a DICOM export, a cache); else
+    (None, None)."""
+    hit = meta[meta["image_path"].astype(str) == str(Path(image).resolve())]
+    study_uid = "" if len(hit) else dicom_study_uid(image)
+    if study_uid:
+        hit = meta[meta["study_instance_uid"].astype(str) == study_uid]
+    if not len(hit):
+        return None, None
+    return str(hit.iloc[0]["study_id"]), str(hit.iloc[0]["patient_id"])

@@ -3,7 +3,8 @@
 
 The image is a path (PNG/JPEG/DICOM) or an array. An image that is itself in the index (by its path, or a DICOM by
 its StudyInstanceUID) never retrieves its own study or patient as an exemplar. `[identify]` / `[ground]` answers
-come from the VLM folder's trained detector when it has one.
+come from the VLM folder's trained detector when it has one. A fine-tuned pretrained VLM's folder (`cxr vlm train
+--base-vlm`) is answered by `image_text_to_text.answer_image`, so `cxr generate` calls one function for both kinds.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from generation.data.rag import Exemplar
+from generation.data.rag import Exemplar, indexed_study
 from generation.writing.generate import DETECTOR_TASKS, Generator, task_prompt
 from generation.writing.generator_options import GeneratorOptions
 
@@ -46,6 +46,11 @@ def generate_for_image(
     `device`: None / "auto" (CUDA when present), "cpu", "cuda:N".
     """
     prompt = task_prompt(task, question, phrase)
+    if generator is None:
+        from generation.writing.image_text_to_text import answer_image, is_image_text_to_text
+
+        if is_image_text_to_text(vlm_dir):  # a fine-tuned pretrained VLM (`cxr vlm train --base-vlm`)
+            return answer_image(image, vlm_dir, task, prompt, k, index_dir, device, retrieval_model)
     gen = generator or Generator(
         vlm_dir,
         index_dir if k > 0 else None,
@@ -79,31 +84,6 @@ def detector_answer(answer: dict, detector: Any, image: np.ndarray, task: str, p
     if detections is not None:
         out["detections"] = detections
     return out
-
-
-def dicom_study_uid(path: str | Path) -> str:
-    """The StudyInstanceUID in a DICOM file's header ('' for any other file): how an image from the archive is
-    recognised as an indexed study whatever its path."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-    except Exception:  # not DICOM, unreadable: read_image reports it
-        return ""
-    return str(ds.get("StudyInstanceUID", "") or "").strip()
-
-
-def indexed_study(meta: pd.DataFrame, image: str | Path) -> tuple[str | None, str | None]:
-    """(study_id, patient_id) of an image file that is in the index (`meta`): by its path, or for a DICOM file by
-    its StudyInstanceUID (the same study from the archive under another path: a DICOM export, a cache); else
-    (None, None)."""
-    hit = meta[meta["image_path"].astype(str) == str(Path(image).resolve())]
-    study_uid = "" if len(hit) else dicom_study_uid(image)
-    if study_uid:
-        hit = meta[meta["study_instance_uid"].astype(str) == study_uid]
-    if not len(hit):
-        return None, None
-    return str(hit.iloc[0]["study_id"]), str(hit.iloc[0]["patient_id"])
 
 
 def image_and_exemplars(

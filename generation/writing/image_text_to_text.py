@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from generation.data.box_formats import box_format_for, parse_model_boxes
-from generation.data.rag import Exemplar, copied_sentences
+from generation.data.rag import Exemplar, copied_sentences, indexed_study
 from generation.data.tasks import PROMPTS
 from generation.model.tokenizer import TASKS
 from retrieval.errors import ModelLoadError, UsageError
@@ -299,8 +299,6 @@ def exemplars_for_image(index_dir: str | Path, image: str | Path | np.ndarray, a
     image file is itself in the index. `retrieval_model` defaults to the model the index records."""
     from generation.data.features import open_searcher
     from generation.data.rag import retrieve_exemplars
-    from generation.writing.image_answer import indexed_study
-
     searcher = open_searcher(index_dir)
     study, patient = indexed_study(searcher.index.meta, image) if isinstance(image, str | Path) else (None, None)
     model = retrieval_model or searcher.index.load_model()
@@ -308,26 +306,15 @@ def exemplars_for_image(index_dir: str | Path, image: str | Path | np.ndarray, a
     return retrieve_exemplars(searcher, vecs, k, [study], [patient])[0]
 
 
-def generate_for_image(
-    image: str | Path | np.ndarray,
-    index_dir: str | Path | None,
-    vlm_dir: str | Path,
-    task: str = "report",
-    k: int = 3,
-    question: str | None = None,
-    phrase: str | None = None,
-    device: str | None = None,
-    retrieval_model: Any = None,
-    vlm: ImageTextToTextVLM | None = None,
-) -> dict:
-    """`cxr generate` for a fine-tuned image-text-to-text folder: one image (path or HxW array) -> the answer
-    record of `ImageTextToTextVLM.generate`, with up to k exemplar reports from `index_dir` in the prompt
-    (k = 0 or no index: none). Pass a loaded `vlm` to reuse it across calls."""
-    from generation.writing.generate import task_prompt
+def answer_image(image: str | Path | np.ndarray, vlm_dir: str | Path, task: str, prompt: str, k: int,
+                 index_dir: str | Path | None = None, device: str | None = None, retrieval_model: Any = None,
+                 vlm: ImageTextToTextVLM | None = None) -> dict:  # fmt: skip
+    """`image_answer.generate_for_image` for a fine-tuned image-text-to-text folder: one image (path or HxW array)
+    -> the answer record of `ImageTextToTextVLM.generate`, with up to k exemplar reports from `index_dir` in the
+    prompt (k = 0: none; k > 0 without an index: a UsageError). Pass a loaded `vlm` to reuse it across calls."""
     from retrieval.data.image_io import read_image
     from retrieval.device import resolve_device
 
-    prompt = task_prompt(task, question, phrase)
     if k > 0 and index_dir is None:
         raise UsageError("retrieval needs --index (or pass -k 0)")
     vlm = vlm or ImageTextToTextVLM.load(vlm_dir, resolve_device(device))
