@@ -195,6 +195,29 @@ def _check_pairs(references: Sequence[str], hypotheses: Sequence[str]) -> None:
         raise ValueError("need as many hypotheses as references, and at least one")
 
 
+def _library_weights(name: str, package: str, metrics_dir: str | Path | None, library_cache: Any) -> Path:
+    """The weights folder of metric `name` (`_weights_dir`); `library_cache()` imports the metric's library and
+    gives its own cache folder, and an ImportError there is the one-line MetricUnavailable naming `package`."""
+    try:
+        default = library_cache()
+    except ImportError as e:
+        raise _import_error(name, package, e) from None
+    return _weights_dir(name, metrics_dir, default)
+
+
+def _chexbert_cache() -> str:
+    from appdirs import user_cache_dir  # f1chexbert's own cache location (and one of its dependencies)
+
+    return user_cache_dir("chexbert")
+
+
+def _radgraph_cache() -> str:
+    import radgraph
+    from radgraph import F1RadGraph  # noqa: F401 (the scorer radgraph_f1 loads: importable, or MetricUnavailable)
+
+    return radgraph.radgraph.CACHE_DIR  # the library's versioned cache
+
+
 _SCORERS: dict[tuple[str, str], Any] = {}  # (metric, weights folder) -> loaded scorer, once per process
 
 
@@ -205,11 +228,7 @@ def chexbert_f1(
     from sklearn.metrics import accuracy_score, classification_report
 
     _check_pairs(references, hypotheses)
-    try:
-        from appdirs import user_cache_dir  # f1chexbert's own cache location (and one of its dependencies)
-    except ImportError as e:
-        raise _import_error("chexbert", "f1chexbert", e) from None
-    folder = _weights_dir("chexbert", metrics_dir, user_cache_dir("chexbert"))
+    folder = _library_weights("chexbert", "f1chexbert", metrics_dir, _chexbert_cache)
     key = ("chexbert", str(folder))
     if key not in _SCORERS:
         _SCORERS[key] = CheXbertLabeler(folder)
@@ -277,12 +296,7 @@ def radgraph_f1(
     from retrieval.models.bundle import RADGRAPH_BERT_DIR, RADGRAPH_MODEL
 
     _check_pairs(references, hypotheses)
-    try:
-        import radgraph
-        from radgraph import F1RadGraph
-    except ImportError as e:
-        raise _import_error("radgraph", "radgraph", e) from None
-    folder = _weights_dir("radgraph", metrics_dir, radgraph.radgraph.CACHE_DIR)  # the library's versioned cache
+    folder = _library_weights("radgraph", "radgraph", metrics_dir, _radgraph_cache)
     if not (folder / RADGRAPH_MODEL / "weights.th").is_file():
         raise _missing("radgraph", folder / RADGRAPH_MODEL / "weights.th")
     key = ("radgraph", str(folder))
@@ -290,6 +304,8 @@ def radgraph_f1(
         warnings.simplefilter("ignore")
         if key not in _SCORERS:
             try:
+                from radgraph import F1RadGraph
+
                 with radgraph_compat(folder / RADGRAPH_BERT_DIR):
                     _SCORERS[key] = F1RadGraph(
                         reward_level="all", model_type=RADGRAPH_MODEL, model_cache_dir=str(folder), cuda=-1
