@@ -1,6 +1,6 @@
-"""Detector benchmark on TBX11K `[identify]`: the trainable FCOS detector (generation/detector.py) against the ridge
-box head on frozen cxr-small tokens, the image-free training prior and answers shuffled between test images, all
-on the importer's patient-disjoint test split, with 95% bootstrap intervals.
+"""Detector benchmark on TBX11K `[identify]`: the trainable FCOS detector (generation/heads/detector.py) against
+the ridge box head on frozen cxr-small tokens, the image-free training prior and answers shuffled between test
+images, all on the importer's patient-disjoint test split, with 95% bootstrap intervals.
 
     cxr data import yolo ../shared/data/tbx11k-tb --out /tmp/det/tbx.parquet
     nice python -m benchmarks.detector_tbx11k --manifest /tmp/det/tbx.parquet --work /tmp/det/work \
@@ -29,14 +29,14 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import RESULTS, machine_info  # noqa: E402
 from benchmarks.generation_runs import _parse_arm  # noqa: E402
-from generation.prior_answers import prior_groups  # noqa: E402
+from generation.evaluation.prior_answers import prior_groups  # noqa: E402
 
 N_BOOT = 300
 MARK = "<!-- tables below are written by benchmarks/detector_tbx11k.py -->"
 
 
 def metrics(truth: list, answers: list, detections: list) -> dict:
-    from generation.metrics import localisation_accuracy, map50
+    from generation.evaluation.metrics import localisation_accuracy, map50
 
     return {
         "acc@0.3": localisation_accuracy(truth, answers)["acc@0.3"],
@@ -48,7 +48,7 @@ def metrics(truth: list, answers: list, detections: list) -> dict:
 
 def bootstrap(truth: list, answers: list, detections: list, n: int = N_BOOT, seed: int = 0) -> dict:
     """95% percentile intervals of Acc@0.3 and mAP@0.5 over test images resampled with replacement."""
-    from generation.metrics import localisation_accuracy, map50
+    from generation.evaluation.metrics import localisation_accuracy, map50
 
     rng = np.random.default_rng(seed)
     draws = {"acc@0.3": [], "map@0.5": []}
@@ -73,9 +73,9 @@ def shuffled(items: list, seed: int = 0) -> list:
 def ridge_head(df, work: Path, test_rows: list[int]) -> tuple[list, list, float]:
     """The fast baseline: `box_head.fit_box_head` on the frozen cxr-small tower's 7x7 tokens of the train rows,
     as `cxr vlm train` fits it; returns (answers, detections, seconds) on `test_rows`."""
-    from generation.box_head import fit_box_head, pooled_features
-    from generation.encoders import load_encoder
-    from generation.features import visual_tokens_for_rows
+    from generation.data.features import visual_tokens_for_rows
+    from generation.heads.box_head import fit_box_head, pooled_features
+    from generation.model.encoders import load_encoder
 
     t0 = time.time()
     train_rows = [int(i) for i in np.flatnonzero((df["split"] == "train").to_numpy()) if len(df.iloc[i]["boxes"])]
@@ -111,8 +111,8 @@ def baselines(df, work: Path, test_rows: list[int], truth: list, n_boot: int) ->
 
 
 def run_arm(df, work: Path, arm: str, over: dict, test_rows: list[int], truth: list, n_boot: int) -> dict:
-    from generation.detector import Detector
-    from generation.detector_train import DetectorTrainConfig, train_detector
+    from generation.heads.detector import Detector
+    from generation.training.detector_train import DetectorTrainConfig, train_detector
     from retrieval.data.image_io import read_image
 
     out = work / arm

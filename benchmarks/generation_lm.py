@@ -30,7 +30,7 @@ COLUMNS = ("ce_macro_f1", "ce_micro_f1", "bleu4", "rougeL", "repeat_sentence")
 
 
 def _train(name: str, work: Path, demo: Path, **over) -> Path:
-    from generation.train import VLMTrainConfig, train_vlm
+    from generation.training.train import VLMTrainConfig, train_vlm
 
     out = work / name
     if (out / "train_info.json").exists():
@@ -45,13 +45,15 @@ def _train(name: str, work: Path, demo: Path, **over) -> Path:
 def _evaluate(vlm: Path, demo: Path, n: int, tasks: list[str], **kw) -> dict:
     """evaluate_generation's result, kept under the VLM folder per (n, tasks, options): a run interrupted on a
     shared machine, or run in parts, reuses what it finished."""
-    from generation.evaluate import evaluate_generation
+    from generation.evaluation.evaluate_generation import evaluate_generation
+    from generation.writing.generator_options import GeneratorOptions
 
     key = "-".join([str(n), *tasks, *(f"{a}={kw[a]}" for a in sorted(kw))])
     cached = vlm / "bench_evals" / f"{key}.json"
     if cached.exists():
         return json.loads(cached.read_text())
     t0 = time.time()
+    options = GeneratorOptions.pop_from(kw)  # report_source=..., vqa_source=...
     res = evaluate_generation(
         vlm,
         demo / "corpus" / "manifest.parquet",
@@ -62,6 +64,7 @@ def _evaluate(vlm: Path, demo: Path, n: int, tasks: list[str], **kw) -> dict:
         meteor=False,
         progress=False,
         token_cache=demo / "visual_tokens",
+        options=options,
         **kw,
     )
     print(f"evaluated {vlm.name} {kw}: {time.time() - t0:.0f} s")
@@ -94,11 +97,13 @@ def _cost(vlm: Path, demo: Path) -> dict:
     """Generation tokens/s and `cxr generate` latency with the model loaded once (as `cxr serve` holds it)."""
     import pandas as pd
 
-    from generation.generate import Generator, generate_for_image
+    from generation.writing.generate import Generator
+    from generation.writing.generator_options import GeneratorOptions
+    from generation.writing.image_answer import generate_for_image
 
     df = pd.read_parquet(demo / "corpus" / "manifest.parquet")
     t0 = time.time()
-    gen = Generator(vlm, demo / "index", report_source="generate")
+    gen = Generator(vlm, demo / "index", options=GeneratorOptions(report_source="generate"))
     load_s = time.time() - t0
     test = df[df["split"] == "test"].head(4)
     times, tokens = [], 0
@@ -121,7 +126,7 @@ def lora_cost(steps: int, batch: int, prompt_len: int = 256, target_len: int = 8
     of 1280-wide cxr-small tokens), timed after one warm-up step."""
     import torch
 
-    from generation.model import VLM
+    from generation.model.vlm import VLM
 
     vlm = VLM.create(visual_dim, [{"spec": "cost"}], lm_path="smollm2-135m", lora=True, lora_r=8).train()
     params = [p for p in vlm.parameters() if p.requires_grad]

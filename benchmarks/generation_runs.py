@@ -99,8 +99,8 @@ def summarise(runs: list[dict]) -> str:
 
 
 def main() -> None:
-    from generation.evaluate import evaluate_generation
-    from generation.train import VLMTrainConfig, train_vlm
+    from generation.evaluation.evaluate_generation import evaluate_generation
+    from generation.training.train import VLMTrainConfig, train_vlm
     from retrieval.data.manifest import read_manifest
 
     ap = argparse.ArgumentParser()
@@ -165,11 +165,14 @@ def main() -> None:
 def _add_variant(res: dict, text: str, out: Path, df: Any, args: argparse.Namespace, cfg: Any) -> None:
     """Evaluate the same VLM again with other generator options (`NAME:tasks=a+b,option=value`, e.g.
     `lm-vqa:tasks=vqa,vqa_source=lm`; `ks=1+5` for other k) and add its VLM rows to `res` as `vlm k=K [NAME]`."""
-    from generation.evaluate import evaluate_generation
+    from generation.evaluation.evaluate_generation import evaluate_generation
+    from generation.writing.generator_options import GeneratorOptions
 
     name, over = _parse_arm(text)
     tasks = over.pop("tasks", None)
     ks = str(over.pop("ks", args.ks.replace(",", "+")))
+    rest = dict(over)
+    options = GeneratorOptions.pop_from(rest)  # the `*_source` keys; the rest are evaluate_generation keywords
     other = evaluate_generation(
         out,
         df,
@@ -183,7 +186,8 @@ def _add_variant(res: dict, text: str, out: Path, df: Any, args: argparse.Namesp
         progress=False,
         retrieval_target=args.retrieval_target,
         token_cache=Path(args.work) / args.name / "visual_tokens",
-        **over,
+        options=options,
+        **rest,
     )
     for task, conds in other["tasks"].items():
         for cond, m in conds.items():

@@ -22,9 +22,9 @@ COMMAND = "python -m benchmarks.labeler_iu"
 
 def score_labels(truth: list[list[str]], pred: list[list[str]]) -> dict[str, Any]:
     """Per-label precision, recall, F1, support (true count) and predicted count, plus micro and macro averages:
-    `generation.metrics.multilabel_prf`, the project's one P/R/F1 (micro pools all labels, No Finding included;
-    macro averages over the labels in truth or prediction)."""
-    from generation.metrics import multilabel_prf
+    `generation.evaluation.metrics.multilabel_prf`, the project's one P/R/F1 (micro pools all labels, No Finding
+    included; macro averages over the labels in truth or prediction)."""
+    from generation.evaluation.metrics import multilabel_prf
 
     m = multilabel_prf(truth, pred, LABELS, per_label=True)
     return {

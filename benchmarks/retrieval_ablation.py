@@ -91,7 +91,7 @@ def held_out_frame(manifest: Path, splits: tuple[str, ...]) -> Any:
 
 def run_dataset(name: str, df: Any, work: Path, args: argparse.Namespace, protocol: dict) -> dict[str, Any]:
     """Every arm x seed on one dataset; returns per-run metrics and baselines."""
-    from retrieval.evaluate import evaluate_embeddings, random_embeddings
+    from retrieval.evaluate_retrieval import evaluate_embeddings, random_embeddings
     from retrieval.training import TrainConfig, Trainer
 
     cache = work / f"cache-{name}"
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     fc = result["feature_cache"]
     md = [
         "Composite-loss ablation (seed 002): frozen towers, trained projector; mean ± std over "
-        f"{args.seeds} seeds. Metrics as defined in `retrieval/evaluate.py` (i2r = image->report, r2i = "
+        f"{args.seeds} seeds. Metrics as defined in `retrieval/evaluate_retrieval.py` (i2r = image->report, r2i = "
         "report->image, i2i = image->image with the query's patient excluded; LP@5 = label precision@5, "
         "mAP_label = mAP with overlapping label sets as relevant).",
         "",

@@ -164,7 +164,7 @@ def _raw_text(model: Any, texts: list[str]) -> np.ndarray:
 
 def run_demo(seeds: list[int], epochs: int, tiny_epochs: int, tiny_seeds: list[int]) -> dict[str, Any]:
     from retrieval.data.demo import build_demo_corpus
-    from retrieval.evaluate import evaluate_retrieval, random_embeddings
+    from retrieval.evaluate_retrieval import evaluate_retrieval, random_embeddings
     from retrieval.models import load_model
     from retrieval.training import train
     from serve.demo_pipeline import DEFAULT_WORKDIR, DEMO_SIZE

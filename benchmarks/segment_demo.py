@@ -1,14 +1,14 @@
 """`[segment]` on the demo: mask IoU and Dice per region on the demo's test split, against its priors in the same run.
 
 The demo phantoms know every region they draw (`retrieval.data.phantom`, the manifest's `masks` column), so the
-segmentation head (`generation/segment_head.py`) is fitted on the train + val rows' masks and scored on the test
+segmentation head (`generation/heads/segment_head.py`) is fitted on the train + val rows' masks and scored on the test
 rows, at the images' full size. Arms, per region (findings: only the test rows that hold the finding, since the task
 asks where a named region is):
 - the segment head on the frozen `cxr-small` tower's tokens (7x7 at 224 px), every token and 3x3-pooled;
 - with `--decoder`, the alternative the head was chosen over: a small trainable torch decoder on the same 7x7
   feature map (1x1 conv to 128, two upsample + 3x3 conv stages to 32x32, one logit map per region, BCE on the
   rows holding each region, Adam), cut as the head's maps are;
-- the box head's `[ground]` answer (`generation/box_head.py`, fitted on the same rows' boxes) filled as a mask;
+- the box head's `[ground]` answer (`generation/heads/box_head.py`, fitted on the same rows' boxes) filled as a mask;
 - the mean training mask per region (image-free), cut as the head's maps are;
 - masks shuffled between test images (another test image's mask of the same region);
 - the true box filled as a mask: what the best possible box answer scores.
@@ -76,7 +76,7 @@ class Decoder:
     def segment(self, tokens, region: str, size) -> list:
         import torch
 
-        from generation.segment_head import masks_from_maps
+        from generation.heads.segment_head import masks_from_maps
         from retrieval.data.region_masks import resize_mask
 
         with torch.no_grad():
@@ -95,7 +95,7 @@ def _box_mask(boxes: list[dict], h: int, w: int) -> np.ndarray:
 
 def _load(args: argparse.Namespace):
     """The corpus, each row's masks and boxes, the frozen tower's tokens of every readable row."""
-    from generation.features import visual_tokens_for_rows
+    from generation.data.features import visual_tokens_for_rows
     from retrieval.data.demo import build_demo_corpus
     from retrieval.data.region_masks import masks_from_json
     from retrieval.models import load_model
@@ -129,8 +129,8 @@ def _fit_decoder(visual, masks, train: list[int], names: list[str], epochs: int)
 def _fit(df, visual, masks, train: list[int], lam: float, decoder_epochs: int = 0) -> dict:
     """The heads fitted on the training rows: the segment head at two poolings, the box head and, with
     `decoder_epochs`, the trainable decoder."""
-    from generation.box_head import fit_box_head, pooled_features
-    from generation.segment_head import fit_for_rows
+    from generation.heads.box_head import fit_box_head, pooled_features
+    from generation.heads.segment_head import fit_for_rows
     from retrieval.labels import ANATOMY_PREFIX
 
     out = {}
@@ -152,8 +152,8 @@ def _answers(df, visual, masks, heads, train, test, region, rng) -> dict[str, li
     """Each arm's masks for the test rows holding `region`, in row order."""
     import torch
 
-    from generation.box_head import pooled_features
-    from generation.segment_head import masks_from_maps
+    from generation.heads.box_head import pooled_features
+    from generation.heads.segment_head import masks_from_maps
     from retrieval.data.region_masks import resize_mask
 
     rows = [r for r in test if region in masks[r]]

@@ -1,4 +1,4 @@
-"""The cost of exporting one drafted report as a DICOM Comprehensive SR (generation/structured_report.py).
+"""The cost of exporting one drafted report as a DICOM Comprehensive SR (generation/writing/structured_report.py).
 
     python -m benchmarks.sr_export [--repeat 200]
 

@@ -46,14 +46,16 @@ def eval_generation_cmd(
 ) -> None:
     """BLEU/METEOR/ROUGE-L/CIDEr, clinical efficacy, VQA, classification, localisation and grounding metrics,
     with constant, retrieval-only, no-RAG and RAG rows in one table per task."""
-    from generation.evaluate import evaluate_generation, results_markdown
-    from generation.image_controls import IMAGE_CONTROLS
-    from generation.metrics import BLEU_NOTE
+    from generation.data.image_controls import IMAGE_CONTROLS
+    from generation.evaluation.evaluate_generation import evaluate_generation
+    from generation.evaluation.metrics import BLEU_NOTE
+    from generation.evaluation.results_table import results_markdown
+    from generation.writing.generator_options import GeneratorOptions
     from retrieval.errors import UsageError
 
     if image not in IMAGE_CONTROLS:
         raise UsageError(f"--image must be one of {', '.join(IMAGE_CONTROLS)}, got {image!r}")
-    from generation.report_metrics import check_report_metrics, parse_metrics, use_report_metrics
+    from generation.evaluation.report_metrics import check_report_metrics, parse_metrics, use_report_metrics
     from retrieval.data.manifest_check import require_inside
     from retrieval.fileio import atomic_path, write_json_atomic
 
@@ -72,8 +74,7 @@ def eval_generation_cmd(
             max_per_task=max_per_task or None,
             meteor=not no_meteor,
             retrieval_target=retrieval_target,
-            report_source=report_source,
-            vqa_source=vqa_source,
+            options=GeneratorOptions(report_source=report_source, vqa_source=vqa_source),
             image_control=image,
             shuffled=shuffled,
         )

@@ -29,7 +29,7 @@ def eval_retrieval_cmd(
     image->image (own patient excluded), next to the untrained-projector and random baselines."""
     from retrieval.data.manifest_check import require_inside
     from retrieval.device import resolve_device
-    from retrieval.evaluate import evaluate_retrieval, format_per_label, format_table
+    from retrieval.evaluate_retrieval import evaluate_retrieval, format_per_label, format_table
     from retrieval.models import load_model
 
     require_inside(manifest, allow_outside)  # the containment rule, before the model loads

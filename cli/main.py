@@ -21,16 +21,16 @@ from cli import (
     data_demo,
     data_import,
     data_manifest,
-    demo,
+    demo_cmd,
     eval_generation,
     eval_retrieval,
-    generate,
+    generate_cmd,
     index_cmd,
     index_sync,
     models_cmd,
     query,
     serve,
-    train,
+    train_cmd,
     vlm_detector,
     vlm_train,
 )
@@ -63,7 +63,7 @@ data_app.command("validate")(data_import.validate_cmd)
 data_app.command("demo")(data_demo.demo_data_cmd)
 data_app.command("merge")(data_manifest.merge_cmd)
 data_app.command("split")(data_manifest.split_cmd)
-app.command("train")(train.train_cmd)
+app.command("train")(train_cmd.train_cmd)
 eval_app.command("retrieval")(eval_retrieval.eval_retrieval_cmd)
 eval_app.command("generation")(eval_generation.eval_generation_cmd)
 index_app.command("build")(index_cmd.build_cmd)
@@ -76,8 +76,8 @@ index_app.command("repair")(index_cmd.repair_cmd)
 app.command("query")(query.query_cmd)
 vlm_app.command("train")(vlm_train.vlm_train_cmd)
 vlm_app.command("detector")(vlm_detector.vlm_detector_cmd)
-app.command("generate")(generate.generate_cmd)
-app.command("demo")(demo.demo_cmd)
+app.command("generate")(generate_cmd.generate_cmd)
+app.command("demo")(demo_cmd.demo_cmd)
 app.command("serve")(serve.serve_cmd)
 
 

@@ -35,12 +35,12 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     for name in list_models():
         ok, why = offline_status(name)
         rows.append({"name": name, "offline": ok, "why": why, "description": resolve(name).description})
-    from generation.report_metrics import weights_status
+    from generation.evaluation.report_metrics import weights_status
 
     for name, what in METRIC_WEIGHTS.items():
         ok, why = weights_status(name)  # report-metric weights (--metrics NAME), in their default places
         rows.append({"name": name, "offline": ok, "why": why, "description": what})
-    from generation.language_model import LM_REGISTRY, lm_status
+    from generation.model.language_model import LM_REGISTRY, lm_status
 
     for name, entry in LM_REGISTRY.items():  # the VLM's language models (`cxr vlm train --lm NAME`)
         ok, why = lm_status(name)
@@ -64,7 +64,7 @@ def info_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Towers, dims, preprocessing, fingerprint, and the files with their sizes."""
-    from generation.language_model import LM_REGISTRY, lm_info
+    from generation.model.language_model import LM_REGISTRY, lm_info
     from retrieval.models.model_status import format_size, model_info
 
     info = lm_info(model) if model in LM_REGISTRY else model_info(model)
@@ -83,7 +83,7 @@ def prefetch_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Download (or build) everything MODEL needs into one folder that loads with HF_HUB_OFFLINE=1 and no cache."""
-    from generation.language_model import LM_REGISTRY, prefetch_lm
+    from generation.model.language_model import LM_REGISTRY, prefetch_lm
     from retrieval.models.bundle import CHECKSUMS_FILE, read_checksums
     from retrieval.models.prefetch import prefetch
 
@@ -105,7 +105,7 @@ def verify_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Check sha256 checksums, build the model, encode one image and one sentence; exit 1 naming a bad file."""
-    from generation.language_model import is_lm_folder, verify_lm
+    from generation.model.language_model import is_lm_folder, verify_lm
     from retrieval.models.bundle import write_checksums
     from retrieval.models.model_status import verify
 

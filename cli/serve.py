@@ -183,34 +183,13 @@ def serve_cmd(
             raise UsageError(f"no demo index at {index}: run `cxr demo` (or `make demo`) first, or pass --index")
         if vlm is None and (DEFAULT_WORKDIR / "vlm" / "vlm_config.json").exists():
             vlm = DEFAULT_WORKDIR / "vlm"
+    guard = dict(
+        allowed_hosts=allowed_host or [], show_paths=show_paths, header_timeout=header_timeout,
+        body_timeout=body_timeout, keep_alive=keep_alive, grace=grace, max_pixels=max_pixels,
+        max_decode_mb=max_decode_mb, max_decodes=max_decodes,
+    )  # fmt: skip
     serve(
-        index,
-        None if no_vlm else vlm,
-        model,
-        host,
-        port,
-        token or os.environ.get("CXR_SERVE_TOKEN") or None,
-        workers,
-        max_batch,
-        max_wait_ms,
-        watch_interval,
-        max_upload_mb,
-        cors_origin or None,
-        device,
-        backend,
-        nprobe,
-        ef_search,
-        access_log,
-        archive_url,
-        dict(
-            allowed_hosts=allowed_host or [],
-            show_paths=show_paths,
-            header_timeout=header_timeout,
-            body_timeout=body_timeout,
-            keep_alive=keep_alive,
-            grace=grace,
-            max_pixels=max_pixels,
-            max_decode_mb=max_decode_mb,
-            max_decodes=max_decodes,
-        ),
-    )
+        index, None if no_vlm else vlm, model, host, port, token or os.environ.get("CXR_SERVE_TOKEN") or None,
+        workers, max_batch, max_wait_ms, watch_interval, max_upload_mb, cors_origin or None, device, backend,
+        nprobe, ef_search, access_log, archive_url, guard,
+    )  # fmt: skip

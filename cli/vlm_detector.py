@@ -26,7 +26,7 @@ def vlm_detector_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
 ) -> None:
     """Train an FCOS detector on the pretrained image tower + FPN from the manifest's boxes."""
-    from generation.detector_train import DetectorTrainConfig, train_detector
+    from generation.training.detector_train import DetectorTrainConfig, train_detector
     from retrieval.data.manifest_check import gate_manifest
     from retrieval.errors import UsageError
 

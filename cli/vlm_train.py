@@ -61,7 +61,7 @@ def vlm_train_cmd(
 ) -> None:
     """Train the multi-task VLM on the manifest's train split, with exemplars retrieved from --index."""
     from cli.quiet import quiet_transformers
-    from generation.train import VLMTrainConfig, train_vlm
+    from generation.training.train import VLMTrainConfig, train_vlm
     from retrieval.data.manifest_check import gate_manifest
     from retrieval.errors import UsageError
 
@@ -70,23 +70,12 @@ def vlm_train_cmd(
     if rag_k < 0 or steps < 0 or batch_size < 1:
         raise UsageError("--rag-k and --steps must be >= 0, --batch-size >= 1")
     config = VLMTrainConfig(
-        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
-        encoders=list(encoder or []),
-        rag_k=rag_k,
-        rag_dropout=rag_dropout,
-        prompt_budget=budget,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        two_stage=two_stage,
-        checkpoint_every=checkpoint_every,
-        visual_grid=grid,
-        token_cache=None if token_cache is None else str(token_cache),
-        seed=seed,
-        lm_path=lm,
-        lora=lora,
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()], encoders=list(encoder or []), rag_k=rag_k,
+        rag_dropout=rag_dropout, prompt_budget=budget, steps=steps, batch_size=batch_size, lr=lr,
+        two_stage=two_stage, checkpoint_every=checkpoint_every, visual_grid=grid,
+        token_cache=None if token_cache is None else str(token_cache), seed=seed, lm_path=lm, lora=lora,
         lm_overrides={"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": 2 * hidden},
-    )
+    )  # fmt: skip
     checked = gate_manifest(manifest, allow_outside, skip_bad_rows)  # the shared validator, before any work
     if base_vlm:
         return _train_base_vlm(checked, out, index, base_vlm, config, as_json, resume)
@@ -98,8 +87,9 @@ def vlm_train_cmd(
 
 
 def _train_base_vlm(checked, out: Path, index: Path | None, base_vlm: str, config, as_json: bool, resume: bool):
-    """`--base-vlm`: LoRA fine-tuning of a pretrained image-text-to-text VLM (generation/image_text_to_text_train)."""
-    from generation.image_text_to_text_train import ImageTextToTextTrainConfig, train_image_text_to_text
+    """`--base-vlm`: LoRA fine-tuning of a pretrained image-text-to-text VLM
+    (generation/training/image_text_to_text_train.py)."""
+    from generation.training.image_text_to_text_train import ImageTextToTextTrainConfig, train_image_text_to_text
     from retrieval.errors import UsageError
 
     if resume:

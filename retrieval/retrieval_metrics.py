@@ -1,6 +1,6 @@
 """Ranking metrics of retrieval as plain numpy functions, so a reader can check each (definitions in
-`retrieval/evaluate.py`): the ranked relevance of a score matrix, recall/precision@K, average precision, MRR, and
-the label relevance matrices (overlapping or identical label sets)."""
+`retrieval/evaluate_retrieval.py`): the ranked relevance of a score matrix, recall/precision@K, average precision, MRR,
+and the label relevance matrices (overlapping or identical label sets)."""
 
 from __future__ import annotations
 

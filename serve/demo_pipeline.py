@@ -207,8 +207,9 @@ def _generation_step(
     steps: _Steps, manifest: pd.DataFrame, seed: int, image_path: Path, true_labels: list[str]
 ) -> dict[str, Any]:
     """[5/5] train the VLM (resuming a checkpoint; skipped when a finished folder is there) and draft a report."""
-    from generation.generate import generate_for_image
-    from generation.train import VLMTrainConfig, train_vlm
+    from generation.training.train import VLMTrainConfig, train_vlm
+    from generation.writing.generator_options import GeneratorOptions
+    from generation.writing.image_answer import generate_for_image
 
     vlm_dir, index_dir = steps.folder("vlm"), steps.folder("index")
     done = (vlm_dir / "vlm_config.json").exists() and not (vlm_dir / "checkpoint").exists()
@@ -228,8 +229,7 @@ def _generation_step(
             "vlm_train",
             lambda: train_vlm(manifest, vlm_dir, config, index_dir=index_dir, resume=resume, progress=progress),
         )
-    generated = steps.timed(
-        "generate", lambda: generate_for_image(image_path, index_dir, vlm_dir, k=3, report_source="generate")
-    )
+    by_lm = GeneratorOptions(report_source="generate")
+    generated = steps.timed("generate", lambda: generate_for_image(image_path, index_dir, vlm_dir, k=3, options=by_lm))
     generated["findings"] = drafted_findings(generated["text"], true_labels)
     return generated

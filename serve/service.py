@@ -108,7 +108,7 @@ class ServeService:
         self._gen_lock = threading.Lock()
         self.generator = None
         if config.vlm is not None:
-            from generation.generate import Generator
+            from generation.writing.generate import Generator
 
             self.generator = Generator(config.vlm, None, device=config.device, retrieval_model=self.batcher)
         # uploads decode no smaller than the largest input any model here resizes them to (JPEGs decode faster)
@@ -289,7 +289,8 @@ class ServeService:
     ) -> dict:
         """The VLM's output for one image: text, boxes, and the exemplars the prompt carried (with their reports
         and the sentences of the text that each exemplar's report also contains)."""
-        from generation.generate import generate_for_image, task_prompt
+        from generation.writing.generate import task_prompt
+        from generation.writing.image_answer import generate_for_image
 
         if self.generator is None:
             raise UsageError("this server has no VLM; start it with --vlm DIR (a folder from `cxr vlm train`)")

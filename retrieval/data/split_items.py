@@ -1,6 +1,11 @@
-"""Manifest rows -> study items: the images and studies (one report each) of a split, with multi-hot labels,
-as training and evaluation read them (`SplitItems`, `split_items`). A study's text is `study_text.report_text`;
-its label matrix `labels.label_matrix`."""
+"""Manifest rows -> the rows of a split, and their study items.
+
+`split_positions(df, split)` is the one step from a manifest to the rows of a split: the retrieval trainer and
+evaluation (through `split_items`), the VLM's training and evaluation and the image-text-to-text fine-tuning all
+select their rows with it, in manifest order, with one error when the split has none.
+`split_items` turns those rows into the images and studies (one report each) with multi-hot labels, as retrieval
+training and evaluation read them (`SplitItems`). A study's text is `study_text.report_text`; its label matrix
+`labels.label_matrix`."""
 
 from __future__ import annotations
 
@@ -41,15 +46,30 @@ def _labels_of(labels: Sequence[str], text: str) -> list[str]:
     return [NO_FINDING]
 
 
+def split_positions(df: pd.DataFrame, split: str | None) -> list[int]:
+    """Positions (in manifest order) of the rows whose `split` is `split` (None = every row); a ManifestError
+    naming the splits present when there are none, or when the manifest has no split column."""
+    from retrieval.errors import ManifestError
+
+    if split is None:
+        positions = list(range(len(df)))
+    elif "split" not in df.columns:
+        raise ManifestError("the manifest has no split column; assign splits first (by patient)")
+    else:
+        positions = [i for i, s in enumerate(df["split"].astype(str)) if s == split]
+    if not positions:
+        present = sorted(set(df["split"].astype(str))) if "split" in df.columns else []
+        raise ManifestError(f"no rows in split {split!r} (splits present: {present})")
+    return positions
+
+
 def split_items(df: pd.DataFrame, split: str | None, check_files: bool = True) -> SplitItems:
     """The images and studies of `split` (None = all rows). Studies without any report text and images
     whose file is missing are skipped and listed in `skipped`; empty label lists get the report labeler's."""
     from retrieval.data.manifest import resolve_image_path
     from retrieval.errors import ManifestError
 
-    rows = df if split is None else df[df["split"] == split]
-    if len(rows) == 0:
-        raise ManifestError(f"no rows in split {split!r} (splits present: {sorted(set(df['split']))})")
+    rows = df.iloc[split_positions(df, split)]
     root = df.attrs.get("root")
     skipped: list[str] = []
     study_index: dict[str, int] = {}

@@ -46,7 +46,7 @@ OPEN_CLIP_FILES = [
 ]
 PREFETCH_HINT = "cxr models prefetch {name} --to DIR"
 
-# Weights of the report metrics (generation.metrics), fetched like models.
+# Weights of the report metrics (generation.evaluation.metrics), fetched like models.
 RRG_SCORERS = "StanfordAIMI/RRG_scorers"
 CHEXBERT_FILE = "chexbert.pth"
 CHEXBERT_BERT = "bert-base-uncased"  # the tokenizer and architecture f1chexbert builds its labeler from (folder name)

@@ -22,9 +22,9 @@ from torch import nn
 from retrieval.device import autocast, resolve_device, resolve_precision
 from retrieval.fileio import write_json_atomic
 from retrieval.models import feature_store, onnx_tower, text_features, tower_parts
-from retrieval.models.checkpoint import PROJECTOR_FILE, TOWERS_FILE, fingerprint_state, save_safetensors
 from retrieval.models.preprocess import GreyImageTransform
 from retrieval.models.projector import ProjectorHeads
+from retrieval.models.saved_model import PROJECTOR_FILE, TOWERS_FILE, fingerprint_state, save_safetensors
 from retrieval.models.towers import pad_token_id
 from retrieval.models.vision_towers import VISION_DIR
 
@@ -297,7 +297,7 @@ class CXRModel(nn.Module):
 
     # ---- saving ------------------------------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> Path:
-        """Write the self-describing folder `load_model(out_dir)` reloads offline (see checkpoint.py for the layout).
+        """Write the self-describing folder `load_model(out_dir)` reloads offline (see saved_model.py for the layout).
 
         Files are written atomically one by one, `model_info.json` and then `checksums.sha256` last, into `out_dir`
         (other files there are kept). An HF text tower is named by the folder's own `text/` path, so plain open_clip

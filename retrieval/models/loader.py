@@ -11,10 +11,10 @@ import torch
 
 from retrieval.device import resolve_device
 from retrieval.errors import ModelLoadError
-from retrieval.models.checkpoint import PROJECTOR_FILE, TOWERS_FILE, load_safetensors_strict
 from retrieval.models.encoder import CXRModel
 from retrieval.models.projector import ProjectorConfig, ProjectorHeads
 from retrieval.models.registry import ModelSpec, resolve
+from retrieval.models.saved_model import PROJECTOR_FILE, TOWERS_FILE, load_safetensors_strict
 from retrieval.models.towers import build_from_config, build_tokenizer, create_open_clip
 
 

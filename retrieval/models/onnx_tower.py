@@ -56,7 +56,7 @@ class _Graph(nn.Module):
 
 def _weights_hash(tower: nn.Module) -> str:
     """The tower's fingerprint, recomputed only when a weight was replaced or changed in place."""
-    from retrieval.models.checkpoint import fingerprint_state
+    from retrieval.models.saved_model import fingerprint_state
 
     state = tower.state_dict()
     fast = tuple((k, v.data_ptr(), v._version) for k, v in state.items())

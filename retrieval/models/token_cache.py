@@ -5,7 +5,7 @@ beside it naming each row by image path, size and mtime (a changed file is a new
 both files are replaced atomically; the tokens file records a sha256 of its tokens and of the key list, and a
 corrupt, mismatched or unchecksummed pair is recomputed with a warning, never trusted.
 
-Two writers fill it: the VLM's visual-token pass (`generation.features`), and the retrieval trainer's
+Two writers fill it: the VLM's visual-token pass (`generation.data.features`), and the retrieval trainer's
 frozen-feature pass over a CNN tower, which computes the last feature map anyway (its pooled features are that
 map's mean) and so keeps the tokens for a later VLM run at no extra forward pass.
 """

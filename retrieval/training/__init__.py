@@ -8,15 +8,16 @@
 - One training item is a study: its report and one of its images (drawn per epoch), so the CLIP loss never
   sees two images of one study as negatives of each other.
 - Seeded and deterministic: the epoch's order comes from a generator seeded by (seed, epoch); the global RNG
-  state is saved with each checkpoint. Each epoch ends with an atomic checkpoint (`retrieval.checkpoint.Checkpoint`:
-  safetensors weights, torch optimiser state loaded with weights_only=True, JSON state) and `train` resumes
-  from it after a kill, reproducing the weights of an uninterrupted run.
-- Each epoch is validated on the `val` split (image->report mAP, see retrieval.evaluate) and training stops
+  state is saved with each checkpoint. Each epoch ends with an atomic checkpoint
+  (`retrieval.training_checkpoint.Checkpoint`: safetensors weights, torch optimiser state loaded with
+  weights_only=True, JSON state) and `train` resumes from it after a kill, reproducing the weights of an
+  uninterrupted run.
+- Each epoch is validated on the `val` split (image->report mAP, see retrieval.evaluate_retrieval) and training stops
   early after `patience` epochs without improvement; the best epoch's weights are what is saved.
 
-Modules: `config` (TrainConfig), `towers` (the seeded model, what trains), `data` (a prepared split, the epoch's
-batches), `features` (the frozen-feature cache), `task` (model + `logit_scale` + weighted loss terms),
-`resume` (what the checkpoint holds, through the scheme both trainers use, `retrieval.checkpoint`), `loop`
+Modules: `config` (TrainConfig), `initial_model` (the seeded model, what trains), `data` (a prepared split, the epoch's
+batches), `feature_cache` (the frozen-feature cache), `task` (model + `logit_scale` + weighted loss terms),
+`resume` (what the checkpoint holds, through the scheme both trainers use, `retrieval.training_checkpoint`), `loop`
 (Trainer), `output` (the saved folder).
 """
 
@@ -27,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.training.config import MONITORS, TrainConfig, make_config
+from retrieval.training.initial_model import set_trainable, tower_modules
 from retrieval.training.loop import CACHE_DIR, CHECKPOINT_DIR, Trainer, TrainResult
-from retrieval.training.towers import set_trainable, tower_modules
 
 __all__ = [
     "CACHE_DIR",

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrieval.checkpoint import Checkpoint
 from retrieval.data.split_items import SplitItems, split_items
 from retrieval.errors import CXRError, ManifestError
 from retrieval.fileio import clean_temporaries
@@ -21,10 +20,11 @@ from retrieval.progress import console, make_progress
 from retrieval.retrieval_metrics import mean_average_precision, overlap_matrix, ranked_relevance
 from retrieval.training.config import LABEL_CEILING, TrainConfig, run_key
 from retrieval.training.data import PreparedSplit, epoch_batches, finish_split
-from retrieval.training.features import SplitFeatures, plan_features
+from retrieval.training.feature_cache import SplitFeatures, plan_features
+from retrieval.training.initial_model import build_model, scratch_towers, set_train_modes, set_trainable
 from retrieval.training.resume import resume, save_epoch
 from retrieval.training.task import RetrievalTask
-from retrieval.training.towers import build_model, scratch_towers, set_train_modes, set_trainable
+from retrieval.training_checkpoint import Checkpoint
 
 CHECKPOINT_DIR = "checkpoint"
 CACHE_DIR = "feature_cache"

@@ -1,5 +1,5 @@
 """The retrieval trainer's checkpoint content: an epoch's trained weights, optimiser and RNG state, the best
-epoch's weights and the early-stopping state, committed through `retrieval.checkpoint.Checkpoint`."""
+epoch's weights and the early-stopping state, committed through `retrieval.training_checkpoint.Checkpoint`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from retrieval.checkpoint import Checkpoint
 from retrieval.errors import CXRError
 from retrieval.training.task import RetrievalTask
+from retrieval.training_checkpoint import Checkpoint
 
 
 def save_epoch(

@@ -10,7 +10,7 @@ from torch import nn
 
 from retrieval.errors import CXRError
 from retrieval.losses import LossInputs, WeightedLoss, clamp_logit_scale_, initial_logit_scale
-from retrieval.training.towers import tower_modules
+from retrieval.training.initial_model import tower_modules
 
 
 class RetrievalTask(nn.Module):

@@ -1,4 +1,4 @@
-"""The pretrained VLMs' box formats (`generation/box_formats.py`): PaliGemma `<loc>` tokens and Qwen2.5-VL JSON,
+"""The pretrained VLMs' box formats (`generation/data/box_formats.py`): PaliGemma `<loc>` tokens and Qwen2.5-VL JSON,
 both ways. Our box -> the model's text -> our box lands within one grid cell (1/1024 of the image for `<loc>`, one
 pixel of the resized image for Qwen); malformed model output never crashes and yields no box."""
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from generation.box_formats import (
+from generation.data.box_formats import (
     LOC_BINS,
     box_format_for,
     format_boxes,

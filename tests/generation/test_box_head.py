@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from generation.box_head import BoxHead, box_features, fit_box_head
-from generation.boxes import parse_boxes
+from generation.data.boxes import parse_boxes
+from generation.heads.box_head import BoxHead, box_features, fit_box_head
 
 
 def _data(n: int = 120, d: int = 40, seed: int = 0):
@@ -110,8 +110,8 @@ def _sided(n: int = 300, seed: int = 1):
 
 
 def test_a_lesion_left_or_right_gets_a_box_per_half_not_one_between():
-    from generation.boxes import iou
-    from generation.metrics import localisation_accuracy, map50
+    from generation.data.boxes import iou
+    from generation.evaluation.metrics import localisation_accuracy, map50
 
     x, rows = _sided()
     head = fit_box_head(x[:200], rows[:200], set())
@@ -131,7 +131,7 @@ def test_a_lesion_left_or_right_gets_a_box_per_half_not_one_between():
 
 
 def test_map50_ranks_by_score_when_given():
-    from generation.metrics import map50
+    from generation.evaluation.metrics import map50
 
     truth = [
         [{"label": "A", "x1": 0.1, "y1": 0.1, "x2": 0.3, "y2": 0.3}],
@@ -164,9 +164,9 @@ def test_detections_list_every_finding_group_scored_and_hold_the_answer():
 def test_identify_scores_map_over_the_detections_and_over_the_answer():
     """score_task's `map@0.5` ranks the detections when given (the answer's boxes otherwise); `map@0.5_answer`
     ranks the answer alone; Acc@IoU reads the answer."""
-    from generation.evaluate import score_task
-    from generation.metrics import map50
-    from generation.tasks import Example
+    from generation.data.tasks import Example
+    from generation.evaluation.metrics import map50
+    from generation.evaluation.task_scores import score_task
 
     x, rows = _sided()
     head = fit_box_head(x[:200], rows[:200], set())

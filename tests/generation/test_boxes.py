@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from generation.boxes import (
+from generation.data.boxes import (
     format_box,
     format_findings,
     iou,
@@ -14,7 +14,7 @@ from generation.boxes import (
     snap,
     to_grid,
 )
-from generation.tokenizer import build_tokenizer, decode
+from generation.model.tokenizer import build_tokenizer, decode
 from retrieval.labels import LABELS
 
 coord = st.integers(0, 100)
@@ -120,7 +120,7 @@ def test_merge_keeps_other_labels_and_distant_boxes():
 
 
 def test_malformed_boxes_are_counted_and_never_parsed():
-    from generation.boxes import malformed_boxes
+    from generation.data.boxes import malformed_boxes
 
     good = "Nodule {<10><20><30><40>}"
     assert malformed_boxes(good) == (1, 0)
@@ -140,7 +140,7 @@ def test_malformed_boxes_are_counted_and_never_parsed():
 @settings(max_examples=100, deadline=None)
 @given(grid_boxes())
 def test_every_formatted_box_is_valid(box):
-    from generation.boxes import malformed_boxes
+    from generation.data.boxes import malformed_boxes
 
     # even a box narrower than one grid unit formats as a valid box
     thin = {**box, "x2": box["x1"], "y2": box["y1"] + 0.001}

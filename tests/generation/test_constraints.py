@@ -7,12 +7,12 @@ import pytest
 import torch
 from gen_synth import UNIT_LM, one_thread  # noqa: F401 (an autouse fixture)
 
-from generation.boxes import malformed_boxes, parse_boxes
-from generation.constraints import BoxGrammar, box_decoding
-from generation.head import closed_answer, closed_finding, fit_thresholds, rank_exemplars
-from generation.model import VLM
-from generation.rag import Exemplar
-from generation.tokenizer import build_tokenizer, decode
+from generation.data.boxes import malformed_boxes, parse_boxes
+from generation.data.rag import Exemplar
+from generation.heads.head import closed_answer, closed_finding, fit_thresholds, rank_exemplars
+from generation.model.tokenizer import build_tokenizer, decode
+from generation.model.vlm import VLM
+from generation.writing.constraints import BoxGrammar, box_decoding
 from retrieval.labels import LABELS
 
 

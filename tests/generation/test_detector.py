@@ -1,4 +1,4 @@
-"""The trainable box detector (generation/detector.py, detector_train.py) on synthetic radiographs with one bright
+"""The trainable box detector (generation/heads/detector.py, detector_train.py) on synthetic radiographs with one bright
 square each: it learns to find the square better than the image-free prior, saves and reloads to identical
 predictions, and its augmentation never flips sides."""
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from generation.detector import Detector, DetectorConfig, letterbox
-from generation.detector_train import Augment, DetectorTrainConfig, answer_threshold, train_detector
-from generation.metrics import localisation_accuracy, map50
+from generation.evaluation.metrics import localisation_accuracy, map50
+from generation.heads.detector import Detector, DetectorConfig, letterbox
+from generation.training.detector_train import Augment, DetectorTrainConfig, answer_threshold, train_detector
 from retrieval.errors import ModelLoadError
 
 SIZE = 64
@@ -135,10 +135,11 @@ def test_cli_refuses_a_bad_size_in_one_line(tmp_path, capsys):
 
 
 def test_a_detector_in_the_vlm_folder_answers_identify_and_ground(trained, tmp_path):
-    """generate.detector_answer: with `VLM/detector/` the box answers are the detector's (its threshold, its
+    """image_answer.detector_answer: with `VLM/detector/` the box answers are the detector's (its threshold, its
     ranked detections for mAP); a phrase it has no class for, another task, or no detector: the VLM's answer.
     An untrained detector at 128 px answering one image (as `cxr generate` does) is enough to test the wiring."""
-    from generation.generate import DETECTOR_DIR, Generator, detector_answer
+    from generation.writing.generate import DETECTOR_DIR, Generator
+    from generation.writing.image_answer import detector_answer
 
     df, _, _ = trained
     vlm = tmp_path / "vlm"

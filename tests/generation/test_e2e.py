@@ -15,10 +15,11 @@ from gen_synth import (
     tiny_vlm_config,
 )
 
-from generation.evaluate import evaluate_generation
-from generation.generate import generate_for_image
-from generation.model import VLM
-from generation.train import VLMTrainConfig, train_vlm
+from generation.evaluation.evaluate_generation import evaluate_generation
+from generation.model.vlm import VLM
+from generation.training.train import VLMTrainConfig, train_vlm
+from generation.writing.generator_options import GeneratorOptions
+from generation.writing.image_answer import generate_for_image
 from retrieval.errors import UsageError
 
 
@@ -68,7 +69,7 @@ def test_generate_names_exemplars_never_own_study_or_patient(trained, corpus):
 def test_resume_continues_where_it_stopped(corpus, monkeypatch):
     root, df, idx = corpus
     full = train_vlm(df, root / "a", config(40), index_dir=idx, progress=False)
-    import generation.train as tr
+    import generation.training.train as tr
 
     real, calls = tr.encode_batch, {"n": 0}
 
@@ -88,7 +89,7 @@ def test_resume_continues_where_it_stopped(corpus, monkeypatch):
 
 
 def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpus):
-    from generation.generate import Generator
+    from generation.writing.generate import Generator
     from retrieval.labels import LABELS
 
     root, df, idx = corpus
@@ -96,7 +97,8 @@ def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpu
     model = SynthRetrievalModel()
     assert len(VLM.load(trained[0]).config.head_thresholds) == len(LABELS)  # fitted at the end of training
     quoted = generate_for_image(
-        root / row["image_path"], idx, trained[0], task="report", k=2, retrieval_model=model, report_source="quote"
+        root / row["image_path"], idx, trained[0], task="report", k=2, retrieval_model=model,
+        options=GeneratorOptions(report_source="quote"),
     )
     reports = {str(s): str(r) for s, r in zip(df["study_id"], df["report"])}
     assert quoted["source"] == "quoted exemplar"
@@ -106,7 +108,7 @@ def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpu
     from retrieval.data.image_io import read_image
 
     for source, expect in (("head", "finding head"), ("lm", "lm (yes/no scored)")):
-        gen = Generator(trained[0], vqa_source=source)
+        gen = Generator(trained[0], options=GeneratorOptions(vqa_source=source))
         res = gen.generate(gen.visual([read_image(image[0])]), ["vqa"], ["is there cardiomegaly?"], [[]])[0]
         assert res["source"] == expect and res["text"] in ("yes", "no")
     open_q = gen.generate(gen.visual([read_image(image[0])]), ["vqa"], ["what abnormality is seen?"], [[]])[0]
@@ -114,14 +116,14 @@ def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpu
 
 
 def test_box_head_and_written_report_answer_by_default(trained, corpus):
-    from generation.generate import Generator
+    from generation.writing.generate import Generator
     from retrieval.data.image_io import read_image
 
     root, df, idx = corpus
     assert (trained[0] / "box_head.safetensors").exists()  # fitted at the end of training
     vis_img = read_image(root / df.iloc[0]["image_path"])
     for source, expect in (("head", "box head"), ("lm", "lm")):
-        gen = Generator(trained[0], box_source=source)
+        gen = Generator(trained[0], options=GeneratorOptions(box_source=source))
         vis = gen.visual([vis_img, vis_img])
         outs = gen.generate(
             vis, ["ground", "identify"], ["right lung", "describe the findings with their boxes."], [[], []]
@@ -136,16 +138,16 @@ def test_box_head_and_written_report_answer_by_default(trained, corpus):
 
 
 def test_findings_come_from_the_ridge_by_default_and_from_the_aux_head_on_request(trained, corpus):
-    from generation.box_head import box_features
-    from generation.findings_report import predicted_findings
-    from generation.generate import Generator
-    from generation.tasks import PROMPTS, classify_target
+    from generation.data.tasks import PROMPTS, classify_target
+    from generation.heads.box_head import box_features
+    from generation.writing.findings_report import predicted_findings
+    from generation.writing.generate import Generator
     from retrieval.data.image_io import read_image
 
     root, df, idx = corpus
     assert (trained[0] / "finding_head.safetensors").exists()  # fitted at the end of training
     imgs = [read_image(root / df.iloc[i]["image_path"]) for i in range(4)]
-    ridge, aux = Generator(trained[0]), Generator(trained[0], finding_source="aux")
+    ridge, aux = Generator(trained[0]), Generator(trained[0], options=GeneratorOptions(finding_source="aux"))
     vis = ridge.visual(imgs)
     p_ridge, t_ridge = ridge.finding_probs(vis)
     p_aux, t_aux = aux.finding_probs(vis)
@@ -156,10 +158,11 @@ def test_findings_come_from_the_ridge_by_default_and_from_the_aux_head_on_reques
     for i, o in enumerate(outs):
         assert o["source"] == "finding head"
         assert o["text"] == classify_target(predicted_findings(p_ridge[i], t_ridge))
-    lm = Generator(trained[0], classify_source="lm").generate(vis[:1], ["classify"], [PROMPTS["classify"]], [[]])
+    lm_classify = Generator(trained[0], options=GeneratorOptions(classify_source="lm"))
+    lm = lm_classify.generate(vis[:1], ["classify"], [PROMPTS["classify"]], [[]])
     assert lm[0]["source"] == "lm"
     with pytest.raises(UsageError, match="finding_source"):
-        Generator(trained[0], finding_source="nope")
+        GeneratorOptions(finding_source="nope")
 
 
 def test_evaluation_has_every_baseline(trained, corpus):
@@ -214,8 +217,8 @@ def test_cli_eval_generation_writes_tables(trained, corpus, tmp_path, capsys):
 
 
 def test_visual_token_cache_is_reused_and_matches(corpus, tmp_path):
-    from generation.encoders import load_encoder
-    from generation.features import visual_tokens_for_rows
+    from generation.data.features import visual_tokens_for_rows
+    from generation.model.encoders import load_encoder
 
     root, df, _ = corpus
     df = df.copy()
@@ -248,7 +251,7 @@ def test_pretrained_lm_lora_staging_and_zero_shot_write_from_the_findings(corpus
     alone, and the report prompt carries the finding head's line; with 0 steps the LM is prompted zero-shot."""
     from tiny_lm import save_tiny_lm
 
-    from generation.generate import Generator
+    from generation.writing.generate import Generator
 
     root, df, idx = corpus
     lm = save_tiny_lm(tmp_path / "lm")
@@ -268,7 +271,8 @@ def test_pretrained_lm_lora_staging_and_zero_shot_write_from_the_findings(corpus
         progress=False,
     )
     assert zero["steps"] == 0 and not (tmp_path / "zero" / "lm").exists()  # the frozen LM is not copied
-    gen = Generator(tmp_path / "zero", idx, retrieval_model=SynthRetrievalModel(), report_source="generate")
+    by_lm = GeneratorOptions(report_source="generate")
+    gen = Generator(tmp_path / "zero", idx, retrieval_model=SynthRetrievalModel(), options=by_lm)
     assert not gen.vlm.config.image_in_prompt
     row = df.iloc[int(np.flatnonzero(df["split"] == "test")[0])]
     from retrieval.data.image_io import read_image
@@ -276,7 +280,7 @@ def test_pretrained_lm_lora_staging_and_zero_shot_write_from_the_findings(corpus
     rec = gen.generate(gen.visual([read_image(root / row["image_path"])]), ["report"], ["describe."], [[]])[0]
     assert rec["findings_line"].startswith("Likely findings: ") and rec["source"] == "lm"
     assert all(f.lower() in rec["findings_line"] for f in rec["head_findings"])
-    gen.vqa_source = "lm"  # closed questions answered by the LM read the same line
+    gen.options = gen.options.replace(vqa_source="lm")  # closed questions answered by the LM read the same line
     vqa = gen.generate(gen.visual([read_image(root / row["image_path"])]), ["vqa"], ["is there cardiomegaly?"], [[]])
     assert vqa[0]["findings_line"] == rec["findings_line"] and vqa[0]["source"] == "lm (yes/no scored)"
 
@@ -299,7 +303,7 @@ def test_lora_projector_stage_leaves_the_lm_untouched(corpus, tmp_path):
 def test_image_controls_and_shuffled_answers(trained, corpus):
     """Blank, noise and another study's image replace the test images (and the exemplars retrieved for them); the
     finding head that reads the image beats its own answers shuffled, and answers a blank image all alike."""
-    from generation.image_controls import derangement, prompt_derangement
+    from generation.data.image_controls import derangement, prompt_derangement
 
     root, df, idx = corpus
     kw = dict(split="test", k=2, meteor=False, progress=False, tasks=["classify"], shuffled=True)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from generation.box_head import box_features
-from generation.finding_ridge import FindingRidge, fit_finding_ridge
+from generation.heads.box_head import box_features
+from generation.heads.finding_ridge import FindingRidge, fit_finding_ridge
 
 
 def _tokens(n: int = 300, d: int = 12, seed: int = 0):

@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from generation.findings_report import (
+from generation.data.rag import Exemplar
+from generation.evaluation.metrics import repeats_a_sentence
+from generation.writing.findings_report import (
     FINDING_SENTENCES,
     NORMAL_SENTENCE,
     finding_sides,
     findings_report,
     predicted_findings,
 )
-from generation.metrics import repeats_a_sentence
-from generation.rag import Exemplar
 from retrieval.labels import LABELS, NO_FINDING, label_report
 
 FINDINGS = [lab for lab in LABELS if lab != NO_FINDING]
@@ -126,7 +126,7 @@ def test_sentences_with_a_deidentified_gap_are_not_quoted():
 def test_agreeing_exemplars_keep_only_what_the_head_also_sees():
     """LaB-RAG's filter: an exemplar passes when its labeler findings are among the head's predicted findings,
     and a normal one only when the head predicts nothing."""
-    from generation.head import agreeing_exemplars
+    from generation.heads.head import agreeing_exemplars
 
     def ex(i, report):
         return Exemplar(study_id=f"s{i}", patient_id=f"p{i}", score=1.0 - i / 10, report=report)

@@ -1,4 +1,4 @@
-"""The pretrained image-text-to-text path (`generation/image_text_to_text.py`, `image_text_to_text_train.py`) on
+"""The pretrained image-text-to-text path (`generation/writing/image_text_to_text.py`, `image_text_to_text_train.py`) on
 tiny random PaliGemma and Qwen2.5-VL models built offline (`tiny_vlms.py`): loading through the Auto classes, prompts
 with exemplars, answer-only labels, one LoRA step that moves only the adapter, save / load / generate, and the CLI.
 """
@@ -13,17 +13,17 @@ import torch
 from gen_synth import SynthRetrievalModel, make_index, make_manifest, one_thread  # noqa: F401 (an autouse fixture)
 from tiny_vlms import tiny_gemma3, tiny_paligemma, tiny_qwen2_5_vl
 
-from generation.image_text_to_text import (
+from generation.data.rag import Exemplar
+from generation.data.tasks import Example
+from generation.training.image_text_to_text_train import ImageTextToTextTrainConfig, optimiser, train_step
+from generation.writing.image_answer import generate_for_image
+from generation.writing.image_text_to_text import (
     EXEMPLAR_HEADER,
     ImageTextToTextVLM,
     encode,
-    generate_for_image,
     is_image_text_to_text,
     to_pil,
 )
-from generation.image_text_to_text_train import ImageTextToTextTrainConfig, optimiser, train_step
-from generation.rag import Exemplar
-from generation.tasks import Example
 from retrieval.errors import ModelLoadError
 
 CPU = torch.device("cpu")
@@ -182,9 +182,9 @@ def test_training_targets_speak_the_models_box_format(base):
     """Boxes are trained in the model's own format: PaliGemma `<loc>` (relative), Qwen2.5-VL JSON in pixels of the
     image as its processor resized it (here 40 x 50 -> 56 x 84, multiples of 28), and read back to the same box
     within one cell."""
-    from generation.box_formats import parse_model_boxes
-    from generation.image_text_to_text import seen_sizes
-    from generation.image_text_to_text_train import target_text
+    from generation.data.box_formats import parse_model_boxes
+    from generation.training.image_text_to_text_train import target_text
+    from generation.writing.image_text_to_text import seen_sizes
 
     mtype, folder = base
     vlm = ImageTextToTextVLM.create(str(folder), CPU, lora_r=4)
@@ -207,7 +207,7 @@ def test_training_targets_speak_the_models_box_format(base):
 
 def test_loc_tokens_survive_the_paligemma_tokenizer(tmp_path):
     """PaliGemma's processor adds `<loc0000>`..`<loc1023>` as single tokens; what generation decodes parses back."""
-    from generation.box_formats import format_loc, parse_loc
+    from generation.data.box_formats import format_loc, parse_loc
 
     vlm = ImageTextToTextVLM.create(str(tiny_paligemma(tmp_path)), CPU, lora_r=4)
     tok = vlm.processor.tokenizer

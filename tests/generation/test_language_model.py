@@ -12,10 +12,10 @@ import torch
 from gen_synth import one_thread  # noqa: F401 (an autouse fixture)
 from tiny_lm import save_tiny_lm
 
-from generation.language_model import LM_REGISTRY, add_vlm_tokens, load_lm, resolve_lm
-from generation.model import VLM
-from generation.rag import Exemplar, build_prompt_ids
-from generation.tokenizer import EXTRA_TOKENS, TASK_TOKENS, decode, prompt_frame
+from generation.data.rag import Exemplar, build_prompt_ids
+from generation.model.language_model import LM_REGISTRY, add_vlm_tokens, load_lm, resolve_lm
+from generation.model.tokenizer import EXTRA_TOKENS, TASK_TOKENS, decode, prompt_frame
+from generation.model.vlm import VLM
 from retrieval.errors import ModelLoadError
 
 PHRASE = "right pleural effusion"
@@ -151,7 +151,7 @@ def test_real_smollm2_keeps_its_ids_rows_and_chat_template(tmp_path, monkeypatch
     rows = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(49152, -1))
     assert torch.equal(vlm.lm.get_input_embeddings().weight[:49152], rows)
     assert "<|im_start|>assistant" in vlm.tok.decode(prompt_frame(vlm.tok)[1])
-    from generation.language_model import prefetch_lm, verify_lm
+    from generation.model.language_model import prefetch_lm, verify_lm
 
     assert verify_lm(prefetch_lm("smollm2-135m", tmp_path / "prefetched"), run=False)["ok"]
     with torch.no_grad():  # the LM still speaks English: it continues a sentence from its own prompt

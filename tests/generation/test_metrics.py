@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from generation.metrics import (
+from generation.evaluation.metrics import (
     clinical_efficacy,
     grounding_iou,
     localisation_accuracy,
@@ -108,7 +108,7 @@ def test_grounding_iou():
 
 
 def test_repeated_sentence_fraction():
-    from generation.metrics import repeated_sentence_fraction, repeats_a_sentence
+    from generation.evaluation.metrics import repeated_sentence_fraction, repeats_a_sentence
 
     assert repeats_a_sentence("the lungs are clear. the lungs are clear. no acute abnormality.")
     assert repeats_a_sentence("Lungs are clear.  lungs are  clear")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from gen_synth import UNIT_LM, one_thread  # noqa: F401 (an autouse fixture)
 
-from generation.encoders import FrozenPatchEncoder, combine_tokens, encode_visual, pool_grid
-from generation.model import VLM, group_tokens
-from generation.rag import build_prompt_ids
-from generation.tokenizer import COORD_TOKENS, TASK_TOKENS, build_tokenizer, decode
+from generation.data.rag import build_prompt_ids
+from generation.model.encoders import FrozenPatchEncoder, combine_tokens, encode_visual, pool_grid
+from generation.model.tokenizer import COORD_TOKENS, TASK_TOKENS, build_tokenizer, decode
+from generation.model.vlm import VLM, group_tokens
 from retrieval.errors import ModelLoadError
 
 
@@ -197,8 +197,8 @@ def test_answer_log_likelihood_matches_full_logits_and_picks_the_likelier_answer
     """The teacher-forced answer score equals the log-softmax of the LM's full logits at the answer positions
     (the naive reference: one left-to-right pass over image + prompt + answer, no masking tricks), and
     `lm_closed_answers` picks the answer with the larger score."""
-    from generation.collate import splice_image
-    from generation.lm_answers import lm_closed_answers
+    from generation.model.collate import splice_image
+    from generation.writing.lm_answers import lm_closed_answers
 
     tok = vlm.tok
     gen = torch.Generator().manual_seed(1)

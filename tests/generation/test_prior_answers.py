@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from generation.prior_answers import fit_prior, prior_groups
-from generation.tasks import Example
+from generation.data.tasks import Example
+from generation.evaluation.prior_answers import fit_prior, prior_groups
 
 
 def _box(label, x1, x2, y1=0.2, y2=0.6):

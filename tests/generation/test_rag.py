@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from generation.rag import Exemplar, build_prompt_ids, retrieve_exemplars
-from generation.tokenizer import REF_TOKEN, TASK_TOKENS, build_tokenizer
+from generation.data.rag import Exemplar, build_prompt_ids, retrieve_exemplars
+from generation.model.tokenizer import REF_TOKEN, TASK_TOKENS, build_tokenizer
 from index.factory import build_from_vectors
 from index.generations import save_index
 from index.search import Searcher
@@ -183,7 +183,7 @@ def test_exemplar_truncated_to_fill_budget(tok):
 
 
 def test_prompt_numbers_the_exemplars(tok):
-    from generation.tokenizer import decode
+    from generation.model.tokenizer import decode
 
     exs = [Exemplar("s1", "p1", 0.9, "heart is enlarged."), Exemplar("s2", "p2", 0.8, "lungs are clear.")]
     ids, used = build_prompt_ids(tok, "report", "describe the findings and impression.", exs, 160)
@@ -194,7 +194,7 @@ def test_prompt_numbers_the_exemplars(tok):
 
 
 def test_copied_sentences_name_the_exemplar():
-    from generation.rag import copied_sentences
+    from generation.data.rag import copied_sentences
 
     exs = [Exemplar("s1", "p1", 0.9, "Heart is enlarged. No effusion."), Exemplar("s2", "p2", 0.8, "Lungs are clear.")]
     found = copied_sentences("the heart is enlarged. lungs are clear. no effusion.", exs)

@@ -16,7 +16,7 @@ from repo_paths import REPO
 from run_python import run_python
 
 from cli.main import main
-from generation import metrics, report_metrics
+from generation.evaluation import metrics, report_metrics
 from retrieval.models.registry import resolve_package_path
 
 try:
@@ -481,7 +481,7 @@ import transformers
 from transformers import AutoConfig, BertTokenizer
 from f1chexbert import f1chexbert as lib
 import radgraph
-from generation import report_metrics as rm
+from generation.evaluation import report_metrics as rm
 chexbert, radgraph_dir, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 bert = chexbert + "/bert-base-uncased"
 lib.CACHE_DIR = chexbert

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from generation.sampling import TaskSampler, inverse_size_weights, stage_tasks
+from generation.data.sampling import TaskSampler, inverse_size_weights, stage_tasks
 
 
 def test_weights_are_inverse_sizes():
@@ -62,7 +62,7 @@ def test_sampler_rejects_empty():
 
 
 def test_uniform_rule_gives_every_task_an_equal_share_whatever_its_size():
-    from generation.sampling import task_weights
+    from generation.data.sampling import task_weights
 
     sizes = {"report": 100, "vqa": 400, "ground": 5000}
     assert task_weights(sizes, "uniform") == pytest.approx({t: 1 / 3 for t in sizes})
@@ -94,7 +94,7 @@ def test_balance_resamples_the_minority_class():
 def test_row_balance_keys_pick_the_rarest_finding():
     import pandas as pd
 
-    from generation.train import row_balance_keys
+    from generation.training.train import row_balance_keys
 
     df = pd.DataFrame(
         {"labels": [["Cardiomegaly"], ["Cardiomegaly", "Pneumothorax"], ["No Finding"], ["Cardiomegaly"]]}

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from generation.encoders import FrozenPatchEncoder
-from generation.segment_head import (
+from generation.heads.segment_head import (
     SegmentHead,
     answer_json,
     fit_segment_head,
@@ -19,6 +18,7 @@ from generation.segment_head import (
     segment,
     segment_features,
 )
+from generation.model.encoders import FrozenPatchEncoder
 from retrieval.data.phantom import render_phantom
 from retrieval.data.region_masks import decode_rle, iou, polygons_to_mask, resize_mask
 
@@ -105,8 +105,8 @@ def test_save_load_and_segment_answers(phantoms, tmp_path):
 
 def test_fit_for_rows_keeps_the_token_grid_it_was_given(phantoms):
     """Tokens cached at a coarser grid than `pool` (a VLM pooled to 4x4) fit a head that reads any finer grid."""
-    from generation.encoders import pool_grid
-    from generation.segment_head import fit_for_rows
+    from generation.heads.segment_head import fit_for_rows
+    from generation.model.encoders import pool_grid
 
     _, _, masks, tokens = phantoms
     coarse = pool_grid(tokens, 4)  # (48, 16, 64)
@@ -160,8 +160,8 @@ def test_vlm_training_fits_the_segment_head_and_generate_answers_segment(tmp_pat
     """`cxr vlm train` on a manifest with region masks saves a segment head; `generate_for_image(task="segment")`
     answers with the region's polygons and RLE, placed where the image shows it (better than the mean training
     mask, the image-free answer); a folder without a head, or an unknown region, is one usage error."""
-    from generation.generate import generate_for_image
-    from generation.train import VLMTrainConfig, train_vlm
+    from generation.training.train import VLMTrainConfig, train_vlm
+    from generation.writing.image_answer import generate_for_image
     from retrieval.errors import UsageError
 
     df = _moving_square_manifest(tmp_path)

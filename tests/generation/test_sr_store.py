@@ -1,4 +1,4 @@
-"""The drafted SR leaves for an archive by STOW-RS (generation/structured_report.py `store_sr`): to a loopback
+"""The drafted SR leaves for an archive by STOW-RS (generation/writing/structured_report.py `store_sr`): to a loopback
 endpoint that checks bearer and basic auth, and through a real Orthanc (tests/helpers/orthanc.py): stored beside its
 source image, found by QIDO-RS, fetched by WADO-RS, read back by plain pydicom with the same text, codes
 and coordinates."""
@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from sr_helpers import COLUMNS, DRAFT, ROWS, read_back, write_source
 
-from generation.structured_report import build_sr, read_source, store_sr, write_sr
+from generation.writing.structured_report import build_sr, read_source, store_sr, write_sr
 from retrieval.data.importers.dicomweb import Auth
 from retrieval.errors import CXRError
 

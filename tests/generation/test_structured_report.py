@@ -1,6 +1,6 @@
-"""The drafted report as a DICOM Comprehensive SR (generation/structured_report.py): written, read back by plain
+"""The drafted report as a DICOM Comprehensive SR (generation/writing/structured_report.py): written, read back by plain
 pydicom with the same text, codes and coordinates; valid for dciodvfy (Debian's dicom3tools); a PNG source refused;
-the draft it is made of (generation/draft.py); `cxr generate --sr` end to end. STOW-RS:
+the draft it is made of (generation/writing/draft.py); `cxr generate --sr` end to end. STOW-RS:
 tests/generation/test_sr_store.py."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pydicom.sr._concepts_dict import concepts
 from pydicom.uid import generate_uid
 from sr_helpers import DRAFT, expected_polyline, read_back, walk, write_source
 
-from generation.structured_report import FINDING_CODES, LOCAL_SCHEME, read_source, write_sr
+from generation.writing.structured_report import FINDING_CODES, LOCAL_SCHEME, read_source, write_sr
 from retrieval.errors import UsageError
 from retrieval.labels import LABELS
 
@@ -143,8 +143,8 @@ def trained(tmp_path_factory):
     Study Instance UIDs; and a DICOM source made from one of the test images."""
     from PIL import Image
 
-    from generation.language_model import DEFAULT_LM
-    from generation.train import train_vlm
+    from generation.model.language_model import DEFAULT_LM
+    from generation.training.train import train_vlm
 
     root = tmp_path_factory.mktemp("sr")
     df = make_manifest(root, n=18)
@@ -157,7 +157,7 @@ def trained(tmp_path_factory):
 
 
 def test_draft_findings_come_from_the_head_else_the_text_and_say_no_finding_when_none():
-    from generation.draft import draft_findings
+    from generation.writing.draft import draft_findings
 
     box = [{"label": "Nodule", "x1": 0.1, "y1": 0.1, "x2": 0.2, "y2": 0.2}]
     assert draft_findings({"head_findings": ["Edema"], "text": "large pneumothorax."}, []) == ["Edema"]
@@ -168,8 +168,8 @@ def test_draft_findings_come_from_the_head_else_the_text_and_say_no_finding_when
 
 
 def test_draft_for_image_holds_what_the_sr_needs(trained):
-    from generation.draft import draft_for_image
-    from generation.generate import Generator
+    from generation.writing.draft import draft_for_image
+    from generation.writing.generate import Generator
 
     root, df, idx, vlm, src = trained
     gen = Generator(vlm, idx, retrieval_model=SynthRetrievalModel(), device="cpu")
@@ -185,8 +185,8 @@ def test_draft_for_image_holds_what_the_sr_needs(trained):
 def test_an_indexed_study_arriving_under_another_path_is_not_its_own_exemplar(trained, tmp_path):
     """A DICOM of an indexed study (same StudyInstanceUID, another path: an export, a cache) never retrieves its own
     study or patient, as an indexed file does."""
-    from generation.draft import draft_for_image
-    from generation.generate import Generator
+    from generation.writing.draft import draft_for_image
+    from generation.writing.generate import Generator
 
     root, df, idx, vlm, _ = trained
     gen = Generator(vlm, idx, retrieval_model=SynthRetrievalModel(), device="cpu")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from generation.boxes import parse_boxes
-from generation.tasks import build_examples, classify_target, row_examples
+from generation.data.boxes import parse_boxes
+from generation.data.tasks import build_examples, classify_target, row_examples
 
 ROW = {
     "findings": "The heart is enlarged.",
@@ -99,7 +99,7 @@ def test_anatomy_prefix_and_fine_finding_names():
 
 
 def test_constant_baseline_most_common_answer_and_mean_box():
-    from generation.evaluate import constant_answers
+    from generation.evaluation.baselines import constant_answers
 
     rows = [
         {"labels": ["Edema"], "boxes": [{"label": "anatomy:Heart", "x1": 0.2, "y1": 0.4, "x2": 0.6, "y2": 0.8}]},
@@ -114,11 +114,11 @@ def test_constant_baseline_most_common_answer_and_mean_box():
 
 
 def test_evaluation_sample_of_a_task_does_not_depend_on_the_other_tasks():
-    from generation.evaluate import _cap
-    from generation.tasks import Example
+    from generation.data.tasks import Example
+    from generation.evaluation.eval_inputs import cap_examples
 
     exs = {t: [Example(t, "p", str(i), i) for i in range(50)] for t in ("report", "vqa", "ground")}
-    alone = _cap({"vqa": exs["vqa"]}, 10, 0)["vqa"]
-    together = _cap(exs, 10, 0)["vqa"]
+    alone = cap_examples({"vqa": exs["vqa"]}, 10, 0)["vqa"]
+    together = cap_examples(exs, 10, 0)["vqa"]
     assert [e.row for e in alone] == [e.row for e in together] and len(alone) == 10
-    assert [e.row for e in _cap(exs, 10, 1)["vqa"]] != [e.row for e in together]
+    assert [e.row for e in cap_examples(exs, 10, 1)["vqa"]] != [e.row for e in together]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from gen_synth import UNIT_LM, one_thread  # noqa: F401 (an autouse fixture)
 
-from generation.collate import IGNORE, collate, splice_image
-from generation.model import VLM
-from generation.vlm_config import DEFAULT_BUDGET, VLMConfig
+from generation.model.collate import IGNORE, collate, splice_image
+from generation.model.vlm import VLM
+from generation.model.vlm_config import DEFAULT_BUDGET, VLMConfig
 from retrieval.errors import ModelLoadError
 
 # vlm_config.json as the first VLM versions wrote it: a plain dict without the later keys

@@ -97,7 +97,7 @@ def _index(folder: Path, model, factory: str, texts: list[str]) -> None:
 
 def answers(model, flat: Path, ivf: Path, vlm_dir: Path) -> dict:
     """What this release answers for the fixture queries (the same function reads them back in the test)."""
-    from generation.model import VLM
+    from generation.model.vlm import VLM
     from index.search import Searcher
 
     out: dict = {"model": {"fingerprint": model.fingerprint,
@@ -118,8 +118,8 @@ def answers(model, flat: Path, ivf: Path, vlm_dir: Path) -> dict:
 
 
 def write(name: str) -> Path:
-    from generation.encoders import FrozenPatchEncoder
-    from generation.model import VLM
+    from generation.model.encoders import FrozenPatchEncoder
+    from generation.model.vlm import VLM
 
     out = ROOT / name
     if out.exists():

@@ -77,12 +77,12 @@ class SynthRetrievalModel:
     embed_dim = 32
 
     def __init__(self):
-        from generation.encoders import FrozenPatchEncoder
+        from generation.model.encoders import FrozenPatchEncoder
 
         self.enc = FrozenPatchEncoder(seed=7, image_size=64, patch=8, dim=32)
 
     def encode_images(self, images, **kwargs) -> np.ndarray:
-        from generation.encoders import encode_visual
+        from generation.model.encoders import encode_visual
         from retrieval.data.image_io import read_image
 
         arrays = [read_image(x) if isinstance(x, str | Path) else x for x in images]
@@ -122,7 +122,7 @@ UNIT_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "
 def tiny_vlm_config(steps: int, **changes):
     """The VLM training config of the tests: one frozen patch encoder, the tiny Llama (TINY_LM), 2 exemplars, a 4x4
     visual grid; `changes` override any field."""
-    from generation.train import VLMTrainConfig
+    from generation.training.train import VLMTrainConfig
 
     base = dict(encoders=["patch:1"], batch_size=8, lm_path="tiny", lm_overrides=TINY_LM, rag_k=2, visual_grid=4)
     return VLMTrainConfig(**(base | dict(steps=steps, lr=3e-3, checkpoint_every=1000) | changes))

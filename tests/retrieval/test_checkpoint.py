@@ -1,4 +1,4 @@
-"""The one checkpoint scheme (retrieval.checkpoint): a committed checkpoint stays whole whatever
+"""The one checkpoint scheme (retrieval.training_checkpoint): a committed checkpoint stays whole whatever
 happens to the next one, including a SIGKILL at any moment of a commit."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from repo_paths import REPO
 
-from retrieval.checkpoint import STATE_FILE, Checkpoint
 from retrieval.errors import CXRError
+from retrieval.training_checkpoint import STATE_FILE, Checkpoint
 
 
 def _text(content: str):
@@ -83,7 +83,7 @@ def test_an_unreadable_state_is_an_error_naming_the_folder(tmp_path):
 
 CHILD = """
 import hashlib, sys
-from retrieval.checkpoint import Checkpoint
+from retrieval.training_checkpoint import Checkpoint
 ck = Checkpoint(sys.argv[1])
 state = ck.state()
 step = 0 if state is None else state["step"]

@@ -8,9 +8,10 @@ import pytest
 import torch
 from gen_synth import UNIT_LM, one_thread  # noqa: F401 (an autouse fixture)
 
-from generation import generate as generate_module
-from generation.encoders import FrozenPatchEncoder
-from generation.model import VLM
+from generation.model.encoders import FrozenPatchEncoder
+from generation.model.vlm import VLM
+from generation.writing import generate as generate_module
+from generation.writing.generator_options import GeneratorOptions
 from index import backends
 from retrieval.device import resolve_device
 
@@ -64,7 +65,7 @@ def test_generator_puts_the_vlm_on_the_same_device_for_none_and_auto(tmp_path, m
     for cuda in (False, True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         for device in (None, "auto"):
-            generate_module.Generator(tmp_path / "v", box_source="lm", device=device)
+            generate_module.Generator(tmp_path / "v", options=GeneratorOptions(box_source="lm"), device=device)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert asked == [cpu, cpu, cuda, cuda]
 

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from retrieval.data.split_items import SplitItems, split_items
-from retrieval.evaluate import evaluate_embeddings, random_embeddings
+from retrieval.evaluate_retrieval import evaluate_embeddings, random_embeddings
 from retrieval.labels import multi_hot
 from retrieval.retrieval_metrics import (
     average_precisions,

@@ -21,7 +21,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vlm(data):
-    from generation.train import train_vlm
+    from generation.training.train import train_vlm
 
     root, df, idx = data
     train_vlm(df, root / "vlm", tiny_vlm_config(120), index_dir=idx, progress=False)

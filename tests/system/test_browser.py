@@ -53,7 +53,7 @@ def launch(p):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A real cxr-tiny model folder, an index over 36 synthetic studies, a tiny VLM, and `cxr serve` over them."""
-    from generation.train import train_vlm
+    from generation.training.train import train_vlm
     from index.build import BuildOptions, build_index
     from retrieval.models import load_model
 

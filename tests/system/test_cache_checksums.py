@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from retrieval.checkpoint import Checkpoint
 from retrieval.errors import CXRError
 from retrieval.models import onnx_tower
 from retrieval.models.bundle import write_checksums
 from retrieval.models.model_status import verify
 from retrieval.models.text_features import STORE_FILE, load_store, save_store
 from retrieval.models.token_cache import TokenCache
+from retrieval.training_checkpoint import Checkpoint
 
 TEXTS = ["No acute disease.", "Right lower lobe pneumonia.", "Small left effusion."]
 

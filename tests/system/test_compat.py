@@ -76,7 +76,7 @@ def test_the_index_opens_and_answers_as_before(fixture, model, name):
 def test_the_vlm_folder_loads_and_generates_as_before(fixture):
     """The VLM's format is being changed (SmolLM2 as the language model): a folder of an earlier format must
     still load and answer the same, or be refused in one clear line."""
-    from generation.model import VLM
+    from generation.model.vlm import VLM
 
     folder, expected = fixture
     try:

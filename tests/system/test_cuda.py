@@ -97,8 +97,8 @@ def test_cuda_search_backend_returns_faiss_cpu_top_k(precision):
 
 @pytest.fixture(scope="module")
 def vlm(corpus):
-    from generation.language_model import DEFAULT_LM
-    from generation.train import train_vlm
+    from generation.model.language_model import DEFAULT_LM
+    from generation.training.train import train_vlm
 
     root, df = corpus
     cfg = tiny_vlm_config(60, lm_path=DEFAULT_LM, rag_k=0)  # the config's default LM, SmolLM2 (lm_overrides unused)
@@ -107,7 +107,8 @@ def vlm(corpus):
 
 
 def test_vlm_generates_on_cuda_as_on_the_cpu(vlm, corpus):
-    from generation.generate import Generator
+    from generation.writing.generate import Generator
+    from generation.writing.generator_options import GeneratorOptions
 
     root, df = corpus
     images = [read_image(root / p) for p in df["image_path"][:3]]
@@ -121,7 +122,8 @@ def test_vlm_generates_on_cuda_as_on_the_cpu(vlm, corpus):
         vis = gen.visual([images[0]] * len(tasks))  # pooled tokens come back on the CPU; generate moves them
         probs, _ = gen.finding_probs(vis[:1])
         out[device] = (probs, gen.generate(vis, tasks, prompts, [[]] * len(tasks)))
-        lm = Generator(vlm, device=device, box_source="lm", vqa_source="lm", report_source="generate")
+        by_lm = GeneratorOptions(box_source="lm", vqa_source="lm", report_source="generate")
+        lm = Generator(vlm, device=device, options=by_lm)
         drafts = lm.generate(lm.visual(images[:1] * 2), ["report", "ground"], prompts[:2], [[], []])
         assert all(isinstance(d["text"], str) for d in drafts) and drafts[0]["source"] == "lm"
     (p_cpu, cpu), (p_cuda, cuda) = out["cpu"], out["cuda"]

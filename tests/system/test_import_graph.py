@@ -197,3 +197,18 @@ def test_the_index_package_is_layered():
     for writer in ("index.generations", "index.verify", "index.shards", "index.merge", "index.rows"):
         assert not inside[writer] & {"index.build", "index.search"}, writer
     assert "index.search" not in inside["index.build"]
+
+
+# generation/'s rooms, lowest first: a room imports only itself and the rooms before it (and the layers below).
+GENERATION_ROOMS = ("model", "data", "heads", "writing", "evaluation", "training")
+
+
+def test_the_generation_rooms_are_layered():
+    """model (the VLM, LM, tokenizer, encoders) <- data (tasks, prompts, RAG, features) <- heads <- writing
+    (Generator, reports) <- evaluation <- training (whose detector is scored with evaluation's mAP)."""
+    rank = {room: i for i, room in enumerate(GENERATION_ROOMS)}
+    graph = import_graph()
+    rooms = {m: m.split(".")[1] for m in graph if m.startswith("generation.") and m.count(".") >= 2}
+    assert set(rooms.values()) == set(GENERATION_ROOMS), "a module outside the rooms, or a room not in the order"
+    upward = sorted((m, t) for m in rooms for t in graph[m] if t in rooms and rank[rooms[t]] > rank[rooms[m]])
+    assert not upward, f"imports that go up a room: {upward}"

@@ -342,7 +342,7 @@ def test_cli_probes_print_one_line_naming_the_file(corpus, tmp_path, fake_models
     def generate(*a, **k):
         raise refused.value
 
-    monkeypatch.setattr("generation.generate.generate_for_image", generate)
+    monkeypatch.setattr("generation.writing.image_answer.generate_for_image", generate)
     assert main(["generate", str(dcm), "--vlm", str(tmp_path), "-k", "0"]) == 1
     _one_line_naming(capsys.readouterr().err, "UnpicklingError")
 

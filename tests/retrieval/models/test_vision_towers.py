@@ -15,7 +15,7 @@ from train_manifest import make_manifest
 from cli.main import main
 from retrieval.errors import ModelLoadError
 from retrieval.models import load_model
-from retrieval.models.checkpoint import fingerprint_state
+from retrieval.models.saved_model import fingerprint_state
 from retrieval.models.vision_towers import VISION_DIR
 
 

@@ -19,7 +19,7 @@ def small_manifest(tmp_path_factory) -> Path:
 
 
 def _label_precision_at_5(trainer, split: str) -> float:
-    from retrieval.evaluate import evaluate_embeddings
+    from retrieval.evaluate_retrieval import evaluate_embeddings
 
     items, img, rep = trainer.embed(split)
     return evaluate_embeddings(items, img, rep)["metrics"]["image->report"]["LP@5"]
@@ -158,8 +158,8 @@ def test_cnn_feature_pass_keeps_the_vlm_tokens_and_the_same_pooled_features(tmp_
     """With `token_cache`, the frozen cxr-small tower runs once per image: the trainer's pooled features are the
     mean of the feature map whose grid tokens it keeps, and the VLM's token pass then finds every train/val image
     in the cache (no tower run), with the tokens a direct pass gives."""
-    from generation import features as gen_features
-    from generation.encoders import encode_visual
+    from generation.data import features as gen_features
+    from generation.model.encoders import encode_visual
     from retrieval.data.manifest import read_manifest
     from retrieval.models import load_model
     from retrieval.training import TrainConfig, Trainer
@@ -284,8 +284,8 @@ def test_task_owns_the_temperature_and_round_trips_its_trainable_state(test_devi
     from retrieval.labels import label_matrix
     from retrieval.losses import MAX_LOGIT_SCALE
     from retrieval.models import load_model
+    from retrieval.training.initial_model import set_trainable
     from retrieval.training.task import RetrievalTask
-    from retrieval.training.towers import set_trainable
 
     model = load_model("cxr-tiny", device=test_device)
     set_trainable(model, [], 0)  # towers frozen: the heads train

@@ -1,0 +1,1 @@
+"""`cxr eval generation`: every task with its baselines in the same run, and the metrics."""

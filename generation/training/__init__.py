@@ -1,0 +1,1 @@
+"""Training: the VLM (train_vlm), a hub VLM with LoRA, the box detector."""
