@@ -219,6 +219,23 @@ class Generator:
         known = self.box_head.ground(features, [ph or "" for ph in phrases])
         return [a if ph is not None else None for a, ph in zip(known, phrases, strict=True)]
 
+    def _lm_answers(
+        self, visual: torch.Tensor, task: str, prompts: Sequence[str], ids: list, controls: dict, decode_none: bool
+    ) -> tuple[list[list[int]], dict[int, str]]:
+        """(decoded token ids per prompt, {position: "yes"/"no"}): closed "is there X?" questions that the LM
+        answers (`vqa_source="lm"`) are scored, not decoded (lm_answers.py); the rest are decoded unless
+        `decode_none` (an answer that another source gives) or there is nothing left."""
+        lm_vqa = task == "vqa" and self.options.vqa_source == "lm"
+        closed = [i for i, p in enumerate(prompts) if lm_vqa and is_closed(p)]
+        picked = dict(zip(closed, lm_closed_answers(self.vlm, visual[closed], [ids[i] for i in closed]), strict=True))
+        gen: list[list[int]] = [[] for _ in prompts]
+        decoded = [i for i in range(len(prompts)) if i not in picked]
+        if decoded and not decode_none:
+            new = self.vlm.generate(visual[decoded], [ids[i] for i in decoded], MAX_NEW_TOKENS[task], **controls)
+            for i, g in zip(decoded, new, strict=True):
+                gen[i] = g
+        return gen, picked
+
     def _generate_batch(
         self, visual: torch.Tensor, task: str, prompts: Sequence[str], exemplars: Sequence[Sequence[Exemplar]]
     ) -> list[dict]:
@@ -254,15 +271,8 @@ class Generator:
             i, u = build_prompt_ids(tok, task, p, ex, self.budget, line)
             ids.append(i)
             used.append(u)
-        # closed "is there X?" from the LM: the answer it scores higher of yes / no (lm_answers.py), not decoded
-        closed = [i for i, p in enumerate(prompts) if task == "vqa" and opt.vqa_source == "lm" and is_closed(p)]
-        picked = dict(zip(closed, lm_closed_answers(self.vlm, visual[closed], [ids[i] for i in closed]), strict=True))
-        gen: list[list[int]] = [[] for _ in prompts]
-        decoded = [i for i in range(len(prompts)) if i not in picked]
-        if decoded and not (written or classified or (quote and all(exemplars)) or all(b is not None for b in boxed)):
-            new = self.vlm.generate(visual[decoded], [ids[i] for i in decoded], MAX_NEW_TOKENS[task], **controls)
-            for i, g in zip(decoded, new, strict=True):
-                gen[i] = g
+        skip = written or classified or (quote and all(exemplars)) or all(b is not None for b in boxed)
+        gen, picked = self._lm_answers(visual, task, prompts, ids, controls, decode_none=skip)
         out: list[dict] = []
         for i, (p, g, u) in enumerate(zip(prompts, gen, used, strict=True)):
             text, source = decode(tok, g), "lm"
