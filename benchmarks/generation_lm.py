@@ -230,6 +230,9 @@ def main() -> None:
         rows += _rows(res, "SmolLM2 + LoRA", ("vlm k=0", "vlm k=3", "shuffled"))
         meta["samples_lora"] = res["samples"].get("report", [])[:6]
         meta["seconds_per_output_lora"] = res["seconds_per_output"]
+        res = _evaluate(lora, demo, args.n, ["report"], report_source="generate-filtered", vqa_source="lm")
+        rows += _rows(res, "SmolLM2 + LoRA, label-filtered exemplars", ("vlm k=3",))
+        meta["samples_lora_filtered"] = res["samples"].get("report", [])[:6]
         _save(rows, meta)
         probe, probe_label = lora, "SmolLM2 + LoRA"
     for control in filter(None, args.controls.split(",")):  # the image controls, on the last VLM trained
@@ -237,7 +240,7 @@ def main() -> None:
         rows += _rows(res, f"{probe_label}, {control} image", ("vlm k=0", "vlm k=3"))
         _save(rows, meta)
     if not args.skip_cost:
-        meta["cost"] = _cost(zero, demo)
+        meta["cost"] = _cost(probe, demo)
     meta["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     _save(rows, meta)
     print(_markdown(rows, {"cost": meta.get("cost"), "max_rss_mib": meta["max_rss_mib"]}))
