@@ -65,6 +65,7 @@ class VLMTrainConfig:
     lora_r: int = 8
     projector_fraction: float = 0.3  # with LoRA: the first fraction of steps trains the projector alone
     findings_in_prompt: bool = True  # [report] and [vqa] prompts carry the finding head's "Likely findings" line
+    findings_line_source: str = "crossfit"  # training lines: crossfit (the head's cross-fitted errors) | labels
     lm_overrides: dict = field(default_factory=dict)
     task_rule: str = "uniform"  # uniform | inverse (seed 000) | proportional
     balance: float = 0.5  # example weight freq(rarest finding)^-balance; 0 = uniform within a task
@@ -210,7 +211,7 @@ def _prepare_inputs(df: pd.DataFrame, config: VLMTrainConfig, index_dir: str | P
     if config.findings_in_prompt and set(FINDINGS_TASKS) & set(examples) and config.steps > 0:
         from generation.writing.findings_prompt import findings_lines
 
-        findings = findings_lines(df, visual, label_rows, config.seed)
+        findings = findings_lines(df, visual, label_rows, config.seed, config.findings_line_source)
     return _Inputs(df, rows, examples, encoders, used_rows, visual, bad, t_vis, exemplars, label_rows, findings)
 
 

@@ -25,6 +25,7 @@ from retrieval.labels import LABELS
 PREFIX = "Likely findings:"
 TASKS = ("report", "vqa")  # the prompts that carry the line: the LM writes the report and answers questions from it
 NONE = "none"
+LABEL_PROB = 0.9  # the probability a training line from true labels shows (findings_lines(source="labels"))
 
 
 def findings_line(
@@ -74,11 +75,20 @@ def true_sides(boxes: Sequence[dict]) -> dict[str, str]:
 
 
 def findings_lines(
-    df: pd.DataFrame, visual: dict[int, torch.Tensor], label_rows: dict[int, torch.Tensor], seed: int
+    df: pd.DataFrame,
+    visual: dict[int, torch.Tensor],
+    label_rows: dict[int, torch.Tensor],
+    seed: int,
+    source: str = "crossfit",
 ) -> dict[int, str]:
-    """Each training row's "Likely findings" line from cross-fitted finding-ridge predictions, with the sides of
-    its own finding boxes (findings_prompt.py)."""
-    probs, thresholds = crossfit_probs(visual, label_rows, seed=seed)
+    """Each training row's "Likely findings" line, with the sides of its own finding boxes: from cross-fitted
+    finding-ridge predictions (`source="crossfit"`, the head's real errors), or from the row's own labels
+    (`"labels"`: every true finding at probability `LABEL_PROB`, so the LM learns to write what the line says)."""
+    if source == "labels":
+        probs = {r: np.where(t.numpy() > 0, LABEL_PROB, 0.0) for r, t in label_rows.items() if r in visual}
+        thresholds = [0.5] * len(LABELS)
+    else:
+        probs, thresholds = crossfit_probs(visual, label_rows, seed=seed)
     out = {}
     for r, p in probs.items():
         boxes = df.iloc[r].get("boxes") if "boxes" in df.columns else None

@@ -140,3 +140,23 @@ def test_agreeing_exemplars_keep_only_what_the_head_also_sees():
     probs[LABELS.index("Pleural Effusion")] = 0.7
     assert [e.study_id for e in agreeing_exemplars(pool, probs, thresholds)] == ["s0", "s1"]
     assert [e.study_id for e in agreeing_exemplars(pool, np.zeros(len(LABELS)), thresholds)] == ["s2"]
+
+
+def test_training_findings_lines_from_labels_name_exactly_the_true_findings():
+    """`findings_lines(source="labels")`: each row's line names its own findings (with the side its box gives) and
+    nothing else, at LABEL_PROB; a normal row's line is "none"."""
+    import pandas as pd
+    import torch
+
+    from generation.writing.findings_prompt import LABEL_PROB, findings_lines
+    from retrieval.labels import multi_hot
+
+    labels = [["Cardiomegaly"], ["Pleural Effusion", "Atelectasis"], ["No Finding"]]
+    boxes = [[], [{"label": "Pleural Effusion", "x1": 0.6, "y1": 0.6, "x2": 0.9, "y2": 0.9}], []]
+    df = pd.DataFrame({"labels": labels, "boxes": boxes})
+    rows = {i: torch.tensor(v, dtype=torch.float32) for i, v in enumerate(multi_hot(labels))}
+    visual = {i: torch.zeros(4, 3) for i in range(3)}
+    lines = findings_lines(df, visual, rows, seed=0, source="labels")
+    assert lines[0] == f"Likely findings: cardiomegaly ({LABEL_PROB:.2f})."
+    assert "pleural effusion" in lines[1] and "atelectasis" in lines[1] and "cardiomegaly" not in lines[1]
+    assert lines[2] == "Likely findings: none."
