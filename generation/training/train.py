@@ -337,7 +337,8 @@ def _finish(config: VLMTrainConfig, vlm: VLM, data: _Inputs, out: Path) -> float
         from generation.heads.segment_head import fit_for_rows
         from retrieval.data.region_masks import masks_from_json
 
-        masks = {r: masks_from_json(data.df.iloc[r]["masks"]) for r in data.visual}
+        cells = {r: data.df.iloc[r]["masks"] for r in data.visual}
+        masks = {r: masks_from_json(c) for r, c in cells.items() if isinstance(c, str) and c not in ("", "{}")}
         if (seg := fit_for_rows(data.visual, masks)) is not None:
             seg.save(out)
     return time.time() - t_box
