@@ -203,6 +203,17 @@ def fit_for_rows(
     return fit_segment_head(feats, [masks[r] for r in rows], pool=pool, **options)
 
 
+def fit_for_manifest(visual: Mapping[int, torch.Tensor], df: Any) -> SegmentHead | None:
+    """`fit_for_rows` on the rows of `df` (a manifest with a `masks` column) that have tokens in `visual` and a
+    non-empty masks cell (only those cells are decoded)."""
+    from retrieval.data.region_masks import masks_from_json
+
+    cells = {r: df.iloc[r]["masks"] for r in visual}
+    return fit_for_rows(
+        visual, {r: masks_from_json(c) for r, c in cells.items() if isinstance(c, str) and c not in ("", "{}")}
+    )
+
+
 def segment(
     head: SegmentHead, tokens_or_image: Any, region: str, size: int | tuple[int, int] | None = None, encoder: Any = None
 ) -> dict | None:

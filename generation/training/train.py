@@ -334,12 +334,9 @@ def _finish(config: VLMTrainConfig, vlm: VLM, data: _Inputs, out: Path) -> float
         if (ridge := fit_finding_ridge(data.visual, data.label_rows)) is not None:
             ridge.save(out)
     if config.segment_head and "masks" in data.df.columns:  # [segment]: the region masks a manifest carries
-        from generation.heads.segment_head import fit_for_rows
-        from retrieval.data.region_masks import masks_from_json
+        from generation.heads.segment_head import fit_for_manifest
 
-        cells = {r: data.df.iloc[r]["masks"] for r in data.visual}
-        masks = {r: masks_from_json(c) for r, c in cells.items() if isinstance(c, str) and c not in ("", "{}")}
-        if (seg := fit_for_rows(data.visual, masks)) is not None:
+        if (seg := fit_for_manifest(data.visual, data.df)) is not None:
             seg.save(out)
     return time.time() - t_box
 
