@@ -20,8 +20,9 @@ import numpy as np
 
 from generation.data.boxes import boxes_text
 from generation.data.tasks import Example, classify_target
+from generation.heads.box_head import image_side
 from generation.heads.head import closed_finding
-from retrieval.labels import LABELS, NO_FINDING
+from retrieval.labels import LABELS, NO_FINDING, multi_hot
 
 
 def prior_groups(train_boxes: Sequence[Sequence[dict]]) -> list[dict]:
@@ -30,8 +31,7 @@ def prior_groups(train_boxes: Sequence[Sequence[dict]]) -> list[dict]:
     groups: dict[tuple[str, str], list[tuple[int, dict]]] = {}
     for r, bs in enumerate(train_boxes):
         for b in bs:
-            side = "left" if (b["x1"] + b["x2"]) / 2 < 0.5 else "right"
-            groups.setdefault((str(b["label"]), side), []).append((r, b))
+            groups.setdefault((str(b["label"]), image_side(b)), []).append((r, b))
     out = []
     for (label, _), items in groups.items():
         mean = {k: float(np.mean([b[k] for _, b in items])) for k in ("x1", "y1", "x2", "y2")}
@@ -66,14 +66,10 @@ def fit_prior(train_examples: Mapping[str, Sequence[Example]], train_labels: Seq
     """The prior from the training split's examples (`[identify]`'s boxes) and each training row's labels."""
     boxes = [list(e.info.get("boxes", [])) for e in train_examples.get("identify", [])]
     groups = prior_groups(boxes)
-    per_image = [len({(b["label"], (b["x1"] + b["x2"]) / 2 < 0.5) for b in bs}) for bs in boxes]
+    per_image = [len({(b["label"], image_side(b)) for b in bs}) for bs in boxes]
     mean = float(np.mean(per_image)) if per_image else 0.0
     with_boxes = float(np.mean([n > 0 for n in per_image])) if per_image else 0.0
     count = max(int(round(mean)), 1 if with_boxes >= 0.5 else 0)
-    n = max(1, len(train_labels))
-    prevalence: dict[str, float] = {}
-    for labels in train_labels:
-        for lab in set(labels):
-            if lab in LABELS:
-                prevalence[lab] = prevalence.get(lab, 0.0) + 1 / n
+    share = multi_hot(train_labels).mean(axis=0) if len(train_labels) else np.zeros(len(LABELS))
+    prevalence = {lab: float(p) for lab, p in zip(LABELS, share, strict=True) if p > 0}
     return TrainingPrior(groups, min(count, len(groups)), prevalence)

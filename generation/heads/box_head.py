@@ -70,7 +70,8 @@ def _largest(boxes: Sequence[dict]) -> list[float]:
     return [float(b[k]) for k in ("x1", "y1", "x2", "y2")]
 
 
-def _side(box: dict) -> str:
+def image_side(box: dict) -> str:
+    """The image half a box's centre lies in: `left` or `right` (the box head's and the training prior's groups)."""
     return "left" if (box["x1"] + box["x2"]) / 2 < 0.5 else "right"
 
 
@@ -223,7 +224,7 @@ def _groups(
         sided = name.lower() not in names_anatomy and np.mean(np.abs(centres - 0.5) < MIDLINE_BAND) < 0.5
         for r, bs in rows.items():
             for b in bs:
-                out.setdefault((name, _side(b) if sided else "all"), {}).setdefault(r, []).append(b)
+                out.setdefault((name, image_side(b) if sided else "all"), {}).setdefault(r, []).append(b)
     return {k: v for k, v in out.items() if len(v) >= min_rows}
 
 
