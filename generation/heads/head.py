@@ -46,6 +46,12 @@ def closed_finding(question: str) -> int | None:
     return _LABEL_INDEX.get(m.group(1)) if m else None
 
 
+def predicted_findings(probs: np.ndarray, thresholds: Sequence[float]) -> list[str]:
+    """Findings (not No Finding) whose head probability passes its threshold, most likely first."""
+    idx = [j for j, lab in enumerate(LABELS) if lab != NO_FINDING and float(probs[j]) > float(thresholds[j])]
+    return [LABELS[j] for j in sorted(idx, key=lambda j: -float(probs[j]))]
+
+
 def closed_answer(question: str, probs: np.ndarray, thresholds: Sequence[float]) -> str | None:
     """ "yes"/"no" for a closed question about a known finding (probs: (L,) for one image), else None."""
     j = closed_finding(question)
@@ -89,7 +95,7 @@ def agreeing_exemplars(exemplars: Sequence[Exemplar], probs: np.ndarray, thresho
     labeler reads in the exemplar is one the head predicts, and a normal exemplar only when the head predicts
     nothing (an exemplar that reports what the head does not see, or calls normal what it sees, pulls the LM into
     writing it). None when none agrees: the LM then writes from the findings line alone."""
-    predicted = {LABELS[j] for j in range(len(LABELS)) if float(probs[j]) > float(thresholds[j])} - {NO_FINDING}
+    predicted = set(predicted_findings(probs, thresholds))
     out = []
     for e in exemplars:
         found = set(label_report(e.report)) - {NO_FINDING}

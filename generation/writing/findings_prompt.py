@@ -4,7 +4,7 @@ answers questions from (AnatomiX's findings block beside the retrieved exemplars
     Likely findings: right pleural effusion (0.82), cardiomegaly (0.64).
     Likely findings: none.
 
-Each predicted finding (probability above its fitted threshold, most likely first; `findings_report.
+Each predicted finding (probability above its fitted threshold, most likely first; `head.
 predicted_findings`) in lower case, with the patient's side where the box head places it (`finding_sides`) and
 the head's probability. During training the line comes from cross-fitted predictions (`crossfit_probs`: each
 training row's from a ridge fitted without its fold), so the LM learns from the head's real errors, not from
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from generation.writing.findings_report import predicted_findings
+from generation.heads.head import predicted_findings
 from retrieval.labels import LABELS
 
 PREFIX = "Likely findings:"

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from generation.data.rag import Exemplar
-from generation.heads.head import rank_exemplars
-from retrieval.labels import LABELS, NO_FINDING, label_sentence
+from generation.heads.head import predicted_findings, rank_exemplars
+from retrieval.labels import label_sentence
 from retrieval.study_text import whole_sentences
 
 # One sentence per finding that the labeler reads as exactly that finding (tests/test_gen_findings_report.py).
@@ -57,12 +57,6 @@ class FindingsReport:
     text: str
     findings: list[str]  # the head's predicted findings, most likely first
     from_exemplars: int  # sentences taken from exemplars (the rest are templates)
-
-
-def predicted_findings(probs: np.ndarray, thresholds: Sequence[float]) -> list[str]:
-    """Findings (not No Finding) whose head probability passes its threshold, most likely first."""
-    idx = [j for j, lab in enumerate(LABELS) if lab != NO_FINDING and float(probs[j]) > float(thresholds[j])]
-    return [LABELS[j] for j in sorted(idx, key=lambda j: -float(probs[j]))]
 
 
 def _similar(a: str, b: str, jaccard: float = 0.6) -> bool:

@@ -29,7 +29,7 @@ from generation.data.rag import Exemplar, build_prompt_ids, copied_sentences
 from generation.data.tasks import OPEN_QUESTION, PROMPTS, classify_target
 from generation.heads.box_head import BoxHead, box_features
 from generation.heads.finding_ridge import FindingRidge
-from generation.heads.head import agreeing_exemplars, closed_answer, rank_exemplars
+from generation.heads.head import agreeing_exemplars, closed_answer, predicted_findings, rank_exemplars
 from generation.heads.segment_head import SegmentHead
 from generation.model.encoders import encode_visual
 from generation.model.tokenizer import TASKS, decode
@@ -37,7 +37,7 @@ from generation.model.vlm import VLM
 from generation.writing.constraints import box_decoding
 from generation.writing.findings_prompt import TASKS as FINDINGS_TASKS
 from generation.writing.findings_prompt import findings_line
-from generation.writing.findings_report import finding_sides, findings_report, predicted_findings
+from generation.writing.findings_report import finding_sides, findings_report
 from generation.writing.generator_options import GeneratorOptions
 from generation.writing.lm_answers import is_closed, lm_closed_answers
 from retrieval.device import resolve_device

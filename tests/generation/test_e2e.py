@@ -140,7 +140,7 @@ def test_box_head_and_written_report_answer_by_default(trained, corpus):
 def test_findings_come_from_the_ridge_by_default_and_from_the_aux_head_on_request(trained, corpus):
     from generation.data.tasks import PROMPTS, classify_target
     from generation.heads.box_head import box_features
-    from generation.writing.findings_report import predicted_findings
+    from generation.heads.head import predicted_findings
     from generation.writing.generate import Generator
     from retrieval.data.image_io import read_image
 
