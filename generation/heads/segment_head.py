@@ -265,8 +265,12 @@ def segment_record(head: SegmentHead | None, tokens: torch.Tensor, region: str, 
     answer = segment(head, tokens, region, tuple(size[:2]))
     if answer is None:
         raise UsageError(f"the segment head knows no region {region!r}; it knows: {', '.join(head.names)}")
-    data = answer_json(answer)
-    del data["mask"]
-    share = float(np.asarray(answer["mask"], dtype=bool).mean())
-    text = f"{data['region']}: {len(data['polygons'])} polygon(s) covering {share:.1%} of the image"
+    mask = np.asarray(answer["mask"], dtype=bool)
+    data = {
+        "region": answer["region"],
+        "polygons": answer["polygons"],
+        "rle": encode_rle(mask),
+        "source": answer["source"],
+    }
+    text = f"{data['region']}: {len(data['polygons'])} polygon(s) covering {mask.mean():.1%} of the image"
     return {"task": "segment", "prompt": region, "text": text, **data, "exemplars": [], "copied": []}
