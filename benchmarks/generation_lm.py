@@ -42,14 +42,20 @@ def _train(name: str, work: Path, demo: Path, **over) -> Path:
     return out
 
 
-def _evaluate(vlm: Path, demo: Path, n: int, tasks: list[str], **kw) -> dict:
+def _key(n: int, tasks: list[str], kw: dict) -> str:
+    """The cache file name of one evaluation (options left at their default do not count)."""
+    kw = {a: v for a, v in kw.items() if v is not False}
+    return "-".join([str(n), *tasks, *(f"{a}={kw[a]}" for a in sorted(kw))]) + ".json"
+
+
+def _evaluate(vlm: Path, demo: Path, n: int, tasks: list[str], kw: dict | None = None, **more) -> dict:
     """evaluate_generation's result, kept under the VLM folder per (n, tasks, options): a run interrupted on a
-    shared machine, or run in parts, reuses what it finished."""
+    shared machine, or run in parts, reuses what it finished. Options come as `kw` or as keywords."""
     from generation.evaluation.evaluate_generation import evaluate_generation
     from generation.writing.generator_options import GeneratorOptions
 
-    key = "-".join([str(n), *tasks, *(f"{a}={kw[a]}" for a in sorted(kw))])
-    cached = vlm / "bench_evals" / f"{key}.json"
+    kw = {**(kw or {}), **more}
+    cached = vlm / "bench_evals" / _key(n, tasks, kw)
     if cached.exists():
         return json.loads(cached.read_text())
     t0 = time.time()
@@ -177,6 +183,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=40)
     p.add_argument("--lora-steps", type=int, default=0, help="0: no LoRA rows")
     p.add_argument("--lora-batch", type=int, default=4)
+    p.add_argument("--lora-name", default="smollm2-lora", help="the LoRA run's folder under --work")
+    p.add_argument("--lora-over", type=json.loads, default={}, help='VLMTrainConfig overrides, e.g. {"balance": 1.0}')
+    p.add_argument("--ablations", default="", help="earlier LoRA folders under --work to add as rows (k=0, k=3)")
     p.add_argument("--controls", default="blank,noise,other")
     p.add_argument("--skip-tiny", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
@@ -208,20 +217,9 @@ def main() -> None:
     probe, probe_label = zero, "SmolLM2 zero-shot"
     if args.lora_steps:
         t0 = time.time()
-        lora = _train(
-            "smollm2-lora",
-            work,
-            demo,
-            lm_path="smollm2-135m",
-            lora=True,
-            lora_r=8,
-            steps=args.lora_steps,
-            batch_size=args.lora_batch,
-            lr=1e-3,
-            tasks=tasks,
-            prompt_budget=256,
-            warmup_steps=10,
-        )
+        lora_config = dict(lm_path="smollm2-135m", lora=True, lora_r=8, steps=args.lora_steps, lr=1e-3)
+        lora_config.update(batch_size=args.lora_batch, tasks=tasks, prompt_budget=256, warmup_steps=10)
+        lora = _train(args.lora_name, work, demo, **{**lora_config, **args.lora_over})
         meta["lora_train_s"] = round(time.time() - t0, 1)
         meta["lora_train_info"] = {
             k: v for k, v in json.loads((lora / "train_info.json").read_text()).items() if k != "losses"
@@ -235,6 +233,13 @@ def main() -> None:
         meta["samples_lora_filtered"] = res["samples"].get("report", [])[:6]
         _save(rows, meta)
         probe, probe_label = lora, "SmolLM2 + LoRA"
+    for name in filter(None, args.ablations.split(",")):  # earlier LoRA runs, as trained (see their train_info)
+        full = dict(report_source="generate", vqa_source="lm", shuffled=True)  # the main run's evaluation, if cached
+        done = (work / name / "bench_evals" / _key(args.n, tasks, full)).exists()
+        which = (tasks, full) if done else (["report"], {**full, "shuffled": False})
+        res = _evaluate(work / name, demo, args.n, *which)
+        rows += _rows(res, f"ablation {name}", ("vlm k=0", "vlm k=3"))
+        _save(rows, meta)
     for control in filter(None, args.controls.split(",")):  # the image controls, on the last VLM trained
         res = _evaluate(probe, demo, args.n, tasks, report_source="generate", vqa_source="lm", image_control=control)
         rows += _rows(res, f"{probe_label}, {control} image", ("vlm k=0", "vlm k=3"))
