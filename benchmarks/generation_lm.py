@@ -60,11 +60,17 @@ def _evaluate(vlm: Path, demo: Path, n: int, tasks: list[str], kw: dict | None =
         return json.loads(cached.read_text())
     t0 = time.time()
     options = GeneratorOptions.pop_from(kw)  # report_source=..., vqa_source=...
+    k = kw.pop("k", 3)
+    if contrast := kw.pop("contrast", 0):  # contrastive decoding of the report (generation/model/contrast.py)
+        from generation.writing.generate import REPORT_DECODING
+
+        # one beam: the contrast pass keeps a KV cache (with beams it recomputes every step, ~10x the time)
+        kw["decoding"] = {"report": {**REPORT_DECODING, "num_beams": 1, "contrast": contrast}}
     res = evaluate_generation(
         vlm,
         demo / "corpus" / "manifest.parquet",
         demo / "index",
-        k=3,
+        k=k,
         tasks=tasks,
         max_per_task=n,
         meteor=False,
@@ -185,6 +191,7 @@ def main() -> None:
     p.add_argument("--lora-batch", type=int, default=4)
     p.add_argument("--lora-name", default="smollm2-lora", help="the LoRA run's folder under --work")
     p.add_argument("--lora-over", type=json.loads, default={}, help='VLMTrainConfig overrides, e.g. {"balance": 1.0}')
+    p.add_argument("--contrast", type=float, default=0.0, help="a LoRA row decoded contrastively at this alpha, k=0")
     p.add_argument("--ablations", default="", help="earlier LoRA folders under --work to add as rows (k=0, k=3)")
     p.add_argument("--controls", default="blank,noise,other")
     p.add_argument("--skip-tiny", action="store_true")
@@ -233,6 +240,11 @@ def main() -> None:
         meta["samples_lora_filtered"] = res["samples"].get("report", [])[:6]
         _save(rows, meta)
         probe, probe_label = lora, "SmolLM2 + LoRA"
+        if args.contrast:
+            res = _evaluate(lora, demo, args.n, ["report"], report_source="generate", k=0, contrast=args.contrast)
+            rows += _rows(res, f"SmolLM2 + LoRA, contrastive decoding (alpha {args.contrast:g})", ("vlm k=0",))
+            meta["samples_lora_contrast"] = res["samples"].get("report", [])[:6]
+            _save(rows, meta)
     for name in filter(None, args.ablations.split(",")):  # earlier LoRA runs, as trained (see their train_info)
         full = dict(report_source="generate", vqa_source="lm", shuffled=True)  # the main run's evaluation, if cached
         done = (work / name / "bench_evals" / _key(args.n, tasks, full)).exists()

@@ -31,12 +31,13 @@ from generation.heads.box_head import BoxHead, box_features
 from generation.heads.finding_ridge import FindingRidge
 from generation.heads.head import agreeing_exemplars, closed_answer, predicted_findings, rank_exemplars
 from generation.heads.segment_head import SegmentHead
+from generation.model.contrast import contrast_processors
 from generation.model.encoders import encode_visual
 from generation.model.tokenizer import TASKS, decode
 from generation.model.vlm import VLM
 from generation.writing.constraints import box_decoding
+from generation.writing.findings_prompt import NONE, PREFIX, findings_line
 from generation.writing.findings_prompt import TASKS as FINDINGS_TASKS
-from generation.writing.findings_prompt import findings_line
 from generation.writing.findings_report import finding_sides, findings_report
 from generation.writing.generator_options import GeneratorOptions
 from generation.writing.lm_answers import is_closed, lm_closed_answers
@@ -236,6 +237,20 @@ class Generator:
                 gen[i] = g
         return gen, picked
 
+    def _contrast(
+        self, controls: dict, task: str, prompts: Sequence[str], exemplars: Sequence[Sequence[Exemplar]], lines: list
+    ) -> dict:
+        """`controls` with its `contrast` alpha (`DECODING["report"]`, 0 = off) made into the contrastive logits
+        processor (model/contrast.py) for a `[report]` written from "Likely findings" lines: the contrast prompt is
+        the same prompt whose line says none."""
+        alpha = float(controls.pop("contrast", 0.0) or 0.0)
+        if not alpha or task != "report" or not any(lines):
+            return controls
+        none = f"{PREFIX} {NONE}."
+        ids = [build_prompt_ids(self.vlm.tok, task, p, ex, self.budget, none)[0] for p, ex in zip(prompts, exemplars)]
+        beams = int(controls.get("num_beams", 1))
+        return {**controls, "logits_processor": contrast_processors(self.vlm, ids, alpha, beams)}
+
     def _generate_batch(
         self, visual: torch.Tensor, task: str, prompts: Sequence[str], exemplars: Sequence[Sequence[Exemplar]]
     ) -> list[dict]:
@@ -272,6 +287,7 @@ class Generator:
             ids.append(i)
             used.append(u)
         skip = written or classified or (quote and all(exemplars)) or all(b is not None for b in boxed)
+        controls = self._contrast(controls, task, prompts, exemplars, lines)
         gen, picked = self._lm_answers(visual, task, prompts, ids, controls, decode_none=skip)
         out: list[dict] = []
         for i, (p, g, u) in enumerate(zip(prompts, gen, used, strict=True)):
