@@ -15,6 +15,11 @@ REPORT_SOURCE_HELP = (
     "generate-filtered (the same, from only the exemplars whose findings agree), quote (the best exemplar)."
 )
 
+CONTRAST_HELP = (
+    "With --report-source generate: decode the LM's report contrastively at this strength (0 = off; ~1 makes a "
+    "LoRA-tuned LM write the findings its prompt names instead of a stock normal report)."
+)
+
 
 def generate_cmd(
     image: Path = typer.Argument(..., help="A radiograph: PNG, JPEG or DICOM."),
@@ -25,6 +30,7 @@ def generate_cmd(
     phrase: str = typer.Option(None, "--phrase", help="The anatomy or finding for --task ground or segment."),
     k: int = typer.Option(3, "-k", help="Exemplar reports in the prompt (0 = no retrieval)."),
     report_source: str = typer.Option("findings", "--report-source", help=REPORT_SOURCE_HELP),
+    contrast: float = typer.Option(0.0, "--contrast", help=CONTRAST_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = DEVICE,
     sr: Path = typer.Option(None, "--sr", help="Also write the drafted report as a DICOM SR (IMAGE must be DICOM)."),
@@ -48,12 +54,13 @@ def generate_cmd(
             raise UsageError("--sr/--store take the project's own VLM folder (cxr vlm train), not a --base-vlm one")
         res = _structured_report(image, index, vlm, task, k, device, sr, store, token, user, password)
     else:
+        from generation.writing.generate import contrast_decoding
         from generation.writing.generator_options import GeneratorOptions
         from generation.writing.image_answer import generate_for_image
 
         res = generate_for_image(  # either VLM kind: the project's own, or a --base-vlm fine-tuned one
             image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device,
-            options=GeneratorOptions(report_source=report_source),
+            options=GeneratorOptions(report_source=report_source), decoding=contrast_decoding(contrast),
         )  # fmt: skip
     if as_json:
         print(json.dumps(res, indent=2))

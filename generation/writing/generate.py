@@ -57,6 +57,14 @@ DECODING: dict[str, dict[str, Any]] = {
 }
 
 
+def contrast_decoding(alpha: float) -> dict[str, dict[str, Any]] | None:
+    """The `decoding` of a `Generator` whose `[report]` is decoded contrastively at strength `alpha` (model/
+    contrast.py; one beam, so the contrast pass keeps its KV cache); None for 0 (the default decoding)."""
+    if alpha < 0:
+        raise UsageError(f"--contrast must be >= 0, got {alpha}")
+    return {"report": {**REPORT_DECODING, "num_beams": 1, "contrast": float(alpha)}} if alpha else None
+
+
 def where_phrase(question: str) -> str | None:
     """X of a "where is the X?" question, else None."""
     q = question.strip().lower()

@@ -35,6 +35,7 @@ def generate_for_image(
     exclude_patient: str | None = None,
     options: GeneratorOptions | None = None,
     device: str | None = None,
+    decoding: dict | None = None,
 ) -> dict:
     """Image path (PNG/JPEG/DICOM) or HxW array -> {text, task, prompt, exemplars, boxes?}.
 
@@ -47,7 +48,8 @@ def generate_for_image(
     sentences, "generate" is the LM's draft ("generate-filtered": from only the exemplars whose findings the head
     also predicts), "quote" the exemplar the finding head ranks first). `task="segment"` (with `phrase`, the
     region) is answered by the VLM folder's segment head: region, polygons and RLE.
-    `device`: None / "auto" (CUDA when present), "cpu", "cuda:N".
+    `device`: None / "auto" (CUDA when present), "cpu", "cuda:N". `decoding`: the `Generator`'s per-task decoding
+    controls (e.g. `contrast_decoding(alpha)`).
     """
     prompt = task_prompt(task, question, phrase)
     if generator is None:
@@ -61,6 +63,7 @@ def generate_for_image(
         retrieval_model=retrieval_model,
         options=options,
         device=device,
+        decoding=decoding,
     )
     if task == SEGMENT_TASK:  # the segment head alone answers: no exemplars, no LM
         image, _ = image_and_exemplars(gen, image, 0, exclude_study, exclude_patient)

@@ -97,7 +97,12 @@ def test_head_answers_and_quoted_reports_say_where_they_come_from(trained, corpu
     model = SynthRetrievalModel()
     assert len(VLM.load(trained[0]).config.head_thresholds) == len(LABELS)  # fitted at the end of training
     quoted = generate_for_image(
-        root / row["image_path"], idx, trained[0], task="report", k=2, retrieval_model=model,
+        root / row["image_path"],
+        idx,
+        trained[0],
+        task="report",
+        k=2,
+        retrieval_model=model,
         options=GeneratorOptions(report_source="quote"),
     )
     reports = {str(s): str(r) for s, r in zip(df["study_id"], df["report"])}
@@ -283,6 +288,40 @@ def test_pretrained_lm_lora_staging_and_zero_shot_write_from_the_findings(corpus
     gen.options = gen.options.replace(vqa_source="lm")  # closed questions answered by the LM read the same line
     vqa = gen.generate(gen.visual([read_image(root / row["image_path"])]), ["vqa"], ["is there cardiomegaly?"], [[]])
     assert vqa[0]["findings_line"] == rec["findings_line"] and vqa[0]["source"] == "lm (yes/no scored)"
+
+
+def test_contrastive_decoding_runs_through_the_generator(corpus, tmp_path, monkeypatch):
+    """`contrast_decoding(a)` hands the report's decoding a contrast processor whose contrast prompt is the same
+    prompt with the line saying none; 0 is the plain decoding. (contrast.py's scores: test_contrast.py.)"""
+    from tiny_lm import save_tiny_lm
+
+    from generation.model import contrast
+    from generation.writing.generate import Generator, contrast_decoding
+    from retrieval.data.image_io import read_image
+    from retrieval.errors import UsageError
+
+    root, df, idx = corpus
+    cfg = VLMTrainConfig(encoders=["patch:1"], steps=0, lm_path=str(save_tiny_lm(tmp_path / "lm")), rag_k=0)
+    train_vlm(df, tmp_path / "zero", cfg, index_dir=idx, progress=False)
+    seen = []
+    real = contrast.ContrastLogitsProcessor.__init__
+
+    def spy(self, lm, prompts, *args, **kw):
+        seen.append(prompts)
+        real(self, lm, prompts, *args, **kw)
+
+    monkeypatch.setattr(contrast.ContrastLogitsProcessor, "__init__", spy)
+    image = read_image(root / df["image_path"].iloc[0])
+    for alpha in (0.0, 1.0):
+        gen = Generator(
+            tmp_path / "zero", options=GeneratorOptions(report_source="generate"), decoding=contrast_decoding(alpha)
+        )
+        rec = gen.generate(gen.visual([image]), ["report"], ["describe."], [[]])[0]
+        assert rec["source"] == "lm" and isinstance(rec["text"], str)
+        assert len(seen) == (1 if alpha else 0)
+    assert "Likely findings: none." in gen.vlm.tok.decode(seen[0][0])
+    with pytest.raises(UsageError, match="--contrast"):
+        contrast_decoding(-1)
 
 
 def test_lora_projector_stage_leaves_the_lm_untouched(corpus, tmp_path):
