@@ -191,7 +191,7 @@ def main() -> None:
     p.add_argument("--lora-batch", type=int, default=4)
     p.add_argument("--lora-name", default="smollm2-lora", help="the LoRA run's folder under --work")
     p.add_argument("--lora-over", type=json.loads, default={}, help='VLMTrainConfig overrides, e.g. {"balance": 1.0}')
-    p.add_argument("--contrast", type=float, default=0.0, help="a LoRA row decoded contrastively at this alpha, k=0")
+    p.add_argument("--contrast", default="", help="LoRA rows decoded contrastively at these alphas (1,2), k=0")
     p.add_argument("--ablations", default="", help="earlier LoRA folders under --work to add as rows (k=0, k=3)")
     p.add_argument("--controls", default="blank,noise,other")
     p.add_argument("--skip-tiny", action="store_true")
@@ -240,10 +240,10 @@ def main() -> None:
         meta["samples_lora_filtered"] = res["samples"].get("report", [])[:6]
         _save(rows, meta)
         probe, probe_label = lora, "SmolLM2 + LoRA"
-        if args.contrast:
-            res = _evaluate(lora, demo, args.n, ["report"], report_source="generate", k=0, contrast=args.contrast)
-            rows += _rows(res, f"SmolLM2 + LoRA, contrastive decoding (alpha {args.contrast:g})", ("vlm k=0",))
-            meta["samples_lora_contrast"] = res["samples"].get("report", [])[:6]
+        for alpha in (float(a) for a in filter(None, args.contrast.split(","))):
+            res = _evaluate(lora, demo, args.n, ["report"], report_source="generate", k=0, contrast=alpha)
+            rows += _rows(res, f"SmolLM2 + LoRA, contrastive decoding (alpha {alpha:g})", ("vlm k=0",))
+            meta[f"samples_lora_contrast_{alpha:g}"] = res["samples"].get("report", [])[:6]
             _save(rows, meta)
     for name in filter(None, args.ablations.split(",")):  # earlier LoRA runs, as trained (see their train_info)
         full = dict(report_source="generate", vqa_source="lm", shuffled=True)  # the main run's evaluation, if cached

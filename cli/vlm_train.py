@@ -19,6 +19,11 @@ LM_HELP = (
     "ORG/NAME, or tiny (a small Llama trained from scratch)."
 )
 
+FINDINGS_LINES_HELP = (
+    "The training prompts' 'Likely findings' lines: crossfit (the finding head's cross-fitted predictions) or labels "
+    "(the true labels: with --lora and ~600 steps the LM learns to answer from the line; see the README)."
+)
+
 
 def vlm_train_cmd(
     manifest: Path = typer.Option(..., "--manifest", "-m", help="Study manifest (Parquet or CSV) with splits."),
@@ -42,6 +47,9 @@ def vlm_train_cmd(
     ),
     lm: str = typer.Option("smollm2-135m", "--lm", help=LM_HELP),
     lora: bool = typer.Option(False, "--lora", help="LoRA on the pretrained LM (after the projector alone)."),
+    projector_fraction: float = typer.Option(0.3, "--projector-fraction", help="--lora: projector-only share."),
+    findings_lines: str = typer.Option("crossfit", "--findings-lines", help=FINDINGS_LINES_HELP),
+    balance: float = typer.Option(0.5, "--balance", help="Draw weight freq(rarest finding)^-B: 0 uniform, 1 equal."),
     base_vlm: str = typer.Option(None, "--base-vlm", help=BASE_VLM_HELP),
     grid: int = typer.Option(8, "--grid", help="Visual tokens pooled to GRID x GRID before the 5-token concat."),
     token_cache: Path = typer.Option(
@@ -69,11 +77,14 @@ def vlm_train_cmd(
     set_threads(threads)
     if rag_k < 0 or steps < 0 or batch_size < 1:
         raise UsageError("--rag-k and --steps must be >= 0, --batch-size >= 1")
+    if findings_lines not in ("crossfit", "labels"):
+        raise UsageError(f"--findings-lines must be crossfit or labels, got {findings_lines!r}")
     config = VLMTrainConfig(
         tasks=[t.strip() for t in tasks.split(",") if t.strip()], encoders=list(encoder or []), rag_k=rag_k,
         rag_dropout=rag_dropout, prompt_budget=budget, steps=steps, batch_size=batch_size, lr=lr,
         two_stage=two_stage, checkpoint_every=checkpoint_every, visual_grid=grid,
         token_cache=None if token_cache is None else str(token_cache), seed=seed, lm_path=lm, lora=lora,
+        projector_fraction=projector_fraction, findings_line_source=findings_lines, balance=balance,
         lm_overrides={"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": 2 * hidden},
     )  # fmt: skip
     checked = gate_manifest(manifest, allow_outside, skip_bad_rows)  # the shared validator, before any work

@@ -203,3 +203,23 @@ def test_cli_bad_lm_is_one_line_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "v").exists()
     assert main([*args, "--steps", "-1"]) != 0
     assert "--steps must be >= 0" in capsys.readouterr().err
+    assert main([*args, "--findings-lines", "nope"]) == 2  # a usage error
+    err = capsys.readouterr().err
+    assert err.startswith("error: --findings-lines must be crossfit or labels") and err.count("\n") == 1
+    assert not (tmp_path / "v").exists()
+
+
+def test_cli_vlm_train_options_reach_the_config(tmp_path, monkeypatch):
+    """--lora's recipe flags (--findings-lines, --balance, --projector-fraction) land in the VLMTrainConfig."""
+    from gen_synth import make_manifest
+
+    import generation.training.train as train
+    from cli.main import main
+
+    make_manifest(tmp_path, n=6).to_parquet(tmp_path / "m.parquet")
+    seen = {}
+    monkeypatch.setattr(train, "train_vlm", lambda manifest, out, config, **kw: seen.setdefault("c", config) and {})
+    args = ["vlm", "train", "-m", str(tmp_path / "m.parquet"), "-o", str(tmp_path / "v"), "--rag-k", "0", "--json"]
+    main([*args, "--findings-lines", "labels", "--balance", "1", "--projector-fraction", "0.05", "--lora"])
+    c = seen["c"]
+    assert (c.findings_line_source, c.balance, c.projector_fraction, c.lora) == ("labels", 1.0, 0.05, True)
