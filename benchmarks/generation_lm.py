@@ -62,10 +62,9 @@ def _evaluate(vlm: Path, demo: Path, n: int, tasks: list[str], kw: dict | None =
     options = GeneratorOptions.pop_from(kw)  # report_source=..., vqa_source=...
     k = kw.pop("k", 3)
     if contrast := kw.pop("contrast", 0):  # contrastive decoding of the report (generation/model/contrast.py)
-        from generation.writing.generate import REPORT_DECODING
+        from generation.writing.generate import contrast_decoding
 
-        # one beam: the contrast pass keeps a KV cache (with beams it recomputes every step, ~10x the time)
-        kw["decoding"] = {"report": {**REPORT_DECODING, "num_beams": 1, "contrast": contrast}}
+        kw["decoding"] = contrast_decoding(contrast)
     res = evaluate_generation(
         vlm,
         demo / "corpus" / "manifest.parquet",

@@ -241,14 +241,15 @@ def segment(
     return {"region": name, "mask": masks[0], "polygons": mask_to_polygons(masks[0]), "source": "segment head"}
 
 
-def answer_json(answer: Mapping[str, Any]) -> dict:
-    """A `segment` answer as JSON-ready data (what the HTTP API and `--json` return): the region, the polygons,
-    the mask as a binary array (rows of 0/1) and as COCO RLE (`retrieval.data.region_masks.decode_rle` reads it)."""
+def answer_json(answer: Mapping[str, Any], dense: bool = True) -> dict:
+    """A `segment` answer as JSON-ready data: the region, the polygons, the mask as COCO RLE
+    (`retrieval.data.region_masks.decode_rle` reads it) and, with `dense`, as a binary array (rows of 0/1)."""
     mask = np.asarray(answer["mask"], dtype=bool)
+    dense_mask = {"mask": mask.astype(np.uint8).tolist()} if dense else {}
     return {
         "region": answer["region"],
         "polygons": answer["polygons"],
-        "mask": mask.astype(np.uint8).tolist(),
+        **dense_mask,
         "rle": encode_rle(mask),
         "source": answer["source"],
     }
@@ -265,12 +266,7 @@ def segment_record(head: SegmentHead | None, tokens: torch.Tensor, region: str, 
     answer = segment(head, tokens, region, tuple(size[:2]))
     if answer is None:
         raise UsageError(f"the segment head knows no region {region!r}; it knows: {', '.join(head.names)}")
-    mask = np.asarray(answer["mask"], dtype=bool)
-    data = {
-        "region": answer["region"],
-        "polygons": answer["polygons"],
-        "rle": encode_rle(mask),
-        "source": answer["source"],
-    }
-    text = f"{data['region']}: {len(data['polygons'])} polygon(s) covering {mask.mean():.1%} of the image"
+    data = answer_json(answer, dense=False)  # the RLE alone: an H x W list of 0/1 per request would be dropped
+    share = float(np.asarray(answer["mask"], dtype=bool).mean())
+    text = f"{data['region']}: {len(data['polygons'])} polygon(s) covering {share:.1%} of the image"
     return {"task": "segment", "prompt": region, "text": text, **data, "exemplars": [], "copied": []}

@@ -25,6 +25,7 @@ from retrieval.labels import LABELS
 PREFIX = "Likely findings:"
 TASKS = ("report", "vqa")  # the prompts that carry the line: the LM writes the report and answers questions from it
 NONE = "none"
+NONE_LINE = f"{PREFIX} {NONE}."  # the line of an image with no predicted finding (and contrastive decoding's contrast)
 LABEL_PROB = 0.9  # the probability a training line from true labels shows (findings_lines(source="labels"))
 
 
@@ -39,7 +40,7 @@ def findings_line(
     for lab in found:
         side = f"{sides[lab]} " if lab in sides else ""
         parts.append(f"{side}{lab.lower()} ({float(probs[index[lab]]):.2f})")
-    return f"{PREFIX} {', '.join(parts) if parts else NONE}."
+    return f"{PREFIX} {', '.join(parts)}." if parts else NONE_LINE
 
 
 def crossfit_probs(

@@ -36,7 +36,7 @@ from generation.model.encoders import encode_visual
 from generation.model.tokenizer import TASKS, decode
 from generation.model.vlm import VLM
 from generation.writing.constraints import box_decoding
-from generation.writing.findings_prompt import NONE, PREFIX, findings_line
+from generation.writing.findings_prompt import NONE_LINE, findings_line
 from generation.writing.findings_prompt import TASKS as FINDINGS_TASKS
 from generation.writing.findings_report import finding_sides, findings_report
 from generation.writing.generator_options import GeneratorOptions
@@ -254,8 +254,9 @@ class Generator:
         alpha = float(controls.pop("contrast", 0.0) or 0.0)
         if not alpha or task != "report" or not any(lines):
             return controls
-        none = f"{PREFIX} {NONE}."
-        ids = [build_prompt_ids(self.vlm.tok, task, p, ex, self.budget, none)[0] for p, ex in zip(prompts, exemplars)]
+        ids = [
+            build_prompt_ids(self.vlm.tok, task, p, ex, self.budget, NONE_LINE)[0] for p, ex in zip(prompts, exemplars)
+        ]
         beams = int(controls.get("num_beams", 1))
         return {**controls, "logits_processor": contrast_processors(self.vlm, ids, alpha, beams)}
 
