@@ -39,6 +39,7 @@ def vote(scores: np.ndarray, classes: list[str], rule: str, prior: dict[str, flo
 
 def main() -> None:
     from generation.data.features import open_searcher
+    from generation.data.rag import retrieve_exemplars
     from generation.data.tasks import classify_target
     from generation.evaluation.metrics import multilabel_prf
     from retrieval.data.manifest import read_manifest
@@ -59,19 +60,16 @@ def main() -> None:
     train = np.flatnonzero((df["split"] == "train").to_numpy())
     counts = Counter(truth[r] for r in train)
     prior = {c: n / len(train) for c, n in counts.items()}
-    allowed = searcher.study_mask({str(s) for s in df["study_id"].iloc[train]})
+    train_studies = {str(x) for x in df["study_id"].iloc[train]}
+    study_class = dict(zip((str(x) for x in searcher.column("study_id")), index_class, strict=True))
 
-    def neighbours(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return searcher.search_ids(
-            np.stack([vec_of[r] for r in part]),
-            max(KS),
-            "images",
-            exclude_patients=[str(x) for x in df["patient_id"].iloc[part]],
-            exclude_studies=[str(x) for x in df["study_id"].iloc[part]],
-            allowed=allowed,
-            require_report=False,
-            per_study=True,
-        )
+    def neighbours(part: np.ndarray) -> list[tuple[np.ndarray, list[str]]]:
+        """Each query's neighbours among the training studies (rag.retrieve_exemplars: never its own study or
+        patient, one per study), as (scores best first, their classes)."""
+        studies, patients = ([str(x) for x in df[c].iloc[part]] for c in ("study_id", "patient_id"))
+        vecs = np.stack([vec_of[r] for r in part])
+        found = retrieve_exemplars(searcher, vecs, max(KS), studies, patients, train_studies, target="images")
+        return [(np.array([e.score for e in exs]), [study_class[e.study_id] for e in exs]) for exs in found]
 
     def macro(part: np.ndarray, answers: list[str]) -> float:
         return multilabel_prf([truth[r].split(", ") for r in part], [a.split(", ") for a in answers])["macro_f1"]
@@ -87,11 +85,7 @@ def main() -> None:
         for k in KS:
             row = {"rule": rule, "k": k}
             for name, part in parts.items():
-                scores, ids = found[name]
-                answers = []
-                for s, i in zip(scores, ids, strict=True):
-                    keep = i[:k] >= 0
-                    answers.append(vote(s[:k][keep], [index_class[j] for j in i[:k][keep]], rule, prior))
+                answers = [vote(scores[:k], classes[:k], rule, prior) for scores, classes in found[name]]
                 row[name] = macro(part, answers)
             table.append(row)
     best = max(table[1:], key=lambda r: r["cv"])
