@@ -61,10 +61,11 @@ def _evaluate(vlm: Path, demo: Path, n: int, tasks: list[str], kw: dict | None =
     t0 = time.time()
     options = GeneratorOptions.pop_from(kw)  # report_source=..., vqa_source=...
     k = kw.pop("k", 3)
-    if contrast := kw.pop("contrast", 0):  # contrastive decoding of the report (generation/model/contrast.py)
-        from generation.writing.generate import contrast_decoding
+    contrast, drafts = kw.pop("contrast", 0), kw.pop("drafts", 1)
+    if contrast or drafts > 1:  # contrastive decoding (generation/model/contrast.py), the best of N drafts
+        from generation.writing.generate import report_decoding
 
-        kw["decoding"] = contrast_decoding(contrast)
+        kw["decoding"] = report_decoding(contrast, drafts)
     res = evaluate_generation(
         vlm,
         demo / "corpus" / "manifest.parquet",
@@ -191,6 +192,7 @@ def main() -> None:
     p.add_argument("--lora-name", default="smollm2-lora", help="the LoRA run's folder under --work")
     p.add_argument("--lora-over", type=json.loads, default={}, help='VLMTrainConfig overrides, e.g. {"balance": 1.0}')
     p.add_argument("--contrast", default="", help="LoRA rows decoded contrastively at these alphas (1,2), k=0")
+    p.add_argument("--drafts", type=int, default=1, help="also each --contrast row as the best of N drafts")
     p.add_argument("--ablations", default="", help="earlier LoRA folders under --work to add as rows (k=0, k=3)")
     p.add_argument("--controls", default="blank,noise,other")
     p.add_argument("--skip-tiny", action="store_true")
@@ -243,6 +245,12 @@ def main() -> None:
             res = _evaluate(lora, demo, args.n, ["report"], report_source="generate", k=0, contrast=alpha)
             rows += _rows(res, f"SmolLM2 + LoRA, contrastive decoding (alpha {alpha:g})", ("vlm k=0",))
             meta[f"samples_lora_contrast_{alpha:g}"] = res["samples"].get("report", [])[:6]
+            if args.drafts > 1:  # the draft that agrees best with the finding head (draft_choice.py)
+                res = _evaluate(lora, demo, args.n, ["report"], report_source="generate", k=0, contrast=alpha,
+                                drafts=args.drafts)  # fmt: skip
+                label = f"SmolLM2 + LoRA, contrastive (alpha {alpha:g}), best of {args.drafts}"
+                rows += _rows(res, label, ("vlm k=0",))
+                meta[f"samples_lora_contrast_{alpha:g}_drafts"] = res["samples"].get("report", [])[:6]
             _save(rows, meta)
     for name in filter(None, args.ablations.split(",")):  # earlier LoRA runs, as trained (see their train_info)
         full = dict(report_source="generate", vqa_source="lm", shuffled=True)  # the main run's evaluation, if cached

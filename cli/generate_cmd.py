@@ -19,6 +19,10 @@ CONTRAST_HELP = (
     "With --report-source generate: decode the LM's report contrastively at this strength (0 = off; ~1 makes a "
     "LoRA-tuned LM write the findings its prompt names instead of a stock normal report)."
 )
+DRAFTS_HELP = (
+    "With --report-source generate: write this many drafts (the greedy one, then samples) and keep the one whose "
+    "findings agree best with the finding head's (1 = the greedy draft alone)."
+)
 
 
 def generate_cmd(
@@ -31,6 +35,7 @@ def generate_cmd(
     k: int = typer.Option(3, "-k", help="Exemplar reports in the prompt (0 = no retrieval)."),
     report_source: str = typer.Option("findings", "--report-source", help=REPORT_SOURCE_HELP),
     contrast: float = typer.Option(0.0, "--contrast", help=CONTRAST_HELP),
+    drafts: int = typer.Option(1, "--drafts", help=DRAFTS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     device: str = DEVICE,
     sr: Path = typer.Option(None, "--sr", help="Also write the drafted report as a DICOM SR (IMAGE must be DICOM)."),
@@ -54,13 +59,13 @@ def generate_cmd(
             raise UsageError("--sr/--store take the project's own VLM folder (cxr vlm train), not a --base-vlm one")
         res = _structured_report(image, index, vlm, task, k, device, sr, store, token, user, password)
     else:
-        from generation.writing.generate import contrast_decoding
+        from generation.writing.generate import report_decoding
         from generation.writing.generator_options import GeneratorOptions
         from generation.writing.image_answer import generate_for_image
 
         res = generate_for_image(  # either VLM kind: the project's own, or a --base-vlm fine-tuned one
             image, index, vlm, task=task, k=k, question=question, phrase=phrase, device=device,
-            options=GeneratorOptions(report_source=report_source), decoding=contrast_decoding(contrast),
+            options=GeneratorOptions(report_source=report_source), decoding=report_decoding(contrast, drafts),
         )  # fmt: skip
     if as_json:
         print(json.dumps(res, indent=2))

@@ -36,6 +36,7 @@ from generation.model.encoders import encode_visual
 from generation.model.tokenizer import TASKS, decode
 from generation.model.vlm import VLM
 from generation.writing.constraints import box_decoding
+from generation.writing.draft_choice import pick_draft
 from generation.writing.findings_prompt import NONE_LINE, findings_line
 from generation.writing.findings_prompt import TASKS as FINDINGS_TASKS
 from generation.writing.findings_report import finding_sides, findings_report
@@ -57,12 +58,23 @@ DECODING: dict[str, dict[str, Any]] = {
 }
 
 
-def contrast_decoding(alpha: float) -> dict[str, dict[str, Any]] | None:
-    """The `decoding` of a `Generator` whose `[report]` is decoded contrastively at strength `alpha` (model/
-    contrast.py; one beam, so the contrast pass keeps its KV cache); None for 0 (the default decoding)."""
-    if alpha < 0:
-        raise UsageError(f"--contrast must be >= 0, got {alpha}")
-    return {"report": {**REPORT_DECODING, "num_beams": 1, "contrast": float(alpha)}} if alpha else None
+# the drafts after the first (`report_decoding(drafts=N)`): sampled at the first draft's contrast, seeded per batch
+DRAFT_SAMPLING: dict[str, Any] = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "num_beams": 1}
+DRAFT_SEED = 0
+
+
+def report_decoding(contrast: float = 0.0, drafts: int = 1) -> dict[str, dict[str, Any]] | None:
+    """The `decoding` of a `Generator` whose LM-written `[report]` is decoded contrastively at strength `contrast`
+    (model/contrast.py; one beam, so the contrast pass keeps its KV cache) and chosen among `drafts` drafts (the
+    greedy one and `drafts - 1` samples; draft_choice.py keeps the one that agrees best with the finding head);
+    None for the default decoding (0 and 1)."""
+    if contrast < 0:
+        raise UsageError(f"--contrast must be >= 0, got {contrast}")
+    if drafts < 1:
+        raise UsageError(f"--drafts must be >= 1, got {drafts}")
+    if not contrast and drafts == 1:
+        return None
+    return {"report": {**REPORT_DECODING, "num_beams": 1, "contrast": float(contrast), "drafts": int(drafts)}}
 
 
 def where_phrase(question: str) -> str | None:
@@ -260,6 +272,37 @@ class Generator:
         beams = int(controls.get("num_beams", 1))
         return {**controls, "logits_processor": contrast_processors(self.vlm, ids, alpha, beams)}
 
+    def _pick_drafts(
+        self,
+        visual: torch.Tensor,
+        controls: dict,
+        prompts: Sequence[str],
+        exemplars: Sequence[Sequence[Exemplar]],
+        lines: list,
+        ids: list,
+        first: list[list[int]],
+        n: int,
+        findings: Sequence[Sequence[str]],
+    ) -> tuple[list[list[int]], list[float | None]]:
+        """Each row's best of `n` report drafts and its agreement (draft_choice.py): the row's `first` (greedy)
+        draft and `n - 1` drafts sampled (`DRAFT_SAMPLING`, seeded) at the same contrast."""
+        m = n - 1
+
+        def rep(xs: Sequence) -> list:
+            return [x for x in xs for _ in range(m)]
+
+        sampled = self._contrast({**controls, **DRAFT_SAMPLING}, "report", rep(prompts), rep(exemplars), rep(lines))
+        with torch.random.fork_rng():  # the caller's random state is left as it was
+            torch.manual_seed(DRAFT_SEED)
+            more = self.vlm.generate(visual.repeat_interleave(m, 0), rep(ids), MAX_NEW_TOKENS["report"], **sampled)
+        chosen, agreed = [], []
+        for i, draft in enumerate(first):
+            pool = [draft, *more[i * m : (i + 1) * m]]
+            best, score = pick_draft([decode(self.vlm.tok, d) for d in pool], findings[i])
+            chosen.append(pool[best])
+            agreed.append(round(score, 3))
+        return chosen, agreed
+
     def _generate_batch(
         self, visual: torch.Tensor, task: str, prompts: Sequence[str], exemplars: Sequence[Sequence[Exemplar]]
     ) -> list[dict]:
@@ -270,6 +313,7 @@ class Generator:
         heads = self.box_head is not None or self.finding_ridge is not None
         feats = box_features(visual) if heads else None  # pooled once for every head that reads the tokens
         probs, thresholds = self.finding_probs(visual, feats)
+        found = [predicted_findings(p, thresholds) for p in probs] if probs is not None else None  # the head's
         opt = self.options
         quote = task == "report" and opt.report_source == "quote" and probs is not None
         head = probs is not None and thresholds is not None
@@ -290,14 +334,15 @@ class Generator:
             lines = [findings_line(probs[i], thresholds, sided[i] if sided else None) for i in range(len(prompts))]
         if lined and lm_report and opt.report_source == "generate-filtered":  # LaB-RAG: exemplars that agree
             exemplars = [agreeing_exemplars(ex, probs[i], thresholds) for i, ex in enumerate(exemplars)]
-        ids, used = [], []
-        for p, ex, line in zip(prompts, exemplars, lines, strict=True):
-            i, u = build_prompt_ids(tok, task, p, ex, self.budget, line)
-            ids.append(i)
-            used.append(u)
+        built = [build_prompt_ids(tok, task, *row, self.budget, ln) for *row, ln in zip(prompts, exemplars, lines)]
+        ids, used = [b[0] for b in built], [b[1] for b in built]
         skip = written or classified or (quote and all(exemplars)) or all(b is not None for b in boxed)
+        drafts, base = int(controls.pop("drafts", 1)), dict(controls)  # base: before the contrast processor
         controls = self._contrast(controls, task, prompts, exemplars, lines)
         gen, picked = self._lm_answers(visual, task, prompts, ids, controls, decode_none=skip)
+        agreed: list[float | None] = [None] * len(prompts)  # the chosen draft's agreement with head_findings
+        if drafts > 1 and lm_report and lined and not skip:
+            gen, agreed = self._pick_drafts(visual, base, prompts, exemplars, lines, ids, gen, drafts, found)
         out: list[dict] = []
         for i, (p, g, u) in enumerate(zip(prompts, gen, used, strict=True)):
             text, source = decode(tok, g), "lm"
@@ -306,7 +351,7 @@ class Generator:
             if from_head and (answer := closed_answer(p, probs[i], thresholds)) is not None:
                 text, source = answer, "finding head"
             if classified:
-                text, source = classify_target(predicted_findings(probs[i], thresholds)), "finding head"
+                text, source = classify_target(found[i]), "finding head"
             if boxed[i] is not None:
                 text, source = boxes_text(task, boxed[i]), "box head"
             if quote and exemplars[i]:
@@ -315,7 +360,8 @@ class Generator:
                 u = list(exemplars[i])
             extra = {"findings_line": lines[i]} if lines[i] else {}
             if lined:
-                extra["head_findings"] = predicted_findings(probs[i], thresholds)
+                extra["head_findings"] = found[i]
+            extra |= {"draft_agreement": agreed[i]} if agreed[i] is not None else {}
             if written:
                 rep = findings_report(probs[i], thresholds, exemplars[i], sides=None if sided is None else sided[i])
                 text, source, u = rep.text, "finding head + exemplars", list(exemplars[i])

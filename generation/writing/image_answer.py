@@ -49,7 +49,7 @@ def generate_for_image(
     also predicts), "quote" the exemplar the finding head ranks first). `task="segment"` (with `phrase`, the
     region) is answered by the VLM folder's segment head: region, polygons and RLE.
     `device`: None / "auto" (CUDA when present), "cpu", "cuda:N". `decoding`: the `Generator`'s per-task decoding
-    controls (e.g. `contrast_decoding(alpha)`).
+    controls (e.g. `report_decoding(contrast, drafts)`).
     """
     prompt = task_prompt(task, question, phrase)
     if generator is None:

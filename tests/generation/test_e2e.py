@@ -197,6 +197,9 @@ def test_cli_generate_and_usage_errors(trained, corpus, capsys):
     assert main(["generate", img, "--vlm", str(trained[0]), "-k", "0", "--task", "ground"]) == 2  # no --phrase
     assert main(["generate", img, "--vlm", str(root / "nope"), "-k", "0"]) == 1
     assert "not a VLM folder" in capsys.readouterr().err
+    for flag, value in (("--drafts", "0"), ("--contrast", "-1")):
+        assert main(["generate", img, "--vlm", str(trained[0]), "-k", "0", flag, value]) == 2
+        assert flag in capsys.readouterr().err
 
 
 def test_cli_eval_generation_writes_tables(trained, corpus, tmp_path, capsys):
@@ -291,12 +294,12 @@ def test_pretrained_lm_lora_staging_and_zero_shot_write_from_the_findings(corpus
 
 
 def test_contrastive_decoding_runs_through_the_generator(corpus, tmp_path, monkeypatch):
-    """`contrast_decoding(a)` hands the report's decoding a contrast processor whose contrast prompt is the same
+    """`report_decoding(a)` hands the report's decoding a contrast processor whose contrast prompt is the same
     prompt with the line saying none; 0 is the plain decoding. (contrast.py's scores: test_contrast.py.)"""
     from tiny_lm import save_tiny_lm
 
     from generation.model import contrast
-    from generation.writing.generate import Generator, contrast_decoding
+    from generation.writing.generate import Generator, report_decoding
     from retrieval.data.image_io import read_image
     from retrieval.errors import UsageError
 
@@ -314,14 +317,61 @@ def test_contrastive_decoding_runs_through_the_generator(corpus, tmp_path, monke
     image = read_image(root / df["image_path"].iloc[0])
     for alpha in (0.0, 1.0):
         gen = Generator(
-            tmp_path / "zero", options=GeneratorOptions(report_source="generate"), decoding=contrast_decoding(alpha)
+            tmp_path / "zero", options=GeneratorOptions(report_source="generate"), decoding=report_decoding(alpha)
         )
         rec = gen.generate(gen.visual([image]), ["report"], ["describe."], [[]])[0]
         assert rec["source"] == "lm" and isinstance(rec["text"], str)
         assert len(seen) == (1 if alpha else 0)
     assert "Likely findings: none." in gen.vlm.tok.decode(seen[0][0])
     with pytest.raises(UsageError, match="--contrast"):
-        contrast_decoding(-1)
+        report_decoding(-1)
+    with pytest.raises(UsageError, match="--drafts"):
+        report_decoding(1.0, drafts=0)
+
+
+def test_best_of_drafts_runs_through_the_generator(corpus, tmp_path, monkeypatch):
+    """`report_decoding(a, drafts=3)`: every report row gets its greedy draft and two seeded samples, the text is
+    the draft that draft_choice.pick_draft chose against the head's findings, the caller's random state is left
+    alone, and the same call gives the same report. (The choice itself: test_draft_choice.py.)"""
+    import torch
+    from tiny_lm import save_tiny_lm
+
+    from generation.writing import generate
+    from generation.writing.generate import Generator, report_decoding
+    from retrieval.data.image_io import read_image
+
+    root, df, idx = corpus
+    cfg = VLMTrainConfig(encoders=["patch:1"], steps=0, lm_path=str(save_tiny_lm(tmp_path / "lm")), rag_k=0)
+    train_vlm(df, tmp_path / "zero", cfg, index_dir=idx, progress=False)
+    calls = []
+
+    def spy(drafts, findings):
+        calls.append((list(drafts), list(findings)))
+        return len(drafts) - 1, 0.25  # the last draft, so the choice shows in the text
+
+    monkeypatch.setattr(generate, "pick_draft", spy)
+    images = [read_image(root / p) for p in df["image_path"].iloc[:2]]
+    gen = Generator(
+        tmp_path / "zero", options=GeneratorOptions(report_source="generate"), decoding=report_decoding(1.0, 3)
+    )
+    visual = gen.visual(images)
+    torch.manual_seed(123)
+    want_next = torch.rand(3)
+    torch.manual_seed(123)
+    recs = gen.generate(visual, ["report"] * 2, ["describe."] * 2, [[], []])
+    assert torch.equal(torch.rand(3), want_next)  # drafts sample under a forked, seeded generator
+    assert len(calls) == 2 and all(len(drafts) == 3 for drafts, _ in calls)
+    for rec, (drafts, findings) in zip(recs, calls, strict=True):
+        assert rec["text"] == drafts[-1] and rec["draft_agreement"] == 0.25
+        assert findings == rec["head_findings"]
+    greedy = Generator(
+        tmp_path / "zero", options=GeneratorOptions(report_source="generate"), decoding=report_decoding(1.0)
+    )
+    first = greedy.generate(visual, ["report"] * 2, ["describe."] * 2, [[], []])
+    assert [d[0] for d, _ in calls] == [r["text"] for r in first]  # draft 1 is the greedy contrastive report
+    calls.clear()
+    again = gen.generate(visual, ["report"] * 2, ["describe."] * 2, [[], []])
+    assert [r["text"] for r in again] == [r["text"] for r in recs]
 
 
 def test_lora_projector_stage_leaves_the_lm_untouched(corpus, tmp_path):

@@ -1,0 +1,36 @@
+"""Choosing, among an LM's drafts of one report, the one that says what the image reader saw.
+
+A LoRA-tuned LM reads the "Likely findings" line, but its single (greedy, contrastive) draft often leaves out a
+finding the line names (support devices, a second finding after a long first sentence) or adds one it does not.
+The Generator can draw several drafts (the greedy one first, then samples; `generate.report_decoding(drafts=N)`);
+this module keeps the draft whose findings, as the labeler reads them (`retrieval.labels.label_report`, the same
+labeler every report metric uses), agree best with the finding head's: F1 between the two label sets, "No Finding"
+standing for an empty set. Ties go to the earlier draft, so the greedy draft wins unless a sample says more of what
+the head saw. The text stays the LM's own; only the choice among its drafts looks at the head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from retrieval.labels import NO_FINDING, label_report
+
+
+def _as_set(findings: Sequence[str]) -> set[str]:
+    found = {f for f in findings if f != NO_FINDING}
+    return found or {NO_FINDING}
+
+
+def agreement(text: str, findings: Sequence[str]) -> float:
+    """F1 between the findings the labeler reads in `text` and `findings` (empty = "No Finding"), in [0, 1]."""
+    said, want = _as_set(label_report(text)), _as_set(findings)
+    return 2 * len(said & want) / (len(said) + len(want))
+
+
+def pick_draft(drafts: Sequence[str], findings: Sequence[str]) -> tuple[int, float]:
+    """(index, agreement) of the draft that agrees best with `findings`; the first of equals."""
+    if not drafts:
+        raise ValueError("pick_draft needs at least one draft")
+    scores = [agreement(d, findings) for d in drafts]
+    best = max(range(len(drafts)), key=lambda i: (scores[i], -i))
+    return best, scores[best]
