@@ -171,7 +171,7 @@ def test_list_and_info(saved: tuple[Path, str], capsys: pytest.CaptureFixture) -
     code, out, _ = run_cli(capsys, "models", "list", "--json")
     rows = {r["name"]: r for r in json.loads(out)}
     assert code == 0
-    assert rows["cxr-tiny"]["offline"] is True and rows["cxr-small"]["offline"] is True
+    assert all(rows[name]["offline"] is True for name in ("cxr-tiny", "cxr-small", "cxr-base"))
     assert {"biomedclip", "biomedclip-arch", "chexbert", "radgraph"} <= set(rows)
     folder, fp = saved
     code, out, _ = run_cli(capsys, "models", "info", str(folder), "--json")

