@@ -8,7 +8,8 @@ patient never counted); P@5 = the share of the top 5 that share the query's key:
 Systems: cxr-small trained on covid-cxr's train split (`cxr train`'s defaults), the same with the image tower's
 last 2 stages fine-tuned (`--unfreeze-last 2 --unfreeze-towers image`), and on augmented images (`--augment`,
 fewer epochs: the tower runs every epoch), cxr-small with its untrained projector, and the frozen tower's own
-features (no projector).
+features (no projector); the same for cxr-base (EfficientNet-Lite2 at its native 260 px, the other tower that runs
+offline) trained, untrained and frozen: the input-size and tower ablation.
 Baselines in the same run:
 - random ranking: each query's expected P@5 under a random order (its key's share of the gallery);
 - image-free training prior: every query gets the gallery's most common key (labels by prevalence);
@@ -116,6 +117,8 @@ def run_real(data: Path, epochs: int, work: Path, aug_epochs: int = 3) -> dict[s
     tuned = train(covid, "cxr-small", work / "covid-small-tuned", epochs=epochs, **common)  # the front cached
     augmented = train(covid, "cxr-small", work / "covid-small-aug", epochs=aug_epochs, augment=True, **common)
     untrained = load_model("cxr-small")
+    base = train(covid, "cxr-base", work / "covid-base", epochs=epochs, seed=0, show_progress=False, fresh=True)
+    base_untrained = load_model("cxr-base")
     paths = _paths(covid)
     vectors = {
         f"cxr-small trained on covid-cxr (early stop on {trained.info['monitor']})": trained.model.encode_images(paths),
@@ -125,6 +128,11 @@ def run_real(data: Path, epochs: int, work: Path, aug_epochs: int = 3) -> dict[s
         ),
         "cxr-small untrained projector": untrained.encode_images(paths),
         "frozen tower features (no projector)": _frozen_features(untrained, paths),
+        f"cxr-base (Lite2, 260 px) trained on covid-cxr (early stop on {base.info['monitor']})": (
+            base.model.encode_images(paths)
+        ),
+        "cxr-base untrained projector": base_untrained.encode_images(paths),
+        "cxr-base frozen tower features (no projector)": _frozen_features(base_untrained, paths),
     }
     known = ~covid["finding"].astype(str).str.strip().isin(UNKNOWN_FINDINGS).to_numpy()
     finding = covid[known].copy()
@@ -145,6 +153,8 @@ def run_real(data: Path, epochs: int, work: Path, aug_epochs: int = 3) -> dict[s
     out["tbx11k same lesion side P@5"] = _table(tb, "side", {
         "cxr-small untrained projector": untrained.encode_images(tb_paths),
         "frozen tower features (no projector)": _frozen_features(untrained, tb_paths),
+        "cxr-base untrained projector": base_untrained.encode_images(tb_paths),
+        "cxr-base frozen tower features (no projector)": _frozen_features(base_untrained, tb_paths),
     })  # fmt: skip
     return out
 
@@ -168,7 +178,8 @@ def real_markdown(result: dict[str, Any]) -> str:
     lines += [
         "Test images (the importers' patient-disjoint test split) query the train+val images; the query's own "
         "patient is never counted. Intervals: 95% percentile bootstrap over the test queries (retrieval/bootstrap.py). "
-        "TBX11K has no reports, so no model is trained on it here. Only the offline towers run here: "
+        "TBX11K has no reports, so no model is trained on it here. Only the offline towers run here (cxr-small: "
+        "Lite0 at 224 px; cxr-base: Lite2 at 260 px): "
         "timm:/hf: towers (RAD-DINO, MedSigLIP, DINOv2) need their weights from the hub (README, towers by name).",
         "",
     ]
