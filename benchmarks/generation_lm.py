@@ -35,7 +35,7 @@ def _train(name: str, work: Path, demo: Path, **over) -> Path:
     out = work / name
     if (out / "train_info.json").exists():
         return out
-    cfg = VLMTrainConfig(seed=0, token_cache=str(demo / "visual_tokens"), **over)
+    cfg = VLMTrainConfig(**{"seed": 0, "token_cache": str(demo / "visual_tokens"), **over})  # --lora-over may set seed
     t0 = time.time()
     info = train_vlm(demo / "corpus" / "manifest.parquet", out, cfg, index_dir=demo / "index", progress=False)
     print(f"trained {name}: {time.time() - t0:.0f} s, loss {info['loss_first20']} -> {info['loss_last20']}")
