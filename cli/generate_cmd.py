@@ -21,7 +21,8 @@ CONTRAST_HELP = (
 )
 DRAFTS_HELP = (
     "With --report-source generate: write this many drafts (the greedy one, then samples) and keep the one whose "
-    "findings agree best with the finding head's (1 = the greedy draft alone)."
+    "findings agree best with the finding head's, of equals the one closest to the other drafts (1 = the greedy draft "
+    "alone)."
 )
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rouge_score import rouge_scorer
 
-from generation.writing.draft_choice import agreement, pick_draft
+from generation.writing.draft_choice import agreement, consensus, pick_draft
 from retrieval.labels import NO_FINDING, label_report
 
 SENTENCES = [
@@ -38,8 +39,23 @@ def test_the_draft_that_names_the_heads_findings_wins():
     assert half == (0, pytest.approx(2 / 3))
 
 
+def test_among_equal_agreements_the_consensus_draft_wins():
+    drafts = [  # all four read as normal; the third says most of what the others say
+        "No acute disease.",
+        "Normal chest radiograph.",
+        "The lungs are clear. No pneumothorax.",
+        "The lungs are clear. No pneumothorax or effusion.",
+    ]
+    assert [label_report(d) for d in drafts] == [[NO_FINDING]] * 4
+    assert max(range(4), key=consensus(drafts).__getitem__) == 2
+    assert pick_draft(drafts, []) == (2, 1.0)
+    # agreement comes first: a draft that names the head's finding beats the consensus
+    assert pick_draft([*drafts, "The heart is enlarged."], ["Cardiomegaly"]) == (4, 1.0)
+
+
 def test_ties_go_to_the_first_draft_and_empty_is_an_error():
     assert pick_draft(["The lungs are clear.", "No acute disease."], ["Cardiomegaly"]) == (0, 0.0)
+    assert consensus(["The lungs are clear."]) == [0.0]
     with pytest.raises(ValueError):
         pick_draft([], ["Cardiomegaly"])
 
@@ -53,5 +69,11 @@ def test_pick_draft_matches_a_naive_argmax(drafts, findings):
     scores = [_naive_f1(d, findings) for d in drafts]
     for d, s in zip(drafts, scores, strict=True):
         assert agreement(d, findings) == pytest.approx(s)
-    best = scores.index(max(scores))  # list.index: the first of equals
+    rouge = rouge_scorer.RougeScorer(["rougeL"])
+    near = [  # mean ROUGE-L F against every other draft, scored in both orders
+        sum(rouge.score(o, d)["rougeL"].fmeasure for j, o in enumerate(drafts) if j != i) / max(1, len(drafts) - 1)
+        for i, d in enumerate(drafts)
+    ]
+    keys = [(round(s, 9), round(c, 9)) for s, c in zip(scores, near, strict=True)]
+    best = keys.index(max(keys))  # list.index: the first of equals
     assert pick_draft(drafts, findings) == (best, pytest.approx(scores[best]))
