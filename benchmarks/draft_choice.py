@@ -1,0 +1,138 @@
+"""Which of N report drafts to keep: the choice rules of generation/writing/draft_choice.py, scored on the same drafts.
+
+    python -m benchmarks.draft_choice --demo DEMO_WORKDIR --vlm LORA_VLM --split val --n 120 --drafts 7
+
+Draws the product path's drafts once (the `Generator` with `report_decoding(1, N)`, k = 0, the demo's seeded sample
+of `n` examples; each row's drafts recorded as `pick_draft` receives them, kept in LORA_VLM/bench_evals/ and reused)
+and scores each rule on them, beside retrieval-only:
+- `greedy`: the contrastive greedy draft alone;
+- `agreement, then first`: the best agreement with the finding head, ties to the earlier draft (the rule until
+  2026-12-07);
+- `agreement, then consensus`: ties to the draft closest to the other drafts (`pick_draft` now);
+- `agreement, then longest`: ties to the longest draft (BLEU's brevity penalty, as an ablation).
+Each row gives the length ratio to the references (BLEU-4 is cut by exp(1 - 1/ratio) below 1) and the share of its
+sentences found word for word in one of the top-3 retrieved training reports. Results:
+benchmarks/results/draft_choice_VLM_SPLIT.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp: no spin-waiting on busy machines
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from benchmarks.common import RESULTS, machine_info  # noqa: E402
+
+
+def _draw(vlm: Path, demo: Path, split: str, n: int, drafts: int) -> list[dict]:
+    """Per example: its reference, the head's findings, every draft, and the top-5 retrieved training reports."""
+    cached = vlm / "bench_evals" / f"drafts-{split}-{n}-{drafts}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())["rows"]
+    import generation.writing.generate as generate
+    from generation.evaluation.eval_inputs import eval_inputs
+    from generation.evaluation.evaluate_generation import _vlm_outputs
+    from generation.writing.generator_options import GeneratorOptions
+    from retrieval.data.manifest import read_manifest
+
+    seen: list[dict] = []
+    choose = generate.pick_draft
+
+    def record(texts: list[str], findings: list[str]) -> tuple[int, float]:
+        seen.append({"drafts": list(texts), "findings": list(findings)})
+        return choose(texts, findings)
+
+    t0 = time.time()
+    generate.pick_draft = record
+    try:
+        gen = generate.Generator(
+            vlm, demo / "index", decoding=generate.report_decoding(1.0, drafts),
+            options=GeneratorOptions(report_source="generate"),
+        )  # fmt: skip
+        df = read_manifest(demo / "corpus" / "manifest.parquet")
+        data = eval_inputs(gen, df, ["report"], split, [5], n, 0, False, None, "reports", demo / "visual_tokens")
+        exs = data.examples["report"]
+        _vlm_outputs(gen, data, "report", exs, 0)
+    finally:
+        generate.pick_draft = choose
+    if len(seen) != len(exs):
+        raise RuntimeError(f"{len(seen)} draft sets for {len(exs)} examples")
+    rows = [
+        {
+            "row": int(e.row),
+            "target": e.target,
+            **s,
+            "neighbours": [{"study_id": str(x.study_id), "report": x.report} for x in data.exemplars.get(e.row, [])],
+        }
+        for e, s in zip(exs, seen, strict=True)
+    ]
+    cached.parent.mkdir(exist_ok=True)
+    cached.write_text(json.dumps({"seconds": round(time.time() - t0, 1), "rows": rows}))
+    return rows
+
+
+def _score(rows: list[dict], answers: list[str]) -> dict:
+    from generation.evaluation.metrics import _norm
+    from generation.evaluation.task_scores import score_task
+    from retrieval.study_text import normalized_sentences as sentences
+
+    s = score_task("report", [SimpleNamespace(target=r["target"]) for r in rows], answers, meteor=False)
+    out = {k: round(s[k], 3) for k in ("ce_macro_f1", "ce_micro_f1", "bleu4", "rougeL", "repeat_sentence")}
+    words = sum(len(_norm(a).split()) for a in answers) / sum(len(_norm(r["target"]).split()) for r in rows)
+    said = [(s, r) for a, r in zip(answers, rows, strict=True) for s in sentences(a)]
+    top3 = [{t for x in r["neighbours"][:3] for t in sentences(x["report"])} for _, r in said]
+    copied = sum(s in t for (s, _), t in zip(said, top3, strict=True)) / max(1, len(said))
+    return {**out, "length_ratio": round(words, 2), "copied_from_top3": round(copied, 3)}
+
+
+def rules(rows: list[dict]) -> dict[str, dict]:
+    """{rule: metrics} over the same drafts (see the module docstring)."""
+    from generation.writing.draft_choice import agreement, consensus, pick_draft
+
+    def keep(key) -> list[str]:
+        out = []
+        for r in rows:
+            d = r["drafts"]
+            ag, near = [agreement(t, r["findings"]) for t in d], consensus(d)
+            out.append(d[max(range(len(d)), key=lambda i: key(ag, near, d, i))])
+        return out
+
+    return {
+        "greedy": _score(rows, [r["drafts"][0] for r in rows]),
+        "agreement, then first": _score(rows, keep(lambda ag, near, d, i: (ag[i], -i))),
+        "agreement, then consensus (pick_draft)": _score(
+            rows, [r["drafts"][pick_draft(r["drafts"], r["findings"])[0]] for r in rows]
+        ),
+        "agreement, then longest": _score(rows, keep(lambda ag, near, d, i: (ag[i], len(d[i].split()), -i))),
+        "retrieval-only": _score(rows, [r["neighbours"][0]["report"] for r in rows]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", type=Path, required=True)
+    ap.add_argument("--vlm", type=Path, required=True)
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--n", type=int, default=120)
+    ap.add_argument("--drafts", type=int, default=7)
+    a = ap.parse_args()
+    rows = _draw(a.vlm, a.demo, a.split, a.n, a.drafts)
+    table = rules(rows)
+    cols = ("ce_macro_f1", "ce_micro_f1", "bleu4", "rougeL", "length_ratio", "copied_from_top3")
+    print(f"| rule ({a.split}, n = {len(rows)}, {a.drafts} drafts) | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for name, m in table.items():
+        print(f"| {name} | " + " | ".join(str(m[c]) for c in cols) + " |")
+    out = {"vlm": str(a.vlm), "split": a.split, "n": len(rows), "drafts": a.drafts, "rules": table}
+    path = RESULTS / f"draft_choice_{a.vlm.name}_{a.split}.json"
+    path.write_text(json.dumps({**out, "machine": machine_info()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
