@@ -14,6 +14,7 @@ go to the earlier draft. The text stays the LM's own; only the choice among its 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from rouge_score import rouge_scorer
@@ -40,7 +41,7 @@ def consensus(drafts: Sequence[str]) -> list[float]:
     for i in range(n):
         for j in range(i + 1, n):  # ROUGE-L's F-measure is symmetric
             sim[i][j] = sim[j][i] = scorer.score(drafts[i], drafts[j])["rougeL"].fmeasure
-    return [sum(row) / (n - 1) if n > 1 else 0.0 for row in sim]
+    return [math.fsum(row) / (n - 1) if n > 1 else 0.0 for row in sim]  # fsum: equal drafts tie exactly
 
 
 def pick_draft(drafts: Sequence[str], findings: Sequence[str]) -> tuple[int, float]:
