@@ -7,9 +7,10 @@ this module keeps the draft whose findings, as the labeler reads them (`retrieva
 labeler every report metric uses), agree best with the finding head's: F1 between the two label sets, "No Finding"
 standing for an empty set. Among the drafts that agree equally well, it keeps the one that says most what the other
 drafts say (the minimum-Bayes-risk choice, Kumar and Byrne 2004): the highest mean ROUGE-L F-measure against the
-other drafts. Sampled drafts wander in wording; the consensus draft keeps the words they share, which is what the
-reference reports share too (chosen on the validation split: benchmarks/results/generation_demo.md). Remaining ties
-go to the earlier draft. The text stays the LM's own; only the choice among its drafts looks at the head.
+other drafts. Sampled drafts wander in wording; the consensus draft keeps the words they share. Chosen on the
+validation split over the greedy draft, the longest draft and the retrieved reports as the tie-break; on test it is
+level with the greedy tie-break (benchmarks/results/generation_demo.md). Remaining ties go to the earlier draft.
+The text stays the LM's own; only the choice among its drafts looks at the head.
 """
 
 from __future__ import annotations
