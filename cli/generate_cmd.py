@@ -55,6 +55,10 @@ def generate_cmd(
         raise UsageError("-k must be >= 0")
     if k > 0 and index is None:
         raise UsageError("retrieval needs --index (or pass -k 0)")
+    lm_report = task == "report" and report_source.startswith("generate") and sr is None and store is None
+    for flag, given in (("--contrast", contrast != 0), ("--drafts", drafts != 1)):
+        if given and not lm_report:  # they shape the LM's own report only: say so instead of ignoring them
+            raise UsageError(f"{flag} shapes the LM's report: it needs --task report --report-source generate")
     if sr is not None or store is not None:
         if is_image_text_to_text(vlm):  # a fine-tuned pretrained VLM (`cxr vlm train --base-vlm`)
             raise UsageError("--sr/--store take the project's own VLM folder (cxr vlm train), not a --base-vlm one")

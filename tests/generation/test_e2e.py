@@ -197,9 +197,15 @@ def test_cli_generate_and_usage_errors(trained, corpus, capsys):
     assert main(["generate", img, "--vlm", str(trained[0]), "-k", "0", "--task", "ground"]) == 2  # no --phrase
     assert main(["generate", img, "--vlm", str(root / "nope"), "-k", "0"]) == 1
     assert "not a VLM folder" in capsys.readouterr().err
+    lm = ["--report-source", "generate"]
     for flag, value in (("--drafts", "0"), ("--contrast", "-1")):
-        assert main(["generate", img, "--vlm", str(trained[0]), "-k", "0", flag, value]) == 2
+        assert main(["generate", img, "--vlm", str(trained[0]), "-k", "0", *lm, flag, value]) == 2
         assert flag in capsys.readouterr().err
+    for flag, value in (("--drafts", "3"), ("--contrast", "1")):  # the template writer would ignore them
+        assert main(["generate", img, "--vlm", str(trained[0]), "-k", "0", flag, value]) == 2
+        assert "--report-source generate" in capsys.readouterr().err
+        assert main(["generate", img, "--vlm", str(trained[0]), "-k", "0", "--task", "classify", *lm, flag, value]) == 2
+        capsys.readouterr()
 
 
 def test_cli_eval_generation_writes_tables(trained, corpus, tmp_path, capsys):
