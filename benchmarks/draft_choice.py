@@ -93,23 +93,23 @@ def _score(rows: list[dict], answers: list[str]) -> dict:
 
 def rules(rows: list[dict]) -> dict[str, dict]:
     """{rule: metrics} over the same drafts (see the module docstring)."""
-    from generation.writing.draft_choice import agreement, consensus, pick_draft
+    from generation.writing.draft_choice import agreement, pick_draft
 
-    def keep(key) -> list[str]:
+    def keep(tie_break) -> list[str]:  # best agreement, equals ordered by tie_break(draft), then the first
         out = []
         for r in rows:
             d = r["drafts"]
-            ag, near = [agreement(t, r["findings"]) for t in d], consensus(d)
-            out.append(d[max(range(len(d)), key=lambda i: key(ag, near, d, i))])
+            ag = [agreement(t, r["findings"]) for t in d]
+            out.append(d[max(range(len(d)), key=lambda i: (ag[i], tie_break(d[i]), -i))])
         return out
 
     return {
         "greedy": _score(rows, [r["drafts"][0] for r in rows]),
-        "agreement, then first": _score(rows, keep(lambda ag, near, d, i: (ag[i], -i))),
+        "agreement, then first": _score(rows, keep(lambda t: 0)),
         "agreement, then consensus (pick_draft)": _score(
             rows, [r["drafts"][pick_draft(r["drafts"], r["findings"])[0]] for r in rows]
         ),
-        "agreement, then longest": _score(rows, keep(lambda ag, near, d, i: (ag[i], len(d[i].split()), -i))),
+        "agreement, then longest": _score(rows, keep(lambda t: len(t.split()))),
         "retrieval-only": _score(rows, [r["neighbours"][0]["report"] for r in rows]),
     }
 
