@@ -11,7 +11,9 @@ and scores each rule on them, beside retrieval-only:
 - `agreement, then consensus`: ties to the draft closest to the other drafts (`pick_draft` now);
 - `agreement, then longest`: ties to the longest draft (BLEU's brevity penalty, as an ablation).
 Each row gives the length ratio to the references (BLEU-4 is cut by exp(1 - 1/ratio) below 1) and the share of its
-sentences found word for word in one of the top-3 retrieved training reports. Results:
+sentences found word for word in one of the top-3 retrieved training reports. For the product's rule, the gap to
+retrieval-only in BLEU-4 and ROUGE-L comes with its 95% paired bootstrap interval over the examples (both systems on
+the same resampled examples; retrieval/bootstrap.py), to tell a gap from the noise of n examples. Results:
 benchmarks/results/draft_choice_VLM_SPLIT.json.
 """
 
@@ -30,9 +32,10 @@ from types import SimpleNamespace  # noqa: E402
 from benchmarks.common import RESULTS, machine_info  # noqa: E402
 
 
-def _draw(vlm: Path, demo: Path, split: str, n: int, drafts: int) -> list[dict]:
-    """Per example: its reference, the head's findings, every draft, and the top-5 retrieved training reports."""
-    cached = vlm / "bench_evals" / f"drafts-{split}-{n}-{drafts}.json"
+def _draw(vlm: Path, demo: Path, split: str, n: int, drafts: int, min_new: int = 0) -> list[dict]:
+    """Per example: its reference, the head's findings, every draft, and the top-5 retrieved training reports.
+    `min_new` > 0 keeps the LM from ending a draft before that many tokens (transformers' `min_new_tokens`)."""
+    cached = vlm / "bench_evals" / f"drafts-{split}-{n}-{drafts}{f'-min{min_new}' if min_new else ''}.json"
     if cached.exists():
         return json.loads(cached.read_text())["rows"]
     import generation.writing.generate as generate
@@ -51,16 +54,19 @@ def _draw(vlm: Path, demo: Path, split: str, n: int, drafts: int) -> list[dict]:
     t0 = time.time()
     generate.pick_draft = record
     try:
+        decoding = generate.report_decoding(1.0, drafts)
+        decoding["report"] |= {"min_new_tokens": min_new} if min_new else {}
         gen = generate.Generator(
-            vlm, demo / "index", decoding=generate.report_decoding(1.0, drafts),
-            options=GeneratorOptions(report_source="generate"),
-        )  # fmt: skip
+            vlm, demo / "index", decoding=decoding, options=GeneratorOptions(report_source="generate")
+        )
         df = read_manifest(demo / "corpus" / "manifest.parquet")
         data = eval_inputs(gen, df, ["report"], split, [5], n, 0, False, None, "reports", demo / "visual_tokens")
         exs = data.examples["report"]
-        _vlm_outputs(gen, data, "report", exs, 0)
+        outs = _vlm_outputs(gen, data, "report", exs, 0)
     finally:
         generate.pick_draft = choose
+    if drafts == 1:  # no choice to make: the greedy draft is the answer
+        seen = [{"drafts": [o["text"]], "findings": list(o.get("head_findings", []))} for o in outs]
     if len(seen) != len(exs):
         raise RuntimeError(f"{len(seen)} draft sets for {len(exs)} examples")
     rows = [
@@ -91,6 +97,34 @@ def _score(rows: list[dict], answers: list[str]) -> dict:
     return {**out, "length_ratio": round(words, 2), "copied_from_top3": round(copied, 3)}
 
 
+def gaps(rows: list[dict], answers: list[str]) -> dict:
+    """`answers` minus retrieval-only, BLEU-4 (corpus) and ROUGE-L (mean F), each with its paired 95% interval."""
+    import numpy as np
+    from pycocoevalcap.bleu.bleu import Bleu
+    from rouge_score import rouge_scorer
+
+    from generation.evaluation.metrics import _norm
+    from retrieval.bootstrap import interval, resampled
+
+    refs = [_norm(r["target"]) or "." for r in rows]
+    ours, top1 = ([_norm(a) or "." for a in texts] for texts in (answers, [r["neighbours"][0]["report"] for r in rows]))
+
+    def bleu4(hyps: list[str], idx: np.ndarray) -> float:
+        pairs = list(enumerate(idx))
+        scores, _ = Bleu(4).compute_score({j: [refs[i]] for j, i in pairs}, {j: [hyps[i]] for j, i in pairs}, verbose=0)
+        return scores[3]
+
+    rouge = rouge_scorer.RougeScorer(["rougeL"]).score
+    diff = [
+        rouge(r, a)["rougeL"].fmeasure - rouge(r, b)["rougeL"].fmeasure
+        for r, a, b in zip(refs, ours, top1, strict=True)
+    ]
+    return {
+        "bleu4_minus_retrieval": resampled(len(rows), lambda i: bleu4(ours, i) - bleu4(top1, i)).record(),
+        "rougeL_minus_retrieval": interval(diff).record(),
+    }
+
+
 def rules(rows: list[dict]) -> dict[str, dict]:
     """{rule: metrics} over the same drafts (see the module docstring)."""
     from generation.writing.draft_choice import agreement, pick_draft
@@ -103,12 +137,11 @@ def rules(rows: list[dict]) -> dict[str, dict]:
             out.append(d[max(range(len(d)), key=lambda i: (ag[i], tie_break(d[i]), -i))])
         return out
 
+    product = [r["drafts"][pick_draft(r["drafts"], r["findings"])[0]] for r in rows]
     return {
         "greedy": _score(rows, [r["drafts"][0] for r in rows]),
         "agreement, then first": _score(rows, keep(lambda t: 0)),
-        "agreement, then consensus (pick_draft)": _score(
-            rows, [r["drafts"][pick_draft(r["drafts"], r["findings"])[0]] for r in rows]
-        ),
+        "agreement, then consensus (pick_draft)": {**_score(rows, product), **gaps(rows, product)},
         "agreement, then longest": _score(rows, keep(lambda t: len(t.split()))),
         "retrieval-only": _score(rows, [r["neighbours"][0]["report"] for r in rows]),
     }
@@ -121,16 +154,24 @@ def main() -> None:
     ap.add_argument("--split", default="val")
     ap.add_argument("--n", type=int, default=120)
     ap.add_argument("--drafts", type=int, default=7)
+    ap.add_argument("--min-new-tokens", type=int, default=0, help="a floor on each draft's length (an ablation)")
     a = ap.parse_args()
-    rows = _draw(a.vlm, a.demo, a.split, a.n, a.drafts)
+    rows = _draw(a.vlm, a.demo, a.split, a.n, a.drafts, a.min_new_tokens)
     table = rules(rows)
     cols = ("ce_macro_f1", "ce_micro_f1", "bleu4", "rougeL", "length_ratio", "copied_from_top3")
     print(f"| rule ({a.split}, n = {len(rows)}, {a.drafts} drafts) | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for name, m in table.items():
         print(f"| {name} | " + " | ".join(str(m[c]) for c in cols) + " |")
-    out = {"vlm": str(a.vlm), "split": a.split, "n": len(rows), "drafts": a.drafts, "rules": table}
-    path = RESULTS / f"draft_choice_{a.vlm.name}_{a.split}.json"
+    for gap in ("bleu4_minus_retrieval", "rougeL_minus_retrieval"):
+        e = table["agreement, then consensus (pick_draft)"][gap]
+        print(
+            f"pick_draft {gap}: {e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}] (95% paired bootstrap, n = {e['n']})"
+        )
+    variant = (f"_drafts{a.drafts}" if a.drafts != 7 else "") + (f"_min{a.min_new_tokens}" if a.min_new_tokens else "")
+    out = {"vlm": str(a.vlm), "split": a.split, "n": len(rows), "drafts": a.drafts, "min_new_tokens": a.min_new_tokens}
+    path = RESULTS / f"draft_choice_{a.vlm.name}_{a.split}{variant}.json"
+    out["rules"] = table
     path.write_text(json.dumps({**out, "machine": machine_info()}, indent=1))
 
 

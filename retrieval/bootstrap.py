@@ -2,7 +2,9 @@
 
 `interval(values)`: the mean of per-query values (P@5 of each query, a hit or miss) with its percentile bootstrap
 interval (scipy.stats.bootstrap, queries resampled with replacement). `auroc_interval(positives, negatives)`: the
-AUROC of "positives score higher" with both groups resampled independently. `Estimate.text()` prints
+AUROC of "positives score higher" with both groups resampled independently. `resampled(n, statistic)`: a statistic
+of n items that is not a mean of per-item values (a corpus BLEU-4, or the difference of two systems' on the same
+items, a paired bootstrap), with the items resampled. `Estimate.text()` prints
 `0.412 [0.350, 0.471]`. Percentile intervals, not BCa: BCa fails on the degenerate resamples small sets give
 (every query a hit).
 """
@@ -58,6 +60,17 @@ def interval(values: Sequence[float] | np.ndarray, seed: int = 0) -> Estimate:
         return Estimate(mean, mean, mean, len(v))
     low, high = _bootstrap((v,), np.mean, seed)
     return Estimate(mean, low, high, len(v))
+
+
+def resampled(n: int, statistic: Callable[[np.ndarray], float], seed: int = 0) -> Estimate:
+    """`statistic(indices)` over all `n` items, with its 95% percentile bootstrap interval over resamples of the items
+    (`statistic` gets the resampled item indices, repeats included; for a paired comparison it scores both systems
+    on the same indices)."""
+    value = float(statistic(np.arange(n)))
+    if n < 2:
+        return Estimate(value, value, value, n)
+    low, high = _bootstrap((np.arange(n),), statistic, seed)
+    return Estimate(value, min(low, value), max(high, value), n)
 
 
 def auroc(positives: np.ndarray, negatives: np.ndarray) -> float:

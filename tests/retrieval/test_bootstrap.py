@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from retrieval.bootstrap import auroc, auroc_interval, interval
+from retrieval.bootstrap import auroc, auroc_interval, interval, resampled
 
 
 def test_auroc_matches_sklearn_with_ties() -> None:
@@ -28,3 +28,14 @@ def test_interval_of_hits_matches_the_normal_approximation() -> None:
     )
     assert interval([1.0, 1.0, 1.0]).text() == "1.000 [1.000, 1.000]"  # degenerate: no resampling error
     assert interval([0.9, 0.8, 0.95, 0.85]).above(interval([0.1, 0.2, 0.15, 0.3]))
+
+
+def test_resampled_mean_is_the_interval_of_the_values_and_a_paired_difference_cancels_shared_noise() -> None:
+    v = np.random.default_rng(2).random(60)
+    assert resampled(len(v), lambda i: v[i].mean()) == interval(v)  # the same resamples of the same items
+    a = np.random.default_rng(3).random(80) * 10  # per-item noise far larger than the gap between the systems
+    b = a + 0.05
+    paired = resampled(len(a), lambda i: b[i].mean() - a[i].mean())
+    assert paired.value == pytest.approx(0.05) and paired.high - paired.low < 1e-9  # shared noise cancels
+    assert not interval(b).above(interval(a))  # unpaired intervals overlap: they cannot tell the two apart
+    assert resampled(1, lambda i: float(len(i))).text() == "1.000 [1.000, 1.000]"
