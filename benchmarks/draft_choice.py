@@ -100,27 +100,18 @@ def _score(rows: list[dict], answers: list[str]) -> dict:
 def gaps(rows: list[dict], answers: list[str]) -> dict:
     """`answers` minus retrieval-only, BLEU-4 (corpus) and ROUGE-L (mean F), each with its paired 95% interval."""
     import numpy as np
-    from pycocoevalcap.bleu.bleu import Bleu
-    from rouge_score import rouge_scorer
 
-    from generation.evaluation.metrics import _norm
+    from generation.evaluation.metrics import corpus_bleu, rouge_l
     from retrieval.bootstrap import interval, resampled
 
-    refs = [_norm(r["target"]) or "." for r in rows]
-    ours, top1 = ([_norm(a) or "." for a in texts] for texts in (answers, [r["neighbours"][0]["report"] for r in rows]))
+    refs, top1 = [r["target"] for r in rows], [r["neighbours"][0]["report"] for r in rows]
 
     def bleu4(hyps: list[str], idx: np.ndarray) -> float:
-        pairs = list(enumerate(idx))
-        scores, _ = Bleu(4).compute_score({j: [refs[i]] for j, i in pairs}, {j: [hyps[i]] for j, i in pairs}, verbose=0)
-        return scores[3]
+        return corpus_bleu([refs[i] for i in idx], [hyps[i] for i in idx])[3]
 
-    rouge = rouge_scorer.RougeScorer(["rougeL"]).score
-    diff = [
-        rouge(r, a)["rougeL"].fmeasure - rouge(r, b)["rougeL"].fmeasure
-        for r, a, b in zip(refs, ours, top1, strict=True)
-    ]
+    diff = np.subtract(rouge_l(refs, answers), rouge_l(refs, top1))
     return {
-        "bleu4_minus_retrieval": resampled(len(rows), lambda i: bleu4(ours, i) - bleu4(top1, i)).record(),
+        "bleu4_minus_retrieval": resampled(len(rows), lambda i: bleu4(answers, i) - bleu4(top1, i)).record(),
         "rougeL_minus_retrieval": interval(diff).record(),
     }
 
@@ -171,8 +162,7 @@ def main() -> None:
     variant = (f"_drafts{a.drafts}" if a.drafts != 7 else "") + (f"_min{a.min_new_tokens}" if a.min_new_tokens else "")
     out = {"vlm": str(a.vlm), "split": a.split, "n": len(rows), "drafts": a.drafts, "min_new_tokens": a.min_new_tokens}
     path = RESULTS / f"draft_choice_{a.vlm.name}_{a.split}{variant}.json"
-    out["rules"] = table
-    path.write_text(json.dumps({**out, "machine": machine_info()}, indent=1))
+    path.write_text(json.dumps({**out, "rules": table, "machine": machine_info()}, indent=1))
 
 
 if __name__ == "__main__":

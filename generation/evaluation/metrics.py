@@ -40,19 +40,36 @@ def _norm(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+|[^\sa-z0-9]", str(text).lower()))
 
 
+def _coco(texts: Sequence[str]) -> dict[int, list[str]]:
+    """pycocoevalcap's input: normalised text per item ("." for an empty one)."""
+    return {i: [_norm(t) or "."] for i, t in enumerate(texts)}
+
+
+def corpus_bleu(references: Sequence[str], hypotheses: Sequence[str]) -> list[float]:
+    """pycocoevalcap's corpus BLEU-1..4 of `hypotheses` against one reference each (the `bleu1`..`bleu4` here)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    bleu, _ = Bleu(4).compute_score(_coco(references), _coco(hypotheses), verbose=0)
+    return [float(b) for b in bleu]
+
+
+def rouge_l(references: Sequence[str], hypotheses: Sequence[str]) -> list[float]:
+    """ROUGE-L F-measure of each hypothesis against its reference (rouge-score, no stemming)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return [scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(references, hypotheses, strict=True)]
+
+
 def text_metrics(references: Sequence[str], hypotheses: Sequence[str], meteor: bool = True) -> dict:
     """BLEU-1..4, METEOR, CIDEr (pycocoevalcap), ROUGE-L F1 (rouge-score) and sacreBLEU over the corpus."""
-    from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from rouge_score import rouge_scorer
     from sacrebleu.metrics import BLEU
 
     if len(references) != len(hypotheses) or not references:
         raise ValueError("need as many hypotheses as references, and at least one")
-    refs = {i: [_norm(r) or "."] for i, r in enumerate(references)}
-    hyps = {i: [_norm(h) or "."] for i, h in enumerate(hypotheses)}
-    bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
-    out = {f"bleu{i + 1}": float(b) for i, b in enumerate(bleu)}
+    refs, hyps = _coco(references), _coco(hypotheses)
+    out = {f"bleu{i + 1}": b for i, b in enumerate(corpus_bleu(references, hypotheses))}
     out["meteor"] = None
     if meteor:
         if shutil.which("java") is None:
@@ -67,8 +84,7 @@ def text_metrics(references: Sequence[str], hypotheses: Sequence[str], meteor: b
                 with contextlib.suppress(Exception):
                     m.close()
     out["cider"] = float(Cider().compute_score(refs, hyps)[0])
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    out["rougeL"] = float(np.mean([scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(references, hypotheses)]))
+    out["rougeL"] = float(np.mean(rouge_l(references, hypotheses)))
     out["sacrebleu"] = float(BLEU().corpus_score(list(hypotheses), [list(references)]).score)
     out |= active_scores(references, hypotheses)  # CheXbert / RadGraph inside `use_report_metrics` (report_metrics.py)
     return out
