@@ -159,20 +159,22 @@ def run_real(data: Path, epochs: int, work: Path, aug_epochs: int = 3) -> dict[s
     return out
 
 
-def real_markdown(result: dict[str, Any]) -> str:
+def table_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """One markdown row per system of a `_table`: its P@K with the interval, and whether that lies above random's."""
     from retrieval.bootstrap import Estimate
 
+    return [{"system": system, f"P@{K} [95% CI]": Estimate(rec["value"], rec["low"], rec["high"], rec["n"]).text(3),
+             "interval above random's": "yes" if rec["above random"] else "no"}
+            for system, rec in table["systems"].items()]  # fmt: skip
+
+
+def real_markdown(result: dict[str, Any]) -> str:
     lines = ["# Retrieval quality on real images (../shared/data)", ""]
     for name, table in result.items():
         if not isinstance(table, dict) or "systems" not in table:
             continue
         lines += [f"## {name}", ""]
-        rows = []
-        for system, rec in table["systems"].items():
-            est = Estimate(rec["value"], rec["low"], rec["high"], rec["n"])
-            rows.append({"system": system, f"P@{K} [95% CI]": est.text(3),
-                         "interval above random's": "yes" if rec["above random"] else "no"})  # fmt: skip
-        lines.append(markdown_table(rows))
+        lines.append(markdown_table(table_rows(table)))
         lines += ["", f"{table['test queries']} test queries; keys of the test queries: {table['keys (test)']}; "
                   f"of all rows: {table['keys (all)']}. Shuffled answers: {table['shuffled from']}'s.", ""]  # fmt: skip
     lines += [
