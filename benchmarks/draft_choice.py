@@ -65,6 +65,8 @@ def _draw(vlm: Path, demo: Path, split: str, n: int, drafts: int, min_new: int =
         outs = _vlm_outputs(gen, data, "report", exs, 0)
     finally:
         generate.pick_draft = choose
+    gen.options = GeneratorOptions(report_source="findings")  # the template writer on the same examples
+    templates = [o["text"] for o in _vlm_outputs(gen, data, "report", exs, 0)]
     if drafts == 1:  # no choice to make: the greedy draft is the answer
         seen = [{"drafts": [o["text"]], "findings": list(o.get("head_findings", []))} for o in outs]
     if len(seen) != len(exs):
@@ -74,9 +76,10 @@ def _draw(vlm: Path, demo: Path, split: str, n: int, drafts: int, min_new: int =
             "row": int(e.row),
             "target": e.target,
             **s,
+            "template": t,
             "neighbours": [{"study_id": str(x.study_id), "report": x.report} for x in data.exemplars.get(e.row, [])],
         }
-        for e, s in zip(exs, seen, strict=True)
+        for e, s, t in zip(exs, seen, templates, strict=True)
     ]
     cached.parent.mkdir(exist_ok=True)
     cached.write_text(json.dumps({"seconds": round(time.time() - t0, 1), "rows": rows}))
@@ -98,11 +101,13 @@ def _score(rows: list[dict], answers: list[str]) -> dict:
 
 
 def gaps(rows: list[dict], answers: list[str]) -> dict:
-    """`answers` minus retrieval-only, BLEU-4 (corpus) and ROUGE-L (mean F), each with its paired 95% interval."""
+    """`answers` minus retrieval-only, BLEU-4 (corpus) and ROUGE-L (mean F), and minus the template writer, CE
+    macro-F1 (where the rows hold its report), each with its paired 95% interval."""
     import numpy as np
 
-    from generation.evaluation.metrics import corpus_bleu, rouge_l
+    from generation.evaluation.metrics import corpus_bleu, multilabel_prf, rouge_l
     from retrieval.bootstrap import interval, resampled
+    from retrieval.labels import label_report
 
     refs, top1 = [r["target"] for r in rows], [r["neighbours"][0]["report"] for r in rows]
 
@@ -110,10 +115,20 @@ def gaps(rows: list[dict], answers: list[str]) -> dict:
         return corpus_bleu([refs[i] for i in idx], [hyps[i] for i in idx])[3]
 
     diff = np.subtract(rouge_l(refs, answers), rouge_l(refs, top1))
-    return {
+    out = {
         "bleu4_minus_retrieval": resampled(len(rows), lambda i: bleu4(answers, i) - bleu4(top1, i)).record(),
         "rougeL_minus_retrieval": interval(diff).record(),
     }
+    if all("template" in r for r in rows):
+        truth, mine, theirs = (
+            [label_report(t) for t in texts] for texts in (refs, answers, [r["template"] for r in rows])
+        )
+
+        def ce(pred: list, idx: np.ndarray) -> float:
+            return multilabel_prf([truth[i] for i in idx], [pred[i] for i in idx])["macro_f1"]
+
+        out["ce_macro_minus_template"] = resampled(len(rows), lambda i: ce(mine, i) - ce(theirs, i)).record()
+    return out
 
 
 def rules(rows: list[dict]) -> dict[str, dict]:
@@ -135,7 +150,8 @@ def rules(rows: list[dict]) -> dict[str, dict]:
         "agreement, then consensus (pick_draft)": {**_score(rows, product), **gaps(rows, product)},
         "agreement, then longest": _score(rows, keep(lambda t: len(t.split()))),
         "retrieval-only": _score(rows, [r["neighbours"][0]["report"] for r in rows]),
-    }
+    } | ({"template writer (the default)": _score(rows, [r["template"] for r in rows])}
+         if all("template" in r for r in rows) else {})  # fmt: skip
 
 
 def main() -> None:
@@ -154,12 +170,16 @@ def main() -> None:
     print("|---" * (len(cols) + 1) + "|")
     for name, m in table.items():
         print(f"| {name} | " + " | ".join(str(m[c]) for c in cols) + " |")
-    for gap in ("bleu4_minus_retrieval", "rougeL_minus_retrieval"):
-        e = table["agreement, then consensus (pick_draft)"][gap]
+    product = table["agreement, then consensus (pick_draft)"]
+    for gap in ("bleu4_minus_retrieval", "rougeL_minus_retrieval", "ce_macro_minus_template"):
+        if gap not in product:
+            continue
+        e = product[gap]
         print(
             f"pick_draft {gap}: {e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}] (95% paired bootstrap, n = {e['n']})"
         )
-    variant = (f"_drafts{a.drafts}" if a.drafts != 7 else "") + (f"_min{a.min_new_tokens}" if a.min_new_tokens else "")
+    variant = "".join(f"_{tag}{v}" for tag, v, default in (("n", a.n, 120), ("drafts", a.drafts, 7),
+                                                           ("min", a.min_new_tokens, 0)) if v != default)  # fmt: skip
     out = {"vlm": str(a.vlm), "split": a.split, "n": len(rows), "drafts": a.drafts, "min_new_tokens": a.min_new_tokens}
     path = RESULTS / f"draft_choice_{a.vlm.name}_{a.split}{variant}.json"
     path.write_text(json.dumps({**out, "rules": table, "machine": machine_info()}, indent=1))
