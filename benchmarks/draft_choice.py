@@ -24,6 +24,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp: no spin-waiting on busy machines
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -65,7 +66,7 @@ def _draw(vlm: Path, demo: Path, split: str, n: int, drafts: int, min_new: int =
         outs = _vlm_outputs(gen, data, "report", exs, 0)
     finally:
         generate.pick_draft = choose
-    gen.options = GeneratorOptions(report_source="findings")  # the template writer on the same examples
+    gen.options = dataclasses.replace(gen.options, report_source="findings")  # the template writer, same examples
     templates = [o["text"] for o in _vlm_outputs(gen, data, "report", exs, 0)]
     if drafts == 1:  # no choice to make: the greedy draft is the answer
         seen = [{"drafts": [o["text"]], "findings": list(o.get("head_findings", []))} for o in outs]
@@ -119,7 +120,7 @@ def gaps(rows: list[dict], answers: list[str]) -> dict:
         "bleu4_minus_retrieval": resampled(len(rows), lambda i: bleu4(answers, i) - bleu4(top1, i)).record(),
         "rougeL_minus_retrieval": interval(diff).record(),
     }
-    if all("template" in r for r in rows):
+    if all("template" in r for r in rows):  # labelled once here, not per resample as `clinical_efficacy` would
         truth, mine, theirs = (
             [label_report(t) for t in texts] for texts in (refs, answers, [r["template"] for r in rows])
         )

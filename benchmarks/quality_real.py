@@ -68,13 +68,17 @@ def baselines(df: pd.DataFrame, key: str, best_top: np.ndarray) -> dict[str, np.
             "answers shuffled between test images": shuffled}  # fmt: skip
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (cosine = inner product), a zero row left at zero."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def _frozen_features(model: Any, paths: list[str]) -> np.ndarray:
     """The image tower's pooled features, L2-normalised (no projector)."""
     from retrieval.models.image_stream import encode_image_items
 
     feats, _, _ = encode_image_items(model, paths, output="features", on_error="raise")
-    feats = np.asarray(feats, dtype=np.float32)
-    return feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    return unit_rows(np.asarray(feats, dtype=np.float32))
 
 
 def _table(df: pd.DataFrame, key: str, systems: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.common import markdown_table, write_results
-from benchmarks.quality_real import K, _paths, _side, _table, table_rows, top_keys
+from benchmarks.quality_real import K, _paths, _side, _table, table_rows, top_keys, unit_rows
 
 CS = (0.01, 0.1, 1.0)
 TOWERS = ("cxr-small", "cxr-base")
@@ -39,10 +39,6 @@ def pooled(tokens: np.ndarray) -> dict[str, np.ndarray]:
     h = g // 2
     return {"global": grid.mean((1, 2)), "halves": np.concatenate([grid[:, :, :h].mean((1, 2)),
                                                                    grid[:, :, g - h:].mean((1, 2))], 1)}  # fmt: skip
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def probe(features: np.ndarray, df: pd.DataFrame, key: str) -> tuple[np.ndarray, float, dict[float, float]]:
@@ -60,7 +56,7 @@ def probe(features: np.ndarray, df: pd.DataFrame, key: str) -> tuple[np.ndarray,
         clf = make_pipeline(StandardScaler(), PCA(64, random_state=0), LogisticRegression(C=c, max_iter=5000))
         clf.fit(features[train], df[key].to_numpy()[train])
         fitted[c] = clf.predict_proba(features)
-        qk, top = top_keys(_unit(fitted[c][keep]), val, key)
+        qk, top = top_keys(unit_rows(fitted[c][keep]), val, key)
         scores[c] = round(float(np.mean(top == qk[:, None])), 3)
     best = max(CS, key=lambda c: scores[c])
     return fitted[best], best, scores
@@ -79,10 +75,10 @@ def run(data: Path) -> dict[str, Any]:
     for tower in TOWERS:
         tokens, _, _ = encode_image_items(load_model(tower), _paths(tb), output="tokens", on_error="raise")
         for pool, feats in pooled(np.asarray(tokens, dtype=np.float32)).items():
-            systems[f"{tower}, {pool} pool, frozen features"] = _unit(feats)
+            systems[f"{tower}, {pool} pool, frozen features"] = unit_rows(feats)
             vectors, c, val_scores = probe(feats, tb, "side")
             name = f"{tower}, {pool} pool, linear probe on the side labels"
-            systems[name] = _unit(vectors)
+            systems[name] = unit_rows(vectors)
             chosen[name] = {"C": c, f"val P@{K} by C": val_scores}
     table = _table(tb, "side", systems)
     return {"tbx11k same lesion side P@5": table, "probe choice (validation)": chosen}
